@@ -1,0 +1,189 @@
+"""QLoRA memory: peak memory of one client with a 4-bit base against 16-bit and fp32 bases.
+
+Each variant runs in its own fresh Python process (this script re-invoked with --child), so
+that no allocation, cache or allocator high-water mark of one variant pollutes another. The
+child does what a fedlora client does in its first round: load the base and add the LoRA
+adapter (fedlora.adapters.Workspace, which also runs PEFT's prepare_model_for_kbit_training
+for a quantized base), then a few optimizer steps of fedlora.train.train_local on
+fixed-length batches. It reports:
+
+- peak RSS: VmHWM of /proc/self/status, the high-water mark of the whole process (Python,
+  torch and libraries included, and file pages of the checkpoint while mapped);
+- the same above the RSS measured right after the imports, i.e. what the model and training
+  added;
+- the model's own footprint (parameters + buffers, `get_memory_footprint()`);
+- torch.cuda.max_memory_allocated() when the client ran on a GPU.
+
+Variants: fp32 (quantization none, compute-dtype float32), bf16 (none, bfloat16: the base is
+loaded in bf16), 4bit (NF4 + double quantization, compute-dtype bfloat16: QLoRA as usually
+run) and 4bit-fp32 (NF4 with compute-dtype float32, what compute-dtype=auto gives on a CPU).
+
+    python benchmarks/qlora_memory.py
+    python benchmarks/qlora_memory.py --model tiny-llama --variants 4bit bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+
+VARIANTS = {  # name -> (quantization, compute-dtype)
+    "fp32": ("none", "float32"),
+    "bf16": ("none", "bfloat16"),
+    "4bit": ("4bit", "bfloat16"),
+    "4bit-fp32": ("4bit", "float32"),
+}
+HEADLINE = ("4bit", "bf16")
+
+
+def parse_args():
+    p = common.parser(__doc__.splitlines()[0])
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                   help="bases to measure, each in its own process")
+    p.add_argument("--steps", type=int, default=3, help="optimizer steps of train_local")
+    p.add_argument("--batch-size", type=int, default=4, help="examples per step")
+    p.add_argument("--max-length", type=int, default=256,
+                   help="tokens per example (the default run's max-length; every example is "
+                        "filled to it)")
+    p.add_argument("--lora-rank", type=int, default=8, help="LoRA rank (all-linear targets)")
+    p.add_argument("--child", choices=list(VARIANTS), help=argparse.SUPPRESS)  # internal
+    return p.parse_args()
+
+
+# ---------------------------------------------------------------- child process
+
+
+def child(args) -> None:
+    """Measure one variant in this (fresh) process; print one JSON line on stdout."""
+    common.quiet_libraries()
+    import bitsandbytes  # noqa: F401  imported by every variant, so the baselines match
+    import torch
+
+    from fedlora.adapters import Workspace
+    from fedlora.config import Settings
+    from fedlora.train import train_local
+
+    quantization, dtype = VARIANTS[args.child]
+    settings = Settings.from_config({
+        "model": args.model, "quantization": quantization, "compute-dtype": dtype,
+        "lora-rank": args.lora_rank, "local-steps": args.steps, "batch-size": args.batch_size,
+        "max-length": args.max_length})
+    out = {"variant": args.child, "after_imports": common.rss_mib()}
+
+    with common.stopwatch() as load:
+        slot = Workspace().get(settings.model, settings.lora, settings.train)
+    out.update(load_s=load["seconds"], load_peak=common.peak_rss_mib(),
+               footprint=slot.model.get_memory_footprint())
+
+    examples = common.packed_examples(slot.tokenizer, 4 * args.batch_size, args.max_length)
+    result = train_local(slot.model, slot.adapter, examples, slot.tokenizer.pad_token_id,
+                         settings.train, server_round=1, num_rounds=1, seed=0, desc=args.child)
+    out.update(train_s=result.seconds, loss=result.loss, peak=common.peak_rss_mib(),
+               rss_end=common.rss_mib(), anon_end=common.rss_mib("RssAnon"),
+               file_end=common.rss_mib("RssFile"))
+    if torch.cuda.is_available():
+        out["cuda_peak"] = torch.cuda.max_memory_allocated() / common.MIB
+    print(json.dumps(out), flush=True)
+
+
+# ---------------------------------------------------------------- parent process
+
+
+def loadable_folder(model: str, workdir: Path) -> str:
+    """The model to pass to the children; works around a stale GGUF config if there is one.
+
+    A folder converted from a GGUF file by fedlora (the built-in smollm2-135m) may still carry
+    `quantization_config: {quant_method: gguf}` in its config.json; transformers then refuses
+    a BitsAndBytesConfig ("The model is quantized with GgufConfig but you are passing a
+    BitsAndBytesConfig"). In that case every variant loads a mirror of the folder (the same
+    weight files, symlinked) whose config.json lacks that entry.
+    """
+    from fedlora.models import resolve_source
+
+    source = Path(resolve_source(model).path)
+    config = json.loads((source / "config.json").read_text())
+    if config.get("quantization_config", {}).get("quant_method") != "gguf":
+        return model
+    print(f"note: {source}/config.json carries a GGUF quantization_config, which makes "
+          f"quantization=4bit fail to load; measuring all variants on a mirror without it",
+          file=sys.stderr)
+    mirror = workdir / "model"
+    mirror.mkdir()
+    for item in source.iterdir():
+        if item.name != "config.json":
+            (mirror / item.name).symlink_to(item)
+    del config["quantization_config"]
+    (mirror / "config.json").write_text(json.dumps(config, indent=2))
+    return str(mirror)
+
+
+def run_child(variant: str, model: str, args) -> dict | None:
+    """Run one variant in a fresh interpreter; its JSON line, or None if it failed."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", variant, "--model", model,
+           "--steps", str(args.steps), "--batch-size", str(args.batch_size),
+           "--max-length", str(args.max_length), "--lora-rank", str(args.lora_rank)]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
+        print(f"variant {variant} failed (exit {proc.returncode}):\n{tail}", file=sys.stderr)
+        return None
+    return json.loads(lines[-1])
+
+
+def report(args, results: dict[str, dict]) -> None:
+    """Table of every variant and the 4bit/16-bit ratios."""
+    cuda = any("cuda_peak" in r for r in results.values())
+    headers = ["variant", "model footprint", "peak RSS (VmHWM)", "peak above imports",
+               "peak after load", "RSS at end", "load s", "train s"]
+    headers += ["CUDA max allocated"] if cuda else []
+    rows = []
+    for name, r in results.items():
+        row = [name, common.fmt_bytes(r["footprint"]), f"{r['peak']:.0f} MiB",
+               f"{r['peak'] - r['after_imports']:.0f} MiB", f"{r['load_peak']:.0f} MiB",
+               f"{r['rss_end']:.0f} MiB", f"{r['load_s']:.1f}", f"{r['train_s']:.1f}"]
+        rows.append(row + ([f"{r.get('cuda_peak', float('nan')):.0f} MiB"] if cuda else []))
+    common.print_table(headers, rows, title=(
+        f"One client: load + LoRA r={args.lora_rank} + {args.steps} steps of train_local, "
+        f"batch {args.batch_size} x {args.max_length} tokens"))
+
+    low, high = (results.get(v) for v in HEADLINE)
+    if low and high:
+        print(f"peak RSS 4bit/bf16: {low['peak'] / high['peak']:.3f}   above imports: "
+              f"{(low['peak'] - low['after_imports']) / (high['peak'] - high['after_imports']):.3f}"
+              f"   model footprint: {low['footprint'] / high['footprint']:.3f}")
+        if cuda:
+            print(f"CUDA max allocated 4bit/bf16: {low['cuda_peak'] / high['cuda_peak']:.3f}")
+    print(f"machine: {common.machine()}")
+
+
+def main() -> None:
+    args = parse_args()
+    if args.child:
+        child(args)
+        return
+    common.quiet_libraries()
+    workdir = Path(tempfile.mkdtemp(prefix="fedlora-bench-"))
+    try:
+        model = loadable_folder(args.model, workdir)
+        results = {}
+        for variant in args.variants:
+            print(f"measuring {variant} in a fresh process ...", flush=True)
+            if (r := run_child(variant, model, args)) is not None:
+                results[variant] = r
+        report(args, results)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""LoRA through PEFT: inject, read and write only the low-rank factors, export in PEFT format.
+
+The wire keys are exactly the keys of `get_peft_model_state_dict` (adapter name removed),
+for example `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
+from peft import set_peft_model_state_dict
+from safetensors.torch import save_file
+
+from fedlora.aggregation import Factors
+from fedlora.config import LoraSettings
+
+SAFETENSORS_NAME = "adapter_model.safetensors"
+A_SUFFIX, B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
+
+
+def lora_config(settings: LoraSettings, base_id: str | None = None) -> LoraConfig:
+    """The PEFT LoraConfig for these settings."""
+    return LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                      target_modules=settings.modules(), use_rslora=settings.use_rslora,
+                      task_type="CAUSAL_LM", base_model_name_or_path=base_id)
+
+
+def linear_module_names(model: torch.nn.Module) -> list[str]:
+    """Short names (last path component) of the model's linear layers, sorted."""
+    names = set()
+    for name, module in model.named_modules():
+        if ".lora_" in name or name.endswith("base_layer"):  # PEFT's own sub-layers
+            continue
+        if isinstance(module, torch.nn.Linear) or type(module).__name__.startswith("Linear"):
+            names.add(name.rsplit(".", 1)[-1])
+    return sorted(names - {"lm_head"})
+
+
+def check_target_modules(model: torch.nn.Module, targets: list[str]) -> None:
+    """Raise a ValueError naming any target module the model does not have."""
+    available = linear_module_names(model)
+    missing = [t for t in targets if t not in available]
+    if missing:
+        raise ValueError(f"setting 'target-modules': {missing} not found in the model; its "
+                         f"linear modules are {available} (or use all-linear)")
+
+
+def add_lora(model: torch.nn.Module, settings: LoraSettings,
+             adapter_name: str = "default") -> PeftModel:
+    """Wrap `model` with a LoRA adapter, or add one more adapter to an existing PeftModel."""
+    check_target_modules(model, settings.modules())
+    config = lora_config(settings)  # the exported config records the base id, not this one
+    if isinstance(model, PeftModel):
+        model.add_adapter(adapter_name, config)
+        return model
+    return get_peft_model(model, config, adapter_name=adapter_name)
+
+
+def peft_state(model: PeftModel, adapter_name: str) -> dict[str, torch.Tensor]:
+    """PEFT's adapter state dict; embeddings are never included (and never looked up online)."""
+    return get_peft_model_state_dict(model, adapter_name=adapter_name,
+                                     save_embedding_layers=False)
+
+
+def get_lora_state(model: PeftModel, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """Only the low-rank factors of one adapter, detached copies, keyed by the wire keys."""
+    state = peft_state(model, adapter_name)
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+def set_lora_state(model: PeftModel, state: dict[str, torch.Tensor],
+                   adapter_name: str = "default") -> None:
+    """Load factors into one adapter; keys and shapes must match exactly."""
+    expected = {k: v.shape for k, v in peft_state(model, adapter_name).items()}
+    if state.keys() != expected.keys():
+        missing = sorted(expected.keys() - state.keys())[:3]
+        extra = sorted(state.keys() - expected.keys())[:3]
+        raise ValueError(f"adapter state does not match the model: missing {missing}, "
+                         f"unexpected {extra}")
+    for key, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[key]):
+            raise ValueError(f"adapter state {key}: expected shape {tuple(expected[key])}, "
+                             f"got {tuple(tensor.shape)}")
+    set_peft_model_state_dict(model, state, adapter_name=adapter_name)
+
+
+def split_factors(state: dict[str, torch.Tensor]) -> Factors:
+    """Wire state -> {module: (B, A)}."""
+    modules = sorted(k[: -len(A_SUFFIX)] for k in state if k.endswith(A_SUFFIX))
+    return {m: (state[m + B_SUFFIX], state[m + A_SUFFIX]) for m in modules}
+
+
+def join_factors(factors: Factors) -> dict[str, torch.Tensor]:
+    """{module: (B, A)} -> wire state."""
+    state = {}
+    for module, (b, a) in factors.items():
+        state[module + A_SUFFIX] = a
+        state[module + B_SUFFIX] = b
+    return state
+
+
+def save_adapter(state: dict[str, torch.Tensor], config: LoraConfig, out_dir: Path,
+                 extra: dict | None = None) -> Path:
+    """Write a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config.inference_mode = True
+    config.save_pretrained(str(out_dir))
+    tensors = {k: v.detach().to(torch.float32).contiguous().cpu() for k, v in state.items()}
+    save_file(tensors, str(out_dir / SAFETENSORS_NAME), metadata={"format": "pt"})
+    if extra:
+        (out_dir / "fedlora.json").write_text(json.dumps(extra, indent=2) + "\n")
+    return out_dir

@@ -1,0 +1,65 @@
+"""One base model per process, many adapters: what a simulation worker keeps between clients.
+
+A Ray actor in simulation serves many virtual clients over many rounds. Loading the base
+model for each would dominate run time and grow memory with the number of clients, so the
+workspace caches the frozen base once per model setting and gives each distinct LoRA
+setting its own named adapter on it; clients then only swap adapter weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+
+from peft import PeftModel
+from peft.utils import prepare_model_for_kbit_training
+
+from fedlora.adapters.lora import add_lora
+from fedlora.config import LoraSettings, ModelSettings, TrainSettings
+from fedlora.models import ModelSource, load_model
+
+
+def _digest(obj: object) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:10]
+
+
+@dataclass
+class Slot:
+    """A loaded model with the adapter a client should use."""
+
+    model: PeftModel
+    tokenizer: object
+    source: ModelSource
+    adapter: str
+
+
+class Workspace:
+    """Caches base models and adapters for the lifetime of the process."""
+
+    def __init__(self) -> None:
+        self._models: dict[str, tuple[PeftModel | None, object, ModelSource, object]] = {}
+        self.loads = 0  # how many base models were loaded (tests check it stays at 1)
+
+    def get(self, model: ModelSettings, lora: LoraSettings, train: TrainSettings) -> Slot:
+        """Return the cached model with an adapter for `lora`, loading on first use only."""
+        key = _digest([asdict(model), train.gradient_checkpointing])
+        if key not in self._models:
+            base, tokenizer, source = load_model(model)
+            self.loads += 1
+            if model.quantization != "none":
+                # Casts norms to fp32 and readies the quantized base for adapter training.
+                base = prepare_model_for_kbit_training(
+                    base, use_gradient_checkpointing=train.gradient_checkpointing)
+            elif train.gradient_checkpointing:
+                base.gradient_checkpointing_enable(
+                    gradient_checkpointing_kwargs={"use_reentrant": False})
+                base.enable_input_require_grads()
+            self._models[key] = (None, tokenizer, source, base)
+        peft_model, tokenizer, source, base = self._models[key]
+        adapter = "a" + _digest(asdict(lora))
+        if peft_model is None or adapter not in peft_model.peft_config:
+            peft_model = add_lora(peft_model or base, lora, adapter)
+            self._models[key] = (peft_model, tokenizer, source, base)
+        peft_model.set_adapter(adapter)
+        return Slot(peft_model, tokenizer, source, adapter)

@@ -1,0 +1,57 @@
+"""Entry point of the `fedlora` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from fedlora import __version__
+from fedlora.cli import simulate
+from fedlora.config import SettingsError, all_keys
+
+# Errors a user can fix from the message alone: print it, no traceback, exit code 2.
+USER_ERRORS = (SettingsError, ValueError, FileNotFoundError, FileExistsError, KeyError)
+
+
+def settings_command(args: argparse.Namespace) -> int:
+    """Print every run-config key with its default and help."""
+    for key, (default, help_text) in all_keys().items():
+        print(f"{key:24} {default!r:24} {help_text}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with one sub-command per user journey."""
+    parser = argparse.ArgumentParser(
+        prog="fedlora", description="Federated LoRA/QLoRA fine-tuning on Flower.")
+    parser.add_argument("--version", action="version", version=f"fedlora {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("simulate", help="run a local multi-client simulation",
+                       description="Run a local multi-client simulation on Flower's Simulation "
+                                   "Engine; writes metrics.jsonl, rounds/<n>/ and final/ "
+                                   "(PEFT adapters) to --output-dir.")
+    simulate.add_arguments(p)
+    p.set_defaults(func=simulate.run)
+    p = sub.add_parser("settings", help="list every run-config key with default and help")
+    p.set_defaults(func=settings_command)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse arguments, run the sub-command, turn user errors into one clear line."""
+    args = build_parser().parse_args(argv)
+    from fedlora.models import ModelLoadError
+
+    try:
+        return args.func(args)
+    except (*USER_ERRORS, ModelLoadError) as err:
+        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"fedlora: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fedlora: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

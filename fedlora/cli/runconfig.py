@@ -1,0 +1,40 @@
+"""Parse Flower-style `--run-config "k=v k2=v2"` strings and TOML scenario files."""
+
+from __future__ import annotations
+
+import shlex
+import tomllib
+from pathlib import Path
+from typing import Any
+
+
+def parse_value(text: str) -> Any:
+    """A TOML value (int, float, bool, quoted string); a bare word is taken as a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def parse_run_config(text: str) -> dict[str, Any]:
+    """'k=v k2="a b"' -> {k: v, k2: "a b"}; raises ValueError on a pair without '='."""
+    out = {}
+    for pair in shlex.split(text):
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--run-config: expected key=value pairs, got {pair!r}")
+        out[key.strip()] = parse_value(value.strip())
+    return out
+
+
+def load_scenario(path: str | Path) -> dict[str, Any]:
+    """A scenario file: a flat TOML table of run-config keys (plus optional num-clients)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"scenario file {path} does not exist")
+    with path.open("rb") as fh:
+        data = tomllib.load(fh)
+    bad = [k for k, v in data.items() if isinstance(v, (dict, list))]
+    if bad:
+        raise ValueError(f"scenario {path}: keys {bad} must be plain values (no tables/lists)")
+    return data

@@ -1,0 +1,136 @@
+"""`fedlora simulate`: a local multi-client run on Flower's Simulation Engine."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from fedlora.cli.runconfig import load_scenario, parse_run_config
+from fedlora.config import Settings
+from fedlora.outputs import METRICS, read_metrics
+
+SCENARIOS = Path(__file__).resolve().parents[2] / "simulations" / "scenarios"
+
+# flag -> run-config key; a flag left unset keeps the scenario's or the default value
+FLAG_KEYS = {"rounds": "num-server-rounds", "strategy": "strategy", "model": "model",
+             "quantization": "quantization", "rank": "lora-rank", "local_steps": "local-steps",
+             "seed": "seed", "dataset": "dataset", "wire_dtype": "wire-dtype",
+             "device": "device"}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags of `fedlora simulate`."""
+    d = Settings()
+    p.add_argument("--num-clients", type=int, default=None,
+                   help="virtual clients (simulated SuperNodes), default 2")
+    p.add_argument("--rounds", type=int, help=f"federated rounds (default {d.federation.num_rounds})")
+    p.add_argument("--strategy", help=f"merging strategy (default {d.federation.strategy})")
+    p.add_argument("--model", help=f"base model: tiny-llama, smollm2-135m, a folder, a .gguf "
+                   f"file or a hub id (default {d.model.name})")
+    p.add_argument("--quantization", choices=["none", "8bit", "4bit"],
+                   help="quantize the frozen base (4bit = QLoRA)")
+    p.add_argument("--rank", type=int, help=f"LoRA rank (default {d.lora.rank})")
+    p.add_argument("--local-steps", type=int,
+                   help=f"optimizer steps per client per round (default {d.train.local_steps})")
+    p.add_argument("--seed", type=int, help="seed for init, data and training (default 0)")
+    p.add_argument("--dataset", help=f"builtin:<task> or a .jsonl file (default {d.data.dataset})")
+    p.add_argument("--wire-dtype", choices=["float32", "float16"],
+                   help="dtype of factors on the wire (float16 halves traffic)")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--output-dir", default="fedlora-output",
+                   help="where metrics.jsonl, rounds/<n>/ and final/ go (default fedlora-output)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the results of an earlier run in --output-dir")
+    p.add_argument("--scenario", help="a scenario TOML file, or the name of a bundled one ("
+                   + ", ".join(sorted(s.stem for s in SCENARIOS.glob("*.toml"))) + ")")
+    p.add_argument("--run-config", default="", metavar='"KEY=VALUE ..."',
+                   help="any other setting, Flower style; `fedlora settings` lists the keys")
+    p.add_argument("--cpus-per-client", type=int, default=2,
+                   help="CPU cores Ray reserves per virtual client; fewer = more in parallel "
+                        "(default 2: one worker process holds one base model)")
+    p.add_argument("--gpus-per-client", type=float, default=None,
+                   help="GPU share per virtual client (default 1 when CUDA is visible, else 0)")
+
+
+def build_config(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
+    """Defaults < scenario file < --run-config < explicit flags; returns (run_config, clients)."""
+    config: dict[str, Any] = {}
+    if args.scenario:
+        path = Path(args.scenario)
+        if not path.exists() and (SCENARIOS / f"{args.scenario}.toml").exists():
+            path = SCENARIOS / f"{args.scenario}.toml"
+        config.update(load_scenario(path))
+    num_clients = int(config.pop("num-clients", 2))
+    config.update(parse_run_config(args.run_config))
+    for flag, key in FLAG_KEYS.items():
+        if getattr(args, flag) is not None:
+            config[key] = getattr(args, flag)
+    if args.num_clients is not None:
+        num_clients = args.num_clients
+    if num_clients < 1:
+        raise ValueError(f"--num-clients: expected an integer >= 1, got {num_clients}")
+    config["output-dir"] = str(Path(args.output_dir).resolve())
+    # Every client must be present before a round starts; minimums cannot exceed the clients.
+    config["min-available-nodes"] = num_clients
+    for key in ("min-train-nodes", "min-evaluate-nodes"):
+        config[key] = min(int(config.get(key, 2)), num_clients)
+    settings = Settings.from_config(config)  # validates every key and value
+    return settings.to_config(), num_clients
+
+
+def prepare_output(out_dir: Path, overwrite: bool) -> None:
+    """Refuse to mix two runs in one folder unless --overwrite is given."""
+    if (out_dir / METRICS).exists() or (out_dir / "final").exists():
+        if not overwrite:
+            raise FileExistsError(f"{out_dir} already holds a run (metrics.jsonl or final/); "
+                                  f"pass --overwrite to replace it or choose another --output-dir")
+        for name in (METRICS, "run.json"):
+            (out_dir / name).unlink(missing_ok=True)
+        for name in ("rounds", "final"):
+            shutil.rmtree(out_dir / name, ignore_errors=True)
+
+
+def summary_table(out_dir: Path) -> str:
+    """The per-round table printed at the end of a run."""
+    rows = read_metrics(out_dir)
+    fmt = lambda v: "   n/a" if v is None else f"{v:6.3f}"
+    lines = ["round  train-loss  eval-loss  replied  failed   MB up  MB down  seconds"]
+    for r in rows:
+        lines.append(f"{r['round']:>5}  {fmt(r.get('train-loss')):>10}  "
+                     f"{fmt(r.get('eval-loss')):>9}  {r.get('clients-replied', 0):>7}  "
+                     f"{r.get('clients-failed', 0):>6}  {r.get('bytes-up', 0) / 1e6:6.2f}  "
+                     f"{r.get('bytes-down', 0) / 1e6:7.2f}  {r.get('seconds', 0):7.1f}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Validate, pre-check, run the simulation, print the summary; returns the exit code."""
+    config, num_clients = build_config(args)
+    import torch  # after validation: a typo in a flag is reported before heavy imports
+
+    from fedlora.preflight import preflight
+    from simulations.runner import run_simulation
+
+    settings = Settings.from_config(config)
+    out_dir = Path(config["output-dir"])
+    prepare_output(out_dir, args.overwrite)
+    print(f"fedlora: checking model {settings.model.name!r} and data ...", file=sys.stderr)
+    preflight(settings, num_clients)
+    gpus = args.gpus_per_client
+    if gpus is None:
+        gpus = 1.0 if torch.cuda.is_available() and settings.model.device != "cpu" else 0.0
+    print(f"fedlora: simulating {num_clients} clients x {settings.federation.num_rounds} rounds "
+          f"({settings.federation.strategy}, rank {settings.lora.rank}, "
+          f"quantization {settings.model.quantization}) -> {out_dir}", file=sys.stderr)
+    code = run_simulation(config, num_clients, num_cpus_per_client=args.cpus_per_client,
+                          num_gpus_per_client=gpus, log_file=out_dir / "superlink.log")
+    if code != 0 or not (out_dir / "final" / "adapter_model.safetensors").exists():
+        print(f"fedlora: the simulation failed (exit code {code}); see the output above and "
+              f"{out_dir / 'superlink.log'}", file=sys.stderr)
+        return code or 1
+    print(summary_table(out_dir))
+    print(f"\nfinal adapter: {out_dir / 'final'}  (load with PeftModel.from_pretrained)")
+    return 0

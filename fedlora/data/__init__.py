@@ -1,0 +1,43 @@
+"""Data: loaders, prompt formatting with response-only labels, partitioners, built-in tasks."""
+
+from __future__ import annotations
+
+import random
+
+from fedlora.config import DataSettings
+from fedlora.data.format import IGNORE, collate, to_messages, tokenize
+from fedlora.data.jsonl import load_jsonl
+from fedlora.data.partition import PARTITIONERS, iid_partition
+from fedlora.data.tasks import TASKS, builtin_task
+
+__all__ = ["IGNORE", "PARTITIONERS", "TASKS", "builtin_task", "client_records", "collate",
+           "iid_partition", "load_jsonl", "load_records", "to_messages", "tokenize",
+           "train_eval_split"]
+
+
+def load_records(dataset: str, size: int, seed: int) -> list[dict]:
+    """All records of a dataset setting: `builtin:<task>` or a .jsonl path."""
+    if dataset.startswith("builtin:"):
+        return builtin_task(dataset.split(":", 1)[1], size, seed)
+    return load_jsonl(dataset)
+
+
+def train_eval_split(records: list[dict], eval_fraction: float, seed: int):
+    """Seeded shuffle, then the first eval_fraction (at least 1 when > 0) is held out."""
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, round(eval_fraction * len(records))) if eval_fraction > 0 else 0
+    n_eval = min(n_eval, len(records) - 1)
+    return [records[i] for i in order[n_eval:]], [records[i] for i in order[:n_eval]]
+
+
+def client_records(settings: DataSettings, partition_id: int, num_partitions: int,
+                   seed: int) -> tuple[list[dict], list[dict]]:
+    """This client's (train, eval) records: its own data-path, or its share of `dataset`."""
+    if settings.data_path:
+        records = load_jsonl(settings.data_path)
+    else:
+        everything = load_records(settings.dataset, settings.dataset_size, seed)
+        part = PARTITIONERS[settings.partitioner](len(everything), num_partitions, seed)
+        records = [everything[i] for i in part[partition_id]]
+    return train_eval_split(records, settings.eval_fraction, seed + partition_id)

@@ -1,0 +1,60 @@
+"""Load a base causal LM and its tokenizer, optionally quantized, on the chosen device."""
+
+from __future__ import annotations
+
+import torch
+
+from fedlora.config import ModelSettings
+from fedlora.models.builtin import quiet_progress
+from fedlora.models.quantization import bnb_config
+from fedlora.models.source import ModelLoadError, ModelSource, resolve_source
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str) -> str:
+    """'auto' becomes 'cuda' when a GPU is visible, else 'cpu'; CUDA requests are checked."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {device!r} requested but no CUDA GPU is visible to torch "
+                             f"(torch {torch.__version__}); use device=cpu or device=auto")
+    return device
+
+
+def resolve_dtype(compute_dtype: str, device: str) -> torch.dtype:
+    """'auto' is bfloat16 on CUDA and float32 on the CPU."""
+    if compute_dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return DTYPES[compute_dtype]
+
+
+def load_tokenizer(source: ModelSource):
+    """The model's tokenizer, with a pad token (eos when the model defines none)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source.path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(settings: ModelSettings, source: ModelSource | None = None):
+    """Return (model, tokenizer, source) for the settings; the model's weights are frozen."""
+    from transformers import AutoModelForCausalLM
+
+    source = source or resolve_source(settings.name)
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.compute_dtype, device)
+    kwargs = {"dtype": dtype, "device_map": {"": device}}
+    quant = bnb_config(settings.quantization, dtype)
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+    try:
+        with quiet_progress():
+            model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
+    except OSError as err:
+        raise ModelLoadError(f"could not load model {settings.name!r} from {source.path}: "
+                             f"{err}") from err
+    model.requires_grad_(False)
+    return model, load_tokenizer(source), source

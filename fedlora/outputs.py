@@ -1,0 +1,52 @@
+"""What a run leaves on disk: metrics.jsonl, rounds/<n>/ and final/ PEFT adapters, run.json."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from peft import LoraConfig
+
+from fedlora.adapters.lora import save_adapter
+
+METRICS = "metrics.jsonl"
+
+
+class RunWriter:
+    """Writes each round's adapter atomically and appends one JSON line per round."""
+
+    def __init__(self, out_dir: str | Path, lora: LoraConfig, run_info: dict) -> None:
+        self.out_dir = Path(out_dir).resolve()
+        self.lora = lora
+        self.run_info = run_info
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")
+
+    def _write_adapter(self, state: dict[str, torch.Tensor], target: Path) -> Path:
+        """Save into a temporary folder, then rename: never a half-written adapter."""
+        tmp = target.parent / f".{target.name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_adapter(state, self.lora, tmp, extra=self.run_info)
+        shutil.rmtree(target, ignore_errors=True)
+        os.rename(tmp, target)
+        return target
+
+    def write_round(self, server_round: int, state: dict[str, torch.Tensor], metrics: dict) -> None:
+        """rounds/<n>/ adapter plus one line in metrics.jsonl."""
+        (self.out_dir / "rounds").mkdir(exist_ok=True)
+        self._write_adapter(state, self.out_dir / "rounds" / str(server_round))
+        with open(self.out_dir / METRICS, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(metrics) + "\n")
+
+    def write_final(self, state: dict[str, torch.Tensor]) -> Path:
+        """final/ adapter."""
+        return self._write_adapter(state, self.out_dir / "final")
+
+
+def read_metrics(out_dir: str | Path) -> list[dict]:
+    """All rounds of a run's metrics.jsonl."""
+    path = Path(out_dir) / METRICS
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,100 @@
+"""The local training loop of one client for one round: read it top to bottom."""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+
+from fedlora.config import TrainSettings
+from fedlora.data import collate
+from fedlora.models.quantization import paged_adamw_8bit
+from fedlora.train.progress import StepProgress
+from fedlora.train.schedule import lr_factor
+
+
+@dataclass
+class TrainResult:
+    """What one round of local training did."""
+
+    loss: float  # mean loss over the round's optimizer steps
+    first_loss: float
+    last_loss: float
+    steps: int
+    tokens: int  # tokens fed to the model (prompt + response, no padding)
+    seconds: float
+
+
+def trainable_parameters(model: torch.nn.Module, adapter: str) -> list[torch.nn.Parameter]:
+    """The active adapter's LoRA parameters; everything else stays frozen."""
+    params = []
+    for name, p in model.named_parameters():
+        is_lora = f".{adapter}." in name and ".lora_" in name
+        p.requires_grad_(is_lora)
+        if is_lora:
+            params.append(p)
+    if not params:
+        raise RuntimeError(f"adapter {adapter!r} has no trainable parameters")
+    return params
+
+
+def make_optimizer(params, settings: TrainSettings, device: str) -> torch.optim.Optimizer:
+    """AdamW, or bitsandbytes' paged 8-bit AdamW on CUDA."""
+    if settings.optimizer == "paged-adamw-8bit":
+        return paged_adamw_8bit(params, settings.lr, settings.weight_decay, device)
+    return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+
+
+def batches(examples: list[dict], batch_size: int, seed: int):
+    """Endless seeded shuffled micro-batches; a new permutation each pass over the data."""
+    rng = random.Random(seed)
+    while True:
+        order = list(range(len(examples)))
+        rng.shuffle(order)
+        for i in range(0, len(order), batch_size):
+            yield [examples[j] for j in order[i:i + batch_size]]
+
+
+def train_local(model: torch.nn.Module, adapter: str, examples: list[dict], pad_id: int,
+                settings: TrainSettings, server_round: int, num_rounds: int, seed: int,
+                desc: str = "train") -> TrainResult:
+    """Train the active adapter for `settings.local_steps` optimizer steps and report losses."""
+    if not examples:
+        raise ValueError("this client has no training examples")
+    device = next(model.parameters()).device
+    torch.manual_seed(seed)  # LoRA dropout draws
+    params = trainable_parameters(model, adapter)
+    optimizer = make_optimizer(params, settings, device.type)
+    # The schedule spans the whole run: round r continues where round r-1 stopped.
+    total_steps = num_rounds * settings.local_steps
+    first_step = (server_round - 1) * settings.local_steps
+    stream = batches(examples, settings.batch_size, seed)
+    model.train()
+    losses, tokens, start = [], 0, time.perf_counter()
+    progress = StepProgress(settings.local_steps, desc)
+    for i in range(settings.local_steps):
+        for group in optimizer.param_groups:
+            group["lr"] = settings.lr * lr_factor(first_step + i, total_steps,
+                                                  settings.warmup_steps, settings.lr_schedule)
+        # ---- gradient accumulation: grad_accum micro-batches make one optimizer step ----
+        step_loss = 0.0
+        for _ in range(settings.grad_accum):
+            batch = {k: v.to(device) for k, v in collate(next(stream), pad_id).items()}
+            tokens += int(batch["attention_mask"].sum())
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.bf16):
+                out = model(**batch)  # HF shifts labels; -100 (prompt, pad) is ignored
+            (out.loss / settings.grad_accum).backward()
+            step_loss += out.loss.item() / settings.grad_accum
+        if settings.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(step_loss)
+        progress.update(step_loss)
+    progress.close()
+    model.eval()
+    return TrainResult(loss=sum(losses) / len(losses), first_loss=losses[0],
+                       last_loss=losses[-1], steps=len(losses), tokens=tokens,
+                       seconds=time.perf_counter() - start)

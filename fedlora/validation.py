@@ -1,0 +1,26 @@
+"""Checks on a client's reply before it may reach the merge: a failing reply is dropped."""
+
+from __future__ import annotations
+
+import torch
+
+ALLOWED_DTYPES = (torch.float32, torch.float16)
+
+
+def reply_problem(state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]],
+                  num_examples: object) -> str | None:
+    """Why this update must be dropped, or None if it is acceptable."""
+    if not isinstance(num_examples, int) or isinstance(num_examples, bool) or num_examples < 1:
+        return f"num-examples must be a positive integer, got {num_examples!r}"
+    if state.keys() != expected.keys():
+        missing = sorted(expected.keys() - state.keys())[:2]
+        extra = sorted(state.keys() - expected.keys())[:2]
+        return f"keys differ from the global adapter (missing {missing}, unexpected {extra})"
+    for key, tensor in state.items():
+        if tensor.dtype not in ALLOWED_DTYPES:
+            return f"{key}: dtype {tensor.dtype} not allowed (float32 or float16)"
+        if tuple(tensor.shape) != tuple(expected[key]):
+            return f"{key}: shape {tuple(tensor.shape)}, expected {tuple(expected[key])}"
+        if not torch.isfinite(tensor).all():
+            return f"{key}: contains NaN or Inf"
+    return None

@@ -1,0 +1,1 @@
+"""Local Flower Simulation Engine runs with full process cleanup (see `simulations.runner`)."""

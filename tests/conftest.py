@@ -1,0 +1,37 @@
+"""Shared fixtures: tiny models built in code, small settings."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedlora.config import LoraSettings, ModelSettings, Settings, TrainSettings
+
+
+@pytest.fixture(scope="session")
+def tiny_settings() -> Settings:
+    """Settings for fast runs on the tiny built-in model."""
+    return Settings.from_config({"model": "tiny-llama", "lora-rank": 4, "local-steps": 5,
+                                 "lr": 1e-2, "dataset-size": 200, "device": "cpu"})
+
+
+@pytest.fixture()
+def tiny_slot(tiny_settings):
+    """A fresh tiny-llama with a rank-4 LoRA adapter."""
+    from fedlora.adapters import Workspace
+
+    torch.manual_seed(0)
+    s = tiny_settings
+    return Workspace().get(s.model, s.lora, s.train)
+
+
+def tiny_model_settings(**kw) -> ModelSettings:
+    return ModelSettings(name="tiny-llama", device="cpu", **kw)
+
+
+def lora(**kw) -> LoraSettings:
+    return LoraSettings(**kw)
+
+
+def train(**kw) -> TrainSettings:
+    return TrainSettings(**kw)

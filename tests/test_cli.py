@@ -1,0 +1,61 @@
+"""The command line: clear errors before any training, run-config parsing, help."""
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from fedlora.cli.main import main
+from fedlora.cli.runconfig import parse_run_config
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fedlora.cli.main", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--rank", "0"], "setting 'lora-rank': expected an integer >= 1, got 0"),
+    (["--strategy", "fedsgd"], "setting 'strategy': expected one of fedavg"),
+    (["--model", "no-such-model"], "unknown model 'no-such-model'"),
+    (["--model", "tiny-llama", "--run-config", "target-modules=q_proj,foo_proj"],
+     "['foo_proj'] not found in the model"),
+    (["--run-config", "lora-rnak=4"], "did you mean 'lora-rank'"),
+    (["--num-clients", "0"], "--num-clients: expected an integer >= 1"),
+])
+def test_invalid_settings_fail_fast_with_exit_code_2(args, message, tmp_path):
+    start = time.perf_counter()
+    proc = run_cli("simulate", "--output-dir", str(tmp_path / "out"), *args)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()  # nothing ran
+    assert time.perf_counter() - start < 60
+
+
+def test_existing_run_is_not_overwritten_without_the_flag(tmp_path, capsys):
+    (tmp_path / "metrics.jsonl").write_text("{}\n")
+    code = main(["simulate", "--model", "tiny-llama", "--output-dir", str(tmp_path)])
+    assert code == 2 and "pass --overwrite" in capsys.readouterr().err
+    assert (tmp_path / "metrics.jsonl").read_text() == "{}\n"
+
+
+def test_run_config_parsing_follows_flower():
+    assert parse_run_config('lora-rank=4 lr=0.01 use-rslora=true model="a b" dataset=x.jsonl') == {
+        "lora-rank": 4, "lr": 0.01, "use-rslora": True, "model": "a b", "dataset": "x.jsonl"}
+    with pytest.raises(ValueError, match="expected key=value"):
+        parse_run_config("lora-rank")
+
+
+def test_help_lists_the_simulation_options():
+    proc = run_cli("simulate", "--help")
+    for flag in ("--num-clients", "--rounds", "--strategy", "--model", "--quantization", "--rank",
+                 "--local-steps", "--output-dir", "--seed", "--run-config"):
+        assert flag in proc.stdout
+    assert proc.returncode == 0
+
+
+def test_settings_lists_every_key(capsys):
+    assert main(["settings"]) == 0
+    out = capsys.readouterr().out
+    assert "lora-rank" in out and "wire-dtype" in out and "num-server-rounds" in out

@@ -1,0 +1,108 @@
+"""Data: response-only labels, JSONL records, IID partitions, the built-in task."""
+
+import json
+
+import pytest
+
+from fedlora.config import DataSettings
+from fedlora.data import (IGNORE, builtin_task, client_records, collate, iid_partition,
+                          load_jsonl, tokenize)
+from fedlora.models.builtin import byte_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return byte_tokenizer()
+
+
+def test_labels_cover_exactly_the_answer_with_chat_template(tok):
+    record = {"instruction": "Compute 2 + 3.", "input": "", "output": "5"}
+    ex = tokenize(record, tok, 256)
+    answer = [i for i, l in zip(ex["input_ids"], ex["labels"]) if l != IGNORE]
+    assert tok.decode(answer) == "5<|im_end|>\n"
+    prompt = [i for i, l in zip(ex["input_ids"], ex["labels"]) if l == IGNORE]
+    assert tok.decode(prompt) == "<|im_start|>user\nCompute 2 + 3.<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_plain_template_without_chat_template(tok):
+    plain = byte_tokenizer()
+    plain.chat_template = None
+    ex = tokenize({"instruction": "Say hi", "input": "to Bob", "output": "hi Bob"}, plain, 256)
+    text = plain.decode(ex["input_ids"])
+    assert text == "### Instruction:\nSay hi\n\nto Bob\n\n### Response:\nhi Bob<|im_end|>"
+    answer = [i for i, l in zip(ex["input_ids"], ex["labels"]) if l != IGNORE]
+    assert plain.decode(answer) == "hi Bob<|im_end|>"
+
+
+def test_chat_messages_train_on_the_last_assistant_turn(tok):
+    record = {"messages": [{"role": "system", "content": "Be brief."},
+                           {"role": "user", "content": "2+2?"},
+                           {"role": "assistant", "content": "4"}]}
+    ex = tokenize(record, tok, 256)
+    answer = [i for i, l in zip(ex["input_ids"], ex["labels"]) if l != IGNORE]
+    assert tok.decode(answer) == "4<|im_end|>\n"
+
+
+def test_truncation_and_collate_padding(tok):
+    ex = tokenize({"instruction": "x" * 100, "output": "y"}, tok, 16)
+    assert len(ex["input_ids"]) == len(ex["labels"]) == 16
+    batch = collate([ex, {"input_ids": [1, 2], "labels": [IGNORE, 2]}], pad_id=0)
+    assert batch["input_ids"].shape == (2, 16)
+    assert batch["attention_mask"][1].tolist() == [1, 1] + [0] * 14
+    assert batch["labels"][1, 2:].eq(IGNORE).all()
+
+
+def test_jsonl_loader_reads_both_forms_and_names_bad_fields(tmp_path):
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n\n" + json.dumps(
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "r"}]}))
+    assert len(load_jsonl(good)) == 2
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "a", "answer": "b"}) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: expected fields instruction/output.*"
+                                         r"found \['answer', 'question'\]"):
+        load_jsonl(bad)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"instruction": "a", "output": "b"}\n{oops\n')
+    with pytest.raises(ValueError, match="broken.jsonl:2: not valid JSON"):
+        load_jsonl(broken)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_jsonl(tmp_path / "missing.jsonl")
+
+
+def test_iid_partition_covers_everything_once_and_is_seeded():
+    parts = iid_partition(103, 4, seed=7)
+    flat = sorted(i for p in parts for i in p)
+    assert flat == list(range(103))
+    assert sorted(len(p) for p in parts) == [25, 26, 26, 26]
+    assert parts == iid_partition(103, 4, seed=7) != iid_partition(103, 4, seed=8)
+    with pytest.raises(ValueError, match="cannot split 3 examples over 4 clients"):
+        iid_partition(3, 4, seed=0)
+
+
+def test_arithmetic_task_is_deterministic_and_correct():
+    records = builtin_task("arithmetic", 50, seed=3)
+    assert records == builtin_task("arithmetic", 50, seed=3)
+    for r in records:
+        expr = r["instruction"].split("Compute ")[1].split(".")[0]
+        assert str(eval(expr)) == r["output"]  # noqa: S307 - our own generated expression
+    with pytest.raises(ValueError, match="known: builtin:arithmetic"):
+        builtin_task("nope", 1, 0)
+
+
+def test_client_records_split_train_and_eval_without_overlap():
+    s = DataSettings(dataset_size=100, eval_fraction=0.2)
+    train0, eval0 = client_records(s, 0, 2, seed=0)
+    train1, _ = client_records(s, 1, 2, seed=0)
+    assert len(train0) + len(eval0) == 50 and len(eval0) == 10
+    key = lambda r: r["instruction"] + r["output"]
+    assert not {key(r) for r in eval0} & {key(r) for r in train0}
+
+
+def test_node_data_path_overrides_the_dataset(tmp_path):
+    path = tmp_path / "mine.jsonl"
+    path.write_text("".join(json.dumps({"instruction": f"q{i}", "output": "a"}) + "\n"
+                            for i in range(10)))
+    train, held = client_records(DataSettings(data_path=str(path), eval_fraction=0.2), 0, 1, 0)
+    assert len(train) == 8 and len(held) == 2
+    assert all(r["instruction"].startswith("q") for r in train + held)

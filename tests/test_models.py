@@ -1,0 +1,85 @@
+"""Model loading: built-ins, quantization on the CPU, and clear errors for bad names."""
+
+import time
+
+import pytest
+import torch
+
+from fedlora.config import ModelSettings
+from fedlora.models import ModelLoadError, load_model, resolve_source
+from fedlora.models.builtin import BUILTINS, byte_tokenizer
+
+
+def test_tiny_llama_is_deterministic_and_frozen():
+    m1, tok, src = load_model(ModelSettings(name="tiny-llama", device="cpu"))
+    m2, _, _ = load_model(ModelSettings(name="tiny-llama", device="cpu"))
+    w = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(m1.state_dict()[w], m2.state_dict()[w])
+    assert not any(p.requires_grad for p in m1.parameters())
+    assert src.base_id == "tiny-llama" and tok.pad_token_id is not None
+
+
+def test_byte_tokenizer_round_trips_any_text_and_has_a_chat_template():
+    tok = byte_tokenizer()
+    text = "héllo, 12 + 30 = 42 ✓"
+    assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
+    chat = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                   add_generation_prompt=True)
+    assert chat == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.mark.parametrize("quantization, layer", [("4bit", "Linear4bit"), ("8bit", "Linear8bitLt")])
+def test_quantized_base_loads_and_runs_on_cpu(quantization, layer):
+    model, _, _ = load_model(ModelSettings(name="tiny-llama", quantization=quantization,
+                                           device="cpu"))
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ == layer
+    logits = model(input_ids=torch.tensor([[1, 2, 3]])).logits
+    assert logits.shape == (1, 3, 320) and torch.isfinite(logits).all()
+
+
+def test_4bit_uses_nf4_with_double_quantization_and_the_compute_dtype():
+    model, _, _ = load_model(ModelSettings(name="tiny-llama", quantization="4bit", device="cpu",
+                                           compute_dtype="bfloat16"))
+    q = model.config.quantization_config
+    assert q.bnb_4bit_quant_type == "nf4" and q.bnb_4bit_use_double_quant
+    assert q.bnb_4bit_compute_dtype == torch.bfloat16
+
+
+def test_unknown_name_says_what_to_pass():
+    with pytest.raises(ModelLoadError, match="unknown model 'nosuch'.*built-in name \\(tiny-llama"):
+        resolve_source("nosuch")
+
+
+def test_offline_hub_id_fails_fast_with_advice(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.perf_counter()
+    with pytest.raises(ModelLoadError, match="cannot be reached.*huggingface-cli download"):
+        resolve_source("someone/not-cached-model")
+    assert time.perf_counter() - start < 10
+
+
+def test_missing_gguf_and_folder_without_config(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        resolve_source(str(tmp_path / "model.gguf"))
+    with pytest.raises(ModelLoadError, match="has no config.json"):
+        resolve_source(str(tmp_path))
+
+
+def test_local_folder_loads(tmp_path):
+    model, tok, _ = load_model(ModelSettings(name="tiny-llama", device="cpu"))
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    again, _, src = load_model(ModelSettings(name=str(tmp_path), device="cpu"))
+    assert src.path == str(tmp_path.resolve())
+    assert torch.equal(again.lm_head.weight, model.lm_head.weight)
+
+
+def test_cuda_request_without_gpu_is_refused():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(ModelLoadError, match="no CUDA GPU"):
+        load_model(ModelSettings(name="tiny-llama", device="cuda"))
+
+
+def test_builtins_are_listed():
+    assert set(BUILTINS) == {"tiny-llama", "smollm2-135m"}
