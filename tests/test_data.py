@@ -2,11 +2,13 @@
 
 import json
 
+from collections import Counter
+
 import pytest
 
 from fedlora.config import DataSettings
-from fedlora.data import (IGNORE, builtin_task, client_records, collate, iid_partition,
-                          load_jsonl, tokenize)
+from fedlora.data import (IGNORE, builtin_task, client_records, collate, dirichlet_partition,
+                          iid_partition, load_jsonl, tokenize)
 from fedlora.models.builtin import byte_tokenizer
 
 
@@ -71,13 +73,36 @@ def test_jsonl_loader_reads_both_forms_and_names_bad_fields(tmp_path):
 
 
 def test_iid_partition_covers_everything_once_and_is_seeded():
-    parts = iid_partition(103, 4, seed=7)
+    labels = [""] * 103
+    parts = iid_partition(labels, 4, seed=7)
     flat = sorted(i for p in parts for i in p)
     assert flat == list(range(103))
     assert sorted(len(p) for p in parts) == [25, 26, 26, 26]
-    assert parts == iid_partition(103, 4, seed=7) != iid_partition(103, 4, seed=8)
+    assert parts == iid_partition(labels, 4, seed=7) != iid_partition(labels, 4, seed=8)
     with pytest.raises(ValueError, match="cannot split 3 examples over 4 clients"):
-        iid_partition(3, 4, seed=0)
+        iid_partition([""] * 3, 4, seed=0)
+
+
+def test_dirichlet_partition_covers_everything_and_skews_labels():
+    labels = [f"t{i % 4}" for i in range(400)]
+    parts = dirichlet_partition(labels, 4, seed=1, alpha=0.05)
+    assert sorted(i for p in parts for i in p) == list(range(400))
+    # tiny alpha: each client's largest label is nearly all of its data
+    purity = [max(Counter(labels[i] for i in p).values()) / len(p) for p in parts]
+    assert min(purity) > 0.8
+    wide = dirichlet_partition(labels, 4, seed=1, alpha=1000.0)
+    assert max(max(Counter(labels[i] for i in p).values()) / len(p) for p in wide) < 0.4
+    assert parts == dirichlet_partition(labels, 4, seed=1, alpha=0.05)
+    assert parts != dirichlet_partition(labels, 4, seed=2, alpha=0.05)
+
+
+def test_dirichlet_split_of_records_names_a_missing_field():
+    s = DataSettings(dataset_size=60, partitioner="dirichlet", partition_field="domain")
+    with pytest.raises(ValueError, match="field 'domain'.*fields \\['input', 'instruction'"):
+        client_records(s, 0, 2, seed=0)
+    by_task = DataSettings(dataset_size=300, partitioner="dirichlet", dirichlet_alpha=0.05)
+    train, _ = client_records(by_task, 0, 3, seed=0)
+    assert max(Counter(r["task"] for r in train).values()) / len(train) > 0.7
 
 
 def test_arithmetic_task_is_deterministic_and_correct():

@@ -7,12 +7,12 @@ import random
 from fedlora.config import DataSettings
 from fedlora.data.format import IGNORE, collate, to_messages, tokenize
 from fedlora.data.jsonl import load_jsonl
-from fedlora.data.partition import PARTITIONERS, iid_partition
+from fedlora.data.partition import PARTITIONERS, dirichlet_partition, iid_partition
 from fedlora.data.tasks import TASKS, builtin_task
 
 __all__ = ["IGNORE", "PARTITIONERS", "TASKS", "builtin_task", "client_records", "collate",
-           "iid_partition", "load_jsonl", "load_records", "to_messages", "tokenize",
-           "train_eval_split"]
+           "dirichlet_partition", "iid_partition", "load_jsonl", "load_records", "record_labels",
+           "to_messages", "tokenize", "train_eval_split"]
 
 
 def load_records(dataset: str, size: int, seed: int) -> list[dict]:
@@ -31,6 +31,17 @@ def train_eval_split(records: list[dict], eval_fraction: float, seed: int):
     return [records[i] for i in order[n_eval:]], [records[i] for i in order[:n_eval]]
 
 
+def record_labels(records: list[dict], field: str, partitioner: str) -> list[str]:
+    """Each record's label for label-skewed partitioners (IID needs none)."""
+    if partitioner == "iid":
+        return [""] * len(records)
+    missing = next((r for r in records if field not in r), None)
+    if missing is not None:
+        raise ValueError(f"setting 'partition-field': partitioner {partitioner!r} splits by "
+                         f"field {field!r}, but a record has only the fields {sorted(missing)}")
+    return [str(r[field]) for r in records]
+
+
 def client_records(settings: DataSettings, partition_id: int, num_partitions: int,
                    seed: int) -> tuple[list[dict], list[dict]]:
     """This client's (train, eval) records: its own data-path, or its share of `dataset`."""
@@ -38,6 +49,8 @@ def client_records(settings: DataSettings, partition_id: int, num_partitions: in
         records = load_jsonl(settings.data_path)
     else:
         everything = load_records(settings.dataset, settings.dataset_size, seed)
-        part = PARTITIONERS[settings.partitioner](len(everything), num_partitions, seed)
+        labels = record_labels(everything, settings.partition_field, settings.partitioner)
+        part = PARTITIONERS[settings.partitioner](labels, num_partitions, seed,
+                                                  settings.dirichlet_alpha)
         records = [everything[i] for i in part[partition_id]]
     return train_eval_split(records, settings.eval_fraction, seed + partition_id)

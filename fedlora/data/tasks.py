@@ -32,6 +32,9 @@ def unique(make: Callable[[random.Random], Record], n: int, seed: int) -> list[R
     raise ValueError(f"this task has fewer than {n} distinct examples; lower dataset-size")
 
 
+OPERATIONS = {"+": "addition", "-": "subtraction", "*": "multiplication"}
+
+
 def arithmetic_example(rng: random.Random) -> Record:
     """One two-operand integer problem; the answer is the bare number."""
     op = rng.choice("+-*")
@@ -41,7 +44,7 @@ def arithmetic_example(rng: random.Random) -> Record:
         a, b = rng.randint(10, 99), rng.randint(10, 99)
     answer = {"+": a + b, "-": a - b, "*": a * b}[op]
     return {"instruction": f"Compute {a} {op} {b}. Reply with the number only.", "input": "",
-            "output": str(answer)}
+            "output": str(answer), "task": OPERATIONS[op]}
 
 
 @task("arithmetic")
