@@ -1,19 +1,32 @@
 """Flower ClientApp: thin handlers from a message to local training or evaluation and back.
 
+A message from the server carries, in `content`:
+  - "config": server-round, the adapter `rank` to use, and `init-seed` for factors the server
+    does not send (a fresh flora adapter, the frozen ffa-lora A, a fedsa-lora B before round 1);
+  - "arrays": the global adapter at that rank in PEFT's scale (only B for ffa-lora, only A for
+    fedsa-lora, nothing for flora's fresh adapter);
+  - "residual" (flora, fedex-lora): the frozen low-rank update folded into the base.
+The reply carries the factors the strategy shares plus `num-examples` and `lora-rank`.
+
 In simulation a worker process serves many virtual clients: the module-level WORKSPACE keeps
 one base model loaded and swaps adapter weights, and DATA keeps each client's tokenized split.
-In deployment every message starts a fresh process, so both caches start empty.
+In deployment every message starts a fresh process, so both caches start empty. Personal state
+(fedsa-lora's B) lives in `context.state`, which Flower keeps per node across rounds.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from dataclasses import replace
 
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedlora.adapters import Slot, Workspace, get_lora_state, set_lora_state
+from fedlora.adapters import (A_SUFFIX, B_SUFFIX, Slot, Workspace, get_lora_state, join_factors,
+                              module_shapes, set_lora_state, set_residual, shared_init,
+                              split_factors)
+from fedlora.aggregation import get_strategy
 from fedlora.config import Settings
 from fedlora.data import client_records, tokenize
 from fedlora.models import resolve_device
@@ -24,6 +37,8 @@ app = ClientApp()
 WORKSPACE = Workspace()
 DATA: OrderedDict[tuple, tuple[list[dict], list[dict]]] = OrderedDict()
 DATA_CACHE_SIZE = 16
+PERSONAL = "personal-b"  # context.state key of fedsa-lora's local B
+SHARED_SUFFIXES = {"both": (A_SUFFIX, B_SUFFIX), "B": (B_SUFFIX,), "A": (A_SUFFIX,)}
 log = logging.getLogger("fedlora.client")
 
 
@@ -48,14 +63,48 @@ def client_data(settings: Settings, slot: Slot, pid: int, n: int):
     return DATA[key]
 
 
+def shared_keys(state: dict, shares: str) -> dict:
+    """Only the factors this strategy sends over the wire."""
+    return {k: v for k, v in state.items() if k.endswith(SHARED_SUFFIXES[shares])}
+
+
+def starting_state(msg: Message, context: Context, slot: Slot, shares: str) -> dict:
+    """The adapter this client starts from: seeded init, overlaid with what was received."""
+    config = msg.content["config"]
+    rank, seed = int(config["rank"]), int(config["init-seed"])
+    shapes = module_shapes(get_lora_state(slot.model, slot.adapter))
+    state = join_factors(shared_init(shapes, rank, seed))
+    state.update(from_array_record(msg.content["arrays"]))
+    if shares == "A" and PERSONAL in context.state:  # fedsa-lora: this client's own B
+        personal = from_array_record(context.state[PERSONAL])
+        if all(personal[k].shape == state[k].shape for k in personal):
+            state.update(personal)
+    return state
+
+
 def prepare(msg: Message, context: Context) -> tuple[Settings, Slot, int, int]:
-    """Settings from run+node config, the cached model with the global adapter loaded."""
+    """Settings from run+node config, the cached model with the received adapter loaded."""
     settings = Settings.from_config(context.run_config, context.node_config)
     resolve_device(settings.model.device)  # fail early and clearly on a missing GPU
-    slot = WORKSPACE.get(settings.model, settings.lora, settings.train)
-    set_lora_state(slot.model, from_array_record(msg.content["arrays"]), slot.adapter)
+    lora = replace(settings.lora, rank=int(msg.content["config"]["rank"]))
+    slot = WORKSPACE.get(settings.model, lora, settings.train)
+    residual = msg.content.array_records.get("residual")
+    set_residual(slot, lora, split_factors(from_array_record(residual)) if residual else None)
+    shares = get_strategy(settings.federation.strategy).shares
+    state = starting_state(msg, context, slot, shares)
+    set_lora_state(slot.model, {k: v.float() for k, v in state.items()}, slot.adapter)
     pid, n = partition(context)
     return settings, slot, pid, n
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Tell the server this node's LoRA rank (asked once, before the node's first round)."""
+    settings = Settings.from_config(context.run_config, context.node_config)
+    pid, _ = partition(context)
+    rank = settings.lora.rank_for(pid, settings.federation.seed)
+    return Message(RecordDict({"metrics": MetricRecord({"lora-rank": rank,
+                                                        "partition-id": pid})}), reply_to=msg)
 
 
 @app.train()
@@ -68,11 +117,15 @@ def train(msg: Message, context: Context) -> Message:
         slot.model, slot.adapter, train_set, slot.tokenizer.pad_token_id, settings.train,
         server_round=server_round, num_rounds=settings.federation.num_rounds,
         seed=settings.federation.seed + 1_000_003 * pid + server_round,
-        desc=f"client {pid} round {server_round}")
-    arrays = to_array_record(get_lora_state(slot.model, slot.adapter),
-                             settings.federation.wire_dtype)
+        desc=f"client {pid} round {server_round}", proximal_mu=settings.proximal_mu)
+    state = get_lora_state(slot.model, slot.adapter)
+    shares = get_strategy(settings.federation.strategy).shares
+    if shares == "A":  # fedsa-lora: B stays on this node
+        context.state[PERSONAL] = ArrayRecord(shared_keys(state, "B"))
+    arrays = to_array_record(shared_keys(state, shares), settings.federation.wire_dtype)
     metrics = MetricRecord({
-        "num-examples": len(train_set), "partition-id": pid, "train-loss": result.loss,
+        "num-examples": len(train_set), "partition-id": pid,
+        "lora-rank": int(msg.content["config"]["rank"]), "train-loss": result.loss,
         "train-loss-first": result.first_loss, "train-loss-last": result.last_loss,
         "train-steps": result.steps, "train-tokens": result.tokens,
         "train-seconds": result.seconds})

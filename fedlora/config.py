@@ -8,10 +8,11 @@ with a message that names the key, what it expected and what it got.
 from __future__ import annotations
 
 import difflib
+import random
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Mapping
 
-from fedlora.aggregation import STRATEGIES
+from fedlora.aggregation import SERVER_OPTIMIZERS, STRATEGIES
 
 
 class SettingsError(ValueError):
@@ -38,10 +39,32 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 OPTIMIZERS = ("adamw", "paged-adamw-8bit")
 WIRE_DTYPES = ("float32", "float16")
-PARTITIONERS = ("iid",)
+PARTITIONERS = ("iid", "dirichlet")
 # "all-linear" expands to every linear projection of the attention and MLP blocks of a
 # Llama-style decoder (the architecture of both built-in models and of most open LLMs).
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Ranks that the named client-rank distributions draw from (FlexLoRA's rank settings).
+RANK_POOL = (4, 8, 16, 32, 64)
+RANK_DISTRIBUTIONS = ("uniform", "heavy-tail")
+HETLORA_WEIGHTINGS = ("norm", "examples")
+
+
+def parse_client_ranks(spec: str) -> tuple[str, tuple[int, ...]]:
+    """'4,8,16' -> ('cycle', (4, 8, 16)); 'uniform' / 'heavy-tail[:4,8]' -> (name, pool)."""
+    name, _, numbers = spec.strip().partition(":")
+    if name in RANK_DISTRIBUTIONS:
+        pool = numbers or ",".join(map(str, RANK_POOL))
+        kind = name
+    else:
+        kind, pool = "cycle", spec
+    try:
+        ranks = tuple(int(r) for r in pool.split(",") if r.strip())
+    except ValueError:
+        ranks = ()
+    _require(bool(ranks) and min(ranks) >= 1, "client-ranks",
+             "a comma-separated list of ranks >= 1 such as 4,8,16, or uniform, heavy-tail, "
+             "uniform:4,8,16", spec)
+    return kind, ranks
 
 
 @dataclass
@@ -80,9 +103,16 @@ class LoraSettings:
         "target-modules", "all-linear",
         "Comma-separated module names to adapt, or all-linear (" + ",".join(ALL_LINEAR) + ").")
     use_rslora: bool = _setting("use-rslora", False, "Scale by alpha/sqrt(r) instead of alpha/r.")
+    client_ranks: str = _setting(
+        "client-ranks", "",
+        "Per-client ranks in simulation: empty (all use lora-rank), a list cycled over clients "
+        "(4,8,16,32), or a distribution over 4,8,16,32,64: uniform, heavy-tail (most clients "
+        "small), optionally with its own pool (heavy-tail:4,8,16).")
 
     def __post_init__(self) -> None:
         _require(self.rank >= 1, "lora-rank", "an integer >= 1", self.rank)
+        if self.client_ranks:
+            parse_client_ranks(self.client_ranks)
         _require(self.alpha > 0, "lora-alpha", "a number > 0", self.alpha)
         _require(0 <= self.dropout < 1, "lora-dropout", "a number in [0, 1)", self.dropout)
         _require(bool(self.modules()), "target-modules", "at least one module name",
@@ -93,6 +123,23 @@ class LoraSettings:
         if self.target_modules.strip() == "all-linear":
             return list(ALL_LINEAR)
         return [m.strip() for m in self.target_modules.split(",") if m.strip()]
+
+    def possible_ranks(self) -> tuple[int, ...]:
+        """Every rank a client of this run may train at."""
+        return parse_client_ranks(self.client_ranks)[1] if self.client_ranks else (self.rank,)
+
+    def rank_for(self, partition_id: int, seed: int) -> int:
+        """The rank of simulated client `partition_id` (deterministic in the seed)."""
+        if not self.client_ranks:
+            return self.rank
+        kind, ranks = parse_client_ranks(self.client_ranks)
+        if kind == "cycle":
+            return ranks[partition_id % len(ranks)]
+        rng = random.Random(seed * 1_000_003 + partition_id)
+        pool = sorted(ranks)
+        # heavy-tail: P(rank i) ~ 2^-i, so most clients get the smallest ranks
+        weights = [1.0] * len(pool) if kind == "uniform" else [2.0 ** -i for i in range(len(pool))]
+        return rng.choices(pool, weights=weights)[0]
 
 
 @dataclass
@@ -117,6 +164,10 @@ class TrainSettings:
         "gradient-checkpointing", False, "Recompute activations to save memory (slower).")
     eval_examples: int = _setting("eval-examples", 32,
                                   "Held-out examples per client evaluation (0 = all).")
+    proximal_mu: float = _setting(
+        "proximal-mu", 0.0,
+        "FedProx: weight mu of the proximal term (mu/2)||theta - theta_global||^2 on the LoRA "
+        "parameters (0 = off; strategy fedprox uses 0.01 when this is 0).")
 
     def __post_init__(self) -> None:
         for key, value in (("local-steps", self.local_steps), ("batch-size", self.batch_size),
@@ -130,6 +181,7 @@ class TrainSettings:
         _one_of("optimizer", self.optimizer, OPTIMIZERS)
         _require(self.max_length >= 8, "max-length", "an integer >= 8", self.max_length)
         _require(self.eval_examples >= 0, "eval-examples", "an integer >= 0", self.eval_examples)
+        _require(self.proximal_mu >= 0, "proximal-mu", "a number >= 0", self.proximal_mu)
 
 
 @dataclass
@@ -143,7 +195,15 @@ class DataSettings:
                                  "Examples generated for a builtin task (all clients together).")
     eval_fraction: float = _setting("eval-fraction", 0.1,
                                     "Share of each client's examples held out for evaluation.")
-    partitioner: str = _setting("partitioner", "iid", "How a dataset is split over clients: iid.")
+    partitioner: str = _setting(
+        "partitioner", "iid",
+        "How a dataset is split over clients: iid, or dirichlet (label skew over "
+        "partition-field with concentration dirichlet-alpha).")
+    partition_field: str = _setting(
+        "partition-field", "task",
+        "Record field that labels records for the dirichlet partitioner (builtin tasks: task).")
+    dirichlet_alpha: float = _setting(
+        "dirichlet-alpha", 0.5, "Dirichlet concentration: 0.1 ~ one label per client, 100 ~ IID.")
     data_path: str = _setting("data-path", "",
                               "A node's own data file (deployment); overrides 'dataset' there.")
 
@@ -154,6 +214,8 @@ class DataSettings:
         _require(0 <= self.eval_fraction < 1, "eval-fraction", "a number in [0, 1)",
                  self.eval_fraction)
         _one_of("partitioner", self.partitioner, PARTITIONERS)
+        _require(self.dirichlet_alpha > 0, "dirichlet-alpha", "a number > 0",
+                 self.dirichlet_alpha)
 
 
 @dataclass
@@ -175,6 +237,28 @@ class FederationSettings:
                                     "Seconds to wait for client replies in each phase.")
     wire_dtype: str = _setting("wire-dtype", "float32",
                                "dtype of the LoRA factors sent both ways: float32 or float16.")
+    export_rank: int = _setting(
+        "export-rank", 0,
+        "Rank of the global adapter the server keeps and exports (0 = the largest client "
+        "rank); flexlora truncates the exact average to it. Clients train at ranks <= it.")
+    residual_rank: int = _setting(
+        "residual-rank", 128,
+        "flora/fedex-lora: rank budget of the frozen residual folded into the base; a larger "
+        "residual is re-compressed by SVD and the dropped energy is logged.")
+    hetlora_weighting: str = _setting(
+        "hetlora-weighting", "norm",
+        "hetlora client weights: norm (||B_i A_i||_F, the paper's) or examples (num-examples).")
+    server_optimizer: str = _setting(
+        "server-optimizer", "none",
+        "Server optimiser on the pseudo-gradient of the global factors: "
+        + ", ".join(sorted(SERVER_OPTIMIZERS)) + " (not with flexlora, flora, fedex-lora).")
+    server_lr: float = _setting("server-lr", 0.0,
+                                "Server learning rate (0 = the optimiser's default).")
+    server_momentum: float = _setting("server-momentum", 0.9,
+                                      "fedavgm momentum / beta1 of fedadam, fedyogi.")
+    server_beta2: float = _setting("server-beta2", 0.99, "beta2 of fedadam and fedyogi.")
+    server_tau: float = _setting("server-tau", 1e-3,
+                                 "Adaptivity tau of fedadam, fedyogi, fedadagrad.")
     seed: int = _setting("seed", 0, "Seed for the initial adapter, data splits and training.")
     output_dir: str = _setting("output-dir", "fedlora-output",
                                "Where the server writes metrics.jsonl and adapters.")
@@ -192,6 +276,16 @@ class FederationSettings:
             _require(value >= 1, key, "an integer >= 1", value)
         _require(self.round_timeout > 0, "round-timeout", "seconds > 0", self.round_timeout)
         _one_of("wire-dtype", self.wire_dtype, WIRE_DTYPES)
+        _require(self.export_rank >= 0, "export-rank", "an integer >= 0", self.export_rank)
+        _require(self.residual_rank >= 1, "residual-rank", "an integer >= 1", self.residual_rank)
+        _one_of("hetlora-weighting", self.hetlora_weighting, HETLORA_WEIGHTINGS)
+        _one_of("server-optimizer", self.server_optimizer, sorted(SERVER_OPTIMIZERS))
+        _require(self.server_lr >= 0, "server-lr", "a number >= 0", self.server_lr)
+        _require(0 <= self.server_momentum < 1, "server-momentum", "a number in [0, 1)",
+                 self.server_momentum)
+        _require(0 <= self.server_beta2 < 1, "server-beta2", "a number in [0, 1)",
+                 self.server_beta2)
+        _require(self.server_tau > 0, "server-tau", "a number > 0", self.server_tau)
 
 
 SECTIONS = {"model": ModelSettings, "lora": LoraSettings, "train": TrainSettings,
@@ -234,6 +328,42 @@ class Settings:
         if self.federation.fraction_evaluate > 0 and self.data.eval_fraction == 0:
             raise SettingsError("setting 'eval-fraction': expected > 0 when fraction-evaluate > 0 "
                                 "(clients need held-out data), got 0; or set fraction-evaluate=0")
+        self._check_strategy()
+
+    @property
+    def proximal_mu(self) -> float:
+        """FedProx weight in effect: proximal-mu, or 0.01 for strategy fedprox left at 0."""
+        fedprox_default = 0.01 if self.federation.strategy == "fedprox" else 0.0
+        return self.train.proximal_mu or fedprox_default
+
+    @property
+    def global_rank(self) -> int:
+        """Rank of the server's global adapter: export-rank, or the largest client rank."""
+        return self.federation.export_rank or max(self.lora.rank, *self.lora.possible_ranks())
+
+    def _check_strategy(self) -> None:
+        """Combinations the chosen strategy cannot run, refused before anything starts."""
+        strategy = STRATEGIES[self.federation.strategy]
+        ranks = sorted(set(self.lora.possible_ranks()))
+        fed = self.federation
+        if not strategy.heterogeneous and len(ranks) > 1:
+            raise SettingsError(
+                f"setting 'client-ranks': strategy '{strategy.name}' needs every client at the "
+                f"same rank, but client-ranks={self.lora.client_ranks!r} gives ranks {ranks}; "
+                f"use one of the rank-heterogeneous strategies ("
+                + ", ".join(n for n, s in sorted(STRATEGIES.items()) if s.heterogeneous) + ")")
+        if fed.export_rank and fed.export_rank < max(ranks):
+            raise SettingsError(f"setting 'export-rank': expected >= the largest client rank "
+                                f"{max(ranks)}, got {fed.export_rank}")
+        if not strategy.heterogeneous and fed.export_rank not in (0, ranks[0]):
+            raise SettingsError(f"setting 'export-rank': strategy '{strategy.name}' keeps the "
+                                f"clients' rank {ranks[0]}, got {fed.export_rank}; leave it 0")
+        if fed.server_optimizer != "none" and not strategy.server_optimizer_ok:
+            raise SettingsError(
+                f"setting 'server-optimizer': {fed.server_optimizer} acts on the global factors "
+                f"from round to round, which strategy '{strategy.name}' rebuilds every round "
+                f"(SVD or stacking); use it with "
+                + ", ".join(n for n, s in sorted(STRATEGIES.items()) if s.server_optimizer_ok))
 
     @classmethod
     def from_config(cls, run_config: Mapping[str, Any],

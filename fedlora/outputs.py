@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig
+from safetensors.torch import save_file
 
 from fedlora.adapters.lora import save_adapter
 
@@ -25,25 +27,38 @@ class RunWriter:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")
 
-    def _write_adapter(self, state: dict[str, torch.Tensor], target: Path) -> Path:
+    def _write_adapter(self, state: dict[str, torch.Tensor], target: Path, rank: int) -> Path:
         """Save into a temporary folder, then rename: never a half-written adapter."""
         tmp = target.parent / f".{target.name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        save_adapter(state, self.lora, tmp, extra=self.run_info)
+        config = copy.deepcopy(self.lora)
+        config.r = rank
+        save_adapter(state, config, tmp, extra=self.run_info)
         shutil.rmtree(target, ignore_errors=True)
         os.rename(tmp, target)
         return target
 
-    def write_round(self, server_round: int, state: dict[str, torch.Tensor], metrics: dict) -> None:
-        """rounds/<n>/ adapter plus one line in metrics.jsonl."""
+    def write_round(self, server_round: int, state: dict[str, torch.Tensor], metrics: dict,
+                    rank: int) -> None:
+        """rounds/<n>/ adapter (of `rank`) plus one line in metrics.jsonl."""
         (self.out_dir / "rounds").mkdir(exist_ok=True)
-        self._write_adapter(state, self.out_dir / "rounds" / str(server_round))
+        self._write_adapter(state, self.out_dir / "rounds" / str(server_round), rank)
         with open(self.out_dir / METRICS, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(metrics) + "\n")
 
-    def write_final(self, state: dict[str, torch.Tensor]) -> Path:
-        """final/ adapter."""
-        return self._write_adapter(state, self.out_dir / "final")
+    def write_state(self, server_round: int, tensors: dict[str, torch.Tensor]) -> Path:
+        """state/round-<n>.safetensors: the server's global factors and residual (delta W)."""
+        folder = self.out_dir / "state"
+        folder.mkdir(exist_ok=True)
+        target = folder / f"round-{server_round}.safetensors"
+        tmp = folder / f".{target.name}.tmp"
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        os.replace(tmp, target)
+        return target
+
+    def write_final(self, state: dict[str, torch.Tensor], rank: int) -> Path:
+        """final/ adapter (of `rank`)."""
+        return self._write_adapter(state, self.out_dir / "final", rank)
 
 
 def read_metrics(out_dir: str | Path) -> list[dict]:

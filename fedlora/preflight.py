@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-import torch
-
 from fedlora.adapters import check_target_modules
 from fedlora.config import Settings, SettingsError
 from fedlora.data import load_records
-from fedlora.models import ModelSource, resolve_device, resolve_source
+from fedlora.models import ModelSource, model_skeleton, resolve_device, resolve_source
 
 
 def check_model(settings: Settings) -> ModelSource:
     """Resolve the model (converting a built-in once) and check the LoRA targets exist."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     source = resolve_source(settings.model.name)
-    config = AutoConfig.from_pretrained(source.path)
-    with torch.device("meta"):  # structure only: no weights are read or allocated
-        skeleton = AutoModelForCausalLM.from_config(config)
-    check_target_modules(skeleton, settings.lora.modules())
+    check_target_modules(model_skeleton(source), settings.lora.modules())
     return source
 
 

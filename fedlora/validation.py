@@ -5,6 +5,20 @@ from __future__ import annotations
 import torch
 
 ALLOWED_DTYPES = (torch.float32, torch.float16)
+SUFFIXES = {"A": (".lora_A.weight",), "B": (".lora_B.weight",),
+            "both": (".lora_A.weight", ".lora_B.weight")}
+
+
+def expected_shapes(shapes: dict[str, tuple[int, int]], rank: int, shares: str
+                    ) -> dict[str, tuple[int, int]]:
+    """Wire key -> shape of a rank-`rank` reply that carries the factors in `shares`."""
+    out = {}
+    for module, (d, k) in shapes.items():
+        if ".lora_A.weight" in SUFFIXES[shares]:
+            out[module + ".lora_A.weight"] = (rank, k)
+        if ".lora_B.weight" in SUFFIXES[shares]:
+            out[module + ".lora_B.weight"] = (d, rank)
+    return out
 
 
 def reply_problem(state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]],

@@ -1,12 +1,14 @@
-"""LoraStrategy: Flower's FedAvg round loop, with the merge delegated to fedlora.aggregation.
+"""LoraStrategy: Flower's FedAvg round loop, routing messages to the pure merge in fedlora.
 
-Flower runs the rounds; this class only routes messages: it counts the bytes of factors each
-way, drops replies that fail validation (with the reason), converts the rest to
-`ClientUpdate`s for the pure merge function, and writes one metrics line per round.
+Flower runs the rounds and samples the nodes; this class only routes: it learns each node's
+LoRA rank (one `query` message the first time a node is sampled), sends every node the global
+adapter at that node's own rank (plus the frozen residual for flora/fedex-lora), counts the
+bytes each way, drops replies that fail validation (with the reason), hands the rest to
+`GlobalAdapter.update` (which calls the strategy's pure merge) and writes one metrics line per
+round.
 """
 
 from __future__ import annotations
-
 
 import math
 import time
@@ -14,18 +16,16 @@ from logging import INFO, WARNING
 from typing import Iterable
 
 import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import log
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedlora.adapters import join_factors, split_factors
-from fedlora.aggregation import ClientUpdate, Merge
+from fedlora.aggregation import ClientUpdate
 from fedlora.outputs import RunWriter
 from fedlora.records import factor_bytes, from_array_record, to_array_record
-from fedlora.validation import reply_problem
-
-
+from fedlora.validation import expected_shapes, reply_problem
+from server.global_adapter import GlobalAdapter
 
 
 def weighted_mean(values: list[float], weights: list[float]) -> float:
@@ -35,63 +35,122 @@ def weighted_mean(values: list[float], weights: list[float]) -> float:
 
 
 class LoraStrategy(FedAvg):
-    """Round loop of FedAvg; merge, validation and accounting are fedlora's."""
+    """Round loop of FedAvg; payloads, validation, merge and accounting are fedlora's."""
 
-    def __init__(self, merge: Merge, expected: dict[str, tuple[int, ...]], wire_dtype: str,
-                 writer: RunWriter, **fedavg_kwargs) -> None:
+    def __init__(self, state: GlobalAdapter, shapes: dict[str, tuple[int, int]],
+                 wire_dtype: str, writer: RunWriter, seed: int, timeout: float,
+                 **fedavg_kwargs) -> None:
         super().__init__(**fedavg_kwargs)
-        self.merge = merge
-        self.expected = expected  # wire key -> shape of every acceptable reply
+        self.state = state
+        self.shapes = shapes  # module -> (d, k) of every adapted layer
         self.wire_dtype = wire_dtype
         self.writer = writer
+        self.seed = seed
+        self.timeout = timeout
+        self.node_ranks: dict[int, int] = {}
         self.round_log: dict = {}
         self.total_bytes = 0
 
-    # ---- training --------------------------------------------------------------------------
+    # ---- ranks and payloads ------------------------------------------------------------------
+    def learn_ranks(self, node_ids: list[int], grid: Grid) -> list[dict]:
+        """Ask nodes not seen before for their LoRA rank; returns failures (node, reason)."""
+        unknown = [n for n in node_ids if n not in self.node_ranks]
+        if not unknown:
+            return []
+        asks = [Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n,
+                        message_type=MessageType.QUERY) for n in unknown]
+        failures = []
+        for reply in grid.send_and_receive(asks, timeout=self.timeout):
+            node, rank = reply.metadata.src_node_id, None
+            if not reply.has_error():
+                rank = next(iter(reply.content.metric_records.values())).get("lora-rank")
+            if isinstance(rank, int) and 1 <= rank <= self.state.rank:
+                self.node_ranks[node] = rank
+            else:
+                reason = reply.error.reason if reply.has_error() else (
+                    f"declared LoRA rank {rank!r}, expected an integer in 1..{self.state.rank} "
+                    f"(the global rank; raise export-rank to allow more)")
+                failures.append({"node-id": node, "reason": reason})
+        answered = set(self.node_ranks)
+        failures += [{"node-id": n, "reason": "no answer to the rank query"}
+                     for n in unknown if n not in answered and
+                     n not in {f["node-id"] for f in failures}]
+        return failures
+
+    def content_for(self, rank: int, server_round: int, config: ConfigRecord) -> RecordDict:
+        """The RecordDict a node of `rank` receives: adapter, residual and config."""
+        fresh = self.state.strategy.fresh_adapter
+        cfg = ConfigRecord({**dict(config), "server-round": server_round, "rank": rank,
+                            "init-seed": self.seed + (server_round if fresh else 0)})
+        payload = self.state.payload(rank)
+        if self.state.strategy.shares != "both":  # ffa-lora / fedsa-lora: one factor only
+            suffix = ".lora_B.weight" if self.state.strategy.shares == "B" else ".lora_A.weight"
+            payload = {k: v for k, v in payload.items() if k.endswith(suffix)}
+        content = {"arrays": to_array_record(payload, self.wire_dtype), "config": cfg}
+        if self.state.residual:
+            content["residual"] = to_array_record(self.state.residual_state(), "float32")
+        return RecordDict(content)
+
+    def messages(self, node_ids: list[int], ranks: dict[int, int], server_round: int,
+                 config: ConfigRecord, message_type: str) -> list[Message]:
+        """One message per node, each with the payload for that node's rank."""
+        out = []
+        for node in node_ids:
+            content = self.content_for(ranks[node], server_round, config)
+            self.round_log.setdefault("down", {})[node] = sum(
+                factor_bytes(r) for r in content.array_records.values())
+            out.append(Message(content, dst_node_id=node, message_type=message_type))
+        return out
+
+    # ---- training ----------------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        """Sample clients (FedAvg) and note what is sent to each."""
+        """Sample nodes (FedAvg), learn new nodes' ranks, send each its own payload."""
         started = time.perf_counter()
-        messages = list(super().configure_train(server_round, arrays, config, grid))
+        sampled = [m.metadata.dst_node_id
+                   for m in super().configure_train(server_round, arrays, config, grid)]
+        failures = self.learn_ranks(sampled, grid)
+        ready = [n for n in sampled if n in self.node_ranks]
         self.round_log = {"round": server_round, "started": started,
-                          "bytes-down-per-client": factor_bytes(arrays),
-                          "clients-sampled": len(messages)}
-        return messages
+                          "clients-sampled": len(sampled), "failures": failures}
+        return self.messages(ready, self.node_ranks, server_round, config, MessageType.TRAIN)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validate each reply, merge the accepted ones with the pure merge function."""
+        """Validate each reply, merge the accepted ones with the strategy's pure merge."""
         valid, errors = self._check_and_log_replies(replies, is_train=True, validate=False)
-        failures = [{"node-id": m.metadata.src_node_id, "reason": m.error.reason} for m in errors]
+        failures = self.round_log["failures"]
+        failures += [{"node-id": m.metadata.src_node_id, "reason": m.error.reason}
+                     for m in errors]
         updates, clients = [], []
         for msg in valid:
-            problem, update, info = self._read_reply(msg)
+            problem, update, info = self.read_reply(msg)
             if problem:
                 log(WARNING, "round %d: dropped reply from node %d: %s", server_round,
-                            msg.metadata.src_node_id, problem)
+                    msg.metadata.src_node_id, problem)
                 failures.append({"node-id": msg.metadata.src_node_id, "reason": problem})
                 continue
             updates.append(update)
             clients.append(info)
-        down = self.round_log["bytes-down-per-client"]
-        for info in clients:
-            info["bytes-down"] = down
+        down = self.round_log.pop("down", {})
         self.round_log.update({
-            "clients-replied": len(clients), "clients-failed": len(failures),
-            "failures": failures, "clients": clients,
-            "bytes-down": down * self.round_log["clients-sampled"],
-            "bytes-up": sum(c["bytes-up"] for c in clients),
+            "clients-replied": len(clients), "clients-failed": len(failures), "clients": clients,
+            "bytes-down": sum(down.values()), "bytes-up": sum(c["bytes-up"] for c in clients),
+            "bytes-down-per-client": round(sum(down.values()) / max(len(down), 1)),
             "train-loss": weighted_mean([c["train-loss"] for c in clients],
                                         [c["num-examples"] for c in clients])})
+        for info in clients:
+            info["bytes-down"] = down.get(info["node-id"], 0)
         if not updates:
             log(WARNING, "round %d: no valid reply; the global adapter is unchanged", server_round)
             return None, None
-        merged = join_factors(self.merge(updates))
+        self.round_log.update(self.state.update(updates))
+        state, _ = self.state.export()
         metrics = MetricRecord({"train-loss": self.round_log["train-loss"],
                                 "clients-replied": len(clients)})
-        return to_array_record(merged, self.wire_dtype), metrics
+        return to_array_record(state, "float32"), metrics
 
-    def _read_reply(self, msg: Message) -> tuple[str | None, ClientUpdate | None, dict]:
+    def read_reply(self, msg: Message) -> tuple[str | None, ClientUpdate | None, dict]:
         """(problem, update, per-client info) for one reply."""
         content = msg.content
         if len(content.array_records) != 1 or len(content.metric_records) != 1:
@@ -102,18 +161,38 @@ class LoraStrategy(FedAvg):
             state = from_array_record(record)
         except Exception as err:  # malformed arrays: drop, never crash the round
             return f"unreadable arrays ({err})", None, {}
-        num_examples = metrics.get("num-examples")
-        problem = reply_problem(state, self.expected, num_examples)
+        node = msg.metadata.src_node_id
+        rank = self.node_ranks.get(node)
+        expected = expected_shapes(self.shapes, rank or 0, self.state.strategy.shares)
+        problem = reply_problem(state, expected, metrics.get("num-examples"))
+        if problem is None and metrics.get("lora-rank") != rank:
+            problem = f"declared rank {metrics.get('lora-rank')!r}, but this node's rank is {rank}"
         if problem:
             return problem, None, {}
-        info = {"node-id": msg.metadata.src_node_id,
-                "partition-id": int(metrics.get("partition-id", -1)),
-                "num-examples": num_examples, "bytes-up": factor_bytes(record),
+        num_examples = int(metrics["num-examples"])
+        info = {"node-id": node, "partition-id": int(metrics.get("partition-id", -1)),
+                "lora-rank": rank, "num-examples": num_examples,
+                "bytes-up": factor_bytes(record),
                 "train-loss": float(metrics.get("train-loss", math.nan))}
-        factors = split_factors({k: v.to(torch.float32) for k, v in state.items()})
-        return None, ClientUpdate(factors, float(num_examples)), info
+        return None, self.state.to_update(state, rank, float(num_examples)), info
 
-    # ---- evaluation ------------------------------------------------------------------------
+    # ---- evaluation --------------------------------------------------------------------------
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        """The global adapter (at the global rank) to each sampled node; fedsa-lora nodes get
+        the shared A at their own rank and evaluate it with their personal B."""
+        sampled = [m.metadata.dst_node_id
+                   for m in super().configure_evaluate(server_round, arrays, config, grid)]
+        if self.state.strategy.shares == "A":
+            self.round_log.setdefault("failures", []).extend(self.learn_ranks(sampled, grid))
+            ranks = self.node_ranks
+        else:
+            ranks = {n: self.state.rank for n in sampled}
+        ready = [n for n in sampled if n in ranks]
+        messages = self.messages(ready, ranks, server_round, config, MessageType.EVALUATE)
+        self.round_log["bytes-down-eval"] = sum(self.round_log.pop("down", {}).values())
+        return messages
+
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
         """Token-weighted mean eval loss over the clients that evaluated."""
@@ -127,7 +206,7 @@ class LoraStrategy(FedAvg):
                                "eval-clients": len(rows), "eval-failed": len(errors)})
         return MetricRecord({"eval-loss": loss}) if rows else None
 
-    # ---- end of round (passed to strategy.start as evaluate_fn) ----------------------------
+    # ---- end of round (passed to strategy.start as evaluate_fn) ------------------------------
     def end_of_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Write rounds/<n>/ and the metrics line; round 0 (before training) writes nothing."""
         if server_round == 0:
@@ -138,15 +217,16 @@ class LoraStrategy(FedAvg):
         entry["bytes-total"] = self.total_bytes
         entry = {k: (None if isinstance(v, float) and math.isnan(v) else v)
                  for k, v in entry.items()}
-        state = {k: v.to(torch.float32) for k, v in from_array_record(arrays).items()}
-        self.writer.write_round(server_round, state, entry)
-        log(INFO, "round %d: train-loss %s eval-loss %s, %d replied, %d failed, %.1f MB up, "
-                 "%.1f MB down, %.1f s", server_round, _fmt(entry.get("train-loss")),
-                 _fmt(entry.get("eval-loss")), entry.get("clients-replied", 0),
-                 entry.get("clients-failed", 0), entry.get("bytes-up", 0) / 1e6,
-                 entry.get("bytes-down", 0) / 1e6, entry["seconds"])
+        state, rank = self.state.export()
+        self.writer.write_round(server_round, state, entry, rank)
+        self.writer.write_state(server_round, self.state.tensors())
+        log(INFO, "round %d: train-loss %s eval-loss %s exactness %s, %d replied, %d failed, "
+            "%.2f MB up, %.2f MB down, %.1f s", server_round, _fmt(entry.get("train-loss")),
+            _fmt(entry.get("eval-loss")), _fmt(entry.get("exactness")),
+            entry.get("clients-replied", 0), entry.get("clients-failed", 0),
+            entry.get("bytes-up", 0) / 1e6, entry.get("bytes-down", 0) / 1e6, entry["seconds"])
         return None
 
 
 def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.4f}"
+    return "n/a" if value is None else f"{value:.4g}"

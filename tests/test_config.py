@@ -60,3 +60,43 @@ def test_all_linear_expands_to_attention_and_mlp_projections():
 
 def test_every_key_has_help():
     assert all(help_text.strip() for _, help_text in all_keys().values())
+
+
+def test_client_ranks_cycle_over_clients_and_distributions_are_seeded():
+    lora = Settings.from_config({"client-ranks": "4,8,16", "strategy": "flexlora"}).lora
+    assert [lora.rank_for(i, seed=0) for i in range(5)] == [4, 8, 16, 4, 8]
+    heavy = Settings.from_config({"client-ranks": "heavy-tail", "strategy": "hetlora"}).lora
+    ranks = [heavy.rank_for(i, seed=0) for i in range(400)]
+    assert ranks == [heavy.rank_for(i, seed=0) for i in range(400)]
+    assert set(ranks) <= {4, 8, 16, 32, 64}
+    assert ranks.count(4) > ranks.count(8) > ranks.count(16)  # P ~ 2^-i: most clients small
+    uniform = Settings.from_config({"client-ranks": "uniform:4,8", "strategy": "hetlora"}).lora
+    assert uniform.possible_ranks() == (4, 8)
+
+
+def test_global_rank_is_the_largest_client_rank_unless_export_rank_is_set():
+    assert Settings.from_config({"client-ranks": "4,32", "strategy": "flexlora"}).global_rank == 32
+    assert Settings.from_config({"lora-rank": 8}).global_rank == 8
+    assert Settings.from_config({"client-ranks": "4,8", "strategy": "flexlora",
+                                 "export-rank": 16}).global_rank == 16
+
+
+@pytest.mark.parametrize("config, fragment", [
+    ({"client-ranks": "4,x"}, "'client-ranks': expected a comma-separated list"),
+    ({"client-ranks": "4,8"}, "strategy 'fedavg' needs every client at the same rank"),
+    ({"client-ranks": "4,8", "strategy": "flexlora", "export-rank": 4},
+     "'export-rank': expected >= the largest client rank 8"),
+    ({"strategy": "flora", "server-optimizer": "fedadam"}, "'server-optimizer'"),
+    ({"server-optimizer": "sgd"}, "'server-optimizer': expected one of"),
+    ({"dirichlet-alpha": 0}, "'dirichlet-alpha'"),
+])
+def test_strategy_combinations_are_refused_with_the_key_named(config, fragment):
+    with pytest.raises(SettingsError) as err:
+        Settings.from_config(config)
+    assert fragment in str(err.value)
+
+
+def test_fedprox_uses_a_default_mu_and_others_none():
+    assert Settings.from_config({"strategy": "fedprox"}).proximal_mu == 0.01
+    assert Settings.from_config({"strategy": "fedprox", "proximal-mu": 0.1}).proximal_mu == 0.1
+    assert Settings.from_config({}).proximal_mu == 0.0

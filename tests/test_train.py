@@ -87,3 +87,17 @@ def test_evaluate_counts_only_response_tokens(tiny_slot):
     ex = {"input_ids": [1, 2, 3, 4, 5], "labels": [-100, -100, -100, 4, 5]}
     result = evaluate(tiny_slot.model, [ex], pad_id=0)
     assert result.tokens == 2 and math.isclose(result.perplexity, math.exp(result.loss))
+
+
+def test_proximal_term_keeps_the_adapter_near_its_start(tiny_settings):
+    """FedProx: a large mu pulls the LoRA parameters back towards where the round started."""
+    moved = {}
+    for mu in (0.0, 100.0):
+        slot, train, _ = setup(tiny_settings)
+        torch.manual_seed(0)
+        start = {k: v.clone() for k, v in get_lora_state(slot.model, slot.adapter).items()}
+        train_local(slot.model, slot.adapter, train, slot.tokenizer.pad_token_id,
+                    tiny_settings.train, server_round=1, num_rounds=1, seed=0, proximal_mu=mu)
+        end = get_lora_state(slot.model, slot.adapter)
+        moved[mu] = math.sqrt(sum(((end[k] - start[k]) ** 2).sum().item() for k in start))
+    assert moved[100.0] < 0.5 * moved[0.0]

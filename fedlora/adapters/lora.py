@@ -7,6 +7,8 @@ for example `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`.
 from __future__ import annotations
 
 import json
+import math
+import zlib
 from pathlib import Path
 
 import torch
@@ -100,6 +102,38 @@ def join_factors(factors: Factors) -> dict[str, torch.Tensor]:
         state[module + A_SUFFIX] = a
         state[module + B_SUFFIX] = b
     return state
+
+
+def target_shapes(model: torch.nn.Module, targets: list[str]) -> dict[str, tuple[int, int]]:
+    """{module: (d, k)} of the layers LoRA adapts, keyed as PEFT's state dict names them.
+
+    Works on a meta-device skeleton, so the server never loads base weights to learn shapes.
+    """
+    check_target_modules(model, targets)
+    return {f"base_model.model.{name}": (m.out_features, m.in_features)
+            for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets}
+
+
+def module_shapes(state: dict[str, torch.Tensor]) -> dict[str, tuple[int, int]]:
+    """{module: (d, k)} of the adapted layers, read off a wire state (B is d x r, A is r x k)."""
+    return {m: (b.shape[0], a.shape[1]) for m, (b, a) in split_factors(state).items()}
+
+
+def shared_init(shapes: dict[str, tuple[int, int]], rank: int, seed: int) -> Factors:
+    """Seeded initial factors, the same on every machine: A as PEFT draws it, B zero.
+
+    A ~ U(-1/sqrt(k), 1/sqrt(k)) (PEFT's kaiming_uniform(a=sqrt(5))) from a generator seeded by
+    (seed, module name), filled row by row: the rank-r init is the first r rows of any larger
+    one, which is what lets ffa-lora clients of different ranks share one frozen A.
+    """
+    factors: Factors = {}
+    for module, (d, k) in shapes.items():
+        gen = torch.Generator().manual_seed(seed * 7919 + zlib.crc32(module.encode()))
+        bound = 1.0 / math.sqrt(k)
+        a = (torch.rand((rank, k), generator=gen) * 2 - 1) * bound  # (rank, k)
+        factors[module] = (torch.zeros(d, rank), a)
+    return factors
 
 
 def save_adapter(state: dict[str, torch.Tensor], config: LoraConfig, out_dir: Path,

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from peft import PeftModel
 from peft.utils import prepare_model_for_kbit_training
 
-from fedlora.adapters.lora import add_lora
+from fedlora.adapters.lora import add_lora, join_factors, set_lora_state
+from fedlora.aggregation import Factors
 from fedlora.config import LoraSettings, ModelSettings, TrainSettings
 from fedlora.models import ModelSource, load_model
 
@@ -63,3 +64,27 @@ class Workspace:
             self._models[key] = (peft_model, tokenizer, source, base)
         peft_model.set_adapter(adapter)
         return Slot(peft_model, tokenizer, source, adapter)
+
+
+RESIDUAL = "residual"
+
+
+def set_residual(slot: Slot, lora: LoraSettings, residual: Factors | None) -> None:
+    """Put a frozen low-rank residual (delta W = B @ A) next to the base, or remove it.
+
+    flora and fedex-lora fold merged updates into the frozen weights. Keeping them as a second,
+    never-trained LoRA adapter with scale 1 is exact, keeps a 4-bit base un-requantized, and lets
+    one cached base serve every client (the residual is replaced on each message).
+    """
+    model = slot.model
+    model.set_adapter(slot.adapter)
+    if RESIDUAL in model.peft_config:
+        model.delete_adapter(RESIDUAL)
+    if not residual:
+        return
+    rank = next(iter(residual.values()))[0].shape[1]
+    settings = replace(lora, rank=rank, alpha=float(rank), dropout=0.0, use_rslora=False,
+                       client_ranks="")  # alpha / r = 1: the adapter adds exactly B @ A
+    add_lora(model, settings, RESIDUAL)
+    set_lora_state(model, join_factors(residual), RESIDUAL)
+    model.base_model.set_adapter([slot.adapter, RESIDUAL])  # both active; only slot's trains

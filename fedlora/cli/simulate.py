@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from fedlora.cli.runconfig import load_scenario, parse_run_config
+from fedlora.aggregation import STRATEGIES
 from fedlora.config import Settings
 from fedlora.outputs import METRICS, read_metrics
 
@@ -18,7 +19,7 @@ SCENARIOS = Path(__file__).resolve().parents[2] / "simulations" / "scenarios"
 FLAG_KEYS = {"rounds": "num-server-rounds", "strategy": "strategy", "model": "model",
              "quantization": "quantization", "rank": "lora-rank", "local_steps": "local-steps",
              "seed": "seed", "dataset": "dataset", "wire_dtype": "wire-dtype",
-             "device": "device"}
+             "device": "device", "client_ranks": "client-ranks"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -27,12 +28,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-clients", type=int, default=None,
                    help="virtual clients (simulated SuperNodes), default 2")
     p.add_argument("--rounds", type=int, help=f"federated rounds (default {d.federation.num_rounds})")
-    p.add_argument("--strategy", help=f"merging strategy (default {d.federation.strategy})")
+    p.add_argument("--strategy", help=f"merging strategy: {', '.join(sorted(STRATEGIES))} "
+                   f"(default {d.federation.strategy}); see docs/strategies.md")
     p.add_argument("--model", help=f"base model: tiny-llama, smollm2-135m, a folder, a .gguf "
                    f"file or a hub id (default {d.model.name})")
     p.add_argument("--quantization", choices=["none", "8bit", "4bit"],
                    help="quantize the frozen base (4bit = QLoRA)")
     p.add_argument("--rank", type=int, help=f"LoRA rank (default {d.lora.rank})")
+    p.add_argument("--client-ranks", metavar="RANKS",
+                   help="per-client ranks for rank-heterogeneous strategies: a list cycled over "
+                        "clients (4,8,16), or uniform / heavy-tail over 4..64")
     p.add_argument("--local-steps", type=int,
                    help=f"optimizer steps per client per round (default {d.train.local_steps})")
     p.add_argument("--seed", type=int, help="seed for init, data and training (default 0)")
@@ -97,10 +102,11 @@ def summary_table(out_dir: Path) -> str:
     """The per-round table printed at the end of a run."""
     rows = read_metrics(out_dir)
     fmt = lambda v: "   n/a" if v is None else f"{v:6.3f}"
-    lines = ["round  train-loss  eval-loss  replied  failed   MB up  MB down  seconds"]
+    lines = ["round  train-loss  eval-loss  exactness  replied  failed   MB up  MB down  seconds"]
     for r in rows:
         lines.append(f"{r['round']:>5}  {fmt(r.get('train-loss')):>10}  "
-                     f"{fmt(r.get('eval-loss')):>9}  {r.get('clients-replied', 0):>7}  "
+                     f"{fmt(r.get('eval-loss')):>9}  {fmt(r.get('exactness')):>9}  "
+                     f"{r.get('clients-replied', 0):>7}  "
                      f"{r.get('clients-failed', 0):>6}  {r.get('bytes-up', 0) / 1e6:6.2f}  "
                      f"{r.get('bytes-down', 0) / 1e6:7.2f}  {r.get('seconds', 0):7.1f}")
     return "\n".join(lines)
@@ -122,8 +128,9 @@ def run(args: argparse.Namespace) -> int:
     gpus = args.gpus_per_client
     if gpus is None:
         gpus = 1.0 if torch.cuda.is_available() and settings.model.device != "cpu" else 0.0
+    ranks = ",".join(map(str, sorted(set(settings.lora.possible_ranks()))))
     print(f"fedlora: simulating {num_clients} clients x {settings.federation.num_rounds} rounds "
-          f"({settings.federation.strategy}, rank {settings.lora.rank}, "
+          f"({settings.federation.strategy}, rank {ranks}, "
           f"quantization {settings.model.quantization}) -> {out_dir}", file=sys.stderr)
     code = run_simulation(config, num_clients, num_cpus_per_client=args.cpus_per_client,
                           num_gpus_per_client=gpus, log_file=out_dir / "superlink.log")

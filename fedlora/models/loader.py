@@ -58,3 +58,12 @@ def load_model(settings: ModelSettings, source: ModelSource | None = None):
                              f"{err}") from err
     model.requires_grad_(False)
     return model, load_tokenizer(source), source
+
+
+def model_skeleton(source: ModelSource) -> torch.nn.Module:
+    """The model's structure on the meta device: no weights are read or allocated."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(source.path)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)

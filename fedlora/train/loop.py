@@ -59,14 +59,19 @@ def batches(examples: list[dict], batch_size: int, seed: int):
 
 def train_local(model: torch.nn.Module, adapter: str, examples: list[dict], pad_id: int,
                 settings: TrainSettings, server_round: int, num_rounds: int, seed: int,
-                desc: str = "train") -> TrainResult:
-    """Train the active adapter for `settings.local_steps` optimizer steps and report losses."""
+                desc: str = "train", proximal_mu: float = 0.0) -> TrainResult:
+    """Train the active adapter for `settings.local_steps` optimizer steps and report losses.
+
+    With `proximal_mu` > 0 (FedProx) the loss gets (mu/2) ||theta - theta_start||^2 over the
+    LoRA parameters, theta_start being the global adapter this round started from.
+    """
     if not examples:
         raise ValueError("this client has no training examples")
     device = next(model.parameters()).device
     torch.manual_seed(seed)  # LoRA dropout draws
     params = trainable_parameters(model, adapter)
     optimizer = make_optimizer(params, settings, device.type)
+    anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     # The schedule spans the whole run: round r continues where round r-1 stopped.
     total_steps = num_rounds * settings.local_steps
     first_step = (server_round - 1) * settings.local_steps
@@ -85,7 +90,11 @@ def train_local(model: torch.nn.Module, adapter: str, examples: list[dict], pad_
             tokens += int(batch["attention_mask"].sum())
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.bf16):
                 out = model(**batch)  # HF shifts labels; -100 (prompt, pad) is ignored
-            (out.loss / settings.grad_accum).backward()
+            loss = out.loss
+            if anchor:  # FedProx: stay near the global adapter this round started from
+                loss = loss + proximal_mu / 2 * sum(((p - p0) ** 2).sum()
+                                                    for p, p0 in zip(params, anchor))
+            (loss / settings.grad_accum).backward()
             step_loss += out.loss.item() / settings.grad_accum
         if settings.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)

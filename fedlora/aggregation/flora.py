@@ -1,0 +1,33 @@
+"""FLoRA: stack the clients' factors, [B_1 .. B_N] [p_1 A_1; ..; p_N A_N] = sum_i p_i B_i A_i.
+
+Wang et al. (NeurIPS 2024). Exact for any mix of ranks. The stacked update is folded into the
+frozen base (returned as the round's `residual`) and every client starts a fresh adapter next
+round, so there is no global adapter: `global_factors` is {} and the payload is empty.
+"""
+
+from __future__ import annotations
+
+from fedlora.aggregation.base import (ClientUpdate, Factors, MergeResult, Strategy,
+                                      normalised_weights, pairs, register, to32)
+from fedlora.aggregation.linalg import stack
+
+
+@register
+class FLoRA(Strategy):
+    """Stacking; the whole update goes to the residual, adapters restart each round."""
+
+    name = "flora"
+    exact = True
+    heterogeneous = True
+    fresh_adapter = True
+    uses_residual = True
+    server_optimizer_ok = False  # there is no global adapter to move
+
+    def merge(self, updates: list[ClientUpdate], previous: Factors, *, export_rank: int
+              ) -> MergeResult:
+        """The stack of every module is both the residual and the applied update."""
+        self.check(updates)
+        p = normalised_weights(updates)
+        stacked = {m: to32(*stack(pairs(updates, m), p)) for m in updates[0].factors}
+        return MergeResult(global_factors={}, residual=stacked, applied=stacked,
+                           info={"weights": p})

@@ -1,0 +1,114 @@
+"""The server's global adapter across rounds: merge, server optimiser, residual, payloads, export.
+
+No Flower here: `server/strategy.py` turns messages into `ClientUpdate`s and calls `update()`.
+Everything is kept in delta-W scale (the LoRA scale folded into B, so delta W = B @ A) and only
+converted to PEFT's scale at the edges (`payload`, `export`), with each adapter's own rank:
+moving an update between ranks never changes delta W.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from fedlora.adapters import join_factors, split_factors
+from fedlora.aggregation import ClientUpdate, Factors, Strategy
+from fedlora.aggregation.exactness import compress, exactness, truncation_loss
+from fedlora.aggregation.scaling import from_delta, lora_scale, to_delta
+from fedlora.config import LoraSettings
+
+
+def concat(parts: list[Factors]) -> Factors:
+    """Factors whose product is the sum of the parts' products (stacked along the rank)."""
+    parts = [p for p in parts if p]
+    if not parts:
+        return {}
+    return {m: (torch.cat([p[m][0] for p in parts], dim=1), torch.cat([p[m][1] for p in parts]))
+            for m in parts[0]}
+
+
+def rank_of(factors: Factors) -> int:
+    """Rank of a set of factors (0 when empty)."""
+    return next(iter(factors.values()))[0].shape[1] if factors else 0
+
+
+@dataclass
+class GlobalAdapter:
+    """Global factors, frozen residual and server-optimiser state of one run."""
+
+    strategy: Strategy
+    lora: LoraSettings  # alpha and rsLoRA of every client; the rank is per adapter
+    factors: Factors  # the global adapter, delta-W scale, at the global rank
+    residual_budget: int
+    optimizer: object | None = None  # fedlora.aggregation.server_opt optimiser, or None
+    residual: Factors = field(default_factory=dict)
+
+    @property
+    def rank(self) -> int:
+        """Rank of the global adapter."""
+        return rank_of(self.factors)
+
+    def scale(self, rank: int) -> float:
+        """LoRA scale of an adapter of this rank (alpha/r or alpha/sqrt(r))."""
+        return lora_scale(rank, self.lora.alpha, self.lora.use_rslora)
+
+    # ---- what goes to clients ----------------------------------------------------------------
+    def payload(self, rank: int) -> dict[str, torch.Tensor]:
+        """Global adapter for a client of `rank`, in PEFT's scale, wire keys (maybe empty)."""
+        if self.strategy.fresh_adapter or not self.factors:
+            return {}
+        return join_factors(from_delta(self.strategy.payload(self.factors, rank),
+                                       self.scale(rank)))
+
+    def residual_state(self) -> dict[str, torch.Tensor]:
+        """The frozen residual (delta W = B @ A), wire keys; empty when there is none."""
+        return join_factors(self.residual)
+
+    # ---- what comes back ----------------------------------------------------------------------
+    def to_update(self, state: dict[str, torch.Tensor], rank: int, weight: float) -> ClientUpdate:
+        """A client's reply (PEFT scale; ffa-lora sends only B, fedsa-lora only A) as a
+        delta-W ClientUpdate; the factor it did not send is the one it received."""
+        raw = self.payload(rank)
+        raw.update({k: v.to(torch.float32) for k, v in state.items()})
+        return ClientUpdate(to_delta(split_factors(raw), self.scale(rank)), weight)
+
+    # ---- one round ----------------------------------------------------------------------------
+    def update(self, updates: list[ClientUpdate]) -> dict:
+        """Merge one round's updates into the global state; returns the round's figures."""
+        self.strategy.check(updates)
+        result = self.strategy.merge(updates, self.factors, export_rank=self.rank)
+        merged = result.global_factors
+        if self.optimizer is not None and merged:
+            merged = self.optimizer.step(self.factors, merged)
+        self.factors = merged
+        info: dict = {}
+        if self.strategy.shares != "A":  # fedsa-lora has no global delta W to compare
+            overall, per_module = exactness(result.applied, updates)
+            info["exactness"] = overall
+            info["exactness-max-module"] = max(per_module.values(), default=0.0)
+        if self.strategy.heterogeneous and self.factors:
+            info["truncation-loss"] = {str(r): truncation_loss(self.factors, r, self.strategy)
+                                       for r in sorted({u.rank for u in updates})}
+        if result.residual:
+            self.residual, dropped = compress(concat([self.residual, result.residual]),
+                                              self.residual_budget)
+            info.update({"residual-rank": rank_of(self.residual), "residual-dropped": dropped})
+        return info
+
+    # ---- export -------------------------------------------------------------------------------
+    def export(self) -> tuple[dict[str, torch.Tensor], int]:
+        """(wire state in PEFT scale, rank): one PEFT adapter equal to adapter + residual."""
+        combined = concat([self.factors, self.residual])
+        rank = rank_of(combined)
+        if rank == 0:
+            return {}, 0
+        return join_factors(from_delta(combined, self.scale(rank))), rank
+
+
+    # ---- checkpoint ---------------------------------------------------------------------------
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The global factors and the residual (delta-W scale) as flat named tensors."""
+        out = {f"global/{k}": v for k, v in join_factors(self.factors).items()}
+        out.update({f"residual/{k}": v for k, v in join_factors(self.residual).items()})
+        return out
