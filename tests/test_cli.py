@@ -59,3 +59,31 @@ def test_settings_lists_every_key(capsys):
     assert main(["settings"]) == 0
     out = capsys.readouterr().out
     assert "lora-rank" in out and "wire-dtype" in out and "num-server-rounds" in out
+
+
+def test_export_writes_a_merged_model_equal_to_base_plus_adapter(tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from fedlora.adapters import Workspace, get_lora_state, lora_config, save_adapter
+    from fedlora.config import LoraSettings, ModelSettings, TrainSettings
+    from fedlora.models import load_model
+
+    slot = Workspace().get(ModelSettings(name="tiny-llama", device="cpu"), LoraSettings(rank=4),
+                           TrainSettings())
+    lora_state = get_lora_state(slot.model, slot.adapter)
+    state = {k: torch.randn_like(v) * 0.1 for k, v in lora_state.items()}
+    save_adapter(state, lora_config(LoraSettings(rank=4), "tiny-llama"), tmp_path / "adapter",
+                 extra={"model": "tiny-llama"})
+    assert main(["export", "--adapter", str(tmp_path / "adapter"),
+                 "--output-dir", str(tmp_path / "merged")]) == 0
+    ids = torch.tensor([[5, 6, 7, 8]])
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")(input_ids=ids).logits
+    base, _, _ = load_model(ModelSettings(name="tiny-llama", device="cpu"))
+    expected = PeftModel.from_pretrained(base, str(tmp_path / "adapter"))(input_ids=ids).logits
+    assert torch.allclose(merged, expected, atol=1e-5)
+    assert main(["export", "--adapter", str(tmp_path / "adapter"),
+                 "--output-dir", str(tmp_path / "merged")]) == 2  # refuses to overwrite
+    assert main(["export", "--adapter", str(tmp_path), "--output-dir",
+                 str(tmp_path / "m2")]) == 2  # not an adapter folder

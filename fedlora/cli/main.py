@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from fedlora import __version__
-from fedlora.cli import simulate
+from fedlora.cli import export, simulate
 from fedlora.config import SettingsError, all_keys
 
 # Errors a user can fix from the message alone: print it, no traceback, exit code 2.
@@ -32,6 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(PEFT adapters) to --output-dir.")
     simulate.add_arguments(p)
     p.set_defaults(func=simulate.run)
+    p = sub.add_parser("export", help="merge an adapter into its base model (plain HF model)",
+                       description="Fold a fedlora/PEFT adapter into its base model and save a "
+                                   "model that loads with AutoModelForCausalLM.from_pretrained.")
+    export.add_arguments(p)
+    p.set_defaults(func=export.run)
     p = sub.add_parser("settings", help="list every run-config key with default and help")
     p.set_defaults(func=settings_command)
     return parser
