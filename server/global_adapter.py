@@ -40,14 +40,15 @@ class GlobalAdapter:
     strategy: Strategy
     lora: LoraSettings  # alpha and rsLoRA of every client; the rank is per adapter
     factors: Factors  # the global adapter, delta-W scale, at the global rank
+    global_rank: int  # clients train at ranks <= this; evaluation uses it (flora: fresh)
     residual_budget: int
     optimizer: object | None = None  # fedlora.aggregation.server_opt optimiser, or None
     residual: Factors = field(default_factory=dict)
 
     @property
     def rank(self) -> int:
-        """Rank of the global adapter."""
-        return rank_of(self.factors)
+        """Rank of the global adapter (fixed for the run, also when flora keeps it empty)."""
+        return self.global_rank
 
     def scale(self, rank: int) -> float:
         """LoRA scale of an adapter of this rank (alpha/r or alpha/sqrt(r))."""
@@ -83,7 +84,7 @@ class GlobalAdapter:
             merged = self.optimizer.step(self.factors, merged)
         self.factors = merged
         info: dict = {}
-        if self.strategy.shares != "A":  # fedsa-lora has no global delta W to compare
+        if self.strategy.exactness_defined:  # fedsa-lora has no global delta W to compare
             overall, per_module = exactness(result.applied, updates)
             info["exactness"] = overall
             info["exactness-max-module"] = max(per_module.values(), default=0.0)

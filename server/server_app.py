@@ -39,6 +39,7 @@ def build_global(settings: Settings, shapes: dict[str, tuple[int, int]]) -> Glob
         strategy = strategy.with_options(weighting=fed.hetlora_weighting)
     return GlobalAdapter(strategy=strategy, lora=settings.lora,
                          factors=shared_init(shapes, settings.global_rank, fed.seed),
+                         global_rank=settings.global_rank,
                          residual_budget=fed.residual_rank, optimizer=optimizer)
 
 

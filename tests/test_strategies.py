@@ -48,11 +48,12 @@ def test_strategy_runs_exports_and_reproduces_the_global_model(tmp_path, name):
     out = tmp_path / name
     simulate(out, "--strategy", name, "--num-clients", "3", "--client-ranks",
              ",".join(map(str, ranks)), "--run-config",
-             "lr=0.01 dataset-size=150 eval-examples=8 local-steps=4 fraction-evaluate=0.0")
+             "lr=0.01 dataset-size=150 eval-examples=8 local-steps=4")
     rows = read_metrics(out)
     assert [r["round"] for r in rows] == [1, 2]
     for row in rows:
         assert row["clients-replied"] == 3 and row["clients-failed"] == 0, row["failures"]
+        assert row["eval-clients"] == 3 and row["eval-failed"] == 0 and row["eval-loss"] > 0
         assert sorted(c["lora-rank"] for c in row["clients"]) == sorted(
             ranks[i % len(ranks)] for i in range(3))
         if strategy.shares == "A":
