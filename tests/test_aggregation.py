@@ -172,7 +172,8 @@ def test_ffa_lora_pads_b_keeps_a_and_is_exact_with_mixed_ranks():
     result = merge("ffa-lora", [u1, u2], previous={"m": (torch.zeros(2, 3), A_PREV)})
     b, a = result.global_factors["m"]
     assert torch.equal(a, A_PREV)
-    assert torch.allclose(b, t([[0.5 + 0.75, 0.0, 0.75], [1.0, 1.5, 0.0]]))  # 0.25 pad(B1) + 0.75 B2
+    # 0.25 pad(B_1) + 0.75 B_2
+    assert torch.allclose(b, t([[0.5 + 0.75, 0.0, 0.75], [1.0, 1.5, 0.0]]))
     ideal = 0.25 * u1.factors["m"][0] @ A_PREV[:1] + 0.75 * u2.factors["m"][0] @ A_PREV
     assert torch.allclose(b @ a, ideal)
     assert exactness(result.applied, [u1, u2])[0] < 1e-7
@@ -346,4 +347,5 @@ def test_fedadam_second_step_and_state_round_trip():
 
 def test_server_optimizer_refuses_a_rank_change():
     with pytest.raises(ValueError, match="global rank must stay fixed"):
-        SERVER_OPTIMIZERS["fedadam"]().step(scalar(1.0), {"m": (torch.ones(1, 2), torch.ones(2, 1))})
+        SERVER_OPTIMIZERS["fedadam"]().step(scalar(1.0),
+                                            {"m": (torch.ones(1, 2), torch.ones(2, 1))})
