@@ -1,1 +1,1 @@
-"""Local Flower Simulation Engine runs with full process cleanup (see `simulations.runner`)."""
+"""Local Flower Simulation Engine runs (see `simulations.runner`) and scenario files."""

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from fedlora import __version__
-from fedlora.cli import export, simulate
+from fedlora.cli import certs, client, export, server, simulate
 from fedlora.config import SettingsError, all_keys
 
 # Errors a user can fix from the message alone: print it, no traceback, exit code 2.
@@ -32,6 +32,19 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(PEFT adapters) to --output-dir.")
     simulate.add_arguments(p)
     p.set_defaults(func=simulate.run)
+    p = sub.add_parser("server", help="start the aggregation server of a deployment",
+                       description=server.__doc__.splitlines()[0] + " " + " ".join(
+                           server.__doc__.splitlines()[2:]).strip())
+    server.add_arguments(p)
+    p.set_defaults(func=server.run)
+    p = sub.add_parser("client", help="launch a client node that joins a server",
+                       description=" ".join(client.__doc__.splitlines()).strip())
+    client.add_arguments(p)
+    p.set_defaults(func=client.run)
+    p = sub.add_parser("certs", help="make a CA, a server certificate and node keys",
+                       description=" ".join(certs.__doc__.splitlines()).strip())
+    certs.add_arguments(p)
+    p.set_defaults(func=certs.run)
     p = sub.add_parser("export", help="merge an adapter into its base model (plain HF model)",
                        description="Fold a fedlora/PEFT adapter into its base model and save a "
                                    "model that loads with AutoModelForCausalLM.from_pretrained.")

@@ -24,9 +24,19 @@ FLAG_KEYS = {"rounds": "num-server-rounds", "strategy": "strategy", "model": "mo
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Flags of `fedlora simulate`."""
-    d = Settings()
     p.add_argument("--num-clients", type=int, default=None,
                    help="virtual clients (simulated SuperNodes), default 2")
+    add_run_arguments(p)
+    p.add_argument("--cpus-per-client", type=int, default=2,
+                   help="CPU cores Ray reserves per virtual client; fewer = more in parallel "
+                        "(default 2: one worker process holds one base model)")
+    p.add_argument("--gpus-per-client", type=float, default=None,
+                   help="GPU share per virtual client (default 1 when CUDA is visible, else 0)")
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags that set the run's settings (shared by `simulate` and `server`)."""
+    d = Settings()
     p.add_argument("--rounds", type=int, help=f"federated rounds (default {d.federation.num_rounds})")
     p.add_argument("--strategy", help=f"merging strategy: {', '.join(sorted(STRATEGIES))} "
                    f"(default {d.federation.strategy}); see docs/strategies.md")
@@ -53,15 +63,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    + ", ".join(sorted(s.stem for s in SCENARIOS.glob("*.toml"))) + ")")
     p.add_argument("--run-config", default="", metavar='"KEY=VALUE ..."',
                    help="any other setting, Flower style; `fedlora settings` lists the keys")
-    p.add_argument("--cpus-per-client", type=int, default=2,
-                   help="CPU cores Ray reserves per virtual client; fewer = more in parallel "
-                        "(default 2: one worker process holds one base model)")
-    p.add_argument("--gpus-per-client", type=float, default=None,
-                   help="GPU share per virtual client (default 1 when CUDA is visible, else 0)")
 
 
-def build_config(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
-    """Defaults < scenario file < --run-config < explicit flags; returns (run_config, clients)."""
+def build_config(args: argparse.Namespace, clients_flag: str = "num_clients"
+                 ) -> tuple[dict[str, Any], int]:
+    """Defaults < scenario file < --run-config < explicit flags; returns (run_config, clients).
+
+    `clients_flag` names the flag that says how many nodes take part (`--num-clients` in
+    simulation, `--min-nodes` for a deployment server). In deployment nodes connect one by
+    one, and Flower sizes a round's sample before it waits for them, so there the minimums
+    of a round default to every node rather than to 2.
+    """
     config: dict[str, Any] = {}
     if args.scenario:
         path = Path(args.scenario)
@@ -73,15 +85,17 @@ def build_config(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
     for flag, key in FLAG_KEYS.items():
         if getattr(args, flag) is not None:
             config[key] = getattr(args, flag)
-    if args.num_clients is not None:
-        num_clients = args.num_clients
+    if getattr(args, clients_flag) is not None:
+        num_clients = getattr(args, clients_flag)
     if num_clients < 1:
-        raise ValueError(f"--num-clients: expected an integer >= 1, got {num_clients}")
+        flag = "--" + clients_flag.replace("_", "-")
+        raise ValueError(f"{flag}: expected an integer >= 1, got {num_clients}")
     config["output-dir"] = str(Path(args.output_dir).resolve())
     # Every client must be present before a round starts; minimums cannot exceed the clients.
     config["min-available-nodes"] = num_clients
+    default = num_clients if clients_flag == "min_nodes" else 2
     for key in ("min-train-nodes", "min-evaluate-nodes"):
-        config[key] = min(int(config.get(key, 2)), num_clients)
+        config[key] = min(int(config.get(key, default)), num_clients)
     settings = Settings.from_config(config)  # validates every key and value
     return settings.to_config(), num_clients
 

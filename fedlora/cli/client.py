@@ -1,0 +1,135 @@
+"""`fedlora client`: a client node on its own machine (a Flower SuperNode running fedlora).
+
+The node connects to a `fedlora server`, trains on its own private data (`--data-path`) at its
+own LoRA rank, quantization and device, and sends back only LoRA factors and metrics. Its
+settings travel as the SuperNode's node config; they override the server's run config for this
+node only. Several nodes can run on one machine: each gets its own local port.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import socket
+import sys
+import time
+from pathlib import Path
+
+from fedlora.cli.runconfig import parse_run_config
+from fedlora.config import Settings
+
+# flag -> node-config key
+NODE_FLAGS = {"data_path": "data-path", "rank": "lora-rank", "quantization": "quantization",
+              "device": "device", "batch_size": "batch-size", "local_steps": "local-steps",
+              "partition_id": "partition-id", "num_partitions": "num-partitions"}
+
+
+REFUSED_ATTEMPTS, REFUSED_WAIT_S = 3, 10
+
+# Flower SuperNode exit codes a user meets, with what to do about them.
+EXIT_HINTS = {
+    305: "the server refused this node. With node authentication, its public key must be "
+         "in the server's --authorized-keys (and --auth-key must be the matching private "
+         "key); also check --server and, for TLS, --root-certificates.",
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags of `fedlora client`."""
+    p.add_argument("--server", required=True, metavar="HOST:PORT",
+                   help="address of the `fedlora server` (its --address)")
+    p.add_argument("--root-certificates", type=Path, metavar="CA_CRT",
+                   help="the server's CA certificate (ca.crt from `fedlora certs`): use TLS")
+    p.add_argument("--auth-key", type=Path, metavar="PRIVATE_KEY",
+                   help="this node's private key (from `fedlora certs`), when the server "
+                        "authenticates nodes")
+    p.add_argument("--insecure", action="store_true",
+                   help="connect without TLS (only for a server started without --certs-dir)")
+    p.add_argument("--data-path", help="this node's private data: a .jsonl file of "
+                   "instruction/output or messages records (default: the run's dataset)")
+    p.add_argument("--rank", type=int, help="this node's LoRA rank (default: the run's)")
+    p.add_argument("--quantization", choices=["none", "8bit", "4bit"],
+                   help="quantize this node's frozen base (4bit = QLoRA)")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--batch-size", type=int, help="examples per micro-batch on this node")
+    p.add_argument("--local-steps", type=int, help="optimizer steps per round on this node")
+    p.add_argument("--partition-id", type=int,
+                   help="with the run's built-in dataset: which share this node trains on")
+    p.add_argument("--num-partitions", type=int, help="with --partition-id: how many shares")
+    p.add_argument("--node-config", default="", metavar='"KEY=VALUE ..."',
+                   help="any other per-node setting (`fedlora settings` lists the keys)")
+    p.add_argument("--port", type=int, default=0,
+                   help="local port of this node's ClientApp API (default: a free one)")
+
+
+def node_config(args: argparse.Namespace) -> dict:
+    """The node config from the flags, validated like a run config (clear errors, exit 2)."""
+    config = parse_run_config(args.node_config)
+    for flag, key in NODE_FLAGS.items():
+        if getattr(args, flag) is not None:
+            config[key] = getattr(args, flag)
+    if "data-path" in config:
+        path = Path(config["data-path"]).expanduser().resolve()
+        if not path.is_file():
+            raise FileNotFoundError(f"--data-path {path} does not exist; pass this node's "
+                                    f".jsonl file")
+        config["data-path"] = str(path)
+    if ("partition-id" in config) != ("num-partitions" in config):
+        raise ValueError("--partition-id and --num-partitions go together")
+    Settings.from_config({}, config)  # validates every key and value
+    return config
+
+
+def supernode_flags(args: argparse.Namespace, config: dict) -> list[str]:
+    """The flower-supernode command line for these flags."""
+    if args.root_certificates is None and not args.insecure:
+        raise ValueError("pass --root-certificates CA_CRT to connect over TLS (the server's "
+                         "ca.crt), or --insecure for a server started without TLS")
+    for path in (args.root_certificates, args.auth_key):
+        if path is not None and not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist")
+    security = (["--insecure"] if args.root_certificates is None
+                else ["--root-certificates", str(args.root_certificates)])
+    if args.auth_key is not None:
+        security += ["--auth-supernode-private-key", str(args.auth_key)]
+    pairs = " ".join(f"{k}={format_value(v)}" for k, v in config.items())
+    return [*security, "--superlink", args.server, "--host", "127.0.0.1",
+            "--port", str(args.port or free_port()), "--node-config", pairs]
+
+
+def format_value(value: object) -> str:
+    """A node-config value as Flower parses it (TOML: quoted strings)."""
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def free_port() -> int:
+    """A free local TCP port (so several nodes can share a machine)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def run(args: argparse.Namespace) -> int:
+    """Check the node's settings and data, then run the SuperNode until it ends."""
+    config = node_config(args)
+    flags = supernode_flags(args, config)
+    from fedlora.launch import run_supernode
+
+    print(f"fedlora: client node -> {args.server} "
+          f"({'TLS' if args.root_certificates else 'insecure'}) with "
+          f"{shlex.join(f'{k}={v}' for k, v in config.items()) or 'the run defaults'}",
+          file=sys.stderr)
+    for attempt in range(1, REFUSED_ATTEMPTS + 1):
+        code, flower_code = run_supernode(flags)
+        if flower_code != 305 or attempt == REFUSED_ATTEMPTS:
+            break
+        # A server registers the allowed keys a few seconds after it starts listening.
+        print(f"fedlora: the server refused this node; trying again in {REFUSED_WAIT_S} s "
+              f"({attempt}/{REFUSED_ATTEMPTS - 1})", file=sys.stderr)
+        time.sleep(REFUSED_WAIT_S)
+    if flower_code in EXIT_HINTS:
+        print(f"fedlora: the client node stopped (Flower exit code {flower_code}): "
+              f"{EXIT_HINTS[flower_code]}", file=sys.stderr)
+    return code
