@@ -27,6 +27,9 @@ from fedlora.adapters import (A_SUFFIX, B_SUFFIX, Slot, Workspace, get_lora_stat
                               module_shapes, set_lora_state, set_residual, shared_init,
                               split_factors)
 from fedlora.aggregation import get_strategy
+from fedlora.aggregation.hetlora import pruned_rank
+from fedlora.aggregation.linalg import truncate_rank
+from fedlora.aggregation.scaling import from_delta, lora_scale, to_delta
 from fedlora.config import Settings
 from fedlora.data import client_records, tokenize
 from fedlora.models import resolve_device
@@ -97,6 +100,22 @@ def prepare(msg: Message, context: Context) -> tuple[Settings, Slot, int, int]:
     return settings, slot, pid, n
 
 
+def self_prune(state: dict, rank: int, settings: Settings) -> tuple[dict, int]:
+    """HetLoRA rank self-pruning (hetlora-prune > 0): the reply at a smaller rank, same delta W
+    for the components kept; the server then keeps this node at the smaller rank."""
+    gamma = settings.federation.hetlora_prune
+    if gamma <= 0:
+        return state, rank
+    scale = lambda r: lora_scale(r, settings.lora.alpha, settings.lora.use_rslora)
+    factors = to_delta(split_factors(state), scale(rank))
+    keep = pruned_rank(factors, gamma)
+    if keep == rank:
+        return state, rank
+    kept = {m: truncate_rank(b, a, keep) for m, (b, a) in factors.items()}
+    log.info("hetlora self-pruning: rank %d -> %d", rank, keep)
+    return join_factors(from_delta(kept, scale(keep))), keep
+
+
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Tell the server this node's LoRA rank (asked once, before the node's first round)."""
@@ -118,14 +137,15 @@ def train(msg: Message, context: Context) -> Message:
         server_round=server_round, num_rounds=settings.federation.num_rounds,
         seed=settings.federation.seed + 1_000_003 * pid + server_round,
         desc=f"client {pid} round {server_round}", proximal_mu=settings.proximal_mu)
-    state = get_lora_state(slot.model, slot.adapter)
+    rank = int(msg.content["config"]["rank"])
+    state, rank = self_prune(get_lora_state(slot.model, slot.adapter), rank, settings)
     shares = get_strategy(settings.federation.strategy).shares
     if shares == "A":  # fedsa-lora: B stays on this node
         context.state[PERSONAL] = ArrayRecord(shared_keys(state, "B"))
     arrays = to_array_record(shared_keys(state, shares), settings.federation.wire_dtype)
     metrics = MetricRecord({
         "num-examples": len(train_set), "partition-id": pid,
-        "lora-rank": int(msg.content["config"]["rank"]), "train-loss": result.loss,
+        "lora-rank": rank, "train-loss": result.loss,
         "train-loss-first": result.first_loss, "train-loss-last": result.last_loss,
         "train-steps": result.steps, "train-tokens": result.tokens,
         "train-seconds": result.seconds})

@@ -248,6 +248,11 @@ class FederationSettings:
     hetlora_weighting: str = _setting(
         "hetlora-weighting", "norm",
         "hetlora client weights: norm (||B_i A_i||_F, the paper's) or examples (num-examples).")
+    hetlora_prune: float = _setting(
+        "hetlora-prune", 0.0,
+        "hetlora rank self-pruning gamma (0 = off): after training, a client drops trailing "
+        "rank components contributing < gamma x the mean of those before, and keeps the "
+        "smaller rank for the rest of the run.")
     server_optimizer: str = _setting(
         "server-optimizer", "none",
         "Server optimiser on the pseudo-gradient of the global factors: "
@@ -279,6 +284,9 @@ class FederationSettings:
         _require(self.export_rank >= 0, "export-rank", "an integer >= 0", self.export_rank)
         _require(self.residual_rank >= 1, "residual-rank", "an integer >= 1", self.residual_rank)
         _one_of("hetlora-weighting", self.hetlora_weighting, HETLORA_WEIGHTINGS)
+        _require(self.hetlora_prune >= 0, "hetlora-prune", "a number >= 0", self.hetlora_prune)
+        _require(self.hetlora_prune == 0 or self.strategy == "hetlora", "hetlora-prune",
+                 "0 unless strategy is hetlora", self.hetlora_prune)
         _one_of("server-optimizer", self.server_optimizer, sorted(SERVER_OPTIMIZERS))
         _require(self.server_lr >= 0, "server-lr", "a number >= 0", self.server_lr)
         _require(0 <= self.server_momentum < 1, "server-momentum", "a number in [0, 1)",

@@ -39,8 +39,9 @@ class LoraStrategy(FedAvg):
 
     def __init__(self, state: GlobalAdapter, shapes: dict[str, tuple[int, int]],
                  wire_dtype: str, writer: RunWriter, seed: int, timeout: float,
-                 **fedavg_kwargs) -> None:
+                 rank_pruning: bool = False, **fedavg_kwargs) -> None:
         super().__init__(**fedavg_kwargs)
+        self.rank_pruning = rank_pruning  # hetlora: nodes may reply at a smaller rank
         self.state = state
         self.shapes = shapes  # module -> (d, k) of every adapted layer
         self.wire_dtype = wire_dtype
@@ -162,13 +163,16 @@ class LoraStrategy(FedAvg):
         except Exception as err:  # malformed arrays: drop, never crash the round
             return f"unreadable arrays ({err})", None, {}
         node = msg.metadata.src_node_id
-        rank = self.node_ranks.get(node)
+        rank, declared = self.node_ranks.get(node), metrics.get("lora-rank")
+        if self.rank_pruning and isinstance(declared, int) and 1 <= declared < (rank or 0):
+            rank = declared  # HetLoRA self-pruning: a node may only shrink its rank
         expected = expected_shapes(self.shapes, rank or 0, self.state.strategy.shares)
         problem = reply_problem(state, expected, metrics.get("num-examples"))
-        if problem is None and metrics.get("lora-rank") != rank:
-            problem = f"declared rank {metrics.get('lora-rank')!r}, but this node's rank is {rank}"
+        if problem is None and declared != rank:
+            problem = f"declared rank {declared!r}, but this node's rank is {rank}"
         if problem:
             return problem, None, {}
+        self.node_ranks[node] = rank
         num_examples = int(metrics["num-examples"])
         info = {"node-id": node, "partition-id": int(metrics.get("partition-id", -1)),
                 "lora-rank": rank, "num-examples": num_examples,

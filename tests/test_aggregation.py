@@ -349,3 +349,16 @@ def test_server_optimizer_refuses_a_rank_change():
     with pytest.raises(ValueError, match="global rank must stay fixed"):
         SERVER_OPTIMIZERS["fedadam"]().step(scalar(1.0),
                                             {"m": (torch.ones(1, 2), torch.ones(2, 1))})
+
+
+def test_hetlora_self_pruning_drops_weak_trailing_components():
+    from fedlora.aggregation.hetlora import pruned_rank
+
+    # components contribute 4, 2, 1 and 0.01 (||b_k|| * ||a_k||, summed over modules)
+    b = torch.diag(torch.tensor([2.0, 1.0, 1.0, 0.1]))
+    a = torch.diag(torch.tensor([2.0, 2.0, 1.0, 0.1]))
+    factors = {"m": (b, a)}
+    assert pruned_rank(factors, 0.0) == 4  # off
+    assert pruned_rank(factors, 0.1) == 3  # 0.01 < 0.1 * mean(4, 2, 1); 1 >= 0.1 * 3
+    assert pruned_rank(factors, 0.5) == 2  # then 1 < 0.5 * mean(4, 2) = 1.5; 2 >= 0.5 * 4
+    assert pruned_rank(factors, 10.0) == 1  # never below one component

@@ -89,6 +89,7 @@ def test_global_rank_is_the_largest_client_rank_unless_export_rank_is_set():
     ({"strategy": "flora", "server-optimizer": "fedadam"}, "'server-optimizer'"),
     ({"server-optimizer": "sgd"}, "'server-optimizer': expected one of"),
     ({"dirichlet-alpha": 0}, "'dirichlet-alpha'"),
+    ({"hetlora-prune": 0.5}, "'hetlora-prune': expected 0 unless strategy is hetlora"),
 ])
 def test_strategy_combinations_are_refused_with_the_key_named(config, fragment):
     with pytest.raises(SettingsError) as err:

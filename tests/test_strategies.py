@@ -77,3 +77,25 @@ def test_strategy_runs_exports_and_reproduces_the_global_model(tmp_path, name):
         assert not torch.allclose(exported, plain, atol=1e-4)
     assert config["r"] >= max(ranks) and RESIDUAL not in config.get("target_modules", [])
     assert leftover_processes() == []
+
+
+def test_hetlora_self_pruning_replies_at_a_smaller_rank_with_the_same_kept_update():
+    from clients.client_app import self_prune
+    from fedlora.config import Settings
+
+    settings = Settings.from_config({"strategy": "hetlora", "hetlora-prune": 0.5,
+                                     "lora-alpha": 16.0})
+    b = torch.zeros(6, 4)
+    b[:, :2] = torch.randn(6, 2)
+    b[:, 3] = 1e-4  # a last component that contributes almost nothing
+    a = torch.randn(4, 5)
+    state = join_factors({"m": (b, a)})
+    pruned, rank = self_prune(state, 4, settings)
+    assert rank == 2  # components 3 (zero) and 4 (tiny) are dropped
+    (b2, a2), = split_factors(pruned).values()
+    assert b2.shape == (6, 2) and a2.shape == (2, 5)
+    # delta W of the kept components is unchanged although the scale alpha/r changed
+    kept = lora_scale(4, 16.0, False) * b[:, :2] @ a[:2]
+    assert torch.allclose(lora_scale(2, 16.0, False) * b2 @ a2, kept, atol=1e-5)
+    off = Settings.from_config({"strategy": "hetlora"})
+    assert self_prune(state, 4, off) == (state, 4)

@@ -64,3 +64,19 @@ class HetLoRA(Strategy):
                               weighted_sum([a for _, a in padded], w).float())
         return MergeResult(global_factors=merged, residual={}, applied=merged,
                            info={"weights": used, "weighting": self.weighting})
+
+
+def pruned_rank(factors: Factors, gamma: float) -> int:
+    """HetLoRA's rank self-pruning: how many leading components a client keeps.
+
+    Component k contributes c_k = sum over modules of ||B[:, k]|| * ||A[k, :]|| (delta-W
+    scale). Trailing components are dropped while the last kept one contributes less than
+    `gamma` times the mean of the components before it; at least one is kept. gamma = 0 keeps
+    everything.
+    """
+    rank = next(iter(factors.values()))[0].shape[1]
+    contrib = sum(b.double().norm(dim=0) * a.double().norm(dim=1) for b, a in factors.values())
+    keep = rank
+    while gamma > 0 and keep > 1 and contrib[keep - 1] < gamma * contrib[: keep - 1].mean():
+        keep -= 1
+    return keep
