@@ -14,7 +14,7 @@ import ipaddress
 import sys
 from pathlib import Path
 
-from fedlora.cli.simulate import add_run_arguments, build_config, prepare_output, summary_table
+from fedlora.cli.simulate import add_run_arguments, build_config, prepare_output, report_result
 from fedlora.config import Settings
 
 DEFAULT_ADDRESS = "127.0.0.1:9092"
@@ -115,10 +115,4 @@ def run(args: argparse.Namespace) -> int:
           f"{min_nodes} nodes; {settings.federation.num_rounds} rounds of "
           f"{settings.federation.strategy} -> {out_dir}", file=sys.stderr)
     code = run_app(config, spec, log_file=out_dir / "superlink.log")
-    if code != 0 or not (out_dir / "final" / "adapter_model.safetensors").exists():
-        print(f"fedlora: the run failed (exit code {code}); see the output above and "
-              f"{out_dir / 'superlink.log'}", file=sys.stderr)
-        return code or 1
-    print(summary_table(out_dir))
-    print(f"\nfinal adapter: {out_dir / 'final'}  (load with PeftModel.from_pretrained)")
-    return 0
+    return report_result(out_dir, code, "run")

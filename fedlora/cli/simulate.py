@@ -148,8 +148,13 @@ def run(args: argparse.Namespace) -> int:
           f"quantization {settings.model.quantization}) -> {out_dir}", file=sys.stderr)
     code = run_simulation(config, num_clients, num_cpus_per_client=args.cpus_per_client,
                           num_gpus_per_client=gpus, log_file=out_dir / "superlink.log")
+    return report_result(out_dir, code, "simulation")
+
+
+def report_result(out_dir: Path, code: int, what: str) -> int:
+    """Print the summary of a finished run, or say where to look; returns the exit code."""
     if code != 0 or not (out_dir / "final" / "adapter_model.safetensors").exists():
-        print(f"fedlora: the simulation failed (exit code {code}); see the output above and "
+        print(f"fedlora: the {what} failed (exit code {code}); see the output above and "
               f"{out_dir / 'superlink.log'}", file=sys.stderr)
         return code or 1
     print(summary_table(out_dir))
