@@ -28,6 +28,11 @@ def concat(parts: list[Factors]) -> Factors:
             for m in parts[0]}
 
 
+def short_name(module: str) -> str:
+    """'base_model.model.model.layers.0.self_attn.q_proj' -> 'layers.0.self_attn.q_proj'."""
+    return module.removeprefix("base_model.model.").removeprefix("model.")
+
+
 def rank_of(factors: Factors) -> int:
     """Rank of a set of factors (0 when empty)."""
     return next(iter(factors.values()))[0].shape[1] if factors else 0
@@ -88,6 +93,7 @@ class GlobalAdapter:
             overall, per_module = exactness(result.applied, updates)
             info["exactness"] = overall
             info["exactness-max-module"] = max(per_module.values(), default=0.0)
+            info["exactness-per-module"] = {short_name(m): v for m, v in per_module.items()}
         if self.strategy.heterogeneous and self.factors:
             info["truncation-loss"] = {str(r): truncation_loss(self.factors, r, self.strategy)
                                        for r in sorted({u.rank for u in updates})}

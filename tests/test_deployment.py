@@ -19,7 +19,7 @@ from peft import PeftModel
 from fedlora.config import ModelSettings
 from fedlora.models import load_model
 from fedlora.outputs import read_metrics
-from test_simulation import leftover_processes
+from test_simulation import SESSION_ENV, leftover_processes
 
 RUN = ["--model", "tiny-llama", "--rounds", "2", "--local-steps", "3", "--run-config",
        "lr=0.01 dataset-size=120 eval-examples=8"]
@@ -37,7 +37,7 @@ def start(args: list[str], log: Path) -> subprocess.Popen:
     """A `fedlora ...` process logging to a file (stopped by the test, by PID)."""
     return subprocess.Popen([sys.executable, "-m", "fedlora.cli.main", *args],
                             stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, **SESSION_ENV, "PYTHONUNBUFFERED": "1"})
 
 
 def stop(procs: list[subprocess.Popen]) -> None:

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -21,14 +22,22 @@ SMOKE = ["--model", "tiny-llama", "--num-clients", "2", "--rounds", "2", "--loca
          "--run-config", "lr=0.01 dataset-size=200 eval-examples=16"]
 
 
+# Every process this test session starts inherits this marker, so a check for leftovers
+# never counts the processes of another fedlora run on the same machine.
+SESSION_ENV = {"FEDLORA_TEST_SESSION": uuid.uuid4().hex}
+
+
 def leftover_processes() -> list[int]:
-    """PIDs still carrying the runner's tag: every process a simulation started has it."""
+    """PIDs of this test session that still carry the runner's tag (which every process a
+    run starts inherits)."""
     from simulations.runner import TAG_ENV_VAR
 
+    marker = "{}={}".format(*next(iter(SESSION_ENV.items()))).encode()
     pids = []
     for proc in Path("/proc").iterdir():
         try:
-            if proc.name.isdigit() and TAG_ENV_VAR.encode() in (proc / "environ").read_bytes():
+            environ = (proc / "environ").read_bytes() if proc.name.isdigit() else b""
+            if TAG_ENV_VAR.encode() in environ and marker in environ:
                 pids.append(int(proc.name))
         except OSError:  # exited meanwhile, or not ours to read
             continue
@@ -39,7 +48,7 @@ def simulate(out_dir: Path, *extra: str) -> subprocess.CompletedProcess:
     proc = subprocess.run(
         [sys.executable, "-m", "fedlora.cli.main", "simulate", "--output-dir", str(out_dir),
          *SMOKE, *extra], capture_output=True, text=True, timeout=900,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        env={**os.environ, **SESSION_ENV, "PYTHONUNBUFFERED": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 

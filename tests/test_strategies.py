@@ -60,6 +60,8 @@ def test_strategy_runs_exports_and_reproduces_the_global_model(tmp_path, name):
             assert "exactness" not in row  # personalised: no global delta W to compare
         elif strategy.exact:
             assert row["exactness"] < 1e-4, row["exactness"]
+            assert max(row["exactness-per-module"].values()) < 1e-4
+            assert "layers.0.self_attn.q_proj" in row["exactness-per-module"]
         else:
             assert row["exactness"] > 1e-6, row["exactness"]
     if strategy.heterogeneous:  # a client's upload is proportional to its rank
@@ -99,3 +101,27 @@ def test_hetlora_self_pruning_replies_at_a_smaller_rank_with_the_same_kept_updat
     assert torch.allclose(lora_scale(2, 16.0, False) * b2 @ a2, kept, atol=1e-5)
     off = Settings.from_config({"strategy": "hetlora"})
     assert self_prune(state, 4, off) == (state, 4)
+
+
+def test_fedsa_lora_client_keeps_its_own_b_across_rounds(tiny_settings):
+    """The personal B a fedsa-lora client stored in context.state is what it starts from."""
+    from types import SimpleNamespace
+
+    from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+
+    from clients.client_app import PERSONAL, starting_state
+
+    slot = Workspace().get(tiny_settings.model, LoraSettings(rank=4), tiny_settings.train)
+    state = get_lora_state(slot.model, slot.adapter)
+    shared_a = {k: torch.randn_like(v) for k, v in state.items() if k.endswith("lora_A.weight")}
+    personal = {k: torch.randn_like(v) for k, v in state.items() if k.endswith("lora_B.weight")}
+    # only the message's content is read (a real Message needs a running Flower task)
+    config = ConfigRecord({"server-round": 2, "rank": 4, "init-seed": 0})
+    msg = SimpleNamespace(content=RecordDict({"arrays": ArrayRecord(shared_a), "config": config}))
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    first = starting_state(msg, context, slot, "A")
+    assert all(torch.equal(first[k], torch.zeros_like(v)) for k, v in personal.items())
+    context.state[PERSONAL] = ArrayRecord(personal)
+    second = starting_state(msg, context, slot, "A")
+    assert all(torch.equal(second[k], v) for k, v in personal.items())
+    assert all(torch.equal(second[k], v) for k, v in shared_a.items())
