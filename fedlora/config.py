@@ -233,6 +233,12 @@ class FederationSettings:
     min_evaluate_nodes: int = _setting("min-evaluate-nodes", 2, "Fewest clients that evaluate.")
     min_available_nodes: int = _setting("min-available-nodes", 2,
                                         "Clients that must be connected before a round starts.")
+    max_num_examples: int = _setting(
+        "max-num-examples", 10_000_000,
+        "A reply claiming more examples than this is dropped (it would dominate the weights).")
+    max_update_norm: float = _setting(
+        "max-update-norm", 0.0,
+        "Drop a reply whose update ||delta W||_F (all modules) exceeds this (0 = no bound).")
     round_timeout: float = _setting("round-timeout", 3600.0,
                                     "Seconds to wait for client replies in each phase.")
     wire_dtype: str = _setting("wire-dtype", "float32",
@@ -280,6 +286,10 @@ class FederationSettings:
                            ("min-available-nodes", self.min_available_nodes)):
             _require(value >= 1, key, "an integer >= 1", value)
         _require(self.round_timeout > 0, "round-timeout", "seconds > 0", self.round_timeout)
+        _require(self.max_num_examples >= 1, "max-num-examples", "an integer >= 1",
+                 self.max_num_examples)
+        _require(self.max_update_norm >= 0, "max-update-norm", "a number >= 0",
+                 self.max_update_norm)
         _one_of("wire-dtype", self.wire_dtype, WIRE_DTYPES)
         _require(self.export_rank >= 0, "export-rank", "an integer >= 0", self.export_rank)
         _require(self.residual_rank >= 1, "residual-rank", "an integer >= 1", self.residual_rank)

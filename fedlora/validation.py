@@ -22,10 +22,12 @@ def expected_shapes(shapes: dict[str, tuple[int, int]], rank: int, shares: str
 
 
 def reply_problem(state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]],
-                  num_examples: object) -> str | None:
+                  num_examples: object, max_examples: int = 10_000_000) -> str | None:
     """Why this update must be dropped, or None if it is acceptable."""
     if not isinstance(num_examples, int) or isinstance(num_examples, bool) or num_examples < 1:
         return f"num-examples must be a positive integer, got {num_examples!r}"
+    if num_examples > max_examples:
+        return f"num-examples {num_examples} is above the cap max-num-examples={max_examples}"
     if state.keys() != expected.keys():
         missing = sorted(expected.keys() - state.keys())[:2]
         extra = sorted(state.keys() - expected.keys())[:2]

@@ -58,7 +58,8 @@ def build_strategy(settings: Settings, shapes: dict[str, tuple[int, int]], write
     return LoraStrategy(
         state=build_global(settings, shapes), shapes=shapes, wire_dtype=fed.wire_dtype,
         writer=writer, seed=fed.seed, timeout=fed.round_timeout,
-        rank_pruning=fed.hetlora_prune > 0,
+        rank_pruning=fed.hetlora_prune > 0, max_examples=fed.max_num_examples,
+        max_update_norm=fed.max_update_norm,
         fraction_train=fed.fraction_train, fraction_evaluate=fed.fraction_evaluate,
         min_train_nodes=fed.min_train_nodes, min_evaluate_nodes=fed.min_evaluate_nodes,
         min_available_nodes=fed.min_available_nodes)

@@ -22,10 +22,16 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedlora.aggregation import ClientUpdate
+from fedlora.aggregation.linalg import product_norm
 from fedlora.outputs import RunWriter
 from fedlora.records import factor_bytes, from_array_record, to_array_record
 from fedlora.validation import expected_shapes, reply_problem
 from server.global_adapter import GlobalAdapter
+
+
+def update_norm(update: ClientUpdate) -> float:
+    """||delta W||_F of a client's update over all modules (from the factors' Gram matrices)."""
+    return math.sqrt(sum(product_norm(b, a) ** 2 for b, a in update.factors.values()))
 
 
 def weighted_mean(values: list[float], weights: list[float]) -> float:
@@ -39,8 +45,11 @@ class LoraStrategy(FedAvg):
 
     def __init__(self, state: GlobalAdapter, shapes: dict[str, tuple[int, int]],
                  wire_dtype: str, writer: RunWriter, seed: int, timeout: float,
-                 rank_pruning: bool = False, **fedavg_kwargs) -> None:
+                 rank_pruning: bool = False, max_examples: int = 10_000_000,
+                 max_update_norm: float = 0.0, **fedavg_kwargs) -> None:
         super().__init__(**fedavg_kwargs)
+        self.max_examples = max_examples
+        self.max_update_norm = max_update_norm  # 0 = no bound
         self.rank_pruning = rank_pruning  # hetlora: nodes may reply at a smaller rank
         self.state = state
         self.shapes = shapes  # module -> (d, k) of every adapted layer
@@ -164,21 +173,28 @@ class LoraStrategy(FedAvg):
             return f"unreadable arrays ({err})", None, {}
         node = msg.metadata.src_node_id
         rank, declared = self.node_ranks.get(node), metrics.get("lora-rank")
-        if self.rank_pruning and isinstance(declared, int) and 1 <= declared < (rank or 0):
+        if rank is None:
+            return f"node {node} was never asked for its rank (not sampled this round)", None, {}
+        if self.rank_pruning and isinstance(declared, int) and 1 <= declared < rank:
             rank = declared  # HetLoRA self-pruning: a node may only shrink its rank
-        expected = expected_shapes(self.shapes, rank or 0, self.state.strategy.shares)
-        problem = reply_problem(state, expected, metrics.get("num-examples"))
+        expected = expected_shapes(self.shapes, rank, self.state.strategy.shares)
+        problem = reply_problem(state, expected, metrics.get("num-examples"), self.max_examples)
         if problem is None and declared != rank:
             problem = f"declared rank {declared!r}, but this node's rank is {rank}"
         if problem:
             return problem, None, {}
-        self.node_ranks[node] = rank
         num_examples = int(metrics["num-examples"])
+        update = self.state.to_update(state, rank, float(num_examples))
+        norm = update_norm(update)
+        if self.max_update_norm and norm > self.max_update_norm:
+            return (f"update norm ||delta W||_F = {norm:.4g} is above max-update-norm="
+                    f"{self.max_update_norm:g}"), None, {}
+        self.node_ranks[node] = rank
         info = {"node-id": node, "partition-id": int(metrics.get("partition-id", -1)),
                 "lora-rank": rank, "num-examples": num_examples,
                 "bytes-up": factor_bytes(record),
                 "train-loss": float(metrics.get("train-loss", math.nan))}
-        return None, self.state.to_update(state, rank, float(num_examples)), info
+        return None, update, info
 
     # ---- evaluation --------------------------------------------------------------------------
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
