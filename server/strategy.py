@@ -15,7 +15,6 @@ import time
 from logging import INFO, WARNING
 from typing import Iterable
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid

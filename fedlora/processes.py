@@ -1,0 +1,287 @@
+"""The processes of one Flower run: find them (even the ones Ray renames), stop them by PID.
+
+Every process a run starts inherits the environment variable `TAG_ENV_VAR` with the run's own
+value; `ProcessTracker` finds them by it (and by session, for the Ray processes whose
+`setproctitle` hides their environment), and `cleanup` stops `flwr run`, the SuperLink or
+SuperNode, and every tracked process, SIGTERM first and SIGKILL after a grace period.
+`SignalGuard` turns SIGTERM into an exception and keeps a second Ctrl-C from interrupting the
+cleanup.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import IO, Any
+
+TAG_ENV_VAR = "FEDLORA_SIM_RUN_TAG"
+TERM_GRACE_S = 5.0
+KILL_WAIT_S = 5.0
+TAGGED_GRACE_S = 3.0  # flwr-simulation and Ray's gcs_server/raylet often ignore SIGTERM anyway
+REAP_WAIT_S = 2.0
+TRACK_INTERVAL_S = 1.0
+
+
+def err(message: str) -> None:
+    """Print one prefixed diagnostic message to stderr."""
+    print(f"[fedlora] {message}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class RunState:
+    """Everything a run owns and that cleanup must release."""
+
+    tmp: Path
+    tag: str
+    extra_dirs: list[Path] = field(default_factory=list)
+    superlink: subprocess.Popen[bytes] | None = None
+    flwr_run: subprocess.Popen[bytes] | None = None
+    superlink_log: Path | None = None
+    log_handle: IO[bytes] | None = None
+    tracker: ProcessTracker | None = None
+
+
+class SignalGuard:
+    """Turn SIGTERM into SystemExit (and keep SIGINT as KeyboardInterrupt) until cleanup starts.
+
+    While cleanup runs, both signals are only recorded and re-raised once it is done, so a
+    second Ctrl-C cannot leave processes behind. Handlers are only touched in the main thread.
+    """
+
+    def __init__(self) -> None:
+        """Prepare an inactive guard."""
+        self.cleaning = False
+        self.pending: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        """Install the handlers (no-op outside the main thread)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._handle)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._handle)
+
+    def restore(self) -> None:
+        """Put the caller's handlers back."""
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def raise_pending(self) -> None:
+        """Re-raise a signal that arrived during cleanup."""
+        if self.pending == signal.SIGINT:
+            raise KeyboardInterrupt
+        if self.pending is not None:
+            raise SystemExit(128 + self.pending)
+
+    def _handle(self, signum: int, _frame: FrameType | None) -> None:
+        """Raise on the first signal; during cleanup only record it."""
+        if self.cleaning:
+            self.pending = signum
+            err(f"got {signal.Signals(signum).name} during cleanup; finishing cleanup first")
+            return
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        err(f"got {signal.Signals(signum).name}; stopping and cleaning up")
+        raise SystemExit(128 + signum)
+
+
+
+@dataclass(frozen=True)
+class _Proc:
+    """One /proc entry: pid, session id, zombie flag, and whether it carries our tag."""
+
+    pid: int
+    sid: int
+    zombie: bool
+    tagged: bool
+
+
+def _read_proc(pid: int, needle: bytes, markers: list[bytes]) -> _Proc | None:
+    """Read one process from /proc (None if it vanished or belongs to another user)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, IndexError, ValueError):
+        return None
+    tagged = needle in b"\0" + environ or any(m in cmdline for m in markers)
+    return _Proc(pid=pid, sid=int(fields[3]), zombie=fields[0] in ("Z", "X"), tagged=tagged)
+
+
+class ProcessTracker:
+    """Identify this run's processes, including ones whose environment Ray has overwritten.
+
+    A process belongs to the run if its environment carries our tag, its cmdline names one
+    of our temp dirs, or it lives in a session in which a tagged process was seen. Ray's
+    `setproctitle` (ray::DashboardAgent, ray::RuntimeEnvAgent, ...) overwrites the memory
+    /proc/<pid>/environ reads from, so the tag alone misses them; they stay in the session
+    of the `flower-superexec` that the SuperLink started, which a background scan records
+    while the tag is still readable. The caller's own session is never targeted.
+    """
+
+    def __init__(
+        self, tag: str, markers: Iterable[Path], interval: float = TRACK_INTERVAL_S
+    ) -> None:
+        """Prepare a tracker for the run tagged `tag` (not started yet)."""
+        self._needle = f"\0{TAG_ENV_VAR}={tag}\0".encode()
+        self._markers = [f"{m}{os.sep}".encode() for m in markers]
+        self._own_pid = os.getpid()
+        self._own_sid = os.getsid(0)
+        self._sids: set[int] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._interval = interval
+        self._thread: threading.Thread | None = None
+
+    def add_session(self, sid: int) -> None:
+        """Record a session we created ourselves (start_new_session=True children)."""
+        if sid != self._own_sid:
+            with self._lock:
+                self._sids.add(sid)
+
+    def start(self) -> None:
+        """Start the background scan that records sessions while the run is going."""
+        self._thread = threading.Thread(target=self._loop, name="fedlora-run-tracker", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the background scan."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5.0)
+
+    def scan(self) -> list[int]:
+        """Return the live pids of this run (and remember the sessions of tagged ones)."""
+        procs = [
+            proc
+            for entry in os.listdir("/proc")
+            if entry.isdigit() and int(entry) != self._own_pid
+            if (proc := _read_proc(int(entry), self._needle, self._markers)) is not None
+        ]
+        with self._lock:
+            self._sids.update(p.sid for p in procs if p.tagged and p.sid != self._own_sid)
+            sids = set(self._sids)
+        return [
+            p.pid
+            for p in procs
+            if not p.zombie and p.sid != self._own_sid and (p.tagged or p.sid in sids)
+        ]
+
+    def _loop(self) -> None:
+        """Scan every `interval` seconds until stopped."""
+        while not self._stop.wait(self._interval):
+            with contextlib.suppress(OSError):
+                self.scan()
+
+
+# --------------------------------------------------------------------------- cleanup
+
+
+def _is_alive(pid: int) -> bool:
+    """Return True if `pid` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
+
+
+def _signal_pids(pids: Iterable[int], sig: signal.Signals) -> None:
+    """Send `sig` to each pid, ignoring ones that are already gone."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)
+
+
+def _wait_gone(pids: Iterable[int], timeout: float) -> list[int]:
+    """Wait until all pids are gone (or zombies); return the ones still alive."""
+    pending = [p for p in pids if _is_alive(p)]
+    deadline = time.monotonic() + timeout
+    while pending and time.monotonic() < deadline:
+        time.sleep(0.1)
+        pending = [p for p in pending if _is_alive(p)]
+    return pending
+
+
+def _wait_reaped(pids: Iterable[int], timeout: float) -> None:
+    """Wait briefly until killed pids have left the process table (init reaps orphans)."""
+    deadline = time.monotonic() + timeout
+    pending = list(pids)
+    while pending and time.monotonic() < deadline:
+        pending = [p for p in pending if Path(f"/proc/{p}").exists()]
+        if pending:
+            time.sleep(0.05)
+
+
+def stop_group(
+    proc: subprocess.Popen[bytes] | None, name: str, grace: float = TERM_GRACE_S
+) -> None:
+    """SIGTERM a child's process group, SIGKILL it after `grace` s, and reap the child."""
+    if proc is None or proc.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, KILL_WAIT_S)):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            if sig == signal.SIGTERM:
+                err(f"{name} (pid {proc.pid}) ignored SIGTERM for {grace:.0f}s; sending SIGKILL")
+    err(f"{name} (pid {proc.pid}) survived SIGKILL; it may need manual cleanup")
+
+
+def kill_run_processes(state: RunState) -> None:
+    """Stop flwr run, then the SuperLink together with every process of the run (SuperExec, Ray)."""
+    tracker = state.tracker
+    if tracker is not None:
+        tracker.stop()
+    stop_group(state.flwr_run, "flwr run")
+    if tracker is None:  # the SuperLink was never started
+        return
+    pids = tracker.scan()
+    if state.superlink is not None and state.superlink.poll() is None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(state.superlink.pid, signal.SIGTERM)
+    _signal_pids(pids, signal.SIGTERM)
+    _wait_gone(pids, TAGGED_GRACE_S)
+    stop_group(state.superlink, "flower-superlink")
+    seen = set(pids)
+    for _ in range(3):  # rescan: Ray may still spawn a process while shutting down
+        survivors = tracker.scan()
+        if not survivors:
+            break
+        seen.update(survivors)
+        _signal_pids(survivors, signal.SIGKILL)
+        _wait_gone(survivors, KILL_WAIT_S)
+    _wait_reaped(seen, REAP_WAIT_S)
+    if survivors := tracker.scan():
+        err(
+            f"processes {survivors} from this run survived SIGKILL (expected none); "
+            f"check them with `ps -o pid,args -p {','.join(map(str, survivors))}`"
+        )
+
+
+def cleanup(state: RunState) -> None:
+    """Release everything the run owns: processes first, then files."""
+    try:
+        kill_run_processes(state)
+    finally:
+        if state.log_handle is not None:
+            state.log_handle.close()
+        for path in (state.tmp, *state.extra_dirs):
+            shutil.rmtree(path, ignore_errors=True)
+            if path.exists():
+                err(f"could not delete temp dir {path}; delete it by hand")
