@@ -23,8 +23,8 @@ from dataclasses import replace
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedlora.adapters import (A_SUFFIX, B_SUFFIX, Slot, Workspace, get_lora_state, join_factors,
-                              module_shapes, set_lora_state, set_residual, shared_init,
+from fedlora.adapters import (Slot, Workspace, get_lora_state, join_factors, module_shapes,
+                              set_lora_state, set_residual, shared_init, shared_keys,
                               split_factors)
 from fedlora.aggregation import get_strategy
 from fedlora.aggregation.hetlora import pruned_rank
@@ -41,7 +41,6 @@ WORKSPACE = Workspace()
 DATA: OrderedDict[tuple, tuple[list[dict], list[dict]]] = OrderedDict()
 DATA_CACHE_SIZE = 16
 PERSONAL = "personal-b"  # context.state key of fedsa-lora's local B
-SHARED_SUFFIXES = {"both": (A_SUFFIX, B_SUFFIX), "B": (B_SUFFIX,), "A": (A_SUFFIX,)}
 log = logging.getLogger("fedlora.client")
 
 
@@ -64,11 +63,6 @@ def client_data(settings: Settings, slot: Slot, pid: int, n: int):
             DATA.popitem(last=False)
     DATA.move_to_end(key)
     return DATA[key]
-
-
-def shared_keys(state: dict, shares: str) -> dict:
-    """Only the factors this strategy sends over the wire."""
-    return {k: v for k, v in state.items() if k.endswith(SHARED_SUFFIXES[shares])}
 
 
 def starting_state(msg: Message, context: Context, slot: Slot, shares: str) -> dict:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from fedlora.adapters.lora import A_SUFFIX, B_SUFFIX, SHARED_SUFFIXES
+
 ALLOWED_DTYPES = (torch.float32, torch.float16)
-SUFFIXES = {"A": (".lora_A.weight",), "B": (".lora_B.weight",),
-            "both": (".lora_A.weight", ".lora_B.weight")}
 
 
 def expected_shapes(shapes: dict[str, tuple[int, int]], rank: int, shares: str
@@ -14,10 +14,10 @@ def expected_shapes(shapes: dict[str, tuple[int, int]], rank: int, shares: str
     """Wire key -> shape of a rank-`rank` reply that carries the factors in `shares`."""
     out = {}
     for module, (d, k) in shapes.items():
-        if ".lora_A.weight" in SUFFIXES[shares]:
-            out[module + ".lora_A.weight"] = (rank, k)
-        if ".lora_B.weight" in SUFFIXES[shares]:
-            out[module + ".lora_B.weight"] = (d, rank)
+        if A_SUFFIX in SHARED_SUFFIXES[shares]:
+            out[module + A_SUFFIX] = (rank, k)
+        if B_SUFFIX in SHARED_SUFFIXES[shares]:
+            out[module + B_SUFFIX] = (d, rank)
     return out
 
 

@@ -20,6 +20,7 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from fedlora.adapters import shared_keys
 from fedlora.aggregation import ClientUpdate
 from fedlora.aggregation.linalg import product_norm
 from fedlora.outputs import RunWriter
@@ -91,25 +92,23 @@ class LoraStrategy(FedAvg):
         fresh = self.state.strategy.fresh_adapter
         cfg = ConfigRecord({**dict(config), "server-round": server_round, "rank": rank,
                             "init-seed": self.seed + (server_round if fresh else 0)})
-        payload = self.state.payload(rank)
-        if self.state.strategy.shares != "both":  # ffa-lora / fedsa-lora: one factor only
-            suffix = ".lora_B.weight" if self.state.strategy.shares == "B" else ".lora_A.weight"
-            payload = {k: v for k, v in payload.items() if k.endswith(suffix)}
+        payload = shared_keys(self.state.payload(rank), self.state.strategy.shares)
         content = {"arrays": to_array_record(payload, self.wire_dtype), "config": cfg}
         if self.state.residual:
             content["residual"] = to_array_record(self.state.residual_state(), "float32")
         return RecordDict(content)
 
     def messages(self, node_ids: list[int], ranks: dict[int, int], server_round: int,
-                 config: ConfigRecord, message_type: str) -> list[Message]:
-        """One message per node, each with the payload for that node's rank."""
-        out = []
-        for node in node_ids:
-            content = self.content_for(ranks[node], server_round, config)
-            self.round_log.setdefault("down", {})[node] = sum(
-                factor_bytes(r) for r in content.array_records.values())
-            out.append(Message(content, dst_node_id=node, message_type=message_type))
-        return out
+                 config: ConfigRecord, message_type: str) -> tuple[list[Message], dict[int, int]]:
+        """One message per node with the payload for its rank (built once per rank, shared
+        like FedAvg shares its RecordDict), and the bytes of factors each node receives."""
+        contents = {r: self.content_for(r, server_round, config)
+                    for r in {ranks[n] for n in node_ids}}
+        size = {r: sum(factor_bytes(a) for a in c.array_records.values())
+                for r, c in contents.items()}
+        out = [Message(contents[ranks[n]], dst_node_id=n, message_type=message_type)
+               for n in node_ids]
+        return out, {n: size[ranks[n]] for n in node_ids}
 
     # ---- training ----------------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -120,9 +119,11 @@ class LoraStrategy(FedAvg):
                    for m in super().configure_train(server_round, arrays, config, grid)]
         failures = self.learn_ranks(sampled, grid)
         ready = [n for n in sampled if n in self.node_ranks]
-        self.round_log = {"round": server_round, "started": started,
+        messages, down = self.messages(ready, self.node_ranks, server_round, config,
+                                       MessageType.TRAIN)
+        self.round_log = {"round": server_round, "started": started, "down": down,
                           "clients-sampled": len(sampled), "failures": failures}
-        return self.messages(ready, self.node_ranks, server_round, config, MessageType.TRAIN)
+        return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -208,8 +209,8 @@ class LoraStrategy(FedAvg):
         else:
             ranks = {n: self.state.rank for n in sampled}
         ready = [n for n in sampled if n in ranks]
-        messages = self.messages(ready, ranks, server_round, config, MessageType.EVALUATE)
-        self.round_log["bytes-down-eval"] = sum(self.round_log.pop("down", {}).values())
+        messages, down = self.messages(ready, ranks, server_round, config, MessageType.EVALUATE)
+        self.round_log["bytes-down-eval"] = sum(down.values())
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]

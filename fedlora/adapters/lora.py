@@ -21,6 +21,8 @@ from fedlora.config import LoraSettings
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
 A_SUFFIX, B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
+# A strategy's `shares` -> the wire-key suffixes of the factors that cross the wire
+SHARED_SUFFIXES = {"both": (A_SUFFIX, B_SUFFIX), "B": (B_SUFFIX,), "A": (A_SUFFIX,)}
 
 
 def lora_config(settings: LoraSettings, base_id: str | None = None) -> LoraConfig:
@@ -93,6 +95,11 @@ def split_factors(state: dict[str, torch.Tensor]) -> Factors:
     """Wire state -> {module: (B, A)}."""
     modules = sorted(k[: -len(A_SUFFIX)] for k in state if k.endswith(A_SUFFIX))
     return {m: (state[m + B_SUFFIX], state[m + A_SUFFIX]) for m in modules}
+
+
+def shared_keys(state: dict[str, torch.Tensor], shares: str) -> dict[str, torch.Tensor]:
+    """Only the factors a strategy sends over the wire ("both", "B" or "A")."""
+    return {k: v for k, v in state.items() if k.endswith(SHARED_SUFFIXES[shares])}
 
 
 def join_factors(factors: Factors) -> dict[str, torch.Tensor]:
