@@ -217,6 +217,18 @@ def _tail(path: Path | None, lines: int = LOG_TAIL_LINES) -> str:
         return ""
 
 
+def _spawn(state: RunState, cmd: list[str], env: dict[str, str], stdout: Any
+           ) -> subprocess.Popen[bytes]:
+    """Start one process of the run in the temp dir, in a session of its own (a terminal's
+    Ctrl-C reaches only us, and we stop the run in order), tracked for cleanup."""
+    proc = subprocess.Popen(  # pylint: disable=consider-using-with
+        cmd, cwd=state.tmp, env=env, stdin=subprocess.DEVNULL, stdout=stdout,
+        stderr=subprocess.STDOUT, start_new_session=True)
+    if state.tracker is not None:
+        state.tracker.add_session(proc.pid)
+    return proc
+
+
 def _start_superlink(
     state: RunState, bin_dir: Path, env: dict[str, str], spec: SuperLinkSpec, port: int,
     log_file: Path | None
@@ -228,16 +240,7 @@ def _start_superlink(
     cmd = [str(bin_dir / "flower-superlink"), *spec.flags(), "--host", spec.host,
            "--port", str(port), "--disable-runtime-dependency-installation"]
     state.tracker = ProcessTracker(state.tag, [state.tmp, *state.extra_dirs])
-    state.superlink = subprocess.Popen(  # pylint: disable=consider-using-with
-        cmd,
-        cwd=state.tmp,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=state.log_handle,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    state.tracker.add_session(state.superlink.pid)
+    state.superlink = _spawn(state, cmd, env, state.log_handle)
     state.tracker.start()
 
 
@@ -280,17 +283,7 @@ def _stream_flwr_run(
     cmd = [str(bin_dir / "flwr"), "run", str(app_dir), CONNECTION_NAME, "--stream"]
     if fed_cfg:
         cmd += ["--federation-config", fed_cfg]
-    state.flwr_run = subprocess.Popen(  # pylint: disable=consider-using-with
-        cmd,
-        cwd=state.tmp,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # a terminal Ctrl-C reaches only us; we stop it in order
-    )
-    if state.tracker is not None:
-        state.tracker.add_session(state.flwr_run.pid)
+    state.flwr_run = _spawn(state, cmd, env, subprocess.PIPE)
     assert state.flwr_run.stdout is not None
     run_id: int | None = None
     out = sys.stdout
@@ -488,12 +481,9 @@ def run_supernode(flags: list[str]) -> tuple[int, int | None]:
             env = _child_env(bin_dir, Path(os.environ.get("FLWR_HOME", tmp / "flwr_home")),
                              tmp / "ray", state.tag)
             state.tracker = ProcessTracker(state.tag, [tmp])
-            node = subprocess.Popen(  # pylint: disable=consider-using-with
-                [str(bin_dir / "flower-supernode"), *flags], cwd=tmp, env=env,
-                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                start_new_session=True)
+            node = _spawn(state, [str(bin_dir / "flower-supernode"), *flags], env,
+                          subprocess.PIPE)
             state.superlink = node  # stopped by kill_run_processes like a SuperLink
-            state.tracker.add_session(node.pid)
             state.tracker.start()
             # The SuperExec child inherits stdout, so EOF can come long after the SuperNode
             # exits: copy output in a thread and end when the SuperNode process ends.
