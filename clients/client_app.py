@@ -31,7 +31,7 @@ from fedlora.aggregation.hetlora import pruned_rank
 from fedlora.aggregation.linalg import truncate_rank
 from fedlora.aggregation.scaling import from_delta, lora_scale, to_delta
 from fedlora.config import Settings
-from fedlora.data import client_records, tokenize
+from fedlora.data import client_records, tokenize_records
 from fedlora.models import resolve_device
 from fedlora.records import from_array_record, to_array_record
 from fedlora.train import evaluate, train_local
@@ -56,9 +56,10 @@ def client_data(settings: Settings, slot: Slot, pid: int, n: int):
            settings.federation.seed, pid, n)
     if key not in DATA:
         train, held_out = client_records(settings.data, pid, n, settings.federation.seed)
-        tok = lambda records: [tokenize(r, slot.tokenizer, settings.train.max_length)
-                               for r in records]
-        DATA[key] = (tok(train), tok(held_out))
+        length, packing = settings.train.max_length, settings.data.packing
+        # eval stays unpacked: its loss per example does not depend on the packing setting
+        DATA[key] = (tokenize_records(train, slot.tokenizer, length, packing),
+                     tokenize_records(held_out, slot.tokenizer, length))
         if len(DATA) > DATA_CACHE_SIZE:
             DATA.popitem(last=False)
     DATA.move_to_end(key)

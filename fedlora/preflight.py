@@ -26,7 +26,8 @@ def check_training(settings: Settings) -> None:
 def check_data(settings: Settings, num_clients: int) -> int:
     """Load the dataset once and check it can be split over the clients; returns its size."""
     data = settings.data
-    records = load_records(data.dataset, data.dataset_size, settings.federation.seed)
+    records = load_records(data.dataset, data.dataset_size, settings.federation.seed,
+                           data.field_mapping(), data.data_split)
     if len(records) < num_clients:
         raise SettingsError(f"setting 'dataset': {len(records)} examples cannot be split over "
                             f"{num_clients} clients; add data or use fewer clients")

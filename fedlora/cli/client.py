@@ -45,8 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "authenticates nodes")
     p.add_argument("--insecure", action="store_true",
                    help="connect without TLS (only for a server started without --certs-dir)")
-    p.add_argument("--data-path", help="this node's private data: a .jsonl file of "
-                   "instruction/output or messages records (default: the run's dataset)")
+    p.add_argument("--data-path", help="this node's private data: a .jsonl, .json, .csv, "
+                   ".tsv or .parquet file, a save_to_disk folder, or hf:<owner/name> "
+                   "(default: the run's dataset)")
     p.add_argument("--rank", type=int, help="this node's LoRA rank (default: the run's)")
     p.add_argument("--quantization", choices=["none", "8bit", "4bit"],
                    help="quantize this node's frozen base (4bit = QLoRA)")
@@ -68,11 +69,11 @@ def node_config(args: argparse.Namespace) -> dict:
     for flag, key in NODE_FLAGS.items():
         if getattr(args, flag) is not None:
             config[key] = getattr(args, flag)
-    if "data-path" in config:
+    if "data-path" in config and not str(config["data-path"]).startswith("hf:"):
         path = Path(config["data-path"]).expanduser().resolve()
-        if not path.is_file():
+        if not path.exists():
             raise FileNotFoundError(f"--data-path {path} does not exist; pass this node's "
-                                    f".jsonl file")
+                                    f"data file or save_to_disk folder")
         config["data-path"] = str(path)
     if ("partition-id" in config) != ("num-partitions" in config):
         raise ValueError("--partition-id and --num-partitions go together")

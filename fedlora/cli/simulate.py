@@ -51,7 +51,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--local-steps", type=int,
                    help=f"optimizer steps per client per round (default {d.train.local_steps})")
     p.add_argument("--seed", type=int, help="seed for init, data and training (default 0)")
-    p.add_argument("--dataset", help=f"builtin:<task> or a .jsonl file (default {d.data.dataset})")
+    p.add_argument("--dataset", help=f"builtin:<task>, a .jsonl/.json/.csv/.tsv/.parquet file, "
+                   f"a save_to_disk folder or hf:<owner/name> (default {d.data.dataset})")
     p.add_argument("--wire-dtype", choices=["float32", "float16"],
                    help="dtype of factors on the wire (float16 halves traffic)")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N")

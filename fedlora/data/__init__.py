@@ -5,21 +5,23 @@ from __future__ import annotations
 import random
 
 from fedlora.config import DataSettings
-from fedlora.data.format import IGNORE, collate, to_messages, tokenize
-from fedlora.data.jsonl import load_jsonl
+from fedlora.data.format import IGNORE, collate, pack, to_messages, tokenize, tokenize_records
+from fedlora.data.loaders import load_jsonl, load_source
 from fedlora.data.partition import PARTITIONERS, dirichlet_partition, iid_partition
 from fedlora.data.tasks import TASKS, builtin_task
 
 __all__ = ["IGNORE", "PARTITIONERS", "TASKS", "builtin_task", "client_records", "collate",
-           "dirichlet_partition", "iid_partition", "load_jsonl", "load_records", "record_labels",
-           "to_messages", "tokenize", "train_eval_split"]
+           "dirichlet_partition", "iid_partition", "load_jsonl", "load_records", "load_source",
+           "pack", "record_labels", "to_messages", "tokenize", "tokenize_records",
+           "train_eval_split"]
 
 
-def load_records(dataset: str, size: int, seed: int) -> list[dict]:
-    """All records of a dataset setting: `builtin:<task>` or a .jsonl path."""
+def load_records(dataset: str, size: int, seed: int, field_map: dict[str, str] | None = None,
+                 split: str = "train") -> list[dict]:
+    """All records of a dataset setting: `builtin:<task>`, or a file, folder or hf: id."""
     if dataset.startswith("builtin:"):
         return builtin_task(dataset.split(":", 1)[1], size, seed)
-    return load_jsonl(dataset)
+    return load_source(dataset, field_map, split)
 
 
 def train_eval_split(records: list[dict], eval_fraction: float, seed: int):
@@ -46,9 +48,10 @@ def client_records(settings: DataSettings, partition_id: int, num_partitions: in
                    seed: int) -> tuple[list[dict], list[dict]]:
     """This client's (train, eval) records: its own data-path, or its share of `dataset`."""
     if settings.data_path:
-        records = load_jsonl(settings.data_path)
+        records = load_source(settings.data_path, settings.field_mapping(), settings.data_split)
     else:
-        everything = load_records(settings.dataset, settings.dataset_size, seed)
+        everything = load_records(settings.dataset, settings.dataset_size, seed,
+                                  settings.field_mapping(), settings.data_split)
         labels = record_labels(everything, settings.partition_field, settings.partitioner)
         part = PARTITIONERS[settings.partitioner](labels, num_partitions, seed,
                                                   settings.dirichlet_alpha)

@@ -1,4 +1,10 @@
-"""Turn records into token ids with labels on the response tokens only, and batch them."""
+"""Turn records into token ids with labels on the response tokens only, pack and batch them.
+
+Instruction and chat records use the tokenizer's chat template when it has one, a plain
+`### Instruction` template otherwise; a multi-turn conversation trains on its last assistant
+turn only (earlier turns are context). Text prompt/completion pairs are joined as they are, with
+no template (as in TRL), and end with the EOS token.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +18,9 @@ def to_messages(record: dict) -> list[dict]:
     """A record as chat messages; the last one is the assistant's answer."""
     if "messages" in record:
         return [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
+    if "prompt" in record:
+        return [{"role": "user", "content": record["prompt"]},
+                {"role": "assistant", "content": record["completion"]}]
     user = record["instruction"]
     if record.get("input"):
         user = f"{user}\n\n{record['input']}"
@@ -34,14 +43,54 @@ def prompt_and_response(messages: list[dict], tokenizer) -> tuple[str, str]:
     return prompt, messages[-1]["content"] + (tokenizer.eos_token or "")
 
 
+def record_text(record: dict, tokenizer) -> tuple[str, str]:
+    """(prompt, response) text of a record: a raw prompt/completion pair, or templated."""
+    if "prompt" in record and "messages" not in record:
+        return record["prompt"], record["completion"] + (tokenizer.eos_token or "")
+    return prompt_and_response(to_messages(record), tokenizer)
+
+
 def tokenize(record: dict, tokenizer, max_length: int) -> dict[str, list[int]]:
     """input_ids and labels (prompt tokens masked with -100), cut to max_length."""
-    prompt, response = prompt_and_response(to_messages(record), tokenizer)
+    prompt, response = record_text(record, tokenizer)
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
     ids = (prompt_ids + response_ids)[:max_length]
     labels = ([IGNORE] * len(prompt_ids) + response_ids)[:max_length]
     return {"input_ids": ids, "labels": labels}
+
+
+def pack(examples: list[dict[str, list[int]]], max_length: int,
+         eos_id: int) -> list[dict[str, list[int]]]:
+    """Examples joined end to end (an EOS between them) and cut into max_length sequences.
+
+    The separating EOS is not a target (an example's own end token already is), so a truncated
+    example does not learn to stop; a sequence with nothing to predict is dropped.
+    """
+    ids: list[int] = []
+    labels: list[int] = []
+    for e in examples:
+        ids += e["input_ids"]
+        labels += e["labels"]
+        if not e["input_ids"] or e["input_ids"][-1] != eos_id:
+            ids.append(eos_id)
+            labels.append(IGNORE)
+    chunks = [{"input_ids": ids[i:i + max_length], "labels": labels[i:i + max_length]}
+              for i in range(0, len(ids), max_length)]
+    # the model shifts labels, so a sequence's first label is never predicted
+    return [c for c in chunks if any(label != IGNORE for label in c["labels"][1:])]
+
+
+def tokenize_records(records: list[dict], tokenizer, max_length: int,
+                     packing: bool = False) -> list[dict[str, list[int]]]:
+    """Every record tokenized (cut to max_length), then packed into max_length sequences."""
+    examples = [tokenize(r, tokenizer, max_length) for r in records]
+    if not packing:
+        return examples
+    if tokenizer.eos_token_id is None:
+        raise ValueError("setting 'packing': packing puts an EOS token between examples, but "
+                         "the tokenizer has none; set packing=false")
+    return pack(examples, max_length, tokenizer.eos_token_id)
 
 
 def collate(examples: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -1,0 +1,249 @@
+"""Read records from JSONL, JSON, CSV/TSV, Parquet, save_to_disk folders or the HF hub.
+
+Every source is read into (where, row) pairs, where `where` names the file and line or row
+for error messages; each row is then renamed by the field map and turned into one of the
+record forms that `fedlora.data.format` tokenizes:
+
+    instruction/output (input optional)   Alpaca
+    prompt/completion                     raw text pair (no template), or two message lists
+    messages: [{role, content}, ...]      chat, ending with the assistant's answer
+    conversations: [{from, value}, ...]   ShareGPT; human/gpt/system -> user/assistant/system
+
+Fields not used by the form (a category, a task name) are kept, so `partition-field` can
+split by them; a null in one of those fields counts as absent (tables mixing forms).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from fedlora.config import RECORD_FIELDS
+
+HUB_PREFIX = "hf:"
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "system": "system"}
+FORMS = ("instruction/output (input optional), prompt/completion, messages "
+         "[{role, content}] or conversations [{from, value}]")
+SOURCES = (".jsonl, .json, .csv, .tsv or .parquet file, a folder written by datasets' "
+           "save_to_disk, or hf:<owner/name>[:<config>]")
+
+Rows = list[tuple[str, object]]  # (where, raw row) pairs
+
+
+# ---- readers: a source -> (where, row) pairs ----
+
+def read_jsonl(path: Path) -> Rows:
+    """One JSON value per non-blank line."""
+    rows = []
+    with path.open(encoding="utf-8") as fh:
+        for number, line in enumerate(fh, start=1):
+            if line.strip():
+                rows.append((f"{path}:{number}", parse_json(line, f"{path}:{number}")))
+    return rows
+
+
+def read_json(path: Path) -> Rows:
+    """A list of objects, or an object with exactly one list field ({"data": [...]})."""
+    text = path.read_text(encoding="utf-8")
+    try:
+        value = json.loads(text) if text.strip() else []
+    except json.JSONDecodeError as err:
+        if err.msg == "Extra data":  # a JSON Lines file named .json
+            return read_jsonl(path)
+        raise ValueError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    if isinstance(value, dict):
+        lists = [key for key, v in value.items() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise ValueError(f"{path}: expected a list of records or an object with one list "
+                             f"field such as {{\"data\": [...]}}, found an object whose list "
+                             f"fields are {lists}; keep one list of records")
+        return [(f"{path} {lists[0]}[{i}]", row) for i, row in enumerate(value[lists[0]])]
+    if not isinstance(value, list):
+        raise ValueError(f"{path}: expected a list of records, got a JSON "
+                         f"{type(value).__name__}")
+    return [(f"{path}[{i}]", row) for i, row in enumerate(value)]
+
+
+def read_csv(path: Path, delimiter: str = ",") -> Rows:
+    """A header line of field names, then one record per row (line numbers as in an editor)."""
+    with path.open(encoding="utf-8", newline="") as fh:
+        reader = csv.DictReader(fh, delimiter=delimiter)
+        return [(f"{path}:{reader.line_num}", row) for row in reader]
+
+
+def read_tsv(path: Path) -> Rows:
+    """CSV with tab separators."""
+    return read_csv(path, delimiter="\t")
+
+
+def read_parquet(path: Path) -> Rows:
+    """Every row of a Parquet file (nested columns such as messages become lists of dicts)."""
+    import pyarrow.parquet as pq
+
+    return [(f"{path} row {i}", row) for i, row in enumerate(pq.read_table(path).to_pylist())]
+
+
+def read_saved(folder: Path, split: str) -> Rows:
+    """A Dataset or DatasetDict folder written by `save_to_disk` (DatasetDict: one split)."""
+    if not any((folder / name).is_file() for name in ("dataset_dict.json", "state.json")):
+        raise ValueError(f"{folder} is a folder but not one written by datasets' save_to_disk "
+                         f"(no dataset_dict.json or state.json in it); pass a {SOURCES}")
+    import datasets
+
+    data = pick_split(datasets.load_from_disk(str(folder)), split, str(folder))
+    return [(f"{folder} ({split}) row {i}", row) for i, row in enumerate(data.to_list())]
+
+
+def read_hub(spec: str, split: str) -> Rows:
+    """A Hugging Face hub dataset `<owner/name>[:<config>]` (online, or already cached)."""
+    import datasets
+
+    name, _, config = spec.partition(":")
+    try:
+        data = datasets.load_dataset(name, config or None, split=split)
+    except ConnectionError:  # offline mode raises it too
+        raise ConnectionError(
+            f"could not reach the Hugging Face hub for dataset {name}; download it where you "
+            f"are online (datasets.load_dataset(...).save_to_disk(folder)) and pass the "
+            f"save_to_disk folder or a file") from None
+    except datasets.exceptions.DatasetNotFoundError:
+        raise ValueError(f"the Hugging Face hub has no dataset {name} (or it is gated or "
+                         f"private); check the id, or pass a local file or folder") from None
+    return [(f"hf:{spec} ({split}) row {i}", row) for i, row in enumerate(data.to_list())]
+
+
+def pick_split(data, split: str, where: str):
+    """The `split` of a DatasetDict (a plain Dataset is returned as is)."""
+    if not hasattr(data, "keys"):
+        return data
+    if split not in data:
+        raise ValueError(f"{where} holds the splits {sorted(data)}, not {split!r}; set "
+                         f"data-split to one of them")
+    return data[split]
+
+
+READERS = {".jsonl": read_jsonl, ".json": read_json, ".csv": read_csv, ".tsv": read_tsv,
+           ".parquet": read_parquet}
+
+
+def read_rows(source: str, split: str = "train") -> Rows:
+    """The raw rows of a source, dispatched on hf: prefix, folder, or file extension."""
+    if source.startswith(HUB_PREFIX):
+        return read_hub(source[len(HUB_PREFIX):], split)
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return read_saved(path, split)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {path} does not exist; pass a {SOURCES}")
+    reader = READERS.get(path.suffix.lower())
+    if reader is None:
+        raise ValueError(f"{path}: cannot read {path.suffix or 'extension-less'} files; pass "
+                         f"a {SOURCES}")
+    return reader(path)
+
+
+def parse_json(text: str, where: str) -> object:
+    """One JSON value, or a ValueError naming where it came from."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{where}: not valid JSON ({err.msg})") from None
+
+
+# ---- records: a raw row -> one of the record forms ----
+
+def as_text(value: object, field: str, where: str) -> str:
+    """A text field's value (numbers become text; None, lists and objects are refused)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise ValueError(f"{where}: field {field!r} must be text, got {value!r}")
+
+
+def chat_messages(messages: object, where: str, field: str = "messages",
+                  keys: tuple[str, str] = ("role", "content"), sharegpt: bool = False
+                  ) -> list[dict]:
+    """Checked [{role, content}] ending with the assistant's answer (ShareGPT: keys from/value,
+    roles renamed)."""
+    role_key, content_key = keys
+    ok = isinstance(messages, list) and messages and all(
+        isinstance(m, dict) and {role_key, content_key} <= m.keys() for m in messages)
+    if not ok:
+        raise ValueError(f"{where}: {field!r} must be a non-empty list of {{{role_key}, "
+                         f"{content_key}}} objects, got {str(messages)[:80]}")
+    out = [{"role": sharegpt_role(m[role_key], where) if sharegpt else m[role_key],
+            "content": as_text(m[content_key], content_key, where)} for m in messages]
+    if out[-1]["role"] != "assistant":
+        raise ValueError(f"{where}: {field!r} must end with the assistant's answer, but the "
+                         f"last turn is from {messages[-1][role_key]!r}")
+    return out
+
+
+def sharegpt_role(role: object, where: str) -> str:
+    """human/gpt/system (and user/assistant) as chat roles."""
+    if role not in SHAREGPT_ROLES:
+        raise ValueError(f"{where}: ShareGPT turn from {role!r}; expected one of "
+                         f"{sorted(SHAREGPT_ROLES)}")
+    return SHAREGPT_ROLES[role]
+
+
+def to_record(row: object, field_map: dict[str, str], where: str) -> dict:
+    """A raw row renamed by `field_map` ({ours: yours}) and checked as one record form."""
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected a record object, got {type(row).__name__}")
+    rec = {**row, **{ours: row[yours] for ours, yours in field_map.items() if yours in row}}
+    # a null field is an absent one (Parquet/datasets fill the columns of other record forms)
+    rec = {k: v for k, v in rec.items() if not (k in RECORD_FIELDS and v is None)}
+    if "messages" in rec:
+        return {**rec, "messages": chat_messages(rec["messages"], where)}
+    if "conversations" in rec:
+        rest = {k: v for k, v in rec.items() if k != "conversations"}
+        turns = chat_messages(rec["conversations"], where, "conversations", ("from", "value"),
+                              sharegpt=True)
+        return {**rest, "messages": turns}
+    if "instruction" in rec and "output" in rec:
+        return {**rec, "instruction": as_text(rec["instruction"], "instruction", where),
+                "input": as_text(rec.get("input") or "", "input", where),
+                "output": as_text(rec["output"], "output", where)}
+    if "prompt" in rec and "completion" in rec:
+        return prompt_completion(rec, where)
+    mapped = f" after field-map {field_map}" if field_map else ""
+    found = sorted(map(str, rec))
+    raise ValueError(f"{where}: expected fields {FORMS}, found {found}{mapped}; "
+                     f"rename yours with the setting field-map, e.g. "
+                     f"field-map=\"instruction=question,output=answer\"")
+
+
+def prompt_completion(rec: dict, where: str) -> dict:
+    """Text prompt/completion stays a raw pair; two message lists become one conversation."""
+    if isinstance(rec["prompt"], list) and isinstance(rec["completion"], list):
+        rest = {k: v for k, v in rec.items() if k not in ("prompt", "completion")}
+        return {**rest, "messages": chat_messages(rec["prompt"] + rec["completion"], where,
+                                                  "prompt + completion")}
+    return {**rec, "prompt": as_text(rec["prompt"], "prompt", where),
+            "completion": as_text(rec["completion"], "completion", where)}
+
+
+def to_records(rows: Rows, field_map: dict[str, str] | None, source: str) -> list[dict]:
+    """Every row as a checked record; a source without any is an error."""
+    records = [to_record(row, field_map or {}, where) for where, row in rows]
+    if not records:
+        raise ValueError(f"{source} holds no records; expected records with fields {FORMS}")
+    return records
+
+
+def load_source(source: str, field_map: dict[str, str] | None = None,
+                split: str = "train") -> list[dict]:
+    """All records of a file, save_to_disk folder or hf: hub id, renamed and checked."""
+    return to_records(read_rows(source, split), field_map, source)
+
+
+def load_jsonl(path: str | Path, field_map: dict[str, str] | None = None) -> list[dict]:
+    """All records of a JSON Lines file, whatever its extension."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {path} does not exist; pass a {SOURCES}")
+    return to_records(read_jsonl(path), field_map, str(path))
