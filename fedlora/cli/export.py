@@ -22,6 +22,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output-dir")
 
 
+def check_adapter(adapter: Path) -> None:
+    """Raise FileNotFoundError unless `adapter` is a PEFT adapter folder."""
+    if not (adapter / SAFETENSORS_NAME).exists() or not (adapter / "adapter_config.json").exists():
+        raise FileNotFoundError(f"{adapter} is not a PEFT adapter folder (expected "
+                                f"adapter_config.json and {SAFETENSORS_NAME})")
+
+
 def base_model_name(adapter: Path, override: str | None) -> str:
     """The base model to merge into: --model, the run's model, or PEFT's base id."""
     if override:
@@ -35,9 +42,7 @@ def base_model_name(adapter: Path, override: str | None) -> str:
 def run(args: argparse.Namespace) -> int:
     """Load base + adapter on the CPU in float32, merge, save model and tokenizer."""
     adapter, out = Path(args.adapter), Path(args.output_dir)
-    if not (adapter / SAFETENSORS_NAME).exists() or not (adapter / "adapter_config.json").exists():
-        raise FileNotFoundError(f"{adapter} is not a PEFT adapter folder (expected "
-                                f"adapter_config.json and {SAFETENSORS_NAME})")
+    check_adapter(adapter)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise FileExistsError(f"{out} is not empty; pass --overwrite or choose another "
                               f"--output-dir")

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from fedlora import __version__
-from fedlora.cli import certs, client, export, server, simulate
+from fedlora.cli import certs, client, export, generate, report, server, simulate
 from fedlora.config import SettingsError, all_keys
 
 # Errors a user can fix from the message alone: print it, no traceback, exit code 2.
@@ -50,6 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
                                    "model that loads with AutoModelForCausalLM.from_pretrained.")
     export.add_arguments(p)
     p.set_defaults(func=export.run)
+    p = sub.add_parser("generate", help="answer a prompt (or chat) with a base model + adapter",
+                       description=generate.__doc__.split(": ", 1)[1].strip())
+    generate.add_arguments(p)
+    p.set_defaults(func=generate.run)
+    p = sub.add_parser("report", help="plot and summarise finished runs (PNG + report.md)",
+                       description=report.__doc__.split(": ", 1)[1].strip())
+    report.add_arguments(p)
+    p.set_defaults(func=report.run)
     p = sub.add_parser("settings", help="list every run-config key with default and help")
     p.set_defaults(func=settings_command)
     return parser

@@ -114,17 +114,10 @@ def prepare_output(out_dir: Path, overwrite: bool) -> None:
 
 
 def summary_table(out_dir: Path) -> str:
-    """The per-round table printed at the end of a run."""
-    rows = read_metrics(out_dir)
-    fmt = lambda v: "   n/a" if v is None else f"{v:6.3f}"
-    lines = ["round  train-loss  eval-loss  exactness  replied  failed   MB up  MB down  seconds"]
-    for r in rows:
-        lines.append(f"{r['round']:>5}  {fmt(r.get('train-loss')):>10}  "
-                     f"{fmt(r.get('eval-loss')):>9}  {fmt(r.get('exactness')):>9}  "
-                     f"{r.get('clients-replied', 0):>7}  "
-                     f"{r.get('clients-failed', 0):>6}  {r.get('bytes-up', 0) / 1e6:6.2f}  "
-                     f"{r.get('bytes-down', 0) / 1e6:7.2f}  {r.get('seconds', 0):7.1f}")
-    return "\n".join(lines)
+    """The per-round table printed at the end of a run (accuracy when the run reports it)."""
+    from fedlora.report import round_table
+
+    return round_table(read_metrics(out_dir))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -160,4 +153,5 @@ def report_result(out_dir: Path, code: int, what: str) -> int:
         return code or 1
     print(summary_table(out_dir))
     print(f"\nfinal adapter: {out_dir / 'final'}  (load with PeftModel.from_pretrained)")
+    print(f"plots and a summary: fedlora report {out_dir}")
     return 0

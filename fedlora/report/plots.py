@@ -1,0 +1,132 @@
+"""PNG plots of one or more runs, overlaid on shared axes (one colour per run).
+
+Each plot function returns a Figure, or None when no run has the data it shows, so a plot
+appears as soon as the metrics carry its keys. Figures draw on the Agg canvas directly: no
+pyplot, no display, no global state.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from fedlora.report.runs import (ACCURACY, FAMILY_PREFIX, Run, accuracy_families, client_metrics,
+                                 cumulative, series)
+
+MB = 1e6
+
+
+def figure(panels: int = 1, width: float = 6.4) -> tuple[Figure, list]:
+    """A figure with `panels` axes side by side, on the Agg canvas."""
+    fig = Figure(figsize=(width * min(panels, 3), 4.2 * ((panels + 2) // 3)), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots((panels + 2) // 3, min(panels, 3), squeeze=False).ravel().tolist()
+    for ax in axes[panels:]:
+        ax.set_visible(False)
+    return fig, axes[:panels]
+
+
+def finish(ax, title: str, ylabel: str) -> None:
+    """Title, labels, integer round ticks, grid and legend of one axes."""
+    ax.set_title(title)
+    ax.set_xlabel("round")
+    ax.set_ylabel(ylabel)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small")
+
+
+def lines(runs: list[Run], ax, key: str, style: str = "-o", suffix: str = "") -> bool:
+    """Plot `key` of every run on `ax`; True when any run had a point."""
+    drawn = False
+    for i, run in enumerate(runs):
+        rounds, values = series(run.rows, key)
+        if rounds:
+            ax.plot(rounds, values, style, color=f"C{i}", label=run.label + suffix, markersize=4)
+            drawn = True
+    return drawn
+
+
+def plot_loss(runs: list[Run]) -> Figure | None:
+    """Train loss (solid) and eval loss (dashed) per round."""
+    fig, (ax,) = figure()
+    drawn = lines(runs, ax, "train-loss", "-o", " train")
+    drawn = lines(runs, ax, "eval-loss", "--s", " eval") or drawn
+    finish(ax, "loss per round", "loss")
+    return fig if drawn else None
+
+
+def plot_single(key: str, title: str) -> Callable[[list[Run]], Figure | None]:
+    """A plot of one per-round key, e.g. exactness or eval-perplexity."""
+    def plot(runs: list[Run]) -> Figure | None:
+        fig, (ax,) = figure()
+        drawn = lines(runs, ax, key)
+        finish(ax, title, key)
+        return fig if drawn else None
+    return plot
+
+
+def plot_accuracy(runs: list[Run]) -> Figure | None:
+    """Overall accuracy and, in further panels, accuracy per task family."""
+    families = sorted({f for run in runs for f in accuracy_families(run.rows)})
+    keys = [ACCURACY] + [FAMILY_PREFIX + f for f in families]
+    if not any(series(run.rows, key)[0] for run in runs for key in keys):
+        return None
+    fig, axes = figure(len(keys))
+    for ax, key in zip(axes, keys):
+        lines(runs, ax, key)
+        ax.set_ylim(-0.02, 1.02)
+        finish(ax, "accuracy (all tasks)" if key == ACCURACY else key, "accuracy")
+    return fig
+
+
+def plot_bytes(runs: list[Run]) -> Figure | None:
+    """Cumulative MB sent to the server (up) and to the clients (down, evaluation included)."""
+    if not any("bytes-up" in r or "bytes-down" in r for run in runs for r in run.rows):
+        return None
+    fig, (ax,) = figure()
+    for i, run in enumerate(runs):
+        rounds, up = cumulative(run.rows, ("bytes-up",))
+        _, down = cumulative(run.rows, ("bytes-down", "bytes-down-eval"))
+        ax.plot(rounds, [b / MB for b in up], "-o", color=f"C{i}", label=f"{run.label} up",
+                markersize=4)
+        ax.plot(rounds, [b / MB for b in down], "--s", color=f"C{i}",
+                label=f"{run.label} down", markersize=4)
+    finish(ax, "cumulative traffic", "MB")
+    return fig
+
+
+def client_order(name: str) -> tuple[int, int | str]:
+    """Numeric client ids in numeric order, others after them."""
+    return (0, int(name)) if re.fullmatch(r"-?\d+", name) else (1, name)
+
+
+def plot_clients(metric: str) -> Callable[[list[Run]], Figure | None]:
+    """Per-client `metric`: one panel per run, one line per client."""
+    def plot(runs: list[Run]) -> Figure | None:
+        per_run = [client_metrics(run.rows).get(metric, {}) for run in runs]
+        if not any(per_run):
+            return None
+        fig, axes = figure(len(runs))
+        for ax, run, clients in zip(axes, runs, per_run):
+            for name in sorted(clients, key=client_order):
+                rounds, values = clients[name]
+                ax.plot(rounds, values, "-o", label=f"client {name}", markersize=4)
+            finish(ax, f"{metric} per client: {run.label}", metric)
+        return fig
+    return plot
+
+
+def all_plots(runs: list[Run]) -> dict[str, Callable[[list[Run]], Figure | None]]:
+    """File stem -> plot function, for every plot these runs may have data for."""
+    plots = {"loss": plot_loss, "accuracy": plot_accuracy,
+             "perplexity": plot_single("eval-perplexity", "eval perplexity per round"),
+             "exactness": plot_single("exactness", "exactness per round (0 = exact merge)"),
+             "bytes": plot_bytes}
+    metrics = sorted({m for run in runs for m in client_metrics(run.rows)})
+    plots.update({f"clients-{m.replace('/', '-')}": plot_clients(m) for m in metrics})
+    return plots

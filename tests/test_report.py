@@ -1,0 +1,105 @@
+"""fedlora report: PNG plots and report.md from metrics.jsonl; the table simulate prints."""
+
+import json
+import math
+
+import pytest
+
+from fedlora.cli.main import main
+from fedlora.report import load_run, round_table, write_report
+from fedlora.report.runs import client_metrics, series
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def write_run(folder, strategy, rows):
+    folder.mkdir(parents=True)
+    (folder / "run.json").write_text(json.dumps({"model": "tiny-llama",
+                                                 "settings": {"strategy": strategy}}))
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def rounds(n, loss0, accuracy=False):
+    """n rounds of plausible metrics; bytes-total is cumulative as the server writes it."""
+    rows, total = [], 0
+    for r in range(1, n + 1):
+        row = {"round": r, "train-loss": loss0 / r, "eval-loss": loss0 / r + 0.5,
+               "eval-perplexity": math.exp(loss0 / r + 0.5), "exactness": 0.01 / r,
+               "clients-replied": 2, "clients-failed": 0, "bytes-up": 1_000_000,
+               "bytes-down": 2_000_000, "bytes-down-eval": 500_000, "seconds": 1.25,
+               "clients": [{"node-id": 11, "partition-id": 0, "train-loss": loss0 / r},
+                           {"node-id": 12, "partition-id": 1, "train-loss": loss0 / r + 1}]}
+        total += 3_500_000
+        row["bytes-total"] = total
+        if accuracy:
+            row.update({"accuracy": 0.2 * r, "accuracy/dates": 0.1 * r, "accuracy/units": 0.3 * r,
+                        "client-accuracy": {"0": 0.25 * r, "1": 0.15 * r}})
+        rows.append(row)
+    return rows
+
+
+def assert_png(path):
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE and len(data) > 1000, path
+
+
+def test_one_run_writes_valid_pngs_and_a_summary(tmp_path, capsys):
+    run = write_run(tmp_path / "fedavg-run", "fedavg", rounds(3, 3.0))
+    assert main(["report", str(run)]) == 0
+    out = run / "report"
+    printed = capsys.readouterr().out.split()
+    names = {"loss.png", "perplexity.png", "exactness.png", "bytes.png", "clients-train-loss.png",
+             "report.md"}
+    assert {p.split("/")[-1] for p in printed} == names
+    for name in names - {"report.md"}:
+        assert_png(out / name)
+    assert not (out / "accuracy.png").exists()  # no accuracy key: no plot, no column
+    md = (out / "report.md").read_text()
+    # final train loss 3/3, eval 1.5, 3 x 3.5 MB, 3 x 1.25 s
+    assert "| `fedavg-run` | fedavg | 3 | 1.0000 | 1.5000 | 10.50 | 3.8 |" in md
+    assert "accuracy" not in md
+    assert "![loss](loss.png)" in md and "![bytes](bytes.png)" in md
+
+
+def test_two_runs_overlaid_with_accuracy(tmp_path):
+    a = write_run(tmp_path / "a", "fedavg", rounds(4, 2.0, accuracy=True))
+    b = write_run(tmp_path / "b", "flexlora", rounds(2, 4.0))
+    written = write_report([a, b], tmp_path / "cmp")
+    assert {p.name for p in written} >= {"accuracy.png", "clients-accuracy.png", "loss.png"}
+    for path in written[:-1]:
+        assert_png(path)
+    md = (tmp_path / "cmp" / "report.md").read_text()
+    assert "| final accuracy |" in md
+    assert "| `a` | fedavg | 4 | 0.5000 | 1.0000 | 0.8000 | 14.00 | 5.0 |" in md
+    assert "| `b` | flexlora | 2 | 2.0000 | 2.5000 | n/a | 7.00 | 2.5 |" in md
+
+
+def test_missing_values_and_nan_are_skipped(tmp_path):
+    rows = rounds(3, 3.0)
+    rows[1]["eval-loss"] = float("nan")  # json writes NaN when no client evaluated
+    del rows[2]["eval-loss"]
+    run = load_run(write_run(tmp_path / "r", "fedavg", rows))
+    assert series(run.rows, "eval-loss") == ([1], [3.5])
+    assert client_metrics(run.rows)["train-loss"]["1"] == ([1, 2, 3], [4.0, 2.5, 2.0])
+
+
+@pytest.mark.parametrize("setup, message", [
+    (lambda d: None, "no such run folder"),
+    (lambda d: d.mkdir(), "holds no metrics.jsonl"),
+    (lambda d: (d.mkdir(), (d / "metrics.jsonl").write_text("\n")), "is empty"),
+    (lambda d: (d.mkdir(), (d / "metrics.jsonl").write_text("{oops\n")), "line 1: not JSON"),
+])
+def test_bad_run_folder_exits_2_with_a_message(tmp_path, capsys, setup, message):
+    setup(tmp_path / "run")
+    assert main(["report", str(tmp_path / "run")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run" / "report").exists()
+
+
+def test_round_table_shows_accuracy_only_when_reported():
+    plain = round_table(rounds(2, 3.0))
+    assert "accuracy" not in plain.splitlines()[0]
+    lines = round_table(rounds(2, 3.0, accuracy=True)).splitlines()
+    assert lines[0].split()[:4] == ["round", "train-loss", "eval-loss", "accuracy"]
+    assert lines[2].split()[:4] == ["2", "1.500", "2.000", "0.400"]
