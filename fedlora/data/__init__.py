@@ -7,13 +7,16 @@ import random
 from fedlora.config import DataSettings
 from fedlora.data.format import IGNORE, collate, pack, to_messages, tokenize, tokenize_records
 from fedlora.data.loaders import load_jsonl, load_source
-from fedlora.data.partition import PARTITIONERS, dirichlet_partition, iid_partition
-from fedlora.data.tasks import TASKS, builtin_task
+from fedlora.data.partition import (PARTITIONERS, USES_LABELS, by_field_partition,
+                                    dirichlet_partition, iid_partition, partition_table,
+                                    quantity_skew_partition)
+from fedlora.data.tasks import SCORERS, TASKS, builtin_task, score_answer, split_suite
 
-__all__ = ["IGNORE", "PARTITIONERS", "TASKS", "builtin_task", "client_records", "collate",
-           "dirichlet_partition", "iid_partition", "load_jsonl", "load_records", "load_source",
-           "pack", "record_labels", "to_messages", "tokenize", "tokenize_records",
-           "train_eval_split"]
+__all__ = ["IGNORE", "PARTITIONERS", "SCORERS", "TASKS", "builtin_task", "by_field_partition",
+           "client_records", "collate", "describe_partition", "dirichlet_partition",
+           "iid_partition", "load_jsonl", "load_records", "load_source", "pack",
+           "partition_dataset", "quantity_skew_partition", "record_labels", "score_answer",
+           "split_suite", "to_messages", "tokenize", "tokenize_records", "train_eval_split"]
 
 
 def load_records(dataset: str, size: int, seed: int, field_map: dict[str, str] | None = None,
@@ -34,8 +37,8 @@ def train_eval_split(records: list[dict], eval_fraction: float, seed: int):
 
 
 def record_labels(records: list[dict], field: str, partitioner: str) -> list[str]:
-    """Each record's label for label-skewed partitioners (IID needs none)."""
-    if partitioner == "iid":
+    """Each record's label for the partitioners that read one (iid, quantity-skew need none)."""
+    if partitioner not in USES_LABELS:
         return [""] * len(records)
     missing = next((r for r in records if field not in r), None)
     if missing is not None:
@@ -50,10 +53,32 @@ def client_records(settings: DataSettings, partition_id: int, num_partitions: in
     if settings.data_path:
         records = load_source(settings.data_path, settings.field_mapping(), settings.data_split)
     else:
-        everything = load_records(settings.dataset, settings.dataset_size, seed,
-                                  settings.field_mapping(), settings.data_split)
-        labels = record_labels(everything, settings.partition_field, settings.partitioner)
-        part = PARTITIONERS[settings.partitioner](labels, num_partitions, seed,
-                                                  settings.dirichlet_alpha)
-        records = [everything[i] for i in part[partition_id]]
+        everything, parts = partition_dataset(settings, num_partitions, seed)
+        records = [everything[i] for i in parts[partition_id]]
     return train_eval_split(records, settings.eval_fraction, seed + partition_id)
+
+
+def partition_dataset(settings: DataSettings, num_partitions: int,
+                      seed: int) -> tuple[list[dict], list[list[int]]]:
+    """All records of `dataset` and each client's record indices under `partitioner`."""
+    everything = load_records(settings.dataset, settings.dataset_size, seed,
+                              settings.field_mapping(), settings.data_split)
+    labels = record_labels(everything, settings.partition_field, settings.partitioner)
+    parts = PARTITIONERS[settings.partitioner](labels, num_partitions, seed,
+                                               settings.dirichlet_alpha)
+    return everything, parts
+
+
+def describe_partition(settings: DataSettings, num_clients: int, seed: int) -> str:
+    """A table of each simulated client's records (before its eval split): size, and the mix
+    of `partition-field` values when every record has that field."""
+    if settings.data_path:
+        return "fedlora: every client reads its own data-path; no partition to describe"
+    records, parts = partition_dataset(settings, num_clients, seed)
+    field = settings.partition_field
+    labels = [str(r[field]) for r in records] if all(field in r for r in records) else None
+    alpha = f" alpha={settings.dirichlet_alpha}" if settings.partitioner in (
+        "dirichlet", "quantity-skew") else ""
+    mix = f", mix of {field!r}" if labels else ""
+    return (f"fedlora: {settings.dataset} over {num_clients} clients, partitioner "
+            f"{settings.partitioner}{alpha}{mix}:\n" + partition_table(parts, labels))
