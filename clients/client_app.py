@@ -29,6 +29,7 @@ from fedlora.adapters import (Slot, Workspace, get_lora_state, join_factors, mod
 from fedlora.aggregation import get_strategy
 from fedlora.aggregation.hetlora import pruned_rank
 from fedlora.aggregation.linalg import truncate_rank
+from fedlora.aggregation.privacy import clip_to_received
 from fedlora.aggregation.scaling import from_delta, lora_scale, to_delta
 from fedlora.config import Settings
 from fedlora.data import client_records, tokenize_records
@@ -111,6 +112,20 @@ def self_prune(state: dict, rank: int, settings: Settings) -> tuple[dict, int]:
     return join_factors(from_delta(kept, scale(keep))), keep
 
 
+def clip_reply(state: dict, start: dict, rank: int, settings: Settings, shares: str) -> dict:
+    """dp-clipping=client: the shared factors moved back towards what this node received
+    until the update (delta-W scale, all modules) has norm <= clip-norm; the server checks it."""
+    fed = settings.federation
+    if not fed.clip_norm or fed.dp_clipping != "client":
+        return state
+    scale = lora_scale(rank, settings.lora.alpha, settings.lora.use_rslora)
+    delta = lambda s: to_delta(split_factors({k: v.float() for k, v in s.items()}), scale)
+    clipped, norm, factor = clip_to_received(delta(state), delta(start), shares, fed.clip_norm)
+    if factor < 1:
+        log.info("update norm %.4g clipped to clip-norm %g", norm, fed.clip_norm)
+    return join_factors(from_delta(clipped, scale))
+
+
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Tell the server this node's LoRA rank (asked once, before the node's first round)."""
@@ -135,6 +150,7 @@ def train(msg: Message, context: Context) -> Message:
     rank = int(msg.content["config"]["rank"])
     state, rank = self_prune(get_lora_state(slot.model, slot.adapter), rank, settings)
     shares = get_strategy(settings.federation.strategy).shares
+    state = clip_reply(state, starting_state(msg, context, slot, shares), rank, settings, shares)
     if shares == "A":  # fedsa-lora: B stays on this node
         context.state[PERSONAL] = ArrayRecord(shared_keys(state, "B"))
     arrays = to_array_record(shared_keys(state, shares), settings.federation.wire_dtype)

@@ -47,6 +47,8 @@ ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 RANK_POOL = (4, 8, 16, 32, 64)
 RANK_DISTRIBUTIONS = ("uniform", "heavy-tail")
 HETLORA_WEIGHTINGS = ("norm", "examples")
+ROUND_FAILURES = ("retry", "stop")
+DP_CLIPPING = ("server", "client")
 
 
 def parse_client_ranks(spec: str) -> tuple[str, tuple[int, ...]]:
@@ -287,6 +289,29 @@ class FederationSettings:
         "Drop a reply whose update ||delta W||_F (all modules) exceeds this (0 = no bound).")
     round_timeout: float = _setting("round-timeout", 3600.0,
                                     "Seconds to wait for client replies in each phase.")
+    min_replies: int = _setting(
+        "min-replies", 0,
+        "Valid training replies a round needs to be merged (0 = min-train-nodes); nodes that "
+        "crash, time out or send a rejected reply are counted and skipped.")
+    round_failure: str = _setting(
+        "round-failure", "retry",
+        "When a round gets fewer than min-replies: retry it (up to round-retries times, then "
+        "stop) or stop at once; the last complete round stays on disk for --resume.")
+    round_retries: int = _setting("round-retries", 2, "Retries of a failed round (retry mode).")
+    clip_norm: float = _setting(
+        "clip-norm", 0.0,
+        "Clip each client's update (change of the factors it sends, delta-W scale, L2 over all "
+        "modules) to this norm before merging (0 = off). Required by dp-noise-multiplier.")
+    dp_noise_multiplier: float = _setting(
+        "dp-noise-multiplier", 0.0,
+        "Client-level differential privacy (0 = off): equal client weights and Gaussian noise "
+        "of std multiplier x clip-norm / clients on the merged factors; epsilon is reported "
+        "each round. fedavg, fedprox, ffa-lora, fedsa-lora only.")
+    dp_delta: float = _setting("dp-delta", 1e-5, "delta of the (epsilon, delta) reported.")
+    dp_clipping: str = _setting(
+        "dp-clipping", "server",
+        "Where updates are clipped to clip-norm: server (the server sees raw updates) or "
+        "client (nodes clip before sending; the server rejects a reply above clip-norm).")
     wire_dtype: str = _setting("wire-dtype", "float32",
                                "dtype of the LoRA factors sent both ways: float32 or float16.")
     export_rank: int = _setting(
@@ -319,6 +344,10 @@ class FederationSettings:
     seed: int = _setting("seed", 0, "Seed for the initial adapter, data splits and training.")
     output_dir: str = _setting("output-dir", "fedlora-output",
                                "Where the server writes metrics.jsonl and adapters.")
+    resume: bool = _setting(
+        "resume", False,
+        "Continue the run in output-dir from its last complete round (state/latest.json); "
+        "`fedlora server --resume DIR` and `fedlora simulate --resume DIR` set it.")
 
     def __post_init__(self) -> None:
         _require(self.num_rounds >= 1, "num-server-rounds", "an integer >= 1", self.num_rounds)
@@ -350,6 +379,14 @@ class FederationSettings:
         _require(0 <= self.server_beta2 < 1, "server-beta2", "a number in [0, 1)",
                  self.server_beta2)
         _require(self.server_tau > 0, "server-tau", "a number > 0", self.server_tau)
+        _require(self.min_replies >= 0, "min-replies", "an integer >= 0", self.min_replies)
+        _one_of("round-failure", self.round_failure, ROUND_FAILURES)
+        _require(self.round_retries >= 0, "round-retries", "an integer >= 0", self.round_retries)
+        _require(self.clip_norm >= 0, "clip-norm", "a number >= 0", self.clip_norm)
+        _require(self.dp_noise_multiplier >= 0, "dp-noise-multiplier", "a number >= 0",
+                 self.dp_noise_multiplier)
+        _require(0 < self.dp_delta < 1, "dp-delta", "a number in (0, 1)", self.dp_delta)
+        _one_of("dp-clipping", self.dp_clipping, DP_CLIPPING)
 
 
 SECTIONS = {"model": ModelSettings, "lora": LoraSettings, "train": TrainSettings,
@@ -422,6 +459,30 @@ class Settings:
         if not strategy.heterogeneous and fed.export_rank not in (0, ranks[0]):
             raise SettingsError(f"setting 'export-rank': strategy '{strategy.name}' keeps the "
                                 f"clients' rank {ranks[0]}, got {fed.export_rank}; leave it 0")
+        if fed.clip_norm and strategy.fresh_adapter:
+            raise SettingsError(f"setting 'clip-norm': strategy '{strategy.name}' starts a "
+                                f"fresh adapter every round, so there is no received adapter "
+                                f"to measure an update from; set clip-norm=0")
+        if fed.clip_norm and fed.dp_clipping == "client":
+            if fed.wire_dtype != "float32":
+                raise SettingsError(
+                    f"setting 'dp-clipping': client clipping is checked by the server to 1e-4 of "
+                    f"clip-norm, and rounding the factors to {fed.wire_dtype} on the wire moves "
+                    f"them by more; use wire-dtype=float32 or dp-clipping=server")
+            if fed.hetlora_prune:
+                raise SettingsError("setting 'dp-clipping': a node that prunes its rank "
+                                    "(hetlora-prune) changes the update after clipping; use "
+                                    "dp-clipping=server or hetlora-prune=0")
+        if fed.dp_noise_multiplier:
+            if not fed.clip_norm:
+                raise SettingsError("setting 'dp-noise-multiplier': differential privacy needs "
+                                    "a bound on each update; set clip-norm > 0 too")
+            if not strategy.linear:
+                raise SettingsError(
+                    f"setting 'dp-noise-multiplier': strategy '{strategy.name}' does not merge "
+                    f"by averaging the factors, so the Gaussian mechanism's noise would not "
+                    f"bound what a client adds; use one of "
+                    + ", ".join(n for n, s in sorted(STRATEGIES.items()) if s.linear))
         if fed.server_optimizer != "none" and not strategy.server_optimizer_ok:
             raise SettingsError(
                 f"setting 'server-optimizer': {fed.server_optimizer} acts on the global factors "

@@ -58,8 +58,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from fedlora.app_config import render_pyproject, toml_string
-from fedlora.processes import (TAG_ENV_VAR, ProcessTracker, RunState, SignalGuard, cleanup,
-                               err)
+from fedlora.processes import (TAG_ENV_VAR, ProcessTracker, RunState, SignalGuard,
+                               claim_output_dir, cleanup, err, release_output_dir)
 
 CONNECTION_NAME = "fedlora"
 READY_TIMEOUT_S = 60.0
@@ -412,11 +412,13 @@ def run_app(
     serverapp: str = "server.server_app:app",
     clientapp: str = "clients.client_app:app",
     log_file: Path | None = None,
+    output_dir: Path | None = None,
 ) -> int:
     """Start a SuperLink per `spec`, run the app on it, stop everything; return the exit code.
 
     `app_config` is the full run_config of the app. The SuperLink log goes to `log_file` if
-    given (overwritten), otherwise to the temp dir. Every process started here is stopped
+    given (overwritten), otherwise to the temp dir. With `output_dir`, processes that an
+    earlier, killed run in that folder left behind are stopped first (`claim_output_dir`). Every process started here is stopped
     and the temp dir deleted before this returns or raises (also on Ctrl-C and SIGTERM,
     which are re-raised as KeyboardInterrupt / SystemExit(143) after cleanup).
     Raises ValueError/TypeError for invalid arguments and SimulationSetupError if the
@@ -429,10 +431,14 @@ def run_app(
     try:
         state = RunState(tmp=Path(tempfile.mkdtemp(prefix="fedlora-run-")), tag=uuid.uuid4().hex)
         try:
+            if output_dir is not None:
+                claim_output_dir(output_dir, state.tag)
             code = _execute(state, pyproject, spec, federation_config, bin_dir, log_file)
         finally:
             guard.cleaning = True
             cleanup(state)
+            if output_dir is not None:
+                release_output_dir(output_dir, state.tag)
     finally:
         guard.restore()
     guard.raise_pending()
@@ -446,11 +452,12 @@ def run_simulation(
     num_cpus_per_client: float = 2.0,
     num_gpus_per_client: float = 0.0,
     log_file: Path | None = None,
+    output_dir: Path | None = None,
 ) -> int:
     """Run one Flower simulation with `num_clients` SuperNodes; return its exit code (0 = ok)."""
     fed_cfg = _federation_config(num_clients, num_cpus_per_client, num_gpus_per_client)
     return run_app(app_config, SuperLinkSpec(simulation=True), federation_config=fed_cfg,
-                   log_file=log_file)
+                   log_file=log_file, output_dir=output_dir)
 
 
 _FLOWER_EXIT = re.compile(r"Exit Code: (\d+)")

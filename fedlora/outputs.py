@@ -10,7 +10,6 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig
-from safetensors.torch import save_file
 
 from fedlora.adapters.lora import save_adapter
 
@@ -45,16 +44,6 @@ class RunWriter:
         self._write_adapter(state, self.out_dir / "rounds" / str(server_round), rank)
         with open(self.out_dir / METRICS, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(metrics) + "\n")
-
-    def write_state(self, server_round: int, tensors: dict[str, torch.Tensor]) -> Path:
-        """state/round-<n>.safetensors: the server's global factors and residual (delta W)."""
-        folder = self.out_dir / "state"
-        folder.mkdir(exist_ok=True)
-        target = folder / f"round-{server_round}.safetensors"
-        tmp = folder / f".{target.name}.tmp"
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-        os.replace(tmp, target)
-        return target
 
     def write_final(self, state: dict[str, torch.Tensor], rank: int) -> Path:
         """final/ adapter (of `rank`)."""

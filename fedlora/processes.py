@@ -11,6 +11,7 @@ cleanup.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -30,6 +31,7 @@ KILL_WAIT_S = 5.0
 TAGGED_GRACE_S = 3.0  # flwr-simulation and Ray's gcs_server/raylet often ignore SIGTERM anyway
 REAP_WAIT_S = 2.0
 TRACK_INTERVAL_S = 1.0
+RUN_FILE = ".fedlora-run.json"  # in the output dir: which run (tag, launcher pid) uses it
 
 
 def err(message: str) -> None:
@@ -285,3 +287,51 @@ def cleanup(state: RunState) -> None:
             shutil.rmtree(path, ignore_errors=True)
             if path.exists():
                 err(f"could not delete temp dir {path}; delete it by hand")
+
+
+# --------------------------------------------------------------------------- leftovers
+
+
+def claim_output_dir(folder: Path, tag: str) -> list[int]:
+    """Record that the run tagged `tag` uses `folder`, after stopping what an earlier run
+    there left behind; returns the pids stopped.
+
+    A launcher killed with SIGKILL cannot clean up: its SuperLink (own session) keeps running
+    and holds the port. Its processes still carry the earlier run's tag, named in RUN_FILE,
+    so they are found and stopped here. A launcher that is still alive means another run is
+    writing to this folder: that is refused.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / RUN_FILE
+    earlier: dict = {}
+    with contextlib.suppress(OSError, ValueError):
+        earlier = json.loads(path.read_text())
+    pid, old_tag = int(earlier.get("pid", 0)), str(earlier.get("tag", ""))
+    if pid and pid != os.getpid() and _is_alive(pid) and b"fedlora" in _cmdline(pid):
+        raise FileExistsError(f"{folder} is in use by another fedlora run (pid {pid}); "
+                              f"stop it first or choose another --output-dir")
+    stopped = ProcessTracker(old_tag, []).scan() if old_tag else []
+    if stopped:
+        err(f"stopping {len(stopped)} processes left by an earlier run in {folder} that "
+            f"was killed (pids {', '.join(map(str, stopped))})")
+        _signal_pids(stopped, signal.SIGTERM)
+        _signal_pids(_wait_gone(stopped, TERM_GRACE_S), signal.SIGKILL)
+        _wait_gone(stopped, KILL_WAIT_S)
+    path.write_text(json.dumps({"tag": tag, "pid": os.getpid()}) + "\n")
+    return stopped
+
+
+def _cmdline(pid: int) -> bytes:
+    """A process's command line ('' when it is gone)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def release_output_dir(folder: Path, tag: str) -> None:
+    """Remove RUN_FILE if it still names the run tagged `tag`."""
+    path = folder / RUN_FILE
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        if json.loads(path.read_text())["tag"] == tag:
+            path.unlink()

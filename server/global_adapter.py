@@ -15,6 +15,7 @@ import torch
 from fedlora.adapters import join_factors, split_factors
 from fedlora.aggregation import ClientUpdate, Factors, Strategy
 from fedlora.aggregation.exactness import compress, exactness, truncation_loss
+from fedlora.aggregation.privacy import add_noise, clip_update, noise_std
 from fedlora.aggregation.scaling import from_delta, lora_scale, to_delta
 from fedlora.config import LoraSettings
 
@@ -49,6 +50,9 @@ class GlobalAdapter:
     residual_budget: int
     optimizer: object | None = None  # fedlora.aggregation.server_opt optimiser, or None
     residual: Factors = field(default_factory=dict)
+    clip_norm: float = 0.0  # clip each update to this norm (0 = off)
+    noise_multiplier: float = 0.0  # client-level DP noise (needs clip_norm and a linear merge)
+    noise_seed: int = 0  # the noise of round n is drawn from seed (noise_seed, n)
 
     @property
     def rank(self) -> int:
@@ -80,15 +84,39 @@ class GlobalAdapter:
         return ClientUpdate(to_delta(split_factors(raw), self.scale(rank)), weight)
 
     # ---- one round ----------------------------------------------------------------------------
-    def update(self, updates: list[ClientUpdate]) -> dict:
+    def clip(self, updates: list[ClientUpdate]) -> tuple[list[ClientUpdate], dict]:
+        """Each update clipped to clip_norm around the adapter its client received; with DP,
+        equal weights (the Gaussian mechanism bounds each client, not each example)."""
+        out, norms = [], []
+        for u in updates:
+            reference = self.strategy.payload(self.factors, u.rank)
+            factors, norm, _ = clip_update(u.factors, reference, self.clip_norm)
+            out.append(ClientUpdate(factors, 1.0 if self.noise_multiplier else u.weight))
+            norms.append(norm)
+        return out, {"clip-norm": self.clip_norm, "update-norms": norms,
+                     "clients-clipped": sum(n > self.clip_norm for n in norms)}
+
+    def noised(self, merged: Factors, num_updates: int, server_round: int
+               ) -> tuple[Factors, float]:
+        """The merged factors plus Gaussian noise of std z C / m on the shared factors."""
+        std = noise_std(self.noise_multiplier, self.clip_norm, num_updates)
+        generator = torch.Generator().manual_seed(self.noise_seed * 1_000_003 + server_round)
+        return add_noise(merged, std, self.strategy.shares, generator), std
+
+    def update(self, updates: list[ClientUpdate], server_round: int = 0) -> dict:
         """Merge one round's updates into the global state; returns the round's figures."""
         self.strategy.check(updates)
+        info: dict = {}
+        if self.clip_norm:
+            updates, clip_info = self.clip(updates)
+            info.update(clip_info)
         result = self.strategy.merge(updates, self.factors, export_rank=self.rank)
         merged = result.global_factors
+        if self.noise_multiplier and merged:
+            merged, info["dp-noise-std"] = self.noised(merged, len(updates), server_round)
         if self.optimizer is not None and merged:
             merged = self.optimizer.step(self.factors, merged)
         self.factors = merged
-        info: dict = {}
         if self.strategy.exactness_defined:  # fedsa-lora has no global delta W to compare
             overall, per_module = exactness(result.applied, updates)
             info["exactness"] = overall
@@ -115,7 +143,23 @@ class GlobalAdapter:
 
     # ---- checkpoint ---------------------------------------------------------------------------
     def tensors(self) -> dict[str, torch.Tensor]:
-        """The global factors and the residual (delta-W scale) as flat named tensors."""
+        """Global factors, residual (delta-W scale) and optimiser state as named tensors."""
         out = {f"global/{k}": v for k, v in join_factors(self.factors).items()}
         out.update({f"residual/{k}": v for k, v in join_factors(self.residual).items()})
+        if self.optimizer is not None:
+            out.update({f"optimizer/{k}": v for k, v in self.optimizer.state_dict().items()})
         return out
+
+    def restore(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Load what `tensors()` saved (the inverse; shapes are checked by the caller's use)."""
+        part = lambda prefix: {k.removeprefix(prefix): v for k, v in tensors.items()
+                               if k.startswith(prefix)}
+        saved = part("global/")
+        if saved and set(saved) != set(join_factors(self.factors)):
+            raise ValueError("the checkpoint's global adapter has other modules than this "
+                             "run's model; was the run's model or target-modules changed?")
+        self.factors = split_factors(saved) if saved else {}
+        residual = part("residual/")
+        self.residual = split_factors(residual) if residual else {}
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(part("optimizer/"))

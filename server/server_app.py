@@ -6,7 +6,7 @@ import time
 from logging import INFO
 from pathlib import Path
 
-from flwr.app import ConfigRecord, Context
+from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedlora.adapters import lora_config, shared_init, target_shapes
@@ -15,8 +15,9 @@ from fedlora.aggregation.server_opt import SERVER_OPTIMIZERS
 from fedlora.config import Settings
 from fedlora.models import model_skeleton, resolve_source
 from fedlora.outputs import RunWriter
-from fedlora.records import to_array_record
+from server.checkpoint import discard_after, read_latest, set_rng_state
 from server.global_adapter import GlobalAdapter
+from server.privacy import PrivacyLedger
 from server.strategy import LoraStrategy, log
 
 app = ServerApp()
@@ -40,7 +41,9 @@ def build_global(settings: Settings, shapes: dict[str, tuple[int, int]]) -> Glob
     return GlobalAdapter(strategy=strategy, lora=settings.lora,
                          factors=shared_init(shapes, settings.global_rank, fed.seed),
                          global_rank=settings.global_rank,
-                         residual_budget=fed.residual_rank, optimizer=optimizer)
+                         residual_budget=fed.residual_rank, optimizer=optimizer,
+                         clip_norm=fed.clip_norm, noise_multiplier=fed.dp_noise_multiplier,
+                         noise_seed=fed.seed)
 
 
 def server_optimizer_options(fed) -> dict:
@@ -55,36 +58,51 @@ def build_strategy(settings: Settings, shapes: dict[str, tuple[int, int]], write
                    ) -> LoraStrategy:
     """The strategy object for these settings."""
     fed = settings.federation
+    ledger = None
+    if fed.dp_noise_multiplier:
+        ledger = PrivacyLedger(fed.dp_noise_multiplier, fed.dp_delta, fed.min_available_nodes)
     return LoraStrategy(
         state=build_global(settings, shapes), shapes=shapes, wire_dtype=fed.wire_dtype,
         writer=writer, seed=fed.seed, timeout=fed.round_timeout,
         rank_pruning=fed.hetlora_prune > 0, max_examples=fed.max_num_examples,
-        max_update_norm=fed.max_update_norm,
+        max_update_norm=fed.max_update_norm, min_replies=fed.min_replies,
+        round_failure=fed.round_failure, round_retries=fed.round_retries,
+        client_clipping=fed.clip_norm > 0 and fed.dp_clipping == "client", ledger=ledger,
         fraction_train=fed.fraction_train, fraction_evaluate=fed.fraction_evaluate,
         min_train_nodes=fed.min_train_nodes, min_evaluate_nodes=fed.min_evaluate_nodes,
         min_available_nodes=fed.min_available_nodes)
 
 
+def resume_point(strategy: LoraStrategy, out_dir: Path) -> int:
+    """Load the last complete round's checkpoint into `strategy`; the first round to run."""
+    checkpoint = read_latest(out_dir)
+    dropped = discard_after(out_dir, checkpoint.round)
+    strategy.resume(checkpoint)
+    set_rng_state(checkpoint.meta["rng"], checkpoint.tensors.get("rng/torch"))
+    log(INFO, "fedlora: resuming after round %d from %s (dropped %d metrics line(s) of the "
+        "interrupted round)", checkpoint.round, out_dir, dropped)
+    return checkpoint.round + 1
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Run `num-server-rounds` rounds and write everything under output-dir."""
+    """Run `num-server-rounds` rounds (from the last checkpoint with `resume`) and write
+    everything under output-dir."""
     settings = Settings.from_config(context.run_config)
+    fed = settings.federation
     started = time.perf_counter()
     shapes, base_id = adapted_shapes(settings)
-    out_dir = Path(settings.federation.output_dir).resolve()
+    out_dir = Path(fed.output_dir).resolve()
     writer = RunWriter(out_dir, lora_config(settings.lora, base_id),
                        {"model": settings.model.name, "base_model": base_id,
-                        "settings": settings.to_config()})
+                        "settings": {**settings.to_config(), "resume": False}})
     strategy = build_strategy(settings, shapes, writer)
+    first_round = resume_point(strategy, out_dir) if fed.resume else 1
     log(INFO, "fedlora: %s, strategy %s, global rank %d, client ranks %s, %d adapted layers, "
-        "output %s", settings.model.name, settings.federation.strategy, settings.global_rank,
-        ",".join(map(str, sorted(set(settings.lora.possible_ranks())))), len(shapes), out_dir)
-    initial, _ = strategy.state.export()
-    strategy.start(
-        grid=grid, initial_arrays=to_array_record(initial, "float32"),
-        num_rounds=settings.federation.num_rounds, timeout=settings.federation.round_timeout,
-        train_config=ConfigRecord({}), evaluate_config=ConfigRecord({}),
-        evaluate_fn=strategy.end_of_round)
+        "rounds %d..%d, output %s", settings.model.name, fed.strategy, settings.global_rank,
+        ",".join(map(str, sorted(set(settings.lora.possible_ranks())))), len(shapes),
+        first_round, fed.num_rounds, out_dir)
+    strategy.run(grid, first_round, fed.num_rounds)
     state, rank = strategy.state.export()
     path = writer.write_final(state, rank)
     log(INFO, "fedlora: final adapter written to %s (%.1f s)", path, time.perf_counter() - started)

@@ -11,8 +11,9 @@ round.
 from __future__ import annotations
 
 import math
+import random
 import time
-from logging import INFO, WARNING
+from logging import ERROR, INFO, WARNING
 from typing import Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -23,10 +24,17 @@ from flwr.serverapp.strategy import FedAvg
 from fedlora.adapters import shared_keys
 from fedlora.aggregation import ClientUpdate
 from fedlora.aggregation.linalg import product_norm
+from fedlora.aggregation.privacy import factor_distance
 from fedlora.outputs import RunWriter
 from fedlora.records import factor_bytes, from_array_record, to_array_record
 from fedlora.validation import expected_shapes, reply_problem
+from server.checkpoint import Checkpoint, write_checkpoint
 from server.global_adapter import GlobalAdapter
+from server.privacy import PrivacyLedger
+
+
+class RoundFailed(RuntimeError):
+    """A round got too few valid replies, also after its retries."""
 
 
 def update_norm(update: ClientUpdate) -> float:
@@ -46,8 +54,17 @@ class LoraStrategy(FedAvg):
     def __init__(self, state: GlobalAdapter, shapes: dict[str, tuple[int, int]],
                  wire_dtype: str, writer: RunWriter, seed: int, timeout: float,
                  rank_pruning: bool = False, max_examples: int = 10_000_000,
-                 max_update_norm: float = 0.0, **fedavg_kwargs) -> None:
+                 max_update_norm: float = 0.0, min_replies: int = 0,
+                 round_failure: str = "retry", round_retries: int = 2,
+                 client_clipping: bool = False, ledger: PrivacyLedger | None = None,
+                 **fedavg_kwargs) -> None:
         super().__init__(**fedavg_kwargs)
+        self.min_replies = min_replies or self.min_train_nodes
+        self.round_failure = round_failure  # "retry" or "stop"
+        self.round_retries = round_retries
+        self.client_clipping = client_clipping  # nodes clip; replies above clip-norm dropped
+        self.ledger = ledger  # client-level DP accounting, or None
+        self.waited_for_all = False  # the first round of a process waits for every node
         self.max_examples = max_examples
         self.max_update_norm = max_update_norm  # 0 = no bound
         self.rank_pruning = rank_pruning  # hetlora: nodes may reply at a smaller rank
@@ -110,19 +127,36 @@ class LoraStrategy(FedAvg):
                for n in node_ids]
         return out, {n: size[ranks[n]] for n in node_ids}
 
+    # ---- sampling ----------------------------------------------------------------------------
+    def sample(self, grid: Grid, server_round: int, fraction: float, minimum: int) -> list[int]:
+        """Nodes for one phase, drawn with a seeded RNG (the same round draws the same nodes
+        from the same node set, also after a resume). The first round this server runs waits
+        until min-available-nodes are connected; later rounds only for `minimum`, so a node
+        that died does not stall the run, and one that reconnects is drawn again."""
+        wait_for = max(minimum, self.min_available_nodes if not self.waited_for_all else 0)
+        while len(nodes := sorted(grid.get_node_ids())) < wait_for:
+            log(INFO, "round %d: waiting for nodes to connect: %d of %d", server_round,
+                len(nodes), wait_for)
+            time.sleep(1)
+        self.waited_for_all = True
+        size = min(len(nodes), max(minimum, int(len(nodes) * fraction)))
+        rng = random.Random(self.seed * 1_000_003 + server_round)
+        return sorted(rng.sample(nodes, size))
+
     # ---- training ----------------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        """Sample nodes (FedAvg), learn new nodes' ranks, send each its own payload."""
+        """Sample nodes, learn new nodes' ranks, send each its own payload."""
         started = time.perf_counter()
-        sampled = [m.metadata.dst_node_id
-                   for m in super().configure_train(server_round, arrays, config, grid)]
+        sampled = self.sample(grid, server_round, self.fraction_train, self.min_train_nodes)
         failures = self.learn_ranks(sampled, grid)
         ready = [n for n in sampled if n in self.node_ranks]
         messages, down = self.messages(ready, self.node_ranks, server_round, config,
                                        MessageType.TRAIN)
         self.round_log = {"round": server_round, "started": started, "down": down,
                           "clients-sampled": len(sampled), "failures": failures}
+        log(INFO, "round %d: sent training to %d nodes (ranks %s)", server_round, len(ready),
+            ",".join(str(self.node_ranks[n]) for n in ready))
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
@@ -151,10 +185,16 @@ class LoraStrategy(FedAvg):
                                         [c["num-examples"] for c in clients])})
         for info in clients:
             info["bytes-down"] = down.get(info["node-id"], 0)
-        if not updates:
-            log(WARNING, "round %d: no valid reply; the global adapter is unchanged", server_round)
+        if len(updates) < self.min_replies:
+            log(WARNING, "round %d: %d valid replies, fewer than min-replies=%d; the round is "
+                "not merged", server_round, len(updates), self.min_replies)
             return None, None
-        self.round_log.update(self.state.update(updates))
+        self.round_log.update(self.state.update(updates, server_round))
+        if self.ledger is not None:
+            self.ledger.record()
+            self.round_log.update({"dp-epsilon": self.ledger.epsilon(),
+                                   "dp-delta": self.ledger.delta,
+                                   "dp-noise-multiplier": self.ledger.noise_multiplier})
         state, _ = self.state.export()
         metrics = MetricRecord({"train-loss": self.round_log["train-loss"],
                                 "clients-replied": len(clients)})
@@ -189,6 +229,12 @@ class LoraStrategy(FedAvg):
         if self.max_update_norm and norm > self.max_update_norm:
             return (f"update norm ||delta W||_F = {norm:.4g} is above max-update-norm="
                     f"{self.max_update_norm:g}"), None, {}
+        if self.client_clipping:
+            moved = factor_distance(update.factors, self.state.strategy.payload(
+                self.state.factors, rank))
+            if moved > self.state.clip_norm * (1 + 1e-4):
+                return (f"dp-clipping=client, but the update's norm {moved:.6g} is above "
+                        f"clip-norm={self.state.clip_norm:g}: the node did not clip"), None, {}
         self.node_ranks[node] = rank
         info = {"node-id": node, "partition-id": int(metrics.get("partition-id", -1)),
                 "lora-rank": rank, "num-examples": num_examples,
@@ -201,8 +247,10 @@ class LoraStrategy(FedAvg):
                            grid: Grid) -> Iterable[Message]:
         """The global adapter (at the global rank) to each sampled node; fedsa-lora nodes get
         the shared A at their own rank and evaluate it with their personal B."""
-        sampled = [m.metadata.dst_node_id
-                   for m in super().configure_evaluate(server_round, arrays, config, grid)]
+        if self.fraction_evaluate == 0:
+            return []
+        sampled = self.sample(grid, server_round, self.fraction_evaluate,
+                              self.min_evaluate_nodes)
         if self.state.strategy.shares == "A":
             self.round_log.setdefault("failures", []).extend(self.learn_ranks(sampled, grid))
             ranks = self.node_ranks
@@ -226,11 +274,63 @@ class LoraStrategy(FedAvg):
                                "eval-clients": len(rows), "eval-failed": len(errors)})
         return MetricRecord({"eval-loss": loss}) if rows else None
 
-    # ---- end of round (passed to strategy.start as evaluate_fn) ------------------------------
-    def end_of_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        """Write rounds/<n>/ and the metrics line; round 0 (before training) writes nothing."""
-        if server_round == 0:
-            return None
+    # ---- the round loop ----------------------------------------------------------------------
+    def run(self, grid: Grid, first_round: int, num_rounds: int) -> None:
+        """Rounds first_round..num_rounds: train and merge (a round with fewer than
+        min-replies valid replies is retried or stops the run), evaluate, write the round."""
+        for server_round in range(first_round, num_rounds + 1):
+            log(INFO, "")
+            log(INFO, "[ROUND %d/%d]", server_round, num_rounds)
+            failed_attempts = []
+            for attempt in range(1 + (self.round_retries if self.round_failure == "retry" else 0)):
+                messages = self.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid)
+                replies = grid.send_and_receive(messages, timeout=self.timeout)
+                merged, _ = self.aggregate_train(server_round, replies)
+                if merged is not None:
+                    break
+                failed_attempts.append({"attempt": attempt + 1,
+                                        "replied": self.round_log["clients-replied"],
+                                        "failures": self.round_log["failures"]})
+            else:
+                self.fail(server_round, failed_attempts)
+            self.round_log["failed-attempts"] = failed_attempts
+            messages = self.configure_evaluate(server_round, ArrayRecord(), ConfigRecord(), grid)
+            if messages:
+                self.aggregate_evaluate(server_round,
+                                        grid.send_and_receive(messages, timeout=self.timeout))
+            self.end_of_round(server_round)
+
+    def fail(self, server_round: int, attempts: list[dict]) -> None:
+        """Log why the run stops and raise RoundFailed."""
+        last = attempts[-1]
+        reasons = "; ".join(f"node {f['node-id']}: {f['reason']}" for f in last["failures"][:5])
+        message = (f"round {server_round}: {last['replied']} valid replies, fewer than "
+                   f"min-replies={self.min_replies}, in {len(attempts)} attempt(s) "
+                   f"(round-failure={self.round_failure}); stopping. Failures: "
+                   f"{reasons or 'none reported'}. Rounds up to {server_round - 1} are saved; "
+                   f"continue with --resume once enough nodes are back")
+        log(ERROR, "%s", message)
+        raise RoundFailed(message)
+
+    # ---- checkpoint and resume ---------------------------------------------------------------
+    def checkpoint(self, server_round: int) -> Checkpoint:
+        """Everything the server needs to continue after `server_round`."""
+        meta = {"node-ranks": {str(n): r for n, r in self.node_ranks.items()},
+                "bytes-total": self.total_bytes,
+                "dp-releases": self.ledger.releases if self.ledger else 0}
+        return Checkpoint(round=server_round, tensors=self.state.tensors(), meta=meta)
+
+    def resume(self, checkpoint: Checkpoint) -> None:
+        """Restore the state `checkpoint()` saved."""
+        self.state.restore(checkpoint.tensors)
+        self.node_ranks = {int(n): int(r) for n, r in checkpoint.meta["node-ranks"].items()}
+        self.total_bytes = int(checkpoint.meta["bytes-total"])
+        if self.ledger is not None:
+            self.ledger.record(int(checkpoint.meta.get("dp-releases", 0)))
+
+    # ---- end of round ------------------------------------------------------------------------
+    def end_of_round(self, server_round: int) -> None:
+        """Write rounds/<n>/, the metrics line, then the round's checkpoint."""
         entry = {k: v for k, v in self.round_log.items() if k != "started"}
         entry["seconds"] = time.perf_counter() - self.round_log["started"]
         self.total_bytes += entry.get("bytes-down", 0) + entry.get("bytes-up", 0)
@@ -239,13 +339,12 @@ class LoraStrategy(FedAvg):
                  for k, v in entry.items()}
         state, rank = self.state.export()
         self.writer.write_round(server_round, state, entry, rank)
-        self.writer.write_state(server_round, self.state.tensors())
+        write_checkpoint(self.writer.out_dir, self.checkpoint(server_round))
         log(INFO, "round %d: train-loss %s eval-loss %s exactness %s, %d replied, %d failed, "
             "%.2f MB up, %.2f MB down, %.1f s", server_round, _fmt(entry.get("train-loss")),
             _fmt(entry.get("eval-loss")), _fmt(entry.get("exactness")),
             entry.get("clients-replied", 0), entry.get("clients-failed", 0),
             entry.get("bytes-up", 0) / 1e6, entry.get("bytes-down", 0) / 1e6, entry["seconds"])
-        return None
 
 
 def _fmt(value: float | None) -> str:

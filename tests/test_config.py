@@ -90,6 +90,17 @@ def test_global_rank_is_the_largest_client_rank_unless_export_rank_is_set():
     ({"server-optimizer": "sgd"}, "'server-optimizer': expected one of"),
     ({"dirichlet-alpha": 0}, "'dirichlet-alpha'"),
     ({"hetlora-prune": 0.5}, "'hetlora-prune': expected 0 unless strategy is hetlora"),
+    ({"dp-noise-multiplier": 1.0}, "'dp-noise-multiplier': differential privacy needs a bound"),
+    ({"dp-noise-multiplier": 1.0, "clip-norm": 1.0, "strategy": "flexlora"},
+     "strategy 'flexlora' does not merge by averaging"),
+    ({"clip-norm": 1.0, "strategy": "flora"}, "'clip-norm': strategy 'flora' starts a fresh"),
+    ({"clip-norm": 1.0, "dp-clipping": "client", "wire-dtype": "float16"},
+     "'dp-clipping': client clipping is checked"),
+    ({"clip-norm": 1.0, "dp-clipping": "client", "strategy": "hetlora", "hetlora-prune": 0.5},
+     "'dp-clipping': a node that prunes its rank"),
+    ({"dp-clipping": "node"}, "'dp-clipping': expected one of server, client"),
+    ({"round-failure": "ignore"}, "'round-failure': expected one of retry, stop"),
+    ({"dp-delta": 0}, "'dp-delta'"),
 ])
 def test_strategy_combinations_are_refused_with_the_key_named(config, fragment):
     with pytest.raises(SettingsError) as err:

@@ -148,3 +148,112 @@ def test_client_refuses_wrong_settings_before_connecting(args, message):
     proc = subprocess.run([sys.executable, "-m", "fedlora.cli.main", "client", "--server",
                            "127.0.0.1:9", *args], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and all its descendants (from /proc's parent links), parents first."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text() if entry.name.isdigit() else ""
+        except OSError:
+            continue
+        if stat:
+            parent = int(stat.rpartition(")")[2].split()[1])
+            children.setdefault(parent, []).append(int(entry.name))
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo.extend(children.get(current, []))
+    return tree
+
+
+def sigkill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a fedlora process with everything it started (a crash of its machine)."""
+    for pid in process_tree(proc.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=30)
+
+
+def wait_for(predicate, proc: subprocess.Popen, log: Path, timeout: float = 300) -> None:
+    """Poll `predicate()` every 0.2 s while `proc` runs."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.2)
+
+
+def training_started(log: Path, server_round: int):
+    """True once the server log shows round `server_round`'s training messages were sent."""
+    return lambda: f"round {server_round}: sent" in log.read_text()
+
+
+def test_node_killed_mid_round_is_skipped_and_a_node_that_comes_back_takes_part(tmp_path):
+    port, out, log = free_port(), tmp_path / "out", tmp_path / "server.log"
+    server = start(["server", "--address", f"127.0.0.1:{port}", "--min-nodes", "3",
+                    "--output-dir", str(out), *RUN[:-2], "--run-config",
+                    "lr=0.01 dataset-size=120 fraction-evaluate=0.0 round-timeout=90"], log)
+    node = lambda i: start(["client", "--server", f"127.0.0.1:{port}", "--insecure",
+                            "--partition-id", str(i), "--num-partitions", "3",
+                            "--local-steps", "20"], tmp_path / f"node{i}-{time.time()}.log")
+    nodes = [node(i) for i in range(3)]
+    try:
+        wait_for(training_started(log, 1), server, log)
+        sigkill_tree(nodes[2])  # mid-round: its reply for round 1 never comes
+        nodes.append(node(2))  # the same data comes back as a new node
+        assert server.wait(timeout=600) == 0, log.read_text()[-3000:]
+    finally:
+        stop([server, *nodes])
+    first, second = read_metrics(out)
+    assert first["clients-replied"] == 2 and first["clients-failed"] >= 1
+    assert sorted(c["partition-id"] for c in first["clients"]) == [0, 1]
+    assert sorted(c["partition-id"] for c in second["clients"]) == [0, 1, 2]  # back again
+    final_adapter_loads(out)
+    assert wait_gone() == []
+
+
+def relative_difference(a: Path, b: Path) -> float:
+    """max over tensors of ||a - b|| / ||a|| between two adapters' safetensors."""
+    from safetensors.torch import load_file
+
+    x, y = load_file(str(a / "adapter_model.safetensors")), load_file(
+        str(b / "adapter_model.safetensors"))
+    assert x.keys() == y.keys()
+    return max(float((x[k] - y[k]).norm() / x[k].norm().clamp_min(1e-12)) for k in x)
+
+
+def test_server_killed_mid_round_resumes_to_the_uninterrupted_result(tmp_path):
+    settings = ["--model", "tiny-llama", "--rounds", "3", "--local-steps", "3",
+                "--strategy", "fedavg", "--run-config",
+                "lr=0.01 dataset-size=120 fraction-evaluate=0.0 server-optimizer=fedadam"]
+    reference = tmp_path / "reference"
+    from fedlora.cli.main import main
+
+    assert main(["simulate", "--num-clients", "2", "--output-dir", str(reference),
+                 *settings]) == 0
+    port, out, log = free_port(), tmp_path / "out", tmp_path / "server.log"
+    address = ["--address", f"127.0.0.1:{port}"]
+    server = start(["server", *address, "--min-nodes", "2", "--output-dir", str(out),
+                    *settings], log)
+    nodes = [start(["client", "--server", f"127.0.0.1:{port}", "--insecure", "--partition-id",
+                    str(i), "--num-partitions", "2"], tmp_path / f"node{i}.log") for i in (0, 1)]
+    try:
+        wait_for(training_started(log, 2), server, log)
+        sigkill_tree(server)  # in the middle of round 2
+        assert [r["round"] for r in read_metrics(out)] == [1]
+        log2 = tmp_path / "resumed.log"
+        resumed = start(["server", *address, "--resume", str(out)], log2)
+        try:
+            assert resumed.wait(timeout=600) == 0, log2.read_text()[-3000:]
+        finally:
+            stop([resumed])
+    finally:
+        stop([server, *nodes])
+    assert [r["round"] for r in read_metrics(out)] == [1, 2, 3]
+    assert relative_difference(reference / "final", out / "final") <= 1e-6
+    assert wait_gone() == []

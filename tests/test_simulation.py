@@ -97,3 +97,28 @@ def test_qlora_4bit_end_to_end_with_fp16_wire(tmp_path):
     # fp16 on the wire: 2 bytes per trainable parameter (+ small per-array headers)
     assert 16384 * 2 < wire_bytes < 16384 * 2 + 256 * 28
     assert leftover_processes() == []
+
+
+def test_client_level_dp_with_clipping_on_the_nodes_reports_epsilon(tmp_path):
+    """ffa-lora with dp-clipping=client: each node clips its update to clip-norm, the server
+    accepts the clipped replies (a reply above it would be dropped), adds noise and reports
+    the epsilon of Flower's RDP accountant after each round."""
+    from server.privacy import PrivacyLedger
+
+    out, clip = tmp_path / "dp", 1e-3
+    simulate(out, "--run-config", SMOKE[-1] + f" strategy=ffa-lora clip-norm={clip} "
+             "dp-noise-multiplier=0.8 dp-clipping=client dp-delta=1e-4")
+    rows = read_metrics(out)
+    ledger = PrivacyLedger(0.8, 1e-4, population=2)
+    for row in rows:
+        assert row["clients-replied"] == 2 and row["clients-failed"] == 0
+        # the nodes clipped: every update the server measured sits at the bound, none above
+        assert all(clip * 0.999 <= n <= clip * (1 + 1e-4) for n in row["update-norms"])
+        assert row["dp-noise-std"] == pytest.approx(0.8 * clip / 2)
+        ledger.record()
+        assert row["dp-epsilon"] == pytest.approx(ledger.epsilon())
+        assert row["dp-delta"] == 1e-4 and row["dp-noise-multiplier"] == 0.8
+    assert rows[1]["dp-epsilon"] > rows[0]["dp-epsilon"] > 0
+    PeftModel.from_pretrained(load_model(ModelSettings(name="tiny-llama", device="cpu"))[0],
+                              str(out / "final"))
+    assert leftover_processes() == []

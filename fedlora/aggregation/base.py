@@ -66,6 +66,7 @@ class Strategy:
     uses_residual: ClassVar[bool] = False  # the merge folds a residual into the frozen base
     exactness_defined: ClassVar[bool] = True  # False when there is no global delta W (fedsa-lora)
     server_optimizer_ok: ClassVar[bool] = True  # do the global factors persist across rounds?
+    linear: ClassVar[bool] = False  # is the merge a weighted mean of the shared factors? (DP)
     options: ClassVar[dict[str, tuple[str, ...]]] = {}  # option name -> allowed values
 
     def check(self, updates: list[ClientUpdate]) -> None:

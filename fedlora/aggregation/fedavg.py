@@ -26,6 +26,7 @@ class FedAvg(Strategy):
     """FedIT: B = sum p_i B_i, A = sum p_i A_i."""
 
     name = "fedavg"
+    linear = True
 
     def merge(self, updates: list[ClientUpdate], previous: Factors, *, export_rank: int
               ) -> MergeResult:

@@ -18,6 +18,7 @@ class FedSALoRA(Strategy):
     """A_global = sum p_i A_i; B_global = previous B."""
 
     name = "fedsa-lora"
+    linear = True
     shares = "A"
     exactness_defined = False
 

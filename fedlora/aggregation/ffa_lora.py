@@ -29,6 +29,7 @@ class FFALoRA(Strategy):
     """B_global = sum p_i pad(B_i, r_global); A_global = the previous (frozen) A."""
 
     name = "ffa-lora"
+    linear = True
     exact = True
     heterogeneous = True
     shares = "B"

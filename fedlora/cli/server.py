@@ -102,17 +102,20 @@ def run(args: argparse.Namespace) -> int:
     settings = Settings.from_config(config)
     out_dir = Path(config["output-dir"])
     spec = superlink_spec(args, out_dir)
-    prepare_output(out_dir, args.overwrite)
+    if not settings.federation.resume:
+        prepare_output(out_dir, args.overwrite)
     from fedlora.launch import run_app
     from fedlora.preflight import check_model
 
     print(f"fedlora: checking model {settings.model.name!r} ...", file=sys.stderr)
     check_model(settings)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "superlink.db").unlink(missing_ok=True)  # a fresh run starts a fresh state
+    if not settings.federation.resume:  # a resumed server keeps the SuperLink's node registry,
+        for name in ("superlink.db", "superlink.db-wal", "superlink.db-shm"):  # so the nodes
+            (out_dir / name).unlink(missing_ok=True)  # reconnect by themselves
     print(f"fedlora: serving on {args.address} ({'TLS' if spec.tls else 'insecure'}"
           f"{', node authentication' if spec.supernode_auth else ''}), waiting for "
           f"{min_nodes} nodes; {settings.federation.num_rounds} rounds of "
           f"{settings.federation.strategy} -> {out_dir}", file=sys.stderr)
-    code = run_app(config, spec, log_file=out_dir / "superlink.log")
+    code = run_app(config, spec, log_file=out_dir / "superlink.log", output_dir=out_dir)
     return report_result(out_dir, code, "run")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -60,10 +61,41 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="where metrics.jsonl, rounds/<n>/ and final/ go (default fedlora-output)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the results of an earlier run in --output-dir")
+    p.add_argument("--resume", metavar="OUTPUT_DIR", type=Path,
+                   help="continue the run in OUTPUT_DIR from its last complete round, with the "
+                        "settings it started with (only --rounds may change, to extend it)")
     p.add_argument("--scenario", help="a scenario TOML file, or the name of a bundled one ("
                    + ", ".join(sorted(s.stem for s in SCENARIOS.glob("*.toml"))) + ")")
     p.add_argument("--run-config", default="", metavar='"KEY=VALUE ..."',
                    help="any other setting, Flower style; `fedlora settings` lists the keys")
+
+
+def resumed_config(args: argparse.Namespace, clients_flag: str) -> tuple[dict[str, Any], int]:
+    """The settings a run in --resume DIR started with, plus --rounds; other setting flags
+    are refused (a resumed run must compute what the interrupted one would have)."""
+    out_dir = args.resume.resolve()
+    info = out_dir / "run.json"
+    if not info.is_file():
+        raise FileNotFoundError(f"--resume {args.resume}: no run.json there; expected the "
+                                f"--output-dir of a run that completed at least one round")
+    from server.checkpoint import read_latest
+
+    read_latest(out_dir)  # a clear error when no round was completed
+    config = json.loads(info.read_text())["settings"]
+    changed = [f"--{flag.replace('_', '-')}" for flag in FLAG_KEYS
+               if flag != "rounds" and getattr(args, flag) is not None]
+    changed += ["--scenario"] * bool(args.scenario) + ["--run-config"] * bool(args.run_config)
+    if changed:
+        raise ValueError(f"--resume continues a run with the settings it started with; "
+                         f"{', '.join(changed)} would change them (only --rounds may be given)")
+    if args.rounds is not None:
+        config["num-server-rounds"] = args.rounds
+    config.update({"resume": True, "output-dir": str(out_dir)})
+    nodes = getattr(args, clients_flag)
+    num_clients = int(config["min-available-nodes"]) if nodes is None else nodes
+    config["min-available-nodes"] = num_clients
+    settings = Settings.from_config(config)
+    return settings.to_config(), num_clients
 
 
 def build_config(args: argparse.Namespace, clients_flag: str = "num_clients"
@@ -71,10 +103,12 @@ def build_config(args: argparse.Namespace, clients_flag: str = "num_clients"
     """Defaults < scenario file < --run-config < explicit flags; returns (run_config, clients).
 
     `clients_flag` names the flag that says how many nodes take part (`--num-clients` in
-    simulation, `--min-nodes` for a deployment server). In deployment nodes connect one by
-    one, and Flower sizes a round's sample before it waits for them, so there the minimums
-    of a round default to every node rather than to 2.
+    simulation, `--min-nodes` for a deployment server): the first round waits for all of them
+    (min-available-nodes); a round then needs min-train-nodes (default 2) valid replies, so a
+    node that fails does not stop the run.
     """
+    if getattr(args, "resume", None) is not None:
+        return resumed_config(args, clients_flag)
     config: dict[str, Any] = {}
     if args.scenario:
         path = Path(args.scenario)
@@ -94,9 +128,8 @@ def build_config(args: argparse.Namespace, clients_flag: str = "num_clients"
     config["output-dir"] = str(Path(args.output_dir).resolve())
     # Every client must be present before a round starts; minimums cannot exceed the clients.
     config["min-available-nodes"] = num_clients
-    default = num_clients if clients_flag == "min_nodes" else 2
     for key in ("min-train-nodes", "min-evaluate-nodes"):
-        config[key] = min(int(config.get(key, default)), num_clients)
+        config[key] = min(int(config.get(key, 2)), num_clients)
     settings = Settings.from_config(config)  # validates every key and value
     return settings.to_config(), num_clients
 
@@ -125,14 +158,18 @@ def run(args: argparse.Namespace) -> int:
     config, num_clients = build_config(args)
     import torch  # after validation: a typo in a flag is reported before heavy imports
 
+    from fedlora.data import describe_partition
     from fedlora.preflight import preflight
     from simulations.runner import run_simulation
 
     settings = Settings.from_config(config)
     out_dir = Path(config["output-dir"])
-    prepare_output(out_dir, args.overwrite)
+    if not settings.federation.resume:
+        prepare_output(out_dir, args.overwrite)
     print(f"fedlora: checking model {settings.model.name!r} and data ...", file=sys.stderr)
     preflight(settings, num_clients)
+    seed = settings.federation.seed  # each client's share of the data and its task mix:
+    print(describe_partition(settings.data, num_clients, seed), file=sys.stderr)
     gpus = args.gpus_per_client
     if gpus is None:
         gpus = 1.0 if torch.cuda.is_available() and settings.model.device != "cpu" else 0.0
@@ -141,7 +178,8 @@ def run(args: argparse.Namespace) -> int:
           f"({settings.federation.strategy}, rank {ranks}, "
           f"quantization {settings.model.quantization}) -> {out_dir}", file=sys.stderr)
     code = run_simulation(config, num_clients, num_cpus_per_client=args.cpus_per_client,
-                          num_gpus_per_client=gpus, log_file=out_dir / "superlink.log")
+                          num_gpus_per_client=gpus, log_file=out_dir / "superlink.log",
+                          output_dir=out_dir)
     return report_result(out_dir, code, "simulation")
 
 

@@ -1,0 +1,83 @@
+"""Update clipping and client-level differential privacy on the LoRA factors (pure torch).
+
+A client's *update* is the change of its factors over the round, relative to the adapter it
+received, in delta-W scale (LoRA scale folded into B): u_i = (B_i - B_ref, A_i - A_ref) for
+every module; its norm is the L2 norm of all those entries together (Flower's `get_norm` on the
+flattened update). Factors a strategy does not send (ffa-lora's A, fedsa-lora's B) are the
+received ones, so they add nothing to the norm.
+
+- Clipping (McMahan et al. 2018, "FlatClip"): u_i <- u_i * min(1, C / ||u_i||), i.e. the client
+  is moved back towards the reference until its update has norm <= C.
+- Client-level DP (DP-FedAvg, central model): clip every update to C, average the m updates
+  with equal weights, then add Gaussian noise N(0, (z C / m)^2) to every entry of the shared
+  factors of the mean (Flower's `compute_stdv`). This is a valid mechanism only when the merge
+  is that mean (`Strategy.linear`: fedavg, fedprox, ffa-lora, fedsa-lora). With ffa-lora, A is
+  frozen and shared, so delta W = B A is linear in B and the noise on B is the noise on delta W.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fedlora.aggregation.base import Factors
+
+
+def factor_distance(factors: Factors, reference: Factors) -> float:
+    """||(B - B_ref, A - A_ref)||_2 over all modules (float64 accumulation)."""
+    total = 0.0
+    for module, (b, a) in factors.items():
+        b_ref, a_ref = reference[module]
+        total += float((b.double() - b_ref.double()).square().sum())
+        total += float((a.double() - a_ref.double()).square().sum())
+    return math.sqrt(total)
+
+
+def clip_update(factors: Factors, reference: Factors, clip_norm: float
+                ) -> tuple[Factors, float, float]:
+    """(clipped factors, norm before, scale applied): reference + u * min(1, C / ||u||)."""
+    if clip_norm <= 0:
+        raise ValueError(f"clip norm must be > 0, got {clip_norm}")
+    norm = factor_distance(factors, reference)
+    scale = min(1.0, clip_norm / norm) if norm > 0 else 1.0
+    if scale == 1.0:
+        return factors, norm, 1.0
+    clipped = {}
+    for module, (b, a) in factors.items():
+        b_ref, a_ref = reference[module]
+        clipped[module] = (b_ref + scale * (b - b_ref), a_ref + scale * (a - a_ref))
+    return clipped, norm, scale
+
+
+def clip_to_received(trained: Factors, received: Factors, shares: str, clip_norm: float
+                     ) -> tuple[Factors, float, float]:
+    """Client-side clipping (dp-clipping=client): the factors a strategy shares ("both", "B"
+    or "A") clipped to `clip_norm` around what the client received; the others are not sent,
+    so they count as received. Returns what `clip_update` returns."""
+    aligned = {m: (b if shares in ("both", "B") else received[m][0],
+                   a if shares in ("both", "A") else received[m][1])
+               for m, (b, a) in trained.items()}
+    return clip_update(aligned, received, clip_norm)
+
+
+def noise_std(noise_multiplier: float, clip_norm: float, num_updates: int) -> float:
+    """Standard deviation of the Gaussian noise on the mean of `num_updates` clipped updates."""
+    if num_updates < 1:
+        raise ValueError("noise needs at least one update")
+    return noise_multiplier * clip_norm / num_updates
+
+
+def add_noise(factors: Factors, std: float, shares: str, generator: torch.Generator
+              ) -> Factors:
+    """Factors with N(0, std^2) added to every entry of the factors a strategy shares
+    ("both", "B" or "A"); the others (frozen or private) are left as they are."""
+    out = {}
+    for module in sorted(factors):  # fixed order: the same seed gives the same noise
+        b, a = factors[module]
+        if shares in ("both", "B"):
+            b = b + std * torch.randn(b.shape, generator=generator, dtype=torch.float64).to(b.dtype)
+        if shares in ("both", "A"):
+            a = a + std * torch.randn(a.shape, generator=generator, dtype=torch.float64).to(a.dtype)
+        out[module] = (b, a)
+    return out
