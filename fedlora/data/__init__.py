@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 from fedlora.config import DataSettings
 from fedlora.data.format import IGNORE, collate, pack, to_messages, tokenize, tokenize_records
-from fedlora.data.loaders import load_jsonl, load_source
+from fedlora.data.loaders import HUB_PREFIX, load_jsonl, load_source
 from fedlora.data.partition import (PARTITIONERS, USES_LABELS, by_field_partition,
                                     dirichlet_partition, iid_partition, partition_table,
                                     quantity_skew_partition)
@@ -60,13 +61,40 @@ def client_records(settings: DataSettings, partition_id: int, num_partitions: in
 
 def partition_dataset(settings: DataSettings, num_partitions: int,
                       seed: int) -> tuple[list[dict], list[list[int]]]:
-    """All records of `dataset` and each client's record indices under `partitioner`."""
-    everything = load_records(settings.dataset, settings.dataset_size, seed,
-                              settings.field_mapping(), settings.data_split)
-    labels = record_labels(everything, settings.partition_field, settings.partitioner)
-    parts = PARTITIONERS[settings.partitioner](labels, num_partitions, seed,
-                                               settings.dirichlet_alpha)
-    return everything, parts
+    """All records of `dataset` and each client's record indices under `partitioner`.
+
+    Kept for the next call (one entry per process): a simulation worker serves many virtual
+    clients in turn and each needs only its own share, so without it every sampled client
+    would re-read (or re-generate) and re-split the whole federation's data, and the time per
+    client would grow with the number of clients. One entry holds one dataset, which each call
+    materialised anyway. The returned lists are shared: read them, do not modify them.
+    """
+    key = (source_version(settings.dataset), settings.dataset_size, seed, settings.field_map,
+           settings.data_split, settings.partitioner, settings.partition_field,
+           settings.dirichlet_alpha, num_partitions)
+    if _PARTITIONED.get("key") != key:
+        _PARTITIONED.clear()  # drop the old dataset before loading the new one
+        everything = load_records(settings.dataset, settings.dataset_size, seed,
+                                  settings.field_mapping(), settings.data_split)
+        labels = record_labels(everything, settings.partition_field, settings.partitioner)
+        parts = PARTITIONERS[settings.partitioner](labels, num_partitions, seed,
+                                                   settings.dirichlet_alpha)
+        _PARTITIONED.update(key=key, value=(everything, parts))
+    return _PARTITIONED["value"]
+
+
+_PARTITIONED: dict = {}  # {"key": ..., "value": (records, parts)} of the last partition_dataset
+
+
+def source_version(dataset: str) -> tuple:
+    """`dataset` plus the size and modification time of its file (or of every file in its
+    folder), so a file rewritten in place is read again; builtin: and hf: are the name alone."""
+    path = Path(dataset).expanduser()
+    if dataset.startswith(("builtin:", HUB_PREFIX)) or not path.exists():
+        return (dataset,)
+    files = sorted(path.rglob("*")) if path.is_dir() else [path]
+    return (str(path.resolve()), *((str(f), f.stat().st_size, f.stat().st_mtime_ns)
+                                   for f in files if f.is_file()))
 
 
 def describe_partition(settings: DataSettings, num_clients: int, seed: int) -> str:
