@@ -36,10 +36,11 @@ from fedlora.data import client_records, tokenize_records
 from fedlora.models import resolve_device
 from fedlora.records import from_array_record, to_array_record
 from fedlora.train import evaluate, train_local
+from fedlora.train.accuracy import exact_match
 
 app = ClientApp()
 WORKSPACE = Workspace()
-DATA: OrderedDict[tuple, tuple[list[dict], list[dict]]] = OrderedDict()
+DATA: OrderedDict[tuple, tuple[list[dict], list[dict], list[dict]]] = OrderedDict()
 DATA_CACHE_SIZE = 16
 PERSONAL = "personal-b"  # context.state key of fedsa-lora's local B
 log = logging.getLogger("fedlora.client")
@@ -52,7 +53,8 @@ def partition(context: Context) -> tuple[int, int]:
 
 
 def client_data(settings: Settings, slot: Slot, pid: int, n: int):
-    """This client's tokenized (train, eval) examples, cached per process (small LRU)."""
+    """This client's tokenized (train, eval) examples and its held-out records (for
+    generation-based accuracy), cached per process (small LRU)."""
     key = (slot.source.path, repr(settings.data), settings.train.max_length,
            settings.federation.seed, pid, n)
     if key not in DATA:
@@ -60,7 +62,7 @@ def client_data(settings: Settings, slot: Slot, pid: int, n: int):
         length, packing = settings.train.max_length, settings.data.packing
         # eval stays unpacked: its loss per example does not depend on the packing setting
         DATA[key] = (tokenize_records(train, slot.tokenizer, length, packing),
-                     tokenize_records(held_out, slot.tokenizer, length))
+                     tokenize_records(held_out, slot.tokenizer, length), held_out)
         if len(DATA) > DATA_CACHE_SIZE:
             DATA.popitem(last=False)
     DATA.move_to_end(key)
@@ -140,7 +142,7 @@ def query(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     """Train the received global adapter on local data; reply with factors and metrics."""
     settings, slot, pid, n = prepare(msg, context)
-    train_set, _ = client_data(settings, slot, pid, n)
+    train_set, _, _ = client_data(settings, slot, pid, n)
     server_round = int(msg.content["config"]["server-round"])
     result = train_local(
         slot.model, slot.adapter, train_set, slot.tokenizer.pad_token_id, settings.train,
@@ -165,13 +167,20 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate_global(msg: Message, context: Context) -> Message:
-    """Held-out loss of the received global adapter on this client's eval split."""
+    """Held-out loss of the received global adapter on this client's eval split (a
+    personalised strategy's node: its own model), and exact-match accuracy of greedy answers
+    on eval-accuracy of those examples, counted per task family."""
     settings, slot, pid, n = prepare(msg, context)
-    _, held_out = client_data(settings, slot, pid, n)
+    _, held_out, records = client_data(settings, slot, pid, n)
     if settings.train.eval_examples:
         held_out = held_out[: settings.train.eval_examples]
     result = evaluate(slot.model, held_out, slot.tokenizer.pad_token_id,
                       batch_size=settings.train.batch_size)
     metrics = MetricRecord({"num-examples": result.examples, "partition-id": pid,
                             "eval-loss": result.loss, "eval-tokens": result.tokens})
+    if settings.train.eval_accuracy and records:
+        accuracy, _ = exact_match(slot.model, slot.tokenizer,
+                                  records[: settings.train.eval_accuracy], settings.data.dataset,
+                                  settings.train.max_new_tokens, settings.train.batch_size)
+        metrics.update(accuracy.counts())
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)

@@ -184,6 +184,20 @@ class TrainSettings:
         "gradient-checkpointing", False, "Recompute activations to save memory (slower).")
     eval_examples: int = _setting("eval-examples", 32,
                                   "Held-out examples per client evaluation (0 = all).")
+    eval_accuracy: int = _setting(
+        "eval-accuracy", 32,
+        "Held-out examples per client answered by greedy generation and scored by exact match "
+        "each evaluation (accuracy, and accuracy/<family> for built-in tasks; 0 = off).")
+    max_new_tokens: int = _setting("max-new-tokens", 24,
+                                   "Tokens generated per answer when scoring accuracy.")
+    server_eval: int = _setting(
+        "server-eval", 0,
+        "Examples the server scores with the global adapter after every round (eval loss and "
+        "accuracy on a held-out set: the union of the simulated clients' held-out splits, or "
+        "server-eval-data; 0 = off). Loads the base model in the ServerApp.")
+    server_eval_data: str = _setting(
+        "server-eval-data", "",
+        "The server's held-out set when it is not the clients' (any source 'dataset' accepts).")
     proximal_mu: float = _setting(
         "proximal-mu", 0.0,
         "FedProx: weight mu of the proximal term (mu/2)||theta - theta_global||^2 on the LoRA "
@@ -202,6 +216,10 @@ class TrainSettings:
         _require(self.max_length >= 8, "max-length", "an integer >= 8", self.max_length)
         _require(self.eval_examples >= 0, "eval-examples", "an integer >= 0", self.eval_examples)
         _require(self.proximal_mu >= 0, "proximal-mu", "a number >= 0", self.proximal_mu)
+        _require(self.eval_accuracy >= 0, "eval-accuracy", "an integer >= 0", self.eval_accuracy)
+        _require(self.max_new_tokens >= 1, "max-new-tokens", "an integer >= 1",
+                 self.max_new_tokens)
+        _require(self.server_eval >= 0, "server-eval", "an integer >= 0", self.server_eval)
 
 
 @dataclass

@@ -18,6 +18,7 @@ from fedlora.outputs import RunWriter
 from server.checkpoint import discard_after, read_latest, set_rng_state
 from server.global_adapter import GlobalAdapter
 from server.privacy import PrivacyLedger
+from server.server_eval import ServerEvaluator
 from server.strategy import LoraStrategy, log
 
 app = ServerApp()
@@ -68,9 +69,21 @@ def build_strategy(settings: Settings, shapes: dict[str, tuple[int, int]], write
         max_update_norm=fed.max_update_norm, min_replies=fed.min_replies,
         round_failure=fed.round_failure, round_retries=fed.round_retries,
         client_clipping=fed.clip_norm > 0 and fed.dp_clipping == "client", ledger=ledger,
+        evaluator=server_evaluator(settings),
         fraction_train=fed.fraction_train, fraction_evaluate=fed.fraction_evaluate,
         min_train_nodes=fed.min_train_nodes, min_evaluate_nodes=fed.min_evaluate_nodes,
         min_available_nodes=fed.min_available_nodes)
+
+
+def server_evaluator(settings: Settings) -> ServerEvaluator | None:
+    """Server-side evaluation when server-eval > 0 (not for fedsa-lora: B is per client)."""
+    if not settings.train.server_eval:
+        return None
+    if get_strategy(settings.federation.strategy).shares == "A":
+        log(INFO, "fedlora: server-eval skipped: fedsa-lora has no global B; each node "
+            "evaluates its own model")
+        return None
+    return ServerEvaluator(settings, settings.federation.min_available_nodes)
 
 
 def resume_point(strategy: LoraStrategy, out_dir: Path) -> int:

@@ -27,6 +27,7 @@ from fedlora.aggregation.linalg import product_norm
 from fedlora.aggregation.privacy import factor_distance
 from fedlora.outputs import RunWriter
 from fedlora.records import factor_bytes, from_array_record, to_array_record
+from fedlora.train.accuracy import Accuracy
 from fedlora.validation import expected_shapes, reply_problem
 from server.checkpoint import Checkpoint, write_checkpoint
 from server.global_adapter import GlobalAdapter
@@ -57,8 +58,9 @@ class LoraStrategy(FedAvg):
                  max_update_norm: float = 0.0, min_replies: int = 0,
                  round_failure: str = "retry", round_retries: int = 2,
                  client_clipping: bool = False, ledger: PrivacyLedger | None = None,
-                 **fedavg_kwargs) -> None:
+                 evaluator=None, **fedavg_kwargs) -> None:
         super().__init__(**fedavg_kwargs)
+        self.evaluator = evaluator  # server-side evaluation (server.server_eval), or None
         self.min_replies = min_replies or self.min_train_nodes
         self.round_failure = round_failure  # "retry" or "stop"
         self.round_retries = round_retries
@@ -263,7 +265,8 @@ class LoraStrategy(FedAvg):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
-        """Token-weighted mean eval loss over the clients that evaluated."""
+        """Token-weighted mean eval loss over the clients that evaluated; exact-match
+        accuracy pooled over their answers (overall, per family, and per client)."""
         valid, errors = self._check_and_log_replies(replies, is_train=False, validate=False)
         rows = [next(iter(m.content.metric_records.values())) for m in valid]
         rows = [r for r in rows if r.get("eval-tokens", 0) > 0]
@@ -272,6 +275,15 @@ class LoraStrategy(FedAvg):
         self.round_log.update({"eval-loss": loss,
                                "eval-perplexity": math.exp(min(loss, 50.0)) if rows else math.nan,
                                "eval-clients": len(rows), "eval-failed": len(errors)})
+        pooled, per_client = Accuracy(), {}
+        for row in rows:
+            counts = Accuracy.from_counts(dict(row))
+            if counts.total:
+                pooled = pooled.merge(counts)
+                per_client[str(int(row.get("partition-id", -1)))] = counts.overall
+        if pooled.total:
+            self.round_log.update(pooled.metrics())
+            self.round_log["client-accuracy"] = per_client
         return MetricRecord({"eval-loss": loss}) if rows else None
 
     # ---- the round loop ----------------------------------------------------------------------
@@ -298,6 +310,8 @@ class LoraStrategy(FedAvg):
             if messages:
                 self.aggregate_evaluate(server_round,
                                         grid.send_and_receive(messages, timeout=self.timeout))
+            if self.evaluator is not None:
+                self.round_log.update(self.evaluator(*self.state.export()))
             self.end_of_round(server_round)
 
     def fail(self, server_round: int, attempts: list[dict]) -> None:

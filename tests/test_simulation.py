@@ -122,3 +122,20 @@ def test_client_level_dp_with_clipping_on_the_nodes_reports_epsilon(tmp_path):
     PeftModel.from_pretrained(load_model(ModelSettings(name="tiny-llama", device="cpu"))[0],
                               str(out / "final"))
     assert leftover_processes() == []
+
+
+def test_accuracy_per_family_per_client_and_on_the_server_each_round(tmp_path):
+    """eval-accuracy: each client scores greedy answers on its held-out split (pooled per task
+    family by the server); server-eval: the server scores the global adapter itself."""
+    out = tmp_path / "acc"
+    simulate(out, "--run-config", SMOKE[-1] + " dataset=builtin:units,json partitioner=by-field "
+             "eval-accuracy=4 server-eval=6 max-new-tokens=8")
+    for row in read_metrics(out):
+        assert 0.0 <= row["accuracy"] <= 1.0
+        assert {"accuracy/units", "accuracy/json"} <= row.keys()
+        assert sorted(row["client-accuracy"]) == ["0", "1"]  # one value per client
+        # client 0 holds units only, client 1 json only (by-field): the pooled figure is
+        # their mean since both scored 4 answers
+        assert row["accuracy"] == pytest.approx(sum(row["client-accuracy"].values()) / 2)
+        assert row["server-eval-examples"] == 6 and row["server-eval-loss"] > 0
+        assert 0.0 <= row["server-accuracy"] <= 1.0

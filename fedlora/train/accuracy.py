@@ -1,0 +1,86 @@
+"""Generation-based exact-match accuracy, per task family.
+
+A record's prompt (every message but the answer, formatted exactly as training formats it) is
+given to the model, the greedy continuation is scored by the record's family scorer
+(`fedlora.data.score_answer`: numbers as numbers, JSON as parsed JSON, ...) or by trimmed
+equality for data without a family. Counts per family travel as metrics
+(`correct/<family>`, `total/<family>`), so the server can pool them over clients.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from fedlora.data import score_answer, to_messages
+from fedlora.data.tasks import family_of
+from fedlora.inference import chat_prompt, generate
+
+OTHER = "other"  # records of data without a task family
+MAX_COUNT = 1_000_000  # more answers than a node can score in a round: a broken reply
+
+
+@dataclass
+class Accuracy:
+    """Exact-match counts per family."""
+
+    correct: dict[str, int] = field(default_factory=dict)
+    total: dict[str, int] = field(default_factory=dict)
+
+    def add(self, family: str, right: bool) -> None:
+        self.total[family] = self.total.get(family, 0) + 1
+        self.correct[family] = self.correct.get(family, 0) + int(right)
+
+    def merge(self, other: "Accuracy") -> "Accuracy":
+        out = Accuracy(dict(self.correct), dict(self.total))
+        for family, n in other.total.items():
+            out.total[family] = out.total.get(family, 0) + n
+            out.correct[family] = out.correct.get(family, 0) + other.correct.get(family, 0)
+        return out
+
+    @property
+    def overall(self) -> float:
+        n = sum(self.total.values())
+        return sum(self.correct.values()) / n if n else float("nan")
+
+    def metrics(self) -> dict[str, float]:
+        """{"accuracy": overall, "accuracy/<family>": ...} (a family only when several)."""
+        out = {"accuracy": self.overall}
+        if len(self.total) > 1 or OTHER not in self.total:
+            out.update({f"accuracy/{f}": self.correct[f] / self.total[f]
+                        for f in sorted(self.total)})
+        return out
+
+    def counts(self) -> dict[str, int]:
+        """Flat counts for a Flower MetricRecord: correct/<family>, total/<family>."""
+        out = {f"correct/{f}": n for f, n in self.correct.items()}
+        out.update({f"total/{f}": n for f, n in self.total.items()})
+        return out
+
+    @classmethod
+    def from_counts(cls, metrics: dict) -> "Accuracy":
+        """The inverse of `counts` (other keys are ignored)."""
+        acc = cls()
+        for key, value in metrics.items():
+            if key.startswith("total/"):
+                family = key.removeprefix("total/")
+                right = metrics.get(f"correct/{family}", 0)
+                # a node's counts are not trusted: only whole, consistent ones are pooled
+                if all(isinstance(v, int) and not isinstance(v, bool) for v in (value, right)) \
+                        and 0 <= right <= value <= MAX_COUNT and value > 0:
+                    acc.total[family], acc.correct[family] = value, right
+        return acc
+
+
+@torch.no_grad()
+def exact_match(model: torch.nn.Module, tokenizer, records: list[dict], task_name: str | None,
+                max_new_tokens: int = 32, batch_size: int = 16
+                ) -> tuple[Accuracy, list[str]]:
+    """(counts per family, the generated answers) of `records` under greedy decoding."""
+    prompts = [chat_prompt(to_messages(r)[:-1], tokenizer) for r in records]
+    answers = generate(model, tokenizer, prompts, max_new_tokens, batch_size=batch_size)
+    acc = Accuracy()
+    for record, answer in zip(records, answers):
+        acc.add(family_of(task_name, record) or OTHER, score_answer(task_name, answer, record))
+    return acc, answers

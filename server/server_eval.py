@@ -1,0 +1,66 @@
+"""Server-side evaluation (server-eval > 0): the global adapter scored after every round on a
+held-out set the clients never train on, with one base model loaded in the ServerApp.
+
+The held-out set is `server-eval-data` when given, else the union of the simulated clients'
+held-out splits of `dataset` (shuffled with the seed, so every task family is represented);
+`server-eval` examples of it give the eval loss and exact-match accuracy per family.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+
+from fedlora.adapters import Workspace, set_lora_state, set_residual
+from fedlora.config import Settings
+from fedlora.data import client_records, load_source, tokenize_records
+from fedlora.train import evaluate
+from fedlora.train.accuracy import exact_match
+
+
+def held_out_records(settings: Settings, num_partitions: int) -> list[dict]:
+    """`server-eval` records of the server's held-out set."""
+    data, fed = settings.data, settings.federation
+    if settings.train.server_eval_data:
+        records = load_source(settings.train.server_eval_data, data.field_mapping(),
+                              data.data_split)
+    elif data.data_path:
+        raise ValueError("setting 'server-eval': the nodes read their own data-path, so the "
+                         "server has no held-out split of theirs; set server-eval-data to a "
+                         "held-out file the server can read")
+    else:
+        records = [r for pid in range(num_partitions)
+                   for r in client_records(data, pid, num_partitions, fed.seed)[1]]
+        random.Random(fed.seed).shuffle(records)
+    if not records:
+        raise ValueError("setting 'server-eval': the server's held-out set is empty")
+    return records[: settings.train.server_eval]
+
+
+class ServerEvaluator:
+    """Scores an exported global adapter (PEFT scale, any rank) on the held-out records."""
+
+    def __init__(self, settings: Settings, num_partitions: int) -> None:
+        self.settings = settings
+        self.records = held_out_records(settings, num_partitions)
+        self.workspace = Workspace()
+        self.examples = None  # tokenized once, with the first slot's tokenizer
+
+    def __call__(self, state: dict, rank: int) -> dict:
+        """{"server-eval-loss", "server-accuracy", "server-accuracy/<family>"} of `state`."""
+        if rank == 0:
+            return {}
+        s = self.settings
+        lora = replace(s.lora, rank=rank)
+        slot = self.workspace.get(s.model, lora, s.train)
+        set_residual(slot, lora, None)  # export() already folds the residual into `state`
+        set_lora_state(slot.model, {k: v.float() for k, v in state.items()}, slot.adapter)
+        if self.examples is None:
+            self.examples = tokenize_records(self.records, slot.tokenizer, s.train.max_length)
+        loss = evaluate(slot.model, self.examples, slot.tokenizer.pad_token_id,
+                        batch_size=s.train.batch_size)
+        accuracy, _ = exact_match(slot.model, slot.tokenizer, self.records, s.data.dataset,
+                                  s.train.max_new_tokens, s.train.batch_size)
+        out = {"server-eval-loss": loss.loss, "server-eval-examples": len(self.records)}
+        out.update({f"server-{k}": v for k, v in accuracy.metrics().items()})
+        return out

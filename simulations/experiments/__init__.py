@@ -1,0 +1,1 @@
+"""Experiments that compare federated training with its baselines (see docs/results.md)."""

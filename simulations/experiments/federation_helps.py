@@ -1,0 +1,197 @@
+"""Does federation help? Local-only vs FedAvg vs a rank-heterogeneous strategy vs centralised.
+
+    python -m simulations.experiments.federation_helps --output-dir results/federation-helps
+
+K clients each hold one family of the built-in task suite (by-field partition: non-IID). Every
+arm gets the same budget of local optimizer steps per client (R rounds x S steps):
+
+- base:    the pretrained model, no adapter (what the model knows already);
+- local:   each client trains alone for R x S steps on its own train split;
+- fedavg:  `fedlora simulate --strategy fedavg`, R rounds of S steps;
+- hetero:  `fedlora simulate --strategy flexlora` with client ranks cycling over --ranks;
+- central: one adapter on the pooled train splits of all clients for K x R x S steps (the same
+           total number of steps as the K clients together).
+
+Every adapter is scored the same way: greedy answers on the union of the clients' held-out
+splits (no question of it is trained on), exact match per family. Results go to
+<output-dir>/results.json and a Markdown table <output-dir>/results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+MODEL_KEYS = ("lr", "batch-size", "max-length", "lora-rank", "dataset", "dataset-size",
+              "partitioner", "eval-fraction")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--families", default="arithmetic,units,strings,json",
+                   help="built-in task families; one per client (by-field partition)")
+    p.add_argument("--clients", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--local-steps", type=int, default=10)
+    p.add_argument("--ranks", default="4,8,16", help="client ranks of the hetero arm")
+    p.add_argument("--seeds", default="0,1")
+    p.add_argument("--dataset-size", type=int, default=480)
+    p.add_argument("--test-per-client", type=int, default=20,
+                   help="held-out examples of each client in the union test set")
+    p.add_argument("--run-config", default="lr=1e-3 batch-size=8 max-length=128 lora-rank=8",
+                   help="settings shared by every arm")
+    p.add_argument("--arms", default="base,local,fedavg,hetero,central")
+    p.add_argument("--output-dir", type=Path, default=Path("results/federation-helps"))
+    return p.parse_args(argv)
+
+
+def settings_for(args: argparse.Namespace, seed: int):
+    from fedlora.cli.runconfig import parse_run_config
+    from fedlora.config import Settings
+
+    config = parse_run_config(args.run_config)
+    config.update({"model": args.model, "dataset": f"builtin:{args.families}",
+                   "dataset-size": args.dataset_size, "partitioner": "by-field",
+                   "eval-fraction": 0.2, "local-steps": args.local_steps,
+                   "num-server-rounds": args.rounds, "seed": seed, "device": "cpu"})
+    return Settings.from_config(config), config
+
+
+def client_splits(settings, clients: int, seed: int):
+    from fedlora.data import client_records
+
+    return [client_records(settings.data, pid, clients, seed) for pid in range(clients)]
+
+
+def train_alone(settings, records: list[dict], steps: int, seed: int, out: Path) -> Path:
+    """One adapter trained on `records` for `steps` steps, written as a PEFT adapter."""
+    from fedlora.adapters import (Workspace, get_lora_state, join_factors, lora_config,
+                                  module_shapes, set_lora_state, shared_init)
+    from fedlora.outputs import RunWriter
+    from fedlora.data import tokenize_records
+    from fedlora.train import train_local
+
+    slot = Workspace().get(settings.model, settings.lora, settings.train)
+    shapes = module_shapes(get_lora_state(slot.model, slot.adapter))
+    set_lora_state(slot.model, join_factors(shared_init(shapes, settings.lora.rank, seed)),
+                   slot.adapter)
+    examples = tokenize_records(records, slot.tokenizer, settings.train.max_length)
+    train_local(slot.model, slot.adapter, examples, slot.tokenizer.pad_token_id,
+                replace(settings.train, local_steps=steps), server_round=1, num_rounds=1,
+                seed=seed, desc=out.name)
+    writer = RunWriter(out, lora_config(settings.lora, slot.source.base_id),
+                       {"model": settings.model.name, "steps": steps})
+    return writer.write_final(get_lora_state(slot.model, slot.adapter), settings.lora.rank)
+
+
+def simulate(args: argparse.Namespace, config: dict, out: Path, extra: list[str]) -> Path:
+    """A `fedlora simulate` run of the federated arm; its final adapter."""
+    run_config = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else v}"
+                          for k, v in config.items() if k in MODEL_KEYS)
+    command = [sys.executable, "-m", "fedlora.cli.main", "simulate", "--model", args.model,
+               "--num-clients", str(args.clients), "--rounds", str(args.rounds),
+               "--local-steps", str(args.local_steps), "--output-dir", str(out), "--overwrite",
+               "--run-config", f"{run_config} seed={config['seed']} fraction-evaluate=0.0 "
+               f"eval-accuracy=0", *extra]
+    subprocess.run(command, check=True)
+    return out / "final"
+
+
+def score(settings, adapter: Path | None, test: list[dict]) -> dict[str, float]:
+    """Exact-match accuracy (overall and per family) of base + adapter on `test`."""
+    from peft import PeftModel
+
+    from fedlora.models import load_model
+    from fedlora.train.accuracy import exact_match
+
+    model, tokenizer, _ = load_model(settings.model)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, str(adapter))
+    accuracy, _ = exact_match(model, tokenizer, test, settings.data.dataset,
+                              settings.train.max_new_tokens, batch_size=16)
+    return accuracy.metrics()
+
+
+def run_seed(args: argparse.Namespace, seed: int) -> dict[str, list[dict]]:
+    """{arm: [scores of each adapter of that arm]} for one seed."""
+    settings, config = settings_for(args, seed)
+    splits = client_splits(settings, args.clients, seed)
+    test = [r for _, held_out in splits for r in held_out[: args.test_per_client]]
+    folder = args.output_dir / f"seed-{seed}"
+    arms, budget = args.arms.split(","), args.rounds * args.local_steps
+    results: dict[str, list[dict]] = {}
+    log = lambda msg: print(f"[seed {seed}] {msg}", file=sys.stderr, flush=True)
+    for arm in arms:
+        started = time.perf_counter()
+        if arm == "base":
+            results[arm] = [score(settings, None, test)]
+        elif arm == "local":
+            results[arm] = [score(settings, train_alone(settings, train, budget, seed + pid,
+                                                        folder / f"local-{pid}"), test)
+                            for pid, (train, _) in enumerate(splits)]
+        elif arm == "central":
+            pooled = [r for train, _ in splits for r in train]
+            results[arm] = [score(settings, train_alone(settings, pooled, budget * args.clients,
+                                                        seed, folder / "central"), test)]
+        elif arm == "fedavg":
+            results[arm] = [score(settings, simulate(args, config, folder / "fedavg",
+                                                     ["--strategy", "fedavg"]), test)]
+        elif arm == "hetero":
+            results[arm] = [score(settings, simulate(
+                args, config, folder / "hetero",
+                ["--strategy", "flexlora", "--client-ranks", args.ranks]), test)]
+        else:
+            raise SystemExit(f"unknown arm {arm!r}; known: base,local,fedavg,hetero,central")
+        log(f"{arm}: accuracy {statistics.mean(r['accuracy'] for r in results[arm]):.3f} "
+            f"({time.perf_counter() - started:.0f} s)")
+    return results
+
+
+def table(all_results: dict[int, dict[str, list[dict]]], families: list[str]) -> str:
+    """Markdown: one row per arm, mean ± spread over seeds (local: mean over its clients)."""
+    arms = list(next(iter(all_results.values())))
+    keys = ["accuracy"] + [f"accuracy/{f}" for f in families]
+    lines = ["| arm | " + " | ".join(["all"] + families) + " |",
+             "|---|" + "---:|" * len(keys)]
+    for arm in arms:
+        cells = []
+        for key in keys:
+            per_seed = [statistics.mean(r.get(key, 0.0) for r in res[arm])
+                        for res in all_results.values()]
+            mean = statistics.mean(per_seed)
+            spread = (max(per_seed) - min(per_seed)) / 2 if len(per_seed) > 1 else 0.0
+            cells.append(f"{mean:.3f} ± {spread:.3f}")
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    all_results = {}
+    for seed in seeds:
+        all_results[seed] = run_seed(args, seed)
+        (args.output_dir / "results.json").write_text(json.dumps(
+            {"args": {k: str(v) for k, v in vars(args).items()}, "results": all_results},
+            indent=1) + "\n")
+    text = (f"{args.clients} clients, one family each ({args.families}), {args.rounds} rounds x "
+            f"{args.local_steps} local steps, seeds {args.seeds}, model {args.model}; "
+            f"accuracy = exact match on the union of the clients' held-out splits "
+            f"(mean ± half-range over seeds; local = mean over the clients' own adapters)\n\n"
+            + table(all_results, args.families.split(",")) + "\n")
+    (args.output_dir / "results.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
