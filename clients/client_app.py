@@ -17,11 +17,14 @@ In deployment every message starts a fresh process, so both caches start empty. 
 from __future__ import annotations
 
 import logging
+import os
 from collections import OrderedDict
+from pathlib import Path
 from dataclasses import replace
 
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from safetensors.torch import load_file, save_file
 
 from fedlora.adapters import (Slot, Workspace, get_lora_state, join_factors, module_shapes,
                               set_lora_state, set_residual, shared_init, shared_keys,
@@ -76,11 +79,36 @@ def starting_state(msg: Message, context: Context, slot: Slot, shares: str) -> d
     shapes = module_shapes(get_lora_state(slot.model, slot.adapter))
     state = join_factors(shared_init(shapes, rank, seed))
     state.update(from_array_record(msg.content["arrays"]))
-    if shares == "A" and PERSONAL in context.state:  # fedsa-lora: this client's own B
-        personal = from_array_record(context.state[PERSONAL])
-        if all(personal[k].shape == state[k].shape for k in personal):
-            state.update(personal)
+    personal = load_personal(context) if shares == "A" else None  # fedsa-lora: own B
+    if personal and all(k in state and personal[k].shape == state[k].shape for k in personal):
+        state.update(personal)
     return state
+
+
+def personal_file(context: Context) -> Path | None:
+    """This client's file of private factors when personal-dir is set, else None."""
+    folder = context.node_config.get("personal-dir") or context.run_config.get("personal-dir")
+    return Path(str(folder)) / f"client-{partition(context)[0]}.safetensors" if folder else None
+
+
+def load_personal(context: Context) -> dict | None:
+    """This client's private factors (fedsa-lora's B), or None before its first round."""
+    path = personal_file(context)
+    if path is None:
+        return from_array_record(context.state[PERSONAL]) if PERSONAL in context.state else None
+    return load_file(str(path)) if path.exists() else None
+
+
+def save_personal(context: Context, factors: dict) -> None:
+    """Keep this client's private factors: a file (written atomically) or the node context."""
+    path = personal_file(context)
+    if path is None:
+        context.state[PERSONAL] = ArrayRecord(factors)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file({k: v.contiguous() for k, v in factors.items()}, str(tmp))
+    os.replace(tmp, path)
 
 
 def prepare(msg: Message, context: Context) -> tuple[Settings, Slot, int, int]:
@@ -154,7 +182,7 @@ def train(msg: Message, context: Context) -> Message:
     shares = get_strategy(settings.federation.strategy).shares
     state = clip_reply(state, starting_state(msg, context, slot, shares), rank, settings, shares)
     if shares == "A":  # fedsa-lora: B stays on this node
-        context.state[PERSONAL] = ArrayRecord(shared_keys(state, "B"))
+        save_personal(context, shared_keys(state, "B"))
     arrays = to_array_record(shared_keys(state, shares), settings.federation.wire_dtype)
     metrics = MetricRecord({
         "num-examples": len(train_set), "partition-id": pid,

@@ -362,6 +362,12 @@ class FederationSettings:
     seed: int = _setting("seed", 0, "Seed for the initial adapter, data splits and training.")
     output_dir: str = _setting("output-dir", "fedlora-output",
                                "Where the server writes metrics.jsonl and adapters.")
+    personal_dir: str = _setting(
+        "personal-dir", "",
+        "Where a personalised strategy (fedsa-lora) keeps each client's private factors: "
+        "'' = in the node's Flower context (memory, one run); a folder = one safetensors file "
+        "per partition-id, read only when that client is sampled (fedlora simulate uses "
+        "<output-dir>/personal, so memory does not grow with the number of clients).")
     resume: bool = _setting(
         "resume", False,
         "Continue the run in output-dir from its last complete round (state/latest.json); "

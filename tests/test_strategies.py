@@ -64,6 +64,9 @@ def test_strategy_runs_exports_and_reproduces_the_global_model(tmp_path, name):
             assert "layers.0.self_attn.q_proj" in row["exactness-per-module"]
         else:
             assert row["exactness"] > 1e-6, row["exactness"]
+    if strategy.shares == "A":  # each client's personal B: a file, not memory of the worker
+        assert sorted(p.name for p in (out / "personal").iterdir()) == [
+            f"client-{i}.safetensors" for i in range(3)]
     if strategy.heterogeneous:  # a client's upload is proportional to its rank
         up = {c["lora-rank"]: c["bytes-up"] for c in rows[0]["clients"]}
         assert up[4] < up[8] < up[16]
@@ -125,3 +128,27 @@ def test_fedsa_lora_client_keeps_its_own_b_across_rounds(tiny_settings):
     second = starting_state(msg, context, slot, "A")
     assert all(torch.equal(second[k], v) for k, v in personal.items())
     assert all(torch.equal(second[k], v) for k, v in shared_a.items())
+
+
+def test_fedsa_lora_personal_b_in_a_personal_dir_is_one_file_per_client(tiny_settings, tmp_path):
+    """With personal-dir (what fedlora simulate sets), a client's B is a safetensors file read
+    only when that client runs, not state held in memory for every client."""
+    from types import SimpleNamespace
+
+    from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+
+    from clients.client_app import save_personal, starting_state
+
+    slot = Workspace().get(tiny_settings.model, LoraSettings(rank=4), tiny_settings.train)
+    state = get_lora_state(slot.model, slot.adapter)
+    personal = {k: torch.randn_like(v) for k, v in state.items() if k.endswith("lora_B.weight")}
+    config = ConfigRecord({"server-round": 2, "rank": 4, "init-seed": 0})
+    msg = SimpleNamespace(content=RecordDict({"arrays": ArrayRecord({}), "config": config}))
+    context = lambda pid: Context(run_id=1, node_id=pid, node_config={"partition-id": pid},
+                                  state=RecordDict(), run_config={"personal-dir": str(tmp_path)})
+    save_personal(context(3), personal)
+    assert [p.name for p in tmp_path.iterdir()] == ["client-3.safetensors"]
+    again = starting_state(msg, context(3), slot, "A")  # a fresh context: read from the file
+    assert all(torch.equal(again[k], v) for k, v in personal.items())
+    other = starting_state(msg, context(4), slot, "A")  # client 4 has no file yet: init B = 0
+    assert all(torch.equal(other[k], torch.zeros_like(v)) for k, v in personal.items())

@@ -35,6 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="GPU share per virtual client (default 1 when CUDA is visible, else 0)")
 
 
+PERSONAL_DIR = "personal"  # fedsa-lora's private factors of simulated clients, one file each
+
+
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     """Flags that set the run's settings (shared by `simulate` and `server`)."""
     d = Settings()
@@ -128,6 +131,8 @@ def build_config(args: argparse.Namespace, clients_flag: str = "num_clients"
     config["output-dir"] = str(Path(args.output_dir).resolve())
     # Every client must be present before a round starts; minimums cannot exceed the clients.
     config["min-available-nodes"] = num_clients
+    if clients_flag == "num_clients" and not config.get("personal-dir"):
+        config["personal-dir"] = str(Path(config["output-dir"]) / PERSONAL_DIR)
     for key in ("min-train-nodes", "min-evaluate-nodes"):
         config[key] = min(int(config.get(key, 2)), num_clients)
     settings = Settings.from_config(config)  # validates every key and value
@@ -142,8 +147,9 @@ def prepare_output(out_dir: Path, overwrite: bool) -> None:
                                   f"pass --overwrite to replace it or choose another --output-dir")
         for name in (METRICS, "run.json"):
             (out_dir / name).unlink(missing_ok=True)
-        for name in ("rounds", "final"):
+        for name in ("rounds", "final", "state"):
             shutil.rmtree(out_dir / name, ignore_errors=True)
+    shutil.rmtree(out_dir / PERSONAL_DIR, ignore_errors=True)  # never another run's private B
 
 
 def summary_table(out_dir: Path) -> str:
