@@ -17,7 +17,7 @@ from typing import Callable
 
 # Bump a suffix when the recipe of a built-in changes, so stale caches are rebuilt.
 TINY_LLAMA = "tiny-llama-v1"
-SMOLLM2 = "smollm2-135m-v1"
+SMOLLM2 = "smollm2-135m-v2"  # v2: config.json without the GGUF quantization_config
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -115,6 +115,10 @@ def convert_gguf(gguf_file: Path, folder: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, **kwargs)
     loaded = AutoModelForCausalLM.from_pretrained(gguf_file.parent, dtype=torch.float32, **kwargs)
     # The GGUF-loaded object refuses save_pretrained: copy its weights into a fresh model.
+    # Its config still names the GGUF quantization, which would make the folder refuse a
+    # 4-bit/8-bit load ("quantized with GgufConfig"): the saved weights are plain floats.
+    if hasattr(loaded.config, "quantization_config"):
+        del loaded.config.quantization_config
     fresh = type(loaded)(loaded.config)
     fresh.load_state_dict(loaded.state_dict())
     fresh.save_pretrained(folder)

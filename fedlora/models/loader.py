@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from fedlora.config import ModelSettings
+from fedlora.models import prequantized
 from fedlora.models.builtin import quiet_progress
 from fedlora.models.quantization import bnb_config
 from fedlora.models.source import ModelLoadError, ModelSource, resolve_source
@@ -48,14 +49,22 @@ def load_model(settings: ModelSettings, source: ModelSource | None = None):
     dtype = resolve_dtype(settings.compute_dtype, device)
     kwargs = {"dtype": dtype, "device_map": {"": device}}
     quant = bnb_config(settings.quantization, dtype)
+    path, save_as = source.path, None
     if quant is not None:
-        kwargs["quantization_config"] = quant
+        name = prequantized.cache_name(source, settings.quantization, quant, dtype, device)
+        cached = prequantized.cached_copy(name)
+        if cached:  # its config.json carries this very quantization config (part of the key)
+            path = str(cached)
+        else:
+            kwargs["quantization_config"], save_as = quant, name
     try:
         with quiet_progress():
-            model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as err:
-        raise ModelLoadError(f"could not load model {settings.name!r} from {source.path}: "
+        raise ModelLoadError(f"could not load model {settings.name!r} from {path}: "
                              f"{err}") from err
+    if save_as is not None:  # quantized just now: keep the result for the next load
+        prequantized.save_copy(model, save_as)
     model.requires_grad_(False)
     return model, load_tokenizer(source), source
 

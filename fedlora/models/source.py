@@ -63,7 +63,7 @@ def resolve_source(name: str) -> ModelSource:
         if not path.is_file():
             raise ModelLoadError(f"GGUF file {path} does not exist; {WHAT_TO_PASS}")
         stat = path.resolve().stat()
-        key = f"gguf-{path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+        key = f"gguf2-{path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
         folder = materialise(key, lambda out: convert_gguf(path.resolve(), out))
         return ModelSource(name, str(folder), str(path.resolve()))
     if name.count("/") != 1 or name.startswith((".", "/", "~")):
