@@ -6,7 +6,7 @@ PYTHON  ?= python3
 ARGS    ?=
 PYTEST_ARGS ?=
 
-.PHONY: install simulate test test-all clean
+.PHONY: install simulate test test-all results clean
 
 install: $(VENV)/.fedlora-installed
 
@@ -22,6 +22,11 @@ test: install
 
 test-all: install
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+# docs/results.md: does federation help? (SmolLM2-135M on the CPU: about 40 minutes)
+results: install
+	$(VENV)/bin/python -m simulations.experiments.federation_helps --rounds 2 --local-steps 6 \
+		--seeds 0,1 --test-per-client 10 --dataset-size 400 --output-dir results/federation-helps $(ARGS)
 
 clean:
 	rm -rf $(VENV) fedlora-output .pytest_cache

@@ -39,7 +39,7 @@ from fedlora.data import client_records, tokenize_records
 from fedlora.models import resolve_device
 from fedlora.records import from_array_record, to_array_record
 from fedlora.train import evaluate, train_local
-from fedlora.train.accuracy import exact_match
+from fedlora.train.accuracy import exact_match, generation_batch
 
 app = ClientApp()
 WORKSPACE = Workspace()
@@ -209,6 +209,6 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     if settings.train.eval_accuracy and records:
         accuracy, _ = exact_match(slot.model, slot.tokenizer,
                                   records[: settings.train.eval_accuracy], settings.data.dataset,
-                                  settings.train.max_new_tokens, settings.train.batch_size)
+                                  settings.train.max_new_tokens, generation_batch(settings))
         metrics.update(accuracy.counts())
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)

@@ -15,7 +15,7 @@ from fedlora.adapters import Workspace, set_lora_state, set_residual
 from fedlora.config import Settings
 from fedlora.data import client_records, load_source, tokenize_records
 from fedlora.train import evaluate
-from fedlora.train.accuracy import exact_match
+from fedlora.train.accuracy import exact_match, generation_batch
 
 
 def held_out_records(settings: Settings, num_partitions: int) -> list[dict]:
@@ -60,7 +60,7 @@ class ServerEvaluator:
         loss = evaluate(slot.model, self.examples, slot.tokenizer.pad_token_id,
                         batch_size=s.train.batch_size)
         accuracy, _ = exact_match(slot.model, slot.tokenizer, self.records, s.data.dataset,
-                                  s.train.max_new_tokens, s.train.batch_size)
+                                  s.train.max_new_tokens, generation_batch(s))
         out = {"server-eval-loss": loss.loss, "server-eval-examples": len(self.records)}
         out.update({f"server-{k}": v for k, v in accuracy.metrics().items()})
         return out

@@ -1,6 +1,9 @@
 """Wire format: factors only, fp16 halves the bytes, counted bytes match the theory."""
 
+import numpy as np
+import pytest
 import torch
+from flwr.app import Array, ArrayRecord
 
 from fedlora.adapters import get_lora_state
 from fedlora.records import factor_bytes, from_array_record, to_array_record
@@ -18,9 +21,9 @@ def test_bytes_near_the_theoretical_minimum_and_fp16_halves_them(tiny_slot):
     params = sum(v.numel() for v in state.values())
     fp32 = factor_bytes(to_array_record(state, "float32"))
     fp16 = factor_bytes(to_array_record(state, "float16"))
-    # np.save header + key per array (~190 bytes): 0.4% for SmolLM2 rank 8, more for tiny tensors
-    assert params * 4 < fp32 <= params * 4 + 256 * len(state)
-    assert fp32 - fp16 == params * 2  # same headers, half the payload
+    # packed: one data array + a JSON index of the keys and shapes (~60 bytes per factor)
+    assert params * 4 < fp32 <= params * 4 + 1024 + 100 * len(state)
+    assert fp32 - fp16 == params * 2  # same index and headers, half the payload
     assert from_array_record(to_array_record(state, "float16"))[next(iter(state))].dtype == torch.float16
 
 
@@ -35,3 +38,24 @@ def test_reply_problem_finds_each_kind_of_bad_reply():
     assert "NaN or Inf" in reply_problem({"a": torch.full((2, 3), float("nan"))}, expected, 5)
     assert "NaN or Inf" in reply_problem({"a": torch.full((2, 3), float("inf"))}, expected, 5)
     assert "dtype" in reply_problem({"a": torch.zeros(2, 3, dtype=torch.int64)}, expected, 5)
+
+
+def test_factors_travel_packed_in_two_arrays(tiny_slot):
+    state = get_lora_state(tiny_slot.model, tiny_slot.adapter)
+    record = to_array_record(state)
+    assert set(record) == {"data", "index"} and len(state) > 2
+    assert set(from_array_record(record)) == set(state)
+
+
+@pytest.mark.parametrize("index, data, message", [
+    (b"not json", np.zeros(6, np.float32), "unreadable index"),
+    (b'[["a", [2, 3]]]', np.zeros(5, np.float32), "describes 6 values, the data holds 5"),
+    (b'[["a", [2, 3]], ["a", [0]]]', np.zeros(6, np.float32), "repeats a key"),
+    (b'[["a", [-2, -3]]]', np.zeros(6, np.float32), "negative dimension"),
+    (b'[["a", "xy"]]', np.zeros(6, np.float32), "unreadable index"),
+])
+def test_a_malformed_packed_record_is_refused(index, data, message):
+    record = ArrayRecord({"index": Array(np.frombuffer(index, np.uint8).copy()),
+                          "data": Array(data)})
+    with pytest.raises(ValueError, match=message):
+        from_array_record(record)

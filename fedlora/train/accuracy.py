@@ -73,6 +73,11 @@ class Accuracy:
         return acc
 
 
+def generation_batch(settings) -> int:
+    """Prompts generated at once: at least 16 (no gradients or optimizer state to hold)."""
+    return max(16, settings.train.batch_size)
+
+
 @torch.no_grad()
 def exact_match(model: torch.nn.Module, tokenizer, records: list[dict], task_name: str | None,
                 max_new_tokens: int = 32, batch_size: int = 16
