@@ -11,7 +11,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dirs", nargs="+", metavar="OUTPUT_DIR", type=Path,
                    help="the --output-dir of a run (holds metrics.jsonl); several are overlaid "
                         "on the same axes to compare strategies")
-    p.add_argument("--out", type=Path,
+    p.add_argument("--out", "--output-dir", dest="out", type=Path,
                    help="where the PNGs and report.md go (default OUTPUT_DIR/report of the first)")
 
 

@@ -108,11 +108,12 @@ def client_order(name: str) -> tuple[int, int | str]:
 def plot_clients(metric: str) -> Callable[[list[Run]], Figure | None]:
     """Per-client `metric`: one panel per run, one line per client."""
     def plot(runs: list[Run]) -> Figure | None:
-        per_run = [client_metrics(run.rows).get(metric, {}) for run in runs]
-        if not any(per_run):
+        # only the runs that report `metric` get a panel (no empty axes)
+        pairs = [(run, c) for run in runs if (c := client_metrics(run.rows).get(metric, {}))]
+        if not pairs:
             return None
-        fig, axes = figure(len(runs))
-        for ax, run, clients in zip(axes, runs, per_run):
+        fig, axes = figure(len(pairs))
+        for ax, (run, clients) in zip(axes, pairs):
             for name in sorted(clients, key=client_order):
                 rounds, values = clients[name]
                 ax.plot(rounds, values, "-o", label=f"client {name}", markersize=4)
