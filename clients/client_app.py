@@ -17,7 +17,6 @@ In deployment every message starts a fresh process, so both caches start empty. 
 from __future__ import annotations
 
 import logging
-import os
 from collections import OrderedDict
 from pathlib import Path
 from dataclasses import replace
@@ -37,6 +36,7 @@ from fedlora.aggregation.scaling import from_delta, lora_scale, to_delta
 from fedlora.config import Settings
 from fedlora.data import client_records, tokenize_records
 from fedlora.models import resolve_device
+from fedlora.outputs import write_atomic
 from fedlora.records import from_array_record, to_array_record
 from fedlora.train import evaluate, train_local
 from fedlora.train.accuracy import exact_match, generation_batch
@@ -106,9 +106,8 @@ def save_personal(context: Context, factors: dict) -> None:
         context.state[PERSONAL] = ArrayRecord(factors)
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({k: v.contiguous() for k, v in factors.items()}, str(tmp))
-    os.replace(tmp, path)
+    tensors = {k: v.contiguous() for k, v in factors.items()}
+    write_atomic(path, lambda tmp: save_file(tensors, str(tmp)))
 
 
 def prepare(msg: Message, context: Context) -> tuple[Settings, Slot, int, int]:

@@ -16,6 +16,16 @@ from fedlora.adapters.lora import save_adapter
 METRICS = "metrics.jsonl"
 
 
+def write_atomic(target: Path, write) -> None:
+    """Call write(tmp_path), fsync it, then rename it to `target`: readers see the old file
+    or the whole new one, never a part (the temporary name is per process)."""
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    write(tmp)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, target)
+
+
 class RunWriter:
     """Writes each round's adapter atomically and appends one JSON line per round."""
 

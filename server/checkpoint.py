@@ -17,7 +17,6 @@ run writes each round exactly once.
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from fedlora.outputs import METRICS
+from fedlora.outputs import METRICS, write_atomic
 
 STATE_DIR = "state"
 LATEST = "latest.json"
@@ -46,17 +45,8 @@ class Checkpoint:
     meta: dict
 
 
-def _write_atomic(target: Path, write) -> None:
-    """Call write(tmp_path), fsync it, then rename it to `target`."""
-    tmp = target.with_name(f".{target.name}.tmp")
-    write(tmp)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, target)
-
-
 def _write_json(target: Path, obj: dict) -> None:
-    _write_atomic(target, lambda tmp: tmp.write_text(json.dumps(obj, indent=1) + "\n"))
+    write_atomic(target, lambda tmp: tmp.write_text(json.dumps(obj, indent=1) + "\n"))
 
 
 def rng_state() -> dict:
@@ -84,7 +74,7 @@ def write_checkpoint(out_dir: str | Path, checkpoint: Checkpoint) -> Path:
     n = checkpoint.round
     tensors = {k: v.contiguous() for k, v in checkpoint.tensors.items()}
     tensors["rng/torch"] = torch.get_rng_state()
-    _write_atomic(folder / f"round-{n}.safetensors", lambda tmp: save_file(tensors, str(tmp)))
+    write_atomic(folder / f"round-{n}.safetensors", lambda tmp: save_file(tensors, str(tmp)))
     meta = {**checkpoint.meta, "round": n, "rng": rng_state()}
     _write_json(folder / f"round-{n}.json", meta)
     _write_json(folder / LATEST, {"round": n})
@@ -127,7 +117,7 @@ def discard_after(out_dir: str | Path, last_round: int) -> int:
                     kept.append(line)
                 else:
                     dropped += 1
-        _write_atomic(metrics, lambda tmp: tmp.write_text("".join(f"{k}\n" for k in kept)))
+        write_atomic(metrics, lambda tmp: tmp.write_text("".join(f"{k}\n" for k in kept)))
     rounds = out_dir / "rounds"
     for folder in rounds.iterdir() if rounds.exists() else ():
         if not folder.name.isdigit() or int(folder.name) > last_round:
