@@ -84,13 +84,17 @@ class GlobalAdapter:
         return ClientUpdate(to_delta(split_factors(raw), self.scale(rank)), weight)
 
     # ---- one round ----------------------------------------------------------------------------
+    def received(self, rank: int) -> Factors:
+        """What a rank-`rank` client received this round (delta-W scale): the reference its
+        update is measured and clipped around."""
+        return self.strategy.payload(self.factors, rank)
+
     def clip(self, updates: list[ClientUpdate]) -> tuple[list[ClientUpdate], dict]:
         """Each update clipped to clip_norm around the adapter its client received; with DP,
         equal weights (the Gaussian mechanism bounds each client, not each example)."""
         out, norms = [], []
         for u in updates:
-            reference = self.strategy.payload(self.factors, u.rank)
-            factors, norm, _ = clip_update(u.factors, reference, self.clip_norm)
+            factors, norm, _ = clip_update(u.factors, self.received(u.rank), self.clip_norm)
             out.append(ClientUpdate(factors, 1.0 if self.noise_multiplier else u.weight))
             norms.append(norm)
         return out, {"clip-norm": self.clip_norm, "update-norms": norms,

@@ -232,8 +232,7 @@ class LoraStrategy(FedAvg):
             return (f"update norm ||delta W||_F = {norm:.4g} is above max-update-norm="
                     f"{self.max_update_norm:g}"), None, {}
         if self.client_clipping:
-            moved = factor_distance(update.factors, self.state.strategy.payload(
-                self.state.factors, rank))
+            moved = factor_distance(update.factors, self.state.received(rank))
             if moved > self.state.clip_norm * (1 + 1e-4):
                 return (f"dp-clipping=client, but the update's norm {moved:.6g} is above "
                         f"clip-norm={self.state.clip_norm:g}: the node did not clip"), None, {}
