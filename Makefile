@@ -1,12 +1,12 @@
 # Two commands do all the set-up on a fresh machine:
 #   make simulate   # virtual environment + packages + the default local simulation
-#   make test       # virtual environment + packages + the test suite
+#   make test       # virtual environment + packages + the test suite (what CI runs)
 VENV    ?= .venv
 PYTHON  ?= python3
 ARGS    ?=
 PYTEST_ARGS ?=
 
-.PHONY: install simulate test test-all results clean
+.PHONY: install simulate test test-fast lint results clean
 
 install: $(VENV)/.fedlora-installed
 
@@ -17,11 +17,17 @@ $(VENV)/.fedlora-installed: pyproject.toml scripts/setup-venv.sh
 simulate: install
 	$(VENV)/bin/fedlora simulate $(ARGS)
 
+# the whole suite but the CUDA tests (they skip without a GPU anyway)
 test: install
+	$(VENV)/bin/python -m pytest -m "not gpu" $(PYTEST_ARGS)
+
+# for iteration: without the tests marked slow (real Flower processes, many rounds)
+test-fast: install
 	$(VENV)/bin/python -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
 
-test-all: install
-	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 # docs/results.md: does federation help? (SmolLM2-135M on the CPU: about 40 minutes)
 results: install

@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import common  # noqa: E402
+import common
 
 WIRE_BYTES = {"float32": 4, "float16": 2}
 
@@ -77,7 +77,6 @@ def measure_all(args) -> tuple[list[dict], int, int]:
 
     from fedlora.adapters import add_lora
     from fedlora.config import Settings
-
     from fedlora.models import load_model
 
     settings = Settings.from_config({"model": args.model, "lora-rank": args.lora_rank,

@@ -46,7 +46,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import common  # noqa: E402
+import common
 
 ROOT = Path(__file__).resolve().parents[1]
 HOOK = Path(__file__).resolve().parent / "clientapp_timing"
@@ -61,8 +61,8 @@ t0 = time.perf_counter()
 import flwr.supernode.cli
 import clients.client_app as capp
 t1 = time.perf_counter()
-from fedlora.config import Settings
-settings = Settings.from_config(json.loads(sys.argv[1]), {"partition-id": 0, "num-partitions": 2})
+from fedlora.methods import load_settings
+settings = load_settings(json.loads(sys.argv[1]), {"partition-id": 0, "num-partitions": 2})
 slot = capp.WORKSPACE.get(settings.model, settings.lora, settings.train)
 t2 = time.perf_counter()
 capp.client_data(settings, slot, 0, 2)

@@ -28,15 +28,16 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import common  # noqa: E402
-import torch  # noqa: E402
+import common
+import torch
 
-from fedlora.aggregation import STRATEGIES, ClientUpdate, Factors, get_strategy  # noqa: E402
+from fedlora.aggregation import ClientUpdate, Factors
+from fedlora.methods import METHODS, get_method
 
 MIXED_RANKS = (4, 8, 8, 16, 16, 32, 32, 64)
 SHAPES = ((2048, 2048), (4096, 4096), (4096, 11008))
@@ -106,7 +107,7 @@ def dense_flexlora(updates: list[ClientUpdate], rank: int) -> tuple[Factors, tor
 
 def factored_flexlora(updates: list[ClientUpdate], rank: int) -> tuple[Factors, torch.Tensor]:
     """fedlora's FlexLoRA merge."""
-    result = get_strategy("flexlora").merge(updates, {}, export_rank=rank)
+    result = get_method("flexlora").merge(updates, {}, export_rank=rank)
     spectrum = next(iter(result.info["singular_values"].values()))
     return result.global_factors, torch.tensor(spectrum, dtype=torch.float64)
 
@@ -186,7 +187,7 @@ def part_one(shapes: tuple[tuple[int, int], ...], args: argparse.Namespace) -> N
 
 def model_updates(name: str, layers: int) -> tuple[list[ClientUpdate], Factors, int]:
     """(updates, previous global factors, export rank) for one strategy on the 7B shapes."""
-    strategy = STRATEGIES[name]
+    strategy = METHODS[name]
     ranks = MIXED_RANKS if strategy.heterogeneous else (16,) * len(MIXED_RANKS)
     rank = max(ranks)
     gen = torch.Generator().manual_seed(1)
@@ -205,13 +206,13 @@ def replicate_factors(factors: Factors, layers: int) -> Factors:
 def part_two(layers: int, repeats: int) -> None:
     """One merge call over all modules per strategy; median time."""
     rows = []
-    for name in sorted(STRATEGIES):
+    for name in sorted(METHODS):
         updates, previous, rank = model_updates(name, layers)
-        STRATEGIES[name].merge(updates, previous, export_rank=rank)  # untimed warm-up
+        get_method(name).merge(updates, previous, export_rank=rank)  # untimed warm-up
         times = []
         for _ in range(repeats):
             with common.stopwatch() as t:
-                STRATEGIES[name].merge(updates, previous, export_rank=rank)
+                get_method(name).merge(updates, previous, export_rank=rank)
             times.append(t["seconds"])
         ranks = sorted({u.rank for u in updates})
         rows.append([name, f"{len(updates[0].factors)}", ",".join(map(str, ranks)),

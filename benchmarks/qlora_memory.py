@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import common  # noqa: E402
+import common
 
 VARIANTS = {  # name -> (quantization, compute-dtype)
     "fp32": ("none", "float32"),
@@ -131,8 +131,8 @@ def run_child(variant: str, model: str, args) -> dict | None:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", variant, "--model", model,
            "--steps", str(args.steps), "--batch-size", str(args.batch_size),
            "--max-length", str(args.max_length), "--lora-rank", str(args.lora_rank)]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
         print(f"variant {variant} failed (exit {proc.returncode}):\n{tail}", file=sys.stderr)

@@ -74,7 +74,7 @@ def read_kib(pid: int) -> tuple[int, int]:
         with open(f"/proc/{pid}/statm", encoding="ascii") as fh:
             rss = int(fh.read().split()[1]) * PAGE_KIB
         with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as fh:
-            pss = next((int(l.split()[1]) for l in fh if l.startswith("Pss:")), 0)
+            pss = next((int(line.split()[1]) for line in fh if line.startswith("Pss:")), 0)
     except (OSError, ValueError):
         return 0, 0
     return rss, pss

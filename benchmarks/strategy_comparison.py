@@ -22,13 +22,13 @@ from pathlib import Path
 
 import common
 
-from fedlora.aggregation import STRATEGIES
+from fedlora.methods import METHODS
 
 
 def parse_args():
     p = common.parser(__doc__.splitlines()[0])
     p.set_defaults(model="tiny-llama")
-    p.add_argument("--strategies", nargs="+", default=sorted(STRATEGIES), help="which to run")
+    p.add_argument("--strategies", nargs="+", default=sorted(METHODS), help="which to run")
     p.add_argument("--num-clients", type=int, default=3, help="virtual clients")
     p.add_argument("--rounds", type=int, default=3, help="federated rounds")
     p.add_argument("--local-steps", type=int, default=10, help="steps per client per round")
@@ -44,7 +44,7 @@ def parse_args():
 
 def run_one(args, name: str, out: Path) -> tuple[list[dict], float]:
     """One simulation; returns its metrics rows and wall time."""
-    heterogeneous = STRATEGIES[name].heterogeneous
+    heterogeneous = METHODS[name].heterogeneous
     ranks = args.client_ranks if heterogeneous else str(args.homogeneous_rank)
     cmd = [sys.executable, "-m", "fedlora.cli.main", "simulate", "--model", args.model,
            "--strategy", name, "--num-clients", str(args.num_clients), "--rounds",
@@ -77,7 +77,7 @@ def main() -> None:
     root = Path(args.output_dir or tempfile.mkdtemp(prefix="fedlora-strategies-"))
     table = []
     for name in args.strategies:
-        ranks = args.client_ranks if STRATEGIES[name].heterogeneous else str(args.homogeneous_rank)
+        ranks = args.client_ranks if METHODS[name].heterogeneous else str(args.homogeneous_rank)
         print(f"running {name} (ranks {ranks}) ...", file=sys.stderr, flush=True)
         rows, seconds = run_one(args, name, root / name)
         table.append(summary(name, rows, seconds, ranks))

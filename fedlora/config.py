@@ -2,36 +2,39 @@
 
 Every key a user can type (in `[tool.flwr.app.config]`, `--run-config "k=v"`, or a node's
 `--node-config`) is declared once here, with its help text, and validated in `__post_init__`
-with a message that names the key, what it expected and what it got.
+with a message that names the key, what it expected and what it got. A method's own options
+(hetlora-prune, residual-rank, ...) are declared with its method in `fedlora.methods` the same
+way; `fedlora.methods.load_settings` reads both. This module imports neither torch nor the
+methods, so validating a command line is instant.
 """
 
 from __future__ import annotations
 
 import difflib
 import random
+from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields
-from typing import Any, Mapping
-
-from fedlora.aggregation import SERVER_OPTIMIZERS, STRATEGIES
+from typing import Any
 
 
 class SettingsError(ValueError):
     """A setting has the wrong type or value; the message names the key and the fix."""
 
 
-def _setting(key: str, default: Any, help: str) -> Any:
+def setting(key: str, default: Any, help: str) -> Any:
     """Declare a dataclass field bound to a run-config key, with help text."""
     return field(default=default, metadata={"key": key, "help": help})
 
 
-def _require(ok: bool, key: str, expected: str, got: Any) -> None:
+def require(ok: bool, key: str, expected: str, got: Any) -> None:
     """Raise a SettingsError naming the key when a check fails."""
     if not ok:
         raise SettingsError(f"setting '{key}': expected {expected}, got {got!r}")
 
 
-def _one_of(key: str, value: str, allowed: tuple[str, ...] | list[str]) -> None:
-    _require(value in allowed, key, "one of " + ", ".join(allowed), value)
+def one_of(key: str, value: str, allowed: tuple[str, ...] | list[str]) -> None:
+    """Raise a SettingsError unless `value` is one of `allowed`."""
+    require(value in allowed, key, "one of " + ", ".join(allowed), value)
 
 
 QUANTIZATIONS = ("none", "8bit", "4bit")
@@ -46,7 +49,8 @@ ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 # Ranks that the named client-rank distributions draw from (FlexLoRA's rank settings).
 RANK_POOL = (4, 8, 16, 32, 64)
 RANK_DISTRIBUTIONS = ("uniform", "heavy-tail")
-HETLORA_WEIGHTINGS = ("norm", "examples")
+# The server optimisers of fedlora.aggregation.server_opt (a test keeps the two in step).
+SERVER_OPTIMIZERS = ("fedadagrad", "fedadam", "fedavgm", "fedyogi", "none")
 ROUND_FAILURES = ("retry", "stop")
 DP_CLIPPING = ("server", "client")
 
@@ -63,7 +67,7 @@ def parse_client_ranks(spec: str) -> tuple[str, tuple[int, ...]]:
         ranks = tuple(int(r) for r in pool.split(",") if r.strip())
     except ValueError:
         ranks = ()
-    _require(bool(ranks) and min(ranks) >= 1, "client-ranks",
+    require(bool(ranks) and min(ranks) >= 1, "client-ranks",
              "a comma-separated list of ranks >= 1 such as 4,8,16, or uniform, heavy-tail, "
              "uniform:4,8,16", spec)
     return kind, ranks
@@ -79,7 +83,7 @@ def parse_field_map(spec: str) -> dict[str, str]:
     mapping: dict[str, str] = {}
     for part in filter(None, (p.strip() for p in spec.split(","))):
         ours, _, theirs = (x.strip() for x in part.partition("="))
-        _require(ours in RECORD_FIELDS and bool(theirs) and ours not in mapping, "field-map",
+        require(ours in RECORD_FIELDS and bool(theirs) and ours not in mapping, "field-map",
                  "comma-separated <field>=<your column> pairs, each field once, with <field> "
                  "one of " + ", ".join(RECORD_FIELDS) + " (e.g. instruction=question,"
                  "output=answer)", spec)
@@ -91,51 +95,52 @@ def parse_field_map(spec: str) -> dict[str, str]:
 class ModelSettings:
     """Which base model to load and how."""
 
-    name: str = _setting(
+    name: str = setting(
         "model", "smollm2-135m",
         "Base model: a built-in name (tiny-llama, smollm2-135m), a local model directory, "
         "a .gguf file, or a Hugging Face hub id (online only).")
-    quantization: str = _setting(
+    quantization: str = setting(
         "quantization", "none", "Base weights: none, 8bit or 4bit (NF4 + double quant, QLoRA).")
-    compute_dtype: str = _setting(
+    compute_dtype: str = setting(
         "compute-dtype", "auto",
-        "dtype of 4-bit matmuls: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16.")
-    device: str = _setting("device", "auto", "auto (CUDA if available), cpu, cuda or cuda:N.")
+        "dtype of 4-bit matmuls: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, "
+        "float16.")
+    device: str = setting("device", "auto", "auto (CUDA if available), cpu, cuda or cuda:N.")
 
     def __post_init__(self) -> None:
-        _require(bool(self.name.strip()), "model", "a model name or path", self.name)
-        _one_of("quantization", self.quantization, QUANTIZATIONS)
-        _one_of("compute-dtype", self.compute_dtype, DTYPES)
+        require(bool(self.name.strip()), "model", "a model name or path", self.name)
+        one_of("quantization", self.quantization, QUANTIZATIONS)
+        one_of("compute-dtype", self.compute_dtype, DTYPES)
         ok = self.device in ("auto", "cpu", "cuda") or (
             self.device.startswith("cuda:") and self.device[5:].isdigit())
-        _require(ok, "device", "auto, cpu, cuda or cuda:N", self.device)
+        require(ok, "device", "auto, cpu, cuda or cuda:N", self.device)
 
 
 @dataclass
 class LoraSettings:
     """The LoRA adapter trained on each client."""
 
-    rank: int = _setting("lora-rank", 8, "LoRA rank r (>= 1).")
-    alpha: float = _setting("lora-alpha", 16.0, "LoRA alpha; the update is scaled by alpha/r "
+    rank: int = setting("lora-rank", 8, "LoRA rank r (>= 1).")
+    alpha: float = setting("lora-alpha", 16.0, "LoRA alpha; the update is scaled by alpha/r "
                             "(alpha/sqrt(r) with rsLoRA).")
-    dropout: float = _setting("lora-dropout", 0.05, "Dropout on the LoRA input, in [0, 1).")
-    target_modules: str = _setting(
+    dropout: float = setting("lora-dropout", 0.05, "Dropout on the LoRA input, in [0, 1).")
+    target_modules: str = setting(
         "target-modules", "all-linear",
         "Comma-separated module names to adapt, or all-linear (" + ",".join(ALL_LINEAR) + ").")
-    use_rslora: bool = _setting("use-rslora", False, "Scale by alpha/sqrt(r) instead of alpha/r.")
-    client_ranks: str = _setting(
+    use_rslora: bool = setting("use-rslora", False, "Scale by alpha/sqrt(r) instead of alpha/r.")
+    client_ranks: str = setting(
         "client-ranks", "",
         "Per-client ranks in simulation: empty (all use lora-rank), a list cycled over clients "
         "(4,8,16,32), or a distribution over 4,8,16,32,64: uniform, heavy-tail (most clients "
         "small), optionally with its own pool (heavy-tail:4,8,16).")
 
     def __post_init__(self) -> None:
-        _require(self.rank >= 1, "lora-rank", "an integer >= 1", self.rank)
+        require(self.rank >= 1, "lora-rank", "an integer >= 1", self.rank)
         if self.client_ranks:
             parse_client_ranks(self.client_ranks)
-        _require(self.alpha > 0, "lora-alpha", "a number > 0", self.alpha)
-        _require(0 <= self.dropout < 1, "lora-dropout", "a number in [0, 1)", self.dropout)
-        _require(bool(self.modules()), "target-modules", "at least one module name",
+        require(self.alpha > 0, "lora-alpha", "a number > 0", self.alpha)
+        require(0 <= self.dropout < 1, "lora-dropout", "a number in [0, 1)", self.dropout)
+        require(bool(self.modules()), "target-modules", "at least one module name",
                  self.target_modules)
 
     def modules(self) -> list[str]:
@@ -166,39 +171,39 @@ class LoraSettings:
 class TrainSettings:
     """Local training on a client."""
 
-    local_steps: int = _setting("local-steps", 10, "Optimizer steps per round on each client.")
-    batch_size: int = _setting("batch-size", 4, "Examples per micro-batch.")
-    grad_accum: int = _setting("grad-accum", 1, "Micro-batches accumulated per optimizer step.")
-    lr: float = _setting("lr", 3e-4, "Peak learning rate.")
-    lr_schedule: str = _setting(
+    local_steps: int = setting("local-steps", 10, "Optimizer steps per round on each client.")
+    batch_size: int = setting("batch-size", 4, "Examples per micro-batch.")
+    grad_accum: int = setting("grad-accum", 1, "Micro-batches accumulated per optimizer step.")
+    lr: float = setting("lr", 3e-4, "Peak learning rate.")
+    lr_schedule: str = setting(
         "lr-schedule", "cosine",
         "constant, linear or cosine; continues across rounds (step = (round-1)*local-steps + i).")
-    warmup_steps: int = _setting("warmup-steps", 0, "Linear warm-up steps at the start of the run.")
-    weight_decay: float = _setting("weight-decay", 0.0, "AdamW weight decay.")
-    max_grad_norm: float = _setting("max-grad-norm", 1.0, "Gradient clipping norm (0 = off).")
-    optimizer: str = _setting("optimizer", "adamw",
+    warmup_steps: int = setting("warmup-steps", 0, "Linear warm-up steps at the start of the run.")
+    weight_decay: float = setting("weight-decay", 0.0, "AdamW weight decay.")
+    max_grad_norm: float = setting("max-grad-norm", 1.0, "Gradient clipping norm (0 = off).")
+    optimizer: str = setting("optimizer", "adamw",
                               "adamw, or paged-adamw-8bit (bitsandbytes, CUDA only).")
-    max_length: int = _setting("max-length", 256, "Max tokens per example (longer ones are cut).")
-    bf16: bool = _setting("bf16", False, "bf16 autocast for the forward pass (use on GPUs).")
-    gradient_checkpointing: bool = _setting(
+    max_length: int = setting("max-length", 256, "Max tokens per example (longer ones are cut).")
+    bf16: bool = setting("bf16", False, "bf16 autocast for the forward pass (use on GPUs).")
+    gradient_checkpointing: bool = setting(
         "gradient-checkpointing", False, "Recompute activations to save memory (slower).")
-    eval_examples: int = _setting("eval-examples", 32,
+    eval_examples: int = setting("eval-examples", 32,
                                   "Held-out examples per client evaluation (0 = all).")
-    eval_accuracy: int = _setting(
+    eval_accuracy: int = setting(
         "eval-accuracy", 32,
         "Held-out examples per client answered by greedy generation and scored by exact match "
         "each evaluation (accuracy, and accuracy/<family> for built-in tasks; 0 = off).")
-    max_new_tokens: int = _setting("max-new-tokens", 24,
+    max_new_tokens: int = setting("max-new-tokens", 24,
                                    "Tokens generated per answer when scoring accuracy.")
-    server_eval: int = _setting(
+    server_eval: int = setting(
         "server-eval", 0,
         "Examples the server scores with the global adapter after every round (eval loss and "
         "accuracy on a held-out set: the union of the simulated clients' held-out splits, or "
         "server-eval-data; 0 = off). Loads the base model in the ServerApp.")
-    server_eval_data: str = _setting(
+    server_eval_data: str = setting(
         "server-eval-data", "",
         "The server's held-out set when it is not the clients' (any source 'dataset' accepts).")
-    proximal_mu: float = _setting(
+    proximal_mu: float = setting(
         "proximal-mu", 0.0,
         "FedProx: weight mu of the proximal term (mu/2)||theta - theta_global||^2 on the LoRA "
         "parameters (0 = off; strategy fedprox uses 0.01 when this is 0).")
@@ -206,77 +211,77 @@ class TrainSettings:
     def __post_init__(self) -> None:
         for key, value in (("local-steps", self.local_steps), ("batch-size", self.batch_size),
                            ("grad-accum", self.grad_accum)):
-            _require(value >= 1, key, "an integer >= 1", value)
-        _require(self.lr > 0, "lr", "a number > 0", self.lr)
-        _one_of("lr-schedule", self.lr_schedule, LR_SCHEDULES)
-        _require(self.warmup_steps >= 0, "warmup-steps", "an integer >= 0", self.warmup_steps)
-        _require(self.weight_decay >= 0, "weight-decay", "a number >= 0", self.weight_decay)
-        _require(self.max_grad_norm >= 0, "max-grad-norm", "a number >= 0", self.max_grad_norm)
-        _one_of("optimizer", self.optimizer, OPTIMIZERS)
-        _require(self.max_length >= 8, "max-length", "an integer >= 8", self.max_length)
-        _require(self.eval_examples >= 0, "eval-examples", "an integer >= 0", self.eval_examples)
-        _require(self.proximal_mu >= 0, "proximal-mu", "a number >= 0", self.proximal_mu)
-        _require(self.eval_accuracy >= 0, "eval-accuracy", "an integer >= 0", self.eval_accuracy)
-        _require(self.max_new_tokens >= 1, "max-new-tokens", "an integer >= 1",
+            require(value >= 1, key, "an integer >= 1", value)
+        require(self.lr > 0, "lr", "a number > 0", self.lr)
+        one_of("lr-schedule", self.lr_schedule, LR_SCHEDULES)
+        require(self.warmup_steps >= 0, "warmup-steps", "an integer >= 0", self.warmup_steps)
+        require(self.weight_decay >= 0, "weight-decay", "a number >= 0", self.weight_decay)
+        require(self.max_grad_norm >= 0, "max-grad-norm", "a number >= 0", self.max_grad_norm)
+        one_of("optimizer", self.optimizer, OPTIMIZERS)
+        require(self.max_length >= 8, "max-length", "an integer >= 8", self.max_length)
+        require(self.eval_examples >= 0, "eval-examples", "an integer >= 0", self.eval_examples)
+        require(self.proximal_mu >= 0, "proximal-mu", "a number >= 0", self.proximal_mu)
+        require(self.eval_accuracy >= 0, "eval-accuracy", "an integer >= 0", self.eval_accuracy)
+        require(self.max_new_tokens >= 1, "max-new-tokens", "an integer >= 1",
                  self.max_new_tokens)
-        _require(self.server_eval >= 0, "server-eval", "an integer >= 0", self.server_eval)
+        require(self.server_eval >= 0, "server-eval", "an integer >= 0", self.server_eval)
 
 
 @dataclass
 class DataSettings:
     """Where each client's examples come from."""
 
-    dataset: str = _setting(
+    dataset: str = setting(
         "dataset", "builtin:arithmetic",
         "builtin:<task> (generated by code, no download: arithmetic, dates, facts, json, "
         "strings, units, suite = all of them, or a list like builtin:units,dates); a data file "
         "(.jsonl, .json, .csv, .tsv, .parquet); a folder written by datasets' save_to_disk; "
         "or hf:<owner/name>[:<config>] for a Hugging Face hub dataset (online only).")
-    dataset_size: int = _setting("dataset-size", 2000,
+    dataset_size: int = setting("dataset-size", 2000,
                                  "Examples generated for a builtin task (all clients together).")
-    eval_fraction: float = _setting("eval-fraction", 0.1,
+    eval_fraction: float = setting("eval-fraction", 0.1,
                                     "Share of each client's examples held out for evaluation.")
-    partitioner: str = _setting(
+    partitioner: str = setting(
         "partitioner", "iid",
         "How a dataset is split over clients: iid; dirichlet (label skew over "
         "partition-field with concentration dirichlet-alpha); by-field (one value of "
         "partition-field per client, shared round-robin when clients outnumber values); "
         "quantity-skew (client sizes ~ Dirichlet(dirichlet-alpha), labels ignored).")
-    partition_field: str = _setting(
+    partition_field: str = setting(
         "partition-field", "task",
         "Record field that labels records for the dirichlet and by-field partitioners "
         "(builtin tasks: task = the family in builtin:suite, kind = the question type).")
-    dirichlet_alpha: float = _setting(
+    dirichlet_alpha: float = setting(
         "dirichlet-alpha", 0.5,
         "Dirichlet concentration of dirichlet (0.1 ~ one label per client, 100 ~ IID) and "
         "quantity-skew (0.1 ~ a few clients hold most records, 100 ~ equal sizes).")
-    data_path: str = _setting(
+    data_path: str = setting(
         "data-path", "",
         "A node's own data (deployment): any file, folder or hf: id that 'dataset' accepts "
         "except builtin; overrides 'dataset' there.")
-    field_map: str = _setting(
+    field_map: str = setting(
         "field-map", "",
         "Rename your record fields to ours: comma-separated <ours>=<yours>, e.g. "
         "instruction=question,output=answer (ours: " + ", ".join(RECORD_FIELDS) + ").")
-    data_split: str = _setting(
+    data_split: str = setting(
         "data-split", "train",
         "Split to read from a save_to_disk DatasetDict folder or an hf: hub dataset.")
-    packing: bool = _setting(
+    packing: bool = setting(
         "packing", False,
         "Concatenate tokenized training examples (an EOS between them) into sequences of "
         "max-length tokens; prompt tokens stay out of the loss. Eval examples stay unpacked.")
 
     def __post_init__(self) -> None:
-        _require(bool(self.dataset.strip()), "dataset", "builtin:<task> or a file path",
+        require(bool(self.dataset.strip()), "dataset", "builtin:<task> or a file path",
                  self.dataset)
-        _require(self.dataset_size >= 1, "dataset-size", "an integer >= 1", self.dataset_size)
-        _require(0 <= self.eval_fraction < 1, "eval-fraction", "a number in [0, 1)",
+        require(self.dataset_size >= 1, "dataset-size", "an integer >= 1", self.dataset_size)
+        require(0 <= self.eval_fraction < 1, "eval-fraction", "a number in [0, 1)",
                  self.eval_fraction)
-        _one_of("partitioner", self.partitioner, PARTITIONERS)
-        _require(self.dirichlet_alpha > 0, "dirichlet-alpha", "a number > 0",
+        one_of("partitioner", self.partitioner, PARTITIONERS)
+        require(self.dirichlet_alpha > 0, "dirichlet-alpha", "a number > 0",
                  self.dirichlet_alpha)
         parse_field_map(self.field_map)
-        _require(bool(self.data_split.strip()), "data-split", "a split name such as train",
+        require(bool(self.data_split.strip()), "data-split", "a split name such as train",
                  self.data_split)
 
     def field_mapping(self) -> dict[str, str]:
@@ -288,129 +293,114 @@ class DataSettings:
 class FederationSettings:
     """Rounds, sampling, merging and what crosses the wire."""
 
-    num_rounds: int = _setting("num-server-rounds", 3, "Federated rounds.")
-    strategy: str = _setting("strategy", "fedavg",
-                             "Merging strategy: " + ", ".join(sorted(STRATEGIES)) + ".")
-    fraction_train: float = _setting("fraction-train", 1.0,
+    num_rounds: int = setting("num-server-rounds", 3, "Federated rounds.")
+    strategy: str = setting("strategy", "fedavg",
+                             "The federated method (fedlora.methods): fedavg, fedprox, ffa-lora, "
+                             "fedsa-lora, hetlora, flexlora, flora, fedex-lora, or one you add.")
+    fraction_train: float = setting("fraction-train", 1.0,
                                      "Share of connected clients sampled to train each round.")
-    fraction_evaluate: float = _setting("fraction-evaluate", 1.0,
+    fraction_evaluate: float = setting("fraction-evaluate", 1.0,
                                         "Share sampled to evaluate the merged adapter (0 = off).")
-    min_train_nodes: int = _setting("min-train-nodes", 2, "Fewest clients that train in a round.")
-    min_evaluate_nodes: int = _setting("min-evaluate-nodes", 2, "Fewest clients that evaluate.")
-    min_available_nodes: int = _setting("min-available-nodes", 2,
+    min_train_nodes: int = setting("min-train-nodes", 2, "Fewest clients that train in a round.")
+    min_evaluate_nodes: int = setting("min-evaluate-nodes", 2, "Fewest clients that evaluate.")
+    min_available_nodes: int = setting("min-available-nodes", 2,
                                         "Clients that must be connected before a round starts.")
-    max_num_examples: int = _setting(
+    max_num_examples: int = setting(
         "max-num-examples", 10_000_000,
         "A reply claiming more examples than this is dropped (it would dominate the weights).")
-    max_update_norm: float = _setting(
+    max_update_norm: float = setting(
         "max-update-norm", 0.0,
         "Drop a reply whose update ||delta W||_F (all modules) exceeds this (0 = no bound).")
-    round_timeout: float = _setting("round-timeout", 3600.0,
+    round_timeout: float = setting("round-timeout", 3600.0,
                                     "Seconds to wait for client replies in each phase.")
-    min_replies: int = _setting(
+    min_replies: int = setting(
         "min-replies", 0,
         "Valid training replies a round needs to be merged (0 = min-train-nodes); nodes that "
         "crash, time out or send a rejected reply are counted and skipped.")
-    round_failure: str = _setting(
+    round_failure: str = setting(
         "round-failure", "retry",
         "When a round gets fewer than min-replies: retry it (up to round-retries times, then "
         "stop) or stop at once; the last complete round stays on disk for --resume.")
-    round_retries: int = _setting("round-retries", 2, "Retries of a failed round (retry mode).")
-    clip_norm: float = _setting(
+    round_retries: int = setting("round-retries", 2, "Retries of a failed round (retry mode).")
+    clip_norm: float = setting(
         "clip-norm", 0.0,
         "Clip each client's update (change of the factors it sends, delta-W scale, L2 over all "
         "modules) to this norm before merging (0 = off). Required by dp-noise-multiplier.")
-    dp_noise_multiplier: float = _setting(
+    dp_noise_multiplier: float = setting(
         "dp-noise-multiplier", 0.0,
         "Client-level differential privacy (0 = off): equal client weights and Gaussian noise "
         "of std multiplier x clip-norm / clients on the merged factors; epsilon is reported "
         "each round. fedavg, fedprox, ffa-lora, fedsa-lora only.")
-    dp_delta: float = _setting("dp-delta", 1e-5, "delta of the (epsilon, delta) reported.")
-    dp_clipping: str = _setting(
+    dp_delta: float = setting("dp-delta", 1e-5, "delta of the (epsilon, delta) reported.")
+    dp_clipping: str = setting(
         "dp-clipping", "server",
         "Where updates are clipped to clip-norm: server (the server sees raw updates) or "
         "client (nodes clip before sending; the server rejects a reply above clip-norm).")
-    wire_dtype: str = _setting("wire-dtype", "float32",
+    wire_dtype: str = setting("wire-dtype", "float32",
                                "dtype of the LoRA factors sent both ways: float32 or float16.")
-    export_rank: int = _setting(
+    export_rank: int = setting(
         "export-rank", 0,
         "Rank of the global adapter the server keeps and exports (0 = the largest client "
         "rank); flexlora truncates the exact average to it. Clients train at ranks <= it.")
-    residual_rank: int = _setting(
-        "residual-rank", 128,
-        "flora/fedex-lora: rank budget of the frozen residual folded into the base; a larger "
-        "residual is re-compressed by SVD and the dropped energy is logged.")
-    hetlora_weighting: str = _setting(
-        "hetlora-weighting", "norm",
-        "hetlora client weights: norm (||B_i A_i||_F, the paper's) or examples (num-examples).")
-    hetlora_prune: float = _setting(
-        "hetlora-prune", 0.0,
-        "hetlora rank self-pruning gamma (0 = off): after training, a client drops trailing "
-        "rank components contributing < gamma x the mean of those before, and keeps the "
-        "smaller rank for the rest of the run.")
-    server_optimizer: str = _setting(
+    server_optimizer: str = setting(
         "server-optimizer", "none",
         "Server optimiser on the pseudo-gradient of the global factors: "
-        + ", ".join(sorted(SERVER_OPTIMIZERS)) + " (not with flexlora, flora, fedex-lora).")
-    server_lr: float = _setting("server-lr", 0.0,
+        + ", ".join(SERVER_OPTIMIZERS) + " (not with flexlora, flora, fedex-lora).")
+    server_lr: float = setting("server-lr", 0.0,
                                 "Server learning rate (0 = the optimiser's default).")
-    server_momentum: float = _setting("server-momentum", 0.9,
+    server_momentum: float = setting("server-momentum", 0.9,
                                       "fedavgm momentum / beta1 of fedadam, fedyogi.")
-    server_beta2: float = _setting("server-beta2", 0.99, "beta2 of fedadam and fedyogi.")
-    server_tau: float = _setting("server-tau", 1e-3,
+    server_beta2: float = setting("server-beta2", 0.99, "beta2 of fedadam and fedyogi.")
+    server_tau: float = setting("server-tau", 1e-3,
                                  "Adaptivity tau of fedadam, fedyogi, fedadagrad.")
-    seed: int = _setting("seed", 0, "Seed for the initial adapter, data splits and training.")
-    output_dir: str = _setting("output-dir", "fedlora-output",
+    seed: int = setting("seed", 0, "Seed for the initial adapter, data splits and training.")
+    output_dir: str = setting("output-dir", "fedlora-output",
                                "Where the server writes metrics.jsonl and adapters.")
-    personal_dir: str = _setting(
+    personal_dir: str = setting(
         "personal-dir", "",
         "Where a personalised strategy (fedsa-lora) keeps each client's private factors: "
         "'' = in the node's Flower context (memory, one run); a folder = one safetensors file "
         "per partition-id, read only when that client is sampled (fedlora simulate uses "
         "<output-dir>/personal, so memory does not grow with the number of clients).")
-    resume: bool = _setting(
+    resume: bool = setting(
         "resume", False,
         "Continue the run in output-dir from its last complete round (state/latest.json); "
         "`fedlora server --resume DIR` and `fedlora simulate --resume DIR` set it.")
 
     def __post_init__(self) -> None:
-        _require(self.num_rounds >= 1, "num-server-rounds", "an integer >= 1", self.num_rounds)
-        _one_of("strategy", self.strategy, sorted(STRATEGIES))
-        _require(0 < self.fraction_train <= 1, "fraction-train", "a number in (0, 1]",
+        require(self.num_rounds >= 1, "num-server-rounds", "an integer >= 1", self.num_rounds)
+        require(bool(self.strategy.strip()), "strategy", "a method name (fedlora settings "
+                "lists them)", self.strategy)
+        require(0 < self.fraction_train <= 1, "fraction-train", "a number in (0, 1]",
                  self.fraction_train)
-        _require(0 <= self.fraction_evaluate <= 1, "fraction-evaluate", "a number in [0, 1]",
+        require(0 <= self.fraction_evaluate <= 1, "fraction-evaluate", "a number in [0, 1]",
                  self.fraction_evaluate)
         for key, value in (("min-train-nodes", self.min_train_nodes),
                            ("min-evaluate-nodes", self.min_evaluate_nodes),
                            ("min-available-nodes", self.min_available_nodes)):
-            _require(value >= 1, key, "an integer >= 1", value)
-        _require(self.round_timeout > 0, "round-timeout", "seconds > 0", self.round_timeout)
-        _require(self.max_num_examples >= 1, "max-num-examples", "an integer >= 1",
+            require(value >= 1, key, "an integer >= 1", value)
+        require(self.round_timeout > 0, "round-timeout", "seconds > 0", self.round_timeout)
+        require(self.max_num_examples >= 1, "max-num-examples", "an integer >= 1",
                  self.max_num_examples)
-        _require(self.max_update_norm >= 0, "max-update-norm", "a number >= 0",
+        require(self.max_update_norm >= 0, "max-update-norm", "a number >= 0",
                  self.max_update_norm)
-        _one_of("wire-dtype", self.wire_dtype, WIRE_DTYPES)
-        _require(self.export_rank >= 0, "export-rank", "an integer >= 0", self.export_rank)
-        _require(self.residual_rank >= 1, "residual-rank", "an integer >= 1", self.residual_rank)
-        _one_of("hetlora-weighting", self.hetlora_weighting, HETLORA_WEIGHTINGS)
-        _require(self.hetlora_prune >= 0, "hetlora-prune", "a number >= 0", self.hetlora_prune)
-        _require(self.hetlora_prune == 0 or self.strategy == "hetlora", "hetlora-prune",
-                 "0 unless strategy is hetlora", self.hetlora_prune)
-        _one_of("server-optimizer", self.server_optimizer, sorted(SERVER_OPTIMIZERS))
-        _require(self.server_lr >= 0, "server-lr", "a number >= 0", self.server_lr)
-        _require(0 <= self.server_momentum < 1, "server-momentum", "a number in [0, 1)",
+        one_of("wire-dtype", self.wire_dtype, WIRE_DTYPES)
+        require(self.export_rank >= 0, "export-rank", "an integer >= 0", self.export_rank)
+        one_of("server-optimizer", self.server_optimizer, SERVER_OPTIMIZERS)
+        require(self.server_lr >= 0, "server-lr", "a number >= 0", self.server_lr)
+        require(0 <= self.server_momentum < 1, "server-momentum", "a number in [0, 1)",
                  self.server_momentum)
-        _require(0 <= self.server_beta2 < 1, "server-beta2", "a number in [0, 1)",
+        require(0 <= self.server_beta2 < 1, "server-beta2", "a number in [0, 1)",
                  self.server_beta2)
-        _require(self.server_tau > 0, "server-tau", "a number > 0", self.server_tau)
-        _require(self.min_replies >= 0, "min-replies", "an integer >= 0", self.min_replies)
-        _one_of("round-failure", self.round_failure, ROUND_FAILURES)
-        _require(self.round_retries >= 0, "round-retries", "an integer >= 0", self.round_retries)
-        _require(self.clip_norm >= 0, "clip-norm", "a number >= 0", self.clip_norm)
-        _require(self.dp_noise_multiplier >= 0, "dp-noise-multiplier", "a number >= 0",
+        require(self.server_tau > 0, "server-tau", "a number > 0", self.server_tau)
+        require(self.min_replies >= 0, "min-replies", "an integer >= 0", self.min_replies)
+        one_of("round-failure", self.round_failure, ROUND_FAILURES)
+        require(self.round_retries >= 0, "round-retries", "an integer >= 0", self.round_retries)
+        require(self.clip_norm >= 0, "clip-norm", "a number >= 0", self.clip_norm)
+        require(self.dp_noise_multiplier >= 0, "dp-noise-multiplier", "a number >= 0",
                  self.dp_noise_multiplier)
-        _require(0 < self.dp_delta < 1, "dp-delta", "a number in (0, 1)", self.dp_delta)
-        _one_of("dp-clipping", self.dp_clipping, DP_CLIPPING)
+        require(0 < self.dp_delta < 1, "dp-delta", "a number in (0, 1)", self.dp_delta)
+        one_of("dp-clipping", self.dp_clipping, DP_CLIPPING)
 
 
 SECTIONS = {"model": ModelSettings, "lora": LoraSettings, "train": TrainSettings,
@@ -424,18 +414,18 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
     if isinstance(default, bool):
         if isinstance(value, str) and value.lower() in ("true", "false"):
             return value.lower() == "true"
-        _require(isinstance(value, bool), key, "true or false", value)
+        require(isinstance(value, bool), key, "true or false", value)
         return value
     if isinstance(default, int):
         if isinstance(value, float) and value.is_integer():
             value = int(value)
-        _require(isinstance(value, int) and not isinstance(value, bool), key, "an integer", value)
+        require(isinstance(value, int) and not isinstance(value, bool), key, "an integer", value)
         return value
     if isinstance(default, float):
-        _require(isinstance(value, (int, float)) and not isinstance(value, bool), key,
+        require(isinstance(value, (int, float)) and not isinstance(value, bool), key,
                  "a number", value)
         return float(value)
-    _require(isinstance(value, str), key, "a string", value)
+    require(isinstance(value, str), key, "a string", value)
     return value
 
 
@@ -449,78 +439,31 @@ class Settings:
     data: DataSettings = field(default_factory=DataSettings)
     federation: FederationSettings = field(default_factory=FederationSettings)
 
+    options: dict[str, Any] = field(default_factory=dict)  # method options, by key
+
     def __post_init__(self) -> None:
         if self.federation.fraction_evaluate > 0 and self.data.eval_fraction == 0:
             raise SettingsError("setting 'eval-fraction': expected > 0 when fraction-evaluate > 0 "
                                 "(clients need held-out data), got 0; or set fraction-evaluate=0")
-        self._check_strategy()
-
-    @property
-    def proximal_mu(self) -> float:
-        """FedProx weight in effect: proximal-mu, or 0.01 for strategy fedprox left at 0."""
-        fedprox_default = 0.01 if self.federation.strategy == "fedprox" else 0.0
-        return self.train.proximal_mu or fedprox_default
 
     @property
     def global_rank(self) -> int:
         """Rank of the server's global adapter: export-rank, or the largest client rank."""
         return self.federation.export_rank or max(self.lora.rank, *self.lora.possible_ranks())
 
-    def _check_strategy(self) -> None:
-        """Combinations the chosen strategy cannot run, refused before anything starts."""
-        strategy = STRATEGIES[self.federation.strategy]
-        ranks = sorted(set(self.lora.possible_ranks()))
-        fed = self.federation
-        if not strategy.heterogeneous and len(ranks) > 1:
-            raise SettingsError(
-                f"setting 'client-ranks': strategy '{strategy.name}' needs every client at the "
-                f"same rank, but client-ranks={self.lora.client_ranks!r} gives ranks {ranks}; "
-                f"use one of the rank-heterogeneous strategies ("
-                + ", ".join(n for n, s in sorted(STRATEGIES.items()) if s.heterogeneous) + ")")
-        if fed.export_rank and fed.export_rank < max(ranks):
-            raise SettingsError(f"setting 'export-rank': expected >= the largest client rank "
-                                f"{max(ranks)}, got {fed.export_rank}")
-        if not strategy.heterogeneous and fed.export_rank not in (0, ranks[0]):
-            raise SettingsError(f"setting 'export-rank': strategy '{strategy.name}' keeps the "
-                                f"clients' rank {ranks[0]}, got {fed.export_rank}; leave it 0")
-        if fed.clip_norm and strategy.fresh_adapter:
-            raise SettingsError(f"setting 'clip-norm': strategy '{strategy.name}' starts a "
-                                f"fresh adapter every round, so there is no received adapter "
-                                f"to measure an update from; set clip-norm=0")
-        if fed.clip_norm and fed.dp_clipping == "client":
-            if fed.wire_dtype != "float32":
-                raise SettingsError(
-                    f"setting 'dp-clipping': client clipping is checked by the server to 1e-4 of "
-                    f"clip-norm, and rounding the factors to {fed.wire_dtype} on the wire moves "
-                    f"them by more; use wire-dtype=float32 or dp-clipping=server")
-            if fed.hetlora_prune:
-                raise SettingsError("setting 'dp-clipping': a node that prunes its rank "
-                                    "(hetlora-prune) changes the update after clipping; use "
-                                    "dp-clipping=server or hetlora-prune=0")
-        if fed.dp_noise_multiplier:
-            if not fed.clip_norm:
-                raise SettingsError("setting 'dp-noise-multiplier': differential privacy needs "
-                                    "a bound on each update; set clip-norm > 0 too")
-            if not strategy.linear:
-                raise SettingsError(
-                    f"setting 'dp-noise-multiplier': strategy '{strategy.name}' does not merge "
-                    f"by averaging the factors, so the Gaussian mechanism's noise would not "
-                    f"bound what a client adds; use one of "
-                    + ", ".join(n for n, s in sorted(STRATEGIES.items()) if s.linear))
-        if fed.server_optimizer != "none" and not strategy.server_optimizer_ok:
-            raise SettingsError(
-                f"setting 'server-optimizer': {fed.server_optimizer} acts on the global factors "
-                f"from round to round, which strategy '{strategy.name}' rebuilds every round "
-                f"(SVD or stacking); use it with "
-                + ", ".join(n for n, s in sorted(STRATEGIES.items()) if s.server_optimizer_ok))
-
     @classmethod
     def from_config(cls, run_config: Mapping[str, Any],
-                    node_config: Mapping[str, Any] | None = None) -> "Settings":
-        """Build settings from a Flower run_config, with node_config keys taking precedence."""
+                    node_config: Mapping[str, Any] | None = None,
+                    options: Mapping[str, tuple[Any, str]] | None = None) -> Settings:
+        """Build settings from a Flower run_config, with node_config keys taking precedence.
+
+        `options` ({key: (default, help)}, from `fedlora.methods.option_keys`) are the method
+        options to accept; their values (typed, defaults filled in) go to `Settings.options`.
+        """
         merged = {**run_config, **{k: v for k, v in (node_config or {}).items()
                                    if k not in NODE_KEYS}}
-        known = all_keys()
+        options = options or {}
+        known = {**all_keys(), **options}
         unknown = [k for k in merged if k not in known]
         if unknown:
             hints = [f"'{k}'" + (f" (did you mean '{m[0]}'?)" if (m := difflib.get_close_matches(
@@ -535,7 +478,9 @@ class Settings:
                 if key in merged:
                     kwargs[f.name] = _coerce(key, merged[key], f.default)
             sections[name] = section(**kwargs)
-        return cls(**sections)
+        typed = {k: _coerce(k, merged[k], d) if k in merged else d
+                 for k, (d, _) in options.items()}
+        return cls(**sections, options=typed)
 
     def to_config(self) -> dict[str, Any]:
         """The flat run_config that reproduces these settings."""
@@ -544,14 +489,20 @@ class Settings:
             section = getattr(self, name)
             for f in fields(section):
                 out[f.metadata["key"]] = getattr(section, f.name)
+        out.update(self.options)
         return out
 
 
-def all_keys() -> dict[str, tuple[Any, str]]:
-    """Every known key with its default and help text."""
+def section_keys(section: type) -> dict[str, tuple[Any, str]]:
+    """The keys of one settings dataclass with their defaults and help texts."""
     out = {}
-    for section in SECTIONS.values():
-        for f in fields(section):
-            assert f.default is not MISSING
-            out[f.metadata["key"]] = (f.default, f.metadata["help"])
+    for f in fields(section):
+        assert f.default is not MISSING
+        out[f.metadata["key"]] = (f.default, f.metadata["help"])
     return out
+
+
+def all_keys() -> dict[str, tuple[Any, str]]:
+    """Every shared key (the methods' options are in `fedlora.methods.option_keys`) with its
+    default and help text."""
+    return {k: v for section in SECTIONS.values() for k, v in section_keys(section).items()}

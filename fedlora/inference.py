@@ -64,7 +64,7 @@ def generate(model: torch.nn.Module, tokenizer, prompts: list[str], max_new_toke
         with left_padding(tokenizer):
             batch = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True,
                               add_special_tokens=False).to(device)
-        out = model.generate(**batch, generation_config=config)  # (batch, prompt + new)
+        out = model.generate(**batch, generation_config=config)  # type: ignore[operator]
         new = out[:, batch["input_ids"].shape[1]:]  # left padding: every prompt ends here
         texts += tokenizer.batch_decode(new, skip_special_tokens=True)
     return texts

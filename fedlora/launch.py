@@ -58,8 +58,16 @@ from pathlib import Path
 from typing import IO, Any
 
 from fedlora.app_config import render_pyproject, toml_string
-from fedlora.processes import (TAG_ENV_VAR, ProcessTracker, RunState, SignalGuard,
-                               claim_output_dir, cleanup, err, release_output_dir)
+from fedlora.processes import (
+    TAG_ENV_VAR,
+    ProcessTracker,
+    RunState,
+    SignalGuard,
+    claim_output_dir,
+    cleanup,
+    err,
+    release_output_dir,
+)
 
 CONNECTION_NAME = "fedlora"
 READY_TIMEOUT_S = 60.0
@@ -418,8 +426,9 @@ def run_app(
 
     `app_config` is the full run_config of the app. The SuperLink log goes to `log_file` if
     given (overwritten), otherwise to the temp dir. With `output_dir`, processes that an
-    earlier, killed run in that folder left behind are stopped first (`claim_output_dir`). Every process started here is stopped
-    and the temp dir deleted before this returns or raises (also on Ctrl-C and SIGTERM,
+    earlier, killed run in that folder left behind are stopped first (`claim_output_dir`).
+    Every process started here is stopped and the temp dir deleted before this returns or
+    raises (also on Ctrl-C and SIGTERM,
     which are re-raised as KeyboardInterrupt / SystemExit(143) after cleanup).
     Raises ValueError/TypeError for invalid arguments and SimulationSetupError if the
     SuperLink cannot be started; a failed run returns a non-zero code instead.
@@ -482,7 +491,7 @@ def run_supernode(flags: list[str]) -> tuple[int, int | None]:
     guard.install()
     tmp = Path(tempfile.mkdtemp(prefix="fedlora-node-"))
     state = RunState(tmp=tmp, tag=uuid.uuid4().hex)
-    code, flower_codes = 1, []
+    code, flower_codes = 1, list[int]()
     try:
         try:
             env = _child_env(bin_dir, Path(os.environ.get("FLWR_HOME", tmp / "flwr_home")),

@@ -25,6 +25,8 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
+import psutil
+
 TAG_ENV_VAR = "FEDLORA_SIM_RUN_TAG"
 TERM_GRACE_S = 5.0
 KILL_WAIT_S = 5.0
@@ -102,7 +104,7 @@ class SignalGuard:
 
 @dataclass(frozen=True)
 class _Proc:
-    """One /proc entry: pid, session id, zombie flag, and whether it carries our tag."""
+    """One process: pid, session id, zombie flag, and whether it carries our tag."""
 
     pid: int
     sid: int
@@ -110,16 +112,17 @@ class _Proc:
     tagged: bool
 
 
-def _read_proc(pid: int, needle: bytes, markers: list[bytes]) -> _Proc | None:
-    """Read one process from /proc (None if it vanished or belongs to another user)."""
+def _read_proc(proc: psutil.Process, tag: str, markers: list[str]) -> _Proc | None:
+    """What the tracker needs of one process (None if it vanished or is not ours to read)."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-        environ = Path(f"/proc/{pid}/environ").read_bytes()
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except (OSError, IndexError, ValueError):
+        environ = proc.environ()
+        cmdline = "\0".join(proc.cmdline())
+        zombie = proc.status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+        sid = os.getsid(proc.pid)
+    except (psutil.Error, OSError):
         return None
-    tagged = needle in b"\0" + environ or any(m in cmdline for m in markers)
-    return _Proc(pid=pid, sid=int(fields[3]), zombie=fields[0] in ("Z", "X"), tagged=tagged)
+    tagged = environ.get(TAG_ENV_VAR) == tag or any(m in cmdline for m in markers)
+    return _Proc(pid=proc.pid, sid=sid, zombie=zombie, tagged=tagged)
 
 
 class ProcessTracker:
@@ -137,8 +140,8 @@ class ProcessTracker:
         self, tag: str, markers: Iterable[Path], interval: float = TRACK_INTERVAL_S
     ) -> None:
         """Prepare a tracker for the run tagged `tag` (not started yet)."""
-        self._needle = f"\0{TAG_ENV_VAR}={tag}\0".encode()
-        self._markers = [f"{m}{os.sep}".encode() for m in markers]
+        self._tag = tag
+        self._markers = [f"{m}{os.sep}" for m in markers]
         self._own_pid = os.getpid()
         self._own_sid = os.getsid(0)
         self._sids: set[int] = set()
@@ -168,9 +171,9 @@ class ProcessTracker:
         """Return the live pids of this run (and remember the sessions of tagged ones)."""
         procs = [
             proc
-            for entry in os.listdir("/proc")
-            if entry.isdigit() and int(entry) != self._own_pid
-            if (proc := _read_proc(int(entry), self._needle, self._markers)) is not None
+            for candidate in psutil.process_iter()
+            if candidate.pid != self._own_pid
+            if (proc := _read_proc(candidate, self._tag, self._markers)) is not None
         ]
         with self._lock:
             self._sids.update(p.sid for p in procs if p.tagged and p.sid != self._own_sid)
@@ -194,10 +197,9 @@ class ProcessTracker:
 def _is_alive(pid: int) -> bool:
     """Return True if `pid` exists and is not a zombie."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        return psutil.Process(pid).status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+    except psutil.Error:
         return False
-    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
 
 
 def _signal_pids(pids: Iterable[int], sig: signal.Signals) -> None:
@@ -222,7 +224,7 @@ def _wait_reaped(pids: Iterable[int], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     pending = list(pids)
     while pending and time.monotonic() < deadline:
-        pending = [p for p in pending if Path(f"/proc/{p}").exists()]
+        pending = [p for p in pending if psutil.pid_exists(p)]
         if pending:
             time.sleep(0.05)
 
@@ -322,10 +324,10 @@ def claim_output_dir(folder: Path, tag: str) -> list[int]:
 
 
 def _cmdline(pid: int) -> bytes:
-    """A process's command line ('' when it is gone)."""
+    """A process's command line, NUL-separated ('' when it is gone)."""
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
+        return "\0".join(psutil.Process(pid).cmdline()).encode()
+    except psutil.Error:
         return b""
 
 

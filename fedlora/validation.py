@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
-from fedlora.adapters.lora import A_SUFFIX, B_SUFFIX, SHARED_SUFFIXES
+from fedlora.factors import A_SUFFIX, B_SUFFIX, SHARED_SUFFIXES
 
 ALLOWED_DTYPES = (torch.float32, torch.float16)
 
@@ -21,7 +23,7 @@ def expected_shapes(shapes: dict[str, tuple[int, int]], rank: int, shares: str
     return out
 
 
-def reply_problem(state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]],
+def reply_problem(state: dict[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]],
                   num_examples: object, max_examples: int = 10_000_000) -> str | None:
     """Why this update must be dropped, or None if it is acceptable."""
     if not isinstance(num_examples, int) or isinstance(num_examples, bool) or num_examples < 1:

@@ -53,10 +53,8 @@ def run_one(tree: Path, name: str, out_dir: Path) -> None:
     """Run scenario `name` with the code of `tree` in a fresh process."""
     code = (
         "import sys; sys.path[:0] = [{tree!r}, {tests!r}]\n"
-        "from fedlora.config import Settings\n"
         "from fake_grid import run_inprocess\n"
-        "cfg = Settings.from_config({cfg!r}).to_config()\n"
-        "run_inprocess(cfg, 3)\n"
+        "run_inprocess({cfg!r}, 3)\n"
     ).format(tree=str(tree), tests=str(ROOT / "tests"),
              cfg={**BASE, **SCENARIOS[name], "output-dir": str(out_dir),
                   "personal-dir": str(out_dir / "personal")})
@@ -69,9 +67,11 @@ def run_one(tree: Path, name: str, out_dir: Path) -> None:
 def numbers(value, path: str = "") -> dict[str, object]:
     """Flatten a metrics value into {path: leaf}."""
     if isinstance(value, dict):
-        return {k: v for key, sub in value.items() for k, v in numbers(sub, f"{path}/{key}").items()}
+        return {k: v for key, sub in value.items()
+                for k, v in numbers(sub, f"{path}/{key}").items()}
     if isinstance(value, list):
-        return {k: v for i, sub in enumerate(value) for k, v in numbers(sub, f"{path}[{i}]").items()}
+        return {k: v for i, sub in enumerate(value)
+                for k, v in numbers(sub, f"{path}[{i}]").items()}
     return {path: value}
 
 

@@ -1,9 +1,11 @@
 """The server's global adapter across rounds: merge, server optimiser, residual, payloads, export.
 
-No Flower here: `server/strategy.py` turns messages into `ClientUpdate`s and calls `update()`.
+No Flower here: `server/rounds.py` turns messages into `ClientUpdate`s and calls `update()`.
 Everything is kept in delta-W scale (the LoRA scale folded into B, so delta W = B @ A) and only
-converted to PEFT's scale at the edges (`payload`, `export`), with each adapter's own rank:
-moving an update between ranks never changes delta W.
+converted to PEFT's scale through `fedlora.factors` (`payload`, `to_update`,
+`export`), with each adapter's own rank: moving an update between ranks never changes delta W.
+The payload at a rank is built once per version of the global factors and reused for sending,
+for filling the factors a reply does not carry, for clipping and for the truncation loss.
 """
 
 from __future__ import annotations
@@ -12,12 +14,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fedlora.adapters import join_factors, split_factors
-from fedlora.aggregation import ClientUpdate, Factors, Strategy
-from fedlora.aggregation.exactness import compress, exactness, truncation_loss
+from fedlora.aggregation import ClientUpdate, Factors
+from fedlora.aggregation.exactness import exactness, truncation_loss
 from fedlora.aggregation.privacy import add_noise, clip_update, noise_std
-from fedlora.aggregation.scaling import from_delta, lora_scale, to_delta
+from fedlora.aggregation.server_opt import ServerOptimizer
 from fedlora.config import LoraSettings
+from fedlora.factors import flatten, from_peft, lora_scale, to_peft, unflatten
+from fedlora.methods import Method
+from fedlora.wire import M
 
 
 def concat(parts: list[Factors]) -> Factors:
@@ -43,16 +47,24 @@ def rank_of(factors: Factors) -> int:
 class GlobalAdapter:
     """Global factors, frozen residual and server-optimiser state of one run."""
 
-    strategy: Strategy
+    method: Method
     lora: LoraSettings  # alpha and rsLoRA of every client; the rank is per adapter
     factors: Factors  # the global adapter, delta-W scale, at the global rank
     global_rank: int  # clients train at ranks <= this; evaluation uses it (flora: fresh)
-    residual_budget: int
-    optimizer: object | None = None  # fedlora.aggregation.server_opt optimiser, or None
+    optimizer: ServerOptimizer | None = None
     residual: Factors = field(default_factory=dict)
     clip_norm: float = 0.0  # clip each update to this norm (0 = off)
     noise_multiplier: float = 0.0  # client-level DP noise (needs clip_norm and a linear merge)
     noise_seed: int = 0  # the noise of round n is drawn from seed (noise_seed, n)
+    # The payload at each rank, built once per version of `factors` (cleared when it changes)
+    _received: dict[int, Factors] = field(default_factory=dict, repr=False)  # delta-W scale
+    _peft: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name == "factors":  # a new global adapter: its payloads are rebuilt on demand
+            for cache in ("_received", "_peft"):
+                self.__dict__.setdefault(cache, {}).clear()
+        super().__setattr__(name, value)
 
     @property
     def rank(self) -> int:
@@ -64,31 +76,31 @@ class GlobalAdapter:
         return lora_scale(rank, self.lora.alpha, self.lora.use_rslora)
 
     # ---- what goes to clients ----------------------------------------------------------------
+    def received(self, rank: int) -> Factors:
+        """What a rank-`rank` client receives (delta-W scale): the reference its update is
+        measured and clipped around, and what the truncation loss compares with."""
+        if rank not in self._received:
+            self._received[rank] = self.method.payload(self.factors, rank)
+        return self._received[rank]
+
     def payload(self, rank: int) -> dict[str, torch.Tensor]:
         """Global adapter for a client of `rank`, in PEFT's scale, wire keys (maybe empty)."""
-        if self.strategy.fresh_adapter or not self.factors:
-            return {}
-        return join_factors(from_delta(self.strategy.payload(self.factors, rank),
-                                       self.scale(rank)))
+        if rank not in self._peft:
+            fresh = self.method.fresh_adapter or not self.factors
+            self._peft[rank] = {} if fresh else to_peft(self.received(rank), self.scale(rank))
+        return self._peft[rank]
 
     def residual_state(self) -> dict[str, torch.Tensor]:
         """The frozen residual (delta W = B @ A), wire keys; empty when there is none."""
-        return join_factors(self.residual)
+        return flatten(self.residual)
 
     # ---- what comes back ----------------------------------------------------------------------
     def to_update(self, state: dict[str, torch.Tensor], rank: int, weight: float) -> ClientUpdate:
         """A client's reply (PEFT scale; ffa-lora sends only B, fedsa-lora only A) as a
         delta-W ClientUpdate; the factor it did not send is the one it received."""
-        raw = self.payload(rank)
-        raw.update({k: v.to(torch.float32) for k, v in state.items()})
-        return ClientUpdate(to_delta(split_factors(raw), self.scale(rank)), weight)
+        return ClientUpdate(from_peft(state, self.scale(rank), fill=self.payload(rank)), weight)
 
     # ---- one round ----------------------------------------------------------------------------
-    def received(self, rank: int) -> Factors:
-        """What a rank-`rank` client received this round (delta-W scale): the reference its
-        update is measured and clipped around."""
-        return self.strategy.payload(self.factors, rank)
-
     def clip(self, updates: list[ClientUpdate]) -> tuple[list[ClientUpdate], dict]:
         """Each update clipped to clip_norm around the adapter its client received; with DP,
         equal weights (the Gaussian mechanism bounds each client, not each example)."""
@@ -97,42 +109,42 @@ class GlobalAdapter:
             factors, norm, _ = clip_update(u.factors, self.received(u.rank), self.clip_norm)
             out.append(ClientUpdate(factors, 1.0 if self.noise_multiplier else u.weight))
             norms.append(norm)
-        return out, {"clip-norm": self.clip_norm, "update-norms": norms,
-                     "clients-clipped": sum(n > self.clip_norm for n in norms)}
+        return out, {M.CLIP_NORM: self.clip_norm, M.UPDATE_NORMS: norms,
+                     M.CLIENTS_CLIPPED: sum(n > self.clip_norm for n in norms)}
 
     def noised(self, merged: Factors, num_updates: int, server_round: int
                ) -> tuple[Factors, float]:
         """The merged factors plus Gaussian noise of std z C / m on the shared factors."""
         std = noise_std(self.noise_multiplier, self.clip_norm, num_updates)
         generator = torch.Generator().manual_seed(self.noise_seed * 1_000_003 + server_round)
-        return add_noise(merged, std, self.strategy.shares, generator), std
+        return add_noise(merged, std, self.method.shares, generator), std
 
     def update(self, updates: list[ClientUpdate], server_round: int = 0) -> dict:
         """Merge one round's updates into the global state; returns the round's figures."""
-        self.strategy.check(updates)
+        self.method.check(updates)  # before clipping: clipping needs matching modules
         info: dict = {}
         if self.clip_norm:
             updates, clip_info = self.clip(updates)
             info.update(clip_info)
-        result = self.strategy.merge(updates, self.factors, export_rank=self.rank)
+        result = self.method.combine(updates, self.factors, export_rank=self.rank)
         merged = result.global_factors
         if self.noise_multiplier and merged:
-            merged, info["dp-noise-std"] = self.noised(merged, len(updates), server_round)
+            merged, info[M.DP_NOISE_STD] = self.noised(merged, len(updates), server_round)
         if self.optimizer is not None and merged:
             merged = self.optimizer.step(self.factors, merged)
         self.factors = merged
-        if self.strategy.exactness_defined:  # fedsa-lora has no global delta W to compare
+        if self.method.exactness_defined:  # fedsa-lora has no global delta W to compare
             overall, per_module = exactness(result.applied, updates)
-            info["exactness"] = overall
-            info["exactness-max-module"] = max(per_module.values(), default=0.0)
-            info["exactness-per-module"] = {short_name(m): v for m, v in per_module.items()}
-        if self.strategy.heterogeneous and self.factors:
-            info["truncation-loss"] = {str(r): truncation_loss(self.factors, r, self.strategy)
+            info[M.EXACTNESS] = overall
+            info[M.EXACTNESS_MAX_MODULE] = max(per_module.values(), default=0.0)
+            info[M.EXACTNESS_PER_MODULE] = {short_name(m): v for m, v in per_module.items()}
+        if self.method.heterogeneous and self.factors:
+            info[M.TRUNCATION_LOSS] = {str(r): truncation_loss(self.factors, self.received(r))
                                        for r in sorted({u.rank for u in updates})}
         if result.residual:
-            self.residual, dropped = compress(concat([self.residual, result.residual]),
-                                              self.residual_budget)
-            info.update({"residual-rank": rank_of(self.residual), "residual-dropped": dropped})
+            self.residual, dropped = self.method.keep_residual(
+                concat([self.residual, result.residual]))
+            info.update({M.RESIDUAL_RANK: rank_of(self.residual), M.RESIDUAL_DROPPED: dropped})
         return info
 
     # ---- export -------------------------------------------------------------------------------
@@ -142,14 +154,14 @@ class GlobalAdapter:
         rank = rank_of(combined)
         if rank == 0:
             return {}, 0
-        return join_factors(from_delta(combined, self.scale(rank))), rank
+        return to_peft(combined, self.scale(rank)), rank
 
 
     # ---- checkpoint ---------------------------------------------------------------------------
     def tensors(self) -> dict[str, torch.Tensor]:
         """Global factors, residual (delta-W scale) and optimiser state as named tensors."""
-        out = {f"global/{k}": v for k, v in join_factors(self.factors).items()}
-        out.update({f"residual/{k}": v for k, v in join_factors(self.residual).items()})
+        out = {f"global/{k}": v for k, v in flatten(self.factors).items()}
+        out.update({f"residual/{k}": v for k, v in flatten(self.residual).items()})
         if self.optimizer is not None:
             out.update({f"optimizer/{k}": v for k, v in self.optimizer.state_dict().items()})
         return out
@@ -159,11 +171,11 @@ class GlobalAdapter:
         part = lambda prefix: {k.removeprefix(prefix): v for k, v in tensors.items()
                                if k.startswith(prefix)}
         saved = part("global/")
-        if saved and set(saved) != set(join_factors(self.factors)):
+        if saved and set(saved) != set(flatten(self.factors)):
             raise ValueError("the checkpoint's global adapter has other modules than this "
                              "run's model; was the run's model or target-modules changed?")
-        self.factors = split_factors(saved) if saved else {}
+        self.factors = unflatten(saved) if saved else {}
         residual = part("residual/")
-        self.residual = split_factors(residual) if residual else {}
+        self.residual = unflatten(residual) if residual else {}
         if self.optimizer is not None:
             self.optimizer.load_state_dict(part("optimizer/"))

@@ -10,8 +10,12 @@ are sampled, also when every node takes part in every round.
 
 from __future__ import annotations
 
-from flwr.supercore.privacy_accounting import (GaussianPrivacyEvent, NeighboringRelation,
-                                               PrivacyConfig, SamplingMethod)
+from flwr.supercore.privacy_accounting import (
+    GaussianPrivacyEvent,
+    NeighboringRelation,
+    PrivacyConfig,
+    SamplingMethod,
+)
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
 

@@ -44,7 +44,7 @@ class ServerEvaluator:
         self.settings = settings
         self.records = held_out_records(settings, num_partitions)
         self.workspace = Workspace()
-        self.examples = None  # tokenized once, with the first slot's tokenizer
+        self.examples: list[dict] | None = None  # tokenized once, with the first slot's tokenizer
 
     def __call__(self, state: dict, rank: int) -> dict:
         """{"server-eval-loss", "server-accuracy", "server-accuracy/<family>"} of `state`."""

@@ -26,7 +26,8 @@ def test_exact_match_counts_right_answers_per_family(monkeypatch, tiny_slot):
                                         "units")}
     assert sum(acc.correct.values()) == 6 and acc.overall == 0.5
     # the prompt is the question without its answer, formatted as in training
-    assert all(r["output"] not in p[-len(r["output"]) - 2:] for r, p in zip(records, seen["prompts"]))
+    assert all(r["output"] not in p[-len(r["output"]) - 2:]
+               for r, p in zip(records, seen["prompts"]))
     assert records[0]["instruction"] in seen["prompts"][0]
 
 

@@ -6,8 +6,16 @@ import pytest
 import torch
 from peft import PeftModel
 
-from fedlora.adapters import (Workspace, add_lora, get_lora_state, join_factors, lora_config,
-                              save_adapter, set_lora_state, split_factors)
+from fedlora.adapters import (
+    Workspace,
+    add_lora,
+    flatten,
+    get_lora_state,
+    lora_config,
+    save_adapter,
+    set_lora_state,
+    unflatten,
+)
 from fedlora.config import LoraSettings, ModelSettings, TrainSettings
 from fedlora.models import load_model
 
@@ -43,10 +51,10 @@ def test_set_refuses_wrong_keys_and_shapes(tiny_slot):
 
 def test_split_and_join_are_inverse(tiny_slot):
     state = get_lora_state(tiny_slot.model, tiny_slot.adapter)
-    factors = split_factors(state)
+    factors = unflatten(state)
     b, a = factors["base_model.model.model.layers.0.self_attn.q_proj"]
     assert b.shape == (64, 4) and a.shape == (4, 64)
-    assert join_factors(factors).keys() == state.keys()
+    assert flatten(factors).keys() == state.keys()
 
 
 def test_unknown_target_module_is_refused_with_the_available_names():

@@ -5,11 +5,18 @@ import math
 import pytest
 import torch
 
-from fedlora.aggregation import SERVER_OPTIMIZERS, STRATEGIES, ClientUpdate, get_strategy
+from fedlora.aggregation import SERVER_OPTIMIZERS, ClientUpdate
 from fedlora.aggregation.exactness import compress, exactness, truncation_loss
-from fedlora.aggregation.linalg import (difference_norm, pad_rank, product_norm, stack,
-                                        truncate_rank, truncate_svd)
-from fedlora.aggregation.scaling import from_delta, lora_scale, to_delta
+from fedlora.aggregation.linalg import (
+    difference_norm,
+    pad_rank,
+    product_norm,
+    stack,
+    truncate_rank,
+    truncate_svd,
+)
+from fedlora.factors import from_delta, lora_scale, to_delta
+from fedlora.methods import METHODS, get_method
 
 
 def t(rows):
@@ -21,45 +28,60 @@ def update(b, a, weight, module="m"):
 
 
 def merge(name, updates, previous=None, export_rank=0, **options):
-    strategy = get_strategy(name).with_options(**options) if options else get_strategy(name)
-    return strategy.merge(updates, previous or {}, export_rank=export_rank)
+    return get_method(name, **options).merge(updates, previous or {}, export_rank=export_rank)
 
 
 # ---------------------------------------------------------------- registry and inputs
 
 
-def test_every_method_is_registered_with_its_properties():
-    table = {n: (s.exact, s.heterogeneous, s.shares, s.fresh_adapter, s.uses_residual)
-             for n, s in STRATEGIES.items()}
-    assert table == {
-        "fedavg": (False, False, "both", False, False),
-        "fedprox": (False, False, "both", False, False),
-        "ffa-lora": (True, True, "B", False, False),
-        "hetlora": (False, True, "both", False, False),
-        "flexlora": (False, True, "both", False, False),
-        "flora": (True, True, "both", True, True),
-        "fedex-lora": (True, False, "both", False, True),
-        "fedsa-lora": (False, False, "A", False, False),
-    }
-    assert not STRATEGIES["fedsa-lora"].exactness_defined
-    assert sorted(n for n, s in STRATEGIES.items() if s.server_optimizer_ok) == [
-        "fedavg", "fedprox", "fedsa-lora", "ffa-lora", "hetlora"]
+def mixed_updates(ranks=(2, 3), d=5, k=4):
+    """Random updates of two modules at the given ranks (seeded)."""
+    gen = torch.Generator().manual_seed(0)
+    return [ClientUpdate({m: (torch.randn(d, r, generator=gen), torch.randn(r, k, generator=gen))
+                          for m in ("q", "v")}, float(i + 1)) for i, r in enumerate(ranks)]
 
 
-def test_unknown_strategy_lists_the_known_names():
-    assert get_strategy("flexlora") is STRATEGIES["flexlora"]
-    with pytest.raises(KeyError, match="known: fedavg, fedex-lora, fedprox, fedsa-lora"):
-        get_strategy("fedavgg")
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_each_method_merges_as_its_properties_say(name):
+    """The properties the round loop reads are what the merge does, on random updates."""
+    method = get_method(name)
+    ranks = (2, 3) if method.heterogeneous else (3, 3)
+    previous = {m: (torch.zeros(5, 3), torch.randn(3, 4)) for m in ("q", "v")}
+    updates = mixed_updates(ranks)
+    if method.shares == "B":  # A is frozen and shared: clients hold its first rows
+        updates = [ClientUpdate({m: (b, previous[m][1][: b.shape[1]])
+                                 for m, (b, _) in u.factors.items()}, u.weight) for u in updates]
+    result = method.merge(updates, previous, export_rank=3)
+    assert (result.global_factors == {}) == method.fresh_adapter
+    assert bool(result.residual) == method.uses_residual
+    if method.exactness_defined:
+        error, _ = exactness(result.applied, updates)
+        assert (error < 1e-6) == method.exact, error
+    if method.shares == "A":  # the global B is the previous one, untouched
+        assert all(torch.equal(result.global_factors[m][0], previous[m][0]) for m in previous)
+    if not method.heterogeneous:
+        with pytest.raises(ValueError, match="needs equal ranks"):
+            method.merge(mixed_updates((2, 3)), previous, export_rank=3)
 
 
-def test_options_are_checked_and_copied():
-    hetlora = get_strategy("hetlora")
-    assert hetlora.with_options(weighting="examples").weighting == "examples"
-    assert hetlora.weighting == "norm"  # the registered instance is untouched
-    with pytest.raises(ValueError, match="must be one of"):
-        hetlora.with_options(weighting="size")
-    with pytest.raises(ValueError, match="has no option 'weighting'"):
-        get_strategy("fedavg").with_options(weighting="norm")
+def test_unknown_method_names_the_known_ones_and_the_closest():
+    from fedlora.config import SettingsError
+
+    assert type(get_method("flexlora")) is METHODS["flexlora"]
+    with pytest.raises(SettingsError, match="fedavg, fedex-lora, fedprox, fedsa-lora.*"
+                                            "did you mean 'fedavg'"):
+        get_method("fedavgg")
+
+
+def test_options_are_validated_and_per_instance():
+    from fedlora.config import SettingsError
+
+    assert get_method("hetlora", weighting="examples").options.weighting == "examples"
+    assert get_method("hetlora").options.weighting == "norm"
+    with pytest.raises(SettingsError, match="setting 'hetlora-weighting': expected one of"):
+        get_method("hetlora", weighting="size")
+    with pytest.raises(SettingsError, match="strategy 'fedavg' has options none"):
+        get_method("fedavg", weighting="norm")
 
 
 def test_non_positive_weight_and_bad_shapes_are_refused():
@@ -152,7 +174,7 @@ def test_hetlora_falls_back_to_example_weights_when_every_update_is_zero():
 
 
 def test_hetlora_payload_truncates_and_pads():
-    strategy = get_strategy("hetlora")
+    strategy = get_method("hetlora")
     g = {"m": (t([[1.0, 0.0], [0.0, 0.75]]), t([[7.5, 1.0], [0.0, 9.0]]))}
     b1, a1 = strategy.payload(g, 1)["m"]
     assert torch.equal(b1, t([[1.0], [0.0]])) and torch.equal(a1, t([[7.5, 1.0]]))
@@ -201,7 +223,7 @@ def test_flora_stacks_into_the_residual_and_has_no_global_adapter():
     ups = [update([[1.0], [0.0]], [[2.0, 0.0]], 1),
            update([[0.0, 1.0], [1.0, 0.0]], [[0.0, 3.0], [3.0, 0.0]], 2)]
     result = merge("flora", ups)
-    assert result.global_factors == {} and get_strategy("flora").payload({}, 4) == {}
+    assert result.global_factors == {} and get_method("flora").payload({}, 4) == {}
     b, a = result.residual["m"]
     assert torch.equal(b, t([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]))  # [B_1, B_2]
     assert torch.allclose(a, t([[2 / 3, 0.0], [0.0, 2.0], [2.0, 0.0]]))  # [A_1/3; 2 A_2/3]
@@ -276,8 +298,8 @@ def test_zero_updates_count_as_exact():
 
 def test_truncation_loss_of_a_diagonal_global():
     g = {"m": (torch.eye(2), t([[4.0, 0.0], [0.0, 3.0]]))}  # a client of rank 1 keeps the 4
-    assert truncation_loss(g, 1, get_strategy("hetlora")) == pytest.approx(3 / 5)
-    assert truncation_loss(g, 2, get_strategy("hetlora")) == 0.0
+    assert truncation_loss(g, get_method("hetlora").payload(g, 1)) == pytest.approx(3 / 5)
+    assert truncation_loss(g, get_method("hetlora").payload(g, 2)) == 0.0
 
 
 def test_compress_drops_the_smallest_direction_and_leaves_small_modules_alone():
@@ -352,7 +374,7 @@ def test_server_optimizer_refuses_a_rank_change():
 
 
 def test_hetlora_self_pruning_drops_weak_trailing_components():
-    from fedlora.aggregation.hetlora import pruned_rank
+    from fedlora.methods.hetlora import pruned_rank
 
     # components contribute 4, 2, 1 and 0.01 (||b_k|| * ||a_k||, summed over modules)
     b = torch.diag(torch.tensor([2.0, 1.0, 1.0, 0.1]))

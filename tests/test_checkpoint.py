@@ -1,5 +1,5 @@
 """Server checkpoints: safetensors + JSON, written atomically, read back whole, and what a
-resume removes (server.checkpoint)."""
+resume removes (fedlora.checkpoint)."""
 
 import json
 import random
@@ -8,9 +8,16 @@ import numpy as np
 import pytest
 import torch
 
+from fedlora.checkpoint import (
+    Checkpoint,
+    ResumeError,
+    discard_after,
+    read_latest,
+    rng_state,
+    set_rng_state,
+    write_checkpoint,
+)
 from fedlora.outputs import METRICS
-from server.checkpoint import (Checkpoint, ResumeError, discard_after, read_latest,
-                               rng_state, set_rng_state, write_checkpoint)
 
 
 def checkpoint(n: int) -> Checkpoint:
@@ -32,11 +39,34 @@ def test_checkpoint_round_trips_tensors_and_meta(tmp_path):
     assert {p.suffix for p in (tmp_path / "state").iterdir()} == {".safetensors", ".json"}
 
 
-def test_a_half_written_checkpoint_is_never_the_latest(tmp_path):
+@pytest.mark.parametrize("crash_at", ["tensors", "meta", "pointer"])
+def test_a_crash_while_writing_a_round_leaves_the_previous_round_latest(tmp_path, monkeypatch,
+                                                                        crash_at):
+    """The process dies part-way through each of the three writes of round 2 (after writing
+    half of the file): round 1 stays the latest, whole, and round 2 can be written later."""
+    import fedlora.checkpoint as ckpt
+
     write_checkpoint(tmp_path, checkpoint(1))
-    # a crash while writing round 2: its temporary file exists, latest.json still says 1
-    (tmp_path / "state" / ".round-2.safetensors.tmp").write_bytes(b"\x00partial")
-    assert read_latest(tmp_path).round == 1
+    real_write_atomic = ckpt.write_atomic
+    targets = {"tensors": "round-2.safetensors", "meta": "round-2.json", "pointer": "latest.json"}
+
+    def dying_write(target, write):
+        if target.name == targets[crash_at]:
+            tmp = target.with_name(f".{target.name}.crash.tmp")
+            write(tmp)
+            tmp.write_bytes(tmp.read_bytes()[: max(1, tmp.stat().st_size // 2)])
+            raise OSError("killed mid-write")
+        real_write_atomic(target, write)
+
+    monkeypatch.setattr(ckpt, "write_atomic", dying_write)
+    with pytest.raises(OSError, match="killed mid-write"):
+        write_checkpoint(tmp_path, checkpoint(2))
+    back = read_latest(tmp_path)
+    assert back.round == 1
+    assert torch.equal(back.tensors["global/q.lora_A.weight"], torch.full((2, 3), 1.0))
+    monkeypatch.setattr(ckpt, "write_atomic", real_write_atomic)
+    write_checkpoint(tmp_path, checkpoint(2))
+    assert read_latest(tmp_path).round == 2
 
 
 def test_nothing_to_resume_and_a_damaged_checkpoint_are_clear_errors(tmp_path):

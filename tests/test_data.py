@@ -1,14 +1,21 @@
 """Data: response-only labels, JSONL records, IID partitions, the built-in task."""
 
 import json
-
 from collections import Counter
 
 import pytest
 
 from fedlora.config import DataSettings
-from fedlora.data import (IGNORE, builtin_task, client_records, collate, dirichlet_partition,
-                          iid_partition, load_jsonl, tokenize)
+from fedlora.data import (
+    IGNORE,
+    builtin_task,
+    client_records,
+    collate,
+    dirichlet_partition,
+    iid_partition,
+    load_jsonl,
+    tokenize,
+)
 from fedlora.models.builtin import byte_tokenizer
 
 
@@ -20,10 +27,11 @@ def tok():
 def test_labels_cover_exactly_the_answer_with_chat_template(tok):
     record = {"instruction": "Compute 2 + 3.", "input": "", "output": "5"}
     ex = tokenize(record, tok, 256)
-    answer = [i for i, l in zip(ex["input_ids"], ex["labels"]) if l != IGNORE]
+    answer = [i for i, lab in zip(ex["input_ids"], ex["labels"]) if lab != IGNORE]
     assert tok.decode(answer) == "5<|im_end|>\n"
-    prompt = [i for i, l in zip(ex["input_ids"], ex["labels"]) if l == IGNORE]
-    assert tok.decode(prompt) == "<|im_start|>user\nCompute 2 + 3.<|im_end|>\n<|im_start|>assistant\n"
+    prompt = [i for i, lab in zip(ex["input_ids"], ex["labels"]) if lab == IGNORE]
+    assert tok.decode(prompt) == ("<|im_start|>user\nCompute 2 + 3.<|im_end|>\n"
+                                  "<|im_start|>assistant\n")
 
 
 def test_plain_template_without_chat_template(tok):
@@ -32,7 +40,7 @@ def test_plain_template_without_chat_template(tok):
     ex = tokenize({"instruction": "Say hi", "input": "to Bob", "output": "hi Bob"}, plain, 256)
     text = plain.decode(ex["input_ids"])
     assert text == "### Instruction:\nSay hi\n\nto Bob\n\n### Response:\nhi Bob<|im_end|>"
-    answer = [i for i, l in zip(ex["input_ids"], ex["labels"]) if l != IGNORE]
+    answer = [i for i, lab in zip(ex["input_ids"], ex["labels"]) if lab != IGNORE]
     assert plain.decode(answer) == "hi Bob<|im_end|>"
 
 
@@ -41,7 +49,7 @@ def test_chat_messages_train_on_the_last_assistant_turn(tok):
                            {"role": "user", "content": "2+2?"},
                            {"role": "assistant", "content": "4"}]}
     ex = tokenize(record, tok, 256)
-    answer = [i for i, l in zip(ex["input_ids"], ex["labels"]) if l != IGNORE]
+    answer = [i for i, lab in zip(ex["input_ids"], ex["labels"]) if lab != IGNORE]
     assert tok.decode(answer) == "4<|im_end|>\n"
 
 
@@ -110,7 +118,7 @@ def test_arithmetic_task_is_deterministic_and_correct():
     assert records == builtin_task("arithmetic", 50, seed=3)
     for r in records:
         expr = r["instruction"].split("Compute ")[1].split(".")[0]
-        assert str(eval(expr)) == r["output"]  # noqa: S307 - our own generated expression
+        assert str(eval(expr)) == r["output"]
     with pytest.raises(ValueError, match="known: builtin:arithmetic"):
         builtin_task("nope", 1, 0)
 

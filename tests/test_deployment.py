@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 from peft import PeftModel
+from test_simulation import SESSION_ENV, leftover_processes
 
 from fedlora.config import ModelSettings
 from fedlora.models import load_model
 from fedlora.outputs import read_metrics
-from test_simulation import SESSION_ENV, leftover_processes
 
 RUN = ["--model", "tiny-llama", "--rounds", "2", "--local-steps", "3", "--run-config",
        "lr=0.01 dataset-size=120 eval-examples=8"]
@@ -70,6 +70,7 @@ def final_adapter_loads(out: Path) -> None:
     assert not torch.allclose(plain, tuned, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_server_and_three_nodes_with_different_ranks(tmp_path):
     port, out = free_port(), tmp_path / "out"
     server = start(["server", "--address", f"127.0.0.1:{port}", "--min-nodes", "3",
@@ -92,6 +93,7 @@ def test_server_and_three_nodes_with_different_ranks(tmp_path):
     assert wait_gone() == []
 
 
+@pytest.mark.slow
 def test_tls_and_node_authentication_refuse_an_unregistered_node(tmp_path):
     certs, port, out = tmp_path / "certs", free_port(), tmp_path / "out"
     from fedlora.cli.main import main
@@ -151,22 +153,13 @@ def test_client_refuses_wrong_settings_before_connecting(args, message):
 
 
 def process_tree(pid: int) -> list[int]:
-    """`pid` and all its descendants (from /proc's parent links), parents first."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        try:
-            stat = (entry / "stat").read_text() if entry.name.isdigit() else ""
-        except OSError:
-            continue
-        if stat:
-            parent = int(stat.rpartition(")")[2].split()[1])
-            children.setdefault(parent, []).append(int(entry.name))
-    tree, todo = [], [pid]
-    while todo:
-        current = todo.pop()
-        tree.append(current)
-        todo.extend(children.get(current, []))
-    return tree
+    """`pid` and all its descendants, parents first."""
+    import psutil
+
+    try:
+        return [pid] + [child.pid for child in psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return [pid]
 
 
 def sigkill_tree(proc: subprocess.Popen) -> None:
@@ -193,6 +186,7 @@ def training_started(log: Path, server_round: int):
     return lambda: f"round {server_round}: sent" in log.read_text()
 
 
+@pytest.mark.slow
 def test_node_killed_mid_round_is_skipped_and_a_node_that_comes_back_takes_part(tmp_path):
     port, out, log = free_port(), tmp_path / "out", tmp_path / "server.log"
     server = start(["server", "--address", f"127.0.0.1:{port}", "--min-nodes", "3",
@@ -227,6 +221,7 @@ def relative_difference(a: Path, b: Path) -> float:
     return max(float((x[k] - y[k]).norm() / x[k].norm().clamp_min(1e-12)) for k in x)
 
 
+@pytest.mark.slow
 def test_server_killed_mid_round_resumes_to_the_uninterrupted_result(tmp_path):
     settings = ["--model", "tiny-llama", "--rounds", "3", "--local-steps", "3",
                 "--strategy", "fedavg", "--run-config",

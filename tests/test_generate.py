@@ -93,7 +93,8 @@ def test_chat_reads_stdin_until_an_empty_line(adapter_dir, capsys, monkeypatch):
 
     real = fedlora.inference.generate
     monkeypatch.setattr(fedlora.inference, "generate",
-                        lambda m, t, prompts, *a: calls.append(prompts[0]) or real(m, t, prompts, *a))
+                        lambda m, t, prompts, *a: calls.append(prompts[0])
+                        or real(m, t, prompts, *a))
     cli_reply(capsys, "--adapter", str(adapter_dir), "--chat")
     assert len(calls) == 2 and "hi" in calls[1] and "and again" in calls[1]
     assert "not read" not in "".join(calls)

@@ -9,8 +9,7 @@ import sys
 import pytest
 
 from fedlora.config import DataSettings, SettingsError
-from fedlora.data import (IGNORE, client_records, load_source, pack, tokenize,
-                          tokenize_records)
+from fedlora.data import IGNORE, client_records, load_source, pack, tokenize, tokenize_records
 from fedlora.models.builtin import byte_tokenizer
 
 ALPACA = [{"instruction": f"Add {i} and 1.", "input": "", "output": str(i + 1)}
@@ -308,9 +307,9 @@ def test_client_records_use_the_loader_field_map_and_a_seeded_split(tmp_path):
 def split_by_label(ex):
     """(prompt ids, answer ids) and a check that every label is its own input id or -100."""
     assert len(ex["input_ids"]) == len(ex["labels"])
-    assert all(l in (IGNORE, i) for i, l in zip(ex["input_ids"], ex["labels"]))
-    prompt = [i for i, l in zip(ex["input_ids"], ex["labels"]) if l == IGNORE]
-    return prompt, [i for i, l in zip(ex["input_ids"], ex["labels"]) if l != IGNORE]
+    assert all(lab in (IGNORE, i) for i, lab in zip(ex["input_ids"], ex["labels"]))
+    prompt = [i for i, lab in zip(ex["input_ids"], ex["labels"]) if lab == IGNORE]
+    return prompt, [i for i, lab in zip(ex["input_ids"], ex["labels"]) if lab != IGNORE]
 
 
 def test_chat_template_masks_the_prompt_token_by_token(tok):

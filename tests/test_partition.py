@@ -5,8 +5,14 @@ from collections import Counter
 import pytest
 
 from fedlora.config import DataSettings, SettingsError
-from fedlora.data import (PARTITIONERS, by_field_partition, client_records, describe_partition,
-                          dirichlet_partition, quantity_skew_partition)
+from fedlora.data import (
+    PARTITIONERS,
+    by_field_partition,
+    client_records,
+    describe_partition,
+    dirichlet_partition,
+    quantity_skew_partition,
+)
 from fedlora.data.partition import partition_table
 
 
@@ -184,11 +190,11 @@ def test_settings_accept_the_new_partitioners_only():
 
 def test_simulate_prints_the_partition_before_the_simulation_starts(tmp_path, monkeypatch,
                                                                     capsys):
-    import simulations.runner
+    import fedlora.launch
     from fedlora.cli.main import main
 
     started = []
-    monkeypatch.setattr(simulations.runner, "run_simulation",
+    monkeypatch.setattr(fedlora.launch, "run_simulation",
                         lambda *a, **kw: started.append(capsys.readouterr().err) or 1)
     main(["simulate", "--model", "tiny-llama", "--num-clients", "6", "--dataset",
           "builtin:suite", "--output-dir", str(tmp_path),

@@ -7,8 +7,13 @@ import pytest
 import torch
 
 from fedlora.aggregation import ClientUpdate
-from fedlora.aggregation.privacy import (add_noise, clip_to_received, clip_update,
-                                         factor_distance, noise_std)
+from fedlora.aggregation.privacy import (
+    add_noise,
+    clip_to_received,
+    clip_update,
+    factor_distance,
+    noise_std,
+)
 from server.privacy import PrivacyLedger
 
 
@@ -84,7 +89,8 @@ def gaussian_epsilon(sigma: float, delta: float) -> float:
     """The exact epsilon of one Gaussian release of sensitivity 1 and noise std sigma
     (Balle & Wang 2018, Theorem 8), by bisection: a lower bound for any accountant."""
     phi = lambda x: 0.5 * math.erfc(-x / math.sqrt(2))
-    delta_of = lambda e: phi(-e * sigma + 1 / (2 * sigma)) - math.exp(e) * phi(-e * sigma - 1 / (2 * sigma))
+    delta_of = lambda e: (phi(-e * sigma + 1 / (2 * sigma))
+                          - math.exp(e) * phi(-e * sigma - 1 / (2 * sigma)))
     lo, hi = 0.0, 100.0
     for _ in range(200):
         mid = (lo + hi) / 2
@@ -124,15 +130,15 @@ def test_ledger_epsilon_grows_with_rounds_and_shrinks_with_noise():
 
 
 def test_global_adapter_with_dp_clips_equal_weights_and_adds_seeded_noise():
-    from fedlora.aggregation import get_strategy
+    from fedlora.methods import get_method
     from server.global_adapter import GlobalAdapter
 
     start = factors(0)
     updates = [ClientUpdate(factors(i), weight) for i, weight in ((1, 10.0), (2, 1.0))]
 
     def adapter(**kw):
-        return GlobalAdapter(strategy=get_strategy("fedavg"), lora=None, factors=dict(start),
-                             global_rank=4, residual_budget=0, **kw)
+        return GlobalAdapter(method=get_method("fedavg"), lora=None, factors=dict(start),
+                             global_rank=4, **kw)
 
     clipped = adapter(clip_norm=0.5)
     clipped.update(updates, server_round=1)

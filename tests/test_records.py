@@ -11,7 +11,8 @@ from fedlora.validation import reply_problem
 
 
 def test_round_trip_float32_is_exact(tiny_slot):
-    state = {k: torch.randn_like(v) for k, v in get_lora_state(tiny_slot.model, tiny_slot.adapter).items()}
+    state = {k: torch.randn_like(v)
+             for k, v in get_lora_state(tiny_slot.model, tiny_slot.adapter).items()}
     back = from_array_record(to_array_record(state))
     assert all(torch.equal(back[k], state[k]) for k in state)
 
@@ -24,7 +25,8 @@ def test_bytes_near_the_theoretical_minimum_and_fp16_halves_them(tiny_slot):
     # packed: one data array + a JSON index of the keys and shapes (~60 bytes per factor)
     assert params * 4 < fp32 <= params * 4 + 1024 + 100 * len(state)
     assert fp32 - fp16 == params * 2  # same index and headers, half the payload
-    assert from_array_record(to_array_record(state, "float16"))[next(iter(state))].dtype == torch.float16
+    back = from_array_record(to_array_record(state, "float16"))
+    assert back[next(iter(state))].dtype == torch.float16
 
 
 def test_reply_problem_finds_each_kind_of_bad_reply():

@@ -30,17 +30,19 @@ SESSION_ENV = {"FEDLORA_TEST_SESSION": uuid.uuid4().hex}
 def leftover_processes() -> list[int]:
     """PIDs of this test session that still carry the runner's tag (which every process a
     run starts inherits)."""
+    import psutil
+
     from simulations.runner import TAG_ENV_VAR
 
-    marker = "{}={}".format(*next(iter(SESSION_ENV.items()))).encode()
+    key, value = next(iter(SESSION_ENV.items()))
     pids = []
-    for proc in Path("/proc").iterdir():
+    for proc in psutil.process_iter():
         try:
-            environ = (proc / "environ").read_bytes() if proc.name.isdigit() else b""
-            if TAG_ENV_VAR.encode() in environ and marker in environ:
-                pids.append(int(proc.name))
-        except OSError:  # exited meanwhile, or not ours to read
+            environ = proc.environ()
+        except psutil.Error:  # exited meanwhile, or not ours to read
             continue
+        if TAG_ENV_VAR in environ and environ.get(key) == value:
+            pids.append(proc.pid)
     return pids
 
 
@@ -74,6 +76,7 @@ def check_run(out_dir: Path, quantization: str = "none") -> list[dict]:
     return rows
 
 
+@pytest.mark.slow
 def test_two_clients_two_rounds_end_to_end(tmp_path):
     out = tmp_path / "run"
     proc = simulate(out)
@@ -89,6 +92,7 @@ def test_two_clients_two_rounds_end_to_end(tmp_path):
     assert leftover_processes() == []
 
 
+@pytest.mark.slow
 def test_qlora_4bit_end_to_end_with_fp16_wire(tmp_path):
     out = tmp_path / "run4"
     simulate(out, "--quantization", "4bit", "--wire-dtype", "float16")
@@ -99,6 +103,7 @@ def test_qlora_4bit_end_to_end_with_fp16_wire(tmp_path):
     assert leftover_processes() == []
 
 
+@pytest.mark.slow
 def test_client_level_dp_with_clipping_on_the_nodes_reports_epsilon(tmp_path):
     """ffa-lora with dp-clipping=client: each node clips its update to clip-norm, the server
     accepts the clipped replies (a reply above it would be dropped), adds noise and reports
@@ -124,6 +129,7 @@ def test_client_level_dp_with_clipping_on_the_nodes_reports_epsilon(tmp_path):
     assert leftover_processes() == []
 
 
+@pytest.mark.slow
 def test_accuracy_per_family_per_client_and_on_the_server_each_round(tmp_path):
     """eval-accuracy: each client scores greedy answers on its held-out split (pooled per task
     family by the server); server-eval: the server scores the global adapter itself."""

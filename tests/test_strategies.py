@@ -9,15 +9,22 @@ import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
+from test_simulation import leftover_processes, simulate
 
-from fedlora.adapters import (RESIDUAL, Workspace, get_lora_state, join_factors, set_lora_state,
-                              set_residual, split_factors)
-from fedlora.aggregation import STRATEGIES
-from fedlora.aggregation.scaling import from_delta, lora_scale
+from fedlora.adapters import (
+    RESIDUAL,
+    Workspace,
+    flatten,
+    get_lora_state,
+    set_lora_state,
+    set_residual,
+    unflatten,
+)
 from fedlora.config import LoraSettings, ModelSettings, TrainSettings
+from fedlora.factors import from_delta, lora_scale
+from fedlora.methods import METHODS, get_method, load_settings, method_of
 from fedlora.models import load_model
 from fedlora.outputs import read_metrics
-from test_simulation import leftover_processes, simulate
 
 IDS = torch.tensor([[258, 117, 115, 101, 114, 10, 50, 43, 50]])
 MIXED = (4, 8, 16)
@@ -27,7 +34,7 @@ def global_model_logits(out_dir, round_: int) -> torch.Tensor:
     """Logits of the server's global model rebuilt the way a client builds it: the global
     factors at the global rank plus the frozen residual, from the server's saved state."""
     tensors = load_file(str(out_dir / "state" / f"round-{round_}.safetensors"))
-    part = lambda prefix: split_factors({k[len(prefix):]: v for k, v in tensors.items()
+    part = lambda prefix: unflatten({k[len(prefix):]: v for k, v in tensors.items()
                                          if k.startswith(prefix)})
     factors, residual = part("global/"), part("residual/")
     rank = next(iter(factors.values()))[0].shape[1] if factors else 1
@@ -35,15 +42,16 @@ def global_model_logits(out_dir, round_: int) -> torch.Tensor:
     slot = Workspace().get(ModelSettings(name="tiny-llama", device="cpu"), lora, TrainSettings())
     state = {k: torch.zeros_like(v) for k, v in get_lora_state(slot.model, slot.adapter).items()}
     if factors:  # flora has none: its adapter is fresh (adds nothing) and all is residual
-        state = join_factors(from_delta(factors, lora_scale(rank, 16.0, False)))
+        state = flatten(from_delta(factors, lora_scale(rank, 16.0, False)))
     set_lora_state(slot.model, state, slot.adapter)
     set_residual(slot, lora, residual or None)
     return slot.model.eval()(input_ids=IDS).logits
 
 
-@pytest.mark.parametrize("name", sorted(STRATEGIES))
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(METHODS))
 def test_strategy_runs_exports_and_reproduces_the_global_model(tmp_path, name):
-    strategy = STRATEGIES[name]
+    strategy = get_method(name)
     ranks = MIXED if strategy.heterogeneous else (8,)
     out = tmp_path / name
     simulate(out, "--strategy", name, "--num-clients", "3", "--client-ranks",
@@ -85,70 +93,99 @@ def test_strategy_runs_exports_and_reproduces_the_global_model(tmp_path, name):
 
 
 def test_hetlora_self_pruning_replies_at_a_smaller_rank_with_the_same_kept_update():
-    from clients.client_app import self_prune
-    from fedlora.config import Settings
-
-    settings = Settings.from_config({"strategy": "hetlora", "hetlora-prune": 0.5,
-                                     "lora-alpha": 16.0})
+    settings = load_settings({"strategy": "hetlora", "hetlora-prune": 0.5, "lora-alpha": 16.0})
+    method = method_of(settings)
     b = torch.zeros(6, 4)
     b[:, :2] = torch.randn(6, 2)
     b[:, 3] = 1e-4  # a last component that contributes almost nothing
     a = torch.randn(4, 5)
-    state = join_factors({"m": (b, a)})
-    pruned, rank = self_prune(state, 4, settings)
+    state = flatten({"m": (b, a)})
+    pruned, rank = method.client_finish(state, 4, settings, store=None)
     assert rank == 2  # components 3 (zero) and 4 (tiny) are dropped
-    (b2, a2), = split_factors(pruned).values()
+    (b2, a2), = unflatten(pruned).values()
     assert b2.shape == (6, 2) and a2.shape == (2, 5)
     # delta W of the kept components is unchanged although the scale alpha/r changed
     kept = lora_scale(4, 16.0, False) * b[:, :2] @ a[:2]
     assert torch.allclose(lora_scale(2, 16.0, False) * b2 @ a2, kept, atol=1e-5)
-    off = Settings.from_config({"strategy": "hetlora"})
-    assert self_prune(state, 4, off) == (state, 4)
+    assert method.reply_rank(4, 2) == 2 and method.reply_rank(4, 8) == 4  # never larger
+    off = load_settings({"strategy": "hetlora"})
+    assert method_of(off).client_finish(state, 4, off, store=None) == (state, 4)
+    assert method_of(off).reply_rank(4, 2) == 4
+
+
+def fedsa_message(arrays: dict):
+    """Only a message's content is read (a real Message needs a running Flower task)."""
+    from types import SimpleNamespace
+
+    from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+    config = ConfigRecord({"server-round": 2, "rank": 4, "init-seed": 0})
+    return SimpleNamespace(content=RecordDict({"arrays": ArrayRecord(arrays), "config": config}))
 
 
 def test_fedsa_lora_client_keeps_its_own_b_across_rounds(tiny_settings):
-    """The personal B a fedsa-lora client stored in context.state is what it starts from."""
-    from types import SimpleNamespace
+    """The personal B a fedsa-lora client kept in its context is what it starts from."""
+    from flwr.app import Context, RecordDict
 
-    from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
-
-    from clients.client_app import PERSONAL, starting_state
+    from clients.client_app import received_state
+    from clients.personal import personal_store
 
     slot = Workspace().get(tiny_settings.model, LoraSettings(rank=4), tiny_settings.train)
     state = get_lora_state(slot.model, slot.adapter)
     shared_a = {k: torch.randn_like(v) for k, v in state.items() if k.endswith("lora_A.weight")}
     personal = {k: torch.randn_like(v) for k, v in state.items() if k.endswith("lora_B.weight")}
-    # only the message's content is read (a real Message needs a running Flower task)
-    config = ConfigRecord({"server-round": 2, "rank": 4, "init-seed": 0})
-    msg = SimpleNamespace(content=RecordDict({"arrays": ArrayRecord(shared_a), "config": config}))
+    msg = fedsa_message(shared_a)
     context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
-    first = starting_state(msg, context, slot, "A")
+    method, store = get_method("fedsa-lora"), personal_store(context, 0)
+    first = method.client_start(received_state(msg, slot, 4), store)
     assert all(torch.equal(first[k], torch.zeros_like(v)) for k, v in personal.items())
-    context.state[PERSONAL] = ArrayRecord(personal)
-    second = starting_state(msg, context, slot, "A")
+    trained = {**shared_a, **personal}
+    method.client_finish(trained, 4, tiny_settings, store)  # keeps B in the context
+    second = method.client_start(received_state(msg, slot, 4), store)
     assert all(torch.equal(second[k], v) for k, v in personal.items())
     assert all(torch.equal(second[k], v) for k, v in shared_a.items())
+    assert method.shared(second).keys() == shared_a.keys()  # B never leaves the client
 
 
 def test_fedsa_lora_personal_b_in_a_personal_dir_is_one_file_per_client(tiny_settings, tmp_path):
     """With personal-dir (what fedlora simulate sets), a client's B is a safetensors file read
     only when that client runs, not state held in memory for every client."""
-    from types import SimpleNamespace
+    from flwr.app import Context, RecordDict
 
-    from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
-
-    from clients.client_app import save_personal, starting_state
+    from clients.client_app import received_state
+    from clients.personal import personal_store
 
     slot = Workspace().get(tiny_settings.model, LoraSettings(rank=4), tiny_settings.train)
     state = get_lora_state(slot.model, slot.adapter)
     personal = {k: torch.randn_like(v) for k, v in state.items() if k.endswith("lora_B.weight")}
-    config = ConfigRecord({"server-round": 2, "rank": 4, "init-seed": 0})
-    msg = SimpleNamespace(content=RecordDict({"arrays": ArrayRecord({}), "config": config}))
     context = lambda pid: Context(run_id=1, node_id=pid, node_config={"partition-id": pid},
                                   state=RecordDict(), run_config={"personal-dir": str(tmp_path)})
-    save_personal(context(3), personal)
+    method, msg = get_method("fedsa-lora"), fedsa_message({})
+    personal_store(context(3), 3).save(personal)
     assert [p.name for p in tmp_path.iterdir()] == ["client-3.safetensors"]
-    again = starting_state(msg, context(3), slot, "A")  # a fresh context: read from the file
+    # a fresh context: read from the file
+    again = method.client_start(received_state(msg, slot, 4), personal_store(context(3), 3))
     assert all(torch.equal(again[k], v) for k, v in personal.items())
-    other = starting_state(msg, context(4), slot, "A")  # client 4 has no file yet: init B = 0
+    # client 4 has no file yet: the seeded B, zero
+    other = method.client_start(received_state(msg, slot, 4), personal_store(context(4), 4))
     assert all(torch.equal(other[k], torch.zeros_like(v)) for k, v in personal.items())
+
+
+def test_fedsa_lora_with_client_clipping_keeps_the_trained_b(tmp_path):
+    """Client clipping acts on what is sent (A); the B a client keeps is the one it trained.
+    (Before the methods had a file of their own, clipping ran first and reset the kept B to
+    the B the client had started from, so with dp-clipping=client B never trained.)"""
+    from fake_grid import run_inprocess
+    from safetensors.torch import load_file
+
+    run_inprocess({"model": "tiny-llama", "device": "cpu", "local-steps": 3, "lr": 0.05,
+                   "dataset-size": 60, "fraction-evaluate": 0.0, "eval-accuracy": 0,
+                   "num-server-rounds": 1, "min-available-nodes": 2, "strategy": "fedsa-lora",
+                   "clip-norm": 0.01, "dp-clipping": "client", "output-dir": str(tmp_path),
+                   "personal-dir": str(tmp_path / "personal")}, 2)
+    for pid in (0, 1):
+        kept = load_file(str(tmp_path / "personal" / f"client-{pid}.safetensors"))
+        assert kept and all(k.endswith("lora_B.weight") for k in kept)
+        assert any(torch.count_nonzero(b) > 0 for b in kept.values())  # B moved from zero
+    row = read_metrics(tmp_path)[0]
+    assert row["clients-replied"] == 2 and row["clients-failed"] == 0

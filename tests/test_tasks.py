@@ -10,7 +10,8 @@ import pytest
 from fedlora.data import builtin_task, load_records, score_answer, split_suite
 from fedlora.data.tasks import FAMILIES, SCORERS, TASKS
 from fedlora.data.tasks.facts import PER_COUNTRY, fact_table
-from fedlora.data.tasks.units import CONVERSIONS, UNITS as UNIT_NAMES
+from fedlora.data.tasks.units import CONVERSIONS
+from fedlora.data.tasks.units import UNITS as UNIT_NAMES
 
 EXPECTED = ["arithmetic", "dates", "facts", "json", "strings", "units"]
 

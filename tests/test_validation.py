@@ -9,11 +9,11 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
-from fedlora.adapters import join_factors, shared_init
-from fedlora.aggregation import get_strategy
+from fedlora.adapters import flatten, shared_init
 from fedlora.config import LoraSettings
+from fedlora.methods import get_method
 from server.global_adapter import GlobalAdapter
-from server.strategy import LoraStrategy
+from server.rounds import RoundLoop, Rules
 
 SHAPES = {"base_model.model.layer.q_proj": (6, 5), "base_model.model.layer.v_proj": (4, 5)}
 RANK = 2
@@ -21,21 +21,27 @@ A_KEY = "base_model.model.layer.q_proj.lora_A.weight"
 B_KEY = "base_model.model.layer.q_proj.lora_B.weight"
 
 
-def strategy() -> LoraStrategy:
-    """A FedAvg LoraStrategy over two small modules, nodes 1..3 known at rank 2."""
-    state = GlobalAdapter(strategy=get_strategy("fedavg"), lora=LoraSettings(rank=RANK),
-                          factors=shared_init(SHAPES, RANK, seed=0), global_rank=RANK,
-                          residual_budget=8)
-    s = LoraStrategy(state=state, shapes=SHAPES, wire_dtype="float32", writer=None, seed=0,
-                     timeout=10.0, max_examples=1000, max_update_norm=100.0)
+def strategy() -> RoundLoop:
+    """A FedAvg round loop over two small modules, nodes 1..3 known at rank 2."""
+    state = GlobalAdapter(method=get_method("fedavg"), lora=LoraSettings(rank=RANK),
+                          factors=shared_init(SHAPES, RANK, seed=0), global_rank=RANK)
+    s = RoundLoop(state, SHAPES, Rules(timeout=10.0, max_examples=1000, max_update_norm=100.0),
+                  writer=None)
     s.node_ranks = {1: RANK, 2: RANK, 3: RANK}
     return s
+
+
+def accepted(loop: RoundLoop, msg):
+    """The update of a reply the loop accepts."""
+    problem, accepted = loop.check_reply(msg)
+    assert problem is None, problem
+    return accepted.update
 
 
 def good_state(seed: int) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     return {k: torch.randn(v.shape, generator=gen) * 0.1 for k, v in
-            join_factors(shared_init(SHAPES, RANK, seed=0)).items()}
+            flatten(shared_init(SHAPES, RANK, seed=0)).items()}
 
 
 def reply(state: dict, metrics: dict, node: int = 1, records: dict | None = None):
@@ -103,10 +109,10 @@ def test_corrupt_reply_is_dropped_and_the_global_adapter_is_bitwise_unchanged(
     good = [reply(good_state(2), OK, node=2), reply(good_state(3), {**OK, "num-examples": 30},
                                                      node=3)]
     clean, hostile = strategy(), strategy()
-    clean.state.update([clean.read_reply(r)[1] for r in good])
-    problem, update, _ = hostile.read_reply(reply(state, metrics, node=node))
-    assert update is None and problem is not None and fragment in problem, problem
-    hostile.state.update([hostile.read_reply(r)[1] for r in good])
+    clean.state.update([accepted(clean, r) for r in good])
+    problem, dropped = hostile.check_reply(reply(state, metrics, node=node))
+    assert dropped is None and problem is not None and fragment in problem, problem
+    hostile.state.update([accepted(hostile, r) for r in good])
     for module, (b, a) in clean.state.factors.items():
         assert torch.equal(b, hostile.state.factors[module][0])
         assert torch.equal(a, hostile.state.factors[module][1])
@@ -119,10 +125,10 @@ def test_corrupt_reply_is_dropped_and_the_global_adapter_is_bitwise_unchanged(
      "expected one ArrayRecord and one MetricRecord"),
 ])
 def test_malformed_record_layouts_are_dropped(records, fragment):
-    problem, update, _ = strategy().read_reply(reply({}, OK, records=records))
-    assert update is None and fragment in problem
+    problem, dropped = strategy().check_reply(reply({}, OK, records=records))
+    assert dropped is None and fragment in problem
 
 
 def test_a_valid_reply_passes():
-    problem, update, info = strategy().read_reply(reply(good_state(1), OK))
-    assert problem is None and update.rank == RANK and info["num-examples"] == 10
+    problem, ok = strategy().check_reply(reply(good_state(1), OK))
+    assert problem is None and ok.update.rank == RANK and ok.row["num-examples"] == 10

@@ -10,24 +10,28 @@ import json
 import math
 import zlib
 from pathlib import Path
+from typing import Any
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
-from peft import set_peft_model_state_dict
+from peft import (
+    LoraConfig,
+    PeftModel,
+    get_peft_model,
+    get_peft_model_state_dict,
+    set_peft_model_state_dict,
+)
 from safetensors.torch import save_file
 
-from fedlora.aggregation import Factors
+from fedlora.aggregation.base import Factors
 from fedlora.config import LoraSettings
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
-A_SUFFIX, B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
-# A strategy's `shares` -> the wire-key suffixes of the factors that cross the wire
-SHARED_SUFFIXES = {"both": (A_SUFFIX, B_SUFFIX), "B": (B_SUFFIX,), "A": (A_SUFFIX,)}
 
 
 def lora_config(settings: LoraSettings, base_id: str | None = None) -> LoraConfig:
     """The PEFT LoraConfig for these settings."""
-    return LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+    alpha: Any = settings.alpha  # PEFT annotates lora_alpha as int; a float works and is kept
+    return LoraConfig(r=settings.rank, lora_alpha=alpha, lora_dropout=settings.dropout,
                       target_modules=settings.modules(), use_rslora=settings.use_rslora,
                       task_type="CAUSAL_LM", base_model_name_or_path=base_id)
 
@@ -91,26 +95,6 @@ def set_lora_state(model: PeftModel, state: dict[str, torch.Tensor],
     set_peft_model_state_dict(model, state, adapter_name=adapter_name)
 
 
-def split_factors(state: dict[str, torch.Tensor]) -> Factors:
-    """Wire state -> {module: (B, A)}."""
-    modules = sorted(k[: -len(A_SUFFIX)] for k in state if k.endswith(A_SUFFIX))
-    return {m: (state[m + B_SUFFIX], state[m + A_SUFFIX]) for m in modules}
-
-
-def shared_keys(state: dict[str, torch.Tensor], shares: str) -> dict[str, torch.Tensor]:
-    """Only the factors a strategy sends over the wire ("both", "B" or "A")."""
-    return {k: v for k, v in state.items() if k.endswith(SHARED_SUFFIXES[shares])}
-
-
-def join_factors(factors: Factors) -> dict[str, torch.Tensor]:
-    """{module: (B, A)} -> wire state."""
-    state = {}
-    for module, (b, a) in factors.items():
-        state[module + A_SUFFIX] = a
-        state[module + B_SUFFIX] = b
-    return state
-
-
 def target_shapes(model: torch.nn.Module, targets: list[str]) -> dict[str, tuple[int, int]]:
     """{module: (d, k)} of the layers LoRA adapts, keyed as PEFT's state dict names them.
 
@@ -120,11 +104,6 @@ def target_shapes(model: torch.nn.Module, targets: list[str]) -> dict[str, tuple
     return {f"base_model.model.{name}": (m.out_features, m.in_features)
             for name, m in model.named_modules()
             if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets}
-
-
-def module_shapes(state: dict[str, torch.Tensor]) -> dict[str, tuple[int, int]]:
-    """{module: (d, k)} of the adapted layers, read off a wire state (B is d x r, A is r x k)."""
-    return {m: (b.shape[0], a.shape[1]) for m, (b, a) in split_factors(state).items()}
 
 
 def shared_init(shapes: dict[str, tuple[int, int]], rank: int, seed: int) -> Factors:

@@ -11,13 +11,15 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 from peft import PeftModel
 from peft.utils import prepare_model_for_kbit_training
 
-from fedlora.adapters.lora import add_lora, join_factors, set_lora_state
+from fedlora.adapters.lora import add_lora, set_lora_state
 from fedlora.aggregation import Factors
 from fedlora.config import LoraSettings, ModelSettings, TrainSettings
+from fedlora.factors import flatten
 from fedlora.models import ModelSource, load_model
 
 
@@ -30,7 +32,7 @@ class Slot:
     """A loaded model with the adapter a client should use."""
 
     model: PeftModel
-    tokenizer: object
+    tokenizer: Any  # a Hugging Face tokenizer
     source: ModelSource
     adapter: str
 
@@ -39,7 +41,7 @@ class Workspace:
     """Caches base models and adapters for the lifetime of the process."""
 
     def __init__(self) -> None:
-        self._models: dict[str, tuple[PeftModel | None, object, ModelSource, object]] = {}
+        self._models: dict[str, tuple[PeftModel | None, Any, ModelSource, Any]] = {}
         self.loads = 0  # how many base models were loaded (tests check it stays at 1)
 
     def get(self, model: ModelSettings, lora: LoraSettings, train: TrainSettings) -> Slot:
@@ -86,5 +88,6 @@ def set_residual(slot: Slot, lora: LoraSettings, residual: Factors | None) -> No
     settings = replace(lora, rank=rank, alpha=float(rank), dropout=0.0, use_rslora=False,
                        client_ranks="")  # alpha / r = 1: the adapter adds exactly B @ A
     add_lora(model, settings, RESIDUAL)
-    set_lora_state(model, join_factors(residual), RESIDUAL)
-    model.base_model.set_adapter([slot.adapter, RESIDUAL])  # both active; only slot's trains
+    set_lora_state(model, flatten(residual), RESIDUAL)
+    # both active; only the slot's adapter trains
+    model.base_model.set_adapter([slot.adapter, RESIDUAL])  # type: ignore[operator]

@@ -1,23 +1,20 @@
-"""Types, checks and the registry shared by every merging strategy.
+"""Types, checks and arithmetic helpers shared by every merge (`fedlora.methods`).
 
-Conventions (every module of `fedlora.aggregation` follows them):
+Conventions (every module of `fedlora.aggregation` and every merge follows them):
 - one adapted layer has B (d x r) and A (r x k); `Factors` maps a module name to (B, A);
 - factors are *delta-W scaled*: the LoRA scale is folded into B, so delta W = B @ A
-  (see `fedlora.aggregation.scaling`);
+  (see `fedlora.factors`, the one place that converts);
 - client weights are p_i = w_i / sum_j w_j, with w_i the client's number of examples;
 - merges compute in float64 and return float32 tensors.
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor
-
-from fedlora.aggregation.linalg import pad_rank, truncate_rank
 
 # module name -> (B of shape d x r, A of shape r x k), delta-W scaled: delta W = B @ A
 Factors = dict[str, tuple[Tensor, Tensor]]
@@ -55,74 +52,6 @@ class MergeResult:
     info: dict[str, Any] = field(default_factory=dict)  # strategy-specific figures
 
 
-class Strategy:
-    """One merging method; subclasses set the class attributes and implement `merge`."""
-
-    name: ClassVar[str] = ""
-    exact: ClassVar[bool] = False  # is the applied update exactly sum_i p_i B_i A_i?
-    heterogeneous: ClassVar[bool] = False  # may clients use different ranks?
-    shares: ClassVar[str] = "both"  # factors on the wire: "both", "B" or "A"
-    fresh_adapter: ClassVar[bool] = False  # clients start a fresh adapter every round
-    uses_residual: ClassVar[bool] = False  # the merge folds a residual into the frozen base
-    exactness_defined: ClassVar[bool] = True  # False when there is no global delta W (fedsa-lora)
-    server_optimizer_ok: ClassVar[bool] = True  # do the global factors persist across rounds?
-    linear: ClassVar[bool] = False  # is the merge a weighted mean of the shared factors? (DP)
-    options: ClassVar[dict[str, tuple[str, ...]]] = {}  # option name -> allowed values
-
-    def check(self, updates: list[ClientUpdate]) -> None:
-        """Raise ValueError unless this strategy can merge these updates."""
-        check_updates(updates, self.name)
-        if not self.heterogeneous:
-            check_same_rank(updates, self.name)
-
-    def merge(self, updates: list[ClientUpdate], previous: Factors, *, export_rank: int
-              ) -> MergeResult:
-        """Merge one round; `previous` is the global adapter before it (delta-W scaled)."""
-        raise NotImplementedError
-
-    def payload(self, global_factors: Factors, rank: int) -> Factors:
-        """What a client of `rank` receives: the global factors zero-padded or cut to `rank`."""
-        return {m: to32(*truncate_rank(*pad_rank(b, a, rank), rank))
-                for m, (b, a) in global_factors.items()}
-
-    def with_options(self, **options: str) -> "Strategy":
-        """A copy with options set: get_strategy("hetlora").with_options(weighting="examples")."""
-        for key, value in options.items():
-            if key not in self.options:
-                raise ValueError(f"strategy {self.name!r} has no option {key!r}; "
-                                 f"options: {sorted(self.options) or 'none'}")
-            if value not in self.options[key]:
-                raise ValueError(f"strategy {self.name!r}: option {key} must be one of "
-                                 f"{list(self.options[key])}, got {value!r}")
-        clone = copy.copy(self)
-        vars(clone).update(options)
-        return clone
-
-    def __repr__(self) -> str:
-        options = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.options)
-        return f"{type(self).__name__}({options})"
-
-
-STRATEGIES: dict[str, Strategy] = {}
-
-
-def register(cls: type[Strategy]) -> type[Strategy]:
-    """Class decorator: register an instance under `cls.name` (the name users type)."""
-    if not cls.name or cls.name in STRATEGIES:
-        raise ValueError(f"strategy name {cls.name!r} is empty or already registered")
-    STRATEGIES[cls.name] = cls()
-    return cls
-
-
-def get_strategy(name: str) -> Strategy:
-    """The registered strategy called `name`; a KeyError lists the known names on a miss."""
-    try:
-        return STRATEGIES[name]
-    except KeyError:
-        raise KeyError(f"unknown strategy {name!r}; known: {', '.join(sorted(STRATEGIES))}"
-                       ) from None
-
-
 # ---------------------------------------------------------------- checks
 
 
@@ -142,19 +71,6 @@ def check_updates(updates: list[ClientUpdate], name: str) -> None:
             if (b.shape[0], a.shape[1]) != (b0.shape[0], a0.shape[1]):
                 raise ValueError(f"module {module}: client {i} has a {b.shape[0]} x {a.shape[1]} "
                                  f"layer, client 0 a {b0.shape[0]} x {a0.shape[1]} one")
-
-
-def check_same_rank(updates: list[ClientUpdate], name: str) -> None:
-    """Every client uses client 0's rank, in every module."""
-    for i, update in enumerate(updates):
-        for module, (b, _) in update.factors.items():
-            r0 = updates[0].factors[module][0].shape[1]
-            if b.shape[1] != r0:
-                hetero = ", ".join(n for n, s in sorted(STRATEGIES.items()) if s.heterogeneous)
-                raise ValueError(
-                    f"{name} needs equal ranks: module {module} has rank {b.shape[1]} on "
-                    f"client {i} but rank {r0} on client 0; use a rank-heterogeneous "
-                    f"strategy instead ({hetero})")
 
 
 def check_previous(previous: Factors, updates: list[ClientUpdate], name: str) -> None:

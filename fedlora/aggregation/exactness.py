@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import math
 
-from fedlora.aggregation.base import (ClientUpdate, Factors, Strategy, normalised_weights, pairs,
-                                      to32)
+from fedlora.aggregation.base import ClientUpdate, Factors, normalised_weights, pairs, to32
 from fedlora.aggregation.linalg import difference_norm, product_norm, stack, truncate_svd
 
 ZERO = 1e-12  # a numerator at most this large over a zero denominator counts as 0/0
@@ -40,9 +39,9 @@ def exactness(applied: Factors, updates: list[ClientUpdate]) -> tuple[float, dic
     return ratio(math.sqrt(nums), math.sqrt(dens)), per_module
 
 
-def truncation_loss(global_factors: Factors, rank: int, strategy: Strategy) -> float:
-    """Relative Frobenius norm lost when a client of `rank` receives `strategy.payload`."""
-    payload = strategy.payload(global_factors, rank)
+def truncation_loss(global_factors: Factors, payload: Factors) -> float:
+    """Relative Frobenius norm lost when a client receives `payload` instead of the global
+    factors (the payload at its rank, cut from them)."""
     nums = dens = 0.0
     for module, (b, a) in global_factors.items():
         b, a = b.double(), a.double()

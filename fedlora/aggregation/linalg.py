@@ -10,7 +10,7 @@ The functions keep the dtype they are given; strategies call them in float64.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor

@@ -22,6 +22,7 @@ import math
 import torch
 
 from fedlora.aggregation.base import Factors
+from fedlora.factors import from_peft, to_peft
 
 
 def factor_distance(factors: Factors, reference: Factors) -> float:
@@ -81,3 +82,13 @@ def add_noise(factors: Factors, std: float, shares: str, generator: torch.Genera
             a = a + std * torch.randn(a.shape, generator=generator, dtype=torch.float64).to(a.dtype)
         out[module] = (b, a)
     return out
+
+
+def clip_state(state: dict[str, torch.Tensor], start: dict[str, torch.Tensor], scale: float,
+               shares: str, clip_norm: float) -> tuple[dict[str, torch.Tensor], float, float]:
+    """Client-side clipping of a PEFT-scale state dict (LoRA scale `scale`) around the state it
+    started from: (clipped state, norm before, factor applied), through the one edge
+    between PEFT state and delta-W factors."""
+    clipped, norm, factor = clip_to_received(from_peft(state, scale), from_peft(start, scale),
+                                             shares, clip_norm)
+    return to_peft(clipped, scale), norm, factor

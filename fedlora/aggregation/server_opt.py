@@ -31,10 +31,10 @@ from torch import Tensor
 
 from fedlora.aggregation.base import Factors
 
-SERVER_OPTIMIZERS: dict[str, type["ServerOptimizer"]] = {}
+SERVER_OPTIMIZERS: dict[str, type[ServerOptimizer]] = {}
 
 
-def register_optimizer(cls: type["ServerOptimizer"]) -> type["ServerOptimizer"]:
+def register_optimizer(cls: type[ServerOptimizer]) -> type[ServerOptimizer]:
     """Class decorator: register a server optimiser under `cls.name`."""
     SERVER_OPTIMIZERS[cls.name] = cls
     return cls

@@ -52,7 +52,7 @@ def load_or_make_ca(out: Path):
         key = serialization.load_pem_private_key((out / "ca.key").read_bytes(), None)
         return key, x509.load_pem_x509_certificate((out / "ca.crt").read_bytes())
     key = ec.generate_private_key(ec.SECP384R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (x509.CertificateBuilder().subject_name(_name("fedlora CA"))
             .issuer_name(_name("fedlora CA")).public_key(key.public_key())
             .serial_number(x509.random_serial_number()).not_valid_before(now)
@@ -70,7 +70,7 @@ def subject_names(hosts: list[str]):
     """SAN entries: IPs as IP addresses, the rest as DNS names; always localhost, 127.0.0.1."""
     from cryptography import x509
 
-    names = []
+    names: list[x509.GeneralName] = []
     for host in dict.fromkeys([*hosts, "localhost", "127.0.0.1"]):
         try:
             names.append(x509.IPAddress(ipaddress.ip_address(host)))
@@ -87,7 +87,7 @@ def make_server_cert(out: Path, hosts: list[str]) -> None:
 
     ca_key, ca_cert = load_or_make_ca(out)
     key = ec.generate_private_key(ec.SECP384R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (x509.CertificateBuilder().subject_name(_name(hosts[0] if hosts else "localhost"))
             .issuer_name(ca_cert.subject).public_key(key.public_key())
             .serial_number(x509.random_serial_number()).not_valid_before(now)

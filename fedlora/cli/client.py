@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from fedlora.cli.runconfig import parse_run_config
-from fedlora.config import Settings
+from fedlora.methods import load_settings
 
 # flag -> node-config key
 NODE_FLAGS = {"data_path": "data-path", "rank": "lora-rank", "quantization": "quantization",
@@ -77,7 +77,7 @@ def node_config(args: argparse.Namespace) -> dict:
         config["data-path"] = str(path)
     if ("partition-id" in config) != ("num-partitions" in config):
         raise ValueError("--partition-id and --num-partitions go together")
-    Settings.from_config({}, config)  # validates every key and value
+    load_settings({}, config)  # validates every key and value
     return config
 
 

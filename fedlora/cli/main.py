@@ -7,16 +7,26 @@ import sys
 
 from fedlora import __version__
 from fedlora.cli import certs, client, export, generate, report, server, simulate
-from fedlora.config import SettingsError, all_keys
+from fedlora.config import SECTIONS, SettingsError, section_keys
 
 # Errors a user can fix from the message alone: print it, no traceback, exit code 2.
 USER_ERRORS = (SettingsError, ValueError, FileNotFoundError, FileExistsError, KeyError)
 
 
 def settings_command(args: argparse.Namespace) -> int:
-    """Print every run-config key with its default and help."""
-    for key, (default, help_text) in all_keys().items():
-        print(f"{key:24} {default!r:24} {help_text}")
+    """Print every run-config key with its default and help, by section, then each
+    method with its own options."""
+    from fedlora.methods import METHODS
+
+    for name, section in SECTIONS.items():
+        print(f"[{name}]")
+        for key, (default, help_text) in section_keys(section).items():
+            print(f"  {key:24} {default!r:24} {help_text}")
+    print("[methods] (strategy = one of these; each line after it is that method's option)")
+    for name, method in sorted(METHODS.items()):
+        print(f"  {name:24} {'':24} {method.summary}")
+        for key, (default, help_text) in method.Options.keys().items():
+            print(f"    {key:22} {default!r:24} {help_text}")
     return 0
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from fedlora.cli.runconfig import load_scenario, parse_run_config
-from fedlora.aggregation import STRATEGIES
 from fedlora.config import Settings
+from fedlora.methods import METHODS, load_settings
 from fedlora.outputs import METRICS, read_metrics
 
 SCENARIOS = Path(__file__).resolve().parents[2] / "simulations" / "scenarios"
@@ -41,8 +41,9 @@ PERSONAL_DIR = "personal"  # fedsa-lora's private factors of simulated clients, 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     """Flags that set the run's settings (shared by `simulate` and `server`)."""
     d = Settings()
-    p.add_argument("--rounds", type=int, help=f"federated rounds (default {d.federation.num_rounds})")
-    p.add_argument("--strategy", help=f"merging strategy: {', '.join(sorted(STRATEGIES))} "
+    p.add_argument("--rounds", type=int,
+                   help=f"federated rounds (default {d.federation.num_rounds})")
+    p.add_argument("--strategy", help=f"federated method: {', '.join(sorted(METHODS))} "
                    f"(default {d.federation.strategy}); see docs/strategies.md")
     p.add_argument("--model", help=f"base model: tiny-llama, smollm2-135m, a folder, a .gguf "
                    f"file or a hub id (default {d.model.name})")
@@ -81,7 +82,7 @@ def resumed_config(args: argparse.Namespace, clients_flag: str) -> tuple[dict[st
     if not info.is_file():
         raise FileNotFoundError(f"--resume {args.resume}: no run.json there; expected the "
                                 f"--output-dir of a run that completed at least one round")
-    from server.checkpoint import read_latest
+    from fedlora.checkpoint import read_latest
 
     read_latest(out_dir)  # a clear error when no round was completed
     config = json.loads(info.read_text())["settings"]
@@ -97,7 +98,7 @@ def resumed_config(args: argparse.Namespace, clients_flag: str) -> tuple[dict[st
     nodes = getattr(args, clients_flag)
     num_clients = int(config["min-available-nodes"]) if nodes is None else nodes
     config["min-available-nodes"] = num_clients
-    settings = Settings.from_config(config)
+    settings = load_settings(config)
     return settings.to_config(), num_clients
 
 
@@ -135,7 +136,7 @@ def build_config(args: argparse.Namespace, clients_flag: str = "num_clients"
         config["personal-dir"] = str(Path(config["output-dir"]) / PERSONAL_DIR)
     for key in ("min-train-nodes", "min-evaluate-nodes"):
         config[key] = min(int(config.get(key, 2)), num_clients)
-    settings = Settings.from_config(config)  # validates every key and value
+    settings = load_settings(config)  # validates every key and value
     return settings.to_config(), num_clients
 
 
@@ -165,10 +166,10 @@ def run(args: argparse.Namespace) -> int:
     import torch  # after validation: a typo in a flag is reported before heavy imports
 
     from fedlora.data import describe_partition
+    from fedlora.launch import run_simulation
     from fedlora.preflight import preflight
-    from simulations.runner import run_simulation
 
-    settings = Settings.from_config(config)
+    settings = load_settings(config)
     out_dir = Path(config["output-dir"])
     if not settings.federation.resume:
         prepare_output(out_dir, args.overwrite)

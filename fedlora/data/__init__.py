@@ -8,9 +8,15 @@ from pathlib import Path
 from fedlora.config import DataSettings
 from fedlora.data.format import IGNORE, collate, pack, to_messages, tokenize, tokenize_records
 from fedlora.data.loaders import HUB_PREFIX, load_jsonl, load_source
-from fedlora.data.partition import (PARTITIONERS, USES_LABELS, by_field_partition,
-                                    dirichlet_partition, iid_partition, partition_table,
-                                    quantity_skew_partition)
+from fedlora.data.partition import (
+    PARTITIONERS,
+    USES_LABELS,
+    by_field_partition,
+    dirichlet_partition,
+    iid_partition,
+    partition_table,
+    quantity_skew_partition,
+)
 from fedlora.data.tasks import SCORERS, TASKS, builtin_task, score_answer, split_suite
 
 __all__ = ["IGNORE", "PARTITIONERS", "SCORERS", "TASKS", "builtin_task", "by_field_partition",

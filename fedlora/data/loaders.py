@@ -171,7 +171,7 @@ def chat_messages(messages: object, where: str, field: str = "messages",
     role_key, content_key = keys
     ok = isinstance(messages, list) and messages and all(
         isinstance(m, dict) and {role_key, content_key} <= m.keys() for m in messages)
-    if not ok:
+    if not ok or not isinstance(messages, list):
         raise ValueError(f"{where}: {field!r} must be a non-empty list of {{{role_key}, "
                          f"{content_key}}} objects, got {str(messages)[:80]}")
     out = [{"role": sharegpt_role(m[role_key], where) if sharegpt else m[role_key],

@@ -158,7 +158,7 @@ def partition_table(parts: list[list[int]], labels: list[str] | None = None,
     rows = []
     for client, part in enumerate(parts):
         row = [str(client), str(len(part)), f"{100 * len(part) / max(total, 1):.1f}%"]
-        if values:
+        if values and labels:
             counts = Counter(labels[i] for i in part)
             if wide:
                 row += [str(counts.get(v, 0)) for v in values]

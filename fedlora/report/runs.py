@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedlora.outputs import METRICS
+from fedlora.wire import M
 
-ACCURACY = "accuracy"
-FAMILY_PREFIX = "accuracy/"
+ACCURACY = M.ACCURACY
+FAMILY_PREFIX = M.ACCURACY + "/"
 CLIENT_PREFIX = "client-"  # a dict {partition-id: value} per round, e.g. client-accuracy
 
 
@@ -81,9 +82,9 @@ def load_runs(paths: list[str | Path]) -> list[Run]:
 
 def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
     """(rounds, values) of `key`, skipping rounds where it is missing or not finite."""
-    points = [(r["round"], finite(r.get(key))) for r in rows]
-    points = [(n, v) for n, v in points if v is not None]
-    return [n for n, _ in points], [v for _, v in points]
+    points = [(r[M.ROUND], finite(r.get(key))) for r in rows]
+    kept = [(n, v) for n, v in points if v is not None]
+    return [n for n, _ in kept], [v for _, v in kept]
 
 
 def cumulative(rows: list[dict], keys: tuple[str, ...]) -> tuple[list[int], list[float]]:
@@ -92,7 +93,7 @@ def cumulative(rows: list[dict], keys: tuple[str, ...]) -> tuple[list[int], list
     for r in rows:
         total += sum(finite(r.get(k)) or 0.0 for k in keys)
         values.append(total)
-    return [r["round"] for r in rows], values
+    return [r[M.ROUND] for r in rows], values
 
 
 def last(rows: list[dict], key: str) -> float | None:
@@ -121,12 +122,12 @@ def client_metrics(rows: list[dict]) -> dict[str, dict[str, tuple[list[int], lis
             values.append(float(value))
 
     for r in rows:
-        for c in r.get("clients") or []:
-            pid = c.get("partition-id", -1)
-            add("train-loss", pid if pid is not None and pid >= 0 else c.get("node-id"),
-                r["round"], c.get("train-loss"))
+        for c in r.get(M.CLIENTS) or []:
+            pid = c.get(M.PARTITION_ID, -1)
+            add("train-loss", pid if pid is not None and pid >= 0 else c.get(M.NODE_ID),
+                r[M.ROUND], c.get(M.TRAIN_LOSS))
         for key, per_client in r.items():
             if key.startswith(CLIENT_PREFIX) and isinstance(per_client, dict):
                 for client, value in per_client.items():
-                    add(key[len(CLIENT_PREFIX):], client, r["round"], value)
+                    add(key[len(CLIENT_PREFIX):], client, r[M.ROUND], value)
     return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fedlora.report.runs import ACCURACY, Run, finite, last
+from fedlora.wire import M
 
 MB = 1e6
 
@@ -15,17 +16,17 @@ def fmt(value, spec: str = ".3f") -> str:
 
 def round_table(rows: list[dict]) -> str:
     """One line per round; the accuracy column appears when any round reports accuracy."""
-    columns = [("round", 5, lambda r: str(r["round"])),
-               ("train-loss", 10, lambda r: fmt(r.get("train-loss"))),
-               ("eval-loss", 9, lambda r: fmt(r.get("eval-loss")))]
+    columns = [("round", 5, lambda r: str(r[M.ROUND])),
+               ("train-loss", 10, lambda r: fmt(r.get(M.TRAIN_LOSS))),
+               ("eval-loss", 9, lambda r: fmt(r.get(M.EVAL_LOSS)))]
     if any(ACCURACY in r for r in rows):
         columns.append(("accuracy", 8, lambda r: fmt(r.get(ACCURACY))))
-    columns += [("exactness", 9, lambda r: fmt(r.get("exactness"))),
-                ("replied", 7, lambda r: str(r.get("clients-replied", 0))),
-                ("failed", 6, lambda r: str(r.get("clients-failed", 0))),
-                ("MB up", 6, lambda r: fmt((r.get("bytes-up") or 0) / MB, ".2f")),
-                ("MB down", 7, lambda r: fmt((r.get("bytes-down") or 0) / MB, ".2f")),
-                ("seconds", 7, lambda r: fmt(r.get("seconds") or 0, ".1f"))]
+    columns += [("exactness", 9, lambda r: fmt(r.get(M.EXACTNESS))),
+                ("replied", 7, lambda r: str(r.get(M.CLIENTS_REPLIED, 0))),
+                ("failed", 6, lambda r: str(r.get(M.CLIENTS_FAILED, 0))),
+                ("MB up", 6, lambda r: fmt((r.get(M.BYTES_UP) or 0) / MB, ".2f")),
+                ("MB down", 7, lambda r: fmt((r.get(M.BYTES_DOWN) or 0) / MB, ".2f")),
+                ("seconds", 7, lambda r: fmt(r.get(M.SECONDS) or 0, ".1f"))]
     lines = ["  ".join(f"{name:>{width}}" for name, width, _ in columns)]
     for r in rows:
         lines.append("  ".join(f"{cell(r):>{width}}" for _, width, cell in columns))
@@ -34,10 +35,10 @@ def round_table(rows: list[dict]) -> str:
 
 def total_megabytes(run: Run) -> float:
     """Bytes sent both ways over the whole run, in MB (bytes-total when the run logs it)."""
-    logged = last(run.rows, "bytes-total")
+    logged = last(run.rows, M.BYTES_TOTAL)
     if logged is not None:
         return logged / MB
-    keys = ("bytes-up", "bytes-down", "bytes-down-eval")
+    keys = (M.BYTES_UP, M.BYTES_DOWN, M.BYTES_DOWN_EVAL)
     return sum(finite(r.get(k)) or 0.0 for r in run.rows for k in keys) / MB
 
 
@@ -45,13 +46,13 @@ def summary_markdown(runs: list[Run]) -> str:
     """A Markdown table, one row per run; accuracy only when some run reports it."""
     with_accuracy = any(last(run.rows, ACCURACY) is not None for run in runs)
     header = ["run", "strategy", "rounds", "final train-loss", "final eval-loss"]
-    header += ["final accuracy"] * with_accuracy + ["MB total", "seconds"]
+    header += ["final accuracy"] * with_accuracy + ["MB total", M.SECONDS]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for run in runs:
-        cells = [f"`{run.name or run.path.name}`", run.strategy, str(run.rows[-1]["round"]),
-                 fmt(last(run.rows, "train-loss"), ".4f"), fmt(last(run.rows, "eval-loss"), ".4f")]
+        cells = [f"`{run.name or run.path.name}`", run.strategy, str(run.rows[-1][M.ROUND]),
+                 fmt(last(run.rows, M.TRAIN_LOSS), ".4f"), fmt(last(run.rows, M.EVAL_LOSS), ".4f")]
         cells += [fmt(last(run.rows, ACCURACY), ".4f")] * with_accuracy
-        seconds = sum(finite(r.get("seconds")) or 0.0 for r in run.rows)
+        seconds = sum(finite(r.get(M.SECONDS)) or 0.0 for r in run.rows)
         cells += [f"{total_megabytes(run):.2f}", f"{seconds:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

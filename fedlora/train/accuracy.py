@@ -32,7 +32,7 @@ class Accuracy:
         self.total[family] = self.total.get(family, 0) + 1
         self.correct[family] = self.correct.get(family, 0) + int(right)
 
-    def merge(self, other: "Accuracy") -> "Accuracy":
+    def merge(self, other: Accuracy) -> Accuracy:
         out = Accuracy(dict(self.correct), dict(self.total))
         for family, n in other.total.items():
             out.total[family] = out.total.get(family, 0) + n
@@ -59,7 +59,7 @@ class Accuracy:
         return out
 
     @classmethod
-    def from_counts(cls, metrics: dict) -> "Accuracy":
+    def from_counts(cls, metrics: dict) -> Accuracy:
         """The inverse of `counts` (other keys are ignored)."""
         acc = cls()
         for key, value in metrics.items():

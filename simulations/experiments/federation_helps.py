@@ -55,14 +55,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def settings_for(args: argparse.Namespace, seed: int):
     from fedlora.cli.runconfig import parse_run_config
-    from fedlora.config import Settings
+    from fedlora.methods import load_settings
 
     config = parse_run_config(args.run_config)
     config.update({"model": args.model, "dataset": f"builtin:{args.families}",
                    "dataset-size": args.dataset_size, "partitioner": "by-field",
                    "eval-fraction": 0.2, "local-steps": args.local_steps,
                    "num-server-rounds": args.rounds, "seed": seed, "device": "cpu"})
-    return Settings.from_config(config), config
+    return load_settings(config), config
 
 
 def client_splits(settings, clients: int, seed: int):
@@ -73,15 +73,22 @@ def client_splits(settings, clients: int, seed: int):
 
 def train_alone(settings, records: list[dict], steps: int, seed: int, out: Path) -> Path:
     """One adapter trained on `records` for `steps` steps, written as a PEFT adapter."""
-    from fedlora.adapters import (Workspace, get_lora_state, join_factors, lora_config,
-                                  module_shapes, set_lora_state, shared_init)
-    from fedlora.outputs import RunWriter
+    from fedlora.adapters import (
+        Workspace,
+        flatten,
+        get_lora_state,
+        lora_config,
+        module_shapes,
+        set_lora_state,
+        shared_init,
+    )
     from fedlora.data import tokenize_records
+    from fedlora.outputs import RunWriter
     from fedlora.train import train_local
 
     slot = Workspace().get(settings.model, settings.lora, settings.train)
     shapes = module_shapes(get_lora_state(slot.model, slot.adapter))
-    set_lora_state(slot.model, join_factors(shared_init(shapes, settings.lora.rank, seed)),
+    set_lora_state(slot.model, flatten(shared_init(shapes, settings.lora.rank, seed)),
                    slot.adapter)
     examples = tokenize_records(records, slot.tokenizer, settings.train.max_length)
     train_local(slot.model, slot.adapter, examples, slot.tokenizer.pad_token_id,

@@ -97,7 +97,7 @@ def split_suite(records: list[Record], test_fraction: float,
     by_task: dict[str, dict[tuple[str, str], None]] = {}
     for record in records:
         by_task.setdefault(str(record.get("task", "")), {})[question(record)] = None
-    rng, held = random.Random(seed), set()
+    rng, held = random.Random(seed), set[tuple[str, tuple[str, str]]]()
     for name in sorted(by_task):
         keys = list(by_task[name])
         rng.shuffle(keys)

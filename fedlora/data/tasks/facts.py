@@ -50,7 +50,7 @@ PER_COUNTRY = sum(len(q) for q in QUESTIONS.values()) + len(REVERSE)
 @lru_cache(maxsize=8)
 def fact_table(countries: int) -> tuple[dict[str, str], ...]:
     """The first `countries` rows: {country, capital, currency, colour, animal}."""
-    rng, used = random.Random(FACTS_SEED), set()
+    rng, used = random.Random(FACTS_SEED), set[str]()
     rows = []
     for _ in range(countries):
         rows.append({"country": fresh_word(rng, used, 2, "ria").capitalize(),

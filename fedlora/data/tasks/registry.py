@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import random
 import re
-from typing import Callable
+from collections.abc import Callable
 
 Record = dict[str, str]
 Generator = Callable[[int, int], list[Record]]
@@ -39,7 +39,7 @@ def question(record: Record) -> tuple[str, str]:
 
 def unique(make: Callable[[random.Random], Record], n: int, seed: int) -> list[Record]:
     """`n` records with distinct questions (so a train/test split never leaks an answer)."""
-    rng, seen, records = random.Random(seed), set(), []
+    rng, seen, records = random.Random(seed), set[tuple[str, str]](), list[dict]()
     for _ in range(50 * n + 1000):
         if len(records) == n:
             return records

@@ -52,7 +52,10 @@ def units_example(rng: random.Random) -> Record:
 
 def score(prediction: str, record: Record) -> bool:
     """The same number, optionally followed by the target unit: `3000`, `3,000 meters`, `3000 m`."""
-    target = re.search(r" to (.+?)\. Reply", record["instruction"]).group(1)
+    match = re.search(r" to (.+?)\. Reply", record["instruction"])
+    if match is None:
+        return False
+    target = match.group(1)
     names = {n.casefold() for u in UNITS.values() if u[1] == target for n in u}
     text = clean(prediction)
     number, _, unit = text.partition(" ")

@@ -54,7 +54,8 @@ def rng_state() -> dict:
     version, internal, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     return {"python": [version, list(internal), gauss],
-            "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
+            "numpy": [kind, np.asarray(keys).tolist(), int(pos), int(has_gauss),
+                      float(cached)]}
 
 
 def set_rng_state(state: dict, torch_state: torch.Tensor | None) -> None:

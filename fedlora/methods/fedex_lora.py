@@ -8,25 +8,32 @@ Same rank on every client.
 
 from __future__ import annotations
 
-from fedlora.aggregation.base import (ClientUpdate, Factors, MergeResult, Strategy, factors32,
-                                      normalised_weights, pairs, register, to32)
-from fedlora.aggregation.fedavg import average_factors
+from fedlora.aggregation.base import (
+    ClientUpdate,
+    Factors,
+    MergeResult,
+    factors32,
+    normalised_weights,
+    pairs,
+    to32,
+)
 from fedlora.aggregation.linalg import stack
+from fedlora.methods.base import ResidualMethod, register
+from fedlora.methods.fedavg import average_factors
 
 
 @register
-class FedExLoRA(Strategy):
+class FedExLoRA(ResidualMethod):
     """Global (B̄, Ā); residual sum p_i B_i A_i - B̄ Ā; applied = both stacked."""
 
     name = "fedex-lora"
+    summary = "FedEx-LoRA: fedavg plus the exact residual folded into the base"
     exact = True
-    uses_residual = True
     server_optimizer_ok = False  # an optimiser step would break the residual's exactness
 
-    def merge(self, updates: list[ClientUpdate], previous: Factors, *, export_rank: int
-              ) -> MergeResult:
+    def combine(self, updates: list[ClientUpdate], previous: Factors, *, export_rank: int
+                ) -> MergeResult:
         """FedIT average, plus the factored residual that makes it exact."""
-        self.check(updates)
         p = normalised_weights(updates)
         average = average_factors(updates, p)
         residual: Factors = {}

@@ -11,8 +11,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fedlora.aggregation.base import (ClientUpdate, Factors, MergeResult, Strategy,
-                                      check_previous, normalised_weights, register, weighted_sum)
+from fedlora.aggregation.base import (
+    ClientUpdate,
+    Factors,
+    MergeResult,
+    check_previous,
+    normalised_weights,
+    weighted_sum,
+)
+from fedlora.methods.base import Method, register
 
 
 def padded_b(update: ClientUpdate, module: str, rank: int) -> Tensor:
@@ -25,19 +32,19 @@ def padded_b(update: ClientUpdate, module: str, rank: int) -> Tensor:
 
 
 @register
-class FFALoRA(Strategy):
+class FFALoRA(Method):
     """B_global = sum p_i pad(B_i, r_global); A_global = the previous (frozen) A."""
 
     name = "ffa-lora"
+    summary = "FFA-LoRA: A frozen from a shared seed, only B trained and averaged (exact)"
     linear = True
     exact = True
     heterogeneous = True
     shares = "B"
 
-    def merge(self, updates: list[ClientUpdate], previous: Factors, *, export_rank: int
-              ) -> MergeResult:
+    def combine(self, updates: list[ClientUpdate], previous: Factors, *, export_rank: int
+                ) -> MergeResult:
         """Average the zero-padded B_i; keep the previous A."""
-        self.check(updates)
         check_previous(previous, updates, self.name)
         p = normalised_weights(updates)
         merged: Factors = {}

@@ -7,26 +7,32 @@ round, so there is no global adapter: `global_factors` is {} and the payload is 
 
 from __future__ import annotations
 
-from fedlora.aggregation.base import (ClientUpdate, Factors, MergeResult, Strategy,
-                                      normalised_weights, pairs, register, to32)
+from fedlora.aggregation.base import (
+    ClientUpdate,
+    Factors,
+    MergeResult,
+    normalised_weights,
+    pairs,
+    to32,
+)
 from fedlora.aggregation.linalg import stack
+from fedlora.methods.base import ResidualMethod, register
 
 
 @register
-class FLoRA(Strategy):
+class FLoRA(ResidualMethod):
     """Stacking; the whole update goes to the residual, adapters restart each round."""
 
     name = "flora"
+    summary = "FLoRA: stack the clients' factors (exact), fold into the base, fresh adapters"
     exact = True
     heterogeneous = True
     fresh_adapter = True
-    uses_residual = True
     server_optimizer_ok = False  # there is no global adapter to move
 
-    def merge(self, updates: list[ClientUpdate], previous: Factors, *, export_rank: int
-              ) -> MergeResult:
+    def combine(self, updates: list[ClientUpdate], previous: Factors, *, export_rank: int
+                ) -> MergeResult:
         """The stack of every module is both the residual and the applied update."""
-        self.check(updates)
         p = normalised_weights(updates)
         stacked = {m: to32(*stack(pairs(updates, m), p)) for m in updates[0].factors}
         return MergeResult(global_factors={}, residual=stacked, applied=stacked,

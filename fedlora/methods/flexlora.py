@@ -14,23 +14,30 @@ from __future__ import annotations
 
 import math
 
-from fedlora.aggregation.base import (ClientUpdate, Factors, MergeResult, Strategy,
-                                      normalised_weights, pairs, register, to32)
+from fedlora.aggregation.base import (
+    ClientUpdate,
+    Factors,
+    MergeResult,
+    normalised_weights,
+    pairs,
+    to32,
+)
 from fedlora.aggregation.linalg import balanced_factors, factored_svd, stack
+from fedlora.methods.base import Method, register
 
 
 @register
-class FlexLoRA(Strategy):
+class FlexLoRA(Method):
     """SVD of the exact average, truncated to `export_rank` (the largest client rank if 0)."""
 
     name = "flexlora"
+    summary = "FlexLoRA: exact average of B_i A_i, re-factored by SVD at the global rank"
     heterogeneous = True
     server_optimizer_ok = False  # the global factors change basis every round
 
-    def merge(self, updates: list[ClientUpdate], previous: Factors, *, export_rank: int
-              ) -> MergeResult:
+    def combine(self, updates: list[ClientUpdate], previous: Factors, *, export_rank: int
+                ) -> MergeResult:
         """Stack, factored SVD, keep the top `export_rank` components of every module."""
-        self.check(updates)
         p = normalised_weights(updates)
         rank = export_rank or max(u.rank for u in updates)
         merged: Factors = {}

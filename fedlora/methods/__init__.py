@@ -1,0 +1,85 @@
+"""Federated methods: one file each, chosen by name (`strategy = "flexlora"`).
+
+A method owns its merge, its client-side steps, its options and its checks
+(`fedlora.methods.base.Method`). Adding one is a file in this folder with a `@register`ed
+`Method` subclass, plus its import line below. Entry points build settings with
+`load_settings` (shared settings plus every method's options, validated together) and get the
+configured method with `method_of`.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping
+from typing import Any
+
+from fedlora.config import Settings, SettingsError
+
+# ---- the registry: one import line per method (importing a method registers it) ----------
+from fedlora.methods import (  # noqa: F401  # noqa: E402,F401
+    fedavg,
+    fedex_lora,
+    fedprox,
+    fedsa_lora,
+    ffa_lora,
+    flexlora,
+    flora,
+    hetlora,
+)
+from fedlora.methods.base import METHODS, Method, MethodOptions, PersonalStore, names, register
+
+__all__ = ["METHODS", "Method", "MethodOptions", "PersonalStore", "get_method", "load_settings",
+           "method_of", "names", "option_keys", "register"]
+
+
+def option_keys() -> dict[str, tuple[Any, str]]:
+    """Every method option's run-config key with its default and help text."""
+    out: dict[str, tuple[Any, str]] = {}
+    for method in METHODS.values():
+        out.update(method.Options.keys())
+    return out
+
+
+def owners(key: str) -> list[str]:
+    """The methods that declare option `key`."""
+    return [n for n, m in sorted(METHODS.items()) if key in m.Options.keys()]
+
+
+def get_method(name: str, **options: Any) -> Method:
+    """The method called `name`, with options given by field name (defaults otherwise)."""
+    if name not in METHODS:
+        close = difflib.get_close_matches(name, METHODS, n=1)
+        raise SettingsError(f"setting 'strategy': expected one of {names()}, got {name!r}"
+                            + (f" (did you mean '{close[0]}'?)" if close else ""))
+    cls = METHODS[name]
+    try:
+        return cls(cls.Options(**options))
+    except TypeError as err:
+        raise SettingsError(f"strategy {name!r} has options "
+                            f"{sorted(cls.Options.keys()) or 'none'}: {err}") from None
+
+
+def method_of(settings: Settings) -> Method:
+    """The method `settings` choose, with its options, after checking the combination."""
+    cls = METHODS.get(settings.federation.strategy)
+    if cls is None:
+        get_method(settings.federation.strategy)  # raises with the known names
+    assert cls is not None
+    mine = cls.Options.keys()
+    for key, value in settings.options.items():
+        default = option_keys()[key][0]
+        if key not in mine and value != default:
+            raise SettingsError(f"setting '{key}': an option of {', '.join(owners(key))}, but "
+                                f"strategy is {cls.name!r}; remove it or change the strategy")
+    method = cls(cls.Options.from_values(settings.options))
+    method.check_settings(settings)
+    return method
+
+
+def load_settings(run_config: Mapping[str, Any],
+                  node_config: Mapping[str, Any] | None = None) -> Settings:
+    """Settings from a Flower run_config (node_config taking precedence), every method's
+    options included; the chosen method's checks run, so anything invalid raises here."""
+    settings = Settings.from_config(run_config, node_config, options=option_keys())
+    method_of(settings)
+    return settings

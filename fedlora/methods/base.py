@@ -1,0 +1,240 @@
+"""What a federated method is: its merge, its client-side steps, its options, its checks.
+
+A method lives in one file of `fedlora/methods/` as a `Method` subclass registered with
+`@register` (plus one import line in `fedlora/methods/__init__.py`). It declares:
+
+- properties (class attributes) that the round loop and the checks read: which factors it
+  shares, whether clients may differ in rank, whether a residual is folded into the base ...;
+- `Options`: a dataclass of its own run-config keys (`option(key, default, help)`), validated
+  in `__post_init__` like every other setting;
+- `check_settings`: combinations of settings it cannot run, refused before anything starts;
+- `combine`: the pure merge over delta-W-scaled factors (`merge` checks the inputs once and
+  calls it); `payload`: what a client of rank r receives;
+- client steps: `client_start` (how a client starts from what it received) and
+  `client_finish` (what it does before replying), on PEFT-scale state dicts;
+- `reply_rank`: the rank a node's reply may carry.
+
+Merges follow `fedlora.aggregation`'s conventions: factors delta-W scaled (delta W = B @ A),
+client weights p_i = examples / total, float64 inside, float32 out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, fields
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+from torch import Tensor
+
+from fedlora.aggregation.base import ClientUpdate, Factors, MergeResult, check_updates, to32
+from fedlora.aggregation.exactness import compress
+from fedlora.aggregation.linalg import pad_rank, truncate_rank
+from fedlora.config import SettingsError, require, setting
+from fedlora.factors import shared_keys
+
+if TYPE_CHECKING:
+    from fedlora.config import Settings
+
+option = setting  # a method option is declared like any other setting
+
+
+@dataclass(frozen=True)
+class MethodOptions:
+    """A method's own settings (none by default); subclasses add `option(...)` fields."""
+
+    @classmethod
+    def keys(cls) -> dict[str, tuple[Any, str]]:
+        """{run-config key: (default, help)} of these options."""
+        out = {}
+        for f in fields(cls):
+            assert f.default is not MISSING, f"option {f.name} needs a default"
+            out[f.metadata["key"]] = (f.default, f.metadata["help"])
+        return out
+
+    @classmethod
+    def from_values(cls, values: Mapping[str, Any]) -> MethodOptions:
+        """The options whose keys appear in `values` (already typed), others at default."""
+        return cls(**{f.name: values[f.metadata["key"]] for f in fields(cls)
+                      if f.metadata["key"] in values})
+
+
+@dataclass(frozen=True)
+class ResidualOptions(MethodOptions):
+    """Options of the methods that fold a residual into the frozen base (flora, fedex-lora)."""
+
+    residual_rank: int = option(
+        "residual-rank", 128,
+        "flora/fedex-lora: rank budget of the frozen residual folded into the base; a larger "
+        "residual is re-compressed by SVD and the dropped energy is logged.")
+
+    def __post_init__(self) -> None:
+        require(self.residual_rank >= 1, "residual-rank", "an integer >= 1", self.residual_rank)
+
+
+class PersonalStore(Protocol):
+    """Where a client keeps factors that never leave it (fedsa-lora's B)."""
+
+    def load(self) -> dict[str, Tensor] | None:
+        """The client's private tensors, or None before its first round."""
+
+    def save(self, tensors: dict[str, Tensor]) -> None:
+        """Keep the client's private tensors until its next round."""
+
+
+class Method:
+    """One federated method; subclasses set the properties and implement `combine`."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""  # one line for --help and `fedlora settings`
+    exact: ClassVar[bool] = False  # is the applied update exactly sum_i p_i B_i A_i?
+    heterogeneous: ClassVar[bool] = False  # may clients use different ranks?
+    shares: ClassVar[str] = "both"  # factors on the wire: "both", "B" or "A"
+    personal: ClassVar[bool] = False  # clients keep private factors (evaluate their own model)
+    fresh_adapter: ClassVar[bool] = False  # clients start a fresh adapter every round
+    uses_residual: ClassVar[bool] = False  # the merge folds a residual into the frozen base
+    exactness_defined: ClassVar[bool] = True  # False when there is no global delta W
+    server_optimizer_ok: ClassVar[bool] = True  # do the global factors persist across rounds?
+    linear: ClassVar[bool] = False  # is the merge a weighted mean of the shared factors? (DP)
+    Options: ClassVar[type[MethodOptions]] = MethodOptions
+
+    def __init__(self, options: MethodOptions | None = None) -> None:
+        self.options = options if options is not None else self.Options()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.options})"
+
+    # ---- settings -------------------------------------------------------------------------
+    def check_settings(self, settings: Settings) -> None:
+        """Raise a SettingsError for settings this method cannot run (subclasses extend)."""
+        ranks = sorted(set(settings.lora.possible_ranks()))
+        fed = settings.federation
+        if not self.heterogeneous and len(ranks) > 1:
+            raise SettingsError(
+                f"setting 'client-ranks': strategy '{self.name}' needs every client at the same "
+                f"rank, but client-ranks={settings.lora.client_ranks!r} gives ranks {ranks}; use "
+                f"one of the rank-heterogeneous strategies ({names(lambda m: m.heterogeneous)})")
+        if fed.export_rank and fed.export_rank < max(ranks):
+            raise SettingsError(f"setting 'export-rank': expected >= the largest client rank "
+                                f"{max(ranks)}, got {fed.export_rank}")
+        if not self.heterogeneous and fed.export_rank not in (0, ranks[0]):
+            raise SettingsError(f"setting 'export-rank': strategy '{self.name}' keeps the "
+                                f"clients' rank {ranks[0]}, got {fed.export_rank}; leave it 0")
+        if fed.clip_norm and self.fresh_adapter:
+            raise SettingsError(f"setting 'clip-norm': strategy '{self.name}' starts a fresh "
+                                f"adapter every round, so there is no received adapter to "
+                                f"measure an update from; set clip-norm=0")
+        if fed.clip_norm and fed.dp_clipping == "client" and fed.wire_dtype != "float32":
+            raise SettingsError(
+                f"setting 'dp-clipping': client clipping is checked by the server to 1e-4 of "
+                f"clip-norm, and rounding the factors to {fed.wire_dtype} on the wire moves "
+                f"them by more; use wire-dtype=float32 or dp-clipping=server")
+        if fed.dp_noise_multiplier and not fed.clip_norm:
+            raise SettingsError("setting 'dp-noise-multiplier': differential privacy needs a "
+                                "bound on each update; set clip-norm > 0 too")
+        if fed.dp_noise_multiplier and not self.linear:
+            raise SettingsError(
+                f"setting 'dp-noise-multiplier': strategy '{self.name}' does not merge by "
+                f"averaging the factors, so the Gaussian mechanism's noise would not bound "
+                f"what a client adds; use one of {names(lambda m: m.linear)}")
+        if fed.server_optimizer != "none" and not self.server_optimizer_ok:
+            raise SettingsError(
+                f"setting 'server-optimizer': {fed.server_optimizer} acts on the global factors "
+                f"from round to round, which strategy '{self.name}' rebuilds every round (SVD "
+                f"or stacking); use it with {names(lambda m: m.server_optimizer_ok)}")
+
+    def proximal_mu(self, settings: Settings) -> float:
+        """Weight of the FedProx proximal term in the clients' loss (proximal-mu)."""
+        return settings.train.proximal_mu
+
+    # ---- server: the merge --------------------------------------------------------------
+    def check(self, updates: list[ClientUpdate]) -> None:
+        """Raise ValueError unless this method can merge these updates."""
+        check_updates(updates, self.name)
+        if not self.heterogeneous:
+            check_same_rank(updates, self.name)
+
+
+    def merge(self, updates: list[ClientUpdate], previous: Factors, *, export_rank: int
+              ) -> MergeResult:
+        """Check the updates once, then merge them; `previous` is the global adapter."""
+        self.check(updates)
+        return self.combine(updates, previous, export_rank=export_rank)
+
+    def combine(self, updates: list[ClientUpdate], previous: Factors, *, export_rank: int
+                ) -> MergeResult:
+        """The merge itself, on checked updates (each method implements it)."""
+        raise NotImplementedError
+
+    def payload(self, global_factors: Factors, rank: int) -> Factors:
+        """What a client of `rank` receives: the global factors zero-padded or cut to `rank`."""
+        return {m: to32(*truncate_rank(*pad_rank(b, a, rank), rank))
+                for m, (b, a) in global_factors.items()}
+
+    def keep_residual(self, residual: Factors) -> tuple[Factors, float]:
+        """The residual kept for the next round, and the relative norm dropped to keep it."""
+        return residual, 0.0
+
+    def reply_rank(self, rank: int, declared: object) -> int:
+        """The rank a reply of a node known at `rank` must carry (the same by default)."""
+        return rank
+
+    def shared(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The part of a PEFT state dict that crosses the wire."""
+        return shared_keys(state, self.shares)
+
+    # ---- client steps ---------------------------------------------------------------------
+    def client_start(self, state: dict[str, Tensor], store: PersonalStore
+                     ) -> dict[str, Tensor]:
+        """The adapter a client trains from, given what it received (seeded init overlaid
+        with the server's factors, PEFT scale): by default exactly that."""
+        return state
+
+    def client_finish(self, state: dict[str, Tensor], rank: int, settings: Settings,
+                      store: PersonalStore) -> tuple[dict[str, Tensor], int]:
+        """(state to reply with, its rank) after local training: by default unchanged."""
+        return state, rank
+
+
+class ResidualMethod(Method):
+    """A method that folds part of each merge into the frozen base (`ResidualOptions`)."""
+
+    uses_residual = True
+    Options = ResidualOptions
+
+    def keep_residual(self, residual: Factors) -> tuple[Factors, float]:
+        """The residual re-compressed by factored SVD to at most residual-rank."""
+        return compress(residual, self.options.residual_rank)  # type: ignore[attr-defined]
+
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: make `cls` choosable as strategy `cls.name`."""
+    if not cls.name or cls.name in METHODS:
+        raise ValueError(f"method name {cls.name!r} is empty or already registered")
+    for key, (default, _) in cls.Options.keys().items():
+        for other in METHODS.values():
+            theirs = other.Options.keys().get(key)
+            if theirs is not None and theirs[0] != default:
+                raise ValueError(f"option {key!r} of {cls.name} has default {default!r}, but "
+                                 f"{other.name} declares it with {theirs[0]!r}")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def names(condition: Any = None) -> str:
+    """The registered method names (those meeting `condition`), comma-separated."""
+    return ", ".join(n for n, m in sorted(METHODS.items()) if condition is None or condition(m))
+
+
+def check_same_rank(updates: list[ClientUpdate], name: str) -> None:
+    """Every client uses client 0's rank, in every module."""
+    for i, update in enumerate(updates):
+        for module, (b, _) in update.factors.items():
+            r0 = updates[0].factors[module][0].shape[1]
+            if b.shape[1] != r0:
+                raise ValueError(
+                    f"{name} needs equal ranks: module {module} has rank {b.shape[1]} on "
+                    f"client {i} but rank {r0} on client 0; use a rank-heterogeneous "
+                    f"strategy instead ({names(lambda m: m.heterogeneous)})")

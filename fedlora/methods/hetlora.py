@@ -1,0 +1,148 @@
+"""HetLoRA: zero-pad every client's factors to the global rank, weight, average, truncate.
+
+Cho et al. (EMNLP 2024). Client weights (option `hetlora-weighting`): "norm" (the paper's
+sparsity weighting, the default) takes w_i proportional to ||B_i A_i||_F, per module, so each
+module's weights follow the size of each client's update of that module; "examples" takes
+p_i. A module whose client updates are all zero falls back to p_i.
+
+The global rank is the largest client rank, or `export_rank` if larger; a client of rank r_j
+receives the first r_j components (the default payload). Not exact: factor averaging, padding
+and truncation.
+
+Client side (option `hetlora-prune` = gamma > 0): after training, a client drops trailing rank
+components that contribute little (`pruned_rank`) and replies at the smaller rank, which the
+server then keeps for that node (`reply_rank`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from torch import Tensor
+
+from fedlora.aggregation.base import (
+    ClientUpdate,
+    Factors,
+    MergeResult,
+    normalised_weights,
+    weighted_sum,
+)
+from fedlora.aggregation.linalg import pad_rank, product_norm, truncate_rank
+from fedlora.config import SettingsError, one_of, require
+from fedlora.factors import from_peft, lora_scale, to_peft
+from fedlora.methods.base import Method, MethodOptions, PersonalStore, option, register
+
+if TYPE_CHECKING:
+    from fedlora.config import Settings
+
+log = logging.getLogger("fedlora.client")
+Weighting = Callable[[list[tuple[Tensor, Tensor]], list[float]], list[float]]
+
+
+def norm_weights(factors: list[tuple[Tensor, Tensor]], p: list[float]) -> list[float]:
+    """w_i = ||B_i A_i||_F / sum_j ||B_j A_j||_F; p_i when every norm is 0."""
+    norms = [product_norm(b, a) for b, a in factors]
+    total = sum(norms)
+    return [n / total for n in norms] if total > 0 else list(p)
+
+
+def example_weights(factors: list[tuple[Tensor, Tensor]], p: list[float]) -> list[float]:
+    """w_i = p_i (number of examples)."""
+    return list(p)
+
+
+WEIGHTINGS: dict[str, Weighting] = {"norm": norm_weights, "examples": example_weights}
+
+
+def pruned_rank(factors: Factors, gamma: float) -> int:
+    """HetLoRA's rank self-pruning: how many leading components a client keeps.
+
+    Component k contributes c_k = sum over modules of ||B[:, k]|| * ||A[k, :]|| (delta-W
+    scale). Trailing components are dropped while the last kept one contributes less than
+    `gamma` times the mean of the components before it; at least one is kept. gamma = 0 keeps
+    everything.
+    """
+    rank = next(iter(factors.values()))[0].shape[1]
+    contrib = sum(b.double().norm(dim=0) * a.double().norm(dim=1) for b, a in factors.values())
+    keep = rank
+    while gamma > 0 and keep > 1 and contrib[keep - 1] < gamma * contrib[: keep - 1].mean():
+        keep -= 1
+    return keep
+
+
+@dataclass(frozen=True)
+class HetLoRAOptions(MethodOptions):
+    """hetlora's client weighting and rank self-pruning."""
+
+    weighting: str = option(
+        "hetlora-weighting", "norm",
+        "hetlora client weights: norm (||B_i A_i||_F, the paper's) or examples (num-examples).")
+    prune: float = option(
+        "hetlora-prune", 0.0,
+        "hetlora rank self-pruning gamma (0 = off): after training, a client drops trailing "
+        "rank components contributing < gamma x the mean of those before, and keeps the "
+        "smaller rank for the rest of the run.")
+
+    def __post_init__(self) -> None:
+        one_of("hetlora-weighting", self.weighting, tuple(WEIGHTINGS))
+        require(self.prune >= 0, "hetlora-prune", "a number >= 0", self.prune)
+
+
+@register
+class HetLoRA(Method):
+    """Zero-pad to r_max, weighted average of B and of A; clients get the first r_j components."""
+
+    name = "hetlora"
+    summary = "HetLoRA: zero-pad to the largest rank, norm-weighted mean, optional rank pruning"
+    heterogeneous = True
+    Options = HetLoRAOptions
+    options: HetLoRAOptions
+
+    def check_settings(self, settings: Settings) -> None:
+        """A node that prunes changes its update after client-side clipping."""
+        super().check_settings(settings)
+        fed = settings.federation
+        if self.options.prune and fed.clip_norm and fed.dp_clipping == "client":
+            raise SettingsError("setting 'dp-clipping': a node that prunes its rank "
+                                "(hetlora-prune) changes the update after clipping; use "
+                                "dp-clipping=server or hetlora-prune=0")
+
+    def combine(self, updates: list[ClientUpdate], previous: Factors, *, export_rank: int
+                ) -> MergeResult:
+        """Average the zero-padded factors with the chosen weights, module by module."""
+        p = normalised_weights(updates)
+        rank = max(export_rank, max(u.rank for u in updates))
+        merged: Factors = {}
+        used: dict[str, list[float]] = {}
+        for module in updates[0].factors:
+            padded = [pad_rank(b.double(), a.double(), rank)
+                      for b, a in (u.factors[module] for u in updates)]
+            used[module] = w = WEIGHTINGS[self.options.weighting](padded, p)
+            merged[module] = (weighted_sum([b for b, _ in padded], w).float(),
+                              weighted_sum([a for _, a in padded], w).float())
+        return MergeResult(global_factors=merged, residual={}, applied=merged,
+                           info={"weights": used, "weighting": self.options.weighting})
+
+    def reply_rank(self, rank: int, declared: object) -> int:
+        """With pruning on, a node may reply at a smaller rank (never a larger one)."""
+        if self.options.prune and isinstance(declared, int) and 1 <= declared < rank:
+            return declared
+        return rank
+
+    def client_finish(self, state: dict[str, Tensor], rank: int, settings: Settings,
+                      store: PersonalStore) -> tuple[dict[str, Tensor], int]:
+        """Rank self-pruning: the reply at a smaller rank, the same delta W for the
+        components kept."""
+        if self.options.prune <= 0:
+            return state, rank
+        scale = lambda r: lora_scale(r, settings.lora.alpha, settings.lora.use_rslora)
+        factors = from_peft(state, scale(rank))
+        keep = pruned_rank(factors, self.options.prune)
+        if keep == rank:
+            return state, rank
+        kept = {m: truncate_rank(b, a, keep) for m, (b, a) in factors.items()}
+        log.info("hetlora self-pruning: rank %d -> %d", rank, keep)
+        return to_peft(kept, scale(keep)), keep

@@ -1,0 +1,85 @@
+"""Names that cross a boundary, defined once: message contents, reply metrics, metrics.jsonl.
+
+The ServerApp, the ClientApp and `fedlora report` all read these constants; none of them
+spells a key as a string literal. No imports: anything may use this module.
+
+A message from the server carries, in its RecordDict:
+  - `CONFIG` (ConfigRecord): `SERVER_ROUND`, the adapter `RANK` to use, and `INIT_SEED` for
+    the factors the server does not send (a fresh flora adapter, the frozen ffa-lora A, a
+    fedsa-lora B before its first round);
+  - `ARRAYS`: the global adapter at that rank in PEFT's scale, only the factors the method
+    shares (maybe none);
+  - `RESIDUAL` (flora, fedex-lora): the frozen low-rank update folded into the base.
+A reply carries `ARRAYS` (training) and `METRICS`: `NUM_EXAMPLES`, `PARTITION_ID`,
+`LORA_RANK` and the training or evaluation figures below.
+"""
+
+# ---- RecordDict entries ------------------------------------------------------------------
+CONFIG = "config"
+ARRAYS = "arrays"
+RESIDUAL = "residual"
+METRICS = "metrics"
+
+# ---- the server's config record ---------------------------------------------------------
+SERVER_ROUND = "server-round"
+RANK = "rank"
+INIT_SEED = "init-seed"
+
+# ---- a node's metric record ---------------------------------------------------------------
+LORA_RANK = "lora-rank"
+NUM_EXAMPLES = "num-examples"
+PARTITION_ID = "partition-id"
+NUM_PARTITIONS = "num-partitions"
+TRAIN_LOSS = "train-loss"
+TRAIN_LOSS_FIRST = "train-loss-first"
+TRAIN_LOSS_LAST = "train-loss-last"
+TRAIN_STEPS = "train-steps"
+TRAIN_TOKENS = "train-tokens"
+TRAIN_SECONDS = "train-seconds"
+EVAL_LOSS = "eval-loss"
+EVAL_TOKENS = "eval-tokens"
+
+
+class M:
+    """Keys of one metrics.jsonl line (one round)."""
+
+    ROUND = "round"
+    SECONDS = "seconds"
+    TRAIN_LOSS = TRAIN_LOSS
+    EVAL_LOSS = EVAL_LOSS
+    EVAL_PERPLEXITY = "eval-perplexity"
+    EVAL_CLIENTS = "eval-clients"
+    EVAL_FAILED = "eval-failed"
+    CLIENTS = "clients"  # per client: node-id, partition-id, lora-rank, num-examples, ...
+    CLIENTS_SAMPLED = "clients-sampled"
+    CLIENTS_REPLIED = "clients-replied"
+    CLIENTS_FAILED = "clients-failed"
+    FAILURES = "failures"  # [{node-id, reason}]
+    FAILED_ATTEMPTS = "failed-attempts"
+    BYTES_UP = "bytes-up"
+    BYTES_DOWN = "bytes-down"
+    BYTES_DOWN_PER_CLIENT = "bytes-down-per-client"
+    BYTES_DOWN_EVAL = "bytes-down-eval"
+    BYTES_TOTAL = "bytes-total"
+    ACCURACY = "accuracy"  # also accuracy/<family>
+    CLIENT_ACCURACY = "client-accuracy"
+    EXACTNESS = "exactness"
+    EXACTNESS_MAX_MODULE = "exactness-max-module"
+    EXACTNESS_PER_MODULE = "exactness-per-module"
+    TRUNCATION_LOSS = "truncation-loss"
+    RESIDUAL_RANK = "residual-rank"
+    RESIDUAL_DROPPED = "residual-dropped"
+    CLIP_NORM = "clip-norm"
+    UPDATE_NORMS = "update-norms"
+    CLIENTS_CLIPPED = "clients-clipped"
+    DP_NOISE_STD = "dp-noise-std"
+    DP_EPSILON = "dp-epsilon"
+    DP_DELTA = "dp-delta"
+    DP_NOISE_MULTIPLIER = "dp-noise-multiplier"
+    SERVER_EVAL_LOSS = "server-eval-loss"
+    SERVER_ACCURACY = "server-accuracy"
+    # per-client fields inside CLIENTS
+    NODE_ID = "node-id"
+    PARTITION_ID = PARTITION_ID
+    LORA_RANK = LORA_RANK
+    NUM_EXAMPLES = NUM_EXAMPLES

@@ -1,0 +1,419 @@
+"""The server's round loop, top to bottom, over Flower's Grid.
+
+One round: sample nodes, ask new nodes their LoRA rank, send each node the global adapter at
+its rank, read and validate the replies, merge the accepted ones (`GlobalAdapter.update`, which
+calls the method's pure merge), evaluate, record the metrics line, checkpoint. A round with
+fewer than `min-replies` valid replies is retried (`round-failure=retry`, up to
+`round-retries` times) or stops the run with `RoundFailed`. Everything a round learns goes
+into its `RoundRecord`, which becomes the metrics.jsonl line.
+
+Flower's own strategies are not used: their loop sends one RecordDict to every node, and
+fedlora's nodes need one per rank, validation before the merge and a typed record per round.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from logging import ERROR, INFO, WARNING
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common import log
+from flwr.serverapp import Grid
+
+from fedlora import wire
+from fedlora.aggregation import ClientUpdate
+from fedlora.aggregation.linalg import product_norm
+from fedlora.aggregation.privacy import factor_distance
+from fedlora.checkpoint import Checkpoint, write_checkpoint
+from fedlora.outputs import RunWriter
+from fedlora.records import factor_bytes, from_array_record, to_array_record
+from fedlora.train.accuracy import Accuracy
+from fedlora.validation import expected_shapes, reply_problem
+from fedlora.wire import M
+from server.global_adapter import GlobalAdapter
+from server.privacy import PrivacyLedger
+
+
+class RoundFailed(RuntimeError):
+    """A round got too few valid replies, also after its retries."""
+
+
+@dataclass
+class Rules:
+    """How the loop samples, waits, accepts replies and handles failing rounds."""
+
+    seed: int = 0
+    timeout: float = 3600.0  # seconds to wait for the replies of one phase
+    wire_dtype: str = "float32"
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    min_train_nodes: int = 2
+    min_evaluate_nodes: int = 2
+    min_available_nodes: int = 2  # the first round of a process waits for this many nodes
+    min_replies: int = 0  # valid replies a round needs (0 = min_train_nodes)
+    round_failure: str = "retry"  # or "stop"
+    round_retries: int = 2
+    max_examples: int = 10_000_000
+    max_update_norm: float = 0.0  # 0 = no bound
+    client_clipping: bool = False  # nodes clip; a reply above clip-norm is dropped
+
+    @property
+    def replies_needed(self) -> int:
+        return self.min_replies or self.min_train_nodes
+
+    @property
+    def attempts(self) -> int:
+        return 1 + (self.round_retries if self.round_failure == "retry" else 0)
+
+
+@dataclass
+class Reply:
+    """One accepted training reply: the update for the merge and its per-client row."""
+
+    update: ClientUpdate
+    row: dict[str, Any]
+
+
+@dataclass
+class RoundRecord:
+    """What one attempt at a round learnt; `line()` is its metrics.jsonl line."""
+
+    round: int
+    started: float = field(default_factory=time.perf_counter)
+    sampled: int = 0
+    failures: list[dict] = field(default_factory=list)  # {node-id, reason}
+    train_failures: int = 0  # failures of the training phase (evaluation may add more)
+    bytes_down: dict[int, int] = field(default_factory=dict)  # node -> factor bytes sent
+    replies: list[Reply] = field(default_factory=list)
+    merged: bool = False
+    merge: dict[str, Any] = field(default_factory=dict)  # the merge's figures (exactness, ...)
+    privacy: dict[str, Any] = field(default_factory=dict)  # dp-epsilon, ...
+    failed_attempts: list[dict] = field(default_factory=list)
+    evaluation: dict[str, Any] = field(default_factory=dict)  # eval-loss, accuracy, ...
+    server_eval: dict[str, Any] = field(default_factory=dict)
+
+    def fail(self, node: int, reason: str) -> None:
+        self.failures.append({M.NODE_ID: node, "reason": reason})
+
+    def attempt_summary(self, attempt: int) -> dict:
+        return {"attempt": attempt, "replied": len(self.replies), M.FAILURES: self.failures}
+
+    def line(self, bytes_before: int) -> dict[str, Any]:
+        """The metrics.jsonl line (NaN written as null)."""
+        rows = [r.row for r in self.replies]
+        for row in rows:
+            row[M.BYTES_DOWN] = self.bytes_down.get(row[M.NODE_ID], 0)
+        down, up = sum(self.bytes_down.values()), sum(r[M.BYTES_UP] for r in rows)
+        entry: dict[str, Any] = {
+            M.ROUND: self.round, M.CLIENTS_SAMPLED: self.sampled, M.FAILURES: self.failures,
+            M.CLIENTS_REPLIED: len(rows), M.CLIENTS_FAILED: self.train_failures, M.CLIENTS: rows,
+            M.BYTES_DOWN: down, M.BYTES_UP: up,
+            M.BYTES_DOWN_PER_CLIENT: round(down / max(len(self.bytes_down), 1)),
+            M.TRAIN_LOSS: weighted_mean([r[M.TRAIN_LOSS] for r in rows],
+                                        [r[M.NUM_EXAMPLES] for r in rows]),
+            **self.merge, **self.privacy, M.FAILED_ATTEMPTS: self.failed_attempts,
+            **self.evaluation, **self.server_eval,
+            M.SECONDS: time.perf_counter() - self.started,
+            M.BYTES_TOTAL: bytes_before + down + up}
+        return {k: (None if isinstance(v, float) and math.isnan(v) else v)
+                for k, v in entry.items()}
+
+
+def update_norm(update: ClientUpdate) -> float:
+    """||delta W||_F of a client's update over all modules (from the factors' Gram matrices)."""
+    return math.sqrt(sum(product_norm(b, a) ** 2 for b, a in update.factors.values()))
+
+
+def weighted_mean(values: list[float], weights: list[float]) -> float:
+    """sum w_i v_i / sum w_i (nan when there is nothing to average)."""
+    total = sum(weights)
+    return sum(v * w for v, w in zip(values, weights)) / total if total else math.nan
+
+
+def metrics_of(msg: Message) -> Any:
+    """The one MetricRecord of a reply (KeyError-free: None when there is none)."""
+    return next(iter(msg.content.metric_records.values()), None)
+
+
+class RoundLoop:
+    """The federation as the server runs it: state, node ranks, the rules, the output."""
+
+    def __init__(self, state: GlobalAdapter, shapes: dict[str, tuple[int, int]],
+                 rules: Rules, writer: RunWriter, ledger: PrivacyLedger | None = None,
+                 evaluator: Callable[[dict, int], dict] | None = None) -> None:
+        self.state = state
+        self.method = state.method
+        self.shapes = shapes  # module -> (d, k) of every adapted layer
+        self.rules = rules
+        self.writer = writer
+        self.ledger = ledger  # client-level DP accounting, or None
+        self.evaluator = evaluator  # server-side evaluation (server.server_eval), or None
+        self.node_ranks: dict[int, int] = {}
+        self.total_bytes = 0
+        self.waited_for_all = False  # the first round of a process waits for every node
+
+    # ==== the loop ============================================================================
+    def run(self, grid: Grid, first_round: int, num_rounds: int) -> None:
+        """Rounds first_round..num_rounds: train and merge (retried or stopped when too few
+        valid replies arrive), evaluate, write the round and its checkpoint."""
+        for server_round in range(first_round, num_rounds + 1):
+            log(INFO, "")
+            log(INFO, "[ROUND %d/%d]", server_round, num_rounds)
+            record = self.train_round(grid, server_round)
+            if self.rules.fraction_evaluate > 0:
+                self.evaluate(grid, server_round, record)
+            if self.evaluator is not None:
+                record.server_eval = self.evaluator(*self.state.export())
+            self.finish(server_round, record)
+
+    def train_round(self, grid: Grid, server_round: int) -> RoundRecord:
+        """One training phase and its merge, attempted until enough valid replies arrive."""
+        failed: list[dict] = []
+        for attempt in range(1, self.rules.attempts + 1):
+            record = RoundRecord(server_round)
+            nodes = self.sample(grid, server_round, self.rules.fraction_train,
+                                self.rules.min_train_nodes)
+            record.sampled = len(nodes)
+            self.learn_ranks(grid, nodes, record)
+            ready = [n for n in nodes if n in self.node_ranks]
+            log(INFO, "round %d: sent training to %d nodes (ranks %s)", server_round, len(ready),
+                ",".join(str(self.node_ranks[n]) for n in ready))
+            replies = self.send(grid, ready, self.node_ranks, server_round, MessageType.TRAIN,
+                                record)
+            for msg in replies:
+                self.read_train_reply(msg, record)
+            record.train_failures = len(record.failures)
+            if len(record.replies) >= self.rules.replies_needed:
+                self.merge(server_round, record)
+                record.failed_attempts = failed
+                return record
+            log(WARNING, "round %d: %d valid replies, fewer than min-replies=%d; the round is "
+                "not merged", server_round, len(record.replies), self.rules.replies_needed)
+            failed.append(record.attempt_summary(attempt))
+        raise self.stop(server_round, failed)
+
+    def merge(self, server_round: int, record: RoundRecord) -> None:
+        """The accepted updates into the global adapter; DP accounting when on."""
+        record.merge = self.state.update([r.update for r in record.replies], server_round)
+        record.merged = True
+        if self.ledger is not None:
+            self.ledger.record()
+            record.privacy = {M.DP_EPSILON: self.ledger.epsilon(), M.DP_DELTA: self.ledger.delta,
+                              M.DP_NOISE_MULTIPLIER: self.ledger.noise_multiplier}
+
+    def evaluate(self, grid: Grid, server_round: int, record: RoundRecord) -> None:
+        """The global adapter (at the global rank) to each sampled node; a personalised
+        method's nodes get the shared factors at their own rank and evaluate their own model."""
+        nodes = self.sample(grid, server_round, self.rules.fraction_evaluate,
+                            self.rules.min_evaluate_nodes)
+        if self.method.personal:
+            self.learn_ranks(grid, nodes, record)
+            ranks = self.node_ranks
+        else:
+            ranks = {n: self.state.rank for n in nodes}
+        ready = [n for n in nodes if n in ranks]
+        sent: dict[int, int] = {}
+        replies = self.send(grid, ready, ranks, server_round, MessageType.EVALUATE, sent)
+        record.evaluation = {M.BYTES_DOWN_EVAL: sum(sent.values()),
+                             **self.read_evaluate_replies(replies)}
+
+    def finish(self, server_round: int, record: RoundRecord) -> None:
+        """Write rounds/<n>/, the metrics line, then the round's checkpoint."""
+        entry = record.line(self.total_bytes)
+        self.total_bytes = entry[M.BYTES_TOTAL]
+        state, rank = self.state.export()
+        self.writer.write_round(server_round, state, entry, rank)
+        write_checkpoint(self.writer.out_dir, self.checkpoint(server_round))
+        log(INFO, "round %d: train-loss %s eval-loss %s exactness %s, %d replied, %d failed, "
+            "%.2f MB up, %.2f MB down, %.1f s", server_round, _fmt(entry.get(M.TRAIN_LOSS)),
+            _fmt(entry.get(M.EVAL_LOSS)), _fmt(entry.get(M.EXACTNESS)),
+            entry[M.CLIENTS_REPLIED], entry[M.CLIENTS_FAILED], entry[M.BYTES_UP] / 1e6,
+            entry[M.BYTES_DOWN] / 1e6, entry[M.SECONDS])
+
+    def stop(self, server_round: int, attempts: list[dict]) -> RoundFailed:
+        """Log why the run stops; the RoundFailed to raise."""
+        last = attempts[-1]
+        reasons = "; ".join(f"node {f[M.NODE_ID]}: {f['reason']}" for f in last[M.FAILURES][:5])
+        message = (f"round {server_round}: {last['replied']} valid replies, fewer than "
+                   f"min-replies={self.rules.replies_needed}, in {len(attempts)} attempt(s) "
+                   f"(round-failure={self.rules.round_failure}); stopping. Failures: "
+                   f"{reasons or 'none reported'}. Rounds up to {server_round - 1} are saved; "
+                   f"continue with --resume once enough nodes are back")
+        log(ERROR, "%s", message)
+        return RoundFailed(message)
+
+    # ==== nodes: sampling, ranks, messages ====================================================
+    def sample(self, grid: Grid, server_round: int, fraction: float, minimum: int) -> list[int]:
+        """Nodes for one phase, drawn with a seeded RNG (the same round draws the same nodes
+        from the same node set, also after a resume). The first round this server runs waits
+        until min-available-nodes are connected; later rounds only for `minimum`, so a node
+        that died does not stall the run, and one that reconnects is drawn again."""
+        wait_for = max(minimum, self.rules.min_available_nodes if not self.waited_for_all else 0)
+        while len(nodes := sorted(grid.get_node_ids())) < wait_for:
+            log(INFO, "round %d: waiting for nodes to connect: %d of %d", server_round,
+                len(nodes), wait_for)
+            time.sleep(1)
+        self.waited_for_all = True
+        size = min(len(nodes), max(minimum, int(len(nodes) * fraction)))
+        rng = random.Random(self.rules.seed * 1_000_003 + server_round)
+        return sorted(rng.sample(nodes, size))
+
+    def learn_ranks(self, grid: Grid, nodes: list[int], record: RoundRecord) -> None:
+        """Ask nodes not seen before for their LoRA rank; a bad or missing answer is a failure."""
+        unknown = [n for n in nodes if n not in self.node_ranks]
+        if not unknown:
+            return
+        asks = [Message(RecordDict({wire.CONFIG: ConfigRecord({})}), dst_node_id=n,
+                        message_type=MessageType.QUERY) for n in unknown]
+        failed: set[int] = set()
+        for reply in grid.send_and_receive(asks, timeout=self.rules.timeout):
+            node, rank = reply.metadata.src_node_id, None
+            if not reply.has_error() and (metrics := metrics_of(reply)) is not None:
+                rank = metrics.get(wire.LORA_RANK)
+            if isinstance(rank, int) and 1 <= rank <= self.state.rank:
+                self.node_ranks[node] = rank
+                continue
+            reason = reply.error.reason if reply.has_error() else (
+                f"declared LoRA rank {rank!r}, expected an integer in 1..{self.state.rank} "
+                f"(the global rank; raise export-rank to allow more)")
+            record.fail(node, str(reason))
+            failed.add(node)
+        for node in unknown:
+            if node not in self.node_ranks and node not in failed:
+                record.fail(node, "no answer to the rank query")
+
+    def content(self, rank: int, server_round: int) -> RecordDict:
+        """What a node of `rank` receives: the method's shared factors, residual and config."""
+        fresh = self.method.fresh_adapter
+        config = ConfigRecord({wire.SERVER_ROUND: server_round, wire.RANK: rank,
+                               wire.INIT_SEED: self.rules.seed + (server_round if fresh else 0)})
+        payload = self.method.shared(self.state.payload(rank))
+        content: dict[str, ArrayRecord | MetricRecord | ConfigRecord] = {
+            wire.ARRAYS: to_array_record(payload, self.rules.wire_dtype), wire.CONFIG: config}
+        if self.state.residual:
+            content[wire.RESIDUAL] = to_array_record(self.state.residual_state(), "float32")
+        return RecordDict(content)
+
+    def send(self, grid: Grid, nodes: list[int], ranks: dict[int, int], server_round: int,
+             message_type: str, sent: RoundRecord | dict[int, int]) -> Iterable[Message]:
+        """One message per node with the content for its rank (built once per rank and shared,
+        as Flower's FedAvg shares its RecordDict); records the factor bytes each node gets."""
+        contents = {r: self.content(r, server_round) for r in {ranks[n] for n in nodes}}
+        size = {r: sum(factor_bytes(a) for a in c.array_records.values())
+                for r, c in contents.items()}
+        down = sent.bytes_down if isinstance(sent, RoundRecord) else sent
+        down.update({n: size[ranks[n]] for n in nodes})
+        messages = [Message(contents[ranks[n]], dst_node_id=n, message_type=message_type)
+                    for n in nodes]
+        return grid.send_and_receive(messages, timeout=self.rules.timeout) if messages else []
+
+    # ==== replies =============================================================================
+    def read_train_reply(self, msg: Message, record: RoundRecord) -> None:
+        """Accept one training reply into `record`, or record why it was dropped."""
+        node = msg.metadata.src_node_id
+        if msg.has_error():
+            record.fail(node, str(msg.error.reason))
+            return
+        problem, reply = self.check_reply(msg)
+        if problem is not None:
+            log(WARNING, "round %d: dropped reply from node %d: %s", record.round, node, problem)
+            record.fail(node, problem)
+            return
+        assert reply is not None
+        self.node_ranks[node] = reply.row[M.LORA_RANK]
+        record.replies.append(reply)
+
+    def check_reply(self, msg: Message) -> tuple[str | None, Reply | None]:
+        """(why the reply must be dropped, None) or (None, the accepted reply)."""
+        content = msg.content
+        if len(content.array_records) != 1 or len(content.metric_records) != 1:
+            return "expected one ArrayRecord and one MetricRecord", None
+        record = next(iter(content.array_records.values()))
+        metrics = metrics_of(msg)
+        try:
+            state = from_array_record(record)
+        except Exception as err:  # malformed arrays: drop, never crash the round
+            return f"unreadable arrays ({err})", None
+        node = msg.metadata.src_node_id
+        known, declared = self.node_ranks.get(node), metrics.get(wire.LORA_RANK)
+        if known is None:
+            return f"node {node} was never asked for its rank (not sampled this round)", None
+        rank = self.method.reply_rank(known, declared)
+        expected = expected_shapes(self.shapes, rank, self.method.shares)
+        problem = reply_problem(state, expected, metrics.get(wire.NUM_EXAMPLES),
+                                self.rules.max_examples)
+        if problem is None and declared != rank:
+            problem = f"declared rank {declared!r}, but this node's rank is {rank}"
+        if problem:
+            return problem, None
+        num_examples = int(metrics[wire.NUM_EXAMPLES])
+        update = self.state.to_update(state, rank, float(num_examples))
+        problem = self.update_problem(update, rank)
+        if problem:
+            return problem, None
+        row = {M.NODE_ID: node, M.PARTITION_ID: int(metrics.get(wire.PARTITION_ID, -1)),
+               M.LORA_RANK: rank, M.NUM_EXAMPLES: num_examples, M.BYTES_UP: factor_bytes(record),
+               M.TRAIN_LOSS: float(metrics.get(wire.TRAIN_LOSS, math.nan))}
+        return None, Reply(update, row)
+
+    def update_problem(self, update: ClientUpdate, rank: int) -> str | None:
+        """Why a well-formed update is still refused (its size), or None."""
+        norm = update_norm(update)
+        if self.rules.max_update_norm and norm > self.rules.max_update_norm:
+            return (f"update norm ||delta W||_F = {norm:.4g} is above max-update-norm="
+                    f"{self.rules.max_update_norm:g}")
+        if self.rules.client_clipping:
+            moved = factor_distance(update.factors, self.state.received(rank))
+            if moved > self.state.clip_norm * (1 + 1e-4):
+                return (f"dp-clipping=client, but the update's norm {moved:.6g} is above "
+                        f"clip-norm={self.state.clip_norm:g}: the node did not clip")
+        return None
+
+    def read_evaluate_replies(self, replies: Iterable[Message]) -> dict[str, Any]:
+        """Token-weighted mean eval loss over the nodes that evaluated; exact-match accuracy
+        pooled over their answers (overall, per family, and per client)."""
+        replies = list(replies)
+        errors = [m for m in replies if m.has_error()]
+        rows = [metrics_of(m) for m in replies if not m.has_error()]
+        rows = [r for r in rows if r is not None and r.get(wire.EVAL_TOKENS, 0) > 0]
+        loss = weighted_mean([float(r[wire.EVAL_LOSS]) for r in rows],
+                             [float(r[wire.EVAL_TOKENS]) for r in rows])
+        out: dict[str, Any] = {
+            M.EVAL_LOSS: loss,
+            M.EVAL_PERPLEXITY: math.exp(min(loss, 50.0)) if rows else math.nan,
+            M.EVAL_CLIENTS: len(rows), M.EVAL_FAILED: len(errors)}
+        pooled, per_client = Accuracy(), {}
+        for row in rows:
+            counts = Accuracy.from_counts(dict(row))
+            if counts.total:
+                pooled = pooled.merge(counts)
+                per_client[str(int(row.get(wire.PARTITION_ID, -1)))] = counts.overall
+        if pooled.total:
+            out.update(pooled.metrics())
+            out[M.CLIENT_ACCURACY] = per_client
+        return out
+
+    # ==== checkpoint and resume ===============================================================
+    def checkpoint(self, server_round: int) -> Checkpoint:
+        """Everything the server needs to continue after `server_round`."""
+        meta = {"node-ranks": {str(n): r for n, r in self.node_ranks.items()},
+                "bytes-total": self.total_bytes,
+                "dp-releases": self.ledger.releases if self.ledger else 0}
+        return Checkpoint(round=server_round, tensors=self.state.tensors(), meta=meta)
+
+    def resume(self, checkpoint: Checkpoint) -> None:
+        """Restore the state `checkpoint()` saved."""
+        self.state.restore(checkpoint.tensors)
+        self.node_ranks = {int(n): int(r) for n, r in checkpoint.meta["node-ranks"].items()}
+        self.total_bytes = int(checkpoint.meta["bytes-total"])
+        if self.ledger is not None:
+            self.ledger.record(int(checkpoint.meta.get("dp-releases", 0)))
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4g}"

@@ -1,0 +1,109 @@
+"""The server's round loop in one process (tests/fake_grid.py): the real ServerApp and
+ClientApp on tiny-llama, with nodes that crash, never answer or declare a bad rank."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from fake_grid import run_inprocess
+from flwr.app import Error, Message
+from safetensors.torch import load_file
+
+from fedlora.outputs import read_metrics
+from server.rounds import RoundFailed
+
+BASE = {"model": "tiny-llama", "device": "cpu", "local-steps": 2, "lr": 0.01,
+        "dataset-size": 90, "fraction-evaluate": 0.0, "eval-accuracy": 0,
+        "num-server-rounds": 2, "min-available-nodes": 3, "min-train-nodes": 2}
+
+
+def config(tmp_path, **extra) -> dict:
+    return {**BASE, "output-dir": str(tmp_path), **extra}
+
+
+def crash_first_train_of(node: int):
+    """A reply hook: `node`'s first training reply becomes an error, later ones pass."""
+    seen = []
+
+    def hook(msg: Message, reply: Message) -> Message:
+        if msg.metadata.dst_node_id == node and msg.metadata.message_type == "train" \
+                and node not in seen:
+            seen.append(node)
+            return Message(Error(code=1, reason="simulated crash"), reply_to=msg)
+        return reply
+    return hook
+
+
+def test_a_round_short_of_min_replies_is_retried_and_then_merged(tmp_path):
+    run_inprocess(config(tmp_path, **{"min-replies": 3, "round-retries": 2}), 3,
+                  hook=crash_first_train_of(1001))
+    first, second = read_metrics(tmp_path)
+    assert first["clients-replied"] == 3 and first["clients-failed"] == 0
+    [attempt] = first["failed-attempts"]
+    assert attempt["attempt"] == 1 and attempt["replied"] == 2
+    assert attempt["failures"] == [{"node-id": 1001, "reason": "simulated crash"}]
+    assert second["failed-attempts"] == [] and second["clients-replied"] == 3
+
+
+def test_retries_exhausted_stop_the_run_naming_the_failures_and_keep_done_rounds(tmp_path):
+    # node 1002 answers its rank query, then crashes on every training message from round 2
+    def hook(msg, reply):
+        if msg.metadata.dst_node_id == 1002 and msg.metadata.message_type == "train" and \
+                int(msg.content["config"]["server-round"]) == 2:
+            return Message(Error(code=1, reason="disk full"), reply_to=msg)
+        return reply
+
+    with pytest.raises(RoundFailed) as err:
+        run_inprocess(config(tmp_path, **{"min-replies": 3, "round-retries": 1}), 3, hook=hook)
+    message = str(err.value)
+    assert "round 2: 2 valid replies, fewer than min-replies=3, in 2 attempt(s)" in message
+    assert "node 1002: disk full" in message and "--resume" in message
+    assert [r["round"] for r in read_metrics(tmp_path)] == [1]
+    assert json.loads((tmp_path / "state" / "latest.json").read_text()) == {"round": 1}
+
+
+def test_round_failure_stop_does_not_retry(tmp_path):
+    grid_hook = crash_first_train_of(1000)
+    with pytest.raises(RoundFailed, match="in 1 attempt\\(s\\) \\(round-failure=stop\\)"):
+        run_inprocess(config(tmp_path, **{"min-replies": 3, "round-failure": "stop"}), 3,
+                      hook=grid_hook)
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_a_node_that_never_answers_is_skipped_when_min_replies_allows(tmp_path):
+    grid = run_inprocess(config(tmp_path, **{"min-replies": 2}), 3, silent={1002})
+    for row in read_metrics(tmp_path):
+        assert row["clients-replied"] == 2 and row["clients-sampled"] == 3
+        assert sorted(c["node-id"] for c in row["clients"]) == [1000, 1001]
+        assert {"node-id": 1002, "reason": "no answer to the rank query"} in row["failures"]
+    # the silent node is asked its rank again each round; it is never sent training
+    assert all(m.metadata.dst_node_id != 1002 for m in grid.sent
+               if m.metadata.message_type == "train")
+
+
+def test_a_node_declaring_a_rank_above_the_global_one_is_refused(tmp_path):
+    node_config = lambda pid: {"lora-rank": 64} if pid == 1 else {}
+    run_inprocess(config(tmp_path), 3, node_config=node_config)
+    row = read_metrics(tmp_path)[0]
+    assert row["clients-replied"] == 2 and row["clients-failed"] == 1
+    [failure] = row["failures"]
+    assert failure["node-id"] == 1001
+    assert "declared LoRA rank 64, expected an integer in 1..8" in failure["reason"]
+
+
+def test_every_rank_gets_its_own_payload_built_once_per_round(tmp_path):
+    grid = run_inprocess(config(tmp_path, strategy="hetlora", **{"client-ranks": "4,8,8"}), 3)
+    train = [m for m in grid.sent if m.metadata.message_type == "train"]
+    for server_round in (1, 2):
+        sent = [m for m in train if int(m.content["config"]["server-round"]) == server_round]
+        ranks = {m.metadata.dst_node_id: int(m.content["config"]["rank"]) for m in sent}
+        assert ranks == {1000: 4, 1001: 8, 1002: 8}
+        # nodes of one rank share one RecordDict (built once), other ranks get another
+        contents = {r: {id(m.content) for m in sent if ranks[m.metadata.dst_node_id] == r}
+                    for r in (4, 8)}
+        assert all(len(ids) == 1 for ids in contents.values())
+        assert contents[4] != contents[8]
+    final = load_file(str(tmp_path / "final" / "adapter_model.safetensors"))
+    assert all(torch.isfinite(v).all() for v in final.values())
