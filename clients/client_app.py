@@ -4,6 +4,12 @@ What a message carries is described in `fedlora.wire`. The method (`fedlora.meth
 how a client starts from what it received (`client_start`) and what it does before replying
 (`client_finish`); this module only moves data between Flower, the model and the method.
 
+A node's own settings win: its node config overrides the run config key by key, its
+`lora-rank` is the rank it trains at, and a node started by `fedlora client` (its node config
+has a `node-name`) takes every key that names one of its files or folders (`data-path`,
+`personal-dir`) from its node config only; such a key in the run config is ignored with a
+warning, and a run-config `dataset` that is a local path is refused (`node_settings`).
+
 In simulation a worker process serves many virtual clients: the module-level WORKSPACE keeps
 one base model loaded and swaps adapter weights, and DATA keeps each client's tokenized split.
 In deployment every message starts a fresh process, so both caches start empty. Private
@@ -16,7 +22,7 @@ import logging
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch import Tensor
 
@@ -35,7 +41,7 @@ from fedlora.adapters import (
     unflatten,
 )
 from fedlora.aggregation.privacy import clip_state
-from fedlora.config import Settings
+from fedlora.config import NODE_PATH_KEYS, Settings, SettingsError, all_keys
 from fedlora.data import client_records, tokenize_records
 from fedlora.methods import Method, load_settings, method_of
 from fedlora.models import resolve_device
@@ -68,6 +74,40 @@ def partition(context: Context) -> tuple[int, int]:
     """(partition-id, num-partitions) from the node config; a lone node is partition 0 of 1."""
     cfg = context.node_config
     return int(cfg.get(wire.PARTITION_ID, 0)), int(cfg.get(wire.NUM_PARTITIONS, 1))
+
+
+def is_deployment_node(context: Context) -> bool:
+    """A node started by `fedlora client` (it names itself in its node config)."""
+    return wire.NODE_NAME in context.node_config
+
+
+def node_settings(context: Context) -> Settings:
+    """This node's settings: the run config under its node config; on a deployment node,
+    paths on the node come from the node alone."""
+    run = dict(context.run_config)
+    if is_deployment_node(context):
+        defaults = all_keys()
+        for key in NODE_PATH_KEYS:
+            if key in run and run[key] != defaults[key][0]:
+                log.warning("ignored %s=%r from the run config: this node's files are named by "
+                            "its own config only (fedlora client --node-config \"%s=...\")",
+                            key, run[key], key)
+            run.pop(key, None)
+        dataset = str(run.get("dataset", ""))
+        local = not dataset.startswith(("builtin:", "hf:"))
+        if local and dataset and "data-path" not in context.node_config:
+            raise SettingsError(
+                f"setting 'dataset': the run config names a file on this node ({dataset!r}); "
+                f"a node's data is its own: start it with fedlora client --data-path FILE")
+    return load_settings(run, context.node_config)
+
+
+def node_rank(settings: Settings, context: Context, partition_id: int) -> int:
+    """The rank this node trains at: its own `lora-rank` when its config sets one, else its
+    place in `client-ranks` (a simulation setting), else the run's `lora-rank`."""
+    if wire.LORA_RANK in context.node_config:
+        return settings.lora.rank
+    return settings.lora.rank_for(partition_id, settings.federation.seed)
 
 
 def client_data(settings: Settings, slot: Slot, pid: int, n: int
@@ -106,7 +146,7 @@ def received_state(msg: Message, slot: Slot, rank: int) -> dict[str, Tensor]:
 
 def prepare(msg: Message, context: Context) -> Job:
     """Settings from run+node config, the cached model with the starting adapter loaded."""
-    settings = load_settings(context.run_config, context.node_config)
+    settings = node_settings(context)
     method = method_of(settings)
     resolve_device(settings.model.device)  # fail early and clearly on a missing GPU
     rank = config_int(msg, wire.RANK)
@@ -115,7 +155,8 @@ def prepare(msg: Message, context: Context) -> Job:
     residual = msg.content.array_records.get(wire.RESIDUAL)
     set_residual(slot, lora, unflatten(from_array_record(residual)) if residual else None)
     pid, n = partition(context)
-    start = method.client_start(received_state(msg, slot, rank), personal_store(context, pid))
+    store = personal_store(settings.federation.personal_dir, context, pid)
+    start = method.client_start(received_state(msg, slot, rank), store)
     set_lora_state(slot.model, {k: v.float() for k, v in start.items()}, slot.adapter)
     return Job(settings, method, slot, pid, n, rank, config_int(msg, wire.SERVER_ROUND), start)
 
@@ -136,11 +177,14 @@ def clip_reply(job: Job, state: dict[str, Tensor], rank: int) -> dict[str, Tenso
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Tell the server this node's LoRA rank (asked once, before the node's first round)."""
-    settings = load_settings(context.run_config, context.node_config)
+    settings = node_settings(context)
     pid, _ = partition(context)
-    rank = settings.lora.rank_for(pid, settings.federation.seed)
-    metrics = MetricRecord({wire.LORA_RANK: rank, wire.PARTITION_ID: pid})
-    return Message(RecordDict({wire.METRICS: metrics}), reply_to=msg)
+    rank = node_rank(settings, context, pid)
+    content: dict = {wire.METRICS: MetricRecord({wire.LORA_RANK: rank, wire.PARTITION_ID: pid})}
+    if is_deployment_node(context):  # the server names this node in its log and metrics
+        name = str(context.node_config[wire.NODE_NAME])
+        content[wire.NODE] = ConfigRecord({wire.NODE_NAME: name})
+    return Message(RecordDict(content), reply_to=msg)
 
 
 @app.train()
@@ -155,8 +199,9 @@ def train(msg: Message, context: Context) -> Message:
         seed=settings.federation.seed + 1_000_003 * pid + job.server_round,
         desc=f"client {pid} round {job.server_round}",
         proximal_mu=job.method.proximal_mu(settings))
+    store = personal_store(settings.federation.personal_dir, context, pid)
     state, rank = job.method.client_finish(get_lora_state(slot.model, slot.adapter), job.rank,
-                                           settings, personal_store(context, pid))
+                                           settings, store)
     state = clip_reply(job, state, rank)
     arrays = to_array_record(job.method.shared(state), settings.federation.wire_dtype)
     metrics = MetricRecord({

@@ -48,9 +48,10 @@ class ContextStore:
         self.context.state[CONTEXT_KEY] = ArrayRecord(tensors)
 
 
-def personal_store(context: Context, partition_id: int) -> FileStore | ContextStore:
-    """This client's store: a file under personal-dir when it is set, else its context."""
-    folder = context.node_config.get("personal-dir") or context.run_config.get("personal-dir")
+def personal_store(folder: str, context: Context, partition_id: int
+                   ) -> FileStore | ContextStore:
+    """This client's store: a file under `folder` (its personal-dir) when it is set, else its
+    Flower context."""
     if folder:
-        return FileStore(Path(str(folder)) / f"client-{partition_id}.safetensors")
+        return FileStore(Path(folder) / f"client-{partition_id}.safetensors")
     return ContextStore(context)

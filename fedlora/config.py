@@ -405,8 +405,12 @@ class FederationSettings:
 
 SECTIONS = {"model": ModelSettings, "lora": LoraSettings, "train": TrainSettings,
             "data": DataSettings, "federation": FederationSettings}
-# Keys Flower itself puts into node_config (simulation) that are not settings.
-NODE_KEYS = ("partition-id", "num-partitions")
+# Keys of a node_config that are not settings: Flower's own (simulation) and the name that
+# `fedlora client` gives its node (which also marks a deployment node).
+NODE_KEYS = ("partition-id", "num-partitions", "node-name")
+# Settings that name a file or folder on a node: a deployment node takes them from its own
+# node config only, never from the run config (the server does not choose a node's files).
+NODE_PATH_KEYS = ("data-path", "personal-dir")
 
 
 def _coerce(key: str, value: Any, default: Any) -> Any:

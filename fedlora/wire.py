@@ -16,6 +16,7 @@ A reply carries `ARRAYS` (training) and `METRICS`: `NUM_EXAMPLES`, `PARTITION_ID
 
 # ---- RecordDict entries ------------------------------------------------------------------
 CONFIG = "config"
+NODE = "node"  # ConfigRecord of a query reply: the node's name (a `fedlora client` node)
 ARRAYS = "arrays"
 RESIDUAL = "residual"
 METRICS = "metrics"
@@ -30,6 +31,7 @@ LORA_RANK = "lora-rank"
 NUM_EXAMPLES = "num-examples"
 PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
+NODE_NAME = "node-name"  # node config of a `fedlora client` node (and its query reply)
 TRAIN_LOSS = "train-loss"
 TRAIN_LOSS_FIRST = "train-loss-first"
 TRAIN_LOSS_LAST = "train-loss-last"
@@ -80,6 +82,7 @@ class M:
     SERVER_ACCURACY = "server-accuracy"
     # per-client fields inside CLIENTS
     NODE_ID = "node-id"
+    NODE_NAME = NODE_NAME
     PARTITION_ID = PARTITION_ID
     LORA_RANK = LORA_RANK
     NUM_EXAMPLES = NUM_EXAMPLES

@@ -97,8 +97,11 @@ class RoundRecord:
     evaluation: dict[str, Any] = field(default_factory=dict)  # eval-loss, accuracy, ...
     server_eval: dict[str, Any] = field(default_factory=dict)
 
-    def fail(self, node: int, reason: str) -> None:
-        self.failures.append({M.NODE_ID: node, "reason": reason})
+    def fail(self, node: int, reason: str, name: str | None = None) -> None:
+        entry: dict[str, Any] = {M.NODE_ID: node, "reason": reason}
+        if name is not None:
+            entry[M.NODE_NAME] = name
+        self.failures.append(entry)
 
     def attempt_summary(self, attempt: int) -> dict:
         return {"attempt": attempt, "replied": len(self.replies), M.FAILURES: self.failures}
@@ -154,6 +157,8 @@ class RoundLoop:
         self.ledger = ledger  # client-level DP accounting, or None
         self.evaluator = evaluator  # server-side evaluation (server.server_eval), or None
         self.node_ranks: dict[int, int] = {}
+        self.node_names: dict[int, str] = {}  # what `fedlora client` nodes call themselves
+        self.sent_to: dict[str, int] = {}  # message id -> the node it was sent to
         self.total_bytes = 0
         self.waited_for_all = False  # the first round of a process waits for every node
 
@@ -271,21 +276,42 @@ class RoundLoop:
         asks = [Message(RecordDict({wire.CONFIG: ConfigRecord({})}), dst_node_id=n,
                         message_type=MessageType.QUERY) for n in unknown]
         failed: set[int] = set()
-        for reply in grid.send_and_receive(asks, timeout=self.rules.timeout):
-            node, rank = reply.metadata.src_node_id, None
+        for reply in self.exchange(grid, asks):
+            node, rank = self.node_of(reply), None
             if not reply.has_error() and (metrics := metrics_of(reply)) is not None:
                 rank = metrics.get(wire.LORA_RANK)
+                self.learn_name(node, reply)
             if isinstance(rank, int) and 1 <= rank <= self.state.rank:
                 self.node_ranks[node] = rank
                 continue
             reason = reply.error.reason if reply.has_error() else (
                 f"declared LoRA rank {rank!r}, expected an integer in 1..{self.state.rank} "
                 f"(the global rank; raise export-rank to allow more)")
-            record.fail(node, str(reason))
+            record.fail(node, str(reason), self.node_names.get(node))
             failed.add(node)
         for node in unknown:
             if node not in self.node_ranks and node not in failed:
-                record.fail(node, "no answer to the rank query")
+                record.fail(node, "no answer to the rank query", self.node_names.get(node))
+
+    def learn_name(self, node: int, reply: Message) -> None:
+        """Remember the name a `fedlora client` node sent with its rank."""
+        info = reply.content.config_records.get(wire.NODE)
+        if info is not None and isinstance(name := info.get(wire.NODE_NAME), str):
+            self.node_names[node] = name[:200]
+
+    def exchange(self, grid: Grid, messages: list[Message]) -> Iterable[Message]:
+        """Send and wait for the replies (up to the round timeout), remembering which node
+        each message went to: a reply Flower makes for a node that died carries the
+        SuperLink's id as its sender, not the node's."""
+        if not messages:
+            return []
+        replies = grid.send_and_receive(messages, timeout=self.rules.timeout)
+        self.sent_to.update({m.metadata.message_id: m.metadata.dst_node_id for m in messages})
+        return replies
+
+    def node_of(self, reply: Message) -> int:
+        """The node a reply answers for: the one its message was sent to."""
+        return self.sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
 
     def content(self, rank: int, server_round: int) -> RecordDict:
         """What a node of `rank` receives: the method's shared factors, residual and config."""
@@ -310,19 +336,21 @@ class RoundLoop:
         down.update({n: size[ranks[n]] for n in nodes})
         messages = [Message(contents[ranks[n]], dst_node_id=n, message_type=message_type)
                     for n in nodes]
-        return grid.send_and_receive(messages, timeout=self.rules.timeout) if messages else []
+        return self.exchange(grid, messages)
 
     # ==== replies =============================================================================
     def read_train_reply(self, msg: Message, record: RoundRecord) -> None:
         """Accept one training reply into `record`, or record why it was dropped."""
-        node = msg.metadata.src_node_id
+        node = self.node_of(msg)
+        name = self.node_names.get(node)
         if msg.has_error():
-            record.fail(node, str(msg.error.reason))
+            record.fail(node, str(msg.error.reason), name)
             return
         problem, reply = self.check_reply(msg)
         if problem is not None:
-            log(WARNING, "round %d: dropped reply from node %d: %s", record.round, node, problem)
-            record.fail(node, problem)
+            log(WARNING, "round %d: dropped reply from node %d%s: %s", record.round, node,
+                f" ({name})" if name else "", problem)
+            record.fail(node, problem, name)
             return
         assert reply is not None
         self.node_ranks[node] = reply.row[M.LORA_RANK]
@@ -339,7 +367,7 @@ class RoundLoop:
             state = from_array_record(record)
         except Exception as err:  # malformed arrays: drop, never crash the round
             return f"unreadable arrays ({err})", None
-        node = msg.metadata.src_node_id
+        node = self.node_of(msg)
         known, declared = self.node_ranks.get(node), metrics.get(wire.LORA_RANK)
         if known is None:
             return f"node {node} was never asked for its rank (not sampled this round)", None
@@ -356,9 +384,12 @@ class RoundLoop:
         problem = self.update_problem(update, rank)
         if problem:
             return problem, None
-        row = {M.NODE_ID: node, M.PARTITION_ID: int(metrics.get(wire.PARTITION_ID, -1)),
-               M.LORA_RANK: rank, M.NUM_EXAMPLES: num_examples, M.BYTES_UP: factor_bytes(record),
-               M.TRAIN_LOSS: float(metrics.get(wire.TRAIN_LOSS, math.nan))}
+        row: dict[str, Any] = {
+            M.NODE_ID: node, M.PARTITION_ID: int(metrics.get(wire.PARTITION_ID, -1)),
+            M.LORA_RANK: rank, M.NUM_EXAMPLES: num_examples, M.BYTES_UP: factor_bytes(record),
+            M.TRAIN_LOSS: float(metrics.get(wire.TRAIN_LOSS, math.nan))}
+        if node in self.node_names:
+            row[M.NODE_NAME] = self.node_names[node]
         return None, Reply(update, row)
 
     def update_problem(self, update: ClientUpdate, rank: int) -> str | None:

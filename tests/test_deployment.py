@@ -76,9 +76,12 @@ def test_server_and_three_nodes_with_different_ranks(tmp_path):
     server = start(["server", "--address", f"127.0.0.1:{port}", "--min-nodes", "3",
                     "--strategy", "flexlora", "--client-ranks", "4,8,16",
                     "--output-dir", str(out), *RUN], tmp_path / "server.log")
+    # each node's own --rank, not the server's client-ranks cycle (which would give 4, 8, 16)
+    ranks = {0: 16, 1: 4, 2: 8}
     nodes = [start(["client", "--server", f"127.0.0.1:{port}", "--insecure", "--rank", str(r),
-                    "--partition-id", str(i), "--num-partitions", "3"], tmp_path / f"node{i}.log")
-             for i, r in enumerate((4, 8, 16))]
+                    "--partition-id", str(i), "--num-partitions", "3", "--name", f"site-{i}"],
+                   tmp_path / f"node{i}.log")
+             for i, r in ranks.items()]
     try:
         assert server.wait(timeout=600) == 0, (tmp_path / "server.log").read_text()[-3000:]
     finally:
@@ -87,7 +90,9 @@ def test_server_and_three_nodes_with_different_ranks(tmp_path):
     assert [r["round"] for r in rows] == [1, 2]
     for row in rows:
         assert row["clients-replied"] == 3 and row["clients-failed"] == 0, row["failures"]
-        assert sorted(c["lora-rank"] for c in row["clients"]) == [4, 8, 16]
+        assert {c["partition-id"]: c["lora-rank"] for c in row["clients"]} == ranks
+        assert {c["partition-id"]: c["node-name"] for c in row["clients"]} == {
+            i: f"site-{i}" for i in ranks}
     assert json.loads((out / "final" / "adapter_config.json").read_text())["r"] == 16
     final_adapter_loads(out)
     assert wait_gone() == []

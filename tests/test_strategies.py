@@ -136,7 +136,7 @@ def test_fedsa_lora_client_keeps_its_own_b_across_rounds(tiny_settings):
     personal = {k: torch.randn_like(v) for k, v in state.items() if k.endswith("lora_B.weight")}
     msg = fedsa_message(shared_a)
     context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
-    method, store = get_method("fedsa-lora"), personal_store(context, 0)
+    method, store = get_method("fedsa-lora"), personal_store("", context, 0)
     first = method.client_start(received_state(msg, slot, 4), store)
     assert all(torch.equal(first[k], torch.zeros_like(v)) for k, v in personal.items())
     trained = {**shared_a, **personal}
@@ -159,15 +159,16 @@ def test_fedsa_lora_personal_b_in_a_personal_dir_is_one_file_per_client(tiny_set
     state = get_lora_state(slot.model, slot.adapter)
     personal = {k: torch.randn_like(v) for k, v in state.items() if k.endswith("lora_B.weight")}
     context = lambda pid: Context(run_id=1, node_id=pid, node_config={"partition-id": pid},
-                                  state=RecordDict(), run_config={"personal-dir": str(tmp_path)})
+                                  state=RecordDict(), run_config={})
     method, msg = get_method("fedsa-lora"), fedsa_message({})
-    personal_store(context(3), 3).save(personal)
+    store = lambda pid: personal_store(str(tmp_path), context(pid), pid)
+    store(3).save(personal)
     assert [p.name for p in tmp_path.iterdir()] == ["client-3.safetensors"]
     # a fresh context: read from the file
-    again = method.client_start(received_state(msg, slot, 4), personal_store(context(3), 3))
+    again = method.client_start(received_state(msg, slot, 4), store(3))
     assert all(torch.equal(again[k], v) for k, v in personal.items())
     # client 4 has no file yet: the seeded B, zero
-    other = method.client_start(received_state(msg, slot, 4), personal_store(context(4), 4))
+    other = method.client_start(received_state(msg, slot, 4), store(4))
     assert all(torch.equal(other[k], torch.zeros_like(v)) for k, v in personal.items())
 
 

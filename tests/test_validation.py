@@ -50,7 +50,7 @@ def reply(state: dict, metrics: dict, node: int = 1, records: dict | None = None
         "arrays": ArrayRecord(state) if state else ArrayRecord(),
         "metrics": MetricRecord(metrics)}
     return SimpleNamespace(content=RecordDict(content),
-                           metadata=SimpleNamespace(src_node_id=node))
+                           metadata=SimpleNamespace(src_node_id=node, reply_to_message_id=""))
 
 
 OK = {"num-examples": 10, "lora-rank": RANK}

@@ -57,6 +57,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--partition-id", type=int,
                    help="with the run's built-in dataset: which share this node trains on")
     p.add_argument("--num-partitions", type=int, help="with --partition-id: how many shares")
+    p.add_argument("--name", help="this node's name in the server's log and metrics.jsonl "
+                   "(default: the host name)")
     p.add_argument("--node-config", default="", metavar='"KEY=VALUE ..."',
                    help="any other per-node setting (`fedlora settings` lists the keys)")
     p.add_argument("--port", type=int, default=0,
@@ -77,6 +79,7 @@ def node_config(args: argparse.Namespace) -> dict:
         config["data-path"] = str(path)
     if ("partition-id" in config) != ("num-partitions" in config):
         raise ValueError("--partition-id and --num-partitions go together")
+    config["node-name"] = args.name or socket.gethostname()
     load_settings({}, config)  # validates every key and value
     return config
 
