@@ -371,10 +371,15 @@ def _register_keys(bin_dir: Path, env: dict[str, str], cwd: Path, keys: Iterable
         proc = subprocess.run(
             [str(bin_dir / "flwr"), "supernode", "register", str(key), CONNECTION_NAME],
             cwd=cwd, env=env, capture_output=True, text=True, timeout=60, check=False)
+        output = proc.stdout + proc.stderr
+        if proc.returncode != 0 and "already in use" in output:
+            # a resumed server keeps its state database, and the key is still registered there
+            err(f"SuperNode key {key} is already registered (kept in the state database)")
+            continue
         if proc.returncode != 0:
             raise SimulationSetupError(
                 f"could not register SuperNode key {key} (expected an OpenSSH ECDSA public "
-                f"key, e.g. from `fedlora certs node`): {(proc.stdout + proc.stderr)[-400:]}")
+                f"key, e.g. from `fedlora certs node`): {output[-400:]}")
         err(f"registered SuperNode key {key}")
 
 

@@ -257,3 +257,22 @@ def test_server_killed_mid_round_resumes_to_the_uninterrupted_result(tmp_path):
     assert [r["round"] for r in read_metrics(out)] == [1, 2, 3]
     assert relative_difference(reference / "final", out / "final") <= 1e-6
     assert wait_gone() == []
+
+
+def test_a_key_already_registered_by_the_kept_state_database_is_not_an_error(tmp_path, capsys):
+    """A resumed server registers its --authorized-keys again; the SuperLink answers that a key
+    kept in its database is already in use, which is fine. Any other refusal stays an error.
+    (`flwr` is replaced by a script that answers as Flower 1.41 does.)"""
+    from fedlora.launch import SimulationSetupError, _register_keys
+
+    flwr = tmp_path / "flwr"
+    flwr.write_text("#!/bin/sh\ncase \"$3\" in\n*kept*) echo 'Public key already in use. "
+                    "[code: 23]'; exit 1;;\n*bad*) echo 'Invalid public key'; exit 1;;\nesac\n"
+                    "echo registered\n")
+    flwr.chmod(0o755)
+    _register_keys(tmp_path, dict(os.environ), tmp_path, [tmp_path / "new.pub",
+                                                         tmp_path / "kept.pub"])
+    err = capsys.readouterr().err
+    assert "registered SuperNode key" in err and "kept.pub is already registered" in err
+    with pytest.raises(SimulationSetupError, match="could not register SuperNode key .*bad.pub"):
+        _register_keys(tmp_path, dict(os.environ), tmp_path, [tmp_path / "bad.pub"])
