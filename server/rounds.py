@@ -90,7 +90,6 @@ class RoundRecord:
     train_failures: int = 0  # failures of the training phase (evaluation may add more)
     bytes_down: dict[int, int] = field(default_factory=dict)  # node -> factor bytes sent
     replies: list[Reply] = field(default_factory=list)
-    merged: bool = False
     merge: dict[str, Any] = field(default_factory=dict)  # the merge's figures (exactness, ...)
     privacy: dict[str, Any] = field(default_factory=dict)  # dp-epsilon, ...
     failed_attempts: list[dict] = field(default_factory=list)
@@ -188,8 +187,8 @@ class RoundLoop:
             ready = [n for n in nodes if n in self.node_ranks]
             log(INFO, "round %d: sent training to %d nodes (ranks %s)", server_round, len(ready),
                 ",".join(str(self.node_ranks[n]) for n in ready))
-            replies = self.send(grid, ready, self.node_ranks, server_round, MessageType.TRAIN,
-                                record)
+            replies, record.bytes_down = self.send(grid, ready, self.node_ranks, server_round,
+                                                   MessageType.TRAIN)
             for msg in replies:
                 self.read_train_reply(msg, record)
             record.train_failures = len(record.failures)
@@ -205,7 +204,6 @@ class RoundLoop:
     def merge(self, server_round: int, record: RoundRecord) -> None:
         """The accepted updates into the global adapter; DP accounting when on."""
         record.merge = self.state.update([r.update for r in record.replies], server_round)
-        record.merged = True
         if self.ledger is not None:
             self.ledger.record()
             record.privacy = {M.DP_EPSILON: self.ledger.epsilon(), M.DP_DELTA: self.ledger.delta,
@@ -222,8 +220,7 @@ class RoundLoop:
         else:
             ranks = {n: self.state.rank for n in nodes}
         ready = [n for n in nodes if n in ranks]
-        sent: dict[int, int] = {}
-        replies = self.send(grid, ready, ranks, server_round, MessageType.EVALUATE, sent)
+        replies, sent = self.send(grid, ready, ranks, server_round, MessageType.EVALUATE)
         record.evaluation = {M.BYTES_DOWN_EVAL: sum(sent.values()),
                              **self.read_evaluate_replies(replies)}
 
@@ -326,17 +323,15 @@ class RoundLoop:
         return RecordDict(content)
 
     def send(self, grid: Grid, nodes: list[int], ranks: dict[int, int], server_round: int,
-             message_type: str, sent: RoundRecord | dict[int, int]) -> Iterable[Message]:
+             message_type: str) -> tuple[Iterable[Message], dict[int, int]]:
         """One message per node with the content for its rank (built once per rank and shared,
-        as Flower's FedAvg shares its RecordDict); records the factor bytes each node gets."""
+        as Flower's FedAvg shares its RecordDict); (the replies, factor bytes sent per node)."""
         contents = {r: self.content(r, server_round) for r in {ranks[n] for n in nodes}}
         size = {r: sum(factor_bytes(a) for a in c.array_records.values())
                 for r, c in contents.items()}
-        down = sent.bytes_down if isinstance(sent, RoundRecord) else sent
-        down.update({n: size[ranks[n]] for n in nodes})
         messages = [Message(contents[ranks[n]], dst_node_id=n, message_type=message_type)
                     for n in nodes]
-        return self.exchange(grid, messages)
+        return self.exchange(grid, messages), {n: size[ranks[n]] for n in nodes}
 
     # ==== replies =============================================================================
     def read_train_reply(self, msg: Message, record: RoundRecord) -> None:
