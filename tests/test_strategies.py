@@ -96,9 +96,9 @@ def test_hetlora_self_pruning_replies_at_a_smaller_rank_with_the_same_kept_updat
     settings = load_settings({"strategy": "hetlora", "hetlora-prune": 0.5, "lora-alpha": 16.0})
     method = method_of(settings)
     b = torch.zeros(6, 4)
-    b[:, :2] = torch.randn(6, 2)
-    b[:, 3] = 1e-4  # a last component that contributes almost nothing
-    a = torch.randn(4, 5)
+    b[:, 0], b[:, 1] = 1.0, 0.8  # two strong components (the second 0.8 of the first) ...
+    b[:, 3] = 1e-4  # ... a zero one and a last one that contributes almost nothing
+    a = torch.linspace(-1, 1, 20).reshape(4, 5) + 0.5
     state = flatten({"m": (b, a)})
     pruned, rank = method.client_finish(state, 4, settings, store=None)
     assert rank == 2  # components 3 (zero) and 4 (tiny) are dropped
