@@ -43,7 +43,7 @@ from fedlora.adapters import (
 from fedlora.aggregation.privacy import clip_state
 from fedlora.config import NODE_PATH_KEYS, Settings, SettingsError, all_keys
 from fedlora.data import client_records, tokenize_records
-from fedlora.methods import Method, load_settings, method_of
+from fedlora.methods import Method, PersonalStore, load
 from fedlora.models import resolve_device
 from fedlora.records import from_array_record, to_array_record
 from fedlora.train import evaluate, train_local
@@ -68,6 +68,7 @@ class Job:
     rank: int
     server_round: int
     start: dict[str, Tensor]  # the adapter the client starts from (PEFT scale)
+    store: PersonalStore  # where the client keeps factors that never leave it
 
 
 def partition(context: Context) -> tuple[int, int]:
@@ -81,9 +82,9 @@ def is_deployment_node(context: Context) -> bool:
     return wire.NODE_NAME in context.node_config
 
 
-def node_settings(context: Context) -> Settings:
-    """This node's settings: the run config under its node config; on a deployment node,
-    paths on the node come from the node alone."""
+def node_settings(context: Context) -> tuple[Settings, Method]:
+    """This node's settings and method: the run config under its node config; on a
+    deployment node, paths on the node come from the node alone."""
     run = dict(context.run_config)
     if is_deployment_node(context):
         defaults = all_keys()
@@ -99,7 +100,7 @@ def node_settings(context: Context) -> Settings:
             raise SettingsError(
                 f"setting 'dataset': the run config names a file on this node ({dataset!r}); "
                 f"a node's data is its own: start it with fedlora client --data-path FILE")
-    return load_settings(run, context.node_config)
+    return load(run, context.node_config)
 
 
 def node_rank(settings: Settings, context: Context, partition_id: int) -> int:
@@ -146,8 +147,7 @@ def received_state(msg: Message, slot: Slot, rank: int) -> dict[str, Tensor]:
 
 def prepare(msg: Message, context: Context) -> Job:
     """Settings from run+node config, the cached model with the starting adapter loaded."""
-    settings = node_settings(context)
-    method = method_of(settings)
+    settings, method = node_settings(context)
     resolve_device(settings.model.device)  # fail early and clearly on a missing GPU
     rank = config_int(msg, wire.RANK)
     lora = replace(settings.lora, rank=rank)
@@ -158,7 +158,8 @@ def prepare(msg: Message, context: Context) -> Job:
     store = personal_store(settings.federation.personal_dir, context, pid)
     start = method.client_start(received_state(msg, slot, rank), store)
     set_lora_state(slot.model, {k: v.float() for k, v in start.items()}, slot.adapter)
-    return Job(settings, method, slot, pid, n, rank, config_int(msg, wire.SERVER_ROUND), start)
+    return Job(settings, method, slot, pid, n, rank, config_int(msg, wire.SERVER_ROUND), start,
+               store)
 
 
 def clip_reply(job: Job, state: dict[str, Tensor], rank: int) -> dict[str, Tensor]:
@@ -177,7 +178,7 @@ def clip_reply(job: Job, state: dict[str, Tensor], rank: int) -> dict[str, Tenso
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Tell the server this node's LoRA rank (asked once, before the node's first round)."""
-    settings = node_settings(context)
+    settings, _ = node_settings(context)
     pid, _ = partition(context)
     rank = node_rank(settings, context, pid)
     content: dict = {wire.METRICS: MetricRecord({wire.LORA_RANK: rank, wire.PARTITION_ID: pid})}
@@ -199,9 +200,8 @@ def train(msg: Message, context: Context) -> Message:
         seed=settings.federation.seed + 1_000_003 * pid + job.server_round,
         desc=f"client {pid} round {job.server_round}",
         proximal_mu=job.method.proximal_mu(settings))
-    store = personal_store(settings.federation.personal_dir, context, pid)
     state, rank = job.method.client_finish(get_lora_state(slot.model, slot.adapter), job.rank,
-                                           settings, store)
+                                           settings, job.store)
     state = clip_reply(job, state, rank)
     arrays = to_array_record(job.method.shared(state), settings.federation.wire_dtype)
     metrics = MetricRecord({

@@ -4,7 +4,7 @@ Every key a user can type (in `[tool.flwr.app.config]`, `--run-config "k=v"`, or
 `--node-config`) is declared once here, with its help text, and validated in `__post_init__`
 with a message that names the key, what it expected and what it got. A method's own options
 (hetlora-prune, residual-rank, ...) are declared with its method in `fedlora.methods` the same
-way; `fedlora.methods.load_settings` reads both. This module imports neither torch nor the
+way; `fedlora.methods.load` reads both. This module imports neither torch nor the
 methods, so validating a command line is instant.
 """
 

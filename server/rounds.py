@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from logging import ERROR, INFO, WARNING
 from typing import Any
@@ -157,7 +157,6 @@ class RoundLoop:
         self.evaluator = evaluator  # server-side evaluation (server.server_eval), or None
         self.node_ranks: dict[int, int] = {}
         self.node_names: dict[int, str] = {}  # what `fedlora client` nodes call themselves
-        self.sent_to: dict[str, int] = {}  # message id -> the node it was sent to
         self.total_bytes = 0
         self.waited_for_all = False  # the first round of a process waits for every node
 
@@ -189,8 +188,8 @@ class RoundLoop:
                 ",".join(str(self.node_ranks[n]) for n in ready))
             replies, record.bytes_down = self.send(grid, ready, self.node_ranks, server_round,
                                                    MessageType.TRAIN)
-            for msg in replies:
-                self.read_train_reply(msg, record)
+            for node, msg in replies:
+                self.read_train_reply(node, msg, record)
             record.train_failures = len(record.failures)
             if len(record.replies) >= self.rules.replies_needed:
                 self.merge(server_round, record)
@@ -222,7 +221,7 @@ class RoundLoop:
         ready = [n for n in nodes if n in ranks]
         replies, sent = self.send(grid, ready, ranks, server_round, MessageType.EVALUATE)
         record.evaluation = {M.BYTES_DOWN_EVAL: sum(sent.values()),
-                             **self.read_evaluate_replies(replies)}
+                             **self.read_evaluate_replies([r for _, r in replies])}
 
     def finish(self, server_round: int, record: RoundRecord) -> None:
         """Write rounds/<n>/, the metrics line, then the round's checkpoint."""
@@ -273,8 +272,8 @@ class RoundLoop:
         asks = [Message(RecordDict({wire.CONFIG: ConfigRecord({})}), dst_node_id=n,
                         message_type=MessageType.QUERY) for n in unknown]
         failed: set[int] = set()
-        for reply in self.exchange(grid, asks):
-            node, rank = self.node_of(reply), None
+        for node, reply in self.exchange(grid, asks):
+            rank = None
             if not reply.has_error() and (metrics := metrics_of(reply)) is not None:
                 rank = metrics.get(wire.LORA_RANK)
                 self.learn_name(node, reply)
@@ -296,19 +295,16 @@ class RoundLoop:
         if info is not None and isinstance(name := info.get(wire.NODE_NAME), str):
             self.node_names[node] = name[:200]
 
-    def exchange(self, grid: Grid, messages: list[Message]) -> Iterable[Message]:
-        """Send and wait for the replies (up to the round timeout), remembering which node
-        each message went to: a reply Flower makes for a node that died carries the
-        SuperLink's id as its sender, not the node's."""
+    def exchange(self, grid: Grid, messages: list[Message]) -> list[tuple[int, Message]]:
+        """Send and wait for the replies (up to the round timeout); each reply with the node
+        its message was sent to (a reply Flower makes for a node that died carries the
+        SuperLink's id as its sender, not the node's)."""
         if not messages:
             return []
         replies = grid.send_and_receive(messages, timeout=self.rules.timeout)
-        self.sent_to.update({m.metadata.message_id: m.metadata.dst_node_id for m in messages})
-        return replies
-
-    def node_of(self, reply: Message) -> int:
-        """The node a reply answers for: the one its message was sent to."""
-        return self.sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+        return [(sent_to.get(r.metadata.reply_to_message_id, r.metadata.src_node_id), r)
+                for r in replies]
 
     def content(self, rank: int, server_round: int) -> RecordDict:
         """What a node of `rank` receives: the method's shared factors, residual and config."""
@@ -323,9 +319,9 @@ class RoundLoop:
         return RecordDict(content)
 
     def send(self, grid: Grid, nodes: list[int], ranks: dict[int, int], server_round: int,
-             message_type: str) -> tuple[Iterable[Message], dict[int, int]]:
+             message_type: str) -> tuple[list[tuple[int, Message]], dict[int, int]]:
         """One message per node with the content for its rank (built once per rank and shared,
-        as Flower's FedAvg shares its RecordDict); (the replies, factor bytes sent per node)."""
+        as Flower's FedAvg shares its RecordDict); ((node, reply) pairs, bytes sent per node)."""
         contents = {r: self.content(r, server_round) for r in {ranks[n] for n in nodes}}
         size = {r: sum(factor_bytes(a) for a in c.array_records.values())
                 for r, c in contents.items()}
@@ -334,14 +330,13 @@ class RoundLoop:
         return self.exchange(grid, messages), {n: size[ranks[n]] for n in nodes}
 
     # ==== replies =============================================================================
-    def read_train_reply(self, msg: Message, record: RoundRecord) -> None:
-        """Accept one training reply into `record`, or record why it was dropped."""
-        node = self.node_of(msg)
+    def read_train_reply(self, node: int, msg: Message, record: RoundRecord) -> None:
+        """Accept node's training reply into `record`, or record why it was dropped."""
         name = self.node_names.get(node)
         if msg.has_error():
             record.fail(node, str(msg.error.reason), name)
             return
-        problem, reply = self.check_reply(msg)
+        problem, reply = self.check_reply(node, msg)
         if problem is not None:
             log(WARNING, "round %d: dropped reply from node %d%s: %s", record.round, node,
                 f" ({name})" if name else "", problem)
@@ -351,7 +346,7 @@ class RoundLoop:
         self.node_ranks[node] = reply.row[M.LORA_RANK]
         record.replies.append(reply)
 
-    def check_reply(self, msg: Message) -> tuple[str | None, Reply | None]:
+    def check_reply(self, node: int, msg: Message) -> tuple[str | None, Reply | None]:
         """(why the reply must be dropped, None) or (None, the accepted reply)."""
         content = msg.content
         if len(content.array_records) != 1 or len(content.metric_records) != 1:
@@ -362,7 +357,6 @@ class RoundLoop:
             state = from_array_record(record)
         except Exception as err:  # malformed arrays: drop, never crash the round
             return f"unreadable arrays ({err})", None
-        node = self.node_of(msg)
         known, declared = self.node_ranks.get(node), metrics.get(wire.LORA_RANK)
         if known is None:
             return f"node {node} was never asked for its rank (not sampled this round)", None
@@ -400,10 +394,9 @@ class RoundLoop:
                         f"clip-norm={self.state.clip_norm:g}: the node did not clip")
         return None
 
-    def read_evaluate_replies(self, replies: Iterable[Message]) -> dict[str, Any]:
+    def read_evaluate_replies(self, replies: list[Message]) -> dict[str, Any]:
         """Token-weighted mean eval loss over the nodes that evaluated; exact-match accuracy
         pooled over their answers (overall, per family, and per client)."""
-        replies = list(replies)
         errors = [m for m in replies if m.has_error()]
         rows = [metrics_of(m) for m in replies if not m.has_error()]
         rows = [r for r in rows if r is not None and r.get(wire.EVAL_TOKENS, 0) > 0]

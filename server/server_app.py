@@ -15,7 +15,7 @@ from fedlora.adapters import lora_config, shared_init, target_shapes
 from fedlora.aggregation.server_opt import SERVER_OPTIMIZERS, ServerOptimizer
 from fedlora.checkpoint import discard_after, read_latest, set_rng_state
 from fedlora.config import FederationSettings, Settings
-from fedlora.methods import Method, load_settings, method_of
+from fedlora.methods import Method, load
 from fedlora.models import model_skeleton, resolve_source
 from fedlora.outputs import RunWriter
 from server.global_adapter import GlobalAdapter
@@ -65,11 +65,10 @@ def rules(fed: FederationSettings) -> Rules:
                  client_clipping=fed.clip_norm > 0 and fed.dp_clipping == "client")
 
 
-def build_loop(settings: Settings, shapes: dict[str, tuple[int, int]], writer: RunWriter
-               ) -> RoundLoop:
+def build_loop(settings: Settings, method: Method, shapes: dict[str, tuple[int, int]],
+               writer: RunWriter) -> RoundLoop:
     """The round loop for these settings."""
     fed = settings.federation
-    method = method_of(settings)
     ledger = None
     if fed.dp_noise_multiplier:
         ledger = PrivacyLedger(fed.dp_noise_multiplier, fed.dp_delta, fed.min_available_nodes)
@@ -104,7 +103,7 @@ def resume_point(loop: RoundLoop, out_dir: Path) -> int:
 def main(grid: Grid, context: Context) -> None:
     """Run `num-server-rounds` rounds (from the last checkpoint with `resume`) and write
     everything under output-dir."""
-    settings = load_settings(context.run_config)
+    settings, method = load(context.run_config)
     fed = settings.federation
     started = time.perf_counter()
     shapes, base_id = adapted_shapes(settings)
@@ -112,7 +111,7 @@ def main(grid: Grid, context: Context) -> None:
     writer = RunWriter(out_dir, lora_config(settings.lora, base_id),
                        {"model": settings.model.name, "base_model": base_id,
                         "settings": {**settings.to_config(), "resume": False}})
-    loop = build_loop(settings, shapes, writer)
+    loop = build_loop(settings, method, shapes, writer)
     first_round = resume_point(loop, out_dir) if fed.resume else 1
     log(INFO, "fedlora: %s, strategy %s, global rank %d, client ranks %s, %d adapted layers, "
         "rounds %d..%d, output %s", settings.model.name, fed.strategy, settings.global_rank,

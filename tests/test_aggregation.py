@@ -318,7 +318,11 @@ def scalar(x):
 
 
 def test_server_optimizer_registry_and_common_keywords():
+    from fedlora import config
+
     assert sorted(SERVER_OPTIMIZERS) == ["fedadagrad", "fedadam", "fedavgm", "fedyogi", "none"]
+    # the torch-free names that validate `server-optimizer` are the registry's
+    assert config.SERVER_OPTIMIZERS == tuple(sorted(SERVER_OPTIMIZERS))
     for cls in SERVER_OPTIMIZERS.values():
         cls(lr=0.5, momentum=0.9, beta2=0.99, tau=1e-3)  # the server passes all four
 

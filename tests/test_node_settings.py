@@ -82,7 +82,7 @@ def test_builtin_and_hub_datasets_from_the_run_config_are_not_paths(dataset):
 
     context = Context(run_id=1, node_id=1, node_config={"node-name": "a"}, state=RecordDict(),
                       run_config={"dataset": dataset})
-    assert node_settings(context).data.dataset == dataset
+    assert node_settings(context)[0].data.dataset == dataset
 
 
 def test_failures_and_clients_name_the_node_and_use_the_id_it_was_sent_to(tmp_path):

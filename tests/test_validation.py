@@ -33,7 +33,7 @@ def strategy() -> RoundLoop:
 
 def accepted(loop: RoundLoop, msg):
     """The update of a reply the loop accepts."""
-    problem, accepted = loop.check_reply(msg)
+    problem, accepted = loop.check_reply(msg.metadata.src_node_id, msg)
     assert problem is None, problem
     return accepted.update
 
@@ -50,7 +50,7 @@ def reply(state: dict, metrics: dict, node: int = 1, records: dict | None = None
         "arrays": ArrayRecord(state) if state else ArrayRecord(),
         "metrics": MetricRecord(metrics)}
     return SimpleNamespace(content=RecordDict(content),
-                           metadata=SimpleNamespace(src_node_id=node, reply_to_message_id=""))
+                           metadata=SimpleNamespace(src_node_id=node))
 
 
 OK = {"num-examples": 10, "lora-rank": RANK}
@@ -110,7 +110,7 @@ def test_corrupt_reply_is_dropped_and_the_global_adapter_is_bitwise_unchanged(
                                                      node=3)]
     clean, hostile = strategy(), strategy()
     clean.state.update([accepted(clean, r) for r in good])
-    problem, dropped = hostile.check_reply(reply(state, metrics, node=node))
+    problem, dropped = hostile.check_reply(node, reply(state, metrics, node=node))
     assert dropped is None and problem is not None and fragment in problem, problem
     hostile.state.update([accepted(hostile, r) for r in good])
     for module, (b, a) in clean.state.factors.items():
@@ -125,10 +125,10 @@ def test_corrupt_reply_is_dropped_and_the_global_adapter_is_bitwise_unchanged(
      "expected one ArrayRecord and one MetricRecord"),
 ])
 def test_malformed_record_layouts_are_dropped(records, fragment):
-    problem, dropped = strategy().check_reply(reply({}, OK, records=records))
+    problem, dropped = strategy().check_reply(1, reply({}, OK, records=records))
     assert dropped is None and fragment in problem
 
 
 def test_a_valid_reply_passes():
-    problem, ok = strategy().check_reply(reply(good_state(1), OK))
+    problem, ok = strategy().check_reply(1, reply(good_state(1), OK))
     assert problem is None and ok.update.rank == RANK and ok.row["num-examples"] == 10

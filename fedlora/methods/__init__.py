@@ -2,9 +2,9 @@
 
 A method owns its merge, its client-side steps, its options and its checks
 (`fedlora.methods.base.Method`). Adding one is a file in this folder with a `@register`ed
-`Method` subclass, plus its import line below. Entry points build settings with
-`load_settings` (shared settings plus every method's options, validated together) and get the
-configured method with `method_of`.
+`Method` subclass, plus its import line below. Entry points build settings and the
+configured method with `load` (shared settings plus every method's options, validated
+together); `load_settings` gives the settings alone, `method_of` the method of settings.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from fedlora.methods import (  # noqa: F401  # noqa: E402,F401
 )
 from fedlora.methods.base import METHODS, Method, MethodOptions, PersonalStore, names, register
 
-__all__ = ["METHODS", "Method", "MethodOptions", "PersonalStore", "get_method", "load_settings",
+__all__ = ["METHODS", "Method", "MethodOptions", "PersonalStore", "get_method", "load",
+           "load_settings",
            "method_of", "names", "option_keys", "register"]
 
 
@@ -61,14 +62,13 @@ def get_method(name: str, **options: Any) -> Method:
 
 def method_of(settings: Settings) -> Method:
     """The method `settings` choose, with its options, after checking the combination."""
-    cls = METHODS.get(settings.federation.strategy)
-    if cls is None:
-        get_method(settings.federation.strategy)  # raises with the known names
-    assert cls is not None
-    mine = cls.Options.keys()
+    name = settings.federation.strategy
+    if name not in METHODS:
+        get_method(name)  # raises with the known names
+    cls = METHODS[name]
+    mine, every = cls.Options.keys(), option_keys()
     for key, value in settings.options.items():
-        default = option_keys()[key][0]
-        if key not in mine and value != default:
+        if key not in mine and value != every[key][0]:
             raise SettingsError(f"setting '{key}': an option of {', '.join(owners(key))}, but "
                                 f"strategy is {cls.name!r}; remove it or change the strategy")
     method = cls(cls.Options.from_values(settings.options))
@@ -76,10 +76,15 @@ def method_of(settings: Settings) -> Method:
     return method
 
 
+def load(run_config: Mapping[str, Any], node_config: Mapping[str, Any] | None = None
+         ) -> tuple[Settings, Method]:
+    """Settings from a Flower run_config (node_config taking precedence), every method's
+    options included, and the method they choose; anything invalid raises here."""
+    settings = Settings.from_config(run_config, node_config, options=option_keys())
+    return settings, method_of(settings)
+
+
 def load_settings(run_config: Mapping[str, Any],
                   node_config: Mapping[str, Any] | None = None) -> Settings:
-    """Settings from a Flower run_config (node_config taking precedence), every method's
-    options included; the chosen method's checks run, so anything invalid raises here."""
-    settings = Settings.from_config(run_config, node_config, options=option_keys())
-    method_of(settings)
-    return settings
+    """`load`'s settings alone (validated the same way)."""
+    return load(run_config, node_config)[0]

@@ -21,7 +21,7 @@ client weights p_i = examples / total, float64 inside, float32 out.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from torch import Tensor
@@ -29,7 +29,7 @@ from torch import Tensor
 from fedlora.aggregation.base import ClientUpdate, Factors, MergeResult, check_updates, to32
 from fedlora.aggregation.exactness import compress
 from fedlora.aggregation.linalg import pad_rank, truncate_rank
-from fedlora.config import SettingsError, require, setting
+from fedlora.config import SettingsError, require, section_keys, setting
 from fedlora.factors import shared_keys
 
 if TYPE_CHECKING:
@@ -45,11 +45,7 @@ class MethodOptions:
     @classmethod
     def keys(cls) -> dict[str, tuple[Any, str]]:
         """{run-config key: (default, help)} of these options."""
-        out = {}
-        for f in fields(cls):
-            assert f.default is not MISSING, f"option {f.name} needs a default"
-            out[f.metadata["key"]] = (f.default, f.metadata["help"])
-        return out
+        return section_keys(cls)
 
     @classmethod
     def from_values(cls, values: Mapping[str, Any]) -> MethodOptions:
@@ -200,10 +196,11 @@ class ResidualMethod(Method):
 
     uses_residual = True
     Options = ResidualOptions
+    options: ResidualOptions
 
     def keep_residual(self, residual: Factors) -> tuple[Factors, float]:
         """The residual re-compressed by factored SVD to at most residual-rank."""
-        return compress(residual, self.options.residual_rank)  # type: ignore[attr-defined]
+        return compress(residual, self.options.residual_rank)
 
 
 METHODS: dict[str, type[Method]] = {}
