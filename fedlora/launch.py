@@ -94,6 +94,9 @@ class SuperLinkSpec:
     simulation: bool = True
     host: str = "127.0.0.1"
     port: int = 0  # 0 = a free port
+    # Deployment only: the SuperLink (and with it the Control API) listens on
+    # 127.0.0.1:control_port, and the fleet gate on host:port forwards only the Fleet API.
+    control_port: int = 0  # 0 = a free port
     ca_cert: Path | None = None  # TLS: all three files, or none (insecure)
     cert: Path | None = None
     key: Path | None = None
@@ -102,8 +105,13 @@ class SuperLinkSpec:
     database: Path | None = None
 
     @property
+    def gated(self) -> bool:
+        """Whether a fleet gate stands on the public address (every deployment server)."""
+        return not self.simulation
+
+    @property
     def connect_host(self) -> str:
-        """Where this machine reaches the SuperLink: loopback for a wildcard bind."""
+        """Where this machine reaches the public address: loopback for a wildcard bind."""
         return "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
 
     @property
@@ -238,34 +246,53 @@ def _spawn(state: RunState, cmd: list[str], env: dict[str, str], stdout: Any
 
 
 def _start_superlink(
-    state: RunState, bin_dir: Path, env: dict[str, str], spec: SuperLinkSpec, port: int,
-    log_file: Path | None
+    state: RunState, bin_dir: Path, env: dict[str, str], spec: SuperLinkSpec, host: str,
+    port: int, log_file: Path | None
 ) -> None:
-    """Start `flower-superlink` as `spec` says, in its own session, logging to a file."""
+    """Start `flower-superlink` on host:port as `spec` says, in its own session, logging to a
+    file."""
     state.superlink_log = Path(log_file) if log_file is not None else state.tmp / "superlink.log"
     state.superlink_log.parent.mkdir(parents=True, exist_ok=True)
     state.log_handle = state.superlink_log.open("wb")
-    cmd = [str(bin_dir / "flower-superlink"), *spec.flags(), "--host", spec.host,
+    cmd = [str(bin_dir / "flower-superlink"), *spec.flags(), "--host", host,
            "--port", str(port), "--disable-runtime-dependency-installation"]
     state.tracker = ProcessTracker(state.tag, [state.tmp, *state.extra_dirs])
     state.superlink = _spawn(state, cmd, env, state.log_handle)
     state.tracker.start()
 
 
-def _wait_until_ready(state: RunState, spec: SuperLinkSpec, port: int,
-                     timeout: float = READY_TIMEOUT_S) -> None:
-    """Poll /health until it answers 200; fail fast if the SuperLink dies."""
-    assert state.superlink is not None
-    url = f"{'https' if spec.tls else 'http'}://{spec.connect_host}:{port}/health"
-    context = ssl.create_default_context(cafile=str(spec.ca_cert)) if spec.tls else None
+def _start_gate(state: RunState, env: dict[str, str], spec: SuperLinkSpec, upstream_port: int,
+                log: Path) -> subprocess.Popen[bytes]:
+    """Start the fleet gate (server/fleet_gate.py) on the public address, in front of the
+    SuperLink on 127.0.0.1:upstream_port; its log goes to `log`."""
+    cmd = [sys.executable, "-m", "server.fleet_gate", "--listen", f"{spec.host}:{spec.port}",
+           "--upstream", f"127.0.0.1:{upstream_port}"]
+    if spec.tls:
+        cmd += ["--certfile", str(spec.cert), "--keyfile", str(spec.key),
+                "--ca-file", str(spec.ca_cert)]
+    state.gate_log = log.open("wb")
+    state.gate = _spawn(state, cmd, env, state.gate_log)
+    return state.gate
+
+
+def _wait_until_ready(proc: subprocess.Popen[bytes], log: Path | None, spec: SuperLinkSpec,
+                      host: str, port: int, timeout: float = READY_TIMEOUT_S) -> None:
+    """Poll http(s)://host:port/health until it answers 200; fail fast if `proc` dies."""
+    name = Path(str(proc.args[0] if isinstance(proc.args, list) else proc.args)).name
+    if name.startswith("python"):
+        name = "the fleet gate"
+    url = f"{'https' if spec.tls else 'http'}://{host}:{port}/health"
+    context = None
+    if spec.tls:
+        context = ssl.create_default_context(cafile=str(spec.ca_cert))
+        context.check_hostname = False  # the certificate names the public address
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        code = state.superlink.poll()
+        code = proc.poll()
         if code is not None:
             raise SimulationSetupError(
-                f"flower-superlink exited with code {code} before it became ready on port {port} "
-                f"(expected it to keep running). Last lines of {state.superlink_log}:\n"
-                f"{_tail(state.superlink_log)}"
+                f"{name} exited with code {code} before it became ready on {host}:{port} "
+                f"(expected it to keep running). Last lines of {log}:\n{_tail(log)}"
             )
         try:
             with urllib.request.urlopen(url, timeout=1.0, context=context) as resp:  # loopback
@@ -275,9 +302,9 @@ def _wait_until_ready(state: RunState, spec: SuperLinkSpec, port: int,
             pass
         time.sleep(0.2)
     raise SimulationSetupError(
-        f"flower-superlink did not answer {url} within {timeout:.0f}s (expected HTTP 200). "
+        f"{name} did not answer {url} within {timeout:.0f}s (expected HTTP 200). "
         f"Check that the port is free and the machine is not overloaded. Last lines of "
-        f"{state.superlink_log}:\n{_tail(state.superlink_log)}"
+        f"{log}:\n{_tail(log)}"
     )
 
 
@@ -400,10 +427,19 @@ def _execute(
     if extra is not None:
         state.extra_dirs.append(extra)
     env = _child_env(bin_dir, flwr_home, ray_tmp, state.tag)
-    port = spec.port or _free_port()
-    _write_flwr_config(flwr_home, spec.connect_host, port, spec.ca_cert if spec.tls else None)
-    _start_superlink(state, bin_dir, env, spec, port, log_file)
-    _wait_until_ready(state, spec, port)
+    # A deployment SuperLink listens on loopback only; the gate takes the public address.
+    host, port = (("127.0.0.1", spec.control_port or _free_port()) if spec.gated
+                  else (spec.connect_host, spec.port or _free_port()))
+    _write_flwr_config(flwr_home, host, port, spec.ca_cert if spec.tls else None)
+    _start_superlink(state, bin_dir, env, spec, host, port, log_file)
+    assert state.superlink is not None
+    _wait_until_ready(state.superlink, state.superlink_log, spec, host, port)
+    if spec.gated:
+        gate_log = (log_file.parent if log_file else state.tmp) / "fleet-gate.log"
+        gate = _start_gate(state, env, spec, port, gate_log)
+        _wait_until_ready(gate, gate_log, spec, spec.connect_host, spec.port)
+        err(f"Control API (flwr ls / stop / supernode ls) on 127.0.0.1:{port}, this machine "
+            f"only; {spec.host}:{spec.port} serves only the Fleet API (log: {gate_log})")
     _register_keys(bin_dir, env, state.tmp, spec.authorized_keys)
     code, run_id = _stream_flwr_run(state, bin_dir, env, app_dir, fed_cfg)
     if code != 0:
@@ -474,33 +510,64 @@ def run_simulation(
                    log_file=log_file, output_dir=output_dir)
 
 
+# The task commands a SuperNode's SuperExec starts by name (flwr 1.41 TASK_TYPE_TO_COMMAND).
+GUARDED_COMMANDS = ("flwr-clientapp", "flwr-agentapp", "flwr-model", "flwr-connector",
+                    "flwr-serverapp", "flwr-simulation")
+
+
+def _write_guard_shims(folder: Path) -> None:
+    """One executable per GUARDED_COMMANDS name that runs clients/app_guard.py instead."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in GUARDED_COMMANDS:
+        shim = folder / name  # -P: the working directory never goes on sys.path
+        shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -P -m clients.app_guard {name} "$@"\n',
+                        encoding="utf-8")
+        shim.chmod(0o755)
+
+
 _FLOWER_EXIT = re.compile(r"Exit Code: (\d+)")
 
 
-def _echo(stream: IO[bytes], codes: list[int]) -> None:
-    """Copy a child's output to our stdout, line by line, noting Flower's exit codes."""
+def _echo(stream: IO[bytes], codes: list[int], tail: list[str]) -> None:
+    """Copy a child's output to our stdout, line by line, noting Flower's exit codes and
+    keeping the last LOG_TAIL_LINES lines."""
     for raw in iter(stream.readline, b""):
         line = raw.decode("utf-8", errors="replace")
         if match := _FLOWER_EXIT.search(line):
             codes.append(int(match.group(1)))
+        tail.append(line)
+        del tail[:-LOG_TAIL_LINES]
         sys.stdout.write(line)
         sys.stdout.flush()
 
 
-def run_supernode(flags: list[str]) -> tuple[int, int | None]:
+@dataclass(frozen=True)
+class NodeExit:
+    """How a SuperNode ended: its exit status, the Flower exit code it reported (e.g. 305
+    when it could not connect), and the last lines it printed."""
+
+    status: int
+    flower_code: int | None
+    output: str
+
+
+def run_supernode(flags: list[str]) -> NodeExit:
     """Run `flower-supernode FLAGS` in the foreground, echo its output, stop it and its
-    ClientApp processes on exit, Ctrl-C or SIGTERM; return (exit status, the Flower exit
-    code it reported, if any: e.g. 305 for a node the SuperLink refused)."""
+    ClientApp processes on exit, Ctrl-C or SIGTERM; return how it ended."""
     bin_dir = _venv_bin()
     guard = SignalGuard()
     guard.install()
     tmp = Path(tempfile.mkdtemp(prefix="fedlora-node-"))
     state = RunState(tmp=tmp, tag=uuid.uuid4().hex)
-    code, flower_codes = 1, list[int]()
+    code, flower_codes, tail = 1, list[int](), list[str]()
     try:
         try:
             env = _child_env(bin_dir, Path(os.environ.get("FLWR_HOME", tmp / "flwr_home")),
                              tmp / "ray", state.tag)
+            # The SuperNode starts its task processes by name: ours come first on its PATH,
+            # so it runs only fedlora's own ClientApp (clients/app_guard.py).
+            _write_guard_shims(tmp / "guard")
+            env["PATH"] = os.pathsep.join([str(tmp / "guard"), env["PATH"]])
             state.tracker = ProcessTracker(state.tag, [tmp])
             node = _spawn(state, [str(bin_dir / "flower-supernode"), *flags], env,
                           subprocess.PIPE)
@@ -508,7 +575,8 @@ def run_supernode(flags: list[str]) -> tuple[int, int | None]:
             state.tracker.start()
             # The SuperExec child inherits stdout, so EOF can come long after the SuperNode
             # exits: copy output in a thread and end when the SuperNode process ends.
-            echo = threading.Thread(target=_echo, args=(node.stdout, flower_codes), daemon=True)
+            echo = threading.Thread(target=_echo, args=(node.stdout, flower_codes, tail),
+                                    daemon=True)
             echo.start()
             code = node.wait()
             echo.join(timeout=2.0)
@@ -518,4 +586,4 @@ def run_supernode(flags: list[str]) -> tuple[int, int | None]:
     finally:
         guard.restore()
     guard.raise_pending()
-    return code, (flower_codes[0] if flower_codes else None)
+    return NodeExit(code, flower_codes[0] if flower_codes else None, "".join(tail))

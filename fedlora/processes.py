@@ -52,6 +52,8 @@ class RunState:
     flwr_run: subprocess.Popen[bytes] | None = None
     superlink_log: Path | None = None
     log_handle: IO[bytes] | None = None
+    gate: subprocess.Popen[bytes] | None = None  # deployment: the fleet gate
+    gate_log: IO[bytes] | None = None
     tracker: ProcessTracker | None = None
 
 
@@ -253,6 +255,7 @@ def kill_run_processes(state: RunState) -> None:
     if tracker is not None:
         tracker.stop()
     stop_group(state.flwr_run, "flwr run")
+    stop_group(state.gate, "the fleet gate")
     if tracker is None:  # the SuperLink was never started
         return
     pids = tracker.scan()
@@ -283,8 +286,9 @@ def cleanup(state: RunState) -> None:
     try:
         kill_run_processes(state)
     finally:
-        if state.log_handle is not None:
-            state.log_handle.close()
+        for handle in (state.log_handle, state.gate_log):
+            if handle is not None:
+                handle.close()
         for path in (state.tmp, *state.extra_dirs):
             shutil.rmtree(path, ignore_errors=True)
             if path.exists():

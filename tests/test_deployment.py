@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from flower_cli import FlowerCli, hostile_app, said
 from peft import PeftModel
 from test_simulation import SESSION_ENV, leftover_processes
 
@@ -99,13 +100,18 @@ def test_server_and_three_nodes_with_different_ranks(tmp_path):
 
 
 @pytest.mark.slow
-def test_tls_and_node_authentication_refuse_an_unregistered_node(tmp_path):
+def test_tls_node_authentication_and_a_control_api_closed_to_participants(tmp_path):
+    """TLS and node authentication refuse an unregistered node; on the public address the
+    Flower CLI can neither list, submit nor stop runs nor register a key; on the server
+    machine's control port it can, and a run whose bundle carries code is refused by every
+    node before any of that code runs."""
     certs, port, out = tmp_path / "certs", free_port(), tmp_path / "out"
     from fedlora.cli.main import main
 
     assert main(["certs", "--out", str(certs), "--host", "127.0.0.1",
                  "--nodes", "node0", "node1", "intruder"]) == 0
-    server = start(["server", "--address", f"127.0.0.1:{port}", "--min-nodes", "2",
+    server = start(["server", "--address", f"127.0.0.1:{port}", "--control-port",
+                    str(control := free_port()), "--min-nodes", "2",
                     "--certs-dir", str(certs), "--authorized-keys", str(certs / "node0.pub"),
                     str(certs / "node1.pub"), "--output-dir", str(out), *RUN],
                    tmp_path / "server.log")
@@ -119,7 +125,22 @@ def test_tls_and_node_authentication_refuse_an_unregistered_node(tmp_path):
              for i, name in enumerate(("node0", "node1"))]
     intruder = start(["client", *tls, "--auth-key", str(certs / "intruder")],
                      tmp_path / "intruder.log")
+    public = FlowerCli(tmp_path / "participant", f"127.0.0.1:{port}", certs / "ca.crt")
+    operator = FlowerCli(tmp_path / "operator", f"127.0.0.1:{control}", certs / "ca.crt")
+    marker, report = tmp_path / "marker", tmp_path / "report.json"
+    app = hostile_app(tmp_path / "hostile", marker, report)
     try:
+        [run] = operator.runs()  # the operator sees the fedlora run from the server machine
+        for args in (["ls", "target"], ["supernode", "register", str(certs / "intruder.pub"),
+                                        "target"],
+                     ["stop", str(run["run-id"]), "target"], ["run", str(app), "target"]):
+            proc = public(*args)
+            assert proc.returncode != 0 and "serves only the Fleet API" in said(proc), args
+        submitted = operator("run", str(app), "target", "--stream", timeout=300)
+        assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+        reasons = json.loads(report.read_text())
+        assert len(reasons) == 2 and all("carries files of its own" in r for r in reasons)
+        assert not marker.exists()
         assert intruder.wait(timeout=180) != 0  # refused (3 tries): its key is not registered
         assert server.wait(timeout=600) == 0, (tmp_path / "server.log").read_text()[-3000:]
     finally:
@@ -128,6 +149,7 @@ def test_tls_and_node_authentication_refuse_an_unregistered_node(tmp_path):
         tmp_path / "intruder.log").read_text()
     rows = read_metrics(out)
     assert [r["clients-replied"] for r in rows] == [2, 2]
+    assert "refused POST /v1/control/" in (out / "fleet-gate.log").read_text()
     final_adapter_loads(out)
     assert wait_gone() == []
 

@@ -1,7 +1,9 @@
 """`fedlora server`: the aggregation server of a real deployment (Flower SuperLink + ServerApp).
 
-Starts a `flower-superlink` on the address given (TLS with certificate, key and CA; SuperNode
-authentication with the allowed public keys; a state database in --output-dir), submits the
+Starts a `flower-superlink` on 127.0.0.1 (TLS with certificate, key and CA; SuperNode
+authentication with the allowed public keys; a state database in --output-dir) and, on the
+address given, the fleet gate (server/fleet_gate.py) that lets only the Fleet API through, so a
+participant can join but cannot submit, list or stop runs. It then submits the
 fedlora run to it, waits for --min-nodes client nodes, streams the progress, writes metrics,
 per-round adapters and the final adapter to --output-dir, and stops everything it started
 when the run ends, fails or is interrupted.
@@ -26,6 +28,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=DEFAULT_ADDRESS,
                    help=f"HOST:PORT the SuperLink listens on; client nodes connect here "
                         f"(default {DEFAULT_ADDRESS}; 0.0.0.0:PORT for every interface)")
+    p.add_argument("--control-port", type=int, default=None, metavar="PORT",
+                   help="port of the Control API (`flwr ls`, `flwr stop`, `flwr supernode "
+                        "ls`), on 127.0.0.1 only: participants cannot submit, list or stop "
+                        "runs (default: the --address port + 1)")
     p.add_argument("--min-nodes", type=int, default=None,
                    help="client nodes that must be connected before a round starts (default 2)")
     p.add_argument("--certs-dir", type=Path,
@@ -76,6 +82,10 @@ def superlink_spec(args: argparse.Namespace, out_dir: Path):
     from fedlora.launch import SuperLinkSpec
 
     host, port = parse_address(args.address)
+    control = port + 1 if args.control_port is None else args.control_port
+    if not 0 < control < 65536 or control == port:
+        raise ValueError(f"--control-port: expected a free port other than the --address "
+                         f"port {port}, got {control}")
     tls = tls_files(args.certs_dir)
     if tls is None and not is_loopback(host) and not args.insecure:
         raise ValueError(
@@ -91,7 +101,8 @@ def superlink_spec(args: argparse.Namespace, out_dir: Path):
         if not key.is_file():
             raise FileNotFoundError(f"--authorized-keys: {key} does not exist")
     ca, cert, key_file = tls or (None, None, None)
-    return SuperLinkSpec(simulation=False, host=host, port=port, ca_cert=ca, cert=cert,
+    return SuperLinkSpec(simulation=False, host=host, port=port, control_port=control,
+                         ca_cert=ca, cert=cert,
                          key=key_file, supernode_auth=bool(keys), authorized_keys=keys,
                          database=out_dir / "superlink.db")
 
