@@ -190,6 +190,9 @@ class RoundLoop:
                                                    MessageType.TRAIN)
             for node, msg in replies:
                 self.read_train_reply(node, msg, record)
+            for node in sorted(set(ready) - {node for node, _ in replies}):
+                self.failed(record, node, f"no reply within round-timeout="
+                                          f"{self.rules.timeout:g} s")
             record.train_failures = len(record.failures)
             if len(record.replies) >= self.rules.replies_needed:
                 self.merge(server_round, record)
@@ -283,11 +286,21 @@ class RoundLoop:
             reason = reply.error.reason if reply.has_error() else (
                 f"declared LoRA rank {rank!r}, expected an integer in 1..{self.state.rank} "
                 f"(the global rank; raise export-rank to allow more)")
-            record.fail(node, str(reason), self.node_names.get(node))
+            self.failed(record, node, str(reason))
             failed.add(node)
         for node in unknown:
             if node not in self.node_ranks and node not in failed:
-                record.fail(node, "no answer to the rank query", self.node_names.get(node))
+                self.failed(record, node, "no answer to the rank query within round-timeout="
+                                          f"{self.rules.timeout:g} s")
+
+    def failed(self, record: RoundRecord, node: int, reason: str, dropped: bool = False) -> None:
+        """Record and log that `node` failed this round (or that its reply was dropped),
+        naming it as it named itself."""
+        name = self.node_names.get(node)
+        who = f"node {node}" + (f" ({name})" if name else "")
+        log(WARNING, "round %d: %s: %s", record.round,
+            f"dropped the reply of {who}" if dropped else f"{who} failed", reason)
+        record.fail(node, reason, name)
 
     def learn_name(self, node: int, reply: Message) -> None:
         """Remember the name a `fedlora client` node sent with its rank."""
@@ -332,15 +345,12 @@ class RoundLoop:
     # ==== replies =============================================================================
     def read_train_reply(self, node: int, msg: Message, record: RoundRecord) -> None:
         """Accept node's training reply into `record`, or record why it was dropped."""
-        name = self.node_names.get(node)
         if msg.has_error():
-            record.fail(node, str(msg.error.reason), name)
+            self.failed(record, node, str(msg.error.reason))
             return
         problem, reply = self.check_reply(node, msg)
         if problem is not None:
-            log(WARNING, "round %d: dropped reply from node %d%s: %s", record.round, node,
-                f" ({name})" if name else "", problem)
-            record.fail(node, problem, name)
+            self.failed(record, node, problem, dropped=True)
             return
         assert reply is not None
         self.node_ranks[node] = reply.row[M.LORA_RANK]

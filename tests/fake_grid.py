@@ -42,7 +42,8 @@ class FakeGrid(Grid):
     contexts: dict[int, Context]
     silent: set[int] = field(default_factory=set)  # these nodes never reply
     crash: set[int] = field(default_factory=set)  # these nodes raise in their ClientApp
-    hook: Callable[[Message, Message], Message] | None = None  # edit a reply before it returns
+    # edit a reply before it returns (None: the node stays silent this time)
+    hook: Callable[[Message, Message], Message | None] | None = None
     sent: list[Message] = field(default_factory=list)  # every message the server sent
     _ids: Any = field(default_factory=itertools.count)
     _run: Any = None
@@ -99,7 +100,7 @@ class FakeGrid(Grid):
                             reply_to=received)
         if self.hook is not None:
             reply = self.hook(received, reply)
-        return _transported(reply)
+        return None if reply is None else _transported(reply)
 
 
 def node_contexts(run_config: dict, num_nodes: int, node_config: Callable[[int], dict] | None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import socket
+import ssl
 import sys
 import time
 from pathlib import Path
@@ -32,6 +33,9 @@ EXIT_HINTS = {
          "in the server's --authorized-keys (and --auth-key must be the matching private "
          "key); also check --server and, for TLS, --root-certificates.",
 }
+TLS_HINT = ("the TLS handshake with the server failed (see the SSL error above): "
+            "--root-certificates must be the server's ca.crt, and --server must use a name or "
+            "IP the server's certificate lists (`fedlora certs --host`). Not retried.")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -115,6 +119,40 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def probe_server(address: str, ca: Path | None, timeout: float = 5.0) -> str | None:
+    """Why this node can never talk to the server at `address` as configured (None: it can,
+    or the server is not reachable yet, which Flower's retries handle). Checks the one thing
+    waiting cannot fix: TLS on one side and not the other, or a certificate that does not
+    verify against `ca`."""
+    host, _, port = address.rpartition(":")
+    try:
+        sock = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout)
+    except (OSError, ValueError):
+        return None
+    with sock:
+        if ca is None:  # plain HTTP: a TLS server answers a request with garbage or a reset
+            try:
+                sock.sendall(f"GET /health HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+                first = sock.recv(5)
+            except OSError:
+                first = b""
+            return None if first.startswith(b"HTTP/") else (
+                f"the server at {address} did not answer plain HTTP: it serves TLS. Pass its "
+                f"ca.crt with --root-certificates instead of --insecure")
+        context = ssl.create_default_context(cafile=str(ca))
+        try:
+            with context.wrap_socket(sock, server_hostname=host.strip("[]")):
+                return None
+        except ssl.SSLCertVerificationError as exc:
+            return (f"TLS verification of the server failed: {exc.verify_message}. "
+                    f"--root-certificates {ca} must be the ca.crt that `fedlora certs` wrote "
+                    f"for this server, and {host} must be a name or IP its certificate lists "
+                    f"(`fedlora certs --host {host} ...`)")
+        except (ssl.SSLError, OSError) as exc:
+            return (f"TLS handshake with {address} failed ({exc}): the server may have been "
+                    f"started without --certs-dir; then connect with --insecure")
+
+
 def run(args: argparse.Namespace) -> int:
     """Check the node's settings and data, then run the SuperNode until it ends."""
     config = node_config(args)
@@ -125,15 +163,30 @@ def run(args: argparse.Namespace) -> int:
           f"({'TLS' if args.root_certificates else 'insecure'}) with "
           f"{shlex.join(f'{k}={v}' for k, v in config.items()) or 'the run defaults'}",
           file=sys.stderr)
+    problem = probe_server(args.server, args.root_certificates)
+    if problem:
+        print(f"fedlora: error: {problem}", file=sys.stderr)
+        return 2
     for attempt in range(1, REFUSED_ATTEMPTS + 1):
-        code, flower_code = run_supernode(flags)
-        if flower_code != 305 or attempt == REFUSED_ATTEMPTS:
+        ended = run_supernode(flags)
+        hint, retry = diagnosis(ended.flower_code, ended.output)
+        if not retry or attempt == REFUSED_ATTEMPTS:
             break
         # A server registers the allowed keys a few seconds after it starts listening.
         print(f"fedlora: the server refused this node; trying again in {REFUSED_WAIT_S} s "
               f"({attempt}/{REFUSED_ATTEMPTS - 1})", file=sys.stderr)
         time.sleep(REFUSED_WAIT_S)
-    if flower_code in EXIT_HINTS:
-        print(f"fedlora: the client node stopped (Flower exit code {flower_code}): "
-              f"{EXIT_HINTS[flower_code]}", file=sys.stderr)
-    return code
+    if hint:
+        print(f"fedlora: the client node stopped (Flower exit code {ended.flower_code}): "
+              f"{hint}", file=sys.stderr)
+    return ended.status
+
+
+def diagnosis(flower_code: int | None, output: str) -> tuple[str | None, bool]:
+    """(what to tell the user, whether starting the node again can help) for a SuperNode
+    that stopped with `flower_code`, having printed `output`."""
+    if flower_code != 305:
+        return EXIT_HINTS.get(flower_code or 0), False
+    if "CERTIFICATE_VERIFY_FAILED" in output or "SSL" in output:
+        return TLS_HINT, False  # trying again cannot change a certificate
+    return EXIT_HINTS[305], True
