@@ -22,7 +22,7 @@ import logging
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch import Tensor
 
@@ -155,11 +155,12 @@ def prepare(msg: Message, context: Context) -> Job:
     residual = msg.content.array_records.get(wire.RESIDUAL)
     set_residual(slot, lora, unflatten(from_array_record(residual)) if residual else None)
     pid, n = partition(context)
-    store = personal_store(settings.federation.personal_dir, context, pid)
+    server_round = config_int(msg, wire.SERVER_ROUND)
+    store = personal_store(settings.federation.personal_dir, context, pid, server_round,
+                           evaluating=msg.metadata.message_type == MessageType.EVALUATE)
     start = method.client_start(received_state(msg, slot, rank), store)
     set_lora_state(slot.model, {k: v.float() for k, v in start.items()}, slot.adapter)
-    return Job(settings, method, slot, pid, n, rank, config_int(msg, wire.SERVER_ROUND), start,
-               store)
+    return Job(settings, method, slot, pid, n, rank, server_round, start, store)
 
 
 def clip_reply(job: Job, state: dict[str, Tensor], rank: int) -> dict[str, Tensor]:

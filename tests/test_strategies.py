@@ -73,8 +73,9 @@ def test_strategy_runs_exports_and_reproduces_the_global_model(tmp_path, name):
         else:
             assert row["exactness"] > 1e-6, row["exactness"]
     if strategy.shares == "A":  # each client's personal B: a file, not memory of the worker
-        assert sorted(p.name for p in (out / "personal").iterdir()) == [
-            f"client-{i}.safetensors" for i in range(3)]
+        assert sorted(p.name for p in (out / "personal").iterdir()) == sorted(
+            f"client-{i}{version}.safetensors" for i in range(3) for version in ("",
+                                                                              "-previous"))
     if strategy.heterogeneous:  # a client's upload is proportional to its rank
         up = {c["lora-rank"]: c["bytes-up"] for c in rows[0]["clients"]}
         assert up[4] < up[8] < up[16]
@@ -136,12 +137,13 @@ def test_fedsa_lora_client_keeps_its_own_b_across_rounds(tiny_settings):
     personal = {k: torch.randn_like(v) for k, v in state.items() if k.endswith("lora_B.weight")}
     msg = fedsa_message(shared_a)
     context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
-    method, store = get_method("fedsa-lora"), personal_store("", context, 0)
+    method, store = get_method("fedsa-lora"), personal_store("", context, 0, server_round=1)
     first = method.client_start(received_state(msg, slot, 4), store)
     assert all(torch.equal(first[k], torch.zeros_like(v)) for k, v in personal.items())
     trained = {**shared_a, **personal}
     method.client_finish(trained, 4, tiny_settings, store)  # keeps B in the context
-    second = method.client_start(received_state(msg, slot, 4), store)
+    second = method.client_start(received_state(msg, slot, 4),
+                                 personal_store("", context, 0, server_round=2))
     assert all(torch.equal(second[k], v) for k, v in personal.items())
     assert all(torch.equal(second[k], v) for k, v in shared_a.items())
     assert method.shared(second).keys() == shared_a.keys()  # B never leaves the client
@@ -161,14 +163,14 @@ def test_fedsa_lora_personal_b_in_a_personal_dir_is_one_file_per_client(tiny_set
     context = lambda pid: Context(run_id=1, node_id=pid, node_config={"partition-id": pid},
                                   state=RecordDict(), run_config={})
     method, msg = get_method("fedsa-lora"), fedsa_message({})
-    store = lambda pid: personal_store(str(tmp_path), context(pid), pid)
-    store(3).save(personal)
+    store = lambda pid, rnd: personal_store(str(tmp_path), context(pid), pid, server_round=rnd)
+    store(3, 1).save(personal)
     assert [p.name for p in tmp_path.iterdir()] == ["client-3.safetensors"]
-    # a fresh context: read from the file
-    again = method.client_start(received_state(msg, slot, 4), store(3))
+    # a fresh context in round 2: read from the file
+    again = method.client_start(received_state(msg, slot, 4), store(3, 2))
     assert all(torch.equal(again[k], v) for k, v in personal.items())
     # client 4 has no file yet: the seeded B, zero
-    other = method.client_start(received_state(msg, slot, 4), store(4))
+    other = method.client_start(received_state(msg, slot, 4), store(4, 2))
     assert all(torch.equal(other[k], torch.zeros_like(v)) for k, v in personal.items())
 
 
