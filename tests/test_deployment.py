@@ -248,6 +248,23 @@ def relative_difference(a: Path, b: Path) -> float:
     return max(float((x[k] - y[k]).norm() / x[k].norm().clamp_min(1e-12)) for k in x)
 
 
+def delta_w_difference(a: Path, b: Path) -> float:
+    """max over modules of ||dW_a - dW_b|| / ||dW_a|| with dW = B A: the adapters as
+    functions (a factored merge may split the same product into other factors when the
+    replies arrive in another order)."""
+    from safetensors.torch import load_file
+
+    x, y = load_file(str(a / "adapter_model.safetensors")), load_file(
+        str(b / "adapter_model.safetensors"))
+    assert x.keys() == y.keys()
+    worst = 0.0
+    for key in (k for k in x if "lora_A" in k):
+        up = key.replace("lora_A", "lora_B")
+        dx, dy = x[up] @ x[key], y[up] @ y[key]
+        worst = max(worst, float((dx - dy).norm() / dx.norm().clamp_min(1e-12)))
+    return worst
+
+
 @pytest.mark.slow
 def test_server_killed_mid_round_resumes_to_the_uninterrupted_result(tmp_path):
     settings = ["--model", "tiny-llama", "--rounds", "3", "--local-steps", "3",

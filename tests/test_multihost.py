@@ -1,0 +1,273 @@
+"""Deployment across hosts, as docs/deployment.md says to run it: the server and each client
+node in a network namespace of its own (its own address on 10.87.0.0/24, joined by a bridge in
+a namespace of its own), TLS and node authentication, nodes with their own data files and
+ranks, a participant trying the Flower CLI against the server, a node whose link is cut
+mid-round, and the server SIGKILLed mid-round and resumed with node authentication still on.
+
+Needs root and `ip netns` (skipped otherwise, with the reason). Every namespace and every
+process in it is removed by the fixture, by name and PID, also when a test fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from flower_cli import FlowerCli, hostile_app, said
+from test_deployment import delta_w_difference, final_adapter_loads, wait_for
+from test_simulation import SESSION_ENV
+
+from fedlora.outputs import read_metrics
+
+pytestmark = pytest.mark.slow
+
+NET = "10.87.0"
+HOSTS = {"server": 1, "site-a": 2, "site-b": 3, "site-c": 4}  # name -> last address byte
+SERVER = f"{NET}.1:9092"
+
+
+def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run `ip ARGS`."""
+    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30,
+                          check=check)
+
+
+class Hosts:
+    """Network namespaces standing in for separate machines, and the processes run in them."""
+
+    def __init__(self) -> None:
+        """Names unique to this test session, so nothing else is touched."""
+        tag = uuid.uuid4().hex[:6]
+        self.ns = {name: f"fl{tag}-{name}" for name in HOSTS}
+        self.bridge = f"fl{tag}-br"
+        self.procs: list[subprocess.Popen] = []
+
+    def create(self) -> None:
+        """A bridge namespace and one namespace per host, each with lo and eth0 up."""
+        ip("netns", "add", self.bridge)
+        ip("-n", self.bridge, "link", "add", "br0", "type", "bridge")
+        ip("-n", self.bridge, "link", "set", "br0", "up")
+        for name, last in HOSTS.items():
+            ns = self.ns[name]
+            ip("netns", "add", ns)
+            ip("-n", self.bridge, "link", "add", self.port(name), "type", "veth", "peer",
+               "name", "eth0", "netns", ns)
+            ip("-n", self.bridge, "link", "set", self.port(name), "master", "br0", "up")
+            ip("-n", ns, "addr", "add", f"{NET}.{last}/24", "dev", "eth0")
+            ip("-n", ns, "link", "set", "eth0", "up")
+            ip("-n", ns, "link", "set", "lo", "up")
+
+    @staticmethod
+    def port(name: str) -> str:
+        """The bridge side of a host's cable (at most 15 characters)."""
+        return f"to-{name}"
+
+    def link(self, name: str, up: bool) -> None:
+        """Plug a host's cable in or pull it out."""
+        ip("-n", self.bridge, "link", "set", self.port(name), "up" if up else "down")
+
+    def fedlora(self, name: str, args: list[str], log: Path) -> subprocess.Popen:
+        """`fedlora ARGS` on host `name`, logging to `log`."""
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", self.ns[name], sys.executable, "-m", "fedlora.cli.main",
+             *args], stdout=log.open("w"), stderr=subprocess.STDOUT,
+            env={**os.environ, **SESSION_ENV, "PYTHONUNBUFFERED": "1"})
+        self.procs.append(proc)
+        return proc
+
+    def flwr(self, name: str, home: Path, address: str, ca: Path) -> FlowerCli:
+        """The Flower CLI on host `name`, pointed at `address`."""
+        return FlowerCli(home, address, ca, prefix=("ip", "netns", "exec", self.ns[name]))
+
+    def pids(self, name: str) -> list[int]:
+        """Every process living in host `name`'s namespace."""
+        out = ip("netns", "pids", self.ns[name], check=False).stdout
+        return [int(p) for p in out.split()]
+
+    def kill_host(self, name: str) -> None:
+        """SIGKILL everything on host `name` (a power cut)."""
+        for pid in self.pids(name):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 30
+        while self.pids(name) and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        """SIGTERM what the tests started (fedlora stops its children), then kill the rest."""
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.procs.clear()
+        for name in HOSTS:
+            self.kill_host(name)
+
+    def destroy(self) -> None:
+        """Stop every process, then delete every namespace this object made."""
+        self.stop()
+        for ns in [*self.ns.values(), self.bridge]:
+            ip("netns", "del", ns, check=False)
+        left = set(ip("netns", "list").stdout.split()) & {*self.ns.values(), self.bridge}
+        assert not left, f"namespaces left behind: {left}"
+
+
+def netns_unavailable() -> str | None:
+    """Why this machine cannot run these tests (None: it can)."""
+    if os.geteuid() != 0:
+        return "network namespaces need root"
+    if shutil.which("ip") is None:
+        return "the `ip` command (iproute2) is not installed"
+    probe = f"flprobe-{uuid.uuid4().hex[:6]}"
+    made = ip("netns", "add", probe, check=False)
+    ip("netns", "del", probe, check=False)
+    return None if made.returncode == 0 else f"`ip netns add` failed: {made.stderr.strip()}"
+
+
+@pytest.fixture(scope="module")
+def hosts():
+    """Four hosts on one bridge; all of it removed afterwards."""
+    reason = netns_unavailable()
+    if reason:
+        pytest.skip(reason)
+    net = Hosts()
+    try:
+        net.create()
+        yield net
+    finally:
+        net.destroy()
+
+
+@pytest.fixture
+def host_procs(hosts):
+    """Each test leaves no process behind on any host."""
+    yield hosts
+    hosts.stop()
+    assert all(not hosts.pids(name) for name in HOSTS)
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    """`fedlora certs` for the server's address, two sites and one key nobody authorised."""
+    from fedlora.cli.main import main
+
+    out = tmp_path_factory.mktemp("certs")
+    assert main(["certs", "--out", str(out), "--host", f"{NET}.1",
+                 "--nodes", "site-a", "site-b", "intruder"]) == 0
+    return out
+
+
+def says(log: Path, text: str, times: int = 1):
+    """True once `text` appears `times` times in `log`."""
+    return lambda: log.exists() and log.read_text().count(text) >= times
+
+
+def site_data(path: Path, offset: int) -> Path:
+    """A node's own private data file (instruction/output)."""
+    rows = [{"instruction": f"Add {a} and {a + offset}.", "output": str(2 * a + offset)}
+            for a in range(60)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def server_args(certs: Path, out: Path, *extra: str) -> list[str]:
+    """`fedlora server` on the server host's own address with TLS and node authentication."""
+    return ["server", "--address", SERVER, "--certs-dir", str(certs), "--authorized-keys",
+            str(certs / "site-a.pub"), str(certs / "site-b.pub"), "--output-dir", str(out),
+            *extra]
+
+
+def client_args(certs: Path, name: str, *extra: str) -> list[str]:
+    """`fedlora client` on a site, connecting to the server's address."""
+    return ["client", "--server", SERVER, "--root-certificates", str(certs / "ca.crt"),
+            "--auth-key", str(certs / name), "--name", name, *extra]
+
+
+def test_ranks_a_closed_control_api_and_a_cut_link_across_hosts(host_procs, certs, tmp_path):
+    hosts, out, log = host_procs, tmp_path / "out", tmp_path / "server.log"
+    server = hosts.fedlora("server", server_args(
+        certs, out, "--min-nodes", "2", "--model", "tiny-llama", "--rounds", "4",
+        "--local-steps", "3", "--strategy", "flexlora", "--client-ranks", "8,32",
+        "--run-config", "lr=0.01 eval-examples=8 fraction-evaluate=0.0 round-timeout=40 "
+        "min-replies=1"), log)
+    wait_for(says(log, "registered SuperNode key", 2), server, log)
+    for name, rank, offset in (("site-a", 8, 1), ("site-b", 32, 5)):
+        data = site_data(tmp_path / f"{name}.jsonl", offset)
+        hosts.fedlora(name, client_args(certs, name, "--data-path", str(data), "--rank",
+                                        str(rank)), tmp_path / f"{name}.log")
+    # a participant holding ca.crt, against the server's public address: nothing works
+    participant = hosts.flwr("site-a", tmp_path / "participant", SERVER, certs / "ca.crt")
+    operator = hosts.flwr("server", tmp_path / "operator", "127.0.0.1:9093", certs / "ca.crt")
+    [run] = operator.runs()  # on the server machine, the Control API answers
+    for args in (["ls", "target"], ["stop", str(run["run-id"]), "target"],
+                 ["supernode", "register", str(certs / "intruder.pub"), "target"],
+                 ["run", str(hostile_app(tmp_path / "app", tmp_path / "marker",
+                                         tmp_path / "report.json")), "target"]):
+        proc = participant(*args)
+        assert proc.returncode != 0 and "serves only the Fleet API" in said(proc), args
+    # site-b's cable is pulled while round 2 trains, and plugged back once round 2 is over
+    wait_for(says(log, "round 2: sent"), server, log)
+    hosts.link("site-b", up=False)
+    wait_for(lambda: len(read_metrics(out)) >= 2, server, log)
+    hosts.link("site-b", up=True)
+    assert server.wait(timeout=600) == 0, log.read_text()[-3000:]
+    rows = read_metrics(out)
+    ranks = [{c["node-name"]: c["lora-rank"] for c in row["clients"]} for row in rows]
+    assert ranks[:2] == [{"site-a": 8, "site-b": 32}, {"site-a": 8}]
+    # back online, site-b takes part again (in round 3, or in round 4 when round 3 was sent
+    # before its first heartbeat after the cut reached the server)
+    assert {"site-a": 8, "site-b": 32} in ranks[2:]
+    assert [(f["node-name"], f["reason"]) for f in rows[1]["failures"]] == [
+        ("site-b", "no reply within round-timeout=40 s")]
+    assert "(site-b) failed: no reply within round-timeout=40 s" in log.read_text()
+    assert json.loads((out / "final" / "adapter_config.json").read_text())["r"] == 32
+    final_adapter_loads(out)
+
+
+def test_server_killed_mid_round_resumes_with_node_authentication_on(host_procs, certs,
+                                                                     tmp_path):
+    settings = ["--model", "tiny-llama", "--rounds", "3", "--local-steps", "3", "--strategy",
+                "flexlora", "--client-ranks", "8,32", "--run-config",
+                "lr=0.01 dataset-size=120 fraction-evaluate=0.0"]
+    from fedlora.cli.main import main
+
+    reference = tmp_path / "reference"
+    assert main(["simulate", "--num-clients", "2", "--output-dir", str(reference),
+                 *settings]) == 0
+    hosts, out, log = host_procs, tmp_path / "out", tmp_path / "server.log"
+    server = hosts.fedlora("server", server_args(certs, out, "--min-nodes", "2", *settings),
+                           log)
+    wait_for(says(log, "registered SuperNode key", 2), server, log)
+    for i, (name, rank) in enumerate((("site-a", 8), ("site-b", 32))):
+        hosts.fedlora(name, client_args(certs, name, "--rank", str(rank), "--partition-id",
+                                        str(i), "--num-partitions", "2"),
+                      tmp_path / f"{name}.log")
+    wait_for(says(log, "round 2: sent"), server, log)
+    hosts.kill_host("server")  # mid-round 2: the server machine loses power
+    server.wait(timeout=30)
+    assert [r["round"] for r in read_metrics(out)] == [1]
+    log2 = tmp_path / "resumed.log"
+    resumed = hosts.fedlora("server", server_args(certs, out, "--resume", str(out)), log2)
+    wait_for(says(log2, "SuperNode key", 2), resumed, log2)  # registered, or kept in the db
+    intruder_log = tmp_path / "intruder.log"
+    intruder = hosts.fedlora("site-c", client_args(certs, "intruder"), intruder_log)
+    assert intruder.wait(timeout=300) != 0  # node authentication survived the resume
+    assert "the server refused this node" in intruder_log.read_text()
+    assert resumed.wait(timeout=600) == 0, log2.read_text()[-3000:]
+    assert [r["round"] for r in read_metrics(out)] == [1, 2, 3]
+    assert delta_w_difference(reference / "final", out / "final") <= 1e-6
