@@ -73,6 +73,7 @@ CONNECTION_NAME = "fedlora"
 READY_TIMEOUT_S = 60.0
 STATUS_TIMEOUT_S = 30.0
 LOG_TAIL_LINES = 30
+NODE_TAIL_LINES = 80  # a SuperNode's last words can follow a 30-line traceback
 # AF_UNIX socket paths are limited to 107 bytes; Ray puts its sockets under
 # $RAY_TMPDIR/ray/session_<date>_<pid>/sockets/plasma_store (~70 bytes below RAY_TMPDIR).
 MAX_RAY_TMPDIR_LEN = 36
@@ -526,17 +527,21 @@ def _write_guard_shims(folder: Path) -> None:
 
 
 _FLOWER_EXIT = re.compile(r"Exit Code: (\d+)")
+# What a SuperNode prints when the SuperLink accepted it, and when it stops on its own (as a
+# flwr 1.41 SuperNode does once the SuperLink answers it 401: it no longer knows the node).
+MARKS = {"connected": "SuperNode ID:", "stopped": "SuperNode terminated gracefully"}
 
 
-def _echo(stream: IO[bytes], codes: list[int], tail: list[str]) -> None:
-    """Copy a child's output to our stdout, line by line, noting Flower's exit codes and
-    keeping the last LOG_TAIL_LINES lines."""
+def _echo(stream: IO[bytes], codes: list[int], tail: list[str], seen: set[str]) -> None:
+    """Copy a child's output to our stdout, line by line, noting Flower's exit codes, the
+    MARKS seen, and keeping the last NODE_TAIL_LINES lines."""
     for raw in iter(stream.readline, b""):
         line = raw.decode("utf-8", errors="replace")
         if match := _FLOWER_EXIT.search(line):
             codes.append(int(match.group(1)))
+        seen.update(name for name, mark in MARKS.items() if mark in line)
         tail.append(line)
-        del tail[:-LOG_TAIL_LINES]
+        del tail[:-NODE_TAIL_LINES]
         sys.stdout.write(line)
         sys.stdout.flush()
 
@@ -549,6 +554,8 @@ class NodeExit:
     status: int
     flower_code: int | None
     output: str
+    connected: bool = False  # the SuperLink had accepted it (Flower printed its node ID)
+    stopped_itself: bool = False  # it ended on its own, without a Flower error code
 
 
 def run_supernode(flags: list[str]) -> NodeExit:
@@ -559,7 +566,7 @@ def run_supernode(flags: list[str]) -> NodeExit:
     guard.install()
     tmp = Path(tempfile.mkdtemp(prefix="fedlora-node-"))
     state = RunState(tmp=tmp, tag=uuid.uuid4().hex)
-    code, flower_codes, tail = 1, list[int](), list[str]()
+    code, flower_codes, tail, seen = 1, list[int](), list[str](), set[str]()
     try:
         try:
             env = _child_env(bin_dir, Path(os.environ.get("FLWR_HOME", tmp / "flwr_home")),
@@ -575,7 +582,7 @@ def run_supernode(flags: list[str]) -> NodeExit:
             state.tracker.start()
             # The SuperExec child inherits stdout, so EOF can come long after the SuperNode
             # exits: copy output in a thread and end when the SuperNode process ends.
-            echo = threading.Thread(target=_echo, args=(node.stdout, flower_codes, tail),
+            echo = threading.Thread(target=_echo, args=(node.stdout, flower_codes, tail, seen),
                                     daemon=True)
             echo.start()
             code = node.wait()
@@ -586,4 +593,6 @@ def run_supernode(flags: list[str]) -> NodeExit:
     finally:
         guard.restore()
     guard.raise_pending()
-    return NodeExit(code, flower_codes[0] if flower_codes else None, "".join(tail))
+    flower_code = flower_codes[0] if flower_codes else None
+    return NodeExit(code, flower_code, "".join(tail), "connected" in seen,
+                    "stopped" in seen and flower_code is None)

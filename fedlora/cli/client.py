@@ -15,9 +15,13 @@ import ssl
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedlora.cli.runconfig import parse_run_config
 from fedlora.methods import load_settings
+
+if TYPE_CHECKING:
+    from fedlora.launch import NodeExit
 
 # flag -> node-config key
 NODE_FLAGS = {"data_path": "data-path", "rank": "lora-rank", "quantization": "quantization",
@@ -25,7 +29,10 @@ NODE_FLAGS = {"data_path": "data-path", "rank": "lora-rank", "quantization": "qu
               "partition_id": "partition-id", "num_partitions": "num-partitions"}
 
 
-REFUSED_ATTEMPTS, REFUSED_WAIT_S = 3, 10
+# A refusal passes once the server has registered the node's key (seconds after it starts) or
+# released the node's earlier connection (2 x Flower's 30 s heartbeat after a restart): 70 s.
+REFUSED_ATTEMPTS, REFUSED_WAIT_S = 8, 10
+REJOIN_WAIT_S = 3
 
 # Flower SuperNode exit codes a user meets, with what to do about them.
 EXIT_HINTS = {
@@ -167,19 +174,36 @@ def run(args: argparse.Namespace) -> int:
     if problem:
         print(f"fedlora: error: {problem}", file=sys.stderr)
         return 2
-    for attempt in range(1, REFUSED_ATTEMPTS + 1):
+    refused = 0
+    while True:
         ended = run_supernode(flags)
+        if forgotten(ended):
+            # A Flower 1.41 SuperNode does not register again by itself.
+            print(f"fedlora: the server no longer knows this node (its state database was "
+                  f"reset: a server started afresh rather than with --resume); starting the "
+                  f"node again in {REJOIN_WAIT_S} s to register anew", file=sys.stderr)
+            time.sleep(REJOIN_WAIT_S)
+            continue
         hint, retry = diagnosis(ended.flower_code, ended.output)
-        if not retry or attempt == REFUSED_ATTEMPTS:
+        if not retry or refused == REFUSED_ATTEMPTS - 1:
             break
-        # A server registers the allowed keys a few seconds after it starts listening.
+        refused += 1
         print(f"fedlora: the server refused this node; trying again in {REFUSED_WAIT_S} s "
-              f"({attempt}/{REFUSED_ATTEMPTS - 1})", file=sys.stderr)
+              f"({refused}/{REFUSED_ATTEMPTS - 1}). Either its key is not registered yet (a "
+              f"server registers keys a few seconds after it starts) or the server still holds "
+              f"this node's earlier connection (released 60 s after its last heartbeat)",
+              file=sys.stderr)
         time.sleep(REFUSED_WAIT_S)
     if hint:
         print(f"fedlora: the client node stopped (Flower exit code {ended.flower_code}): "
               f"{hint}", file=sys.stderr)
     return ended.status
+
+
+def forgotten(ended: NodeExit) -> bool:
+    """Whether the SuperNode, once accepted, stopped on its own: a flwr 1.41 SuperNode does
+    so when the SuperLink answers it 401, that is when the server no longer knows it."""
+    return ended.connected and ended.stopped_itself
 
 
 def diagnosis(flower_code: int | None, output: str) -> tuple[str | None, bool]:
