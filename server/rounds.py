@@ -431,6 +431,7 @@ class RoundLoop:
     def checkpoint(self, server_round: int) -> Checkpoint:
         """Everything the server needs to continue after `server_round`."""
         meta = {"node-ranks": {str(n): r for n, r in self.node_ranks.items()},
+                "node-names": {str(n): name for n, name in self.node_names.items()},
                 "bytes-total": self.total_bytes,
                 "dp-releases": self.ledger.releases if self.ledger else 0}
         return Checkpoint(round=server_round, tensors=self.state.tensors(), meta=meta)
@@ -439,6 +440,8 @@ class RoundLoop:
         """Restore the state `checkpoint()` saved."""
         self.state.restore(checkpoint.tensors)
         self.node_ranks = {int(n): int(r) for n, r in checkpoint.meta["node-ranks"].items()}
+        self.node_names = {int(n): str(name) for n, name in
+                           checkpoint.meta.get("node-names", {}).items()}  # older: none kept
         self.total_bytes = int(checkpoint.meta["bytes-total"])
         if self.ledger is not None:
             self.ledger.record(int(checkpoint.meta.get("dp-releases", 0)))

@@ -128,6 +128,33 @@ class ServerDied(Exception):
     """The server machine losing power, in the middle of a round."""
 
 
+def die_once_round_2_trained(nodes: int):
+    """A reply hook: the server dies once `nodes` nodes have trained round 2."""
+    trained = []
+
+    def hook(msg, reply):
+        if msg.metadata.message_type == "train" and msg.content["config"]["server-round"] == 2:
+            trained.append(msg.metadata.dst_node_id)
+            if len(trained) == nodes:
+                raise ServerDied
+        return reply
+    return hook
+
+
+def test_a_resumed_server_still_names_the_nodes_it_learnt_before(tmp_path):
+    """A resumed server knows the nodes' ranks from its checkpoint and does not ask again, so
+    it must keep their names too: every clients row names its node after the resume."""
+    names = lambda pid: {"node-name": f"site-{pid}"}
+    settings = config(tmp_path, **{"num-server-rounds": 3})
+    with pytest.raises(ServerDied):
+        run_inprocess(settings, 3, node_config=names, hook=die_once_round_2_trained(3))
+    run_inprocess({**settings, "resume": True}, 3, node_config=names)
+    rows = read_metrics(tmp_path)
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    for row in rows:
+        assert sorted(c["node-name"] for c in row["clients"]) == ["site-0", "site-1", "site-2"]
+
+
 def test_fedsa_lora_resumed_after_a_round_its_nodes_had_trained_is_bit_exact(tmp_path):
     """Round 2's nodes all trained (and kept their personal B in their personal-dir), then the
     server died before round 2's checkpoint. The resumed server sends round 2 again: each node
@@ -139,16 +166,8 @@ def test_fedsa_lora_resumed_after_a_round_its_nodes_had_trained_is_bit_exact(tmp
 
     reference, out = tmp_path / "reference", tmp_path / "out"
     run_inprocess(settings(reference), 3)
-    trained = []
-
-    def die_once_round_2_trained(msg, reply):
-        if msg.metadata.message_type == "train" and msg.content["config"]["server-round"] == 2:
-            trained.append(msg.metadata.dst_node_id)
-            if len(trained) == 3:  # every node has trained round 2 and saved its B
-                raise ServerDied
-        return reply
     with pytest.raises(ServerDied):
-        run_inprocess(settings(out), 3, hook=die_once_round_2_trained)
+        run_inprocess(settings(out), 3, hook=die_once_round_2_trained(3))
     assert [r["round"] for r in read_metrics(out)] == [1]
     run_inprocess({**settings(out), "resume": True}, 3)
     assert [r["round"] for r in read_metrics(out)] == [1, 2, 3]
