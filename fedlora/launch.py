@@ -276,12 +276,11 @@ def _start_gate(state: RunState, env: dict[str, str], spec: SuperLinkSpec, upstr
     return state.gate
 
 
-def _wait_until_ready(proc: subprocess.Popen[bytes], log: Path | None, spec: SuperLinkSpec,
-                      host: str, port: int, timeout: float = READY_TIMEOUT_S) -> None:
-    """Poll http(s)://host:port/health until it answers 200; fail fast if `proc` dies."""
-    name = Path(str(proc.args[0] if isinstance(proc.args, list) else proc.args)).name
-    if name.startswith("python"):
-        name = "the fleet gate"
+def _wait_until_ready(name: str, proc: subprocess.Popen[bytes], log: Path | None,
+                      spec: SuperLinkSpec, host: str, port: int,
+                      timeout: float = READY_TIMEOUT_S) -> None:
+    """Poll http(s)://host:port/health until `name` (run by `proc`, logging to `log`) answers
+    200; fail fast if `proc` dies."""
     url = f"{'https' if spec.tls else 'http'}://{host}:{port}/health"
     context = None
     if spec.tls:
@@ -434,11 +433,12 @@ def _execute(
     _write_flwr_config(flwr_home, host, port, spec.ca_cert if spec.tls else None)
     _start_superlink(state, bin_dir, env, spec, host, port, log_file)
     assert state.superlink is not None
-    _wait_until_ready(state.superlink, state.superlink_log, spec, host, port)
+    _wait_until_ready("flower-superlink", state.superlink, state.superlink_log, spec, host,
+                      port)
     if spec.gated:
         gate_log = (log_file.parent if log_file else state.tmp) / "fleet-gate.log"
         gate = _start_gate(state, env, spec, port, gate_log)
-        _wait_until_ready(gate, gate_log, spec, spec.connect_host, spec.port)
+        _wait_until_ready("the fleet gate", gate, gate_log, spec, spec.connect_host, spec.port)
         err(f"Control API (flwr ls / stop / supernode ls) on 127.0.0.1:{port}, this machine "
             f"only; {spec.host}:{spec.port} serves only the Fleet API (log: {gate_log})")
     _register_keys(bin_dir, env, state.tmp, spec.authorized_keys)

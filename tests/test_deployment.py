@@ -41,6 +41,13 @@ def start(args: list[str], log: Path) -> subprocess.Popen:
                             env={**os.environ, **SESSION_ENV, "PYTHONUNBUFFERED": "1"})
 
 
+def insecure_nodes(port: int, count: int, logs: Path) -> list[subprocess.Popen]:
+    """`count` plain-HTTP `fedlora client` nodes, each on its share of the built-in data."""
+    return [start(["client", "--server", f"127.0.0.1:{port}", "--insecure", "--partition-id",
+                   str(i), "--num-partitions", str(count)], logs / f"node{i}.log")
+            for i in range(count)]
+
+
 def stop(procs: list[subprocess.Popen]) -> None:
     """SIGTERM each process (fedlora stops its SuperLink/SuperNode children), then reap."""
     for proc in procs:
@@ -279,8 +286,7 @@ def test_server_killed_mid_round_resumes_to_the_uninterrupted_result(tmp_path):
     address = ["--address", f"127.0.0.1:{port}"]
     server = start(["server", *address, "--min-nodes", "2", "--output-dir", str(out),
                     *settings], log)
-    nodes = [start(["client", "--server", f"127.0.0.1:{port}", "--insecure", "--partition-id",
-                    str(i), "--num-partitions", "2"], tmp_path / f"node{i}.log") for i in (0, 1)]
+    nodes = insecure_nodes(port, 2, tmp_path)
     try:
         wait_for(training_started(log, 2), server, log)
         sigkill_tree(server)  # in the middle of round 2
@@ -328,9 +334,7 @@ def test_nodes_register_again_with_a_server_that_lost_its_state_database(tmp_pat
     first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
     first = start(["server", *address, "--rounds", "20", "--output-dir", str(tmp_path / "a"),
                    *settings], first_log)
-    nodes = [start(["client", "--server", f"127.0.0.1:{port}", "--insecure", "--partition-id",
-                    str(i), "--num-partitions", "2"], tmp_path / f"node{i}.log")
-             for i in (0, 1)]
+    nodes = insecure_nodes(port, 2, tmp_path)
     try:
         wait_for(lambda: (tmp_path / "a" / "metrics.jsonl").exists(), first, first_log)
         sigkill_tree(first)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,8 +33,6 @@ def cluster(tmp_path):
     reason = netns_unavailable()
     if reason:
         pytest.skip(reason)
-    import sys
-
     ray = str(Path(sys.executable).parent / "ray")
     hosts = Hosts({"head": 1, "worker": 2})
     temp = {name: Path(tempfile.mkdtemp(prefix=f"r{name[0]}-", dir="/tmp"))

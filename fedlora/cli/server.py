@@ -26,8 +26,9 @@ CERT_FILES = ("ca.crt", "server.pem", "server.key")  # what `fedlora certs` writ
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Flags of `fedlora server`."""
     p.add_argument("--address", default=DEFAULT_ADDRESS,
-                   help=f"HOST:PORT the SuperLink listens on; client nodes connect here "
-                        f"(default {DEFAULT_ADDRESS}; 0.0.0.0:PORT for every interface)")
+                   help=f"HOST:PORT client nodes connect to; only the Fleet API they use "
+                        f"is served here (default {DEFAULT_ADDRESS}; 0.0.0.0:PORT for every "
+                        f"interface)")
     p.add_argument("--control-port", type=int, default=None, metavar="PORT",
                    help="port of the Control API (`flwr ls`, `flwr stop`, `flwr supernode "
                         "ls`), on 127.0.0.1 only: participants cannot submit, list or stop "
