@@ -124,9 +124,10 @@ def test_tls_node_authentication_and_a_control_api_closed_to_participants(tmp_pa
                    tmp_path / "server.log")
     tls = ["--server", f"127.0.0.1:{port}", "--root-certificates", str(certs / "ca.crt")]
     deadline = time.monotonic() + 120
-    while (tmp_path / "server.log").read_text().count("registered SuperNode key") < 2:
-        assert time.monotonic() < deadline and server.poll() is None, "keys never registered"
+    while "Successfully started run" not in (tmp_path / "server.log").read_text():
+        assert time.monotonic() < deadline and server.poll() is None, "run never submitted"
         time.sleep(0.5)
+    assert (tmp_path / "server.log").read_text().count("registered SuperNode key") == 2
     nodes = [start(["client", *tls, "--auth-key", str(certs / name), "--partition-id", str(i),
                     "--num-partitions", "2"], tmp_path / f"{name}.log")
              for i, name in enumerate(("node0", "node1"))]

@@ -213,7 +213,8 @@ def test_ranks_a_closed_control_api_and_a_cut_link_across_hosts(host_procs, cert
         "--local-steps", "3", "--strategy", "flexlora", "--client-ranks", "8,32",
         "--run-config", "lr=0.01 eval-examples=8 fraction-evaluate=0.0 round-timeout=40 "
         "min-replies=1"), log)
-    wait_for(says(log, "registered SuperNode key", 2), server, log)
+    wait_for(says(log, "Successfully started run"), server, log)  # `flwr ls` will list it
+    assert log.read_text().count("registered SuperNode key") == 2
     for name, rank, offset in (("site-a", 8, 1), ("site-b", 32, 5)):
         data = site_data(tmp_path / f"{name}.jsonl", offset)
         hosts.fedlora(name, client_args(certs, name, "--data-path", str(data), "--rank",
