@@ -41,6 +41,7 @@ from fedlora.adapters import (
     unflatten,
 )
 from fedlora.aggregation.privacy import clip_state
+from fedlora.attacks import attack_state, claimed
 from fedlora.config import NODE_PATH_KEYS, Settings, SettingsError, all_keys
 from fedlora.data import client_records, tokenize_records
 from fedlora.methods import Method, PersonalStore, load
@@ -100,7 +101,13 @@ def node_settings(context: Context) -> tuple[Settings, Method]:
             raise SettingsError(
                 f"setting 'dataset': the run config names a file on this node ({dataset!r}); "
                 f"a node's data is its own: start it with fedlora client --data-path FILE")
-    return load(run, context.node_config)
+    settings, method = load(run, context.node_config)
+    if settings.attack.on and is_deployment_node(context):
+        raise SettingsError(
+            f"setting 'attack': the run asks this node to act as a simulated hostile client "
+            f"(attack={settings.attack.attack}); attacks exist for fedlora simulate only, and "
+            f"a deployment node refuses them")
+    return settings, method
 
 
 def node_rank(settings: Settings, context: Context, partition_id: int) -> int:
@@ -204,9 +211,15 @@ def train(msg: Message, context: Context) -> Message:
     state, rank = job.method.client_finish(get_lora_state(slot.model, slot.adapter), job.rank,
                                            settings, job.store)
     state = clip_reply(job, state, rank)
+    num_examples = len(train_set)
+    if settings.attack.hostile(pid):  # a simulated hostile client (never on a deployment node)
+        state = attack_state(state, job.start, settings.attack,
+                             seed=settings.federation.seed + 1_000_003 * pid + job.server_round)
+        num_examples = claimed(num_examples, settings.attack,
+                               settings.federation.max_num_examples)
     arrays = to_array_record(job.method.shared(state), settings.federation.wire_dtype)
     metrics = MetricRecord({
-        wire.NUM_EXAMPLES: len(train_set), wire.PARTITION_ID: pid, wire.LORA_RANK: rank,
+        wire.NUM_EXAMPLES: num_examples, wire.PARTITION_ID: pid, wire.LORA_RANK: rank,
         wire.TRAIN_LOSS: result.loss, wire.TRAIN_LOSS_FIRST: result.first_loss,
         wire.TRAIN_LOSS_LAST: result.last_loss, wire.TRAIN_STEPS: result.steps,
         wire.TRAIN_TOKENS: result.tokens, wire.TRAIN_SECONDS: result.seconds})

@@ -11,6 +11,7 @@ methods, so validating a command line is instant.
 from __future__ import annotations
 
 import difflib
+import math
 import random
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields
@@ -53,6 +54,9 @@ RANK_DISTRIBUTIONS = ("uniform", "heavy-tail")
 SERVER_OPTIMIZERS = ("fedadagrad", "fedadam", "fedavgm", "fedyogi", "none")
 ROUND_FAILURES = ("retry", "stop")
 DP_CLIPPING = ("server", "client")
+# The robust merges of fedlora.aggregation.robust and the attacks of fedlora.attacks
+ROBUST_RULES = ("none", "median", "trimmed-mean", "krum")
+ATTACKS = ("none", "scale", "sign-flip", "noise", "constant", "inflate-examples")
 
 
 def parse_client_ranks(spec: str) -> tuple[str, tuple[int, ...]]:
@@ -403,8 +407,81 @@ class FederationSettings:
         one_of("dp-clipping", self.dp_clipping, DP_CLIPPING)
 
 
+@dataclass
+class DefenceSettings:
+    """What a hostile reply meets on the server (`fedlora.aggregation.robust`); see
+    docs/robustness.md for what each defence holds."""
+
+    max_update_ratio: float = setting(
+        "max-update-ratio", 10.0,
+        "Drop a reply whose update ||B A - received||_F is above this many times the round's "
+        "lower median update norm (0 = off; off with dp-noise-multiplier, whose clipping "
+        "bounds every update).")
+    max_weight_ratio: float = setting(
+        "max-weight-ratio", 10.0,
+        "No client weighs more than this many times the round's lower median num-examples; "
+        "a larger claim is cut to it (0 = off: weights are the examples claimed).")
+    robust: str = setting(
+        "robust", "none",
+        "Robust merge on the clients' delta W: none (the strategy's own merge), median or "
+        "trimmed-mean (coordinate-wise, re-factored to the global rank; fedavg, fedprox, "
+        "flexlora, hetlora), krum (multi-Krum: the strategy merges the n - robust-f clients "
+        "nearest the others; not fedsa-lora).")
+    robust_f: int = setting(
+        "robust-f", 1,
+        "Hostile clients the robust merge tolerates: trimmed-mean drops this many from each "
+        "end, krum keeps n - f; needs min-replies >= 2f+1 (median, trimmed-mean) or f+3 (krum).")
+
+    def __post_init__(self) -> None:
+        require(self.max_update_ratio == 0 or self.max_update_ratio >= 1, "max-update-ratio",
+                "0 (off) or a number >= 1", self.max_update_ratio)
+        require(self.max_weight_ratio == 0 or self.max_weight_ratio >= 1, "max-weight-ratio",
+                "0 (off) or a number >= 1", self.max_weight_ratio)
+        one_of("robust", self.robust, ROBUST_RULES)
+        require(self.robust_f >= 0, "robust-f", "an integer >= 0", self.robust_f)
+
+    def replies_needed(self) -> int:
+        """The fewest replies the robust merge needs to tolerate robust-f hostile ones."""
+        f = self.robust_f
+        return {"none": 1, "median": 2 * f + 1, "trimmed-mean": 2 * f + 1,
+                "krum": f + 3}[self.robust]
+
+
+@dataclass
+class AttackSettings:
+    """Simulated hostile clients, for experiments (`fedlora.attacks`); `fedlora simulate`
+    only: a deployment node refuses them and `fedlora server` rejects them."""
+
+    attack: str = setting(
+        "attack", "none",
+        "What the hostile clients send: none, scale (update x attack-scale), sign-flip "
+        "(update x -attack-scale), noise (Gaussian of attack-scale x the update's RMS), "
+        "constant (every factor entry = attack-scale), inflate-examples (an honest update "
+        "claiming max-num-examples examples).")
+    attack_clients: int = setting("attack-clients", 1,
+                                  "How many clients are hostile: partitions 0 .. N-1.")
+    attack_scale: float = setting("attack-scale", 100.0,
+                                  "Strength of the attack (see attack).")
+
+    def __post_init__(self) -> None:
+        one_of("attack", self.attack, ATTACKS)
+        require(self.attack_clients >= 0, "attack-clients", "an integer >= 0",
+                self.attack_clients)
+        require(math.isfinite(self.attack_scale), "attack-scale", "a finite number",
+                self.attack_scale)
+
+    @property
+    def on(self) -> bool:
+        return self.attack != "none" and self.attack_clients > 0
+
+    def hostile(self, partition_id: int) -> bool:
+        """Is this simulated client one of the hostile ones?"""
+        return self.on and partition_id < self.attack_clients
+
+
 SECTIONS = {"model": ModelSettings, "lora": LoraSettings, "train": TrainSettings,
-            "data": DataSettings, "federation": FederationSettings}
+            "data": DataSettings, "federation": FederationSettings,
+            "defence": DefenceSettings, "attack": AttackSettings}
 # Keys of a node_config that are not settings: Flower's own (simulation) and the name that
 # `fedlora client` gives its node (which also marks a deployment node).
 NODE_KEYS = ("partition-id", "num-partitions", "node-name")
@@ -442,6 +519,8 @@ class Settings:
     train: TrainSettings = field(default_factory=TrainSettings)
     data: DataSettings = field(default_factory=DataSettings)
     federation: FederationSettings = field(default_factory=FederationSettings)
+    defence: DefenceSettings = field(default_factory=DefenceSettings)
+    attack: AttackSettings = field(default_factory=AttackSettings)
 
     options: dict[str, Any] = field(default_factory=dict)  # method options, by key
 

@@ -78,6 +78,11 @@ class M:
     DP_EPSILON = "dp-epsilon"
     DP_DELTA = "dp-delta"
     DP_NOISE_MULTIPLIER = "dp-noise-multiplier"
+    UPDATE_NORM_MEDIAN = "update-norm-median"  # the round's lower median ||B A - received||_F
+    UPDATE_NORM_BOUND = "update-norm-bound"  # max-update-ratio x that median (null: no bound)
+    WEIGHT_CAP = "weight-cap"  # max-weight-ratio x the lower median num-examples (null: none)
+    DOWN_WEIGHTED = "down-weighted"  # [{node-id, node-name, reason}]: capped or not merged
+    ROBUST = "robust"  # the robust merge of the round (none, median, trimmed-mean, krum)
     SERVER_EVAL_LOSS = "server-eval-loss"
     SERVER_ACCURACY = "server-accuracy"
     # per-client fields inside CLIENTS
@@ -86,3 +91,7 @@ class M:
     PARTITION_ID = PARTITION_ID
     LORA_RANK = LORA_RANK
     NUM_EXAMPLES = NUM_EXAMPLES
+    UPDATE_NORM = "update-norm"  # ||B A - B_received A_received||_F over all modules
+    WEIGHT = "weight"  # the weight the merge used (num-examples, maybe capped)
+    KRUM_SCORE = "krum-score"
+    MERGED = "merged"  # false: not selected by krum

@@ -17,6 +17,7 @@ import torch
 from fedlora.aggregation import ClientUpdate, Factors
 from fedlora.aggregation.exactness import exactness, truncation_loss
 from fedlora.aggregation.privacy import add_noise, clip_update, noise_std
+from fedlora.aggregation.robust import robust_merge
 from fedlora.aggregation.server_opt import ServerOptimizer
 from fedlora.config import LoraSettings
 from fedlora.factors import flatten, from_peft, lora_scale, to_peft, unflatten
@@ -56,6 +57,8 @@ class GlobalAdapter:
     clip_norm: float = 0.0  # clip each update to this norm (0 = off)
     noise_multiplier: float = 0.0  # client-level DP noise (needs clip_norm and a linear merge)
     noise_seed: int = 0  # the noise of round n is drawn from seed (noise_seed, n)
+    robust: str = "none"  # median / trimmed-mean replace the method's merge (krum: the loop)
+    robust_f: int = 1  # hostile clients tolerated (trimmed-mean drops this many at each end)
     # The payload at each rank, built once per version of `factors` (cleared when it changes)
     _received: dict[int, Factors] = field(default_factory=dict, repr=False)  # delta-W scale
     _peft: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
@@ -126,7 +129,10 @@ class GlobalAdapter:
         if self.clip_norm:
             updates, clip_info = self.clip(updates)
             info.update(clip_info)
-        result = self.method.combine(updates, self.factors, export_rank=self.rank)
+        if self.robust in ("median", "trimmed-mean"):
+            result = robust_merge(updates, self.robust, self.robust_f, self.rank)
+        else:
+            result = self.method.combine(updates, self.factors, export_rank=self.rank)
         merged = result.global_factors
         if self.noise_multiplier and merged:
             merged, info[M.DP_NOISE_STD] = self.noised(merged, len(updates), server_round)

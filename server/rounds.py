@@ -29,6 +29,15 @@ from fedlora import wire
 from fedlora.aggregation import ClientUpdate
 from fedlora.aggregation.linalg import product_norm
 from fedlora.aggregation.privacy import factor_distance
+from fedlora.aggregation.robust import (
+    cap_weights,
+    change_norm,
+    krum_scores,
+    krum_select,
+    lower_median,
+    outliers,
+    squared_distances,
+)
 from fedlora.checkpoint import Checkpoint, write_checkpoint
 from fedlora.outputs import RunWriter
 from fedlora.records import factor_bytes, from_array_record, to_array_record
@@ -61,6 +70,10 @@ class Rules:
     max_examples: int = 10_000_000
     max_update_norm: float = 0.0  # 0 = no bound
     client_clipping: bool = False  # nodes clip; a reply above clip-norm is dropped
+    max_update_ratio: float = 10.0  # drop updates above this x the round's lower median (0 off)
+    max_weight_ratio: float = 10.0  # cap weights at this x the lower median weight (0 off)
+    robust: str = "none"  # krum is applied here; median / trimmed-mean by the GlobalAdapter
+    robust_f: int = 1
 
     @property
     def replies_needed(self) -> int:
@@ -91,6 +104,8 @@ class RoundRecord:
     bytes_down: dict[int, int] = field(default_factory=dict)  # node -> factor bytes sent
     replies: list[Reply] = field(default_factory=list)
     merge: dict[str, Any] = field(default_factory=dict)  # the merge's figures (exactness, ...)
+    screen: dict[str, Any] = field(default_factory=dict)  # update-norm-median, weight-cap, ...
+    down_weighted: list[dict] = field(default_factory=list)  # {node-id, node-name, reason}
     privacy: dict[str, Any] = field(default_factory=dict)  # dp-epsilon, ...
     failed_attempts: list[dict] = field(default_factory=list)
     evaluation: dict[str, Any] = field(default_factory=dict)  # eval-loss, accuracy, ...
@@ -118,6 +133,7 @@ class RoundRecord:
             M.BYTES_DOWN_PER_CLIENT: round(down / max(len(self.bytes_down), 1)),
             M.TRAIN_LOSS: weighted_mean([r[M.TRAIN_LOSS] for r in rows],
                                         [r[M.NUM_EXAMPLES] for r in rows]),
+            **self.screen, M.DOWN_WEIGHTED: self.down_weighted,
             **self.merge, **self.privacy, M.FAILED_ATTEMPTS: self.failed_attempts,
             **self.evaluation, **self.server_eval,
             M.SECONDS: time.perf_counter() - self.started,
@@ -193,6 +209,7 @@ class RoundLoop:
             for node in sorted(set(ready) - {node for node, _ in replies}):
                 self.failed(record, node, f"no reply within round-timeout="
                                           f"{self.rules.timeout:g} s")
+            self.screen(record)
             record.train_failures = len(record.failures)
             if len(record.replies) >= self.rules.replies_needed:
                 self.merge(server_round, record)
@@ -203,9 +220,70 @@ class RoundLoop:
             failed.append(record.attempt_summary(attempt))
         raise self.stop(server_round, failed)
 
+    def screen(self, record: RoundRecord) -> None:
+        """The round's default defences: drop a reply whose update is far larger than the
+        others' (max-update-ratio), then cut a weight far above the others' (max-weight-ratio).
+        Both compare with the lower median of the round's accepted replies."""
+        replies, rules = record.replies, self.rules
+        norms = [change_norm(r.update.factors, self.state.received(r.update.rank))
+                 for r in replies]
+        for reply, norm in zip(replies, norms):
+            reply.row[M.UPDATE_NORM] = norm
+        if not replies:
+            return
+        median = lower_median(norms)
+        bound, far = outliers(norms, rules.max_update_ratio)
+        for i in reversed(far):
+            reply = replies.pop(i)
+            self.failed(record, reply.row[M.NODE_ID],
+                        f"update norm {norms[i]:.4g} is {norms[i] / median:.3g} times the "
+                        f"round's lower median {median:.4g} (max-update-ratio="
+                        f"{rules.max_update_ratio:g})", dropped=True)
+        weights, cap = cap_weights([r.update.weight for r in replies], rules.max_weight_ratio)
+        record.screen = {M.UPDATE_NORM_MEDIAN: median,
+                         M.UPDATE_NORM_BOUND: bound if math.isfinite(bound) else None,
+                         M.WEIGHT_CAP: cap if math.isfinite(cap) else None}
+        for reply, weight in zip(replies, weights):
+            reply.row[M.WEIGHT] = weight
+            if weight < reply.update.weight:
+                self.down_weighted(record, reply, (
+                    f"num-examples {reply.update.weight:g} cut to {weight:g}, max-weight-ratio="
+                    f"{rules.max_weight_ratio:g} times the round's lower median"))
+                reply.update = ClientUpdate(reply.update.factors, weight)
+
+    def down_weighted(self, record: RoundRecord, reply: Reply, reason: str) -> None:
+        """Record and log that a reply counts for less than it claimed (or not at all)."""
+        node = reply.row[M.NODE_ID]
+        name = self.node_names.get(node)
+        log(WARNING, "round %d: node %d%s down-weighted: %s", record.round, node,
+            f" ({name})" if name else "", reason)
+        entry: dict[str, Any] = {M.NODE_ID: node, "reason": reason}
+        if name is not None:
+            entry[M.NODE_NAME] = name
+        record.down_weighted.append(entry)
+
+    def krum(self, record: RoundRecord) -> list[Reply]:
+        """Multi-Krum over the round's replies: the n - robust-f whose delta W is nearest the
+        others'; the rest are recorded as not merged, with their scores."""
+        replies, f = record.replies, self.rules.robust_f
+        scores = krum_scores(squared_distances([r.update.factors for r in replies]), f)
+        keep = set(krum_select(scores, f))
+        cut = max(scores[i] for i in keep)
+        for i, (reply, score) in enumerate(zip(replies, scores)):
+            reply.row[M.KRUM_SCORE], reply.row[M.MERGED] = score, i in keep
+            if i not in keep:
+                self.down_weighted(record, reply, (
+                    f"not merged: krum score {score:.4g} (summed squared distance of its delta "
+                    f"W to its nearest others) is above the {len(keep)} kept, the highest of "
+                    f"which is {cut:.4g} (robust-f={f})"))
+        return [r for i, r in enumerate(replies) if i in keep]
+
     def merge(self, server_round: int, record: RoundRecord) -> None:
-        """The accepted updates into the global adapter; DP accounting when on."""
-        record.merge = self.state.update([r.update for r in record.replies], server_round)
+        """The accepted updates into the global adapter (after Krum's choice when it is on);
+        DP accounting when on."""
+        chosen = self.krum(record) if self.rules.robust == "krum" else record.replies
+        record.merge = self.state.update([r.update for r in chosen], server_round)
+        record.merge[M.ROBUST] = self.rules.robust
         if self.ledger is not None:
             self.ledger.record()
             record.privacy = {M.DP_EPSILON: self.ledger.epsilon(), M.DP_DELTA: self.ledger.delta,

@@ -14,7 +14,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedlora.adapters import lora_config, shared_init, target_shapes
 from fedlora.aggregation.server_opt import SERVER_OPTIMIZERS, ServerOptimizer
 from fedlora.checkpoint import discard_after, read_latest, set_rng_state
-from fedlora.config import FederationSettings, Settings
+from fedlora.config import DefenceSettings, FederationSettings, Settings
 from fedlora.methods import Method, load
 from fedlora.models import model_skeleton, resolve_source
 from fedlora.outputs import RunWriter
@@ -51,18 +51,23 @@ def build_global(settings: Settings, method: Method, shapes: dict[str, tuple[int
                          factors=shared_init(shapes, settings.global_rank, fed.seed),
                          global_rank=settings.global_rank, optimizer=server_optimizer(fed),
                          clip_norm=fed.clip_norm, noise_multiplier=fed.dp_noise_multiplier,
-                         noise_seed=fed.seed)
+                         noise_seed=fed.seed, robust=settings.defence.robust,
+                         robust_f=settings.defence.robust_f)
 
 
-def rules(fed: FederationSettings) -> Rules:
-    """The round loop's rules from the federation settings."""
+def rules(fed: FederationSettings, defence: DefenceSettings) -> Rules:
+    """The round loop's rules from the federation and defence settings (under DP, clipping
+    bounds every update, so the data-dependent norm screen is off)."""
     return Rules(seed=fed.seed, timeout=fed.round_timeout, wire_dtype=fed.wire_dtype,
                  fraction_train=fed.fraction_train, fraction_evaluate=fed.fraction_evaluate,
                  min_train_nodes=fed.min_train_nodes, min_evaluate_nodes=fed.min_evaluate_nodes,
                  min_available_nodes=fed.min_available_nodes, min_replies=fed.min_replies,
                  round_failure=fed.round_failure, round_retries=fed.round_retries,
                  max_examples=fed.max_num_examples, max_update_norm=fed.max_update_norm,
-                 client_clipping=fed.clip_norm > 0 and fed.dp_clipping == "client")
+                 client_clipping=fed.clip_norm > 0 and fed.dp_clipping == "client",
+                 max_update_ratio=0.0 if fed.dp_noise_multiplier else defence.max_update_ratio,
+                 max_weight_ratio=defence.max_weight_ratio, robust=defence.robust,
+                 robust_f=defence.robust_f)
 
 
 def build_loop(settings: Settings, method: Method, shapes: dict[str, tuple[int, int]],
@@ -72,7 +77,8 @@ def build_loop(settings: Settings, method: Method, shapes: dict[str, tuple[int, 
     ledger = None
     if fed.dp_noise_multiplier:
         ledger = PrivacyLedger(fed.dp_noise_multiplier, fed.dp_delta, fed.min_available_nodes)
-    return RoundLoop(build_global(settings, method, shapes), shapes, rules(fed), writer,
+    return RoundLoop(build_global(settings, method, shapes), shapes,
+                     rules(fed, settings.defence), writer,
                      ledger=ledger, evaluator=server_evaluator(settings, method))
 
 

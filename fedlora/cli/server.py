@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from fedlora.cli.simulate import add_run_arguments, build_config, prepare_output, report_result
+from fedlora.config import SettingsError
 from fedlora.methods import load_settings
 
 DEFAULT_ADDRESS = "127.0.0.1:9092"
@@ -112,6 +113,11 @@ def run(args: argparse.Namespace) -> int:
     """Validate, pre-check the model, serve the run, print the summary; the exit code."""
     config, min_nodes = build_config(args, clients_flag="min_nodes")
     settings = load_settings(config)
+    if settings.attack.on:
+        raise SettingsError(
+            f"setting 'attack': simulated hostile clients (attack={settings.attack.attack}) are "
+            f"for fedlora simulate; a deployment server never asks its nodes to attack, and "
+            f"they would refuse: remove attack from the run config")
     out_dir = Path(config["output-dir"])
     spec = superlink_spec(args, out_dir)
     if not settings.federation.resume:

@@ -91,6 +91,9 @@ class Method:
     exactness_defined: ClassVar[bool] = True  # False when there is no global delta W
     server_optimizer_ok: ClassVar[bool] = True  # do the global factors persist across rounds?
     linear: ClassVar[bool] = False  # is the merge a weighted mean of the shared factors? (DP)
+    # robust merges (fedlora.aggregation.robust) that make sense with this method: krum picks
+    # whom the method merges; median / trimmed-mean replace the merge by a re-factored delta W
+    robust_rules: ClassVar[frozenset[str]] = frozenset({"krum"})
     Options: ClassVar[type[MethodOptions]] = MethodOptions
 
     def __init__(self, options: MethodOptions | None = None) -> None:
@@ -132,11 +135,43 @@ class Method:
                 f"setting 'dp-noise-multiplier': strategy '{self.name}' does not merge by "
                 f"averaging the factors, so the Gaussian mechanism's noise would not bound "
                 f"what a client adds; use one of {names(lambda m: m.linear)}")
+        self.check_defences(settings)
         if fed.server_optimizer != "none" and not self.server_optimizer_ok:
             raise SettingsError(
                 f"setting 'server-optimizer': {fed.server_optimizer} acts on the global factors "
                 f"from round to round, which strategy '{self.name}' rebuilds every round (SVD "
                 f"or stacking); use it with {names(lambda m: m.server_optimizer_ok)}")
+
+    def check_defences(self, settings: Settings) -> None:
+        """The robust merge fits this method, DP and the number of replies a round needs."""
+        defence, fed = settings.defence, settings.federation
+        rule = defence.robust
+        if rule == "none":
+            return
+        if rule not in self.robust_rules:
+            fits = names(lambda m: rule in m.robust_rules)
+            raise SettingsError(
+                f"setting 'robust': {rule} does not fit strategy '{self.name}' (" + (
+                    "its clients keep private factors, so there is no global delta W to "
+                    "compare" if not self.robust_rules else "its global adapter is not a "
+                    "re-factored delta W") + f"); use it with {fits or 'no strategy'}")
+        if fed.dp_noise_multiplier:
+            raise SettingsError(
+                "setting 'robust': a robust merge picks clients by their data, which the DP "
+                "accountant does not cover; with dp-noise-multiplier, clip-norm bounds every "
+                "client: set robust=none")
+        if rule != "krum" and fed.server_optimizer != "none":
+            raise SettingsError(
+                f"setting 'robust': {rule} re-factors the global adapter every round, so a "
+                f"server optimiser ({fed.server_optimizer}) has no fixed factors to act on; "
+                f"set server-optimizer=none or robust=krum")
+        needed, have = defence.replies_needed(), fed.min_replies or fed.min_train_nodes
+        if have < needed:
+            raise SettingsError(
+                f"setting 'robust-f': {rule} tolerating robust-f={defence.robust_f} hostile "
+                f"clients needs at least {needed} replies per round, but a round may be merged "
+                f"with {have} (min-replies, or min-train-nodes when it is 0); raise min-replies "
+                f"(and min-train-nodes) to {needed} or lower robust-f")
 
     def proximal_mu(self, settings: Settings) -> float:
         """Weight of the FedProx proximal term in the clients' loss (proximal-mu)."""

@@ -33,6 +33,7 @@ class FedAvg(Method):
     """FedIT: B = sum p_i B_i, A = sum p_i A_i."""
 
     name = "fedavg"
+    robust_rules = frozenset({"krum", "median", "trimmed-mean"})
     summary = "FedIT: weighted mean of B and of A (same rank everywhere)"
     linear = True
 

@@ -31,6 +31,7 @@ class FlexLoRA(Method):
     """SVD of the exact average, truncated to `export_rank` (the largest client rank if 0)."""
 
     name = "flexlora"
+    robust_rules = frozenset({"krum", "median", "trimmed-mean"})
     summary = "FlexLoRA: exact average of B_i A_i, re-factored by SVD at the global rank"
     heterogeneous = True
     server_optimizer_ok = False  # the global factors change basis every round

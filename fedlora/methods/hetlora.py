@@ -96,6 +96,7 @@ class HetLoRA(Method):
     """Zero-pad to r_max, weighted average of B and of A; clients get the first r_j components."""
 
     name = "hetlora"
+    robust_rules = frozenset({"krum", "median", "trimmed-mean"})
     summary = "HetLoRA: zero-pad to the largest rank, norm-weighted mean, optional rank pruning"
     heterogeneous = True
     Options = HetLoRAOptions

@@ -1,0 +1,184 @@
+"""Defences against hostile clients, on the composed update delta W = B A (pure torch).
+
+Every rule here acts on delta W, never on the raw factors: B A = (B G)(G^-1 A) for any
+invertible G, so a rule on B and A alone could be steered by a client's choice of gauge. The
+functions read each client's delta-W-scaled factors (`fedlora.aggregation` conventions).
+
+- **Screens** (on by default, `fedlora.config.DefenceSettings`):
+  - `outliers`: replies whose update norm is above `ratio` x the round's lower median;
+  - `cap_weights`: no client weighs more than `ratio` x the round's lower median weight.
+  The lower median (of an even count, the smaller middle value) keeps one of two clients from
+  setting the scale.
+- **Krum / multi-Krum** (Blanchard et al. 2017): score each client by the summed squared
+  distances of its delta W to its n - f - 2 nearest others; keep the n - f best. Distances come
+  from Gram matrices of the stacked factors, O((d + k) R^2) per layer with R the sum of the
+  client ranks; no d x k matrix is formed.
+- **Coordinate-wise median and trimmed mean** (Yin et al. 2018) of the clients' delta W,
+  unweighted, re-factored to the global rank by SVD. They need every client's d x k delta W,
+  built a block of rows at a time (memory: one block of n x rows x k, `BLOCK_ENTRIES`); time
+  O(n d k (R + log n)) per layer plus the re-factoring SVD: exact for min(d, k) <= `EXACT_SVD`,
+  randomised (`torch.svd_lowrank`, `niter=4`) above it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from fedlora.aggregation.base import ClientUpdate, Factors, MergeResult, to32
+from fedlora.aggregation.linalg import balanced_factors, difference_norm, product_norm
+from fedlora.config import ROBUST_RULES
+
+__all__ = ["ROBUST_RULES", "cap_weights", "change_norm", "krum_scores", "krum_select",
+           "lower_median", "outliers", "refactor", "robust_merge", "squared_distances"]
+
+BLOCK_ENTRIES = 1 << 24  # entries of float64 per block of the median (128 MiB)
+EXACT_SVD = 1024  # re-factor by exact SVD when min(d, k) is at most this
+
+
+# ---------------------------------------------------------------- screens
+
+
+def lower_median(values: Sequence[float]) -> float:
+    """The middle value; of an even count, the smaller of the two middle ones."""
+    if not values:
+        raise ValueError("lower_median of no values")
+    return sorted(values)[(len(values) - 1) // 2]
+
+
+def change_norm(factors: Factors, reference: Factors) -> float:
+    """||B A - B_ref A_ref||_F over all modules: how far a client moved from what it received
+    (a module missing from `reference`, e.g. a fresh adapter, counts as zero there)."""
+    total = 0.0
+    for module, (b, a) in factors.items():
+        b, a = b.double(), a.double()
+        if module in reference:
+            b_ref, a_ref = reference[module]
+            total += difference_norm(b, a, b_ref.double(), a_ref.double()) ** 2
+        else:
+            total += product_norm(b, a) ** 2
+    return math.sqrt(total)
+
+
+def outliers(norms: Sequence[float], ratio: float) -> tuple[float, list[int]]:
+    """(bound, indices of norms above it) with bound = ratio x the lower median of `norms`.
+
+    No bound (inf) when ratio is 0 (off) or the lower median is 0 (most clients did not move,
+    so there is no scale to compare with).
+    """
+    median = lower_median(norms) if norms else 0.0
+    if not ratio or median <= 0:
+        return math.inf, []
+    bound = ratio * median
+    return bound, [i for i, n in enumerate(norms) if n > bound]
+
+
+def cap_weights(weights: Sequence[float], ratio: float) -> tuple[list[float], float]:
+    """(each weight cut to ratio x the lower median weight, that cap); unchanged when ratio is 0."""
+    if not ratio or not weights:
+        return list(weights), math.inf
+    cap = ratio * lower_median(weights)
+    return [min(w, cap) for w in weights], cap
+
+
+# ---------------------------------------------------------------- Krum
+
+
+def squared_distances(updates: Sequence[Factors]) -> Tensor:
+    """n x n matrix of ||delta W_i - delta W_j||_F^2 summed over modules, from Gram matrices.
+
+    Per module, with B = [B_1 .. B_n] and A = [A_1; ..; A_n]: <B_i A_i, B_j A_j>_F is the sum of
+    the (i, j) block of (B^T B) * (A A^T) (elementwise), so all inner products cost one pair of
+    R x R Gram matrices.
+    """
+    n = len(updates)
+    inner = torch.zeros(n, n, dtype=torch.float64)
+    for module in updates[0]:
+        bs = [u[module][0].double() for u in updates]
+        as_ = [u[module][1].double() for u in updates]
+        owner = torch.cat([torch.full((b.shape[1],), i) for i, b in enumerate(bs)])
+        onehot = torch.nn.functional.one_hot(owner, n).double()  # R x n
+        b, a = torch.cat(bs, dim=1), torch.cat(as_, dim=0)
+        inner += onehot.T @ ((b.T @ b) * (a @ a.T)) @ onehot
+    norms = inner.diagonal()
+    return (norms[:, None] + norms[None, :] - 2 * inner).clamp(min=0)
+
+
+def krum_scores(distances: Tensor, f: int) -> list[float]:
+    """Each client's summed squared distance to its n - f - 2 nearest others (at least 1)."""
+    n = distances.shape[0]
+    neighbours = max(n - f - 2, 1)
+    scores = []
+    for i in range(n):
+        others = torch.cat([distances[i, :i], distances[i, i + 1:]])
+        scores.append(float(others.sort().values[:neighbours].sum()) if n > 1 else 0.0)
+    return scores
+
+
+def krum_select(scores: Sequence[float], f: int) -> list[int]:
+    """Multi-Krum: indices of the n - f lowest scores (ties by index), in index order."""
+    keep = max(len(scores) - f, 1)
+    return sorted(sorted(range(len(scores)), key=lambda i: (scores[i], i))[:keep])
+
+
+# ---------------------------------------------------------------- median and trimmed mean
+
+
+def trimmed_mean_rows(stacked: Tensor, trim: int) -> Tensor:
+    """Coordinate-wise mean after dropping the `trim` largest and smallest values (dim 0)."""
+    n = stacked.shape[0]
+    if 2 * trim >= n:
+        raise ValueError(f"cannot trim {trim} from each end of {n} values")
+    ordered = stacked.sort(dim=0).values
+    return ordered[trim:n - trim].mean(dim=0)
+
+
+def median_trim(n: int) -> int:
+    """The trim that turns the trimmed mean into the median (the mean of the two middle
+    values for an even n)."""
+    return (n - 1) // 2
+
+
+def robust_delta_w(pairs: Sequence[tuple[Tensor, Tensor]], trim: int) -> Tensor:
+    """The d x k coordinate-wise trimmed mean of the B_i A_i, built a block of rows at a time."""
+    d, k, n = pairs[0][0].shape[0], pairs[0][1].shape[1], len(pairs)
+    rows = max(1, BLOCK_ENTRIES // max(n * k, 1))
+    out = torch.empty(d, k, dtype=torch.float64)
+    for start in range(0, d, rows):
+        block = torch.stack([b[start:start + rows].double() @ a.double() for b, a in pairs])
+        out[start:start + rows] = trimmed_mean_rows(block, trim)
+    return out
+
+
+def refactor(dense: Tensor, rank: int) -> tuple[Tensor, Tensor, float]:
+    """Balanced rank-`rank` factors of a dense matrix and the relative norm dropped: exact SVD
+    when min(d, k) <= EXACT_SVD, else randomised SVD with 10 extra columns and 4 power steps."""
+    total = float(dense.square().sum())
+    small = min(dense.shape)
+    if small <= EXACT_SVD:
+        u, s, vh = torch.linalg.svd(dense, full_matrices=False)
+    else:
+        u, s, v = torch.svd_lowrank(dense, q=min(rank + 10, small), niter=4)
+        vh = v.T
+    kept = float(s[:rank].square().sum())
+    b, a = balanced_factors(u, s, vh, rank)
+    return b, a, math.sqrt(max(total - kept, 0.0) / total) if total > 0 else 0.0
+
+
+def robust_merge(updates: Sequence[ClientUpdate], rule: str, f: int, rank: int) -> MergeResult:
+    """The global adapter as the median or the trimmed mean (dropping f from each end) of the
+    clients' delta W, re-factored to `rank`; client weights do not enter."""
+    n = len(updates)
+    trim = median_trim(n) if rule == "median" else f
+    merged: Factors = {}
+    dropped = 0.0
+    for module in updates[0].factors:
+        pairs = [u.factors[module] for u in updates]
+        b, a, lost = refactor(robust_delta_w(pairs, trim), rank)
+        merged[module] = to32(b, a)
+        dropped = max(dropped, lost)
+    return MergeResult(global_factors=merged, residual={}, applied=merged,
+                       info={"robust": rule, "trimmed": trim, "dropped": dropped})

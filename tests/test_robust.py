@@ -1,0 +1,309 @@
+"""Defences against hostile clients: the screens on by default, median, trimmed mean and Krum
+on delta W against hand-computed numbers and dense oracles, their gauge invariance, and the
+well-formed hostile reply of issue 17 through the round loop with default settings."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from test_validation import SHAPES, good_state
+from test_validation import reply as content_of
+
+from fedlora.adapters import shared_init
+from fedlora.aggregation import ClientUpdate
+from fedlora.aggregation import robust as R
+from fedlora.config import LoraSettings, SettingsError
+from fedlora.methods import get_method, load
+from server.global_adapter import GlobalAdapter
+from server.rounds import RoundLoop, RoundRecord, Rules
+
+
+def scalar_updates(values: list[list[float]]) -> list[ClientUpdate]:
+    """Rank-1 updates of one 1 x k layer whose delta W is the given row: B = [[1]], A = row."""
+    return [ClientUpdate({"m": (torch.ones(1, 1, dtype=torch.float64),
+                                torch.tensor([row], dtype=torch.float64))}, 1.0)
+            for row in values]
+
+
+def random_updates(n: int, ranks: list[int], d: int = 12, k: int = 9, seed: int = 0
+                   ) -> list[ClientUpdate]:
+    gen = torch.Generator().manual_seed(seed)
+    return [ClientUpdate({"m": (torch.randn(d, r, generator=gen, dtype=torch.float64),
+                                torch.randn(r, k, generator=gen, dtype=torch.float64)),
+                          "n": (torch.randn(5, r, generator=gen, dtype=torch.float64),
+                                torch.randn(r, 7, generator=gen, dtype=torch.float64))},
+                         float(10 + i)) for i, r in zip(range(n), ranks * n)]
+
+
+def regauged(update: ClientUpdate, seed: int) -> ClientUpdate:
+    """The same delta W with factors (B G, G^-1 A) for a random invertible G."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for m, (b, a) in update.factors.items():
+        g = torch.randn(b.shape[1], b.shape[1], generator=gen, dtype=torch.float64)
+        g = g + 3 * torch.eye(b.shape[1], dtype=torch.float64)
+        out[m] = (b @ g, torch.linalg.solve(g, a))
+    return ClientUpdate(out, update.weight)
+
+
+def reply(state: dict, metrics: dict, node: int):
+    """A training reply as the round loop reads it (no error, the sender's node id)."""
+    msg = content_of(state, metrics, node=node)
+    msg.has_error = lambda: False
+    return msg
+
+
+def product(result_factors, module):
+    b, a = result_factors[module]
+    return b.double() @ a.double()
+
+
+# ---------------------------------------------------------------- screens
+
+
+def test_lower_median_takes_the_smaller_middle_value():
+    assert R.lower_median([3.0, 1.0, 2.0]) == 2.0
+    assert R.lower_median([4.0, 1.0, 3.0, 2.0]) == 2.0
+    assert R.lower_median([5.0, 1e30]) == 5.0  # of two clients, the hostile one sets nothing
+
+
+def test_outliers_are_the_norms_above_ratio_times_the_lower_median():
+    bound, far = R.outliers([1.0, 1.2, 0.9, 1e30], ratio=10)
+    assert bound == 10.0 and far == [3]
+    assert R.outliers([0.0, 0.0, 5.0], ratio=10) == (math.inf, [])  # no scale: no bound
+    assert R.outliers([1.0, 50.0], ratio=0) == (math.inf, [])  # off
+
+
+def test_weights_are_cut_to_ratio_times_the_lower_median():
+    assert R.cap_weights([100, 100, 100, 10_000_000], 10) == ([100, 100, 100, 1000], 1000)
+    assert R.cap_weights([1, 50], 0) == ([1, 50], math.inf)
+
+
+def test_change_norm_equals_the_dense_norm_of_the_moved_delta_w():
+    new, ref = random_updates(2, [3, 2])
+    dense = math.sqrt(sum(float((product(new.factors, m) - product(ref.factors, m)).square()
+                                .sum()) for m in new.factors))
+    assert R.change_norm(new.factors, ref.factors) == pytest.approx(dense, rel=1e-10)
+    alone = math.sqrt(sum(float(product(new.factors, m).square().sum()) for m in new.factors))
+    assert R.change_norm(new.factors, {}) == pytest.approx(alone, rel=1e-10)  # fresh adapter
+
+
+# ---------------------------------------------------------------- Krum
+
+
+def test_squared_distances_match_dense_ones_with_mixed_ranks():
+    updates = random_updates(4, [2, 5, 3])
+    got = R.squared_distances([u.factors for u in updates])
+    for i, ui in enumerate(updates):
+        for j, uj in enumerate(updates):
+            dense = sum(float((product(ui.factors, m) - product(uj.factors, m)).square().sum())
+                        for m in ui.factors)
+            assert float(got[i, j]) == pytest.approx(dense, rel=1e-9, abs=1e-9)
+
+
+def test_krum_by_hand_keeps_the_three_clustered_clients():
+    # delta W = 0, 1, 2, 100: each has one neighbour (n - f - 2 = 1); scores 1, 1, 1, 98^2
+    updates = scalar_updates([[0.0], [1.0], [2.0], [100.0]])
+    scores = R.krum_scores(R.squared_distances([u.factors for u in updates]), f=1)
+    assert scores == pytest.approx([1.0, 1.0, 1.0, 98.0 ** 2])
+    assert R.krum_select(scores, f=1) == [0, 1, 2]
+
+
+# ---------------------------------------------------------------- median and trimmed mean
+
+
+def test_median_and_trimmed_mean_by_hand():
+    rows = [[1.0, 10.0], [2.0, 20.0], [3.0, 30.0], [100.0, -100.0], [4.0, 40.0]]
+    median = R.robust_merge(scalar_updates(rows), "median", f=1, rank=1)
+    assert product(median.global_factors, "m").flatten().tolist() == pytest.approx([3.0, 20.0])
+    # trimmed mean, f=1: the mean of the middle three of each column
+    trimmed = R.robust_merge(scalar_updates(rows), "trimmed-mean", f=1, rank=1)
+    assert product(trimmed.global_factors, "m").flatten().tolist() == pytest.approx(
+        [3.0, 20.0])
+    # an even count: the median is the mean of the two middle values
+    even = R.robust_merge(scalar_updates(rows[:4]), "median", f=1, rank=1)
+    assert product(even.global_factors, "m").flatten().tolist() == pytest.approx([2.5, 15.0])
+    f2 = R.robust_merge(scalar_updates([[1.0], [2.0], [3.0], [9.0], [-50.0]]), "trimmed-mean",
+                        f=2, rank=1)
+    assert float(product(f2.global_factors, "m")) == pytest.approx(2.0)
+
+
+def test_median_of_dense_oracle_and_refactored_to_the_global_rank():
+    updates = random_updates(5, [2, 3])
+    got = R.robust_merge(updates, "median", f=1, rank=15)  # rank >= 12 x 9: nothing dropped
+    for m in updates[0].factors:
+        stacked = torch.stack([product(u.factors, m) for u in updates])
+        oracle = stacked.median(dim=0).values  # odd n: the middle value
+        assert torch.allclose(product(got.global_factors, m), oracle, atol=1e-5)
+    assert got.info["dropped"] == pytest.approx(0.0, abs=1e-7)
+
+
+def test_trimmed_mean_without_trimming_is_the_unweighted_average_flexlora_makes():
+    updates = [ClientUpdate(u.factors, 1.0) for u in random_updates(3, [2, 3])]
+    robust = R.robust_merge(updates, "trimmed-mean", f=0, rank=8)
+    flex = get_method("flexlora").merge(updates, {}, export_rank=8)
+    for m in updates[0].factors:
+        assert torch.allclose(product(robust.global_factors, m), product(flex.global_factors, m),
+                              atol=1e-5)
+
+
+@pytest.mark.parametrize("rule", ["median", "trimmed-mean", "krum"])
+def test_every_rule_ignores_the_factor_gauge(rule):
+    updates = random_updates(5, [3, 2])
+    turned = [regauged(u, seed=i) for i, u in enumerate(updates)]
+    if rule == "krum":
+        one = R.krum_scores(R.squared_distances([u.factors for u in updates]), f=1)
+        two = R.krum_scores(R.squared_distances([u.factors for u in turned]), f=1)
+        assert one == pytest.approx(two, rel=1e-8)
+        return
+    one = R.robust_merge(updates, rule, f=1, rank=4)
+    two = R.robust_merge(turned, rule, f=1, rank=4)
+    for m in updates[0].factors:
+        assert torch.allclose(product(one.global_factors, m), product(two.global_factors, m),
+                              atol=1e-5)
+
+
+def test_raw_factor_median_would_depend_on_the_gauge():
+    """Why the rules act on delta W: the median of the B's and of the A's moves with G."""
+    updates = random_updates(3, [2])
+    turned = [regauged(u, seed=i) for i, u in enumerate(updates)]
+
+    def naive(us):
+        b = torch.stack([u.factors["m"][0] for u in us]).median(dim=0).values
+        a = torch.stack([u.factors["m"][1] for u in us]).median(dim=0).values
+        return b @ a
+    assert not torch.allclose(naive(updates), naive(turned), atol=1e-3)
+
+
+def test_the_randomised_refactoring_of_a_large_layer_is_exact_on_a_low_rank_matrix(
+        monkeypatch):
+    monkeypatch.setattr(R, "EXACT_SVD", 4)  # take the svd_lowrank path on a 40 x 30 layer
+    gen = torch.Generator().manual_seed(3)
+    dense = (torch.randn(40, 3, generator=gen, dtype=torch.float64)
+             @ torch.randn(3, 30, generator=gen, dtype=torch.float64))
+    b, a, dropped = R.refactor(dense, rank=3)
+    assert torch.allclose(b @ a, dense, atol=1e-8) and dropped == pytest.approx(0, abs=1e-6)
+
+
+def test_the_median_is_built_in_blocks_of_rows(monkeypatch):
+    updates = random_updates(3, [2])
+    whole = R.robust_merge(updates, "median", f=1, rank=6)
+    monkeypatch.setattr(R, "BLOCK_ENTRIES", 20)  # 3 clients x 9 columns: one row a block
+    blocks = R.robust_merge(updates, "median", f=1, rank=6)
+    for m in updates[0].factors:
+        assert torch.allclose(product(whole.global_factors, m), product(blocks.global_factors, m),
+                              atol=1e-6)
+
+
+# ---------------------------------------------------------------- through the round loop
+
+
+def loop_of(strategy: str, robust: str = "none", **rules) -> RoundLoop:
+    """A round loop over test_validation's two layers with default rules, nodes 1..4 at rank 2."""
+    state = GlobalAdapter(method=get_method(strategy), lora=LoraSettings(rank=2),
+                          factors=shared_init(SHAPES, 2, seed=0), global_rank=2, robust=robust)
+    loop = RoundLoop(state, SHAPES, Rules(timeout=10.0, robust=robust, **rules), writer=None)
+    loop.node_ranks = {1: 2, 2: 2, 3: 2, 4: 2, 5: 2}
+    return loop
+
+
+def one_round(loop: RoundLoop, replies: list) -> RoundRecord:
+    """Read, screen and merge one round's replies as `RoundLoop.train_round` does."""
+    record = RoundRecord(1)
+    for msg in replies:
+        loop.read_train_reply(msg.metadata.src_node_id, msg, record)
+    loop.screen(record)
+    loop.merge(1, record)
+    return record
+
+
+HONEST = [reply(good_state(seed), {"num-examples": 100, "lora-rank": 2}, node=seed)
+          for seed in (1, 2, 3)]
+HOSTILE = reply({k: torch.full_like(v, 1e30) for k, v in good_state(4).items()},
+                {"num-examples": 10_000_000, "lora-rank": 2}, node=4)
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "flexlora", "flora", "hetlora"])
+def test_the_1e30_reply_claiming_10m_examples_is_dropped_by_default(strategy):
+    """Issue 17's reply (all factors 1e30, num-examples at the default cap) passes validation,
+    and with the default settings the global adapter is bitwise the honest clients' merge."""
+    clean, attacked = loop_of(strategy), loop_of(strategy)
+    one_round(clean, HONEST)
+    record = one_round(attacked, [*HONEST, HOSTILE])
+    assert [r.row["node-id"] for r in record.replies] == [1, 2, 3]
+    [failure] = record.failures
+    assert failure["node-id"] == 4 and "times the round's lower median" in failure["reason"]
+    assert "max-update-ratio=10" in failure["reason"]
+    for mine, theirs in ((clean.state.factors, attacked.state.factors),
+                         (clean.state.residual, attacked.state.residual)):
+        assert mine.keys() == theirs.keys()
+        for m in mine:
+            assert torch.equal(mine[m][0], theirs[m][0]) and torch.equal(mine[m][1], theirs[m][1])
+
+
+def test_an_inflated_claim_is_cut_and_reported_with_its_figure():
+    honest_looking = reply(good_state(4), {"num-examples": 10_000_000, "lora-rank": 2}, node=4)
+    loop = loop_of("fedavg")
+    record = one_round(loop, [*HONEST, honest_looking])
+    assert [r.update.weight for r in record.replies] == [100, 100, 100, 1000]
+    [entry] = record.down_weighted
+    assert entry["node-id"] == 4 and "num-examples 1e+07 cut to 1000" in entry["reason"]
+    line = record.line(0)
+    assert line["weight-cap"] == 1000 and line["clients"][3]["weight"] == 1000
+    assert all(c["update-norm"] > 0 for c in line["clients"])
+
+
+def test_with_the_screens_off_the_hostile_reply_takes_over():
+    """What the defaults prevent: with both ratios at 0 the merge is ~1e30 (fedavg)."""
+    loop = loop_of("fedavg", max_update_ratio=0.0, max_weight_ratio=0.0)
+    one_round(loop, [*HONEST, HOSTILE])
+    assert max(float(b.abs().max()) for b, _ in loop.state.factors.values()) > 1e29
+
+
+def test_krum_in_the_loop_leaves_out_the_far_client_and_names_it():
+    scaled = reply({k: v * 30 for k, v in good_state(4).items()},
+                   {"num-examples": 100, "lora-rank": 2}, node=4)
+    loop = loop_of("flexlora", robust="krum", max_update_ratio=0.0, min_replies=4)
+    record = one_round(loop, [*HONEST, reply(good_state(5), {"num-examples": 100,
+                                                             "lora-rank": 2}, node=5), scaled])
+    merged = {c["node-id"]: c["merged"] for c in record.line(0)["clients"]}
+    assert merged == {1: True, 2: True, 3: True, 5: True, 4: False}
+    [entry] = record.down_weighted
+    assert entry["node-id"] == 4 and "not merged: krum score" in entry["reason"]
+    clean = loop_of("flexlora")
+    one_round(clean, [*HONEST, reply(good_state(5), {"num-examples": 100, "lora-rank": 2},
+                                     node=5)])
+    for m, (b, a) in clean.state.factors.items():
+        assert torch.allclose(b @ a, loop.state.factors[m][0] @ loop.state.factors[m][1],
+                              atol=1e-6)
+
+
+# ---------------------------------------------------------------- settings
+
+
+@pytest.mark.parametrize("config, fragment", [
+    ({"strategy": "fedsa-lora", "robust": "krum"}, "no global delta W"),
+    ({"strategy": "ffa-lora", "robust": "median"}, "use it with fedavg, fedprox, flexlora"),
+    ({"robust": "median", "clip-norm": 1.0, "dp-noise-multiplier": 1.0},
+     "DP accountant does not cover"),
+    ({"robust": "trimmed-mean", "server-optimizer": "fedadam", "min-replies": 3},
+     "set server-optimizer=none"),
+    ({"robust": "krum"}, "needs at least 4 replies per round, but a round may be merged "
+                         "with 2"),
+    ({"robust": "median", "robust-f": 2, "min-replies": 4}, "needs at least 5 replies"),
+    ({"robust": "mean"}, "setting 'robust': expected one of none, median, trimmed-mean, krum"),
+    ({"max-update-ratio": 0.5}, "expected 0 (off) or a number >= 1"),
+    ({"attack": "flood"}, "setting 'attack': expected one of none, scale"),
+])
+def test_settings_that_do_not_fit_are_refused(config, fragment):
+    with pytest.raises(SettingsError, match=None) as err:
+        load({"fraction-evaluate": 0.0, **config})
+    assert fragment in str(err.value)
+
+
+def test_fitting_robust_settings_load():
+    settings, method = load({"robust": "krum", "min-replies": 4, "strategy": "flora"})
+    assert settings.defence.robust == "krum" and method.name == "flora"
+    assert load({"robust": "median", "min-replies": 3})[0].defence.replies_needed() == 3
