@@ -83,6 +83,7 @@ class M:
     WEIGHT_CAP = "weight-cap"  # max-weight-ratio x the lower median num-examples (null: none)
     DOWN_WEIGHTED = "down-weighted"  # [{node-id, node-name, reason}]: capped or not merged
     ROBUST = "robust"  # the robust merge of the round (none, median, trimmed-mean, krum)
+    MERGE_SECONDS = "merge-seconds"  # the server's screens and merge of the round
     SERVER_EVAL_LOSS = "server-eval-loss"
     SERVER_ACCURACY = "server-accuracy"
     # per-client fields inside CLIENTS

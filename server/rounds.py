@@ -209,10 +209,12 @@ class RoundLoop:
             for node in sorted(set(ready) - {node for node, _ in replies}):
                 self.failed(record, node, f"no reply within round-timeout="
                                           f"{self.rules.timeout:g} s")
+            screening = time.perf_counter()
             self.screen(record)
             record.train_failures = len(record.failures)
             if len(record.replies) >= self.rules.replies_needed:
                 self.merge(server_round, record)
+                record.merge[M.MERGE_SECONDS] = time.perf_counter() - screening
                 record.failed_attempts = failed
                 return record
             log(WARNING, "round %d: %d valid replies, fewer than min-replies=%d; the round is "
