@@ -56,6 +56,7 @@ ROUND_FAILURES = ("retry", "stop")
 DP_CLIPPING = ("server", "client")
 # The robust merges of fedlora.aggregation.robust and the attacks of fedlora.attacks
 ROBUST_RULES = ("none", "median", "trimmed-mean", "krum")
+CLIENT_WEIGHTS = ("examples", "equal")
 ATTACKS = ("none", "scale", "sign-flip", "noise", "constant", "inflate-examples")
 
 
@@ -421,6 +422,10 @@ class DefenceSettings:
         "max-weight-ratio", 10.0,
         "No client weighs more than this many times the round's lower median num-examples; "
         "a larger claim is cut to it (0 = off: weights are the examples claimed).")
+    client_weights: str = setting(
+        "client-weights", "examples",
+        "How the merge weighs clients: examples (the num-examples each claims, capped by "
+        "max-weight-ratio) or equal (every accepted reply the same; nothing to inflate).")
     robust: str = setting(
         "robust", "none",
         "Robust merge on the clients' delta W: none (the strategy's own merge), median or "
@@ -437,6 +442,7 @@ class DefenceSettings:
                 "0 (off) or a number >= 1", self.max_update_ratio)
         require(self.max_weight_ratio == 0 or self.max_weight_ratio >= 1, "max-weight-ratio",
                 "0 (off) or a number >= 1", self.max_weight_ratio)
+        one_of("client-weights", self.client_weights, CLIENT_WEIGHTS)
         one_of("robust", self.robust, ROBUST_RULES)
         require(self.robust_f >= 0, "robust-f", "an integer >= 0", self.robust_f)
 

@@ -72,6 +72,7 @@ class Rules:
     client_clipping: bool = False  # nodes clip; a reply above clip-norm is dropped
     max_update_ratio: float = 10.0  # drop updates above this x the round's lower median (0 off)
     max_weight_ratio: float = 10.0  # cap weights at this x the lower median weight (0 off)
+    equal_weights: bool = False  # client-weights=equal: every accepted reply weighs 1
     robust: str = "none"  # krum is applied here; median / trimmed-mean by the GlobalAdapter
     robust_f: int = 1
 
@@ -241,16 +242,20 @@ class RoundLoop:
                         f"update norm {norms[i]:.4g} is {norms[i] / median:.3g} times the "
                         f"round's lower median {median:.4g} (max-update-ratio="
                         f"{rules.max_update_ratio:g})", dropped=True)
-        weights, cap = cap_weights([r.update.weight for r in replies], rules.max_weight_ratio)
+            record.failures[-1].update({M.UPDATE_NORM: norms[i],  # for the report's plot
+                                        M.PARTITION_ID: reply.row[M.PARTITION_ID]})
+        claims = [1.0 if rules.equal_weights else r.update.weight for r in replies]
+        weights, cap = cap_weights(claims, 0.0 if rules.equal_weights else rules.max_weight_ratio)
         record.screen = {M.UPDATE_NORM_MEDIAN: median,
                          M.UPDATE_NORM_BOUND: bound if math.isfinite(bound) else None,
                          M.WEIGHT_CAP: cap if math.isfinite(cap) else None}
         for reply, weight in zip(replies, weights):
             reply.row[M.WEIGHT] = weight
-            if weight < reply.update.weight:
+            if weight < reply.update.weight and not rules.equal_weights:
                 self.down_weighted(record, reply, (
                     f"num-examples {reply.update.weight:g} cut to {weight:g}, max-weight-ratio="
                     f"{rules.max_weight_ratio:g} times the round's lower median"))
+            if weight != reply.update.weight:
                 reply.update = ClientUpdate(reply.update.factors, weight)
 
     def down_weighted(self, record: RoundRecord, reply: Reply, reason: str) -> None:

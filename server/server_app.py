@@ -66,7 +66,8 @@ def rules(fed: FederationSettings, defence: DefenceSettings) -> Rules:
                  max_examples=fed.max_num_examples, max_update_norm=fed.max_update_norm,
                  client_clipping=fed.clip_norm > 0 and fed.dp_clipping == "client",
                  max_update_ratio=0.0 if fed.dp_noise_multiplier else defence.max_update_ratio,
-                 max_weight_ratio=defence.max_weight_ratio, robust=defence.robust,
+                 max_weight_ratio=defence.max_weight_ratio,
+                 equal_weights=defence.client_weights == "equal", robust=defence.robust,
                  robust_f=defence.robust_f)
 
 

@@ -103,3 +103,26 @@ def test_round_table_shows_accuracy_only_when_reported():
     lines = round_table(rounds(2, 3.0, accuracy=True)).splitlines()
     assert lines[0].split()[:4] == ["round", "train-loss", "eval-loss", "accuracy"]
     assert lines[2].split()[:4] == ["2", "1.500", "2.000", "0.400"]
+
+
+def test_update_norms_per_client_show_the_dropped_outlier(tmp_path):
+    rows = rounds(2, 3.0)
+    for row in rows:
+        for c, norm in zip(row["clients"], (1.0, 1.5)):
+            c["update-norm"] = norm
+        row["update-norm-bound"] = 10.0
+        row["failures"] = [{"node-id": 13, "partition-id": 2, "update-norm": 4e5,
+                            "reason": "update norm 4e+05 is 4e+05 times ..."}]
+    run = write_run(tmp_path / "attacked", "fedavg", rows)
+    from fedlora.report.runs import update_norms
+
+    norms = update_norms(load_run(run).rows)
+    assert norms == {"0": [(1, 1.0, False), (2, 1.0, False)],
+                     "1": [(1, 1.5, False), (2, 1.5, False)],
+                     "2": [(1, 4e5, True), (2, 4e5, True)]}
+    written = write_report([run])
+    assert_png(run / "report" / "update-norms.png")
+    assert run / "report" / "update-norms.png" in written
+    # a run without update norms (older metrics) has no such plot
+    plain = write_run(tmp_path / "plain", "fedavg", rounds(2, 3.0))
+    assert not any(p.name == "update-norms.png" for p in write_report([plain]))

@@ -255,6 +255,19 @@ def test_an_inflated_claim_is_cut_and_reported_with_its_figure():
     assert all(c["update-norm"] > 0 for c in line["clients"])
 
 
+def test_equal_weights_leave_nothing_to_inflate():
+    honest_looking = reply(good_state(4), {"num-examples": 10_000_000, "lora-rank": 2}, node=4)
+    record = one_round(loop_of("fedavg", equal_weights=True), [*HONEST, honest_looking])
+    assert [r.update.weight for r in record.replies] == [1.0] * 4
+    assert record.down_weighted == [] and record.line(0)["weight-cap"] is None
+
+
+def test_krum_tolerating_nobody_keeps_everyone():
+    updates = random_updates(4, [2, 3])
+    scores = R.krum_scores(R.squared_distances([u.factors for u in updates]), f=0)
+    assert R.krum_select(scores, f=0) == [0, 1, 2, 3]
+
+
 def test_with_the_screens_off_the_hostile_reply_takes_over():
     """What the defaults prevent: with both ratios at 0 the merge is ~1e30 (fedavg)."""
     loop = loop_of("fedavg", max_update_ratio=0.0, max_weight_ratio=0.0)

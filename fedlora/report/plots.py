@@ -21,6 +21,7 @@ from fedlora.report.runs import (
     client_metrics,
     cumulative,
     series,
+    update_norms,
 )
 from fedlora.wire import M
 
@@ -130,12 +131,36 @@ def plot_clients(metric: str) -> Callable[[list[Run]], Figure | None]:
     return plot
 
 
+def plot_update_norms(runs: list[Run]) -> Figure | None:
+    """Each client's update norm per round (log scale), one panel per run: merged replies as
+    lines, dropped ones as red crosses, and the round's bound (max-update-ratio x the lower
+    median) dashed, so an outlier stands out."""
+    pairs = [(run, norms) for run in runs if (norms := update_norms(run.rows))]
+    if not pairs:
+        return None
+    fig, axes = figure(len(pairs))
+    for ax, (run, norms) in zip(axes, pairs):
+        for name in sorted(norms, key=client_order):
+            kept = [(r, n) for r, n, dropped in norms[name] if not dropped]
+            if kept:
+                ax.plot(*zip(*kept), "-o", label=f"client {name}", markersize=4)
+            if cut := [(r, n) for r, n, dropped in norms[name] if dropped]:
+                ax.plot(*zip(*cut), "x", color="red", markersize=9, markeredgewidth=2,
+                        label=f"client {name} dropped")
+        rounds, bounds = series(run.rows, M.UPDATE_NORM_BOUND)
+        if rounds:
+            ax.plot(rounds, bounds, "--", color="black", label="bound")
+        ax.set_yscale("log")
+        finish(ax, f"update norm per client: {run.label}", "||B A - received||_F")
+    return fig
+
+
 def all_plots(runs: list[Run]) -> dict[str, Callable[[list[Run]], Figure | None]]:
     """File stem -> plot function, for every plot these runs may have data for."""
     plots = {"loss": plot_loss, "accuracy": plot_accuracy,
              "perplexity": plot_single(M.EVAL_PERPLEXITY, "eval perplexity per round"),
              "exactness": plot_single(M.EXACTNESS, "exactness per round (0 = exact merge)"),
-             "bytes": plot_bytes}
+             "bytes": plot_bytes, "update-norms": plot_update_norms}
     metrics = sorted({m for run in runs for m in client_metrics(run.rows)})
     plots.update({f"clients-{m.replace('/', '-')}": plot_clients(m) for m in metrics})
     return plots

@@ -131,3 +131,24 @@ def client_metrics(rows: list[dict]) -> dict[str, dict[str, tuple[list[int], lis
                 for client, value in per_client.items():
                     add(key[len(CLIENT_PREFIX):], client, r[M.ROUND], value)
     return out
+
+
+def client_label(entry: dict) -> str:
+    """How a client row or failure is named in plots: its node name, else its partition id,
+    else its node id."""
+    if entry.get(M.NODE_NAME):
+        return str(entry[M.NODE_NAME])
+    pid = entry.get(M.PARTITION_ID, -1)
+    return str(pid if pid is not None and pid >= 0 else entry.get(M.NODE_ID))
+
+
+def update_norms(rows: list[dict]) -> dict[str, list[tuple[int, float, bool]]]:
+    """{client: [(round, update norm, dropped?)]}: merged replies from `clients`, replies the
+    norm screen dropped from `failures` (they carry their norm)."""
+    out: dict[str, list[tuple[int, float, bool]]] = {}
+    for r in rows:
+        for entries, dropped in ((r.get(M.CLIENTS) or [], False), (r.get(M.FAILURES) or [], True)):
+            for entry in entries:
+                if (norm := finite(entry.get(M.UPDATE_NORM))) is not None:
+                    out.setdefault(client_label(entry), []).append((r[M.ROUND], norm, dropped))
+    return out
