@@ -177,14 +177,28 @@ def test_raw_factor_median_would_depend_on_the_gauge():
     assert not torch.allclose(naive(updates), naive(turned), atol=1e-3)
 
 
-def test_the_randomised_refactoring_of_a_large_layer_is_exact_on_a_low_rank_matrix(
-        monkeypatch):
-    monkeypatch.setattr(R, "EXACT_SVD", 4)  # take the svd_lowrank path on a 40 x 30 layer
-    gen = torch.Generator().manual_seed(3)
+def test_the_randomised_refactoring_is_exact_on_a_low_rank_matrix():
+    gen = torch.Generator().manual_seed(3)  # 40 x 30, rank 3: 13 columns, the svd_lowrank path
     dense = (torch.randn(40, 3, generator=gen, dtype=torch.float64)
              @ torch.randn(3, 30, generator=gen, dtype=torch.float64))
     b, a, dropped = R.refactor(dense, rank=3)
     assert torch.allclose(b @ a, dense, atol=1e-8) and dropped == pytest.approx(0, abs=1e-6)
+
+
+def test_the_randomised_refactoring_of_a_median_is_the_best_rank_r_approximation():
+    """A median of noisy low-rank updates is full rank; its randomised rank-4 re-factoring
+    leaves no more error than the exact truncated SVD (Eckart-Young) but for rounding."""
+    gen = torch.Generator().manual_seed(4)
+    b0, a0 = (torch.randn(80, 4, generator=gen, dtype=torch.float64),
+              torch.randn(4, 70, generator=gen, dtype=torch.float64))
+    pairs = [(b0 + 0.3 * torch.randn(80, 4, generator=gen, dtype=torch.float64),
+              a0 + 0.3 * torch.randn(4, 70, generator=gen, dtype=torch.float64))
+             for _ in range(5)]
+    dense = R.robust_delta_w(pairs, trim=2)
+    b, a, dropped = R.refactor(dense, rank=4)
+    best = float(torch.linalg.svdvals(dense)[4:].square().sum().sqrt())
+    assert float((dense - b @ a).norm()) <= best * (1 + 1e-9)
+    assert dropped == pytest.approx(best / float(dense.norm()), rel=1e-9)
 
 
 def test_the_median_is_built_in_blocks_of_rows(monkeypatch):

@@ -16,8 +16,9 @@ functions read each client's delta-W-scaled factors (`fedlora.aggregation` conve
 - **Coordinate-wise median and trimmed mean** (Yin et al. 2018) of the clients' delta W,
   unweighted, re-factored to the global rank by SVD. They need every client's d x k delta W,
   built a block of rows at a time (memory: one block of n x rows x k, `BLOCK_ENTRIES`); time
-  O(n d k (R + log n)) per layer plus the re-factoring SVD: exact for min(d, k) <= `EXACT_SVD`,
-  randomised (`torch.svd_lowrank`, `niter=4`) above it.
+  O(n d k (R + log n)) per layer plus the re-factoring: a randomised SVD
+  (`torch.svd_lowrank`, `EXTRA_COLUMNS` beyond the rank, 4 power steps; O(d k (r + 10))), or
+  an exact SVD when the layer is not much larger than the rank.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ __all__ = ["ROBUST_RULES", "cap_weights", "change_norm", "krum_scores", "krum_se
            "lower_median", "outliers", "refactor", "robust_merge", "squared_distances"]
 
 BLOCK_ENTRIES = 1 << 24  # entries of float64 per block of the median (128 MiB)
-EXACT_SVD = 1024  # re-factor by exact SVD when min(d, k) is at most this
+EXTRA_COLUMNS = 10  # oversampling of the randomised re-factoring SVD
 
 
 # ---------------------------------------------------------------- screens
@@ -154,14 +155,16 @@ def robust_delta_w(pairs: Sequence[tuple[Tensor, Tensor]], trim: int) -> Tensor:
 
 
 def refactor(dense: Tensor, rank: int) -> tuple[Tensor, Tensor, float]:
-    """Balanced rank-`rank` factors of a dense matrix and the relative norm dropped: exact SVD
-    when min(d, k) <= EXACT_SVD, else randomised SVD with 10 extra columns and 4 power steps."""
+    """Balanced rank-`rank` factors of a dense matrix and the relative norm dropped: randomised
+    SVD with EXTRA_COLUMNS beyond the rank and 4 power steps (exact SVD when that many columns
+    are the whole matrix). Its top components match the exact SVD's to rounding when the
+    spectrum falls off past the rank (tests/test_robust.py)."""
     total = float(dense.square().sum())
-    small = min(dense.shape)
-    if small <= EXACT_SVD:
+    columns = rank + EXTRA_COLUMNS
+    if columns >= min(dense.shape):
         u, s, vh = torch.linalg.svd(dense, full_matrices=False)
     else:
-        u, s, v = torch.svd_lowrank(dense, q=min(rank + 10, small), niter=4)
+        u, s, v = torch.svd_lowrank(dense, q=columns, niter=4)
         vh = v.T
     kept = float(s[:rank].square().sum())
     b, a = balanced_factors(u, s, vh, rank)
