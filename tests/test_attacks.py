@@ -138,6 +138,41 @@ def test_robust_merges_hold_a_scaled_client_without_the_norm_screen(rule, extra,
         assert all(not c["merged"] for r in rows for c in r["clients"] if c["partition-id"] == 0)
 
 
+def hostile_node(node: int):
+    """A reply hook: `node`'s training replies become issue 17's reply (every factor 1e30,
+    num-examples at the default cap), as a participant running modified code would send."""
+    from flwr.app import Message, MetricRecord
+
+    from fedlora.records import from_array_record, to_array_record
+
+    def hook(msg, reply):
+        if msg.metadata.dst_node_id != node or msg.metadata.message_type != "train":
+            return reply
+        state = from_array_record(reply.content.array_records["arrays"])
+        metrics = dict(next(iter(reply.content.metric_records.values())))
+        metrics["num-examples"] = 10_000_000
+        content = RecordDict({"arrays": to_array_record({k: torch.full_like(v, 1e30)
+                                                         for k, v in state.items()}),
+                              "metrics": MetricRecord(metrics)})
+        return Message(content, reply_to=msg)
+    return hook
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "flexlora", "flora", "hetlora"])
+def test_a_1e30_reply_claiming_10m_examples_is_dropped_in_every_round_of_a_run(strategy,
+                                                                             tmp_path):
+    out = tmp_path / "out"
+    ranks = "8" if strategy in ("fedavg", "flora") else "4,8"
+    run_inprocess({**RUN, "output-dir": str(out), "strategy": strategy, "client-ranks": ranks,
+                   "fraction-evaluate": 0.0, "min-available-nodes": 4, "min-train-nodes": 4},
+                  4, hook=hostile_node(1002))
+    rows = read_metrics(out)
+    assert [r["clients-replied"] for r in rows] == [3, 3]
+    assert all([f["node-id"] for f in r["failures"]] == [1002] for r in rows)
+    final = load_file(out / "final" / "adapter_model.safetensors")
+    assert max(float(t.abs().max()) for t in final.values()) < 10
+
+
 @pytest.mark.slow
 def test_fedlora_simulate_runs_the_harness_and_drops_the_1e30_client(tmp_path):
     out = tmp_path / "out"
