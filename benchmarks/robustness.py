@@ -16,6 +16,7 @@ rule's own effect shows. Attack "none" rows are what a defence costs when nobody
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -51,6 +52,9 @@ def parse_args():
                    "dataset-size=300 min-replies=3",
                    help="extra settings shared by every run")
     p.add_argument("--output-dir", default=None, help="keep the runs here (default: a temp dir)")
+    p.add_argument("--reuse", action="store_true",
+                   help="read the runs already finished in --output-dir instead of running "
+                        "them again (to reprint the table)")
     return p.parse_args()
 
 
@@ -70,8 +74,12 @@ def run_one(args, attack: str, defence: str, out: Path) -> tuple[list[dict], flo
         print(f"{attack} x {defence}: failed (exit {proc.returncode})\n{proc.stderr[-1500:]}",
               file=sys.stderr)
         return [], seconds
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return rows, seconds
+    return read_rows(out), seconds
+
+
+def read_rows(out: Path) -> list[dict]:
+    """The metrics rows of a finished run."""
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def summary(rows: list[dict]) -> dict:
@@ -79,10 +87,18 @@ def summary(rows: list[dict]) -> dict:
     if not rows:
         return {}
     last = rows[-1]
-    return {"loss": last.get("server-eval-loss"), "accuracy": last.get("server-accuracy"),
+    loss = last.get("server-eval-loss")  # metrics.jsonl writes NaN as null
+    return {"loss": math.nan if loss is None else loss, "accuracy": last.get("server-accuracy"),
             "dropped": sum(len(r["failures"]) for r in rows),
             "cut": sum(len(r.get("down-weighted", [])) for r in rows),
             "merge": statistics.mean(r.get("merge-seconds", 0.0) for r in rows)}
+
+
+def difference(got: dict, reference: dict) -> float | None:
+    """got's eval loss minus the reference run's (None when either is missing: a NaN loss)."""
+    if got.get("loss") is None or reference.get("loss") is None:
+        return None
+    return got["loss"] - reference["loss"]
 
 
 def fmt(value, spec: str) -> str:
@@ -99,10 +115,14 @@ def main() -> int:
     results: dict[tuple[str, str], dict] = {}
     for defence in args.defences:
         for attack in args.attacks:
-            rows, seconds = run_one(args, attack, defence, root / f"{defence}-{attack}")
+            out = root / f"{defence}-{attack}"
+            if args.reuse and (out / "final").exists():
+                rows, seconds = read_rows(out), 0.0
+            else:
+                rows, seconds = run_one(args, attack, defence, out)
             results[attack, defence] = summary(rows)
             got = results[attack, defence]
-            print(f"  ran {attack} x {defence} in {seconds:.0f} s: loss "
+            print(f"  {attack} x {defence}: {seconds:.0f} s, loss "
                   f"{fmt(got.get('loss'), '.4f')}", flush=True)
     base = results.get(("none", "none"), {})
     table = []
@@ -112,8 +132,7 @@ def main() -> int:
             if not got:
                 table.append([attack, defence, "failed"] + [""] * 7)
                 continue
-            same = got["loss"] - clean["loss"] if clean.get("loss") is not None else None
-            bare = got["loss"] - base["loss"] if base.get("loss") is not None else None
+            same, bare = difference(got, clean), difference(got, base)
             ratio = got["merge"] / base["merge"] if base.get("merge") else None
             table.append([attack, defence, fmt(got["loss"], ".4f"), fmt(same, "+.4f"),
                           fmt(bare, "+.4f"), fmt(got["accuracy"], ".3f"), got["dropped"],
