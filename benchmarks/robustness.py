@@ -53,8 +53,8 @@ def parse_args():
                    help="extra settings shared by every run")
     p.add_argument("--output-dir", default=None, help="keep the runs here (default: a temp dir)")
     p.add_argument("--reuse", action="store_true",
-                   help="read the runs already finished in --output-dir instead of running "
-                        "them again (to reprint the table)")
+                   help="read the runs already in --output-dir (finished or failed) instead "
+                        "of running them again; run only the missing ones")
     return p.parse_args()
 
 
@@ -116,8 +116,8 @@ def main() -> int:
     for defence in args.defences:
         for attack in args.attacks:
             out = root / f"{defence}-{attack}"
-            if args.reuse and (out / "final").exists():
-                rows, seconds = read_rows(out), 0.0
+            if args.reuse and (out / "metrics.jsonl").exists():  # a run without final/ failed
+                rows, seconds = (read_rows(out) if (out / "final").exists() else []), 0.0
             else:
                 rows, seconds = run_one(args, attack, defence, out)
             results[attack, defence] = summary(rows)
