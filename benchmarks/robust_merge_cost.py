@@ -11,7 +11,7 @@ one process, median of the repeats after an untimed warm-up:
 It prints seconds per layer, the ratio to flexlora, and the sum over a 7B model's 224 layers
 (32 x the 7 shapes): the server time every round waits for.
 
-    .venv/bin/python benchmarks/robust_merge_cost.py            # about 10 minutes on 2 cores
+    .venv/bin/python benchmarks/robust_merge_cost.py --repeats 1   # about 5 min on 2 cores
     .venv/bin/python benchmarks/robust_merge_cost.py --quick    # 1024 x 1024, 4 clients
 """
 

@@ -9,7 +9,7 @@ without defences. Defences: none (both screens off), defaults (max-update-ratio=
 max-weight-ratio=10), and median, trimmed-mean, krum with the screens off, so that each
 rule's own effect shows. Attack "none" rows are what a defence costs when nobody is hostile.
 
-    .venv/bin/python benchmarks/robustness.py                      # SmolLM2-135M, about 50 min
+    .venv/bin/python benchmarks/robustness.py                      # SmolLM2-135M, about 75 min
     .venv/bin/python benchmarks/robustness.py --model tiny-llama   # a quick check
 """
 
