@@ -113,10 +113,7 @@ class RoundRecord:
     server_eval: dict[str, Any] = field(default_factory=dict)
 
     def fail(self, node: int, reason: str, name: str | None = None) -> None:
-        entry: dict[str, Any] = {M.NODE_ID: node, "reason": reason}
-        if name is not None:
-            entry[M.NODE_NAME] = name
-        self.failures.append(entry)
+        self.failures.append(named(node, reason, name))
 
     def attempt_summary(self, attempt: int) -> dict:
         return {"attempt": attempt, "replied": len(self.replies), M.FAILURES: self.failures}
@@ -141,6 +138,14 @@ class RoundRecord:
             M.BYTES_TOTAL: bytes_before + down + up}
         return {k: (None if isinstance(v, float) and math.isnan(v) else v)
                 for k, v in entry.items()}
+
+
+def named(node: int, reason: str, name: str | None) -> dict[str, Any]:
+    """A failures / down-weighted entry: the node, its name when it gave one, the reason."""
+    entry: dict[str, Any] = {M.NODE_ID: node, "reason": reason}
+    if name is not None:
+        entry[M.NODE_NAME] = name
+    return entry
 
 
 def update_norm(update: ClientUpdate) -> float:
@@ -244,14 +249,17 @@ class RoundLoop:
                         f"{rules.max_update_ratio:g})", dropped=True)
             record.failures[-1].update({M.UPDATE_NORM: norms[i],  # for the report's plot
                                         M.PARTITION_ID: reply.row[M.PARTITION_ID]})
-        claims = [1.0 if rules.equal_weights else r.update.weight for r in replies]
-        weights, cap = cap_weights(claims, 0.0 if rules.equal_weights else rules.max_weight_ratio)
+        if rules.equal_weights:  # nothing to cut: every reply weighs 1
+            weights, cap = [1.0] * len(replies), math.inf
+        else:
+            weights, cap = cap_weights([r.update.weight for r in replies],
+                                       rules.max_weight_ratio)
         record.screen = {M.UPDATE_NORM_MEDIAN: median,
                          M.UPDATE_NORM_BOUND: bound if math.isfinite(bound) else None,
                          M.WEIGHT_CAP: cap if math.isfinite(cap) else None}
         for reply, weight in zip(replies, weights):
             reply.row[M.WEIGHT] = weight
-            if weight < reply.update.weight and not rules.equal_weights:
+            if weight < reply.update.weight and math.isfinite(cap):
                 self.down_weighted(record, reply, (
                     f"num-examples {reply.update.weight:g} cut to {weight:g}, max-weight-ratio="
                     f"{rules.max_weight_ratio:g} times the round's lower median"))
@@ -261,13 +269,8 @@ class RoundLoop:
     def down_weighted(self, record: RoundRecord, reply: Reply, reason: str) -> None:
         """Record and log that a reply counts for less than it claimed (or not at all)."""
         node = reply.row[M.NODE_ID]
-        name = self.node_names.get(node)
-        log(WARNING, "round %d: node %d%s down-weighted: %s", record.round, node,
-            f" ({name})" if name else "", reason)
-        entry: dict[str, Any] = {M.NODE_ID: node, "reason": reason}
-        if name is not None:
-            entry[M.NODE_NAME] = name
-        record.down_weighted.append(entry)
+        log(WARNING, "round %d: %s down-weighted: %s", record.round, self.who(node), reason)
+        record.down_weighted.append(named(node, reason, self.node_names.get(node)))
 
     def krum(self, record: RoundRecord) -> list[Reply]:
         """Multi-Krum over the round's replies: the n - robust-f whose delta W is nearest the
@@ -381,11 +384,15 @@ class RoundLoop:
     def failed(self, record: RoundRecord, node: int, reason: str, dropped: bool = False) -> None:
         """Record and log that `node` failed this round (or that its reply was dropped),
         naming it as it named itself."""
-        name = self.node_names.get(node)
-        who = f"node {node}" + (f" ({name})" if name else "")
+        who = self.who(node)
         log(WARNING, "round %d: %s: %s", record.round,
             f"dropped the reply of {who}" if dropped else f"{who} failed", reason)
-        record.fail(node, reason, name)
+        record.fail(node, reason, self.node_names.get(node))
+
+    def who(self, node: int) -> str:
+        """'node 12' or 'node 12 (site-a)' when it named itself."""
+        name = self.node_names.get(node)
+        return f"node {node}" + (f" ({name})" if name else "")
 
     def learn_name(self, node: int, reply: Message) -> None:
         """Remember the name a `fedlora client` node sent with its rank."""
