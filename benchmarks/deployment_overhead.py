@@ -1,22 +1,27 @@
 """Deployment vs simulation: per-round fixed overhead for the same work, and where it goes.
 
 The same run (2 clients, a few rounds of a few local steps, evaluation off by default) goes
-once through `fedlora simulate` (Flower's Simulation Engine: Ray workers keep one base model
-loaded across messages) and once through `fedlora server` + 2 `fedlora client` processes on
-127.0.0.1 (a real SuperLink and SuperNodes, insecure loopback; Flower 1.41 starts a fresh
-`flwr-clientapp` process for every message).
+through `fedlora simulate` (Flower's Simulation Engine: Ray workers keep one base model
+loaded across messages) and through `fedlora server` + 2 `fedlora client` processes on
+127.0.0.1 (a real SuperLink and SuperNodes, insecure loopback), twice: with the nodes'
+resident ClientApp worker (`--isolation resident`, the default: one process per node runs
+every message) and with `--isolation subprocess` (Flower's own: a fresh `flwr-clientapp`
+process, imports and model load for every message). Base-model loads are counted from the
+nodes' logs ("base model ... loaded").
 
 Per-round wall time is `seconds` of metrics.jsonl (the server's time from sampling to the end
 of the round); rounds after the first are the steady state (round 1 also waits for the nodes
 and asks their ranks). The deployment round is split by measurement:
 
-- in every ClientApp process, benchmarks/clientapp_timing/sitecustomize.py (put on the
-  nodes' PYTHONPATH) records: process start, imports done, message handled (message + app
-  pulled), model load (WORKSPACE.get: base model + LoRA), data (tokenizing the client's
-  split), training (train_local), reply pushed and process exit;
+- benchmarks/clientapp_timing/sitecustomize.py (put on the nodes' PYTHONPATH) records, in
+  every subprocess-mode ClientApp process: process start, imports done, message handled
+  (message + app pulled), model load (WORKSPACE.get: base model + LoRA), data (tokenizing the
+  client's split), training (train_local), reply pushed and process exit; in resident mode,
+  the hand-off process's start and exit and, inside the worker, the same pieces per task;
 - per round the two nodes run in parallel, so each piece is the mean over the round's
-  train processes, and the round's time outside them (SuperNode polling, SuperExec launch,
-  the ServerApp collecting replies, aggregation) is round seconds - (last exit - first start);
+  train tasks, and the round's time outside them (the SuperNode's poll of the server, the
+  SuperExec's poll of the SuperNode, the ServerApp's pulls of replies, aggregation) is
+  round seconds - (last exit - first start);
 - training in the simulation is timed by the same hook, which wraps train_local in the
   simulation's Ray workers (one record per call); per round the slowest client counts;
 - bytes on the wire are bytes-down + bytes-up of metrics.jsonl;
@@ -51,6 +56,7 @@ import common
 ROOT = Path(__file__).resolve().parents[1]
 HOOK = Path(__file__).resolve().parent / "clientapp_timing"
 TAG = "FEDLORA_BENCH_SESSION"
+ARMS = ("simulation", "resident", "subprocess")  # subprocess: Flower's process per message
 PROCESS_NAMES = ("flower-", "flwr-", "ray::", "raylet", "gcs_server", "fedlora.cli.main")
 
 # A fresh process: what a flwr-clientapp process imports, then what a train message loads.
@@ -82,7 +88,7 @@ def parse_args():
     p.add_argument("--run-config", default="dataset-size=200 max-length=64",
                    help="more settings, the same for both runs")
     p.add_argument("--repeats", type=int, default=3, help="fresh-process timings (median)")
-    p.add_argument("--only", choices=["simulation", "deployment"], help="run one side only")
+    p.add_argument("--only", choices=list(ARMS), help="run one arm only")
     p.add_argument("--json", type=Path, help="also write the results here")
     return p.parse_args()
 
@@ -153,13 +159,14 @@ def leftovers(session: str, timeout: float = 30.0) -> tuple[list[int], list[str]
                   if any(n in line for n in PROCESS_NAMES) and "ps -eo" not in line]
 
 
-def results(out: Path, timings: Path, wall: float) -> dict:
-    """metrics.jsonl rows and the hook's timing records of one run."""
+def results(out: Path, timings: Path, wall: float, logs: list[Path] = ()) -> dict:
+    """metrics.jsonl rows, the hook's timing records and the base-model loads of one run."""
     from fedlora.outputs import read_metrics
 
     records = ([json.loads(line) for line in timings.read_text().splitlines()]
                if timings.exists() else [])
-    return {"wall": wall, "rows": read_metrics(out), "processes": records}
+    loads = [log.read_text(errors="replace").count("] base model ") for log in logs]
+    return {"wall": wall, "rows": read_metrics(out), "processes": records, "loads": loads}
 
 
 def simulation(config: dict, work: Path, session: str) -> dict:
@@ -178,9 +185,11 @@ def simulation(config: dict, work: Path, session: str) -> dict:
     return results(out, timings, wall["seconds"])
 
 
-def deployment(config: dict, work: Path, session: str) -> dict:
+def deployment(config: dict, work: Path, session: str, isolation: str) -> dict:
     from fedlora.cli.client import free_port
 
+    work = work / isolation
+    work.mkdir()
     out, port, timings = work / "deploy", free_port(), work / "clientapp-timings.jsonl"
     nodes_env = env(session, timings)
     with common.stopwatch() as wall:
@@ -188,8 +197,9 @@ def deployment(config: dict, work: Path, session: str) -> dict:
                           "--output-dir", str(out), *config_flag(config)],
                          work / "server.log", env(session))
         nodes = [fedlora(["client", "--server", f"127.0.0.1:{port}", "--insecure",
-                          "--partition-id", str(i), "--num-partitions", "2"],
-                         work / f"node{i}.log", nodes_env) for i in range(2)]
+                          "--partition-id", str(i), "--num-partitions", "2",
+                          "--isolation", isolation], work / f"node{i}.log", nodes_env)
+                 for i in range(2)]
         try:
             code = server.wait(timeout=1800)
         finally:
@@ -197,7 +207,7 @@ def deployment(config: dict, work: Path, session: str) -> dict:
     if code != 0:
         raise SystemExit(f"fedlora server failed ({code}):\n" +
                          (work / "server.log").read_text()[-3000:])
-    return results(out, timings, wall["seconds"])
+    return results(out, timings, wall["seconds"], [work / f"node{i}.log" for i in range(2)])
 
 
 def isolated(config: dict, repeats: int) -> dict:
@@ -235,61 +245,102 @@ def training(run: dict, kind: str) -> list[float]:
             for pair in per_round(run["processes"], kind)]
 
 
-def split_deployment(rows: list[dict], procs: list[dict]) -> dict:
-    """Mean seconds per piece of a steady-state deployment round (see the module doc)."""
-    rounds = per_round(procs, "train")
-    pieces = {"process start + imports": [], "message + app pulled": [], "model load": [],
-              "data (tokenize split)": [], "training": [], "reply pushed + exit": [],
-              "outside the ClientApp processes": []}
-    for row, pair in list(zip(rows, rounds))[1:] or zip(rows, rounds):
-        for p in pair:
-            pieces["process start + imports"].append(p["imported"] - p["started"])
-            pieces["message + app pulled"].append(p["handler"] - p["imported"])
-            pieces["model load"].append(p["loaded"] - p["handler"])
-            pieces["data (tokenize split)"].append(p["data"] - p["data-start"])
-            pieces["training"].append(p["trained"] - p["train-start"])
-            pieces["reply pushed + exit"].append(p["exited"] - p["trained"])
+# (piece, from, to) over one train task's record; "started"/"exited" are its process's
+SUBPROCESS_PIECES = (
+    ("process start + imports", "started", "imported"),
+    ("message + app pulled", "imported", "handler"), ("model load", "handler", "loaded"),
+    ("data (tokenize split)", "data-start", "data"), ("training", "train-start", "trained"),
+    ("reply pushed + exit", "trained", "exited"))
+RESIDENT_PIECES = (  # "started"/"exited": the hand-off process around the worker's task
+    ("hand-off process start -> worker has the task", "started", "task-start"),
+    ("message + context pulled, settings", "task-start", "handler"),
+    ("model load (cached)", "handler", "loaded"), ("data (cached split)", "data-start", "data"),
+    ("training", "train-start", "trained"), ("reply + context pushed", "trained", "task-end"),
+    ("hand-off process exit", "task-end", "exited"))
+
+
+def resident_tasks(procs: list[dict]) -> list[dict]:
+    """The worker's train tasks, each with the start and exit of the hand-off process whose
+    lifetime contains it."""
+    handoffs = [p for p in procs if p["kind"] == "handoff"]
+    tasks = []
+    for t in (p for p in procs if p["kind"] == "task-train"):
+        h = next((h for h in handoffs
+                  if h["started"] <= t["task-start"] and h["exited"] >= t["task-end"]),
+                 {"started": t["task-start"], "exited": t["task-end"]})
+        tasks.append({**t, "kind": "train", "started": h["started"], "exited": h["exited"]})
+    return tasks
+
+
+def split_round(rows: list[dict], tasks: list[dict], pieces: tuple) -> dict:
+    """Mean seconds per piece of a steady-state deployment round (rounds 2..)."""
+    spent: dict[str, list[float]] = {name: [] for name, _, _ in pieces}
+    spent["outside the ClientApp processes"] = []
+    for row, pair in list(zip(rows, per_round(tasks, "train")))[1:]:
+        for task in pair:
+            for name, begin, end in pieces:
+                spent[name].append(task[end] - task[begin])
         span = max(p["exited"] for p in pair) - min(p["started"] for p in pair)
-        pieces["outside the ClientApp processes"].append(row["seconds"] - span)
-    return {k: mean(v) for k, v in pieces.items()}
+        spent["outside the ClientApp processes"].append(row["seconds"] - span)
+    return {k: mean(v) for k, v in spent.items()}
 
 
-def report(args, config, sim, dep, iso) -> dict:
+TRAIN_KIND = {"simulation": "simulation-train", "resident": "task-train",
+              "subprocess": "train"}
+
+
+def report(args, config, runs: dict, iso) -> dict:
     result = {"config": config, "machine": common.machine(), "isolated": iso,
               "prequantized": os.environ.get("FEDLORA_PREQUANTIZED", "1")}
     table = []
-    for name, run, kind in (("simulation", sim, "simulation-train"),
-                            ("deployment", dep, "train")):
-        if run is None:
-            continue
+    for name, run in runs.items():
         rows = steady(run["rows"])
         sec = mean(r["seconds"] for r in rows)
-        train = mean(steady(training(run, kind)))
+        train = mean(steady(training(run, TRAIN_KIND[name])))
         wire = mean(r.get("bytes-down", 0) + r.get("bytes-up", 0) for r in rows)
+        loads = "+".join(map(str, run["loads"])) if run["loads"] else "-"
         result[name] = {"round-1": run["rows"][0]["seconds"], "round": sec,
-                        "train-seconds": train, "bytes": wire, "wall": run["wall"],
-                        "rounds": [r["seconds"] for r in run["rows"]]}
+                        "train-seconds": train, "overhead": sec - train, "bytes": wire,
+                        "wall": run["wall"], "rounds": [r["seconds"] for r in run["rows"]],
+                        "model-loads-per-node": run["loads"]}
         table.append([name, f"{run['rows'][0]['seconds']:.1f}", f"{sec:.1f}", f"{train:.2f}",
-                      f"{sec - train:.1f}", common.fmt_bytes(wire), f"{run['wall']:.0f}"])
+                      f"{sec - train:.1f}", loads, common.fmt_bytes(wire),
+                      f"{run['wall']:.0f}"])
     common.print_table(["engine", "round 1 s", "round s (2..)", "training s (slowest client)",
-                        "overhead s", "bytes / round", "command wall s"], table,
+                        "overhead s", "model loads per node", "bytes / round",
+                        "command wall s"], table,
                        f"Per-round time, {args.model} ({args.quantization}), 2 clients, "
                        f"{args.rounds} rounds x {args.local_steps} local steps")
-    if sim and dep:
-        ratio = result["deployment"]["round"] / result["simulation"]["round"]
-        over = ((result["deployment"]["round"] - result["deployment"]["train-seconds"]) /
-                max(result["simulation"]["round"] - result["simulation"]["train-seconds"], 1e-9))
-        result["ratio"], result["overhead-ratio"] = ratio, over
-        print(f"deployment / simulation round time: {ratio:.2f}x; fixed overhead "
-              f"(round - training): {over:.1f}x\n")
-    if dep and dep["processes"]:
-        split = split_deployment(dep["rows"], dep["processes"])
-        result["split"] = split
-        total = mean(r["seconds"] for r in steady(dep["rows"]))
+    sim = result.get("simulation")
+    for name in ("resident", "subprocess"):
+        if sim and name in result:
+            ratio = result[name]["round"] / sim["round"]
+            result[name]["ratio-to-simulation"] = ratio
+            print(f"{name} deployment / simulation round time: {ratio:.2f}x; fixed overhead "
+                  f"(round - slowest training) {result[name]['overhead']:.1f} s vs "
+                  f"{sim['overhead']:.1f} s")
+    if "resident" in result and "subprocess" in result:
+        print(f"resident / subprocess round time: "
+              f"{result['resident']['round'] / result['subprocess']['round']:.2f}x")
+    print()
+    for name in ("subprocess", "resident"):
+        run = runs.get(name)
+        if not run or not run["processes"] or len(run["rows"]) < 2:
+            continue
+        tasks = resident_tasks(run["processes"]) if name == "resident" else run["processes"]
+        pieces = split_round(run["rows"], tasks,
+                             RESIDENT_PIECES if name == "resident" else SUBPROCESS_PIECES)
+        result[name]["split"] = pieces
+        total = mean(r["seconds"] for r in steady(run["rows"]))
         common.print_table(["piece of a deployment round", "seconds (mean per node)",
                             "share of the round"],
-                           [[k, f"{v:.2f}", f"{100 * v / total:.0f} %"] for k, v in split.items()],
-                           "Deployment round, measured inside each ClientApp process")
+                           [[k, f"{v:.2f}", f"{100 * v / total:.0f} %"]
+                            for k, v in pieces.items()],
+                           f"Deployment round ({name}), measured inside the ClientApp processes")
+    print("Polling intervals in these runs: an idle node asks the server every "
+          "1.0 s (fedlora client --poll-interval; Flower's own: 3 s), the SuperExec asks its "
+          "node every 0.1 s (Flower: 1 s), the ServerApp pulls replies every 0.2 s "
+          "(Flower: 3 s); expected wait per message, half of each: about 0.65 s\n")
     common.print_table(["fresh process, measured alone", "seconds (median)"],
                        [["imports (Flower ClientApp runner + clients.client_app)",
                          f"{iso['imports']:.2f}"],
@@ -308,15 +359,18 @@ def main() -> int:
         work = Path(tmp)
         try:
             iso = isolated(config, args.repeats)
-            sim = simulation(config, work, session) if args.only != "deployment" else None
-            dep = deployment(config, work, session) if args.only != "simulation" else None
+            runs = {}
+            for arm in ARMS:
+                if args.only in (None, arm):
+                    runs[arm] = (simulation(config, work, session) if arm == "simulation"
+                                 else deployment(config, work, session, arm))
         finally:
             left, ps = leftovers(session)
             print(f"\nleft-over processes of this run: {left or 'none'}; Flower/Ray "
                   f"processes on the machine now: {len(ps)}")
             for line in ps:
                 print("  ", line[:160])
-        result = report(args, config, sim, dep, iso)
+        result = report(args, config, runs, iso)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     return 1 if left else 0

@@ -13,6 +13,12 @@ task commands (`fedlora.launch.GUARDED_COMMANDS`):
   error reply that says why. Runtime dependency installation stays off.
 * every other task command (`flwr-agentapp`, `flwr-model`, ...): refused outright.
 
+With the resident worker (`fedlora client`'s default, `clients.worker`), `flwr-clientapp` is
+only a hand-off: it passes its command line (the task's token) over the Unix socket named by
+`WORKER_SOCKET_ENV` to the worker, which runs the task in its long-lived process with the same
+bundle check, and exits with the worker's code. It imports neither torch nor flwr. When no
+worker answers within WORKER_WAIT_S (it is being restarted), the task runs here as above.
+
 This leans on two names inside `flwr.supernode.runtime.run_clientapp` (flwr 1.41, pinned);
 `main` checks that they exist and stops with a clear message if an upgrade moved them.
 """
@@ -20,13 +26,31 @@ This leans on two names inside `flwr.supernode.runtime.run_clientapp` (flwr 1.41
 from __future__ import annotations
 
 import io
+import json
+import logging
+import os
+import socket
 import sys
+import time
 import tomllib
 import zipfile
 from typing import Any
 
 CLIENTAPP = "clients.client_app:app"  # fedlora's ClientApp, as its app bundles name it
 BUNDLE_FILES = frozenset({"pyproject.toml", ".info/CONTENT"})  # what `flwr run` packs for us
+WORKER_SOCKET_ENV = "FEDLORA_WORKER_SOCKET"  # set by `fedlora client` in resident mode
+WORKER_WAIT_S = 30.0  # how long a hand-off waits for a worker that is (re)starting
+
+
+def node_logging() -> None:
+    """fedlora's own log lines (model loads, ignored keys) on stderr, as `[fedlora] ...`."""
+    logger = logging.getLogger("fedlora")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[fedlora] %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
 
 
 class BundleRefused(RuntimeError):
@@ -76,8 +100,43 @@ def _fedlora_loader(*_args: Any, **_kwargs: Any):
     return load
 
 
+def hand_to_worker(path: str, argv: list[str], wait_s: float = WORKER_WAIT_S) -> int | None:
+    """Pass the task `flwr-clientapp ARGV` to the resident worker listening on `path` and wait
+    until it has run it: the worker's exit code, or None when no worker answered (the task
+    was not touched and can run here)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(path)
+            break
+        except OSError:
+            sock.close()
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.2)
+    with sock, sock.makefile("rwb") as stream:
+        stream.write(json.dumps({"argv": argv}).encode() + b"\n")
+        stream.flush()
+        line = stream.readline()
+    if not line:  # the worker died with the task; the server sees no reply (round-timeout)
+        print("[fedlora] the ClientApp worker ended while it ran this task", file=sys.stderr,
+              flush=True)
+        return 1
+    return int(json.loads(line).get("code", 1))
+
+
 def run_clientapp(argv: list[str]) -> int:
-    """Flower's `flwr-clientapp` with the bundle checked and our ClientApp loaded."""
+    """Flower's `flwr-clientapp` with the bundle checked and our ClientApp loaded: handed to
+    the resident worker when there is one, else in this process."""
+    worker = os.environ.get(WORKER_SOCKET_ENV)
+    if worker:
+        code = hand_to_worker(worker, argv)
+        if code is not None:
+            return code
+        print(f"[fedlora] no ClientApp worker answered at {worker} within {WORKER_WAIT_S:.0f} "
+              f"s; running this task in its own process", file=sys.stderr, flush=True)
+    node_logging()
     from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
     from flwr.supernode.runtime import run_clientapp as runtime
 

@@ -10,10 +10,12 @@ has a `node-name`) takes every key that names one of its files or folders (`data
 `personal-dir`) from its node config only; such a key in the run config is ignored with a
 warning, and a run-config `dataset` that is a local path is refused (`node_settings`).
 
-In simulation a worker process serves many virtual clients: the module-level WORKSPACE keeps
-one base model loaded and swaps adapter weights, and DATA keeps each client's tokenized split.
-In deployment every message starts a fresh process, so both caches start empty. Private
-factors (fedsa-lora's B) live in the client's `clients.personal` store.
+In simulation a worker process serves many virtual clients, and in deployment a node's
+resident worker (`clients.worker`) serves every message: the module-level WORKSPACE keeps one
+base model loaded and swaps adapter weights, and DATA keeps each client's tokenized split.
+With `fedlora client --isolation subprocess` every message starts a fresh process, so both
+caches start empty. Private factors (fedsa-lora's B) live in the client's `clients.personal`
+store.
 """
 
 from __future__ import annotations

@@ -57,6 +57,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from fedlora import pacing
 from fedlora.app_config import render_pyproject, toml_string
 from fedlora.processes import (
     TAG_ENV_VAR,
@@ -558,15 +559,56 @@ class NodeExit:
     stopped_itself: bool = False  # it ended on its own, without a Flower error code
 
 
-def run_supernode(flags: list[str]) -> NodeExit:
+WORKER_RESTART_S = 1.0  # pause before starting a worker that died again
+
+
+class WorkerSupervisor:
+    """Keeps the node's resident ClientApp worker (`clients.worker`) running: starts it, and
+    starts it again when it dies (counted, logged), until `stop()`."""
+
+    def __init__(self, state: RunState, env: dict[str, str], socket_path: Path) -> None:
+        """Supervise a worker listening on `socket_path`, started with `env`."""
+        self.state, self.env, self.socket_path = state, env, socket_path
+        self.cmd = [sys.executable, "-P", "-m", "clients.worker", "--socket", str(socket_path)]
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def start(self) -> None:
+        """Start the worker and watch it."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop restarting it (cleanup stops the process itself, by PID)."""
+        self._stopped.set()
+
+    def _loop(self) -> None:
+        while not self._stopped.is_set():
+            self.proc = _spawn(self.state, self.cmd, self.env, None)
+            self.starts += 1
+            code = self.proc.wait()
+            if self._stopped.is_set():
+                return
+            print(f"[fedlora] the ClientApp worker (pid {self.proc.pid}) ended with code {code}; "
+                  f"starting it again (start {self.starts + 1})", file=sys.stderr, flush=True)
+            self._stopped.wait(WORKER_RESTART_S)
+
+
+def run_supernode(flags: list[str], isolation: str = "resident",
+                  poll_s: float = pacing.NODE_POLL_S) -> NodeExit:
     """Run `flower-supernode FLAGS` in the foreground, echo its output, stop it and its
-    ClientApp processes on exit, Ctrl-C or SIGTERM; return how it ended."""
+    ClientApp processes on exit, Ctrl-C or SIGTERM; return how it ended. `isolation`:
+    "resident" runs every ClientApp task in one long-lived worker process (clients.worker),
+    "subprocess" in a fresh process per message (Flower's default). `poll_s`: an idle
+    node's wait between asking the server for a message (clients.supernode)."""
     bin_dir = _venv_bin()
     guard = SignalGuard()
     guard.install()
     tmp = Path(tempfile.mkdtemp(prefix="fedlora-node-"))
     state = RunState(tmp=tmp, tag=uuid.uuid4().hex)
     code, flower_codes, tail, seen = 1, list[int](), list[str](), set[str]()
+    worker: WorkerSupervisor | None = None
     try:
         try:
             env = _child_env(bin_dir, Path(os.environ.get("FLWR_HOME", tmp / "flwr_home")),
@@ -575,9 +617,15 @@ def run_supernode(flags: list[str]) -> NodeExit:
             # so it runs only fedlora's own ClientApp (clients/app_guard.py).
             _write_guard_shims(tmp / "guard")
             env["PATH"] = os.pathsep.join([str(tmp / "guard"), env["PATH"]])
+            env[pacing.SUPEREXEC_POLL_ENV] = str(pacing.SUPEREXEC_POLL_S)
             state.tracker = ProcessTracker(state.tag, [tmp])
-            node = _spawn(state, [str(bin_dir / "flower-supernode"), *flags], env,
-                          subprocess.PIPE)
+            if isolation == "resident":
+                env["FEDLORA_WORKER_SOCKET"] = str(tmp / "worker.sock")
+                worker = WorkerSupervisor(state, env, tmp / "worker.sock")
+                worker.start()
+            supernode = [sys.executable, "-P", "-m", "clients.supernode",
+                         "--poll-interval", str(poll_s), *flags]
+            node = _spawn(state, supernode, env, subprocess.PIPE)
             state.superlink = node  # stopped by kill_run_processes like a SuperLink
             state.tracker.start()
             # The SuperExec child inherits stdout, so EOF can come long after the SuperNode
@@ -589,6 +637,8 @@ def run_supernode(flags: list[str]) -> NodeExit:
             echo.join(timeout=2.0)
         finally:
             guard.cleaning = True
+            if worker is not None:
+                worker.stop()
             cleanup(state)
     finally:
         guard.restore()

@@ -11,6 +11,7 @@ from flwr.app import Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
+from fedlora import pacing
 from fedlora.adapters import lora_config, shared_init, target_shapes
 from fedlora.aggregation.server_opt import SERVER_OPTIMIZERS, ServerOptimizer
 from fedlora.checkpoint import discard_after, read_latest, set_rng_state
@@ -111,6 +112,7 @@ def main(grid: Grid, context: Context) -> None:
     """Run `num-server-rounds` rounds (from the last checkpoint with `resume`) and write
     everything under output-dir."""
     settings, method = load(context.run_config)
+    pacing.pace_serverapp()
     fed = settings.federation
     started = time.perf_counter()
     shapes, base_id = adapted_shapes(settings)

@@ -86,9 +86,11 @@ def test_server_and_three_nodes_with_different_ranks(tmp_path):
                     "--output-dir", str(out), *RUN], tmp_path / "server.log")
     # each node's own --rank, not the server's client-ranks cycle (which would give 4, 8, 16)
     ranks = {0: 16, 1: 4, 2: 8}
+    # site-2 runs Flower's own process per message; the others the resident worker
+    isolation = {0: "resident", 1: "resident", 2: "subprocess"}
     nodes = [start(["client", "--server", f"127.0.0.1:{port}", "--insecure", "--rank", str(r),
-                    "--partition-id", str(i), "--num-partitions", "3", "--name", f"site-{i}"],
-                   tmp_path / f"node{i}.log")
+                    "--partition-id", str(i), "--num-partitions", "3", "--name", f"site-{i}",
+                    "--isolation", isolation[i]], tmp_path / f"node{i}.log")
              for i, r in ranks.items()]
     try:
         assert server.wait(timeout=600) == 0, (tmp_path / "server.log").read_text()[-3000:]
@@ -103,6 +105,10 @@ def test_server_and_three_nodes_with_different_ranks(tmp_path):
             i: f"site-{i}" for i in ranks}
     assert json.loads((out / "final" / "adapter_config.json").read_text())["r"] == 16
     final_adapter_loads(out)
+    # the base model: loaded once per resident node, once per train/evaluate message else
+    model_loads = [(tmp_path / f"node{i}.log").read_text().count("] base model tiny-llama "
+                                                                "loaded") for i in ranks]
+    assert model_loads == [1, 1, 4]  # 2 rounds x (train + evaluate)
     assert wait_gone() == []
 
 
@@ -302,6 +308,10 @@ def test_server_killed_mid_round_resumes_to_the_uninterrupted_result(tmp_path):
         stop([server, *nodes])
     assert [r["round"] for r in read_metrics(out)] == [1, 2, 3]
     assert relative_difference(reference / "final", out / "final") <= 1e-6
+    for i in range(2):  # each node's worker served both runs with the model loaded once
+        node_log = (tmp_path / f"node{i}.log").read_text()
+        assert node_log.count("] base model tiny-llama loaded") == 1, node_log[-3000:]
+        assert "a new run" in node_log
     assert wait_gone() == []
 
 

@@ -14,10 +14,17 @@ into measured pieces:
   trained   local training done (train_local)
   exited    interpreter exit (the reply and the task status were pushed)
 
-One JSON line per process is appended to $FEDLORA_BENCH_TIMINGS (epoch seconds). In any other
-process (a simulation's long-lived Ray worker) it only wraps train_local/evaluate once
-clients.client_app is imported and appends one line per call. Nothing in fedlora changes: the
-wrappers call the originals with the same arguments.
+One JSON line per process is appended to $FEDLORA_BENCH_TIMINGS (epoch seconds).
+
+With the resident worker (`fedlora client`'s default) the `flwr-clientapp` process is only a
+hand-off (clients.app_guard passes the task to clients.worker): it records its own start and
+exit ("handoff"), and the worker records one line per task: task-start (the worker has the
+token), handler/loaded/data-start/data/train-start/trained as above, task-end (reply and
+context pushed).
+
+In any other process (a simulation's long-lived Ray worker) it only wraps train_local/evaluate
+once clients.client_app is imported and appends one line per call. Nothing in fedlora changes:
+the wrappers call the originals with the same arguments.
 """
 
 import os
@@ -90,15 +97,53 @@ def _clientapp_process() -> None:
     atexit.register(write)
 
 
-def _after_import_of_client_app() -> None:
-    """Any other process (a simulation's Ray worker): wrap clients.client_app once imported."""
+def _handoff_process() -> None:
+    """A resident node's flwr-clientapp process: it only hands the task to the worker."""
+    import atexit
+
+    times = {"pid": os.getpid(), "started": _start_time(), "kind": "handoff"}
+
+    def write() -> None:
+        times["exited"] = time.time()
+        _record(times)
+
+    atexit.register(write)
+
+
+def _worker_tasks(capp) -> None:
+    """The resident worker (clients.worker, run as __main__): one record per task, from its
+    pull of the task input to its push of the task output, the ClientApp's calls inside."""
+    from flwr.supercore.runtime import RuntimeHttpClient
+    from flwr.supernode.runtime import run_clientapp as runtime
+
+    current: dict = {}
+    _wrap(capp, current, per_call=False)
+    pull, push = RuntimeHttpClient.PullTaskInput, runtime.push_task_output
+
+    def timed_pull(*args, **kwargs):  # the task's first request to the runtime API
+        current.clear()
+        current.update(pid=os.getpid(), kind="query", **{"task-start": time.time()})
+        return pull(*args, **kwargs)
+
+    def timed_push(*args, **kwargs):
+        try:
+            return push(*args, **kwargs)
+        finally:
+            current["task-end"] = time.time()
+            _record(dict(current, kind="task-" + current.get("kind", "query")))
+
+    RuntimeHttpClient.PullTaskInput, runtime.push_task_output = timed_pull, timed_push
+
+
+def _after_import_of(target: str, then) -> None:
+    """Run `then(module)` once `target` is imported in this process."""
     import importlib.abc
     import importlib.util
     import sys
 
     class Finder(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path, target=None):
-            if name != "clients.client_app":
+        def find_spec(self, name, path, target_=None):
+            if name != target:
                 return None
             sys.meta_path.remove(self)
             spec = importlib.util.find_spec(name)
@@ -106,7 +151,7 @@ def _after_import_of_client_app() -> None:
 
             def exec_module(module):
                 run(module)
-                _wrap(module, {}, per_call=True)
+                then(module)
             spec.loader.exec_module = exec_module
             return spec
 
@@ -114,7 +159,13 @@ def _after_import_of_client_app() -> None:
 
 
 if PATH:
-    if any(part.endswith("flwr-clientapp") for part in _cmdline()[:2]):
-        _clientapp_process()
+    _args = _cmdline()
+    if "clients.worker" in _args:
+        _after_import_of("clients.client_app", _worker_tasks)
+    elif "flwr-clientapp" in _args[:5]:
+        if os.environ.get("FEDLORA_WORKER_SOCKET"):
+            _handoff_process()
+        else:
+            _clientapp_process()
     else:
-        _after_import_of_client_app()
+        _after_import_of("clients.client_app", lambda m: _wrap(m, {}, per_call=True))

@@ -1,15 +1,20 @@
-"""One base model per process, many adapters: what a simulation worker keeps between clients.
+"""One base model per process, many adapters: what a long-lived ClientApp process keeps.
 
-A Ray actor in simulation serves many virtual clients over many rounds. Loading the base
+A Ray actor in simulation serves many virtual clients over many rounds, and a deployment
+node's resident worker (`clients.worker`) serves every message of every run. Loading the base
 model for each would dominate run time and grow memory with the number of clients, so the
 workspace caches the frozen base once per model setting and gives each distinct LoRA
-setting its own named adapter on it; clients then only swap adapter weights.
+setting its own named adapter on it; clients then only swap adapter weights. Each load is
+logged ("base model ... loaded: load N in process P"), so a node's log counts them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
+import time
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -21,6 +26,8 @@ from fedlora.aggregation import Factors
 from fedlora.config import LoraSettings, ModelSettings, TrainSettings
 from fedlora.factors import flatten
 from fedlora.models import ModelSource, load_model
+
+log = logging.getLogger("fedlora.workspace")
 
 
 def _digest(obj: object) -> str:
@@ -48,8 +55,11 @@ class Workspace:
         """Return the cached model with an adapter for `lora`, loading on first use only."""
         key = _digest([asdict(model), train.gradient_checkpointing])
         if key not in self._models:
+            started = time.perf_counter()
             base, tokenizer, source = load_model(model)
             self.loads += 1
+            log.info("base model %s loaded in %.1f s: load %d in process %d", source.name,
+                     time.perf_counter() - started, self.loads, os.getpid())
             if model.quantization != "none":
                 # Casts norms to fp32 and readies the quantized base for adapter training.
                 base = prepare_model_for_kbit_training(

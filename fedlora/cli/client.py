@@ -40,6 +40,8 @@ EXIT_HINTS = {
          "in the server's --authorized-keys (and --auth-key must be the matching private "
          "key); also check --server and, for TLS, --root-certificates.",
 }
+ISOLATION = {"resident": "one resident worker process",
+             "subprocess": "a fresh process per message"}
 TLS_HINT = ("the TLS handshake with the server failed (see the SSL error above): "
             "--root-certificates must be the server's ca.crt, and --server must use a name or "
             "IP the server's certificate lists (`fedlora certs --host`). Not retried.")
@@ -74,6 +76,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="any other per-node setting (`fedlora settings` lists the keys)")
     p.add_argument("--port", type=int, default=0,
                    help="local port of this node's ClientApp API (default: a free one)")
+    p.add_argument("--isolation", choices=["resident", "subprocess"], default="resident",
+                   help="resident (default): one long-lived ClientApp worker runs every "
+                        "message, so the base model is loaded once per node; subprocess: "
+                        "Flower's own fresh process per message (loads the model each time)")
+    p.add_argument("--poll-interval", type=float, default=1.0, metavar="SECONDS",
+                   help="an idle node asks the server for work this often (default 1; "
+                        "Flower's own is 3): raise it for a federation of hundreds of nodes")
 
 
 def node_config(args: argparse.Namespace) -> dict:
@@ -164,19 +173,26 @@ def run(args: argparse.Namespace) -> int:
     """Check the node's settings and data, then run the SuperNode until it ends."""
     config = node_config(args)
     flags = supernode_flags(args, config)
+    if not 0.05 <= args.poll_interval <= 60:
+        raise ValueError(f"--poll-interval {args.poll_interval}: expected seconds between "
+                         f"0.05 and 60")
     from fedlora.launch import run_supernode
 
     print(f"fedlora: client node -> {args.server} "
           f"({'TLS' if args.root_certificates else 'insecure'}) with "
-          f"{shlex.join(f'{k}={v}' for k, v in config.items()) or 'the run defaults'}",
-          file=sys.stderr)
+          f"{shlex.join(f'{k}={v}' for k, v in config.items()) or 'the run defaults'}; "
+          f"ClientApp: {ISOLATION[args.isolation]}", file=sys.stderr)
     problem = probe_server(args.server, args.root_certificates)
+    if problem is None and args.isolation == "resident":
+        from clients.worker import check_flower
+
+        problem = check_flower()
     if problem:
         print(f"fedlora: error: {problem}", file=sys.stderr)
         return 2
     refused = 0
     while True:
-        ended = run_supernode(flags)
+        ended = run_supernode(flags, args.isolation, args.poll_interval)
         if forgotten(ended):
             # A Flower 1.41 SuperNode does not register again by itself.
             print(f"fedlora: the server no longer knows this node (its state database was "
