@@ -101,3 +101,61 @@ def test_proximal_term_keeps_the_adapter_near_its_start(tiny_settings):
         end = get_lora_state(slot.model, slot.adapter)
         moved[mu] = math.sqrt(sum(((end[k] - start[k]) ** 2).sum().item() for k in start))
     assert moved[100.0] < 0.5 * moved[0.0]
+
+
+# ---- the loss over response tokens, LM head in chunks (fedlora/train/loss.py) ----------------
+def lora_batch(slot, train, size=4):
+    from fedlora.data import collate
+
+    return collate(train[:size], slot.tokenizer.pad_token_id)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 10_000])
+def test_response_loss_and_its_gradients_equal_the_models_own(tiny_settings, chunk):
+    from fedlora.train.loop import trainable_parameters
+    from fedlora.train.loss import response_loss
+
+    slot, train, _ = setup(tiny_settings)
+    torch.manual_seed(0)
+    set_lora_state(slot.model, {k: torch.randn_like(v) * 0.05 for k, v in
+                                get_lora_state(slot.model, slot.adapter).items()}, slot.adapter)
+    params = trainable_parameters(slot.model, slot.adapter)
+    batch = lora_batch(slot, train)
+    slot.model.eval()  # no dropout: both passes must see the same function
+    reference = slot.model(**batch).loss
+    expected = torch.autograd.grad(reference, params)
+    loss, count = response_loss(slot.model, batch, chunk_tokens=chunk)
+    got = torch.autograd.grad(loss, params)
+    assert count == int((batch["labels"][:, 1:] != -100).sum())
+    assert abs(loss.item() - reference.item()) <= 1e-5 * reference.item()
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-7)
+
+
+def test_response_loss_never_builds_the_whole_batchs_logits(tiny_settings, monkeypatch):
+    from fedlora.train.loss import decoder_and_head, response_loss
+
+    slot, train, _ = setup(tiny_settings)
+    _, head = decoder_and_head(slot.model)
+    rows: list[int] = []
+    original = head.forward
+    monkeypatch.setattr(head, "forward", lambda h: rows.append(h.shape[0]) or original(h))
+    batch = lora_batch(slot, train)
+    loss, count = response_loss(slot.model, batch, chunk_tokens=8)
+    loss.backward()
+    width = batch["input_ids"].numel()
+    assert rows and max(rows) <= 8  # one chunk of positions at a time, recomputed in backward
+    assert sum(rows) == 2 * count < width  # forward + recompute, response positions only
+
+
+def test_a_head_that_does_more_than_a_linear_map_uses_the_models_own_loss(tiny_settings):
+    from fedlora.train.loss import decoder_and_head
+
+    slot, _, _ = setup(tiny_settings)
+    base = slot.model.get_base_model()
+    assert decoder_and_head(slot.model) is not None
+    base.config.final_logit_softcapping = 30.0
+    try:
+        assert decoder_and_head(slot.model) is None
+    finally:
+        base.config.final_logit_softcapping = None

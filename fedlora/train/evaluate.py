@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fedlora.data import IGNORE, collate
+from fedlora.data import collate
+from fedlora.train.loss import response_loss
 
 
 @dataclass
@@ -31,15 +32,9 @@ def evaluate(model: torch.nn.Module, examples: list[dict], pad_id: int,
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
         batch = {k: v.to(device) for k, v in collate(examples[i:i + batch_size], pad_id).items()}
-        logits = model(input_ids=batch["input_ids"],
-                       attention_mask=batch["attention_mask"]).logits.float()
-        # Position t predicts token t+1: drop the last logit and the first label.
-        targets = batch["labels"][:, 1:]  # (batch, seq-1)
-        loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.size(-1)), targets.reshape(-1),
-            ignore_index=IGNORE, reduction="sum")
-        total += loss.item()
-        count += int((targets != IGNORE).sum())
+        loss, tokens = response_loss(model, batch)  # response tokens, LM head in chunks
+        total += loss.item() * tokens
+        count += tokens
     mean = total / max(count, 1)
     return EvalResult(loss=mean, perplexity=math.exp(min(mean, 50.0)), tokens=count,
                       examples=len(examples))

@@ -11,6 +11,7 @@ import torch
 from fedlora.config import TrainSettings
 from fedlora.data import collate
 from fedlora.models.quantization import paged_adamw_8bit
+from fedlora.train.loss import response_loss
 from fedlora.train.progress import StepProgress
 from fedlora.train.schedule import lr_factor
 
@@ -89,13 +90,14 @@ def train_local(model: torch.nn.Module, adapter: str, examples: list[dict], pad_
             batch = {k: v.to(device) for k, v in collate(next(stream), pad_id).items()}
             tokens += int(batch["attention_mask"].sum())
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.bf16):
-                out = model(**batch)  # HF shifts labels; -100 (prompt, pad) is ignored
-            loss = out.loss
+                # response tokens only (-100: prompt, pad), LM head in chunks (loss.py)
+                loss, _ = response_loss(model, batch)
+            plain_loss = loss.item()
             if anchor:  # FedProx: stay near the global adapter this round started from
                 loss = loss + proximal_mu / 2 * sum(((p - p0) ** 2).sum()
                                                     for p, p0 in zip(params, anchor))
             (loss / settings.grad_accum).backward()
-            step_loss += out.loss.item() / settings.grad_accum
+            step_loss += plain_loss / settings.grad_accum
         if settings.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
         optimizer.step()

@@ -1,0 +1,76 @@
+"""Next-token loss over the response tokens only, without the whole batch's vocabulary logits.
+
+A causal LM's forward computes logits for every position of the batch over the whole
+vocabulary (49k for SmolLM2, 32k-152k for 7B models), and Hugging Face's loss upcasts them to
+fp32: for a batch of 4 x 256 tokens that is 4 x 256 x 49k x 4 bytes = 200 MB, plus its
+gradient, usually the largest tensor of a LoRA step, and most of it is for prompt tokens the
+loss ignores. `response_loss` runs the decoder once, then the LM head and the cross-entropy
+only on the positions whose next token is labelled (labels != -100), CHUNK_TOKENS positions
+at a time; each chunk is recomputed in the backward pass (activation checkpointing) instead of
+being kept, so at most one chunk's logits exist at once. The result equals the model's own
+`loss` (mean over labelled tokens, fp32 cross-entropy) to float rounding, and so do the
+gradients (`tests/test_train.py`).
+
+Models whose head does more than a linear map (final logit soft-capping, a logit scale) or
+that do not expose decoder and head the usual way go through the model's own loss.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
+
+from fedlora.data import IGNORE
+
+CHUNK_TOKENS = 512  # positions per LM-head chunk: 512 x 49k x 4 bytes = 100 MB of fp32 logits
+HEAD_EXTRAS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+    """(decoder, LM head) of a (PEFT-wrapped) causal LM whose logits are head(decoder(x)),
+    or None when its head does more or they cannot be found."""
+    unwrap = getattr(model, "get_base_model", None)  # a PeftModel: the model with LoRA in it
+    base = unwrap() if callable(unwrap) else model
+    get_head = getattr(base, "get_output_embeddings", None)
+    get_decoder = getattr(base, "get_decoder", None)
+    if get_head is None or get_decoder is None:
+        return None
+    head, decoder = get_head(), get_decoder()
+    config = getattr(base, "config", None)
+    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in HEAD_EXTRAS):
+        return None
+    if head is None or decoder is None or decoder is base:
+        return None
+    return decoder, head
+
+
+def _chunk_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor
+                ) -> torch.Tensor:
+    """Summed fp32 cross-entropy of one chunk of positions."""
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
+def response_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                  chunk_tokens: int = CHUNK_TOKENS) -> tuple[torch.Tensor, int]:
+    """(mean next-token loss over the labelled tokens of `batch`, how many there were)."""
+    labels = batch["labels"]
+    targets = labels[:, 1:]  # position t predicts token t+1
+    keep = targets != IGNORE
+    count = int(keep.sum())
+    parts = decoder_and_head(model)
+    if parts is None:
+        return model(**batch).loss, count
+    decoder, head = parts
+    hidden = decoder(input_ids=batch["input_ids"],
+                     attention_mask=batch["attention_mask"]).last_hidden_state
+    chosen, wanted = hidden[:, :-1][keep], targets[keep]
+    if count == 0:  # as the model's own loss: nothing to learn from (0, with a graph)
+        return hidden.sum() * 0.0, 0
+    total = hidden.new_zeros((), dtype=torch.float32)
+    grad = torch.is_grad_enabled()
+    for start in range(0, count, chunk_tokens):
+        h, y = chosen[start:start + chunk_tokens], wanted[start:start + chunk_tokens]
+        total = total + (checkpoint(_chunk_loss, head, h, y, use_reentrant=False) if grad
+                         else _chunk_loss(head, h, y))
+    return total / count, count
