@@ -1,7 +1,7 @@
 """FlexLoRA: the exact average sum_i p_i B_i A_i, re-factored by SVD, cut to the global rank.
 
 Bai et al. (NeurIPS 2024). The average is formed in factored form: FLoRA's stack (d x R and
-R x k, R = sum of client ranks), Gram matrices of both sides and an SVD of the small R x R core,
+R x k, R = sum of client ranks), QR of both sides and an SVD of the small R x R core,
 O((d + k) R^2) per layer instead of the paper's dense d x k matrix and its SVD. The global
 adapter is its best rank-`export_rank` approximation (Eckart-Young) as balanced factors
 (U sqrt(S), sqrt(S) Vh) in SVD order, so the default payload (the first r components) is the
@@ -45,7 +45,7 @@ class FlexLoRA(Method):
         spectra: dict[str, list[float]] = {}
         total = dropped = 0.0
         for module in updates[0].factors:
-            u, s, vh = factored_svd(*stack(pairs(updates, module), p), keep=rank)
+            u, s, vh = factored_svd(*stack(pairs(updates, module), p))
             merged[module] = to32(*balanced_factors(u, s, vh, rank))
             spectra[module] = s.tolist()
             total += float(s.square().sum())
