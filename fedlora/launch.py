@@ -38,6 +38,7 @@ Nothing from Flower is imported here: everything runs in subprocesses.
 
 from __future__ import annotations
 
+import http.client
 import json
 import math
 import os
@@ -299,7 +300,11 @@ def _wait_until_ready(name: str, proc: subprocess.Popen[bytes], log: Path | None
             with urllib.request.urlopen(url, timeout=1.0, context=context) as resp:  # loopback
                 if resp.status == 200:
                     return
-        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError,
+                http.client.HTTPException):
+            # not listening yet; an HTTPException when the probe's socket, to a port nothing
+            # listens on yet, happened to get that very port as its own source port (a TCP
+            # self-connect: it reads back its own request)
             pass
         time.sleep(0.2)
     raise SimulationSetupError(
