@@ -94,7 +94,6 @@ class Worker:
         self.client_app = client_app
         self.lock = threading.Lock()  # one task at a time: they share the model
         self.run: tuple[int, str] | None = None  # (run id, app bundle hash) of the last task
-        self.tasks = 0
 
     def new_run(self, run_id: int, fab_hash: str) -> None:
         """A task of another run than the last: start it with a fresh data cache."""
@@ -128,7 +127,6 @@ class Worker:
                     if problem:
                         raise BundleRefused(f"refused by the node: {problem}")
                     self.new_run(run.run_id, fab.hash_str)
-                    self.tasks += 1
                     reply = self.client_app.app(message=message, context=context)
                     status, details, code = SubStatus.COMPLETED, "", 0
                 except Exception as exc:  # the server gets an error reply, as from Flower's
