@@ -11,7 +11,15 @@ from hypothesis import strategies as st
 
 from fedlora.aggregation import ClientUpdate
 from fedlora.aggregation.exactness import compress, exactness, truncation_loss
-from fedlora.aggregation.linalg import factored_svd, pad_rank
+from fedlora.aggregation.linalg import (
+    balanced_factors,
+    balanced_svd,
+    cholesky_qr2,
+    factored_svd,
+    pad_rank,
+    stack,
+    thin_qr,
+)
 from fedlora.factors import from_delta, lora_scale, to_delta
 from fedlora.methods import METHODS, get_method
 
@@ -182,6 +190,74 @@ def test_compress_keeps_the_budget_and_reports_the_dense_truncation_error(seed, 
 
 # ---------------------------------------------------------------- linalg and exactness
 
+
+
+def conditioned(seed, n, c, cond, zero_columns=0):
+    """An n x c float64 matrix with singular values from 1 down to 1/cond, some columns zero."""
+    gen = torch.Generator().manual_seed(seed)
+    u = torch.linalg.qr(torch.randn(n, c, generator=gen, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(c, c, generator=gen, dtype=torch.float64))[0]
+    x = (u * torch.logspace(0, -math.log10(cond), c, dtype=torch.float64)) @ v.T
+    x[:, :zero_columns] = 0
+    return x
+
+
+def qr_errors(x):
+    q, r = thin_qr(x)
+    eye = torch.eye(q.shape[1], dtype=x.dtype)
+    return float((q.T @ q - eye).abs().max()), float((x - q @ r).norm() / x.norm())
+
+
+def test_thin_qr_uses_cholesky_qr2_when_well_conditioned_and_is_as_accurate_as_householder():
+    x = conditioned(0, 300, 40, 1e4)
+    assert cholesky_qr2(x) is not None  # the fast path
+    ortho, residual = qr_errors(x)
+    q_h, r_h = torch.linalg.qr(x)
+    ortho_h = float((q_h.T @ q_h - torch.eye(40, dtype=x.dtype)).abs().max())
+    assert ortho <= max(4 * ortho_h, 1e-15) and residual <= 1e-15
+
+
+def test_thin_qr_falls_back_to_householder_on_ill_conditioned_or_rank_deficient_input():
+    for x in (conditioned(1, 300, 40, 1e12), conditioned(2, 300, 40, 10.0, zero_columns=3)):
+        assert cholesky_qr2(x) is None  # the first pass shows CholeskyQR2 would not hold
+        ortho, residual = qr_errors(x)
+        assert ortho <= 1e-14 and residual <= 1e-15
+
+
+def test_thin_qr_of_a_wide_matrix_is_householder():
+    x = conditioned(3, 40, 40, 10.0)[:10]  # 10 x 40
+    assert cholesky_qr2(x) is None
+    q, r = thin_qr(x)
+    assert q.shape == (10, 10) and torch.allclose(q @ r, x, atol=1e-14)
+
+
+def test_factored_svd_keep_gives_the_leading_singular_vectors_of_the_full_one():
+    gen = torch.Generator().manual_seed(4)
+    b, a = (x.double() for x in factors(gen, 50, 60, 12))
+    u, s, vh = factored_svd(b, a)
+    uk, sk, vhk = factored_svd(b, a, keep=5)
+    assert torch.equal(s, sk) and uk.shape == (50, 5) and vhk.shape == (5, 60)
+    assert torch.allclose(uk * sk[:5] @ vhk, (u[:, :5] * s[:5]) @ vh[:5], atol=1e-12)
+
+
+@FAST
+@given(SEEDS, DIMS, DIMS, st.integers(1, 14), st.integers(1, 16))
+def test_balanced_svd_equals_balanced_factors_of_the_factored_svd(seed, d, k, r, rank):
+    b, a = (x.double() for x in factors(torch.Generator().manual_seed(seed), d, k, r))
+    b_r, a_r, s = balanced_svd(b, a, rank, torch.float32)
+    eb, ea = balanced_factors(*factored_svd(b, a), rank)
+    assert b_r.dtype == a_r.dtype == torch.float32 and b_r.shape == (d, rank)
+    assert torch.equal(s, factored_svd(b, a)[1])
+    scale = max(float(s[0]), 1e-30)
+    assert torch.allclose(b_r.double() @ a_r.double(), eb @ ea, atol=1e-6 * scale)
+
+def test_stack_converts_into_the_dtype_asked_for_and_weights_a():
+    gen = torch.Generator().manual_seed(5)
+    f1, f2 = factors(gen, 6, 7, 2), factors(gen, 6, 7, 3)
+    b, a = stack([f1, f2], [0.25, 0.75], torch.float64)
+    assert b.dtype == a.dtype == torch.float64 and b.shape == (6, 5) and a.shape == (5, 7)
+    expected = 0.25 * f1[0].double() @ f1[1].double() + 0.75 * f2[0].double() @ f2[1].double()
+    assert torch.allclose(b @ a, expected, atol=1e-12)
 
 @FAST
 @given(SEEDS, DIMS, DIMS, st.integers(1, 14))

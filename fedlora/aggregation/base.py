@@ -90,6 +90,11 @@ def normalised_weights(updates: list[ClientUpdate]) -> list[float]:
     return [u.weight / total for u in updates]
 
 
+def raw_pairs(updates: list[ClientUpdate], module: str) -> list[tuple[Tensor, Tensor]]:
+    """Every client's (B, A) of one module, as received (no copy)."""
+    return [u.factors[module] for u in updates]
+
+
 def pairs(updates: list[ClientUpdate], module: str) -> list[tuple[Tensor, Tensor]]:
     """Every client's (B, A) of one module, in float64."""
     return [(u.factors[module][0].double(), u.factors[module][1].double()) for u in updates]

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import math
 
-from fedlora.aggregation.base import ClientUpdate, Factors, normalised_weights, pairs, to32
+import torch
+
+from fedlora.aggregation.base import ClientUpdate, Factors, normalised_weights, raw_pairs, to32
 from fedlora.aggregation.linalg import difference_norm, product_norm, stack, truncate_svd
 
 ZERO = 1e-12  # a numerator at most this large over a zero denominator counts as 0/0
@@ -30,7 +32,7 @@ def exactness(applied: Factors, updates: list[ClientUpdate]) -> tuple[float, dic
     per_module: dict[str, float] = {}
     nums = dens = 0.0
     for module in updates[0].factors:
-        ideal_b, ideal_a = stack(pairs(updates, module), p)
+        ideal_b, ideal_a = stack(raw_pairs(updates, module), p, torch.float64)
         b, a = applied.get(module, (ideal_b[:, :0], ideal_a[:0]))  # absent: nothing applied
         num = difference_norm(b.double(), a.double(), ideal_b, ideal_a)
         den = product_norm(ideal_b, ideal_a)

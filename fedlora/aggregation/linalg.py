@@ -2,8 +2,12 @@
 
 A pair (B, A) with B of shape (d, R) and A of shape (R, k) stands for the d x k matrix B @ A.
 The SVD of such a product costs O((d + k) R^2): QR of B and of A^T, then an SVD of the small
-R x R core. Norms use R x R Gram matrices: ||B A||_F^2 = trace((B^T B)(A A^T)), which resolves a
-difference down to about 1e-8 of the norms involved (the square root of float64's epsilon).
+R x R core. The QRs are CholeskyQR2 (two passes of Gram matrix, Cholesky and triangular solve:
+matrix products, faster than LAPACK's Householder QR at LoRA shapes; docs/strategies.md) where the
+first pass shows it holds, Householder QR otherwise, so the accuracy is the Householder QR's;
+the orthonormal factors are applied to the kept singular vectors only, never formed. Norms use
+R x R Gram matrices: ||B A||_F^2 = trace((B^T B)(A A^T)), which resolves a difference down to
+about 1e-8 of the norms involved (the square root of float64's epsilon).
 The functions keep the dtype they are given; strategies call them in float64.
 """
 
@@ -11,17 +15,86 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+PASS_TWO_TOL = 1e-3  # CholeskyQR2 is used when the first pass leaves |Q1^T Q1 - I| <= this
 
-def factored_svd(b: Tensor, a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(U, S, Vh) with B @ A = U diag(S) Vh, S descending; nothing is dropped."""
-    qb, rb = torch.linalg.qr(b)  # (d, m), (m, R) with m = min(d, R)
-    qa, ra = torch.linalg.qr(a.T)  # (k, n), (n, R) with n = min(k, R)
-    uc, s, vhc = torch.linalg.svd(rb @ ra.T, full_matrices=False)  # the small m x n core
-    return qb @ uc, s, vhc @ qa.T
+
+class Basis(NamedTuple):
+    """x = Q r with orthonormal Q = q t^-1 (t upper triangular, None for the identity): Q is
+    applied to thin matrices instead of being formed."""
+
+    q: Tensor
+    t: Tensor | None
+    r: Tensor
+
+    def times(self, c: Tensor) -> Tensor:
+        """Q @ c."""
+        return self.q @ (c if self.t is None else
+                         torch.linalg.solve_triangular(self.t, c, upper=True))
+
+
+def right_solve(x: Tensor, u: Tensor) -> Tensor:
+    """x @ u^-1 for upper-triangular u, solved in the layout x is stored in (column-major
+    storage is about 1.5x faster for LAPACK's triangular solve)."""
+    if x.stride(0) == 1:
+        return torch.linalg.solve_triangular(u, x, upper=True, left=False)
+    return torch.linalg.solve_triangular(u.T, x.T, upper=False, left=True).T
+
+
+def cholesky_qr2(x: Tensor) -> Basis | None:
+    """CholeskyQR2 of a tall x, or None when x is too ill-conditioned for it.
+
+    Pass one: x^T x = U1^T U1, Q1 = x U1^-1. Pass two repeats it on Q1 (Q1^T Q1 = U2^T U2), which
+    leaves Q = Q1 U2^-1 orthonormal to rounding whenever Q1 is close to orthonormal already; so
+    pass two runs only when |Q1^T Q1 - I| <= PASS_TWO_TOL (in float64 that holds up to about
+    cond(x) = 1e6), and Q itself is never formed.
+    """
+    n, c = x.shape
+    if n < c or c == 0:
+        return None
+    u1, info = torch.linalg.cholesky_ex(x.T @ x, upper=True)
+    if int(info) != 0:
+        return None
+    q1 = right_solve(x, u1)
+    g2 = q1.T @ q1
+    gap = float((g2 - torch.eye(c, dtype=g2.dtype)).abs().max())
+    if not gap <= PASS_TWO_TOL:  # also refuses NaN
+        return None
+    u2, info = torch.linalg.cholesky_ex(g2, upper=True)
+    if int(info) != 0:
+        return None
+    return Basis(q1, u2, u2 @ u1)
+
+
+def orthonormal_basis(x: Tensor) -> Basis:
+    """x = Q r: CholeskyQR2 where it holds, LAPACK's Householder QR otherwise (both leave Q
+    orthonormal to rounding and x - Q r at the rounding level of x)."""
+    basis = cholesky_qr2(x)
+    if basis is None:
+        q, r = torch.linalg.qr(x)
+        basis = Basis(q, None, r)
+    return basis
+
+
+def thin_qr(x: Tensor) -> tuple[Tensor, Tensor]:
+    """x = Q R with Q (n, m) orthonormal and R (m, c), m = min(n, c); Q formed explicitly."""
+    basis = orthonormal_basis(x)
+    eye = torch.eye(basis.q.shape[1], dtype=x.dtype)
+    return basis.times(eye), basis.r
+
+
+def factored_svd(b: Tensor, a: Tensor, keep: int | None = None
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+    """(U, S, Vh) with B @ A = U diag(S) Vh, S descending: every singular value, with the
+    singular vectors of the first `keep` (all when None)."""
+    qb, qa = orthonormal_basis(b), orthonormal_basis(a.T)  # B = Qb Rb, A^T = Qa Ra
+    uc, s, vhc = torch.linalg.svd(qb.r @ qa.r.T, full_matrices=False)  # the small core
+    m = s.numel() if keep is None else min(keep, s.numel())
+    return qb.times(uc[:, :m]), s, qa.times(vhc[:m].T).T
 
 
 def balanced_factors(u: Tensor, s: Tensor, vh: Tensor, rank: int) -> tuple[Tensor, Tensor]:
@@ -31,14 +104,31 @@ def balanced_factors(u: Tensor, s: Tensor, vh: Tensor, rank: int) -> tuple[Tenso
     return pad_rank(u[:, :keep] * root, root[:, None] * vh[:keep], rank)
 
 
+def balanced_svd(b: Tensor, a: Tensor, rank: int, dtype: torch.dtype | None = None
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+    """(B_r, A_r, S): the best rank-`rank` approximation of B @ A as balanced factors
+    B_r = U_r diag(sqrt S_r), A_r = diag(sqrt S_r) Vh_r (in `dtype`, B's when None), zero-padded
+    to exactly `rank` when the product has fewer singular values, and every singular value.
+
+    The same as balanced_factors(*factored_svd(b, a, keep=rank), rank), with sqrt(S) folded
+    into the small core factors, so each d x rank / rank x k result is written once.
+    """
+    qb, qa = orthonormal_basis(b), orthonormal_basis(a.T)
+    uc, s, vhc = torch.linalg.svd(qb.r @ qa.r.T, full_matrices=False)
+    keep = min(rank, s.numel())
+    root = s[:keep].clamp(min=0).sqrt()
+    b_r = qb.times(uc[:, :keep] * root).to(dtype or b.dtype)
+    a_r = qa.times(vhc[:keep].T * root).T.to(dtype or b.dtype)
+    return (*pad_rank(b_r, a_r, rank), s)
+
+
 def truncate_svd(b: Tensor, a: Tensor, rank: int) -> tuple[Tensor, Tensor, float]:
     """Best rank-`rank` approximation of B @ A as balanced factors, and the Frobenius norm dropped.
 
     B_r = U_r diag(sqrt S_r), A_r = diag(sqrt S_r) Vh_r, zero-padded to exactly `rank` when the
     product has fewer singular values; dropped = sqrt(sum of the dropped S^2).
     """
-    u, s, vh = factored_svd(b, a)
-    b_r, a_r = balanced_factors(u, s, vh, rank)
+    b_r, a_r, s = balanced_svd(b, a, rank)
     return b_r, a_r, float(s[rank:].square().sum().sqrt())
 
 
@@ -54,16 +144,26 @@ def difference_norm(b1: Tensor, a1: Tensor, b2: Tensor, a2: Tensor) -> float:
     return product_norm(torch.cat([b1, -b2], dim=1), torch.cat([a1, a2], dim=0))
 
 
-def stack(factors: Sequence[tuple[Tensor, Tensor]], weights: Sequence[float]
-          ) -> tuple[Tensor, Tensor]:
+def stack(factors: Sequence[tuple[Tensor, Tensor]], weights: Sequence[float],
+          dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
     """FLoRA's stacking: [B_1 .. B_N], [w_1 A_1; ..; w_N A_N], whose product is sum w_i B_i A_i.
 
-    The weights are used as given (pass normalised p_i for an average).
+    The weights are used as given (pass normalised p_i for an average). The result has `dtype`
+    (the first B's when None); each factor is copied into it once, converted on the way.
     """
     if len(factors) != len(weights):
         raise ValueError(f"stack: {len(factors)} factor pairs but {len(weights)} weights")
-    b = torch.cat([bi for bi, _ in factors], dim=1)
-    a = torch.cat([w * ai for (_, ai), w in zip(factors, weights)], dim=0)
+    dtype = dtype or factors[0][0].dtype
+    d, k = factors[0][0].shape[0], factors[0][1].shape[1]
+    total = sum(bi.shape[1] for bi, _ in factors)
+    b = torch.empty(d, total, dtype=dtype)
+    a = torch.empty(total, k, dtype=dtype)
+    start = 0
+    for (bi, ai), w in zip(factors, weights):
+        end = start + bi.shape[1]
+        b[:, start:end].copy_(bi)
+        a[start:end].copy_(ai).mul_(w)
+        start = end
     return b, a
 
 

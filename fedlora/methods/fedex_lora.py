@@ -8,13 +8,15 @@ Same rank on every client.
 
 from __future__ import annotations
 
+import torch
+
 from fedlora.aggregation.base import (
     ClientUpdate,
     Factors,
     MergeResult,
     factors32,
     normalised_weights,
-    pairs,
+    raw_pairs,
     to32,
 )
 from fedlora.aggregation.linalg import stack
@@ -39,7 +41,8 @@ class FedExLoRA(ResidualMethod):
         residual: Factors = {}
         applied: Factors = {}
         for module, (b_bar, a_bar) in average.items():
-            res = stack(pairs(updates, module) + [(-b_bar, a_bar)], p + [1.0])
+            res = stack(raw_pairs(updates, module) + [(-b_bar, a_bar)], p + [1.0],
+                        torch.float64)
             residual[module] = to32(*res)
             applied[module] = to32(*stack([(b_bar, a_bar), res], [1.0, 1.0]))
         return MergeResult(global_factors=factors32(average), residual=residual,

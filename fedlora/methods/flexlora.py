@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from fedlora.aggregation.base import (
     ClientUpdate,
     Factors,
     MergeResult,
     normalised_weights,
-    pairs,
-    to32,
+    raw_pairs,
 )
-from fedlora.aggregation.linalg import balanced_factors, factored_svd, stack
+from fedlora.aggregation.linalg import balanced_svd, stack
 from fedlora.methods.base import Method, register
 
 
@@ -45,8 +46,9 @@ class FlexLoRA(Method):
         spectra: dict[str, list[float]] = {}
         total = dropped = 0.0
         for module in updates[0].factors:
-            u, s, vh = factored_svd(*stack(pairs(updates, module), p))
-            merged[module] = to32(*balanced_factors(u, s, vh, rank))
+            b, a = stack(raw_pairs(updates, module), p, torch.float64)
+            b_r, a_r, s = balanced_svd(b, a, rank, torch.float32)
+            merged[module] = (b_r, a_r)
             spectra[module] = s.tolist()
             total += float(s.square().sum())
             dropped += float(s[rank:].square().sum())

@@ -7,12 +7,14 @@ round, so there is no global adapter: `global_factors` is {} and the payload is 
 
 from __future__ import annotations
 
+import torch
+
 from fedlora.aggregation.base import (
     ClientUpdate,
     Factors,
     MergeResult,
     normalised_weights,
-    pairs,
+    raw_pairs,
     to32,
 )
 from fedlora.aggregation.linalg import stack
@@ -34,6 +36,7 @@ class FLoRA(ResidualMethod):
                 ) -> MergeResult:
         """The stack of every module is both the residual and the applied update."""
         p = normalised_weights(updates)
-        stacked = {m: to32(*stack(pairs(updates, m), p)) for m in updates[0].factors}
+        stacked = {m: to32(*stack(raw_pairs(updates, m), p, torch.float64))
+                   for m in updates[0].factors}
         return MergeResult(global_factors={}, residual=stacked, applied=stacked,
                            info={"weights": p})

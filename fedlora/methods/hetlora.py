@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import torch
 from torch import Tensor
 
 from fedlora.aggregation.base import (
@@ -28,9 +29,8 @@ from fedlora.aggregation.base import (
     Factors,
     MergeResult,
     normalised_weights,
-    weighted_sum,
 )
-from fedlora.aggregation.linalg import pad_rank, product_norm, truncate_rank
+from fedlora.aggregation.linalg import product_norm, truncate_rank
 from fedlora.config import SettingsError, one_of, require
 from fedlora.factors import from_peft, lora_scale, to_peft
 from fedlora.methods.base import Method, MethodOptions, PersonalStore, option, register
@@ -42,9 +42,23 @@ log = logging.getLogger("fedlora.client")
 Weighting = Callable[[list[tuple[Tensor, Tensor]], list[float]], list[float]]
 
 
+def padded_sum(factors: list[tuple[Tensor, Tensor]], weights: list[float], rank: int
+               ) -> tuple[Tensor, Tensor]:
+    """(sum_i w_i B_i, sum_i w_i A_i) with every pair zero-padded to `rank`: accumulated in
+    float64 into the leading r_i columns / rows (no padded copies), returned as float32."""
+    d, k = factors[0][0].shape[0], factors[0][1].shape[1]
+    b = torch.zeros(d, rank, dtype=torch.float64)
+    a = torch.zeros(rank, k, dtype=torch.float64)
+    for (bi, ai), w in zip(factors, weights):
+        r = bi.shape[1]
+        b[:, :r].add_(bi, alpha=w)  # computed in float64
+        a[:r].add_(ai, alpha=w)
+    return b.float(), a.float()
+
+
 def norm_weights(factors: list[tuple[Tensor, Tensor]], p: list[float]) -> list[float]:
-    """w_i = ||B_i A_i||_F / sum_j ||B_j A_j||_F; p_i when every norm is 0."""
-    norms = [product_norm(b, a) for b, a in factors]
+    """w_i = ||B_i A_i||_F / sum_j ||B_j A_j||_F (in float64); p_i when every norm is 0."""
+    norms = [product_norm(b.double(), a.double()) for b, a in factors]
     total = sum(norms)
     return [n / total for n in norms] if total > 0 else list(p)
 
@@ -119,11 +133,9 @@ class HetLoRA(Method):
         merged: Factors = {}
         used: dict[str, list[float]] = {}
         for module in updates[0].factors:
-            padded = [pad_rank(b.double(), a.double(), rank)
-                      for b, a in (u.factors[module] for u in updates)]
-            used[module] = w = WEIGHTINGS[self.options.weighting](padded, p)
-            merged[module] = (weighted_sum([b for b, _ in padded], w).float(),
-                              weighted_sum([a for _, a in padded], w).float())
+            factors = [u.factors[module] for u in updates]
+            used[module] = w = WEIGHTINGS[self.options.weighting](factors, p)
+            merged[module] = padded_sum(factors, w, rank)
         return MergeResult(global_factors=merged, residual={}, applied=merged,
                            info={"weights": used, "weighting": self.options.weighting})
 
