@@ -17,13 +17,13 @@ $(VENV)/.fedlora-installed: pyproject.toml scripts/setup-venv.sh
 simulate: install
 	$(VENV)/bin/fedlora simulate $(ARGS)
 
-# the whole suite but the CUDA tests (they skip without a GPU anyway)
+# the whole suite (the gpu tests skip, with their reason, without CUDA)
 test: install
-	$(VENV)/bin/python -m pytest -m "not gpu" $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 # for iteration: without the tests marked slow (real Flower processes, many rounds)
 test-fast: install
-	$(VENV)/bin/python -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .

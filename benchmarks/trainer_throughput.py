@@ -14,6 +14,13 @@ a tqdm bar and a (disabled on CPU) autocast context.
 
     python benchmarks/trainer_throughput.py                       # SmolLM2-135M, a few minutes
     python benchmarks/trainer_throughput.py --model tiny-llama    # seconds
+    python benchmarks/trainer_throughput.py --device cuda --quantization 4bit --bf16   # QLoRA
+
+With `--quantization 4bit|8bit` both trainers load the base through bitsandbytes (the plain
+loop with the same BitsAndBytesConfig and PEFT's prepare_model_for_kbit_training); with
+`--bf16` both run the forward pass under bf16 autocast. On CUDA the table adds each trainer's
+peak GPU memory above what was allocated before its call (activations, gradients, optimizer
+state; both models stay resident, so their weights are not counted).
 """
 
 from __future__ import annotations
@@ -39,6 +46,10 @@ def parse_args():
     p.add_argument("--lora-rank", type=int, default=8, help="LoRA rank")
     p.add_argument("--target-modules", default="all-linear", help="LoRA target modules")
     p.add_argument("--seed", type=int, default=0, help="seed of the data and batch order")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda")
+    p.add_argument("--quantization", default="none", choices=("none", "8bit", "4bit"),
+                   help="base weights of both trainers (bitsandbytes)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast in both trainers")
     return p.parse_args()
 
 
@@ -64,18 +75,23 @@ def fedlora_trainer(settings):
 def plain_trainer(settings, pad_id: int):
     """The same base model wrapped with plain PEFT; return train(examples, steps, seed)."""
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
     from fedlora.data import collate
     from fedlora.models import resolve_device, resolve_dtype, resolve_source
+    from fedlora.models.quantization import bnb_config
     from fedlora.train.loop import batches  # the same seeded batch order as train_local
 
     source = resolve_source(settings.model.name)
     device = resolve_device(settings.model.device)
+    dtype = resolve_dtype(settings.model.compute_dtype, device)
+    quant = bnb_config(settings.model.quantization, dtype)
     base = AutoModelForCausalLM.from_pretrained(
-        source.path, dtype=resolve_dtype(settings.model.compute_dtype, device),
-        device_map={"": device})
+        source.path, dtype=dtype, device_map={"": device},
+        **({"quantization_config": quant} if quant is not None else {}))
+    if quant is not None:
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
     lora = settings.lora
     config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                         target_modules=lora.modules(), task_type="CAUSAL_LM")
@@ -91,7 +107,9 @@ def plain_trainer(settings, pad_id: int):
         for _ in range(steps):
             batch = {k: v.to(device) for k, v in collate(next(stream), pad_id).items()}
             tokens += int(batch["attention_mask"].sum())
-            loss = model(**batch).loss
+            with torch.autocast(device.split(":")[0], dtype=torch.bfloat16,
+                                enabled=settings.train.bf16):
+                loss = model(**batch).loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -101,11 +119,21 @@ def plain_trainer(settings, pad_id: int):
     return train
 
 
-def timed(train, examples, steps, seed) -> tuple[int, float]:
-    """(tokens, seconds) of one call of a trainer."""
+def timed(train, examples, steps, seed) -> tuple[int, float, float]:
+    """(tokens, seconds, peak CUDA MiB above the start; 0 on CPU) of one call of a trainer."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
     with common.stopwatch() as t:
         tokens = train(examples, steps, seed)
-    return tokens, t["seconds"]
+        if cuda:
+            torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - start) / 2**20 if cuda else 0.0
+    return tokens, t["seconds"], peak
 
 
 def run(args) -> None:
@@ -116,7 +144,8 @@ def run(args) -> None:
     common.quiet_libraries()
     settings = Settings.from_config({
         "model": args.model, "lora-rank": args.lora_rank, "target-modules": args.target_modules,
-        "batch-size": args.batch_size, "max-length": args.max_length, "seed": args.seed})
+        "batch-size": args.batch_size, "max-length": args.max_length, "seed": args.seed,
+        "device": args.device, "quantization": args.quantization, "bf16": args.bf16})
     torch.manual_seed(args.seed)
     ours, tokenizer = fedlora_trainer(settings)
     torch.manual_seed(args.seed)
@@ -124,7 +153,9 @@ def run(args) -> None:
     examples = common.packed_examples(tokenizer, 8 * args.batch_size, args.max_length, args.seed)
     trainers = {"fedlora train_local": ours, "plain PEFT loop": plain}
 
-    print(f"model {args.model}, LoRA r={args.lora_rank} on {args.target_modules}, "
+    print(f"model {args.model} ({args.quantization} base, bf16 autocast "
+          f"{'on' if args.bf16 else 'off'}, {settings.model.device}), "
+          f"LoRA r={args.lora_rank} on {args.target_modules}, "
           f"batch {args.batch_size} x {args.max_length} tokens, {args.steps} steps per call, "
           f"{args.repeats} alternating repeats after a {args.warmup_steps}-step warm-up",
           flush=True)
@@ -132,14 +163,16 @@ def run(args) -> None:
         train(examples, args.warmup_steps, args.seed)
 
     rates: dict[str, list[float]] = {name: [] for name in trainers}
+    peaks: dict[str, list[float]] = {name: [] for name in trainers}
     rows = []
     for i in range(args.repeats):
         order = list(trainers) if i % 2 == 0 else list(reversed(trainers))
         result = {}
         for name in order:
-            tokens, seconds = timed(trainers[name], examples, args.steps, args.seed + i)
+            tokens, seconds, peak = timed(trainers[name], examples, args.steps, args.seed + i)
             result[name] = (tokens, seconds)
             rates[name].append(tokens / seconds)
+            peaks[name].append(peak)
         (t_ours, s_ours), (t_plain, s_plain) = result["fedlora train_local"], \
             result["plain PEFT loop"]
         if t_ours != t_plain:
@@ -155,8 +188,9 @@ def run(args) -> None:
     med_ours, med_plain = common.median(rates["fedlora train_local"]), \
         common.median(rates["plain PEFT loop"])
     common.print_table(
-        ["trainer", "median tokens/s", "min", "max"],
-        [[name, f"{common.median(r):.1f}", f"{min(r):.1f}", f"{max(r):.1f}"]
+        ["trainer", "median tokens/s", "min", "max", "peak CUDA MiB above start"],
+        [[name, f"{common.median(r):.1f}", f"{min(r):.1f}", f"{max(r):.1f}",
+          f"{max(peaks[name]):.0f}" if torch.cuda.is_available() else "-"]
          for name, r in rates.items()], title="Summary")
     print(f"throughput ratio ours/plain (median tok/s): {med_ours / med_plain:.3f}  "
           f"(target >= 1.0)")
