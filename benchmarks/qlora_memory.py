@@ -20,6 +20,7 @@ run) and 4bit-fp32 (NF4 with compute-dtype float32, what compute-dtype=auto give
 
     python benchmarks/qlora_memory.py
     python benchmarks/qlora_memory.py --model tiny-llama --variants 4bit bf16
+    python benchmarks/qlora_memory.py --variants 4bit bf16 --gradient-checkpointing
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ def parse_args():
                    help="tokens per example (the default run's max-length; every example is "
                         "filled to it)")
     p.add_argument("--lora-rank", type=int, default=8, help="LoRA rank (all-linear targets)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="train with gradient checkpointing (recompute activations in backward)")
     p.add_argument("--child", choices=list(VARIANTS), help=argparse.SUPPRESS)  # internal
     return p.parse_args()
 
@@ -76,7 +79,7 @@ def child(args) -> None:
     settings = Settings.from_config({
         "model": args.model, "quantization": quantization, "compute-dtype": dtype,
         "lora-rank": args.lora_rank, "local-steps": args.steps, "batch-size": args.batch_size,
-        "max-length": args.max_length})
+        "max-length": args.max_length, "gradient-checkpointing": args.gradient_checkpointing})
     out = {"variant": args.child, "after_imports": common.rss_mib()}
 
     with common.stopwatch() as load:
@@ -131,6 +134,7 @@ def run_child(variant: str, model: str, args) -> dict | None:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", variant, "--model", model,
            "--steps", str(args.steps), "--batch-size", str(args.batch_size),
            "--max-length", str(args.max_length), "--lora-rank", str(args.lora_rank)]
+    cmd += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
@@ -154,7 +158,8 @@ def report(args, results: dict[str, dict]) -> None:
         rows.append(row + ([f"{r.get('cuda_peak', float('nan')):.0f} MiB"] if cuda else []))
     common.print_table(headers, rows, title=(
         f"One client: load + LoRA r={args.lora_rank} + {args.steps} steps of train_local, "
-        f"batch {args.batch_size} x {args.max_length} tokens"))
+        f"batch {args.batch_size} x {args.max_length} tokens, gradient checkpointing "
+        f"{'on' if args.gradient_checkpointing else 'off'}"))
 
     low, high = (results.get(v) for v in HEADLINE)
     if low and high:
