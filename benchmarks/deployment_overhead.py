@@ -53,6 +53,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common
 
+from fedlora import pacing
+
 ROOT = Path(__file__).resolve().parents[1]
 HOOK = Path(__file__).resolve().parent / "clientapp_timing"
 TAG = "FEDLORA_BENCH_SESSION"
@@ -337,10 +339,12 @@ def report(args, config, runs: dict, iso) -> dict:
                            [[k, f"{v:.2f}", f"{100 * v / total:.0f} %"]
                             for k, v in pieces.items()],
                            f"Deployment round ({name}), measured inside the ClientApp processes")
-    print("Polling intervals in these runs: an idle node asks the server every "
-          "1.0 s (fedlora client --poll-interval; Flower's own: 3 s), the SuperExec asks its "
-          "node every 0.1 s (Flower: 1 s), the ServerApp pulls replies every 0.2 s "
-          "(Flower: 3 s); expected wait per message, half of each: about 0.65 s\n")
+    waits = (pacing.NODE_POLL_S, pacing.SUPEREXEC_POLL_S, pacing.REPLY_POLL_S)
+    print(f"Polling intervals in these runs (fedlora/pacing.py): an idle node asks the server "
+          f"every {waits[0]} s (fedlora client --poll-interval; Flower's own: 3 s), the "
+          f"SuperExec asks its node every {waits[1]} s (Flower: 1 s), the ServerApp pulls "
+          f"replies every {waits[2]} s (Flower: 3 s); expected wait per message, half of "
+          f"each: about {sum(waits) / 2:.2f} s\n")
     common.print_table(["fresh process, measured alone", "seconds (median)"],
                        [["imports (Flower ClientApp runner + clients.client_app)",
                          f"{iso['imports']:.2f}"],
