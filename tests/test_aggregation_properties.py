@@ -191,7 +191,6 @@ def test_compress_keeps_the_budget_and_reports_the_dense_truncation_error(seed, 
 # ---------------------------------------------------------------- linalg and exactness
 
 
-
 def conditioned(seed, n, c, cond, zero_columns=0):
     """An n x c float64 matrix with singular values from 1 down to 1/cond, some columns zero."""
     gen = torch.Generator().manual_seed(seed)
@@ -245,11 +244,13 @@ def test_factored_svd_keep_gives_the_leading_singular_vectors_of_the_full_one():
 def test_balanced_svd_equals_balanced_factors_of_the_factored_svd(seed, d, k, r, rank):
     b, a = (x.double() for x in factors(torch.Generator().manual_seed(seed), d, k, r))
     b_r, a_r, s = balanced_svd(b, a, rank, torch.float32)
-    eb, ea = balanced_factors(*factored_svd(b, a), rank)
+    u, expected_s, vh = factored_svd(b, a)
+    eb, ea = balanced_factors(u, expected_s, vh, rank)
     assert b_r.dtype == a_r.dtype == torch.float32 and b_r.shape == (d, rank)
-    assert torch.equal(s, factored_svd(b, a)[1])
+    assert torch.equal(s, expected_s)
     scale = max(float(s[0]), 1e-30)
     assert torch.allclose(b_r.double() @ a_r.double(), eb @ ea, atol=1e-6 * scale)
+
 
 def test_stack_converts_into_the_dtype_asked_for_and_weights_a():
     gen = torch.Generator().manual_seed(5)
@@ -258,6 +259,7 @@ def test_stack_converts_into_the_dtype_asked_for_and_weights_a():
     assert b.dtype == a.dtype == torch.float64 and b.shape == (6, 5) and a.shape == (5, 7)
     expected = 0.25 * f1[0].double() @ f1[1].double() + 0.75 * f2[0].double() @ f2[1].double()
     assert torch.allclose(b @ a, expected, atol=1e-12)
+
 
 @FAST
 @given(SEEDS, DIMS, DIMS, st.integers(1, 14))

@@ -87,12 +87,19 @@ def thin_qr(x: Tensor) -> tuple[Tensor, Tensor]:
     return basis.times(eye), basis.r
 
 
+def core_svd(b: Tensor, a: Tensor) -> tuple[Basis, Basis, Tensor, Tensor, Tensor]:
+    """(Qb, Qa, Uc, S, Vhc): B = Qb Rb, A^T = Qa Ra and the SVD Rb Ra^T = Uc diag(S) Vhc of the
+    small core, so that B @ A = (Qb Uc) diag(S) (Qa Vhc^T)^T."""
+    qb, qa = orthonormal_basis(b), orthonormal_basis(a.T)
+    uc, s, vhc = torch.linalg.svd(qb.r @ qa.r.T, full_matrices=False)
+    return qb, qa, uc, s, vhc
+
+
 def factored_svd(b: Tensor, a: Tensor, keep: int | None = None
                  ) -> tuple[Tensor, Tensor, Tensor]:
     """(U, S, Vh) with B @ A = U diag(S) Vh, S descending: every singular value, with the
     singular vectors of the first `keep` (all when None)."""
-    qb, qa = orthonormal_basis(b), orthonormal_basis(a.T)  # B = Qb Rb, A^T = Qa Ra
-    uc, s, vhc = torch.linalg.svd(qb.r @ qa.r.T, full_matrices=False)  # the small core
+    qb, qa, uc, s, vhc = core_svd(b, a)
     m = s.numel() if keep is None else min(keep, s.numel())
     return qb.times(uc[:, :m]), s, qa.times(vhc[:m].T).T
 
@@ -113,8 +120,7 @@ def balanced_svd(b: Tensor, a: Tensor, rank: int, dtype: torch.dtype | None = No
     The same as balanced_factors(*factored_svd(b, a, keep=rank), rank), with sqrt(S) folded
     into the small core factors, so each d x rank / rank x k result is written once.
     """
-    qb, qa = orthonormal_basis(b), orthonormal_basis(a.T)
-    uc, s, vhc = torch.linalg.svd(qb.r @ qa.r.T, full_matrices=False)
+    qb, qa, uc, s, vhc = core_svd(b, a)
     keep = min(rank, s.numel())
     root = s[:keep].clamp(min=0).sqrt()
     b_r = qb.times(uc[:, :keep] * root).to(dtype or b.dtype)

@@ -29,6 +29,7 @@ from fedlora.aggregation.base import (
     Factors,
     MergeResult,
     normalised_weights,
+    raw_pairs,
 )
 from fedlora.aggregation.linalg import product_norm, truncate_rank
 from fedlora.config import SettingsError, one_of, require
@@ -133,7 +134,7 @@ class HetLoRA(Method):
         merged: Factors = {}
         used: dict[str, list[float]] = {}
         for module in updates[0].factors:
-            factors = [u.factors[module] for u in updates]
+            factors = raw_pairs(updates, module)
             used[module] = w = WEIGHTINGS[self.options.weighting](factors, p)
             merged[module] = padded_sum(factors, w, rank)
         return MergeResult(global_factors=merged, residual={}, applied=merged,
