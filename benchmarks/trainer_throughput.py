@@ -119,11 +119,10 @@ def plain_trainer(settings, pad_id: int):
     return train
 
 
-def timed(train, examples, steps, seed) -> tuple[int, float, float]:
-    """(tokens, seconds, peak CUDA MiB above the start; 0 on CPU) of one call of a trainer."""
+def timed(train, examples, steps, seed, cuda: bool) -> tuple[int, float, float]:
+    """(tokens, seconds, peak CUDA MiB above the start; 0 off CUDA) of one call of a trainer."""
     import torch
 
-    cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -140,6 +139,7 @@ def run(args) -> None:
     import torch
 
     from fedlora.config import Settings
+    from fedlora.models import resolve_device
 
     common.quiet_libraries()
     settings = Settings.from_config({
@@ -152,6 +152,7 @@ def run(args) -> None:
     plain = plain_trainer(settings, tokenizer.pad_token_id)
     examples = common.packed_examples(tokenizer, 8 * args.batch_size, args.max_length, args.seed)
     trainers = {"fedlora train_local": ours, "plain PEFT loop": plain}
+    cuda = resolve_device(settings.model.device).startswith("cuda")
 
     print(f"model {args.model} ({args.quantization} base, bf16 autocast "
           f"{'on' if args.bf16 else 'off'}, {settings.model.device}), "
@@ -169,7 +170,8 @@ def run(args) -> None:
         order = list(trainers) if i % 2 == 0 else list(reversed(trainers))
         result = {}
         for name in order:
-            tokens, seconds, peak = timed(trainers[name], examples, args.steps, args.seed + i)
+            tokens, seconds, peak = timed(trainers[name], examples, args.steps, args.seed + i,
+                                          cuda)
             result[name] = (tokens, seconds)
             rates[name].append(tokens / seconds)
             peaks[name].append(peak)
@@ -190,7 +192,7 @@ def run(args) -> None:
     common.print_table(
         ["trainer", "median tokens/s", "min", "max", "peak CUDA MiB above start"],
         [[name, f"{common.median(r):.1f}", f"{min(r):.1f}", f"{max(r):.1f}",
-          f"{max(peaks[name]):.0f}" if torch.cuda.is_available() else "-"]
+          f"{max(peaks[name]):.0f}" if cuda else "-"]
          for name, r in rates.items()], title="Summary")
     print(f"throughput ratio ours/plain (median tok/s): {med_ours / med_plain:.3f}  "
           f"(target >= 1.0)")
