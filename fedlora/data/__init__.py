@@ -6,8 +6,9 @@ import random
 from pathlib import Path
 
 from fedlora.config import DataSettings
+from fedlora.data.bigbench import load_bigbench
 from fedlora.data.format import IGNORE, collate, pack, to_messages, tokenize, tokenize_records
-from fedlora.data.loaders import HUB_PREFIX, load_jsonl, load_source
+from fedlora.data.loaders import BIGBENCH_PREFIX, HUB_PREFIX, load_jsonl, load_source
 from fedlora.data.partition import (
     PARTITIONERS,
     USES_LABELS,
@@ -19,18 +20,22 @@ from fedlora.data.partition import (
 )
 from fedlora.data.tasks import SCORERS, TASKS, builtin_task, score_answer, split_suite
 
-__all__ = ["IGNORE", "PARTITIONERS", "SCORERS", "TASKS", "builtin_task", "by_field_partition",
-           "client_records", "collate", "describe_partition", "dirichlet_partition",
-           "iid_partition", "load_jsonl", "load_records", "load_source", "pack",
-           "partition_dataset", "quantity_skew_partition", "record_labels", "score_answer",
-           "split_suite", "to_messages", "tokenize", "tokenize_records", "train_eval_split"]
+__all__ = ["BIGBENCH_PREFIX", "IGNORE", "PARTITIONERS", "SCORERS", "TASKS", "builtin_task",
+           "by_field_partition", "client_records", "collate", "describe_partition",
+           "dirichlet_partition", "iid_partition", "load_bigbench", "load_jsonl",
+           "load_records", "load_source", "pack", "partition_dataset",
+           "quantity_skew_partition", "record_labels", "score_answer", "split_suite",
+           "to_messages", "tokenize", "tokenize_records", "train_eval_split"]
 
 
 def load_records(dataset: str, size: int, seed: int, field_map: dict[str, str] | None = None,
                  split: str = "train") -> list[dict]:
-    """All records of a dataset setting: `builtin:<task>`, or a file, folder or hf: id."""
+    """All records of a dataset setting: `builtin:<task>`, `bigbench:<file or folder>` (no
+    field map or split: a BIG-bench task is one list of examples), or a file, folder or hf: id."""
     if dataset.startswith("builtin:"):
         return builtin_task(dataset.split(":", 1)[1], size, seed)
+    if dataset.startswith(BIGBENCH_PREFIX):
+        return load_bigbench(dataset[len(BIGBENCH_PREFIX):])
     return load_source(dataset, field_map, split)
 
 
@@ -94,13 +99,17 @@ _PARTITIONED: dict = {}  # {"key": ..., "value": (records, parts)} of the last p
 
 def source_version(dataset: str) -> tuple:
     """`dataset` plus the size and modification time of its file (or of every file in its
-    folder), so a file rewritten in place is read again; builtin: and hf: are the name alone."""
-    path = Path(dataset).expanduser()
-    if dataset.startswith(("builtin:", HUB_PREFIX)) or not path.exists():
+    folder; bigbench: its .json files), so a file rewritten in place is read again; builtin:
+    and hf: are the name alone."""
+    bigbench = dataset.startswith(BIGBENCH_PREFIX)
+    spec = dataset.removeprefix(BIGBENCH_PREFIX) if bigbench else dataset
+    path = Path(spec).expanduser()
+    if dataset.startswith(("builtin:", HUB_PREFIX)) or not spec.strip() or not path.exists():
         return (dataset,)
-    files = sorted(path.rglob("*")) if path.is_dir() else [path]
-    return (str(path.resolve()), *((str(f), f.stat().st_size, f.stat().st_mtime_ns)
-                                   for f in files if f.is_file()))
+    files = sorted(path.rglob("*.json" if bigbench else "*")) if path.is_dir() else [path]
+    kind = BIGBENCH_PREFIX if bigbench else ""  # the same file read as records is another source
+    return (kind + str(path.resolve()),
+            *((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()))
 
 
 def describe_partition(settings: DataSettings, num_clients: int, seed: int) -> str:

@@ -11,6 +11,7 @@ record forms that `fedlora.data.format` tokenizes:
 
 Fields not used by the form (a category, a task name) are kept, so `partition-field` can
 split by them; a null in one of those fields counts as absent (tables mixing forms).
+BIG-bench task files (`bigbench:<file or folder>`) are read by `fedlora.data.bigbench`.
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ from pathlib import Path
 from fedlora.config import RECORD_FIELDS
 
 HUB_PREFIX = "hf:"
+BIGBENCH_PREFIX = "bigbench:"  # read by fedlora.data.bigbench
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system"}
 FORMS = ("instruction/output (input optional), prompt/completion, messages "
          "[{role, content}] or conversations [{from, value}]")
 SOURCES = (".jsonl, .json, .csv, .tsv or .parquet file, a folder written by datasets' "
-           "save_to_disk, or hf:<owner/name>[:<config>]")
+           "save_to_disk, hf:<owner/name>[:<config>], or bigbench:<BIG-bench task.json or "
+           "folder of them>")
 
 Rows = list[tuple[str, object]]  # (where, raw row) pairs
 
@@ -56,9 +59,11 @@ def read_json(path: Path) -> Rows:
     if isinstance(value, dict):
         lists = [key for key, v in value.items() if isinstance(v, list)]
         if len(lists) != 1:
+            hint = (f" (a BIG-bench task? pass {BIGBENCH_PREFIX}{path})" if "examples" in lists
+                    else "")
             raise ValueError(f"{path}: expected a list of records or an object with one list "
                              f"field such as {{\"data\": [...]}}, found an object whose list "
-                             f"fields are {lists}; keep one list of records")
+                             f"fields are {lists}; keep one list of records{hint}")
         return [(f"{path} {lists[0]}[{i}]", row) for i, row in enumerate(value[lists[0]])]
     if not isinstance(value, list):
         raise ValueError(f"{path}: expected a list of records, got a JSON "
@@ -237,7 +242,12 @@ def to_records(rows: Rows, field_map: dict[str, str] | None, source: str) -> lis
 
 def load_source(source: str, field_map: dict[str, str] | None = None,
                 split: str = "train") -> list[dict]:
-    """All records of a file, save_to_disk folder or hf: hub id, renamed and checked."""
+    """All records of a file, save_to_disk folder or hf: hub id, renamed and checked (or of a
+    bigbench: task file or folder, where `field_map` and `split` do not apply)."""
+    if source.startswith(BIGBENCH_PREFIX):
+        from fedlora.data.bigbench import load_bigbench  # it reads files with this module
+
+        return load_bigbench(source[len(BIGBENCH_PREFIX):])
     return to_records(read_rows(source, split), field_map, source)
 
 

@@ -82,9 +82,14 @@ def family_of(name: str | None, record: Record | None = None) -> str | None:
 
 def score_answer(task_name: str | None, prediction: str, record: Record) -> bool:
     """Exact match of a generated answer: the family's scorer, or trimmed equality for other
-    data. `task_name` may be `builtin:suite`, a mixture or None: the record's `task` decides."""
+    data. `task_name` may be `builtin:suite`, a mixture or None: the record's `task` decides.
+    A record with a `targets` list (BIG-bench) is right when the answer matches any of them."""
     family = family_of(task_name, record)
-    return SCORERS[family](prediction, record) if family else exact(prediction, record)
+    scorer = SCORERS[family] if family else exact
+    targets = record.get("targets")
+    if isinstance(targets, list) and targets:
+        return any(scorer(prediction, {**record, "output": str(t)}) for t in targets)
+    return scorer(prediction, record)
 
 
 def split_suite(records: list[Record], test_fraction: float,
