@@ -163,12 +163,13 @@ def leftovers(session: str, timeout: float = 30.0) -> tuple[list[int], list[str]
 
 def results(out: Path, timings: Path, wall: float, logs: list[Path] = ()) -> dict:
     """metrics.jsonl rows, the hook's timing records and the base-model loads of one run."""
-    from fedlora.outputs import read_metrics
+    from fedlora.outputs import read_metrics, training_rounds
 
     records = ([json.loads(line) for line in timings.read_text().splitlines()]
                if timings.exists() else [])
     loads = [log.read_text(errors="replace").count("] base model ") for log in logs]
-    return {"wall": wall, "rows": read_metrics(out), "processes": records, "loads": loads}
+    return {"wall": wall, "rows": training_rounds(read_metrics(out)), "processes": records,
+            "loads": loads}
 
 
 def simulation(config: dict, work: Path, session: str) -> dict:

@@ -15,7 +15,6 @@ rule's own effect shows. Attack "none" rows are what a defence costs when nobody
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 import subprocess
@@ -27,6 +26,7 @@ from pathlib import Path
 import common
 
 from fedlora.config import ATTACKS
+from fedlora.outputs import read_metrics, training_rounds
 
 OFF = "max-update-ratio=0 max-weight-ratio=0"
 DEFENCES = {
@@ -78,8 +78,8 @@ def run_one(args, attack: str, defence: str, out: Path) -> tuple[list[dict], flo
 
 
 def read_rows(out: Path) -> list[dict]:
-    """The metrics rows of a finished run."""
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    """The metrics rows of a finished run's training rounds (without round 0)."""
+    return training_rounds(read_metrics(out))
 
 
 def summary(rows: list[dict]) -> dict:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import common
 
-from fedlora.outputs import read_metrics
+from fedlora.outputs import read_metrics, training_rounds
 
 PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024  # /proc/<pid>/statm counts pages
 
@@ -181,7 +181,7 @@ def run_one(args, n: int, out: Path) -> dict:
     sampler.stop()
     thread.join()
     time.sleep(1.0)  # fedlora has stopped its processes before exiting; give /proc a moment
-    rows = read_metrics(out) if code == 0 else []
+    rows = training_rounds(read_metrics(out)) if code == 0 else []
     if code != 0:
         print(f"{n} clients: failed (exit {code}); log: {log}", file=sys.stderr)
     later = [r["seconds"] for r in rows[1:]] or [r["seconds"] for r in rows]

@@ -12,7 +12,6 @@ is split by operation with a Dirichlet partitioner (label skew), and clients tra
 
 from __future__ import annotations
 
-import json
 import statistics
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from pathlib import Path
 import common
 
 from fedlora.methods import METHODS
+from fedlora.outputs import read_metrics, training_rounds
 
 
 def parse_args():
@@ -56,8 +56,7 @@ def run_one(args, name: str, out: Path) -> tuple[list[dict], float]:
     if proc.returncode != 0:
         print(f"{name}: failed (exit {proc.returncode})\n{proc.stderr[-2000:]}", file=sys.stderr)
         return [], seconds
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return rows, seconds
+    return training_rounds(read_metrics(out)), seconds
 
 
 def summary(name: str, rows: list[dict], seconds: float, ranks: str) -> list[object]:

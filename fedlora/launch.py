@@ -70,6 +70,7 @@ from fedlora.processes import (
     err,
     release_output_dir,
 )
+from fedlora.quiet import chatter, is_quiet
 
 CONNECTION_NAME = "fedlora"
 READY_TIMEOUT_S = 60.0
@@ -327,11 +328,13 @@ def _stream_flwr_run(
     state.flwr_run = _spawn(state, cmd, env, subprocess.PIPE)
     assert state.flwr_run.stdout is not None
     run_id: int | None = None
-    out = sys.stdout
+    out, quiet = sys.stdout, is_quiet()
     for raw in iter(state.flwr_run.stdout.readline, b""):
         line = raw.decode("utf-8", errors="replace")
         if run_id is None and (match := _RUN_ID.search(line)):
             run_id = int(match.group(1))
+        if quiet and chatter(line):
+            continue
         out.write(line)
         out.flush()
     return state.flwr_run.wait(), run_id

@@ -52,6 +52,10 @@ class RunWriter:
         """rounds/<n>/ adapter (of `rank`) plus one line in metrics.jsonl."""
         (self.out_dir / "rounds").mkdir(exist_ok=True)
         self._write_adapter(state, self.out_dir / "rounds" / str(server_round), rank)
+        self.write_metrics(metrics)
+
+    def write_metrics(self, metrics: dict) -> None:
+        """One line in metrics.jsonl (round 0, the model before training, has no adapter)."""
         with open(self.out_dir / METRICS, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(metrics) + "\n")
 
@@ -61,6 +65,12 @@ class RunWriter:
 
 
 def read_metrics(out_dir: str | Path) -> list[dict]:
-    """All rounds of a run's metrics.jsonl."""
+    """All rounds of a run's metrics.jsonl (round 0, when evaluated, first)."""
     path = Path(out_dir) / METRICS
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def training_rounds(rows: list[dict]) -> list[dict]:
+    """The rows of rounds that trained (1, 2, ...): without round 0, the evaluation before
+    training."""
+    return [r for r in rows if r.get("round", 0) >= 1]

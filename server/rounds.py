@@ -75,6 +75,7 @@ class Rules:
     equal_weights: bool = False  # client-weights=equal: every accepted reply weighs 1
     robust: str = "none"  # krum is applied here; median / trimmed-mean by the GlobalAdapter
     robust_f: int = 1
+    initial_eval: bool = True  # evaluate the global model before round 1 (round 0)
 
     @property
     def replies_needed(self) -> int:
@@ -117,6 +118,15 @@ class RoundRecord:
 
     def attempt_summary(self, attempt: int) -> dict:
         return {"attempt": attempt, "replied": len(self.replies), M.FAILURES: self.failures}
+
+    def initial_line(self, bytes_before: int) -> dict[str, Any]:
+        """The metrics.jsonl line of round 0: evaluation only (no training, nothing merged)."""
+        entry: dict[str, Any] = {
+            M.ROUND: self.round, M.FAILURES: self.failures, **self.evaluation,
+            **self.server_eval, M.SECONDS: time.perf_counter() - self.started,
+            M.BYTES_TOTAL: bytes_before}
+        return {k: (None if isinstance(v, float) and math.isnan(v) else v)
+                for k, v in entry.items()}
 
     def line(self, bytes_before: int) -> dict[str, Any]:
         """The metrics.jsonl line (NaN written as null)."""
@@ -185,7 +195,10 @@ class RoundLoop:
     # ==== the loop ============================================================================
     def run(self, grid: Grid, first_round: int, num_rounds: int) -> None:
         """Rounds first_round..num_rounds: train and merge (retried or stopped when too few
-        valid replies arrive), evaluate, write the round and its checkpoint."""
+        valid replies arrive), evaluate, write the round and its checkpoint. A run that starts
+        at round 1 first evaluates the global model before training (round 0)."""
+        if first_round == 1 and self.rules.initial_eval:
+            self.evaluate_initial(grid)
         for server_round in range(first_round, num_rounds + 1):
             log(INFO, "")
             log(INFO, "[ROUND %d/%d]", server_round, num_rounds)
@@ -195,6 +208,24 @@ class RoundLoop:
             if self.evaluator is not None:
                 record.server_eval = self.evaluator(*self.state.export())
             self.finish(server_round, record)
+
+    def evaluate_initial(self, grid: Grid) -> None:
+        """Round 0: the global model before any training (the base model: B is zero) evaluated
+        as every later round is; its metrics line is what the federated rounds compare with."""
+        if self.rules.fraction_evaluate <= 0 and self.evaluator is None:
+            return
+        log(INFO, "")
+        log(INFO, "[ROUND 0] the global model before training")
+        record = RoundRecord(0)
+        if self.rules.fraction_evaluate > 0:
+            self.evaluate(grid, 0, record)
+        if self.evaluator is not None:
+            record.server_eval = self.evaluator(*self.state.export())
+        entry = record.initial_line(self.total_bytes)
+        self.writer.write_metrics(entry)
+        log(INFO, "round 0 (before training): eval-loss %s accuracy %s, %d evaluated, %.1f s",
+            _fmt(entry.get(M.EVAL_LOSS)), _fmt(entry.get(M.ACCURACY)),
+            entry.get(M.EVAL_CLIENTS, 0), entry[M.SECONDS])
 
     def train_round(self, grid: Grid, server_round: int) -> RoundRecord:
         """One training phase and its merge, attempted until enough valid replies arrive."""

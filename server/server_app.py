@@ -69,7 +69,7 @@ def rules(fed: FederationSettings, defence: DefenceSettings) -> Rules:
                  max_update_ratio=0.0 if fed.dp_noise_multiplier else defence.max_update_ratio,
                  max_weight_ratio=defence.max_weight_ratio,
                  equal_weights=defence.client_weights == "equal", robust=defence.robust,
-                 robust_f=defence.robust_f)
+                 robust_f=defence.robust_f, initial_eval=fed.initial_eval)
 
 
 def build_loop(settings: Settings, method: Method, shapes: dict[str, tuple[int, int]],

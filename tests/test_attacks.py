@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from fedlora.attacks import attack_state, claimed
 from fedlora.config import AttackSettings, SettingsError
-from fedlora.outputs import read_metrics
+from fedlora.outputs import read_metrics, training_rounds
 
 
 def states():
@@ -88,7 +88,7 @@ def run(tmp_path, name: str, **extra) -> tuple[list[dict], dict]:
     out = tmp_path / name
     run_inprocess({**RUN, "output-dir": str(out), **extra}, 5)
     final = load_file(out / "final" / "adapter_model.safetensors")
-    return read_metrics(out), final
+    return training_rounds(read_metrics(out)), final
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +166,7 @@ def test_a_1e30_reply_claiming_10m_examples_is_dropped_in_every_round_of_a_run(s
     run_inprocess({**RUN, "output-dir": str(out), "strategy": strategy, "client-ranks": ranks,
                    "fraction-evaluate": 0.0, "min-available-nodes": 4, "min-train-nodes": 4},
                   4, hook=hostile_node(1002))
-    rows = read_metrics(out)
+    rows = training_rounds(read_metrics(out))
     assert [r["clients-replied"] for r in rows] == [3, 3]
     assert all([f["node-id"] for f in r["failures"]] == [1002] for r in rows)
     final = load_file(out / "final" / "adapter_model.safetensors")

@@ -20,7 +20,7 @@ from test_simulation import SESSION_ENV, leftover_processes
 
 from fedlora.config import ModelSettings
 from fedlora.models import load_model
-from fedlora.outputs import read_metrics
+from fedlora.outputs import read_metrics, training_rounds
 
 RUN = ["--model", "tiny-llama", "--rounds", "2", "--local-steps", "3", "--run-config",
        "lr=0.01 dataset-size=120 eval-examples=8"]
@@ -96,8 +96,9 @@ def test_server_and_three_nodes_with_different_ranks(tmp_path):
         assert server.wait(timeout=600) == 0, (tmp_path / "server.log").read_text()[-3000:]
     finally:
         stop([server, *nodes])
-    rows = read_metrics(out)
-    assert [r["round"] for r in rows] == [1, 2]
+    rows = training_rounds(read_metrics(out))
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    rows = training_rounds(rows)
     for row in rows:
         assert row["clients-replied"] == 3 and row["clients-failed"] == 0, row["failures"]
         assert {c["partition-id"]: c["lora-rank"] for c in row["clients"]} == ranks
@@ -161,7 +162,7 @@ def test_tls_node_authentication_and_a_control_api_closed_to_participants(tmp_pa
     # its key is not registered: refused at each try (it keeps trying for about 70 s)
     assert "Exit Code: 305" in (tmp_path / "intruder.log").read_text()
     assert "fedlora: the server refused this node" in (tmp_path / "intruder.log").read_text()
-    rows = read_metrics(out)
+    rows = training_rounds(read_metrics(out))
     assert [r["clients-replied"] for r in rows] == [2, 2]
     assert "refused POST /v1/control/" in (out / "fleet-gate.log").read_text()
     final_adapter_loads(out)
@@ -244,7 +245,7 @@ def test_node_killed_mid_round_is_skipped_and_a_node_that_comes_back_takes_part(
         assert server.wait(timeout=600) == 0, log.read_text()[-3000:]
     finally:
         stop([server, *nodes])
-    first, second = read_metrics(out)
+    first, second = training_rounds(read_metrics(out))
     assert first["clients-replied"] == 2 and first["clients-failed"] >= 1
     assert sorted(c["partition-id"] for c in first["clients"]) == [0, 1]
     assert sorted(c["partition-id"] for c in second["clients"]) == [0, 1, 2]  # back again
@@ -297,7 +298,7 @@ def test_server_killed_mid_round_resumes_to_the_uninterrupted_result(tmp_path):
     try:
         wait_for(training_started(log, 2), server, log)
         sigkill_tree(server)  # in the middle of round 2
-        assert [r["round"] for r in read_metrics(out)] == [1]
+        assert [r["round"] for r in read_metrics(out)] == [1]  # fraction-evaluate=0: no round 0
         log2 = tmp_path / "resumed.log"
         resumed = start(["server", *address, "--resume", str(out)], log2)
         try:
@@ -357,7 +358,7 @@ def test_nodes_register_again_with_a_server_that_lost_its_state_database(tmp_pat
             stop([second])
     finally:
         stop([first, *nodes])
-    assert read_metrics(tmp_path / "b")[0]["clients-replied"] == 2
+    assert training_rounds(read_metrics(tmp_path / "b"))[0]["clients-replied"] == 2
     for i in (0, 1):
         assert "the server no longer knows this node" in (tmp_path / f"node{i}.log").read_text()
     assert wait_gone() == []

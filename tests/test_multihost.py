@@ -25,7 +25,7 @@ from flower_cli import FlowerCli, hostile_app, said
 from test_deployment import delta_w_difference, final_adapter_loads, wait_for
 from test_simulation import SESSION_ENV
 
-from fedlora.outputs import read_metrics
+from fedlora.outputs import read_metrics, training_rounds
 
 pytestmark = pytest.mark.slow
 
@@ -232,10 +232,10 @@ def test_ranks_a_closed_control_api_and_a_cut_link_across_hosts(host_procs, cert
     # site-b's cable is pulled while round 2 trains, and plugged back once round 2 is over
     wait_for(says(log, "round 2: sent"), server, log)
     hosts.link("site-b", up=False)
-    wait_for(lambda: len(read_metrics(out)) >= 2, server, log)
+    wait_for(lambda: len(training_rounds(read_metrics(out))) >= 2, server, log)
     hosts.link("site-b", up=True)
     assert server.wait(timeout=600) == 0, log.read_text()[-3000:]
-    rows = read_metrics(out)
+    rows = training_rounds(read_metrics(out))
     ranks = [{c["node-name"]: c["lora-rank"] for c in row["clients"]} for row in rows]
     assert ranks[:2] == [{"site-a": 8, "site-b": 32}, {"site-a": 8}]
     # back online, site-b takes part again (in round 3, or in round 4 when round 3 was sent
@@ -278,6 +278,7 @@ def test_server_killed_mid_round_resumes_with_node_authentication_on(host_procs,
     # node authentication survived the resume: the intruder is refused and never takes part
     wait_for(says(intruder_log, "fedlora: the server refused this node"), resumed, log2)
     assert resumed.wait(timeout=600) == 0, log2.read_text()[-3000:]
-    assert all(c["node-name"] != "intruder" for r in read_metrics(out) for c in r["clients"])
+    assert all(c["node-name"] != "intruder" for r in training_rounds(read_metrics(out))
+               for c in r["clients"])
     assert [r["round"] for r in read_metrics(out)] == [1, 2, 3]
     assert delta_w_difference(reference / "final", out / "final") <= 1e-6

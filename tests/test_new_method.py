@@ -17,7 +17,7 @@ from fedlora.aggregation import ClientUpdate, Factors, MergeResult
 from fedlora.factors import B_SUFFIX
 from fedlora.methods import METHODS, Method, MethodOptions, load_settings, register
 from fedlora.methods.base import option
-from fedlora.outputs import read_metrics
+from fedlora.outputs import read_metrics, training_rounds
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ def test_a_method_in_one_file_runs_with_its_option_and_client_step(registered, t
     run_inprocess({**CONFIG, "output-dir": str(tmp_path / "one")}, 2)
     assert all(torch.count_nonzero(b) == 0 for b in global_b(tmp_path / "zero"))
     assert any(torch.count_nonzero(b) > 0 for b in global_b(tmp_path / "one"))
-    row = read_metrics(tmp_path / "one")[0]
+    row = training_rounds(read_metrics(tmp_path / "one"))[0]
     assert row["clients-replied"] == 2 and row["exactness"] > 0  # one reply is not the mean
 
 

@@ -9,7 +9,7 @@ import json
 import pytest
 from fake_grid import run_inprocess
 
-from fedlora.outputs import read_metrics
+from fedlora.outputs import read_metrics, training_rounds
 
 BASE = {"model": "tiny-llama", "device": "cpu", "local-steps": 2, "lr": 0.01,
         "dataset-size": 60, "fraction-evaluate": 0.0, "eval-accuracy": 0,
@@ -22,7 +22,8 @@ def site(name: str, **config) -> dict:
 
 
 def trained_ranks(out_dir) -> dict[int, int]:
-    return {c["node-id"]: c["lora-rank"] for c in read_metrics(out_dir)[0]["clients"]}
+    first = training_rounds(read_metrics(out_dir))[0]
+    return {c["node-id"]: c["lora-rank"] for c in first["clients"]}
 
 
 def test_each_node_trains_at_its_own_rank_not_at_the_client_ranks_cycle(tmp_path):
@@ -53,7 +54,7 @@ def test_the_run_config_cannot_name_files_on_a_deployment_node(tmp_path, caplog)
     assert not evil.exists()
     for pid, folder in mine.items():
         assert [p.name for p in folder.iterdir()] == [f"client-{pid}.safetensors"]
-    assert read_metrics(tmp_path / "out")[0]["clients-replied"] == 2
+    assert training_rounds(read_metrics(tmp_path / "out"))[0]["clients-replied"] == 2
     warnings = [r.getMessage() for r in caplog.records]
     assert any("ignored personal-dir=" in w for w in warnings)
     assert any("ignored data-path=" in w for w in warnings)
@@ -66,7 +67,7 @@ def test_a_run_config_dataset_that_is_a_local_path_is_refused_on_a_deployment_no
     nodes = {0: site("site-a", **{"data-path": str(data)}), 1: site("site-b")}
     run_inprocess({**BASE, "min-train-nodes": 1, "min-replies": 1, "dataset": str(data),
                    "output-dir": str(tmp_path / "out")}, 2, node_config=nodes.get)
-    row = read_metrics(tmp_path / "out")[0]
+    row = training_rounds(read_metrics(tmp_path / "out"))[0]
     assert [c["node-id"] for c in row["clients"]] == [1000]  # it has a data-path of its own
     [failure] = row["failures"]
     assert failure["node-id"] == 1001
@@ -100,7 +101,7 @@ def test_failures_and_clients_name_the_node_and_use_the_id_it_was_sent_to(tmp_pa
     nodes = {0: site("hospital-a"), 1: site("bank-b")}
     run_inprocess({**BASE, "min-train-nodes": 1, "min-replies": 1,
                    "output-dir": str(tmp_path)}, 2, node_config=nodes.get, hook=dead_node_reply)
-    row = read_metrics(tmp_path)[0]
+    row = training_rounds(read_metrics(tmp_path))[0]
     assert row["failures"] == [{"node-id": 1001, "reason": "ClientApp process died",
                                 "node-name": "bank-b"}]
     assert [(c["node-id"], c["node-name"]) for c in row["clients"]] == [(1000, "hospital-a")]

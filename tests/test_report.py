@@ -6,7 +6,7 @@ import math
 import pytest
 
 from fedlora.cli.main import main
-from fedlora.report import load_run, round_table, write_report
+from fedlora.report import before_after, load_run, round_table, write_report
 from fedlora.report.runs import client_metrics, series
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -126,3 +126,31 @@ def test_update_norms_per_client_show_the_dropped_outlier(tmp_path):
     # a run without update norms (older metrics) has no such plot
     plain = write_run(tmp_path / "plain", "fedavg", rounds(2, 3.0))
     assert not any(p.name == "update-norms.png" for p in write_report([plain]))
+
+
+def base_round(accuracy=0.05, loss=4.0):
+    """Round 0 as the server writes it: the base model's evaluation, nothing trained."""
+    return {"round": 0, "failures": [], "eval-loss": loss, "eval-clients": 2, "eval-failed": 0,
+            "accuracy": accuracy, "accuracy/dates": 0.0, "accuracy/units": 0.1,
+            "client-accuracy": {"0": 0.1, "1": 0.0}, "seconds": 2.0, "bytes-total": 0}
+
+
+def test_before_after_compares_round_0_with_the_last_round(tmp_path):
+    rows = [base_round(), *rounds(3, 3.0, accuracy=True)]
+    table = before_after(rows).splitlines()
+    assert table[0].split() == ["base", "(round", "0)", "federated", "(round", "3)", "change"]
+    cells = {line[:22].strip(): line[22:].split() for line in table[1:]}
+    assert cells["accuracy"] == ["0.050", "0.600", "+0.550"]
+    assert cells["accuracy/units"] == ["0.100", "0.900", "+0.800"]
+    assert cells["eval-loss"] == ["4.000", "1.500", "-2.500"]
+    assert cells["accuracy of client 0"] == ["0.100", "0.750", "+0.650"]
+    assert before_after(rounds(3, 3.0, accuracy=True)) == ""  # no round 0: nothing to compare
+    # the report and the per-round table show round 0 too
+    run = write_run(tmp_path / "r", "fedavg", rows)
+    write_report([run])
+    md = (run / "report" / "report.md").read_text()
+    assert "| base accuracy (round 0) |" in md and "| `r` | fedavg | 3 |" in md
+    assert "| 0.0500 | 0.6000 |" in md and "## base model and federated adapter: `r`" in md
+    lines = round_table(rows).splitlines()
+    assert lines[1].split()[:4] == ["0", "n/a", "4.000", "0.050"]
+    assert series(load_run(run).rows, "accuracy")[0] == [0, 1, 2, 3]  # plots start at round 0

@@ -11,7 +11,7 @@ from fake_grid import run_inprocess
 from flwr.app import Error, Message
 from safetensors.torch import load_file
 
-from fedlora.outputs import read_metrics
+from fedlora.outputs import read_metrics, training_rounds
 from server.rounds import RoundFailed
 
 BASE = {"model": "tiny-llama", "device": "cpu", "local-steps": 2, "lr": 0.01,
@@ -39,12 +39,29 @@ def crash_first_train_of(node: int):
 def test_a_round_short_of_min_replies_is_retried_and_then_merged(tmp_path):
     run_inprocess(config(tmp_path, **{"min-replies": 3, "round-retries": 2}), 3,
                   hook=crash_first_train_of(1001))
-    first, second = read_metrics(tmp_path)
+    first, second = training_rounds(read_metrics(tmp_path))
     assert first["clients-replied"] == 3 and first["clients-failed"] == 0
     [attempt] = first["failed-attempts"]
     assert attempt["attempt"] == 1 and attempt["replied"] == 2
     assert attempt["failures"] == [{"node-id": 1001, "reason": "simulated crash"}]
     assert second["failed-attempts"] == [] and second["clients-replied"] == 3
+
+
+def test_a_fresh_run_evaluates_the_base_model_as_round_0(tmp_path):
+    """Before round 1 the global model (B = 0: the base model) is evaluated like any round;
+    its line has the evaluation only, and no adapter folder is written for it."""
+    evaluating = {"fraction-evaluate": 1.0, "min-evaluate-nodes": 3, "eval-accuracy": 4,
+                  "num-server-rounds": 1}
+    run_inprocess(config(tmp_path / "on", **evaluating), 3)
+    base, trained = read_metrics(tmp_path / "on")
+    assert (base["round"], trained["round"]) == (0, 1)
+    assert base["eval-clients"] == 3 and base["eval-failed"] == 0 and base["eval-loss"] > 0
+    assert 0 <= base["accuracy"] <= 1 and set(base["client-accuracy"]) == {"0", "1", "2"}
+    assert "clients" not in base and "train-loss" not in base and base["bytes-total"] == 0
+    assert base["eval-loss"] != trained["eval-loss"]  # round 1 trained the adapter
+    assert sorted(p.name for p in (tmp_path / "on" / "rounds").iterdir()) == ["1"]
+    run_inprocess(config(tmp_path / "off", **evaluating, **{"initial-eval": False}), 3)
+    assert [r["round"] for r in read_metrics(tmp_path / "off")] == [1]
 
 
 def test_retries_exhausted_stop_the_run_naming_the_failures_and_keep_done_rounds(tmp_path):
@@ -74,7 +91,7 @@ def test_round_failure_stop_does_not_retry(tmp_path):
 
 def test_a_node_that_never_answers_is_skipped_when_min_replies_allows(tmp_path):
     grid = run_inprocess(config(tmp_path, **{"min-replies": 2}), 3, silent={1002})
-    for row in read_metrics(tmp_path):
+    for row in training_rounds(read_metrics(tmp_path)):
         assert row["clients-replied"] == 2 and row["clients-sampled"] == 3
         assert sorted(c["node-id"] for c in row["clients"]) == [1000, 1001]
         assert [f["reason"] for f in row["failures"] if f["node-id"] == 1002] == [
@@ -90,7 +107,7 @@ def test_a_node_that_answers_its_rank_but_never_its_training_is_a_named_failure(
         msg.metadata.dst_node_id == 1001 and msg.metadata.message_type == "train") else reply
     run_inprocess(config(tmp_path, **{"min-replies": 2, "round-timeout": 30}), 3,
                   hook=silent_in_training)
-    for row in read_metrics(tmp_path):
+    for row in training_rounds(read_metrics(tmp_path)):
         assert row["clients-replied"] == 2 and row["clients-failed"] == 1
         assert row["failures"] == [{"node-id": 1001,
                                     "reason": "no reply within round-timeout=30 s"}]
@@ -100,7 +117,7 @@ def test_a_node_that_answers_its_rank_but_never_its_training_is_a_named_failure(
 def test_a_node_declaring_a_rank_above_the_global_one_is_refused(tmp_path):
     node_config = lambda pid: {"lora-rank": 64} if pid == 1 else {}
     run_inprocess(config(tmp_path), 3, node_config=node_config)
-    row = read_metrics(tmp_path)[0]
+    row = training_rounds(read_metrics(tmp_path))[0]
     assert row["clients-replied"] == 2 and row["clients-failed"] == 1
     [failure] = row["failures"]
     assert failure["node-id"] == 1001
@@ -149,7 +166,7 @@ def test_a_resumed_server_still_names_the_nodes_it_learnt_before(tmp_path):
     with pytest.raises(ServerDied):
         run_inprocess(settings, 3, node_config=names, hook=die_once_round_2_trained(3))
     run_inprocess({**settings, "resume": True}, 3, node_config=names)
-    rows = read_metrics(tmp_path)
+    rows = training_rounds(read_metrics(tmp_path))
     assert [r["round"] for r in rows] == [1, 2, 3]
     for row in rows:
         assert sorted(c["node-name"] for c in row["clients"]) == ["site-0", "site-1", "site-2"]

@@ -16,7 +16,7 @@ from peft import PeftModel
 
 from fedlora.config import ModelSettings
 from fedlora.models import load_model
-from fedlora.outputs import read_metrics
+from fedlora.outputs import read_metrics, training_rounds
 
 SMOKE = ["--model", "tiny-llama", "--num-clients", "2", "--rounds", "2", "--local-steps", "8",
          "--run-config", "lr=0.01 dataset-size=200 eval-examples=16"]
@@ -57,8 +57,10 @@ def simulate(out_dir: Path, *extra: str) -> subprocess.CompletedProcess:
 
 def check_run(out_dir: Path, quantization: str = "none") -> list[dict]:
     """metrics.jsonl has both rounds and the final adapter loads and changes logits."""
-    rows = read_metrics(out_dir)
-    assert [r["round"] for r in rows] == [1, 2]
+    rows = training_rounds(read_metrics(out_dir))
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert rows[0]["eval-loss"] is not None and rows[0]["eval-clients"] == 2  # the base model
+    rows = training_rounds(rows)
     for r in rows:
         assert r["clients-replied"] == 2 and r["clients-failed"] == 0
         assert r["bytes-up"] > 0 and r["bytes-down"] > 0 and r["seconds"] > 0
@@ -113,7 +115,7 @@ def test_client_level_dp_with_clipping_on_the_nodes_reports_epsilon(tmp_path):
     out, clip = tmp_path / "dp", 1e-3
     simulate(out, "--run-config", SMOKE[-1] + f" strategy=ffa-lora clip-norm={clip} "
              "dp-noise-multiplier=0.8 dp-clipping=client dp-delta=1e-4")
-    rows = read_metrics(out)
+    rows = training_rounds(read_metrics(out))
     ledger = PrivacyLedger(0.8, 1e-4, population=2)
     for row in rows:
         assert row["clients-replied"] == 2 and row["clients-failed"] == 0
@@ -136,7 +138,7 @@ def test_accuracy_per_family_per_client_and_on_the_server_each_round(tmp_path):
     out = tmp_path / "acc"
     simulate(out, "--run-config", SMOKE[-1] + " dataset=builtin:units,json partitioner=by-field "
              "eval-accuracy=4 server-eval=6 max-new-tokens=8")
-    for row in read_metrics(out):
+    for row in training_rounds(read_metrics(out)):
         assert 0.0 <= row["accuracy"] <= 1.0
         assert {"accuracy/units", "accuracy/json"} <= row.keys()
         assert sorted(row["client-accuracy"]) == ["0", "1"]  # one value per client

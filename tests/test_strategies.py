@@ -24,7 +24,7 @@ from fedlora.config import LoraSettings, ModelSettings, TrainSettings
 from fedlora.factors import from_delta, lora_scale
 from fedlora.methods import METHODS, get_method, load_settings, method_of
 from fedlora.models import load_model
-from fedlora.outputs import read_metrics
+from fedlora.outputs import read_metrics, training_rounds
 
 IDS = torch.tensor([[258, 117, 115, 101, 114, 10, 50, 43, 50]])
 MIXED = (4, 8, 16)
@@ -57,8 +57,9 @@ def test_strategy_runs_exports_and_reproduces_the_global_model(tmp_path, name):
     simulate(out, "--strategy", name, "--num-clients", "3", "--client-ranks",
              ",".join(map(str, ranks)), "--run-config",
              "lr=0.01 dataset-size=150 eval-examples=8 local-steps=4")
-    rows = read_metrics(out)
-    assert [r["round"] for r in rows] == [1, 2]
+    rows = training_rounds(read_metrics(out))
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    rows = training_rounds(rows)
     for row in rows:
         assert row["clients-replied"] == 3 and row["clients-failed"] == 0, row["failures"]
         assert row["eval-clients"] == 3 and row["eval-failed"] == 0 and row["eval-loss"] > 0
@@ -190,5 +191,5 @@ def test_fedsa_lora_with_client_clipping_keeps_the_trained_b(tmp_path):
         kept = load_file(str(tmp_path / "personal" / f"client-{pid}.safetensors"))
         assert kept and all(k.endswith("lora_B.weight") for k in kept)
         assert any(torch.count_nonzero(b) > 0 for b in kept.values())  # B moved from zero
-    row = read_metrics(tmp_path)[0]
+    row = training_rounds(read_metrics(tmp_path))[0]
     assert row["clients-replied"] == 2 and row["clients-failed"] == 0

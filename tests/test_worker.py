@@ -20,7 +20,7 @@ from test_deployment import free_port, start, stop, wait_for, wait_gone
 from clients.app_guard import hand_to_worker
 from clients.worker import check_flower
 from fedlora import pacing
-from fedlora.outputs import read_metrics
+from fedlora.outputs import read_metrics, training_rounds
 
 
 # ---- what the worker relies on ------------------------------------------------------------------
@@ -154,8 +154,8 @@ def test_one_worker_per_node_serves_every_round_survives_errors_and_is_restarted
         assert server.wait(timeout=600) == 0, log.read_text()[-3000:]
     finally:
         stop([server, *nodes])
-    rows = read_metrics(out)
-    assert [r["round"] for r in rows] == [1, 2, 3]
+    rows = training_rounds(read_metrics(out))
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]
     assert rows[-1]["clients-replied"] == 2  # node 0's new worker answered the last round
     for row in rows:
         assert [f["node-name"] for f in row["failures"]].count("broken-site") >= 1

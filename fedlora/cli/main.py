@@ -8,6 +8,7 @@ import sys
 from fedlora import __version__
 from fedlora.cli import certs, client, export, generate, report, server, simulate
 from fedlora.config import SECTIONS, SettingsError, section_keys
+from fedlora.quiet import quiet
 
 # Errors a user can fix from the message alone: print it, no traceback, exit code 2.
 USER_ERRORS = (SettingsError, ValueError, FileNotFoundError, FileExistsError, KeyError)
@@ -70,12 +71,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=report.run)
     p = sub.add_parser("settings", help="list every run-config key with default and help")
     p.set_defaults(func=settings_command)
+    for p in (parser, *sub.choices.values()):  # before or after the command
+        p.add_argument("--verbose", action="store_true",
+                       default=False if p is parser else argparse.SUPPRESS,
+                       help="show everything the dependencies print (torch, transformers, "
+                            "Flower, Ray warnings); by default only fedlora's own progress "
+                            "and every error")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, run the sub-command, turn user errors into one clear line."""
     args = build_parser().parse_args(argv)
+    quiet(verbose=args.verbose)
     from fedlora.models import ModelLoadError
 
     try:

@@ -57,7 +57,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"optimizer steps per client per round (default {d.train.local_steps})")
     p.add_argument("--seed", type=int, help="seed for init, data and training (default 0)")
     p.add_argument("--dataset", help=f"builtin:<task>, a .jsonl/.json/.csv/.tsv/.parquet file, "
-                   f"a save_to_disk folder or hf:<owner/name> (default {d.data.dataset})")
+                   f"a save_to_disk folder, hf:<owner/name> or bigbench:<task.json or "
+                   f"folder> (default {d.data.dataset})")
     p.add_argument("--wire-dtype", choices=["float32", "float16"],
                    help="dtype of factors on the wire (float16 halves traffic)")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
@@ -154,10 +155,13 @@ def prepare_output(out_dir: Path, overwrite: bool) -> None:
 
 
 def summary_table(out_dir: Path) -> str:
-    """The per-round table printed at the end of a run (accuracy when the run reports it)."""
-    from fedlora.report import round_table
+    """The per-round table printed at the end of a run (accuracy when the run reports it),
+    then the base model (round 0) against the federated adapter."""
+    from fedlora.report import before_after, round_table
 
-    return round_table(read_metrics(out_dir))
+    rows = read_metrics(out_dir)
+    comparison = before_after(rows)
+    return round_table(rows) + (f"\n\n{comparison}" if comparison else "")
 
 
 def run(args: argparse.Namespace) -> int:

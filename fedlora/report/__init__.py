@@ -6,9 +6,10 @@ from pathlib import Path
 
 from fedlora.report.plots import all_plots
 from fedlora.report.runs import Run, load_run, load_runs
-from fedlora.report.tables import round_table, summary_markdown
+from fedlora.report.tables import before_after, round_table, summary_markdown
 
-__all__ = ["Run", "load_run", "load_runs", "round_table", "summary_markdown", "write_report"]
+__all__ = ["Run", "before_after", "load_run", "load_runs", "round_table", "summary_markdown",
+           "write_report"]
 
 REPORT_MD = "report.md"
 
@@ -37,6 +38,10 @@ def markdown(runs: list[Run], images: list[Path]) -> str:
     """report.md: the summary table, where each run lives, then every plot."""
     parts = ["# fedlora report", "", summary_markdown(runs), ""]
     parts += [f"- `{run.name}`: {run.path.resolve()}" for run in runs] + [""]
+    for run in runs:
+        if table := before_after(run.rows):
+            parts += [f"## base model and federated adapter: `{run.name}`", "", "```", table,
+                      "```", ""]
     for image in images:
         parts += [f"## {image.stem}", "", f"![{image.stem}]({image.name})", ""]
     return "\n".join(parts)

@@ -33,6 +33,44 @@ def round_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def base_row(rows: list[dict]) -> dict:
+    """The metrics of round 0 (the global model before training), or {} when not evaluated."""
+    return next((r for r in rows if r.get(M.ROUND) == 0), {})
+
+
+def before_after(rows: list[dict]) -> str:
+    """Round 0 (the base model) against the last round: accuracy (overall, per family, per
+    client) and eval loss; '' when the run has no round 0 or no later evaluation."""
+    before = base_row(rows)
+    evaluated = [r for r in rows if r.get(M.ROUND, 0) > 0 and finite(r.get(M.EVAL_LOSS))]
+    if not before or not evaluated:
+        return ""
+    after = evaluated[-1]
+    keys = [ACCURACY] if ACCURACY in before or ACCURACY in after else []
+    families = sorted(k for k in before.keys() | after.keys() if k.startswith(ACCURACY + "/"))
+    keys += families if len(families) > 1 else []
+    keys += [M.EVAL_LOSS]
+    federated = f"federated (round {after[M.ROUND]})"
+    lines = [f"{'':22}  {'base (round 0)':>14}  {federated:>20}  {'change':>8}"]
+
+    def row(label: str, old, new) -> None:
+        change = "n/a" if finite(old) is None or finite(new) is None else f"{new - old:+.3f}"
+        lines.append(f"{label:22}  {fmt(old):>14}  {fmt(new):>20}  {change:>8}")
+
+    for key in keys:
+        row(key, before.get(key), after.get(key))
+    old_clients = before.get(M.CLIENT_ACCURACY) or {}
+    new_clients = after.get(M.CLIENT_ACCURACY) or {}
+    for client in sorted(old_clients.keys() | new_clients.keys(), key=_client_order):
+        row(f"accuracy of client {client}", old_clients.get(client), new_clients.get(client))
+    return "\n".join(lines)
+
+
+def _client_order(client: str) -> tuple[int, str]:
+    """Partition ids in numeric order."""
+    return (int(client), "") if client.lstrip("-").isdigit() else (1 << 30, client)
+
+
 def total_megabytes(run: Run) -> float:
     """Bytes sent both ways over the whole run, in MB (bytes-total when the run logs it)."""
     logged = last(run.rows, M.BYTES_TOTAL)
@@ -45,12 +83,15 @@ def total_megabytes(run: Run) -> float:
 def summary_markdown(runs: list[Run]) -> str:
     """A Markdown table, one row per run; accuracy only when some run reports it."""
     with_accuracy = any(last(run.rows, ACCURACY) is not None for run in runs)
+    with_base = any(finite(base_row(run.rows).get(ACCURACY)) is not None for run in runs)
     header = ["run", "strategy", "rounds", "final train-loss", "final eval-loss"]
+    header += ["base accuracy (round 0)"] * with_base
     header += ["final accuracy"] * with_accuracy + ["MB total", M.SECONDS]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for run in runs:
         cells = [f"`{run.name or run.path.name}`", run.strategy, str(run.rows[-1][M.ROUND]),
                  fmt(last(run.rows, M.TRAIN_LOSS), ".4f"), fmt(last(run.rows, M.EVAL_LOSS), ".4f")]
+        cells += [fmt(base_row(run.rows).get(ACCURACY), ".4f")] * with_base
         cells += [fmt(last(run.rows, ACCURACY), ".4f")] * with_accuracy
         seconds = sum(finite(r.get(M.SECONDS)) or 0.0 for r in run.rows)
         cells += [f"{total_megabytes(run):.2f}", f"{seconds:.1f}"]
