@@ -51,6 +51,7 @@ from fedlora.models import resolve_device
 from fedlora.records import from_array_record, to_array_record
 from fedlora.train import evaluate, train_local
 from fedlora.train.accuracy import exact_match, generation_batch
+from fedlora.train.choices import multiple_choice
 
 app = ClientApp()
 WORKSPACE = Workspace()
@@ -244,8 +245,11 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     metrics = MetricRecord({wire.NUM_EXAMPLES: result.examples, wire.PARTITION_ID: job.partition_id,
                             wire.EVAL_LOSS: result.loss, wire.EVAL_TOKENS: result.tokens})
     if settings.train.eval_accuracy and records:
-        accuracy, _ = exact_match(slot.model, slot.tokenizer,
-                                  records[: settings.train.eval_accuracy], settings.data.dataset,
+        scored = records[: settings.train.eval_accuracy]
+        accuracy, _ = exact_match(slot.model, slot.tokenizer, scored, settings.data.dataset,
                                   settings.train.max_new_tokens, generation_batch(settings))
         metrics.update(accuracy.counts())
+        # multiple-choice records (BIG-bench) also by their most likely choice
+        metrics.update(multiple_choice(slot.model, slot.tokenizer, scored,
+                                       generation_batch(settings)).counts())
     return Message(RecordDict({wire.METRICS: metrics}), reply_to=msg)

@@ -63,7 +63,7 @@ class M:
     BYTES_DOWN_PER_CLIENT = "bytes-down-per-client"
     BYTES_DOWN_EVAL = "bytes-down-eval"
     BYTES_TOTAL = "bytes-total"
-    ACCURACY = "accuracy"  # also accuracy/<family>
+    ACCURACY = "accuracy"  # also accuracy/<family>; choice-accuracy(/<task>): multiple choice
     CLIENT_ACCURACY = "client-accuracy"
     EXACTNESS = "exactness"
     EXACTNESS_MAX_MODULE = "exactness-max-module"

@@ -529,7 +529,8 @@ class RoundLoop:
 
     def read_evaluate_replies(self, replies: list[Message]) -> dict[str, Any]:
         """Token-weighted mean eval loss over the nodes that evaluated; exact-match accuracy
-        pooled over their answers (overall, per family, and per client)."""
+        pooled over their answers (overall, per family, and per client), and the same for the
+        most likely choice of multiple-choice records (choice-accuracy)."""
         errors = [m for m in replies if m.has_error()]
         rows = [metrics_of(m) for m in replies if not m.has_error()]
         rows = [r for r in rows if r is not None and r.get(wire.EVAL_TOKENS, 0) > 0]
@@ -539,15 +540,16 @@ class RoundLoop:
             M.EVAL_LOSS: loss,
             M.EVAL_PERPLEXITY: math.exp(min(loss, 50.0)) if rows else math.nan,
             M.EVAL_CLIENTS: len(rows), M.EVAL_FAILED: len(errors)}
-        pooled, per_client = Accuracy(), {}
-        for row in rows:
-            counts = Accuracy.from_counts(dict(row))
-            if counts.total:
-                pooled = pooled.merge(counts)
-                per_client[str(int(row.get(wire.PARTITION_ID, -1)))] = counts.overall
-        if pooled.total:
-            out.update(pooled.metrics())
-            out[M.CLIENT_ACCURACY] = per_client
+        for kind in ("", "choice"):  # generated exact match; most likely choice
+            pooled, per_client = Accuracy(kind=kind), {}
+            for row in rows:
+                counts = Accuracy.from_counts(dict(row), kind)
+                if counts.total:
+                    pooled = pooled.merge(counts)
+                    per_client[str(int(row.get(wire.PARTITION_ID, -1)))] = counts.overall
+            if pooled.total:
+                out.update(pooled.metrics())
+                out[f"client-{pooled.name}"] = per_client  # client-accuracy, ...
         return out
 
     # ==== checkpoint and resume ===============================================================

@@ -16,6 +16,7 @@ from fedlora.config import Settings
 from fedlora.data import client_records, load_source, tokenize_records
 from fedlora.train import evaluate
 from fedlora.train.accuracy import exact_match, generation_batch
+from fedlora.train.choices import multiple_choice
 
 
 def held_out_records(settings: Settings, num_partitions: int) -> list[dict]:
@@ -61,6 +62,9 @@ class ServerEvaluator:
                         batch_size=s.train.batch_size)
         accuracy, _ = exact_match(slot.model, slot.tokenizer, self.records, s.data.dataset,
                                   s.train.max_new_tokens, generation_batch(s))
+        choice = multiple_choice(slot.model, slot.tokenizer, self.records, generation_batch(s))
         out = {"server-eval-loss": loss.loss, "server-eval-examples": len(self.records)}
         out.update({f"server-{k}": v for k, v in accuracy.metrics().items()})
+        if choice.total:  # multiple-choice records: server-choice-accuracy
+            out.update({f"server-{k}": v for k, v in choice.metrics().items()})
         return out

@@ -60,3 +60,17 @@ def test_data_without_families_reports_only_overall_accuracy():
 ])
 def test_inconsistent_counts_from_a_node_are_ignored(counts):
     assert Accuracy.from_counts(counts).total == {}
+
+
+def test_choice_counts_travel_apart_from_exact_match_counts():
+    generated = Accuracy()
+    generated.add("plurals", True)
+    choice = Accuracy(kind="choice")
+    choice.add("sport", True)
+    choice.add("sport", False)
+    row = {**generated.counts(), **choice.counts()}
+    assert row == {"correct/plurals": 1, "total/plurals": 1, "choice-correct/sport": 1,
+                   "choice-total/sport": 2}
+    assert Accuracy.from_counts(row).metrics() == {"accuracy": 1.0, "accuracy/plurals": 1.0}
+    assert Accuracy.from_counts(row, "choice").metrics() == {"choice-accuracy": 0.5,
+                                                            "choice-accuracy/sport": 0.5}

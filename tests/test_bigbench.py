@@ -9,6 +9,7 @@ import re
 
 import pytest
 import torch
+from fake_grid import run_inprocess
 
 from fedlora.config import DataSettings
 from fedlora.data import (
@@ -25,6 +26,7 @@ from fedlora.data import (
 from fedlora.data import source_version as data_source_version
 from fedlora.inference import chat_prompt
 from fedlora.models.builtin import byte_tokenizer
+from fedlora.outputs import read_metrics
 from fedlora.train.choices import best_choice, choice_logliks, multiple_choice
 
 GENERATIVE = {
@@ -297,7 +299,8 @@ def test_multiple_choice_counts_per_task(tiny_lm, tmp_path):
     generative = {"instruction": "q", "output": "x", "task": "c", "targets": ["x"]}
     acc = multiple_choice(model, tokenizer, [right, wrong, generative, tie], batch_size=2)
     assert acc.total == {"a": 2, "b": 1} and acc.correct == {"a": 1, "b": 1}
-    assert acc.metrics() == {"accuracy": 2 / 3, "accuracy/a": 0.5, "accuracy/b": 1.0}
+    assert acc.metrics() == {"choice-accuracy": 2 / 3, "choice-accuracy/a": 0.5,
+                             "choice-accuracy/b": 1.0}
 
 
 def test_choice_logliks_of_an_adapter_model_keep_its_training_mode(tiny_slot):
@@ -309,3 +312,27 @@ def test_choice_logliks_of_an_adapter_model_keep_its_training_mode(tiny_slot):
     model.train()
     assert choice_logliks(model, tokenizer, prompt, choices) == pytest.approx(expected, abs=1e-5)
     assert model.training
+
+
+def test_a_federated_round_on_two_bigbench_tasks_reports_both_accuracies(tmp_path):
+    """One BIG-bench task per client (by-field over `task`) through the real ServerApp and
+    ClientApp: generated exact match per task, and the multiple-choice task also by its most
+    likely choice (choice-accuracy), pooled by the server, at round 0 and after training."""
+    folder = tmp_path / "tasks"
+    words = ["cat", "dog", "pen", "cup", "hat", "box", "car", "bus", "map", "key"]
+    write(folder / "plurals.json", {**GENERATIVE, "examples": [
+        {"input": w, "target": w + "s"} for w in words * 3]})
+    write(folder / "sport.json", {**CHOICE, "examples": [
+        {"input": f"{w} scored a goal", "target_scores": {"yes": 1, "no": 0}}
+        for w in words * 3]})
+    run_inprocess({"model": "tiny-llama", "device": "cpu", "dataset": f"bigbench:{folder}",
+                   "partitioner": "by-field", "partition-field": "task", "eval-fraction": 0.3,
+                   "local-steps": 1, "num-server-rounds": 1, "eval-accuracy": 4,
+                   "max-new-tokens": 4, "min-available-nodes": 2,
+                   "output-dir": str(tmp_path / "out")}, 2)
+    for row in read_metrics(tmp_path / "out"):  # round 0 and round 1
+        assert set(row["client-accuracy"]) == {"0", "1"}
+        assert {k for k in row if k.startswith("accuracy/")} == {"accuracy/plurals",
+                                                                 "accuracy/sport"}
+        assert 0 <= row["choice-accuracy"] <= 1 and "choice-accuracy/sport" in row
+        assert len(row["client-choice-accuracy"]) == 1  # only the sport client has choices

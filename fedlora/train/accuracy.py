@@ -23,17 +23,29 @@ MAX_COUNT = 1_000_000  # more answers than a node can score in a round: a broken
 
 @dataclass
 class Accuracy:
-    """Exact-match counts per family."""
+    """Counts of right answers per family: exact matches of generated answers (kind ""), or
+    of the most likely choice of multiple-choice records (kind "choice", fedlora.train.choices)."""
 
     correct: dict[str, int] = field(default_factory=dict)
     total: dict[str, int] = field(default_factory=dict)
+    kind: str = ""
+
+    @property
+    def name(self) -> str:
+        """The metric's name: accuracy, or choice-accuracy."""
+        return f"{self.kind}-accuracy" if self.kind else "accuracy"
+
+    @property
+    def prefix(self) -> str:
+        """Of the count keys: '' or 'choice-' (choice-correct/<family>, ...)."""
+        return f"{self.kind}-" if self.kind else ""
 
     def add(self, family: str, right: bool) -> None:
         self.total[family] = self.total.get(family, 0) + 1
         self.correct[family] = self.correct.get(family, 0) + int(right)
 
     def merge(self, other: Accuracy) -> Accuracy:
-        out = Accuracy(dict(self.correct), dict(self.total))
+        out = Accuracy(dict(self.correct), dict(self.total), self.kind)
         for family, n in other.total.items():
             out.total[family] = out.total.get(family, 0) + n
             out.correct[family] = out.correct.get(family, 0) + other.correct.get(family, 0)
@@ -45,27 +57,30 @@ class Accuracy:
         return sum(self.correct.values()) / n if n else float("nan")
 
     def metrics(self) -> dict[str, float]:
-        """{"accuracy": overall, "accuracy/<family>": ...} (a family only when several)."""
-        out = {"accuracy": self.overall}
+        """{"accuracy": overall, "accuracy/<family>": ...} (a family only when several);
+        choice-accuracy for kind "choice"."""
+        out = {self.name: self.overall}
         if len(self.total) > 1 or OTHER not in self.total:
-            out.update({f"accuracy/{f}": self.correct[f] / self.total[f]
+            out.update({f"{self.name}/{f}": self.correct[f] / self.total[f]
                         for f in sorted(self.total)})
         return out
 
     def counts(self) -> dict[str, int]:
-        """Flat counts for a Flower MetricRecord: correct/<family>, total/<family>."""
-        out = {f"correct/{f}": n for f, n in self.correct.items()}
-        out.update({f"total/{f}": n for f, n in self.total.items()})
+        """Flat counts for a Flower MetricRecord: correct/<family>, total/<family> (with the
+        kind's prefix: choice-correct/<family>, ...)."""
+        out = {f"{self.prefix}correct/{f}": n for f, n in self.correct.items()}
+        out.update({f"{self.prefix}total/{f}": n for f, n in self.total.items()})
         return out
 
     @classmethod
-    def from_counts(cls, metrics: dict) -> Accuracy:
-        """The inverse of `counts` (other keys are ignored)."""
-        acc = cls()
+    def from_counts(cls, metrics: dict, kind: str = "") -> Accuracy:
+        """The inverse of `counts` for counts of `kind` (other keys are ignored)."""
+        acc = cls(kind=kind)
+        total_key, correct_key = f"{acc.prefix}total/", f"{acc.prefix}correct/"
         for key, value in metrics.items():
-            if key.startswith("total/"):
-                family = key.removeprefix("total/")
-                right = metrics.get(f"correct/{family}", 0)
+            if key.startswith(total_key):
+                family = key.removeprefix(total_key)
+                right = metrics.get(f"{correct_key}{family}", 0)
                 # a node's counts are not trusted: only whole, consistent ones are pooled
                 if all(isinstance(v, int) and not isinstance(v, bool) for v in (value, right)) \
                         and 0 <= right <= value <= MAX_COUNT and value > 0:
@@ -87,5 +102,12 @@ def exact_match(model: torch.nn.Module, tokenizer, records: list[dict], task_nam
     answers = generate(model, tokenizer, prompts, max_new_tokens, batch_size=batch_size)
     acc = Accuracy()
     for record, answer in zip(records, answers):
-        acc.add(family_of(task_name, record) or OTHER, score_answer(task_name, answer, record))
+        acc.add(family_of(task_name, record) or record_task(record),
+                score_answer(task_name, answer, record))
     return acc, answers
+
+
+def record_task(record: dict) -> str:
+    """The family of a record without a built-in scorer: its BIG-bench task (records with
+    `targets`, fedlora.data.bigbench), else OTHER."""
+    return str(record.get("task") or OTHER) if "targets" in record else OTHER

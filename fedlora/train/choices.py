@@ -49,7 +49,8 @@ def best_choice(logliks: list[float]) -> int:
 @torch.no_grad()
 def multiple_choice(model: torch.nn.Module, tokenizer, records: list[dict],
                     batch_size: int = 16) -> Accuracy:
-    """Counts per task (a record's `task`) of records whose most likely choice is a target.
+    """Counts per task (a record's `task`) of records whose most likely choice is a target
+    (kind "choice": choice-accuracy, choice-correct/<task>, ...).
 
     Records without `choices` (generative examples) are skipped; all choices of all records
     are scored `batch_size` sequences at a time.
@@ -60,7 +61,7 @@ def multiple_choice(model: torch.nn.Module, tokenizer, records: list[dict],
         prompt_ids = token_ids(tokenizer, chat_prompt(to_messages(record)[:-1], tokenizer))
         rows += [(prompt_ids, token_ids(tokenizer, c)) for c in record["choices"]]
     logliks = row_logliks(model, rows, pad_id(tokenizer), batch_size)
-    acc, start = Accuracy(), 0
+    acc, start = Accuracy(kind="choice"), 0
     for record in scored:
         choices = record["choices"]
         pick = choices[best_choice(logliks[start:start + len(choices)])]
