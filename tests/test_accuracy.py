@@ -7,7 +7,7 @@ import pytest
 
 import fedlora.train.accuracy as accuracy_module
 from fedlora.data import builtin_task
-from fedlora.train.accuracy import OTHER, Accuracy, exact_match
+from fedlora.train.accuracy import OTHER, Accuracy, exact_match, scored_answers
 
 
 def test_exact_match_counts_right_answers_per_family(monkeypatch, tiny_slot):
@@ -74,3 +74,29 @@ def test_choice_counts_travel_apart_from_exact_match_counts():
     assert Accuracy.from_counts(row).metrics() == {"accuracy": 1.0, "accuracy/plurals": 1.0}
     assert Accuracy.from_counts(row, "choice").metrics() == {"choice-accuracy": 0.5,
                                                             "choice-accuracy/sport": 0.5}
+
+
+def test_scored_answers_keep_question_expected_answer_and_the_verdict():
+    records = builtin_task("arithmetic", 3, 0)
+    answers = [records[0]["output"], "nonsense", f" {records[2]['output']} "]
+    entries = scored_answers(records, answers, "builtin:arithmetic")
+    assert [e["correct"] for e in entries] == [True, False, True]
+    assert entries[1] == {"question": records[1]["instruction"],
+                          "expected": records[1]["output"], "answer": "nonsense",
+                          "correct": False, "family": "arithmetic"}
+
+
+def test_the_experiment_keeps_every_scored_answer_with_its_score(tmp_path):
+    """simulations.experiments.federation_helps.score: the results JSON of an arm holds its
+    answers, and their verdicts add up to the accuracy it reports."""
+    from fedlora.methods import load_settings
+    from simulations.experiments.federation_helps import score
+
+    settings = load_settings({"model": "tiny-llama", "device": "cpu", "max-new-tokens": 4,
+                              "dataset": "builtin:arithmetic"})
+    test = builtin_task("arithmetic", 5, 1)
+    result = score(settings, None, test)
+    assert result["adapter"] is None and len(result["answers"]) == 5
+    assert [a["expected"] for a in result["answers"]] == [r["output"] for r in test]
+    right = sum(a["correct"] for a in result["answers"])
+    assert result["accuracy"] == right / 5

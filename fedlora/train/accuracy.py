@@ -107,6 +107,21 @@ def exact_match(model: torch.nn.Module, tokenizer, records: list[dict], task_nam
     return acc, answers
 
 
+def scored_answers(records: list[dict], answers: list[str], task_name: str | None
+                   ) -> list[dict]:
+    """One entry per record for a results file a reader can check: the question (every
+    message but the answer), the expected answer, the model's answer, whether it counted as
+    right, and its family."""
+    out = []
+    for record, answer in zip(records, answers, strict=True):
+        messages = to_messages(record)
+        out.append({"question": "\n".join(m["content"] for m in messages[:-1]),
+                    "expected": messages[-1]["content"], "answer": answer,
+                    "correct": score_answer(task_name, answer, record),
+                    "family": family_of(task_name, record) or record_task(record)})
+    return out
+
+
 def record_task(record: dict) -> str:
     """The family of a record without a built-in scorer: its BIG-bench task (records with
     `targets`, fedlora.data.bigbench), else OTHER."""

@@ -14,7 +14,9 @@ arm gets the same budget of local optimizer steps per client (R rounds x S steps
 
 Every adapter is scored the same way: greedy answers on the union of the clients' held-out
 splits (no question of it is trained on), exact match per family. Results go to
-<output-dir>/results.json and a Markdown table <output-dir>/results.md.
+<output-dir>/results.json (per arm and seed: the metrics, the adapter's folder, which is kept
+under <output-dir>/seed-<n>/, and every scored answer: question, expected, answer, correct)
+and a Markdown table <output-dir>/results.md.
 """
 
 from __future__ import annotations
@@ -112,19 +114,21 @@ def simulate(args: argparse.Namespace, config: dict, out: Path, extra: list[str]
     return out / "final"
 
 
-def score(settings, adapter: Path | None, test: list[dict]) -> dict[str, float]:
-    """Exact-match accuracy (overall and per family) of base + adapter on `test`."""
+def score(settings, adapter: Path | None, test: list[dict]) -> dict:
+    """Exact-match accuracy (overall and per family) of base + adapter on `test`, with the
+    adapter's folder (its run) and every scored answer, so that a number can be checked."""
     from peft import PeftModel
 
     from fedlora.models import load_model
-    from fedlora.train.accuracy import exact_match
+    from fedlora.train.accuracy import exact_match, scored_answers
 
     model, tokenizer, _ = load_model(settings.model)
     if adapter is not None:
         model = PeftModel.from_pretrained(model, str(adapter))
-    accuracy, _ = exact_match(model, tokenizer, test, settings.data.dataset,
-                              settings.train.max_new_tokens, batch_size=16)
-    return accuracy.metrics()
+    accuracy, answers = exact_match(model, tokenizer, test, settings.data.dataset,
+                                    settings.train.max_new_tokens, batch_size=16)
+    return {**accuracy.metrics(), "adapter": str(adapter) if adapter else None,
+            "answers": scored_answers(test, answers, settings.data.dataset)}
 
 
 def run_seed(args: argparse.Namespace, seed: int) -> dict[str, list[dict]]:
