@@ -336,3 +336,28 @@ def test_a_federated_round_on_two_bigbench_tasks_reports_both_accuracies(tmp_pat
                                                                  "accuracy/sport"}
         assert 0 <= row["choice-accuracy"] <= 1 and "choice-accuracy/sport" in row
         assert len(row["client-choice-accuracy"]) == 1  # only the sport client has choices
+
+
+def test_a_node_may_hold_a_bigbench_task_as_its_own_data(tmp_path, monkeypatch):
+    """`fedlora client --data-path bigbench:<file>`: the node config keeps the prefix with an
+    absolute path, and the node's records are that task's; a missing task is refused."""
+    import argparse
+
+    from fedlora.cli.client import add_arguments, node_config
+    from fedlora.data import client_records
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    write(tmp_path / "plurals.json", GENERATIVE)
+    monkeypatch.chdir(tmp_path)
+    args = parser.parse_args(["--server", "127.0.0.1:9092", "--insecure",
+                              "--data-path", "bigbench:plurals.json"])
+    config = node_config(args)
+    assert config["data-path"] == f"bigbench:{tmp_path / 'plurals.json'}"
+    train, held_out = client_records(DataSettings(data_path=config["data-path"],
+                                                  eval_fraction=0.5), 0, 1, 0)
+    assert sorted(r["output"] for r in train + held_out) == ["cats", "people"]
+    missing = parser.parse_args(["--server", "127.0.0.1:9092", "--insecure",
+                                 "--data-path", "bigbench:nowhere.json"])
+    with pytest.raises(FileNotFoundError, match="nowhere.json does not exist"):
+        node_config(missing)

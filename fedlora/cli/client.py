@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fedlora.cli.runconfig import parse_run_config
+from fedlora.data.loaders import BIGBENCH_PREFIX
 from fedlora.methods import load_settings
 
 if TYPE_CHECKING:
@@ -59,7 +60,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--insecure", action="store_true",
                    help="connect without TLS (only for a server started without --certs-dir)")
     p.add_argument("--data-path", help="this node's private data: a .jsonl, .json, .csv, "
-                   ".tsv or .parquet file, a save_to_disk folder, or hf:<owner/name> "
+                   ".tsv or .parquet file, a save_to_disk folder, hf:<owner/name> or "
+                   "bigbench:<task.json or folder> "
                    "(default: the run's dataset)")
     p.add_argument("--rank", type=int, help="this node's LoRA rank (default: the run's)")
     p.add_argument("--quantization", choices=["none", "8bit", "4bit"],
@@ -92,11 +94,14 @@ def node_config(args: argparse.Namespace) -> dict:
         if getattr(args, flag) is not None:
             config[key] = getattr(args, flag)
     if "data-path" in config and not str(config["data-path"]).startswith("hf:"):
-        path = Path(config["data-path"]).expanduser().resolve()
+        data = str(config["data-path"])
+        prefix = BIGBENCH_PREFIX if data.startswith(BIGBENCH_PREFIX) else ""
+        path = Path(data.removeprefix(prefix)).expanduser().resolve()
         if not path.exists():
             raise FileNotFoundError(f"--data-path {path} does not exist; pass this node's "
-                                    f"data file or save_to_disk folder")
-        config["data-path"] = str(path)
+                                    f"data file or save_to_disk folder, or "
+                                    f"{BIGBENCH_PREFIX}<task.json or folder>")
+        config["data-path"] = prefix + str(path)
     if ("partition-id" in config) != ("num-partitions" in config):
         raise ValueError("--partition-id and --num-partitions go together")
     config["node-name"] = args.name or socket.gethostname()
