@@ -43,9 +43,10 @@ LOGGERS = ("transformers", "peft", "bitsandbytes", "accelerate", "datasets", "hu
 _LIBRARY_MODULE = r"(" + "|".join(LIBRARIES) + r")(\..*)?$"
 
 # Flower's start-up lines of `flwr run --stream` and of a simulation, which say nothing a
-# fedlora user acts on (fedlora prints its own summary of the run)
+# fedlora user acts on (fedlora prints its own summary of the run). "Successfully started run
+# <id>" stays: the run id is what `flwr` commands on the control port take.
 FLOWER_CHATTER = re.compile(
-    r"Using SuperLink:|Successfully started run|Starting logstream for run_id|"
+    r"Using SuperLink:|Starting logstream for run_id|"
     r"Starting Flower Simulation|Since flwr 1\.\d+, default simulated SuperNodes|"
     r"Federation `[^`]*` \(\d+ simulated SuperNodes\)|To change federation size|"
     r"flwr federation simulation-config|Successfully installed [\w.-]+ to |"

@@ -62,6 +62,7 @@ def test_flower_start_up_chatter_is_dropped_but_fedlora_lines_and_errors_are_not
                    "SuperNodes)\n")
     assert chatter("(ClientAppActor pid=3585) WARNING :   Manually terminating ClientAppActor")
     assert not chatter(f"{green}INFO {reset}:      round 1: train-loss 5.826 eval-loss 5.801\n")
+    assert not chatter("Successfully started run 6758079619016879922\n")  # the run id stays
     assert not chatter("\x1b[91mERROR \x1b[0m:     ServerApp failed: Traceback ...\n")
     assert not chatter("fedlora: error: setting 'rank': expected >= 1, got 0\n")
 
