@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 import torch
 
 from fedlora.config import LoraSettings, ModelSettings, Settings, TrainSettings
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_configure(config):
+    """A SIGTERM (a CI timeout, `kill`) stops the session as Ctrl-C does, so fixtures still
+    tear down: the network namespaces, servers and Ray processes tests made are removed."""
+    signal.signal(signal.SIGTERM, _interrupt)
 
 
 @pytest.fixture(scope="session")
