@@ -1,7 +1,8 @@
 """fedlora: federated LoRA/QLoRA fine-tuning of Hugging Face models on Flower."""
 
 import logging
-import os
+
+from fedlora.quiet import install_filters, is_quiet
 
 __version__ = "0.1.0"
 
@@ -10,7 +11,5 @@ __version__ = "0.1.0"
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 # A process started by the `fedlora` command (without --verbose) hides its dependencies' noise
-if os.environ.get("FEDLORA_QUIET") == "1":
-    from fedlora.quiet import install_filters
-
+if is_quiet():
     install_filters()

@@ -12,6 +12,7 @@ import torch
 from peft import LoraConfig
 
 from fedlora.adapters.lora import save_adapter
+from fedlora.wire import M
 
 METRICS = "metrics.jsonl"
 
@@ -73,4 +74,4 @@ def read_metrics(out_dir: str | Path) -> list[dict]:
 def training_rounds(rows: list[dict]) -> list[dict]:
     """The rows of rounds that trained (1, 2, ...): without round 0, the evaluation before
     training."""
-    return [r for r in rows if r.get("round", 0) >= 1]
+    return [r for r in rows if r.get(M.ROUND, 0) >= 1]

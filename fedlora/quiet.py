@@ -34,7 +34,6 @@ ENVIRONMENT = {
     "TRANSFORMERS_VERBOSITY": "error",
     "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-    "RAY_DEDUP_LOGS": "1",
 }
 # Loggers set to ERROR (not flwr: fedlora's server logs through it; not ray: its warnings say
 # why a simulation waits for resources)

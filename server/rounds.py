@@ -121,12 +121,9 @@ class RoundRecord:
 
     def initial_line(self, bytes_before: int) -> dict[str, Any]:
         """The metrics.jsonl line of round 0: evaluation only (no training, nothing merged)."""
-        entry: dict[str, Any] = {
-            M.ROUND: self.round, M.FAILURES: self.failures, **self.evaluation,
-            **self.server_eval, M.SECONDS: time.perf_counter() - self.started,
-            M.BYTES_TOTAL: bytes_before}
-        return {k: (None if isinstance(v, float) and math.isnan(v) else v)
-                for k, v in entry.items()}
+        return nulls({M.ROUND: self.round, M.FAILURES: self.failures, **self.evaluation,
+                      **self.server_eval, M.SECONDS: time.perf_counter() - self.started,
+                      M.BYTES_TOTAL: bytes_before})
 
     def line(self, bytes_before: int) -> dict[str, Any]:
         """The metrics.jsonl line (NaN written as null)."""
@@ -146,8 +143,12 @@ class RoundRecord:
             **self.evaluation, **self.server_eval,
             M.SECONDS: time.perf_counter() - self.started,
             M.BYTES_TOTAL: bytes_before + down + up}
-        return {k: (None if isinstance(v, float) and math.isnan(v) else v)
-                for k, v in entry.items()}
+        return nulls(entry)
+
+
+def nulls(entry: dict[str, Any]) -> dict[str, Any]:
+    """A metrics line with NaN written as null."""
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in entry.items()}
 
 
 def named(node: int, reason: str, name: str | None) -> dict[str, Any]:
@@ -203,11 +204,15 @@ class RoundLoop:
             log(INFO, "")
             log(INFO, "[ROUND %d/%d]", server_round, num_rounds)
             record = self.train_round(grid, server_round)
-            if self.rules.fraction_evaluate > 0:
-                self.evaluate(grid, server_round, record)
-            if self.evaluator is not None:
-                record.server_eval = self.evaluator(*self.state.export())
+            self.evaluate_global(grid, server_round, record)
             self.finish(server_round, record)
+
+    def evaluate_global(self, grid: Grid, server_round: int, record: RoundRecord) -> None:
+        """The global model on the nodes (fraction-evaluate) and on the server (server-eval)."""
+        if self.rules.fraction_evaluate > 0:
+            self.evaluate(grid, server_round, record)
+        if self.evaluator is not None:
+            record.server_eval = self.evaluator(*self.state.export())
 
     def evaluate_initial(self, grid: Grid) -> None:
         """Round 0: the global model before any training (the base model: B is zero) evaluated
@@ -217,10 +222,7 @@ class RoundLoop:
         log(INFO, "")
         log(INFO, "[ROUND 0] the global model before training")
         record = RoundRecord(0)
-        if self.rules.fraction_evaluate > 0:
-            self.evaluate(grid, 0, record)
-        if self.evaluator is not None:
-            record.server_eval = self.evaluator(*self.state.export())
+        self.evaluate_global(grid, 0, record)
         entry = record.initial_line(self.total_bytes)
         self.writer.write_metrics(entry)
         log(INFO, "round 0 (before training): eval-loss %s accuracy %s, %d evaluated, %.1f s",

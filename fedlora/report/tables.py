@@ -42,7 +42,8 @@ def before_after(rows: list[dict]) -> str:
     """Round 0 (the base model) against the last round: accuracy (overall, per family, per
     client) and eval loss; '' when the run has no round 0 or no later evaluation."""
     before = base_row(rows)
-    evaluated = [r for r in rows if r.get(M.ROUND, 0) > 0 and finite(r.get(M.EVAL_LOSS))]
+    evaluated = [r for r in rows
+                 if r.get(M.ROUND, 0) > 0 and finite(r.get(M.EVAL_LOSS)) is not None]
     if not before or not evaluated:
         return ""
     after = evaluated[-1]

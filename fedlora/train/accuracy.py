@@ -101,9 +101,8 @@ def exact_match(model: torch.nn.Module, tokenizer, records: list[dict], task_nam
     prompts = [chat_prompt(to_messages(r)[:-1], tokenizer) for r in records]
     answers = generate(model, tokenizer, prompts, max_new_tokens, batch_size=batch_size)
     acc = Accuracy()
-    for record, answer in zip(records, answers):
-        acc.add(family_of(task_name, record) or record_task(record),
-                score_answer(task_name, answer, record))
+    for entry in scored_answers(records, answers, task_name):
+        acc.add(entry["family"], entry["correct"])
     return acc, answers
 
 
