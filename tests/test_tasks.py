@@ -223,3 +223,10 @@ def test_every_task_registered_in_tasks_produces_records_the_formatter_accepts()
         for r in builtin_task(name, 20, 0):
             messages = to_messages(r)
             assert messages[-1] == {"role": "assistant", "content": r["output"]}
+
+
+def test_a_dataset_size_beyond_a_family_names_the_setting_and_the_count():
+    # units has 15 conversions x 120 counts x 2 directions = 3,600 distinct questions
+    with pytest.raises(ValueError, match=r"'dataset-size'.* only 3600 distinct questions, "
+                                         r"fewer than the 4000"):
+        builtin_task("units", 4000, seed=0)

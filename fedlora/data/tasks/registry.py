@@ -47,7 +47,9 @@ def unique(make: Callable[[random.Random], Record], n: int, seed: int) -> list[R
         if question(record) not in seen:
             seen.add(question(record))
             records.append(record)
-    raise ValueError(f"this task has fewer than {n} distinct examples; lower dataset-size")
+    raise ValueError(f"setting 'dataset-size': this built-in task gave only {len(records)} "
+                     f"distinct questions, fewer than the {n} asked for; lower dataset-size, or "
+                     f"use builtin:suite (every family)")
 
 
 # ---- normalisation shared by the scorers ----
