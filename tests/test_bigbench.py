@@ -27,7 +27,14 @@ from fedlora.data import source_version as data_source_version
 from fedlora.inference import chat_prompt
 from fedlora.models.builtin import byte_tokenizer
 from fedlora.outputs import read_metrics
-from fedlora.train.choices import best_choice, choice_logliks, multiple_choice
+from fedlora.train.choices import (
+    best_choice,
+    choice_logliks,
+    multiple_choice,
+    pad_id,
+    row_logliks,
+    token_ids,
+)
 
 GENERATIVE = {
     "name": "plurals", "description": "plural of a noun", "metrics": ["exact_str_match"],
@@ -276,6 +283,37 @@ def test_choice_logliks_without_logits_to_keep(tiny_lm):
     expected = [hand_loglik(model, tokenizer, prompt, c) for c in choices]
     assert choice_logliks(Plain(), tokenizer, prompt, choices) == pytest.approx(expected,
                                                                                  abs=1e-5)
+
+
+def test_one_token_choices_of_a_prompt_share_one_forward_pass(tiny_lm):
+    """MMLU's option letters: each prompt is run once and its last position scores every
+    one-token choice; longer choices still get their own rows. Equal to the hand computation
+    with and without logits_to_keep, prompts of different lengths in one batch."""
+    model, tokenizer = tiny_lm
+    letters = [token_ids(tokenizer, c) for c in ("A", "B", "C", "D")]
+    assert all(len(ids) == 1 for ids in letters)
+    prompts = [token_ids(tokenizer, text) for text in ("Q: 1+1?\nA:", "Pick one", "Q: the "
+                                                       "longest of these prompts?\nA:")]
+    long_choice = token_ids(tokenizer, "maybe so")
+    rows = [(p, c) for p in prompts for c in letters] + [(prompts[0], long_choice)]
+
+    class Counting(torch.nn.Module):  # counts forward passes; optionally no logits_to_keep
+        def __init__(self, keep: bool):
+            super().__init__()
+            self.inner, self.calls, self.keep = model, 0, keep
+
+        def forward(self, input_ids, attention_mask=None, **kwargs):
+            self.calls += 1
+            kwargs = kwargs if self.keep else {}
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    expected = [hand_loglik(model, tokenizer, tokenizer.decode(p), tokenizer.decode(c))
+                for p, c in rows]
+    for keep in (True, False):
+        counting = Counting(keep)
+        got = row_logliks(counting, rows, pad_id(tokenizer), batch_size=16)
+        assert got == pytest.approx(expected, abs=1e-5)
+        assert counting.calls == 2  # the three prompts together, then the one longer choice
 
 
 def test_best_choice_takes_the_first_maximum():

@@ -101,6 +101,7 @@ def keeps_logits(model: torch.nn.Module) -> bool:
         return False
 
 
+@torch.no_grad()
 def row_logliks(model: torch.nn.Module, rows: list[Row], pad: int,
                 batch_size: int) -> list[float]:
     """Sum of log P(choice tokens | prompt tokens) of each (prompt, choice) row."""
@@ -112,13 +113,50 @@ def row_logliks(model: torch.nn.Module, rows: list[Row], pad: int,
     keep = keeps_logits(model)
     training = model.training
     model.eval()
-    out: list[float] = []
+    # one-token choices of the same prompt (MMLU's option letters) need one forward pass of
+    # the prompt together: its last position's distribution scores them all
+    single: dict[tuple[int, ...], list[int]] = {}
+    for i, (prompt, choice) in enumerate(rows):
+        if len(choice) == 1:
+            single.setdefault(tuple(prompt), []).append(i)
+    longer = [i for i, (_, choice) in enumerate(rows) if len(choice) != 1]
+    out = [0.0] * len(rows)
     try:
-        for i in range(0, len(rows), batch_size):
-            out += batch_logliks(model, rows[i:i + batch_size], pad, device, keep)
+        prompts = list(single)
+        for start in range(0, len(prompts), batch_size):
+            batch = prompts[start:start + batch_size]
+            for key, logprobs in zip(batch, next_logprobs(model, batch, pad, device, keep),
+                                        strict=True):
+                for i in single[key]:
+                    out[i] = float(logprobs[rows[i][1][0]])
+        for start in range(0, len(longer), batch_size):
+            batch_rows = [rows[i] for i in longer[start:start + batch_size]]
+            for i, value in zip(longer[start:start + batch_size],
+                                batch_logliks(model, batch_rows, pad, device, keep), strict=True):
+                out[i] = value
     finally:
         model.train(training)
     return out
+
+
+def next_logprobs(model: torch.nn.Module, prompts: list[tuple[int, ...]], pad: int,
+                  device: torch.device, keep: bool) -> torch.Tensor:
+    """log P(next token | prompt) over the vocabulary, one row per prompt (right-padded, so
+    positions are those of an unpadded prompt; only each prompt's last logits are made)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for r, prompt in enumerate(prompts):
+        ids[r, :len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+        mask[r, :len(prompt)] = 1
+    last = torch.tensor([[len(p) - 1] for p in prompts], device=device)
+    ids, mask = ids.to(device), mask.to(device)
+    if keep:
+        logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=last).logits[:, 0]
+    else:
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        logits = logits.gather(1, last.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))[:, 0]
+    return torch.log_softmax(logits.float(), dim=-1).cpu()
 
 
 def batch_logliks(model: torch.nn.Module, rows: list[Row], pad: int, device: torch.device,
