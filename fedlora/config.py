@@ -180,6 +180,10 @@ class TrainSettings:
     batch_size: int = setting("batch-size", 4, "Examples per micro-batch.")
     grad_accum: int = setting("grad-accum", 1, "Micro-batches accumulated per optimizer step.")
     lr: float = setting("lr", 1e-3, "Peak learning rate.")
+    lora_plus_ratio: float = setting(
+        "lora-plus-ratio", 1.0,
+        "LoRA+ (Hayou et al. 2024): B's learning rate is this times A's (lr); the paper uses "
+        "about 16. 1 = plain LoRA.")
     lr_schedule: str = setting(
         "lr-schedule", "cosine",
         "constant, linear or cosine; continues across rounds (step = (round-1)*local-steps + i).")
@@ -218,6 +222,8 @@ class TrainSettings:
                            ("grad-accum", self.grad_accum)):
             require(value >= 1, key, "an integer >= 1", value)
         require(self.lr > 0, "lr", "a number > 0", self.lr)
+        require(self.lora_plus_ratio > 0, "lora-plus-ratio", "a number > 0 (1 = off)",
+                self.lora_plus_ratio)
         one_of("lr-schedule", self.lr_schedule, LR_SCHEDULES)
         require(self.warmup_steps >= 0, "warmup-steps", "an integer >= 0", self.warmup_steps)
         require(self.weight_decay >= 0, "weight-decay", "a number >= 0", self.weight_decay)

@@ -103,6 +103,31 @@ def test_proximal_term_keeps_the_adapter_near_its_start(tiny_settings):
     assert moved[100.0] < 0.5 * moved[0.0]
 
 
+@pytest.mark.parametrize("ratio", [1.0, 16.0])
+def test_lora_plus_gives_b_ratio_times_as_large_a_learning_rate(tiny_settings, ratio):
+    """LoRA+: AdamW's first step moves each parameter by its group's learning rate (times the
+    sign of its gradient), so the largest move of a B entry is ratio x lr and of an A entry lr."""
+    lr = 1e-3
+    s = Settings.from_config({**tiny_settings.to_config(), "local-steps": 1, "lr": lr,
+                              "lora-plus-ratio": ratio, "weight-decay": 0.0})
+    slot, train, _ = setup(s)
+    torch.manual_seed(0)  # B != 0, so that A has a gradient on the first step too
+    start = {k: torch.randn_like(v) * 0.1 for k, v in
+             get_lora_state(slot.model, slot.adapter).items()}
+    set_lora_state(slot.model, start, slot.adapter)
+    train_local(slot.model, slot.adapter, train, slot.tokenizer.pad_token_id, s.train,
+                server_round=1, num_rounds=1, seed=0)
+    end = get_lora_state(slot.model, slot.adapter)
+    moved = lambda part: max((end[k] - start[k]).abs().max().item() for k in start if part in k)
+    assert moved(".lora_B.") == pytest.approx(ratio * lr, rel=1e-3)
+    assert moved(".lora_A.") == pytest.approx(lr, rel=1e-3)
+
+
+def test_lora_plus_ratio_must_be_positive(tiny_settings):
+    with pytest.raises(ValueError, match="lora-plus-ratio.*a number > 0"):
+        Settings.from_config({**tiny_settings.to_config(), "lora-plus-ratio": 0})
+
+
 # ---- the loss over response tokens, LM head in chunks (fedlora/train/loss.py) ----------------
 def lora_batch(slot, train, size=4):
     from fedlora.data import collate

@@ -20,9 +20,9 @@ def bnb_config(quantization: str, compute_dtype: torch.dtype):
                               bnb_4bit_compute_dtype=compute_dtype)
 
 
-def paged_adamw_8bit(params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float,
-                     device: str) -> torch.optim.Optimizer:
-    """bitsandbytes' paged 8-bit AdamW; CUDA only."""
+def paged_adamw_8bit(params: Iterable[torch.nn.Parameter] | Iterable[dict], lr: float,
+                     weight_decay: float, device: str) -> torch.optim.Optimizer:
+    """bitsandbytes' paged 8-bit AdamW (parameters, or groups of them); CUDA only."""
     if not device.startswith("cuda"):
         raise ValueError(f"optimizer 'paged-adamw-8bit' needs a CUDA device, but this client "
                          f"runs on {device!r}; use optimizer=adamw on the CPU")

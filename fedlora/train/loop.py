@@ -41,11 +41,25 @@ def trainable_parameters(model: torch.nn.Module, adapter: str) -> list[torch.nn.
     return params
 
 
-def make_optimizer(params, settings: TrainSettings, device: str) -> torch.optim.Optimizer:
-    """AdamW, or bitsandbytes' paged 8-bit AdamW on CUDA."""
+def param_groups(model: torch.nn.Module, params: list[torch.nn.Parameter],
+                 lora_plus_ratio: float) -> list[dict]:
+    """Optimizer groups, each with its `lr_scale` (times the scheduled lr): one group, or with
+    LoRA+ the B factors apart at `lora_plus_ratio` times A's learning rate."""
+    if lora_plus_ratio == 1.0:
+        return [{"params": params, "lr_scale": 1.0}]
+    is_b = {id(p) for name, p in model.named_parameters() if ".lora_B." in name}
+    groups = [{"params": [p for p in params if id(p) not in is_b], "lr_scale": 1.0},
+              {"params": [p for p in params if id(p) in is_b], "lr_scale": lora_plus_ratio}]
+    return [g for g in groups if g["params"]]
+
+
+def make_optimizer(groups: list[dict] | list[torch.nn.Parameter], settings: TrainSettings,
+                   device: str) -> torch.optim.Optimizer:
+    """AdamW, or bitsandbytes' paged 8-bit AdamW on CUDA, over `param_groups` (or a plain
+    list of parameters)."""
     if settings.optimizer == "paged-adamw-8bit":
-        return paged_adamw_8bit(params, settings.lr, settings.weight_decay, device)
-    return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+        return paged_adamw_8bit(groups, settings.lr, settings.weight_decay, device)
+    return torch.optim.AdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay)
 
 
 def batches(examples: list[dict], batch_size: int, seed: int):
@@ -71,7 +85,8 @@ def train_local(model: torch.nn.Module, adapter: str, examples: list[dict], pad_
     device = next(model.parameters()).device
     torch.manual_seed(seed)  # LoRA dropout draws
     params = trainable_parameters(model, adapter)
-    optimizer = make_optimizer(params, settings, device.type)
+    optimizer = make_optimizer(param_groups(model, params, settings.lora_plus_ratio), settings,
+                               device.type)
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     # The schedule spans the whole run: round r continues where round r-1 stopped.
     total_steps = num_rounds * settings.local_steps
@@ -82,8 +97,8 @@ def train_local(model: torch.nn.Module, adapter: str, examples: list[dict], pad_
     progress = StepProgress(settings.local_steps, desc)
     for i in range(settings.local_steps):
         for group in optimizer.param_groups:
-            group["lr"] = settings.lr * lr_factor(first_step + i, total_steps,
-                                                  settings.warmup_steps, settings.lr_schedule)
+            group["lr"] = settings.lr * group["lr_scale"] * lr_factor(
+                first_step + i, total_steps, settings.warmup_steps, settings.lr_schedule)
         # ---- gradient accumulation: grad_accum micro-batches make one optimizer step ----
         step_loss = 0.0
         for _ in range(settings.grad_accum):
