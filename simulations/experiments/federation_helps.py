@@ -184,6 +184,15 @@ def table(all_results: dict[int, dict[str, list[dict]]], families: list[str]) ->
     return "\n".join(lines)
 
 
+def write_results(args: argparse.Namespace, results: dict, extra: dict | None = None) -> Path:
+    """<output-dir>/results.json: the arguments, any `extra` fields and the results so far
+    (rewritten after each seed, so a run stopped half-way keeps what it measured)."""
+    path = args.output_dir / "results.json"
+    path.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                **(extra or {}), "results": results}, indent=1) + "\n")
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.output_dir.mkdir(parents=True, exist_ok=True)
@@ -191,9 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     all_results = {}
     for seed in seeds:
         all_results[seed] = run_seed(args, seed)
-        (args.output_dir / "results.json").write_text(json.dumps(
-            {"args": {k: str(v) for k, v in vars(args).items()}, "results": all_results},
-            indent=1) + "\n")
+        write_results(args, all_results)
     text = (f"{args.clients} clients, one family each ({args.families}), {args.rounds} rounds x "
             f"{args.local_steps} local steps, seeds {args.seeds}, model {args.model}; "
             f"accuracy = exact match on the union of the clients' held-out splits "
