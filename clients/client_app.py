@@ -4,7 +4,8 @@ What a message carries is described in `fedlora.wire`. The method (`fedlora.meth
 how a client starts from what it received (`client_start`) and what it does before replying
 (`client_finish`); this module only moves data between Flower, the model and the method.
 
-A node's own settings win: its node config overrides the run config key by key, its
+A node's own settings win: its node config overrides the run config key by key (except
+`peft`: a node whose PEFT method differs from the run's is refused), its
 `lora-rank` is the rank it trains at, and a node started by `fedlora client` (its node config
 has a `node-name`) takes every key that names one of its files or folders (`data-path`,
 `personal-dir`) from its node config only; such a key in the run config is ignored with a
@@ -34,10 +35,8 @@ from fedlora.adapters import (
     Slot,
     Workspace,
     flatten,
-    get_lora_state,
     lora_scale,
     module_shapes,
-    set_lora_state,
     set_residual,
     shared_init,
     unflatten,
@@ -104,6 +103,14 @@ def node_settings(context: Context) -> tuple[Settings, Method]:
             raise SettingsError(
                 f"setting 'dataset': the run config names a file on this node ({dataset!r}); "
                 f"a node's data is its own: start it with fedlora client --data-path FILE")
+    server_peft = str(run.get("peft", all_keys()["peft"][0]))
+    node_peft = context.node_config.get("peft", server_peft)
+    if node_peft != server_peft:
+        raise SettingsError(
+            f"setting 'peft': this node is configured for peft={node_peft}, but the run trains "
+            f"peft={server_peft}; every node of a run trains the server's PEFT method, since "
+            f"the server merges only tensors of that method: remove peft from this node's "
+            f"config or join a run of peft={node_peft}")
     settings, method = load(run, context.node_config)
     if settings.attack.on and is_deployment_node(context):
         raise SettingsError(
@@ -149,7 +156,7 @@ def config_int(msg: Message, key: str) -> int:
 
 def received_state(msg: Message, slot: Slot, rank: int) -> dict[str, Tensor]:
     """Seeded initial factors (what the server does not send), overlaid with what it sent."""
-    shapes = module_shapes(get_lora_state(slot.model, slot.adapter))
+    shapes = module_shapes(slot.peft.get_state(slot.model, slot.adapter))
     state = flatten(shared_init(shapes, rank, config_int(msg, wire.INIT_SEED)))
     state.update(from_array_record(msg.content.array_records[wire.ARRAYS]))
     return state
@@ -169,7 +176,7 @@ def prepare(msg: Message, context: Context) -> Job:
     store = personal_store(settings.federation.personal_dir, context, pid, server_round,
                            evaluating=msg.metadata.message_type == MessageType.EVALUATE)
     start = method.client_start(received_state(msg, slot, rank), store)
-    set_lora_state(slot.model, {k: v.float() for k, v in start.items()}, slot.adapter)
+    slot.peft.set_state(slot.model, slot.adapter, {k: v.float() for k, v in start.items()})
     return Job(settings, method, slot, pid, n, rank, server_round, start, store)
 
 
@@ -211,7 +218,7 @@ def train(msg: Message, context: Context) -> Message:
         seed=settings.federation.seed + 1_000_003 * pid + job.server_round,
         desc=f"client {pid} round {job.server_round}",
         proximal_mu=job.method.proximal_mu(settings))
-    state, rank = job.method.client_finish(get_lora_state(slot.model, slot.adapter), job.rank,
+    state, rank = job.method.client_finish(slot.peft.get_state(slot.model, slot.adapter), job.rank,
                                            settings, job.store)
     state = clip_reply(job, state, rank)
     num_examples = len(train_set)

@@ -123,8 +123,19 @@ class ModelSettings:
 
 @dataclass
 class LoraSettings:
-    """The LoRA adapter trained on each client."""
+    """The adapter trained on each client: its PEFT method and, for LoRA, its factors."""
 
+    peft: str = setting(
+        "peft", "lora",
+        "Parameter-efficient method trained on each client: lora (default; QLoRA with "
+        "quantization=4bit), ia3 (learned rescaling vectors), prompt-tuning (a soft prompt "
+        "before the input), p-tuning (a prompt computed by an MLP encoder), prefix-tuning "
+        "(keys/values at every layer computed by an MLP) or p-tuning-v2 (those keys/values "
+        "trained directly); see docs/peft-methods.md.")
+    virtual_tokens: int = setting(
+        "num-virtual-tokens", 20,
+        "prompt-tuning, p-tuning, prefix-tuning, p-tuning-v2: length of the learned soft "
+        "prompt or prefix, in tokens (>= 1).")
     rank: int = setting("lora-rank", 8, "LoRA rank r (>= 1).")
     alpha: float = setting("lora-alpha", 16.0, "LoRA alpha; the update is scaled by alpha/r "
                             "(alpha/sqrt(r) with rsLoRA).")
@@ -140,7 +151,10 @@ class LoraSettings:
         "small), optionally with its own pool (heavy-tail:4,8,16).")
 
     def __post_init__(self) -> None:
+        require(bool(self.peft.strip()), "peft", "a PEFT method name such as lora", self.peft)
         require(self.rank >= 1, "lora-rank", "an integer >= 1", self.rank)
+        require(self.virtual_tokens >= 1, "num-virtual-tokens", "an integer >= 1",
+                self.virtual_tokens)
         if self.client_ranks:
             parse_client_ranks(self.client_ranks)
         require(self.alpha > 0, "lora-alpha", "a number > 0", self.alpha)

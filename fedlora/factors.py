@@ -70,9 +70,22 @@ def to_peft(factors: Factors, scale: float) -> dict[str, torch.Tensor]:
     return flatten(from_delta(factors, scale))
 
 
+def is_factor(key: str) -> bool:
+    """Is this wire key a LoRA factor (else a plain tensor of another PEFT method)?"""
+    return key.endswith((A_SUFFIX, B_SUFFIX))
+
+
+def dense_part(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The plain tensors of a state dict (an IA3 vector, ...): everything but LoRA factors.
+    They are federated as they are: no scale, no rank."""
+    return {k: v for k, v in state.items() if not is_factor(k)}
+
+
 def shared_keys(state: dict[str, torch.Tensor], shares: str) -> dict[str, torch.Tensor]:
-    """Only the factors a method sends over the wire ("both", "B" or "A")."""
-    return {k: v for k, v in state.items() if k.endswith(SHARED_SUFFIXES[shares])}
+    """Only what a method sends over the wire: the factors in `shares` ("both", "B" or "A")
+    and every plain tensor."""
+    return {k: v for k, v in state.items()
+            if k.endswith(SHARED_SUFFIXES[shares]) or not is_factor(k)}
 
 
 def module_shapes(state: dict[str, torch.Tensor]) -> dict[str, tuple[int, int]]:

@@ -10,6 +10,7 @@ import contextlib
 
 import torch
 
+from fedlora.adapters.virtual_tokens import generation_inputs, runner
 from fedlora.data.format import prompt_and_response
 
 
@@ -64,7 +65,9 @@ def generate(model: torch.nn.Module, tokenizer, prompts: list[str], max_new_toke
         with left_padding(tokenizer):
             batch = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True,
                               add_special_tokens=False).to(device)
-        out = model.generate(**batch, generation_config=config)  # type: ignore[operator]
-        new = out[:, batch["input_ids"].shape[1]:]  # left padding: every prompt ends here
+        # virtual tokens (a soft prompt, prefixes) go in front (fedlora.adapters.virtual_tokens)
+        inputs, start = generation_inputs(model, batch["input_ids"], batch["attention_mask"])
+        out = runner(model).generate(**inputs, generation_config=config)
+        new = out[:, start:]  # left padding: every prompt ends at `start`
         texts += tokenizer.batch_decode(new, skip_special_tokens=True)
     return texts

@@ -6,10 +6,11 @@ import copy
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from peft import LoraConfig
+from peft import LoraConfig, PeftConfig
 
 from fedlora.adapters.lora import save_adapter
 from fedlora.wire import M
@@ -30,9 +31,12 @@ def write_atomic(target: Path, write) -> None:
 class RunWriter:
     """Writes each round's adapter atomically and appends one JSON line per round."""
 
-    def __init__(self, out_dir: str | Path, lora: LoraConfig, run_info: dict) -> None:
+    def __init__(self, out_dir: str | Path, lora: PeftConfig, run_info: dict,
+                 saved: Callable[[dict], dict] | None = None) -> None:
         self.out_dir = Path(out_dir).resolve()
         self.lora = lora
+        # what PEFT's adapter file holds, from the state written (P-tuning: its prompt)
+        self.saved = saved or (lambda state: state)
         self.run_info = run_info
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")
@@ -42,8 +46,9 @@ class RunWriter:
         tmp = target.parent / f".{target.name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         config = copy.deepcopy(self.lora)
-        config.r = rank
-        save_adapter(state, config, tmp, extra=self.run_info)
+        if isinstance(config, LoraConfig):  # the rank of this adapter (other methods: none)
+            config.r = rank
+        save_adapter(self.saved(state), config, tmp, extra=self.run_info)
         shutil.rmtree(target, ignore_errors=True)
         os.rename(tmp, target)
         return target

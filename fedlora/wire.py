@@ -48,6 +48,8 @@ class M:
     ROUND = "round"
     SECONDS = "seconds"
     TRAIN_LOSS = TRAIN_LOSS
+    TRAIN_TOKENS = TRAIN_TOKENS  # per client (inside CLIENTS), as the node reported them
+    TRAIN_SECONDS = TRAIN_SECONDS
     EVAL_LOSS = EVAL_LOSS
     EVAL_PERPLEXITY = "eval-perplexity"
     EVAL_CLIENTS = "eval-clients"

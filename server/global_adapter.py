@@ -10,17 +10,25 @@ for filling the factors a reply does not carry, for clipping and for the truncat
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
 from fedlora.aggregation import ClientUpdate, Factors
+from fedlora.aggregation.base import Dense, dense_distance
 from fedlora.aggregation.exactness import exactness, truncation_loss
-from fedlora.aggregation.privacy import add_noise, clip_update, noise_std
-from fedlora.aggregation.robust import robust_merge
+from fedlora.aggregation.privacy import (
+    add_dense_noise,
+    add_noise,
+    clip_all,
+    factor_distance,
+    noise_std,
+)
+from fedlora.aggregation.robust import change_norm, robust_merge
 from fedlora.aggregation.server_opt import ServerOptimizer
 from fedlora.config import LoraSettings
-from fedlora.factors import flatten, from_peft, lora_scale, to_peft, unflatten
+from fedlora.factors import dense_part, flatten, from_peft, lora_scale, to_peft, unflatten
 from fedlora.methods import Method
 from fedlora.wire import M
 
@@ -54,6 +62,9 @@ class GlobalAdapter:
     global_rank: int  # clients train at ranks <= this; evaluation uses it (flora: fresh)
     optimizer: ServerOptimizer | None = None
     residual: Factors = field(default_factory=dict)
+    # the plain tensors of a PEFT method without factors (IA3's vectors), wire keys, as they
+    # are (no scale, no rank); {} for LoRA
+    dense: Dense = field(default_factory=dict)
     clip_norm: float = 0.0  # clip each update to this norm (0 = off)
     noise_multiplier: float = 0.0  # client-level DP noise (needs clip_norm and a linear merge)
     noise_seed: int = 0  # the noise of round n is drawn from seed (noise_seed, n)
@@ -64,7 +75,7 @@ class GlobalAdapter:
     _peft: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
 
     def __setattr__(self, name: str, value: object) -> None:
-        if name == "factors":  # a new global adapter: its payloads are rebuilt on demand
+        if name in ("factors", "dense"):  # a new global adapter: payloads rebuilt on demand
             for cache in ("_received", "_peft"):
                 self.__dict__.setdefault(cache, {}).clear()
         super().__setattr__(name, value)
@@ -90,7 +101,8 @@ class GlobalAdapter:
         """Global adapter for a client of `rank`, in PEFT's scale, wire keys (maybe empty)."""
         if rank not in self._peft:
             fresh = self.method.fresh_adapter or not self.factors
-            self._peft[rank] = {} if fresh else to_peft(self.received(rank), self.scale(rank))
+            factors = {} if fresh else to_peft(self.received(rank), self.scale(rank))
+            self._peft[rank] = {**factors, **self.dense}
         return self._peft[rank]
 
     def residual_state(self) -> dict[str, torch.Tensor]:
@@ -100,8 +112,22 @@ class GlobalAdapter:
     # ---- what comes back ----------------------------------------------------------------------
     def to_update(self, state: dict[str, torch.Tensor], rank: int, weight: float) -> ClientUpdate:
         """A client's reply (PEFT scale; ffa-lora sends only B, fedsa-lora only A) as a
-        delta-W ClientUpdate; the factor it did not send is the one it received."""
-        return ClientUpdate(from_peft(state, self.scale(rank), fill=self.payload(rank)), weight)
+        delta-W ClientUpdate; the factor it did not send is the one it received. Plain
+        tensors (a PEFT method without factors) are taken as they are."""
+        dense = {k: v.to(torch.float32) for k, v in dense_part(state).items()}
+        factors = from_peft(state, self.scale(rank), fill=self.payload(rank))
+        return ClientUpdate(factors, weight, dense)
+
+    def moved(self, update: ClientUpdate) -> float:
+        """How far a client moved from what it received: ||B A - B_ref A_ref||_F over the
+        modules and ||T - T_ref|| over the plain tensors, together."""
+        return math.hypot(change_norm(update.factors, self.received(update.rank)),
+                          dense_distance(update.dense, self.dense))
+
+    def distance(self, update: ClientUpdate) -> float:
+        """The norm clipping bounds: ||(B - B_ref, A - A_ref, T - T_ref)||_2."""
+        return math.hypot(factor_distance(update.factors, self.received(update.rank)),
+                          dense_distance(update.dense, self.dense))
 
     # ---- one round ----------------------------------------------------------------------------
     def clip(self, updates: list[ClientUpdate]) -> tuple[list[ClientUpdate], dict]:
@@ -109,18 +135,21 @@ class GlobalAdapter:
         equal weights (the Gaussian mechanism bounds each client, not each example)."""
         out, norms = [], []
         for u in updates:
-            factors, norm, _ = clip_update(u.factors, self.received(u.rank), self.clip_norm)
-            out.append(ClientUpdate(factors, 1.0 if self.noise_multiplier else u.weight))
+            factors, dense, norm, _ = clip_all(u.factors, u.dense, self.received(u.rank),
+                                               self.dense, self.clip_norm)
+            out.append(ClientUpdate(factors, 1.0 if self.noise_multiplier else u.weight, dense))
             norms.append(norm)
         return out, {M.CLIP_NORM: self.clip_norm, M.UPDATE_NORMS: norms,
                      M.CLIENTS_CLIPPED: sum(n > self.clip_norm for n in norms)}
 
-    def noised(self, merged: Factors, num_updates: int, server_round: int
-               ) -> tuple[Factors, float]:
-        """The merged factors plus Gaussian noise of std z C / m on the shared factors."""
+    def noised(self, merged: Factors, dense: Dense, num_updates: int, server_round: int
+               ) -> tuple[Factors, Dense, float]:
+        """The merged factors and plain tensors plus Gaussian noise of std z C / m on the
+        shared factors and on every plain tensor."""
         std = noise_std(self.noise_multiplier, self.clip_norm, num_updates)
         generator = torch.Generator().manual_seed(self.noise_seed * 1_000_003 + server_round)
-        return add_noise(merged, std, self.method.shares, generator), std
+        return (add_noise(merged, std, self.method.shares, generator),
+                add_dense_noise(dense, std, generator), std)
 
     def update(self, updates: list[ClientUpdate], server_round: int = 0) -> dict:
         """Merge one round's updates into the global state; returns the round's figures."""
@@ -133,13 +162,16 @@ class GlobalAdapter:
             result = robust_merge(updates, self.robust, self.robust_f, self.rank)
         else:
             result = self.method.combine(updates, self.factors, export_rank=self.rank)
-        merged = result.global_factors
-        if self.noise_multiplier and merged:
-            merged, info[M.DP_NOISE_STD] = self.noised(merged, len(updates), server_round)
-        if self.optimizer is not None and merged:
-            merged = self.optimizer.step(self.factors, merged)
-        self.factors = merged
-        if self.method.exactness_defined:  # fedsa-lora has no global delta W to compare
+        merged, dense = result.global_factors, result.dense
+        if self.noise_multiplier and (merged or dense):
+            merged, dense, info[M.DP_NOISE_STD] = self.noised(merged, dense, len(updates),
+                                                              server_round)
+        if self.optimizer is not None:
+            merged = self.optimizer.step(self.factors, merged) if merged else merged
+            dense = self.optimizer.step_dense(self.dense, dense) if dense else dense
+        self.factors, self.dense = merged, dense
+        # fedsa-lora has no global delta W to compare; a method without factors none at all
+        if self.method.exactness_defined and result.applied:
             overall, per_module = exactness(result.applied, updates)
             info[M.EXACTNESS] = overall
             info[M.EXACTNESS_MAX_MODULE] = max(per_module.values(), default=0.0)
@@ -155,12 +187,12 @@ class GlobalAdapter:
 
     # ---- export -------------------------------------------------------------------------------
     def export(self) -> tuple[dict[str, torch.Tensor], int]:
-        """(wire state in PEFT scale, rank): one PEFT adapter equal to adapter + residual."""
+        """(wire state in PEFT scale, rank): one PEFT adapter equal to adapter + residual,
+        plus the plain tensors of a method without factors (rank 0 then)."""
         combined = concat([self.factors, self.residual])
         rank = rank_of(combined)
-        if rank == 0:
-            return {}, 0
-        return to_peft(combined, self.scale(rank)), rank
+        factors = to_peft(combined, self.scale(rank)) if rank else {}
+        return {**factors, **self.dense}, rank
 
 
     # ---- checkpoint ---------------------------------------------------------------------------
@@ -168,6 +200,7 @@ class GlobalAdapter:
         """Global factors, residual (delta-W scale) and optimiser state as named tensors."""
         out = {f"global/{k}": v for k, v in flatten(self.factors).items()}
         out.update({f"residual/{k}": v for k, v in flatten(self.residual).items()})
+        out.update({f"dense/{k}": v for k, v in self.dense.items()})
         if self.optimizer is not None:
             out.update({f"optimizer/{k}": v for k, v in self.optimizer.state_dict().items()})
         return out
@@ -183,5 +216,10 @@ class GlobalAdapter:
         self.factors = unflatten(saved) if saved else {}
         residual = part("residual/")
         self.residual = unflatten(residual) if residual else {}
+        dense = part("dense/")
+        if dense.keys() != self.dense.keys():
+            raise ValueError("the checkpoint's tensors differ from this run's PEFT method and "
+                             "model; was peft, the model or target-modules changed?")
+        self.dense = {k: v.to(torch.float32) for k, v in dense.items()}
         if self.optimizer is not None:
             self.optimizer.load_state_dict(part("optimizer/"))

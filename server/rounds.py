@@ -17,7 +17,7 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from logging import ERROR, INFO, WARNING
 from typing import Any
 
@@ -27,11 +27,11 @@ from flwr.serverapp import Grid
 
 from fedlora import pacing, wire
 from fedlora.aggregation import ClientUpdate
+from fedlora.aggregation.base import dense_distance
 from fedlora.aggregation.linalg import product_norm
-from fedlora.aggregation.privacy import factor_distance
 from fedlora.aggregation.robust import (
     cap_weights,
-    change_norm,
+    dense_squared_distances,
     krum_scores,
     krum_select,
     lower_median,
@@ -159,15 +159,25 @@ def named(node: int, reason: str, name: str | None) -> dict[str, Any]:
     return entry
 
 
-def update_norm(update: ClientUpdate) -> float:
-    """||delta W||_F of a client's update over all modules (from the factors' Gram matrices)."""
-    return math.sqrt(sum(product_norm(b, a) ** 2 for b, a in update.factors.values()))
+def update_norm(update: ClientUpdate, received_dense: dict) -> float:
+    """||delta W||_F of a client's update over all modules (from the factors' Gram matrices),
+    and for plain tensors (a PEFT method without factors) their change from what the client
+    received."""
+    return math.sqrt(sum(product_norm(b, a) ** 2 for b, a in update.factors.values())
+                     + dense_distance(update.dense, received_dense) ** 2)
 
 
 def weighted_mean(values: list[float], weights: list[float]) -> float:
     """sum w_i v_i / sum w_i (nan when there is nothing to average)."""
     total = sum(weights)
     return sum(v * w for v, w in zip(values, weights)) / total if total else math.nan
+
+
+def number(metrics: Any, key: str) -> float:
+    """A reply's metric as a float; NaN when it is missing or not a single number."""
+    value = metrics.get(key)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return float(value) if ok else math.nan
 
 
 def metrics_of(msg: Message) -> Any:
@@ -266,8 +276,7 @@ class RoundLoop:
         others' (max-update-ratio), then cut a weight far above the others' (max-weight-ratio).
         Both compare with the lower median of the round's accepted replies."""
         replies, rules = record.replies, self.rules
-        norms = [change_norm(r.update.factors, self.state.received(r.update.rank))
-                 for r in replies]
+        norms = [self.state.moved(r.update) for r in replies]
         for reply, norm in zip(replies, norms):
             reply.row[M.UPDATE_NORM] = norm
         if not replies:
@@ -297,7 +306,7 @@ class RoundLoop:
                     f"num-examples {reply.update.weight:g} cut to {weight:g}, max-weight-ratio="
                     f"{rules.max_weight_ratio:g} times the round's lower median"))
             if weight != reply.update.weight:
-                reply.update = ClientUpdate(reply.update.factors, weight)
+                reply.update = replace(reply.update, weight=weight)
 
     def down_weighted(self, record: RoundRecord, reply: Reply, reason: str) -> None:
         """Record and log that a reply counts for less than it claimed (or not at all)."""
@@ -309,7 +318,9 @@ class RoundLoop:
         """Multi-Krum over the round's replies: the n - robust-f whose delta W is nearest the
         others'; the rest are recorded as not merged, with their scores."""
         replies, f = record.replies, self.rules.robust_f
-        scores = krum_scores(squared_distances([r.update.factors for r in replies]), f)
+        distances = (squared_distances([r.update.factors for r in replies])
+                     + dense_squared_distances([r.update.dense for r in replies]))
+        scores = krum_scores(distances, f)
         keep = set(krum_select(scores, f))
         cut = max(scores[i] for i in keep)
         for i, (reply, score) in enumerate(zip(replies, scores)):
@@ -496,7 +507,8 @@ class RoundLoop:
         if known is None:
             return f"node {node} was never asked for its rank (not sampled this round)", None
         rank = self.method.reply_rank(known, declared)
-        expected = expected_shapes(self.shapes, rank, self.method.shares)
+        expected = {**expected_shapes(self.shapes, rank, self.method.shares),
+                    **{k: tuple(v.shape) for k, v in self.state.dense.items()}}
         problem = reply_problem(state, expected, metrics.get(wire.NUM_EXAMPLES),
                                 self.rules.max_examples)
         if problem is None and declared != rank:
@@ -511,19 +523,22 @@ class RoundLoop:
         row: dict[str, Any] = {
             M.NODE_ID: node, M.PARTITION_ID: int(metrics.get(wire.PARTITION_ID, -1)),
             M.LORA_RANK: rank, M.NUM_EXAMPLES: num_examples, M.BYTES_UP: factor_bytes(record),
-            M.TRAIN_LOSS: float(metrics.get(wire.TRAIN_LOSS, math.nan))}
+            M.TRAIN_LOSS: number(metrics, wire.TRAIN_LOSS),
+            # the node's own throughput figures (what it says; never used for the merge)
+            M.TRAIN_TOKENS: number(metrics, wire.TRAIN_TOKENS),
+            M.TRAIN_SECONDS: number(metrics, wire.TRAIN_SECONDS)}
         if node in self.node_names:
             row[M.NODE_NAME] = self.node_names[node]
         return None, Reply(update, row)
 
     def update_problem(self, update: ClientUpdate, rank: int) -> str | None:
         """Why a well-formed update is still refused (its size), or None."""
-        norm = update_norm(update)
+        norm = update_norm(update, self.state.dense)
         if self.rules.max_update_norm and norm > self.rules.max_update_norm:
             return (f"update norm ||delta W||_F = {norm:.4g} is above max-update-norm="
                     f"{self.rules.max_update_norm:g}")
         if self.rules.client_clipping:
-            moved = factor_distance(update.factors, self.state.received(rank))
+            moved = self.state.distance(update)
             if moved > self.state.clip_norm * (1 + 1e-4):
                 return (f"dp-clipping=client, but the update's norm {moved:.6g} is above "
                         f"clip-norm={self.state.clip_norm:g}: the node did not clip")

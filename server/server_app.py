@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import time
+from dataclasses import dataclass
 from logging import INFO
 from pathlib import Path
 from typing import Any
@@ -12,7 +14,7 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedlora import pacing
-from fedlora.adapters import lora_config, shared_init, target_shapes
+from fedlora.adapters import peft_method, shared_init, target_shapes
 from fedlora.aggregation.server_opt import SERVER_OPTIMIZERS, ServerOptimizer
 from fedlora.checkpoint import discard_after, read_latest, set_rng_state
 from fedlora.config import DefenceSettings, FederationSettings, Settings
@@ -27,10 +29,25 @@ from server.server_eval import ServerEvaluator
 app = ServerApp()
 
 
-def adapted_shapes(settings: Settings) -> tuple[dict[str, tuple[int, int]], str]:
-    """{module: (d, k)} of every adapted layer (from the model's structure only); its base id."""
+@dataclass
+class Shapes:
+    """What the clients train, read off the model's structure only (no base weights)."""
+
+    factors: dict[str, tuple[int, int]]  # {module: (d, k)} of every LoRA-adapted layer
+    dense: dict[str, tuple[int, ...]]  # {wire key: shape} of a non-LoRA method's tensors
+    base_id: str
+    model_config: Any  # the model's Hugging Face config (of the skeleton)
+
+
+def adapted_shapes(settings: Settings) -> Shapes:
+    """The shapes of what the clients train, from a meta-device skeleton of the model."""
     source = resolve_source(settings.model.name)
-    return target_shapes(model_skeleton(source), settings.lora.modules()), source.base_id
+    peft, skeleton = peft_method(settings.lora.peft), model_skeleton(source)
+    config = skeleton.config
+    if peft.low_rank:
+        return Shapes(target_shapes(skeleton, settings.lora.modules()), {}, source.base_id,
+                      config)
+    return Shapes({}, peft.dense_shapes(skeleton, settings.lora), source.base_id, config)
 
 
 def server_optimizer(fed: FederationSettings) -> ServerOptimizer | None:
@@ -44,12 +61,13 @@ def server_optimizer(fed: FederationSettings) -> ServerOptimizer | None:
     return SERVER_OPTIMIZERS[fed.server_optimizer](**options)
 
 
-def build_global(settings: Settings, method: Method, shapes: dict[str, tuple[int, int]]
-                 ) -> GlobalAdapter:
-    """The initial global adapter: seeded A (as every client draws it), B zero."""
+def build_global(settings: Settings, method: Method, shapes: Shapes) -> GlobalAdapter:
+    """The initial global adapter: seeded A (as every client draws it), B zero; a method
+    without factors: its seeded initial tensors."""
     fed = settings.federation
-    return GlobalAdapter(method=method, lora=settings.lora,
-                         factors=shared_init(shapes, settings.global_rank, fed.seed),
+    dense = peft_method(settings.lora.peft).initial_dense(shapes.dense, fed.seed)
+    return GlobalAdapter(method=method, lora=settings.lora, dense=dense,
+                         factors=shared_init(shapes.factors, settings.global_rank, fed.seed),
                          global_rank=settings.global_rank, optimizer=server_optimizer(fed),
                          clip_norm=fed.clip_norm, noise_multiplier=fed.dp_noise_multiplier,
                          noise_seed=fed.seed, robust=settings.defence.robust,
@@ -72,14 +90,14 @@ def rules(fed: FederationSettings, defence: DefenceSettings) -> Rules:
                  robust_f=defence.robust_f, initial_eval=fed.initial_eval)
 
 
-def build_loop(settings: Settings, method: Method, shapes: dict[str, tuple[int, int]],
-               writer: RunWriter) -> RoundLoop:
+def build_loop(settings: Settings, method: Method, shapes: Shapes, writer: RunWriter
+               ) -> RoundLoop:
     """The round loop for these settings."""
     fed = settings.federation
     ledger = None
     if fed.dp_noise_multiplier:
         ledger = PrivacyLedger(fed.dp_noise_multiplier, fed.dp_delta, fed.min_available_nodes)
-    return RoundLoop(build_global(settings, method, shapes), shapes,
+    return RoundLoop(build_global(settings, method, shapes), shapes.factors,
                      rules(fed, settings.defence), writer,
                      ledger=ledger, evaluator=server_evaluator(settings, method))
 
@@ -115,17 +133,25 @@ def main(grid: Grid, context: Context) -> None:
     pacing.pace_serverapp()
     fed = settings.federation
     started = time.perf_counter()
-    shapes, base_id = adapted_shapes(settings)
+    shapes = adapted_shapes(settings)
     out_dir = Path(fed.output_dir).resolve()
-    writer = RunWriter(out_dir, lora_config(settings.lora, base_id),
-                       {"model": settings.model.name, "base_model": base_id,
-                        "settings": {**settings.to_config(), "resume": False}})
+    peft = peft_method(settings.lora.peft)
+    writer = RunWriter(out_dir, peft.config(settings.lora, shapes.base_id),
+                       {"model": settings.model.name, "base_model": shapes.base_id,
+                        "settings": {**settings.to_config(), "resume": False}},
+                       saved=lambda state: peft.saved_state(state, shapes.model_config))
     loop = build_loop(settings, method, shapes, writer)
     first_round = resume_point(loop, out_dir) if fed.resume else 1
-    log(INFO, "fedlora: %s, strategy %s, global rank %d, client ranks %s, %d adapted layers, "
-        "rounds %d..%d, output %s", settings.model.name, fed.strategy, settings.global_rank,
-        ",".join(map(str, sorted(set(settings.lora.possible_ranks())))), len(shapes),
-        first_round, fed.num_rounds, out_dir)
+    if shapes.dense:
+        log(INFO, "fedlora: %s, peft %s, strategy %s, %d trained tensors (%d values), rounds "
+            "%d..%d, output %s", settings.model.name, settings.lora.peft, fed.strategy,
+            len(shapes.dense), sum(math.prod(s) for s in shapes.dense.values()), first_round,
+            fed.num_rounds, out_dir)
+    else:
+        log(INFO, "fedlora: %s, strategy %s, global rank %d, client ranks %s, %d adapted "
+            "layers, rounds %d..%d, output %s", settings.model.name, fed.strategy,
+            settings.global_rank, ",".join(map(str, sorted(set(settings.lora.possible_ranks())))),
+            len(shapes.factors), first_round, fed.num_rounds, out_dir)
     loop.run(grid, first_round, fed.num_rounds)
     state, rank = loop.state.export()
     path = writer.write_final(state, rank)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from dataclasses import replace
 
-from fedlora.adapters import Workspace, set_lora_state, set_residual
+from fedlora.adapters import Workspace, set_residual
 from fedlora.config import Settings
 from fedlora.data import client_records, load_source, tokenize_records
 from fedlora.train import evaluate
@@ -49,13 +49,13 @@ class ServerEvaluator:
 
     def __call__(self, state: dict, rank: int) -> dict:
         """{"server-eval-loss", "server-accuracy", "server-accuracy/<family>"} of `state`."""
-        if rank == 0:
+        if not state:
             return {}
         s = self.settings
-        lora = replace(s.lora, rank=rank)
+        lora = replace(s.lora, rank=rank) if rank else s.lora  # rank 0: a method without factors
         slot = self.workspace.get(s.model, lora, s.train)
         set_residual(slot, lora, None)  # export() already folds the residual into `state`
-        set_lora_state(slot.model, {k: v.float() for k, v in state.items()}, slot.adapter)
+        slot.peft.set_state(slot.model, slot.adapter, {k: v.float() for k, v in state.items()})
         if self.examples is None:
             self.examples = tokenize_records(self.records, slot.tokenizer, s.train.max_length)
         loss = evaluate(slot.model, self.examples, slot.tokenizer.pad_token_id,

@@ -18,7 +18,9 @@ from flower_cli import FlowerCli, hostile_app, said
 from peft import PeftModel
 from test_simulation import SESSION_ENV, leftover_processes
 
-from fedlora.config import ModelSettings
+from fedlora.adapters import peft_method
+from fedlora.adapters.virtual_tokens import causal_logits
+from fedlora.config import ModelSettings, Settings
 from fedlora.models import load_model
 from fedlora.outputs import read_metrics, training_rounds
 
@@ -74,8 +76,9 @@ def final_adapter_loads(out: Path) -> None:
     base, _, _ = load_model(ModelSettings(name="tiny-llama", device="cpu"))
     ids = torch.tensor([[258, 117, 115, 101, 114, 10, 50, 43, 50]])
     plain = base(input_ids=ids).logits
-    tuned = PeftModel.from_pretrained(base, str(out / "final"))(input_ids=ids).logits
-    assert not torch.allclose(plain, tuned, atol=1e-4)
+    loaded = PeftModel.from_pretrained(base, str(out / "final"))
+    tuned = causal_logits(loaded, ids, torch.ones_like(ids))  # a soft prompt's positions dropped
+    assert tuned.shape == plain.shape and not torch.allclose(plain, tuned, atol=1e-4)
 
 
 @pytest.mark.slow
@@ -110,6 +113,39 @@ def test_server_and_three_nodes_with_different_ranks(tmp_path):
     model_loads = [(tmp_path / f"node{i}.log").read_text().count("] base model tiny-llama "
                                                                 "loaded") for i in ranks]
     assert model_loads == [1, 1, 5]  # round 0 evaluate + 2 rounds x (train + evaluate)
+    assert wait_gone() == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["ia3", "prompt-tuning", "p-tuning", "prefix-tuning",
+                                    "p-tuning-v2"])
+def test_a_peft_method_in_a_deployment_and_a_node_of_another_method_refused(method, tmp_path):
+    """Two nodes train the server's PEFT method; a third, configured for LoRA, refuses every
+    message with the reason (from the first, the rank query), and never reaches the merge."""
+    port, out = free_port(), tmp_path / "out"
+    server = start(["server", "--address", f"127.0.0.1:{port}", "--min-nodes", "3",
+                    "--peft", method, "--output-dir", str(out), *RUN[:-1],
+                    RUN[-1] + " min-train-nodes=3 min-replies=2 lr=0.05 num-virtual-tokens=4"
+                    if method != "ia3" else RUN[-1] + " min-train-nodes=3 min-replies=2 "
+                    "lr=0.05"], tmp_path / "server.log")
+    nodes = [start(["client", "--server", f"127.0.0.1:{port}", "--insecure", "--partition-id",
+                    str(i), "--num-partitions", "3", "--name", f"site-{i}",
+                    *(["--node-config", 'peft="lora"'] if i == 2 else [])],
+                   tmp_path / f"node{i}.log") for i in range(3)]
+    try:
+        assert server.wait(timeout=600) == 0, (tmp_path / "server.log").read_text()[-3000:]
+    finally:
+        stop([server, *nodes])
+    rows = training_rounds(read_metrics(out))
+    for row in rows:
+        assert sorted(c["node-name"] for c in row["clients"]) == ["site-0", "site-1"]
+        # refused at its first message (the rank query), so it never named itself
+        assert len(row["failures"]) == 1
+        assert f"configured for peft=lora, but the run trains peft={method}" in (
+            row["failures"][0]["reason"])
+    config = json.loads((out / "final" / "adapter_config.json").read_text())
+    assert config["peft_type"] == peft_method(method).config(Settings().lora).peft_type
+    final_adapter_loads(out)
     assert wait_gone() == []
 
 

@@ -1,6 +1,14 @@
-"""LoRA adapters through PEFT: inject, get/set low-rank factors, export; per-process cache;
-the one edge between PEFT state dicts and delta-W factors (`fedlora.factors`)."""
+"""The PEFT methods a client trains, one file each (`peft = NAME`, `fedlora.adapters.base`):
+LoRA/QLoRA (`lora.py`: inject, get/set low-rank factors, export), IA3 (`ia3.py`), prompt
+tuning (`prompt_tuning.py`, with the prompt-first forward in `virtual_tokens.py`), P-tuning
+(`p_tuning.py`; its encoder weights federated as `prompt_encoder.py` says), prefix tuning and
+P-tuning v2 (`prefix_tuning.py`); the
+per-process model cache (`workspace.py`); the one edge between PEFT state dicts and delta-W
+factors (`fedlora.factors`)."""
 
+# ---- the registry: one import line per PEFT method (importing a method registers it) ------
+from fedlora.adapters import ia3, p_tuning, prefix_tuning, prompt_tuning  # noqa: F401
+from fedlora.adapters.base import PEFT_METHODS, PeftMethod, peft_method, peft_names, register_peft
 from fedlora.adapters.lora import (
                                       add_lora,
                                       check_target_modules,
@@ -25,7 +33,8 @@ from fedlora.factors import (
                                       unflatten,
 )
 
-__all__ = ["A_SUFFIX", "B_SUFFIX", "RESIDUAL", "Slot", "Workspace", "add_lora",
-           "check_target_modules", "flatten", "from_peft", "get_lora_state", "linear_module_names",
-           "lora_config", "lora_scale", "module_shapes", "save_adapter", "set_lora_state",
-           "set_residual", "shared_init", "shared_keys", "target_shapes", "to_peft", "unflatten"]
+__all__ = ["A_SUFFIX", "B_SUFFIX", "PEFT_METHODS", "RESIDUAL", "PeftMethod", "Slot", "Workspace",
+           "add_lora", "check_target_modules", "flatten", "from_peft", "get_lora_state",
+           "linear_module_names", "lora_config", "lora_scale", "module_shapes", "peft_method",
+           "peft_names", "register_peft", "save_adapter", "set_lora_state", "set_residual",
+           "shared_init", "shared_keys", "target_shapes", "to_peft", "unflatten"]

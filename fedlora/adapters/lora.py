@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from peft import (
     LoraConfig,
+    PeftConfig,
     PeftModel,
     get_peft_model,
     get_peft_model_state_dict,
@@ -22,6 +23,7 @@ from peft import (
 )
 from safetensors.torch import save_file
 
+from fedlora.adapters.base import PeftMethod, check_state, register_peft
 from fedlora.aggregation.base import Factors
 from fedlora.config import LoraSettings
 
@@ -34,6 +36,24 @@ def lora_config(settings: LoraSettings, base_id: str | None = None) -> LoraConfi
     return LoraConfig(r=settings.rank, lora_alpha=alpha, lora_dropout=settings.dropout,
                       target_modules=settings.modules(), use_rslora=settings.use_rslora,
                       task_type="CAUSAL_LM", base_model_name_or_path=base_id)
+
+
+@register_peft
+class Lora(PeftMethod):
+    """LoRA (Hu et al. 2021), and QLoRA on a 4-bit base: delta W = (alpha / r) B A on the
+    target modules; the factors are federated by the strategies of `fedlora.methods`."""
+
+    name = "lora"
+    summary = "LoRA: low-rank factors B, A on the target modules (QLoRA on a 4-bit base)"
+    low_rank = True
+    unused = ("num-virtual-tokens",)
+    why_unused = "it trains low-rank factors, not a soft prompt"
+
+    def config(self, lora: LoraSettings, base_id: str | None = None) -> LoraConfig:
+        return lora_config(lora, base_id)
+
+    def add(self, model: torch.nn.Module, lora: LoraSettings, adapter: str) -> PeftModel:
+        return add_lora(model, lora, adapter)
 
 
 def linear_module_names(model: torch.nn.Module) -> list[str]:
@@ -82,16 +102,7 @@ def get_lora_state(model: PeftModel, adapter_name: str = "default") -> dict[str,
 def set_lora_state(model: PeftModel, state: dict[str, torch.Tensor],
                    adapter_name: str = "default") -> None:
     """Load factors into one adapter; keys and shapes must match exactly."""
-    expected = {k: v.shape for k, v in peft_state(model, adapter_name).items()}
-    if state.keys() != expected.keys():
-        missing = sorted(expected.keys() - state.keys())[:3]
-        extra = sorted(state.keys() - expected.keys())[:3]
-        raise ValueError(f"adapter state does not match the model: missing {missing}, "
-                         f"unexpected {extra}")
-    for key, tensor in state.items():
-        if tuple(tensor.shape) != tuple(expected[key]):
-            raise ValueError(f"adapter state {key}: expected shape {tuple(expected[key])}, "
-                             f"got {tuple(tensor.shape)}")
+    check_state(peft_state(model, adapter_name), state)
     set_peft_model_state_dict(model, state, adapter_name=adapter_name)
 
 
@@ -122,7 +133,7 @@ def shared_init(shapes: dict[str, tuple[int, int]], rank: int, seed: int) -> Fac
     return factors
 
 
-def save_adapter(state: dict[str, torch.Tensor], config: LoraConfig, out_dir: Path,
+def save_adapter(state: dict[str, torch.Tensor], config: PeftConfig, out_dir: Path,
                  extra: dict | None = None) -> Path:
     """Write a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)."""
     out_dir = Path(out_dir)

@@ -3,8 +3,9 @@
 A Ray actor in simulation serves many virtual clients over many rounds, and a deployment
 node's resident worker (`clients.worker`) serves every message of every run. Loading the base
 model for each would dominate run time and grow memory with the number of clients, so the
-workspace caches the frozen base once per model setting and gives each distinct LoRA
-setting its own named adapter on it; clients then only swap adapter weights. Each load is
+workspace caches the frozen base once per model setting and PEFT method family (PEFT does not
+combine LoRA and, say, IA3 layers on one base) and gives each distinct adapter setting its own
+named adapter on it; clients then only swap adapter weights. Each load is
 logged ("base model ... loaded: load N in process P"), so a node's log counts them.
 """
 
@@ -21,6 +22,7 @@ from typing import Any
 from peft import PeftModel
 from peft.utils import prepare_model_for_kbit_training
 
+from fedlora.adapters.base import PeftMethod, peft_method
 from fedlora.adapters.lora import add_lora, set_lora_state
 from fedlora.aggregation import Factors
 from fedlora.config import LoraSettings, ModelSettings, TrainSettings
@@ -42,6 +44,7 @@ class Slot:
     tokenizer: Any  # a Hugging Face tokenizer
     source: ModelSource
     adapter: str
+    peft: PeftMethod  # reads and writes what the adapter federates (`get_state`, `set_state`)
 
 
 class Workspace:
@@ -53,7 +56,7 @@ class Workspace:
 
     def get(self, model: ModelSettings, lora: LoraSettings, train: TrainSettings) -> Slot:
         """Return the cached model with an adapter for `lora`, loading on first use only."""
-        key = _digest([asdict(model), train.gradient_checkpointing])
+        key = _digest([asdict(model), train.gradient_checkpointing, lora.peft])
         if key not in self._models:
             started = time.perf_counter()
             base, tokenizer, source = load_model(model)
@@ -72,10 +75,10 @@ class Workspace:
         peft_model, tokenizer, source, base = self._models[key]
         adapter = "a" + _digest(asdict(lora))
         if peft_model is None or adapter not in peft_model.peft_config:
-            peft_model = add_lora(peft_model or base, lora, adapter)
+            peft_model = peft_method(lora.peft).add(peft_model or base, lora, adapter)
             self._models[key] = (peft_model, tokenizer, source, base)
         peft_model.set_adapter(adapter)
-        return Slot(peft_model, tokenizer, source, adapter)
+        return Slot(peft_model, tokenizer, source, adapter, peft_method(lora.peft))
 
 
 RESIDUAL = "residual"

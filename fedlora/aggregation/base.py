@@ -10,6 +10,7 @@ Conventions (every module of `fedlora.aggregation` and every merge follows them)
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,12 +21,18 @@ from torch import Tensor
 Factors = dict[str, tuple[Tensor, Tensor]]
 
 
+# wire key -> a plain tensor of a PEFT method that has no low-rank factors (an IA3 vector)
+Dense = dict[str, Tensor]
+
+
 @dataclass(frozen=True)
 class ClientUpdate:
-    """One client's trained factors (delta-W scaled) and its weight (number of examples)."""
+    """One client's trained factors (delta-W scaled), its plain tensors (`dense`, as they are:
+    the methods of `fedlora.adapters` that are not LoRA) and its weight (number of examples)."""
 
     factors: Factors
     weight: float
+    dense: Dense = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.weight > 0:
@@ -50,6 +57,7 @@ class MergeResult:
     residual: Factors  # low-rank increment to fold into the frozen base this round ({} if none)
     applied: Factors  # product = the delta W the global model moved to (adapter + residual)
     info: dict[str, Any] = field(default_factory=dict)  # strategy-specific figures
+    dense: Dense = field(default_factory=dict)  # the new global plain tensors ({} if none)
 
 
 # ---------------------------------------------------------------- checks
@@ -59,6 +67,7 @@ def check_updates(updates: list[ClientUpdate], name: str) -> None:
     """At least one update, all with the same modules and the same layer shapes (d, k)."""
     if not updates:
         raise ValueError(f"{name} needs at least one client update, got none")
+    check_dense(updates, name)
     first = updates[0].factors
     for i, update in enumerate(updates[1:], start=1):
         if update.factors.keys() != first.keys():
@@ -71,6 +80,21 @@ def check_updates(updates: list[ClientUpdate], name: str) -> None:
             if (b.shape[0], a.shape[1]) != (b0.shape[0], a0.shape[1]):
                 raise ValueError(f"module {module}: client {i} has a {b.shape[0]} x {a.shape[1]} "
                                  f"layer, client 0 a {b0.shape[0]} x {a0.shape[1]} one")
+
+
+def check_dense(updates: list[ClientUpdate], name: str) -> None:
+    """Every client sent the same plain tensors with the same shapes."""
+    first = updates[0].dense
+    for i, update in enumerate(updates[1:], start=1):
+        if update.dense.keys() != first.keys():
+            missing = sorted(first.keys() - update.dense.keys())[:3]
+            extra = sorted(update.dense.keys() - first.keys())[:3]
+            raise ValueError(f"{name}: client {i} sent other tensors than client 0 "
+                             f"(missing {missing}, extra {extra})")
+        for key, tensor in update.dense.items():
+            if tensor.shape != first[key].shape:
+                raise ValueError(f"{name}: {key} has shape {tuple(tensor.shape)} on client {i} "
+                                 f"but {tuple(first[key].shape)} on client 0")
 
 
 def check_previous(previous: Factors, updates: list[ClientUpdate], name: str) -> None:
@@ -113,3 +137,20 @@ def to32(b: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
 def factors32(factors: Factors) -> Factors:
     """Every factor pair as float32."""
     return {m: to32(b, a) for m, (b, a) in factors.items()}
+
+
+def average_dense(updates: list[ClientUpdate], p: list[float]) -> Dense:
+    """Key by key: sum p_i T_i of the clients' plain tensors (float64 inside, float32 out)."""
+    return {k: weighted_sum([u.dense[k].double() for u in updates], p).float()
+            for k in updates[0].dense}
+
+
+def dense_distance(dense: Dense, reference: Dense) -> float:
+    """||T - T_ref||_2 over every plain tensor (float64 accumulation; a tensor missing from
+    `reference` counts from zero)."""
+    total = 0.0
+    for key, tensor in dense.items():
+        ref = reference.get(key)
+        diff = tensor.double() - ref.double() if ref is not None else tensor.double()
+        total += float(diff.square().sum())
+    return math.sqrt(total)

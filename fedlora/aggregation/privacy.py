@@ -21,8 +21,8 @@ import math
 
 import torch
 
-from fedlora.aggregation.base import Factors
-from fedlora.factors import from_peft, to_peft
+from fedlora.aggregation.base import Dense, Factors, dense_distance
+from fedlora.factors import dense_part, from_peft, to_peft
 
 
 def factor_distance(factors: Factors, reference: Factors) -> float:
@@ -38,28 +38,43 @@ def factor_distance(factors: Factors, reference: Factors) -> float:
 def clip_update(factors: Factors, reference: Factors, clip_norm: float
                 ) -> tuple[Factors, float, float]:
     """(clipped factors, norm before, scale applied): reference + u * min(1, C / ||u||)."""
+    clipped, _, norm, scale = clip_all(factors, {}, reference, {}, clip_norm)
+    return clipped, norm, scale
+
+
+def clip_all(factors: Factors, dense: Dense, reference: Factors, dense_reference: Dense,
+             clip_norm: float) -> tuple[Factors, Dense, float, float]:
+    """`clip_update` of an update with plain tensors too (a PEFT method without factors):
+    one norm over the factors' and the tensors' change, one scale for both. Returns (clipped
+    factors, clipped tensors, norm before, scale applied)."""
     if clip_norm <= 0:
         raise ValueError(f"clip norm must be > 0, got {clip_norm}")
-    norm = factor_distance(factors, reference)
+    norm = math.hypot(factor_distance(factors, reference),
+                      dense_distance(dense, dense_reference))
     scale = min(1.0, clip_norm / norm) if norm > 0 else 1.0
     if scale == 1.0:
-        return factors, norm, 1.0
+        return factors, dense, norm, 1.0
     clipped = {}
     for module, (b, a) in factors.items():
         b_ref, a_ref = reference[module]
         clipped[module] = (b_ref + scale * (b - b_ref), a_ref + scale * (a - a_ref))
-    return clipped, norm, scale
+    tensors = {k: dense_reference[k] + scale * (t - dense_reference[k]) for k, t in dense.items()}
+    return clipped, tensors, norm, scale
+
+
+def align_shared(trained: Factors, received: Factors, shares: str) -> Factors:
+    """The trained factors a strategy shares ("both", "B" or "A"); the others as received
+    (they are not sent, so they count as unchanged)."""
+    return {m: (b if shares in ("both", "B") else received[m][0],
+                a if shares in ("both", "A") else received[m][1])
+            for m, (b, a) in trained.items()}
 
 
 def clip_to_received(trained: Factors, received: Factors, shares: str, clip_norm: float
                      ) -> tuple[Factors, float, float]:
-    """Client-side clipping (dp-clipping=client): the factors a strategy shares ("both", "B"
-    or "A") clipped to `clip_norm` around what the client received; the others are not sent,
-    so they count as received. Returns what `clip_update` returns."""
-    aligned = {m: (b if shares in ("both", "B") else received[m][0],
-                   a if shares in ("both", "A") else received[m][1])
-               for m, (b, a) in trained.items()}
-    return clip_update(aligned, received, clip_norm)
+    """Client-side clipping (dp-clipping=client): the factors a strategy shares clipped to
+    `clip_norm` around what the client received. Returns what `clip_update` returns."""
+    return clip_update(align_shared(trained, received, shares), received, clip_norm)
 
 
 def noise_std(noise_multiplier: float, clip_norm: float, num_updates: int) -> float:
@@ -84,11 +99,22 @@ def add_noise(factors: Factors, std: float, shares: str, generator: torch.Genera
     return out
 
 
+def add_dense_noise(dense: Dense, std: float, generator: torch.Generator) -> Dense:
+    """Plain tensors with N(0, std^2) added to every entry (keys in sorted order)."""
+    return {k: dense[k] + std * torch.randn(dense[k].shape, generator=generator,
+                                            dtype=torch.float64).to(dense[k].dtype)
+            for k in sorted(dense)}
+
+
 def clip_state(state: dict[str, torch.Tensor], start: dict[str, torch.Tensor], scale: float,
                shares: str, clip_norm: float) -> tuple[dict[str, torch.Tensor], float, float]:
     """Client-side clipping of a PEFT-scale state dict (LoRA scale `scale`) around the state it
     started from: (clipped state, norm before, factor applied), through the one edge
-    between PEFT state and delta-W factors."""
-    clipped, norm, factor = clip_to_received(from_peft(state, scale), from_peft(start, scale),
-                                             shares, clip_norm)
-    return to_peft(clipped, scale), norm, factor
+    between PEFT state and delta-W factors; plain tensors (IA3's vectors) count as they are."""
+    reference = from_peft(start, scale)
+    aligned = align_shared(from_peft(state, scale), reference, shares)
+    dense = {k: v.float() for k, v in dense_part(state).items()}
+    clipped, tensors, norm, factor = clip_all(aligned, dense, reference,
+                                              {k: v.float() for k, v in dense_part(start).items()},
+                                              clip_norm)
+    return {**to_peft(clipped, scale), **tensors}, norm, factor

@@ -108,6 +108,16 @@ def squared_distances(updates: Sequence[Factors]) -> Tensor:
     return (norms[:, None] + norms[None, :] - 2 * inner).clamp(min=0)
 
 
+def dense_squared_distances(updates: Sequence[dict[str, Tensor]]) -> Tensor:
+    """n x n matrix of ||T_i - T_j||^2 summed over the plain tensors of each update."""
+    n = len(updates)
+    if not n or not updates[0]:
+        return torch.zeros(n, n, dtype=torch.float64)
+    flat = torch.stack([torch.cat([u[k].double().flatten() for k in sorted(u)])
+                        for u in updates])
+    return torch.cdist(flat, flat).square()
+
+
 def krum_scores(distances: Tensor, f: int) -> list[float]:
     """Each client's summed squared distance to its n - f - 2 nearest others (at least 1)."""
     n = distances.shape[0]

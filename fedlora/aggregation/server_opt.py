@@ -62,6 +62,14 @@ class ServerOptimizer:
                            self.moved(f"{module}/A", a_prev, a))
         return out
 
+    def step_dense(self, previous: dict[str, Tensor], merged: dict[str, Tensor]
+                   ) -> dict[str, Tensor]:
+        """The same step on plain tensors (a PEFT method without factors), key by key."""
+        missing = sorted(merged.keys() - previous.keys())
+        if missing:
+            raise ValueError(f"server optimiser: {missing[:3]} have no previous value")
+        return {k: self.moved(f"dense/{k}", previous[k], t) for k, t in merged.items()}
+
     def moved(self, key: str, old: Tensor, new: Tensor) -> Tensor:
         """One tensor after the step."""
         if old.shape != new.shape:

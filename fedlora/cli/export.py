@@ -22,6 +22,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output-dir")
 
 
+# PEFT types whose adapter cannot be folded into the base weights
+VIRTUAL_TOKEN_TYPES = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")
+
+
 def check_adapter(adapter: Path) -> None:
     """Raise FileNotFoundError unless `adapter` is a PEFT adapter folder."""
     if not (adapter / SAFETENSORS_NAME).exists() or not (adapter / "adapter_config.json").exists():
@@ -43,6 +47,12 @@ def run(args: argparse.Namespace) -> int:
     """Load base + adapter on the CPU in float32, merge, save model and tokenizer."""
     adapter, out = Path(args.adapter), Path(args.output_dir)
     check_adapter(adapter)
+    peft_type = json.loads((adapter / "adapter_config.json").read_text()).get("peft_type")
+    if peft_type in VIRTUAL_TOKEN_TYPES:
+        raise ValueError(f"{adapter} is a {peft_type} adapter: it adds virtual tokens (a soft "
+                         f"prompt, or keys and values at every layer) that no weight of the "
+                         f"base model can hold, so it cannot be merged; use it as an adapter "
+                         f"(fedlora generate --adapter, PeftModel.from_pretrained)")
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise FileExistsError(f"{out} is not empty; pass --overwrite or choose another "
                               f"--output-dir")

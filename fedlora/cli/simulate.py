@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from fedlora.adapters import peft_names
 from fedlora.cli.runconfig import load_scenario, parse_run_config
 from fedlora.config import Settings
 from fedlora.methods import METHODS, load_settings
@@ -20,7 +21,7 @@ SCENARIOS = Path(__file__).resolve().parents[2] / "simulations" / "scenarios"
 FLAG_KEYS = {"rounds": "num-server-rounds", "strategy": "strategy", "model": "model",
              "quantization": "quantization", "rank": "lora-rank", "local_steps": "local-steps",
              "seed": "seed", "dataset": "dataset", "wire_dtype": "wire-dtype",
-             "device": "device", "client_ranks": "client-ranks"}
+             "device": "device", "client_ranks": "client-ranks", "peft": "peft"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -45,6 +46,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"federated rounds (default {d.federation.num_rounds})")
     p.add_argument("--strategy", help=f"federated method: {', '.join(sorted(METHODS))} "
                    f"(default {d.federation.strategy}); see docs/strategies.md")
+    p.add_argument("--peft", help=f"PEFT method each client trains: {peft_names()} (default "
+                   f"{d.lora.peft}); see docs/peft-methods.md")
     p.add_argument("--model", help=f"base model: tiny-llama, smollm2-135m, a folder, a .gguf "
                    f"file or a hub id (default {d.model.name})")
     p.add_argument("--quantization", choices=["none", "8bit", "4bit"],
@@ -185,8 +188,9 @@ def run(args: argparse.Namespace) -> int:
     if gpus is None:
         gpus = 1.0 if torch.cuda.is_available() and settings.model.device != "cpu" else 0.0
     ranks = ",".join(map(str, sorted(set(settings.lora.possible_ranks()))))
+    adapter = f"rank {ranks}" if settings.lora.peft == "lora" else f"peft {settings.lora.peft}"
     print(f"fedlora: simulating {num_clients} clients x {settings.federation.num_rounds} rounds "
-          f"({settings.federation.strategy}, rank {ranks}, "
+          f"({settings.federation.strategy}, {adapter}, "
           f"quantization {settings.model.quantization}) -> {out_dir}", file=sys.stderr)
     code = run_simulation(config, num_clients, num_cpus_per_client=args.cpus_per_client,
                           num_gpus_per_client=gpus, log_file=out_dir / "superlink.log",

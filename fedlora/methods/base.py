@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from torch import Tensor
 
+from fedlora.adapters.base import peft_method
 from fedlora.aggregation.base import ClientUpdate, Factors, MergeResult, check_updates, to32
 from fedlora.aggregation.exactness import compress
 from fedlora.aggregation.linalg import pad_rank, truncate_rank
@@ -94,6 +95,8 @@ class Method:
     # robust merges (fedlora.aggregation.robust) that make sense with this method: krum picks
     # whom the method merges; median / trimmed-mean replace the merge by a re-factored delta W
     robust_rules: ClassVar[frozenset[str]] = frozenset({"krum"})
+    # the PEFT methods (`peft`, fedlora.adapters) this strategy can federate; "*": every one
+    peft_methods: ClassVar[frozenset[str]] = frozenset({"lora"})
     Options: ClassVar[type[MethodOptions]] = MethodOptions
 
     def __init__(self, options: MethodOptions | None = None) -> None:
@@ -105,6 +108,7 @@ class Method:
     # ---- settings -------------------------------------------------------------------------
     def check_settings(self, settings: Settings) -> None:
         """Raise a SettingsError for settings this method cannot run (subclasses extend)."""
+        self.check_peft(settings)
         ranks = sorted(set(settings.lora.possible_ranks()))
         fed = settings.federation
         if not self.heterogeneous and len(ranks) > 1:
@@ -141,6 +145,25 @@ class Method:
                 f"setting 'server-optimizer': {fed.server_optimizer} acts on the global factors "
                 f"from round to round, which strategy '{self.name}' rebuilds every round (SVD "
                 f"or stacking); use it with {names(lambda m: m.server_optimizer_ok)}")
+
+    def federates(self, peft: str) -> bool:
+        """Can this strategy federate PEFT method `peft`?"""
+        return "*" in self.peft_methods or peft in self.peft_methods
+
+    def check_peft(self, settings: Settings) -> None:
+        """The PEFT method exists, this strategy can federate it, and its settings fit it."""
+        peft = peft_method(settings.lora.peft)
+        if not self.federates(peft.name):
+            raise SettingsError(
+                f"setting 'peft': strategy '{self.name}' merges LoRA factors and cannot "
+                f"federate peft={peft.name}; use strategy "
+                f"{names(lambda m: m(m.Options()).federates(peft.name))}, or peft=lora")
+        peft.check_settings(settings)
+        robust = settings.defence.robust
+        if not peft.low_rank and robust in ("median", "trimmed-mean"):
+            raise SettingsError(
+                f"setting 'robust': {robust} re-factors a low-rank delta W, and "
+                f"peft={peft.name} has no low-rank factors; use robust=krum or robust=none")
 
     def check_defences(self, settings: Settings) -> None:
         """The robust merge fits this method, DP and the number of replies a round needs."""

@@ -1,4 +1,5 @@
-"""FedIT (`fedavg`): average B and A separately, weighted by p_i.
+"""FedIT (`fedavg`): average B and A separately, weighted by p_i; FedAvg of any other PEFT
+method's trainable tensors (`peft`, `fedlora.adapters`).
 
 Zhang et al. (ICASSP 2024). Not exact: mean(B_i) @ mean(A_i) != mean(B_i @ A_i) when clients
 differ (cross terms; the exactness figure shows by how much). Every client must use the same
@@ -11,6 +12,7 @@ from fedlora.aggregation.base import (
     ClientUpdate,
     Factors,
     MergeResult,
+    average_dense,
     factors32,
     normalised_weights,
     pairs,
@@ -36,11 +38,13 @@ class FedAvg(Method):
     robust_rules = frozenset({"krum", "median", "trimmed-mean"})
     summary = "FedIT: weighted mean of B and of A (same rank everywhere)"
     linear = True
+    peft_methods = frozenset({"*"})
 
     def combine(self, updates: list[ClientUpdate], previous: Factors, *, export_rank: int
                 ) -> MergeResult:
-        """Weighted average of B and of A, module by module."""
+        """Weighted average of B and of A, module by module (and of every plain tensor of a
+        method without factors: FedAvg of IA3's vectors)."""
         p = normalised_weights(updates)
         merged = factors32(average_factors(updates, p))
         return MergeResult(global_factors=merged, residual={}, applied=merged,
-                           info={"weights": p})
+                           info={"weights": p}, dense=average_dense(updates, p))

@@ -18,6 +18,7 @@ import inspect
 
 import torch
 
+from fedlora.adapters.virtual_tokens import causal_logits
 from fedlora.data import to_messages
 from fedlora.inference import chat_prompt
 from fedlora.train.accuracy import OTHER, Accuracy
@@ -152,9 +153,9 @@ def next_logprobs(model: torch.nn.Module, prompts: list[tuple[int, ...]], pad: i
     last = torch.tensor([[len(p) - 1] for p in prompts], device=device)
     ids, mask = ids.to(device), mask.to(device)
     if keep:
-        logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=last).logits[:, 0]
+        logits = causal_logits(model, ids, mask, logits_to_keep=last)[:, 0]
     else:
-        logits = model(input_ids=ids, attention_mask=mask).logits
+        logits = causal_logits(model, ids, mask)
         logits = logits.gather(1, last.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))[:, 0]
     return torch.log_softmax(logits.float(), dim=-1).cpu()
 
@@ -176,9 +177,9 @@ def batch_logliks(model: torch.nn.Module, rows: list[Row], pad: int, device: tor
     first = min(len(p) for p, _ in rows) - 1
     ids, mask = ids.to(device), mask.to(device)
     if keep:
-        logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=width - first).logits
+        logits = causal_logits(model, ids, mask, logits_to_keep=width - first)
     else:
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, first:]
+        logits = causal_logits(model, ids, mask)[:, first:]
     logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
     token_lp = logprobs.gather(-1, ids[:, first + 1:].unsqueeze(-1)).squeeze(-1)
     token_lp = torch.where(scored[:, first + 1:].to(device), token_lp, 0.0)

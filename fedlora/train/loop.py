@@ -29,12 +29,14 @@ class TrainResult:
 
 
 def trainable_parameters(model: torch.nn.Module, adapter: str) -> list[torch.nn.Parameter]:
-    """The active adapter's LoRA parameters; everything else stays frozen."""
+    """The active adapter's parameters (PEFT names them with the adapter as one part of
+    the path: `...lora_A.<adapter>.weight`, `...ia3_l.<adapter>`); everything else stays
+    frozen, a frozen residual adapter included."""
     params = []
     for name, p in model.named_parameters():
-        is_lora = f".{adapter}." in name and ".lora_" in name
-        p.requires_grad_(is_lora)
-        if is_lora:
+        mine = adapter in name.split(".")
+        p.requires_grad_(mine)
+        if mine:
             params.append(p)
     if not params:
         raise RuntimeError(f"adapter {adapter!r} has no trainable parameters")

@@ -21,6 +21,7 @@ import torch
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
+from fedlora.adapters.virtual_tokens import prompted
 from fedlora.data import IGNORE
 
 CHUNK_TOKENS = 512  # positions per LM-head chunk: 512 x 49k x 4 bytes = 100 MB of fp32 logits
@@ -62,8 +63,10 @@ def response_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor],
     if parts is None:
         return model(**batch).loss, count
     decoder, head = parts
-    hidden = decoder(input_ids=batch["input_ids"],
-                     attention_mask=batch["attention_mask"]).last_hidden_state
+    # virtual tokens (a soft prompt, or prefixes as a cache) go first; their positions are
+    # dropped again
+    inputs, skip = prompted(model, batch["input_ids"], batch["attention_mask"])
+    hidden = decoder(**inputs).last_hidden_state[:, skip:]
     chosen, wanted = hidden[:, :-1][keep], targets[keep]
     if count == 0:  # as the model's own loss: nothing to learn from (0, with a graph)
         return hidden.sum() * 0.0, 0

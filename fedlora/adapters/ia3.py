@@ -1,0 +1,42 @@
+"""IA3 (Liu et al. 2022, "Few-shot parameter-efficient fine-tuning is better and cheaper than
+in-context learning"): learned vectors that rescale the keys, the values and the input of
+the feed-forward down-projection, through PEFT's IA3Config.
+
+What a client trains and sends: one vector per adapted layer, (out, 1) for k_proj / v_proj and
+(1, in) for down_proj on Llama-style models; all start at 1 (the base model), so the server
+starts from ones too. There is no rank: LoRA's rank settings are refused.
+"""
+
+from __future__ import annotations
+
+import torch
+from peft import IA3Config
+
+from fedlora.adapters.base import LORA_ONLY, PeftMethod, register_peft
+from fedlora.config import ALL_LINEAR, LoraSettings
+
+# modules whose *input* IA3 rescales (PEFT's feedforward_modules); the others: their output
+FEEDFORWARD = ("gate_proj", "up_proj", "down_proj", "fc1", "fc2", "w1", "w2", "w3")
+
+
+@register_peft
+class IA3(PeftMethod):
+    """Rescaling vectors on keys, values and the FFN input (PEFT's IA3)."""
+
+    name = "ia3"
+    summary = "IA3: learned vectors rescaling keys, values and the FFN input (no rank)"
+    unused = (*LORA_ONLY, "num-virtual-tokens")
+    why_unused = "it learns rescaling vectors, not low-rank factors"
+
+    def config(self, lora: LoraSettings, base_id: str | None = None) -> IA3Config:
+        targets = lora.modules()
+        if targets == list(ALL_LINEAR):  # the default: PEFT's choice per architecture
+            return IA3Config(task_type="CAUSAL_LM", base_model_name_or_path=base_id)
+        return IA3Config(target_modules=targets,
+                         feedforward_modules=[t for t in targets if t in FEEDFORWARD],
+                         task_type="CAUSAL_LM", base_model_name_or_path=base_id)
+
+    def initial_dense(self, shapes: dict[str, tuple[int, ...]], seed: int
+                      ) -> dict[str, torch.Tensor]:
+        """Every vector at 1: the global model starts as the base model."""
+        return {k: torch.ones(shape) for k, shape in shapes.items()}

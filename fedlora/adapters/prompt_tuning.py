@@ -1,0 +1,49 @@
+"""Prompt tuning (Lester et al. 2021, "The power of scale for parameter-efficient prompt
+tuning"): `num-virtual-tokens` learned input embeddings put before every input, through
+PEFT's PromptTuningConfig. The base model is untouched; the soft prompt is all that trains.
+
+What a client trains and sends: one (num-virtual-tokens, hidden) tensor, PEFT's
+`prompt_embeddings`. Every machine starts from the same seeded prompt, N(0, 0.02^2) (0.02: the
+`initializer_range` of Llama-style models; PEFT's default draws N(0, 1), seven times the size
+of SmolLM2's token embeddings). fedlora's loss, choice scoring and generation put the
+prompt first themselves (`fedlora.adapters.virtual_tokens`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from peft import PromptTuningConfig
+
+from fedlora.adapters.base import LORA_ONLY, PeftMethod, register_peft
+from fedlora.config import LoraSettings
+
+KEY = "prompt_embeddings"  # PEFT's state-dict key of a soft prompt
+INIT_STD = 0.02
+
+
+@register_peft
+class PromptTuning(PeftMethod):
+    """A soft prompt of num-virtual-tokens embeddings before the input."""
+
+    name = "prompt-tuning"
+    summary = "prompt tuning: a learned soft prompt before the input (num-virtual-tokens)"
+    unused = (*LORA_ONLY, "target-modules")
+    why_unused = "it learns a soft prompt, not weights of the model's layers"
+
+    def config(self, lora: LoraSettings, base_id: str | None = None) -> PromptTuningConfig:
+        return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=lora.virtual_tokens,
+                                  base_model_name_or_path=base_id)
+
+    def dense_shapes(self, skeleton: torch.nn.Module, lora: LoraSettings
+                     ) -> dict[str, tuple[int, ...]]:
+        """(num-virtual-tokens, hidden): PEFT reads a prompt's value out of the model, which a
+        meta-device skeleton does not have, so the shape comes from the model's config."""
+        config: Any = skeleton.config
+        return {KEY: (lora.virtual_tokens, int(config.hidden_size))}
+
+    def initial_dense(self, shapes: dict[str, tuple[int, ...]], seed: int
+                      ) -> dict[str, torch.Tensor]:
+        gen = torch.Generator().manual_seed(seed * 7919 + 1)
+        return {k: torch.randn(shape, generator=gen) * INIT_STD for k, shape in shapes.items()}
