@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from clients.app_guard import BundleRefused, bundle_problem, node_logging
-from fedlora.pacing import OBJECT_BACKOFF_S
+from fedlora.pacing import OBJECT_BACKOFF_S, TASK_INPUT_MAX_S
 
 FLOWER_SERIES = "1.41."  # the flwr this worker's use of Flower internals was written for
 log = logging.getLogger("fedlora.worker")
@@ -120,9 +120,18 @@ class Worker:
         try:
             heartbeat = HeartbeatSender(task_heartbeat(client))
             heartbeat.start()
+            try:
+                # Outside the lock: a task whose message never arrives (its run was stopped
+                # while the SuperNode received it, and Flower leaves the task pending) must not
+                # keep the next run's tasks waiting for the model.
+                message, context, run, fab, identity = pull_task_input(client)
+            except Exception as exc:
+                log.exception("could not pull the task's input from the SuperNode")
+                details = f"{type(exc)}:<'{exc}'>"
+                return code
             with self.lock:
                 try:
-                    message, context, run, fab = pull_task_input(client)
+                    set_identity(identity)  # Flower's per-process task globals: this task's
                     problem = bundle_problem(fab.content)
                     if problem:
                         raise BundleRefused(f"refused by the node: {problem}")
@@ -151,10 +160,18 @@ class Worker:
         return code
 
 
-def pull_task_input(client: Any) -> tuple[Any, Any, Any, Any]:
-    """(message, context, run, app bundle) of the task: `pull_task_input` of Flower's
-    run_clientapp, with fedlora's first back-off for message parts not stored yet (Flower's
-    1 s was often paid by a train message)."""
+def set_identity(identity: tuple[int, int, int]) -> None:
+    """Flower's TaskIdentity (task id, run id, node id) of the task about to run."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = identity
+
+
+def pull_task_input(client: Any) -> tuple[Any, Any, Any, Any, tuple[int, int, int]]:
+    """(message, context, run, app bundle, task identity) of the task: `pull_task_input` of
+    Flower's run_clientapp, with fedlora's first back-off for message parts not stored yet
+    (Flower's 1 s was often paid by a train message) and at most TASK_INPUT_MAX_S of waiting
+    for them (Flower's: 2 hours)."""
     from flwr.app import Message
     from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto
     from flwr.proto.node_pb2 import Node  # pylint: disable=E0611
@@ -167,11 +184,10 @@ def pull_task_input(client: Any) -> tuple[Any, Any, Any, Any]:
         make_pull_object_fn_protobuf,
     )
     from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
-    from flwr.supercore.task_identity import TaskIdentity
 
     res = client.PullTaskInput(PullTaskInputRequest())
-    TaskIdentity.task_id, TaskIdentity.run_id = res.task_id, res.run.run_id
-    TaskIdentity.node_id = res.context.node_id
+    identity = (res.task_id, res.run.run_id, res.context.node_id)
+    set_identity(identity)
     context, run, fab = context_from_proto(res.context), run_from_proto(res.run), \
         fab_from_proto(res.fab)
     pulled = client.PullMessages(PullAppMessagesRequest())
@@ -182,9 +198,9 @@ def pull_task_input(client: Any) -> tuple[Any, Any, Any, Any]:
         tree, make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
         make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node,
                                                   context.run_id),
-        return_type=Message, initial_backoff=OBJECT_BACKOFF_S)
+        return_type=Message, initial_backoff=OBJECT_BACKOFF_S, max_time=TASK_INPUT_MAX_S)
     message.metadata.__dict__["_message_id"] = tree.object_id  # as Flower's: not in the tree
-    return message, context, run, fab
+    return message, context, run, fab, identity
 
 
 def runtime_client(task: Task) -> tuple[Any, Any]:

@@ -32,6 +32,9 @@ LOCAL_POLL_S = 0.05
 SUPEREXEC_POLL_S = 0.1
 REPLY_POLL_S = 0.2
 OBJECT_BACKOFF_S = 0.05
+# the longest a resident worker waits for a task's message parts at its SuperNode (Flower's
+# flwr-clientapp: 2 hours); a task left pending by a stopped run then ends with an error
+TASK_INPUT_MAX_S = 600.0
 SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"  # read by Flower's SuperExec
 
 # flwr 1.41's hard-coded sleeps in flwr.supernode.start_client_internal -> which wait
