@@ -97,6 +97,7 @@ def measure(args) -> dict:
     from fedlora.data import client_records, tokenize_records
     from fedlora.methods import load
     from fedlora.train import train_local
+    from fedlora.train.loop import trainable_parameters
 
     settings, _ = load({"model": args.model, "peft": args.measure, "lr": args.lr,
                         "device": "cpu", "seed": args.seed})
@@ -104,7 +105,7 @@ def measure(args) -> dict:
     train, _ = client_records(settings.data, 0, 2, args.seed)
     examples = tokenize_records(train, slot.tokenizer, settings.train.max_length,
                                 settings.data.packing)
-    params = [p for n, p in slot.model.named_parameters() if slot.adapter in n.split(".")]
+    params = trainable_parameters(slot.model, slot.adapter)
     loaded = common.peak_rss_mib()
     result = train_local(slot.model, slot.adapter, examples, slot.tokenizer.pad_token_id,
                          replace(settings.train, local_steps=args.measure_steps),

@@ -18,12 +18,10 @@ from peft import (
     PeftConfig,
     PeftModel,
     get_peft_model,
-    get_peft_model_state_dict,
-    set_peft_model_state_dict,
 )
 from safetensors.torch import save_file
 
-from fedlora.adapters.base import PeftMethod, check_state, register_peft
+from fedlora.adapters.base import PEFT_METHODS, PeftMethod, register_peft
 from fedlora.aggregation.base import Factors
 from fedlora.config import LoraSettings
 
@@ -54,6 +52,9 @@ class Lora(PeftMethod):
 
     def add(self, model: torch.nn.Module, lora: LoraSettings, adapter: str) -> PeftModel:
         return add_lora(model, lora, adapter)
+
+
+LORA = PEFT_METHODS["lora"]
 
 
 def linear_module_names(model: torch.nn.Module) -> list[str]:
@@ -87,23 +88,16 @@ def add_lora(model: torch.nn.Module, settings: LoraSettings,
     return get_peft_model(model, config, adapter_name=adapter_name)
 
 
-def peft_state(model: PeftModel, adapter_name: str) -> dict[str, torch.Tensor]:
-    """PEFT's adapter state dict; embeddings are never included (and never looked up online)."""
-    return get_peft_model_state_dict(model, adapter_name=adapter_name,
-                                     save_embedding_layers=False)
-
-
 def get_lora_state(model: PeftModel, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """Only the low-rank factors of one adapter, detached copies, keyed by the wire keys."""
-    state = peft_state(model, adapter_name)
-    return {k: v.detach().clone() for k, v in state.items()}
+    """Only the low-rank factors of one adapter, detached copies, keyed by the wire keys
+    (`PeftMethod.get_state`)."""
+    return LORA.get_state(model, adapter_name)
 
 
 def set_lora_state(model: PeftModel, state: dict[str, torch.Tensor],
                    adapter_name: str = "default") -> None:
     """Load factors into one adapter; keys and shapes must match exactly."""
-    check_state(peft_state(model, adapter_name), state)
-    set_peft_model_state_dict(model, state, adapter_name=adapter_name)
+    LORA.set_state(model, adapter_name, state)
 
 
 def target_shapes(model: torch.nn.Module, targets: list[str]) -> dict[str, tuple[int, int]]:

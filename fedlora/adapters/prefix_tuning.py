@@ -18,15 +18,12 @@ gradient checkpointing, so it is refused.
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
 from peft import PrefixTuningConfig
 from peft.tuners.prefix_tuning import PrefixEncoder
 
 from fedlora.adapters.base import LORA_ONLY, PeftMethod, register_peft
 from fedlora.adapters.prompt_encoder import EncoderMethod
-from fedlora.adapters.prompt_tuning import INIT_STD, KEY
+from fedlora.adapters.prompt_tuning import PromptTable
 from fedlora.config import LoraSettings, Settings, SettingsError
 
 
@@ -64,23 +61,12 @@ class PrefixTuning(Prefixes, EncoderMethod):
 
 
 @register_peft
-class PTuningV2(Prefixes):
+class PTuningV2(Prefixes, PromptTable):
     """Prefixes at every layer, trained directly (no reparameterisation)."""
 
     name = "p-tuning-v2"
     summary = "P-tuning v2: keys/values at every layer, trained directly (no MLP)"
+    init_salt = 2  # the prefix table, PEFT's `prompt_embeddings`, is sent as it is
 
     def config(self, lora: LoraSettings, base_id: str | None = None) -> PrefixTuningConfig:
         return prefix_config(lora, False, base_id)
-
-    def dense_shapes(self, skeleton: torch.nn.Module, lora: LoraSettings
-                     ) -> dict[str, tuple[int, ...]]:
-        """PEFT's `prompt_embeddings` is the prefix table itself; its shape is read off the
-        parameter (PEFT's state dict reads values, which a meta skeleton does not have)."""
-        model: Any = self.add(skeleton, lora, "shapes")
-        return {KEY: tuple(model.prompt_encoder["shapes"].embedding.weight.shape)}
-
-    def initial_dense(self, shapes: dict[str, tuple[int, ...]], seed: int
-                      ) -> dict[str, torch.Tensor]:
-        gen = torch.Generator().manual_seed(seed * 7919 + 2)
-        return {k: torch.randn(shape, generator=gen) * INIT_STD for k, shape in shapes.items()}

@@ -11,7 +11,7 @@ prompt first themselves (`fedlora.adapters.virtual_tokens`).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from peft import PromptTuningConfig
@@ -23,27 +23,35 @@ KEY = "prompt_embeddings"  # PEFT's state-dict key of a soft prompt
 INIT_STD = 0.02
 
 
+class PromptTable(PeftMethod):
+    """A method whose one federated tensor is PEFT's table of virtual-token vectors
+    (`prompt_embeddings`: the prompt encoder's embedding weight), sent as it is."""
+
+    init_salt: ClassVar[int] = 0  # each method's own seeded start
+
+    def dense_shapes(self, skeleton: torch.nn.Module, lora: LoraSettings
+                     ) -> dict[str, tuple[int, ...]]:
+        """The table's shape, read off the parameter (PEFT's state dict reads values, which a
+        meta-device skeleton does not have)."""
+        model: Any = self.add(skeleton, lora, "shapes")
+        return {KEY: tuple(model.prompt_encoder["shapes"].embedding.weight.shape)}
+
+    def initial_dense(self, shapes: dict[str, tuple[int, ...]], seed: int
+                      ) -> dict[str, torch.Tensor]:
+        gen = torch.Generator().manual_seed(seed * 7919 + self.init_salt)
+        return {k: torch.randn(shape, generator=gen) * INIT_STD for k, shape in shapes.items()}
+
+
 @register_peft
-class PromptTuning(PeftMethod):
+class PromptTuning(PromptTable):
     """A soft prompt of num-virtual-tokens embeddings before the input."""
 
     name = "prompt-tuning"
     summary = "prompt tuning: a learned soft prompt before the input (num-virtual-tokens)"
     unused = (*LORA_ONLY, "target-modules")
     why_unused = "it learns a soft prompt, not weights of the model's layers"
+    init_salt = 1
 
     def config(self, lora: LoraSettings, base_id: str | None = None) -> PromptTuningConfig:
         return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=lora.virtual_tokens,
                                   base_model_name_or_path=base_id)
-
-    def dense_shapes(self, skeleton: torch.nn.Module, lora: LoraSettings
-                     ) -> dict[str, tuple[int, ...]]:
-        """(num-virtual-tokens, hidden): PEFT reads a prompt's value out of the model, which a
-        meta-device skeleton does not have, so the shape comes from the model's config."""
-        config: Any = skeleton.config
-        return {KEY: (lora.virtual_tokens, int(config.hidden_size))}
-
-    def initial_dense(self, shapes: dict[str, tuple[int, ...]], seed: int
-                      ) -> dict[str, torch.Tensor]:
-        gen = torch.Generator().manual_seed(seed * 7919 + 1)
-        return {k: torch.randn(shape, generator=gen) * INIT_STD for k, shape in shapes.items()}

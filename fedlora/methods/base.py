@@ -146,9 +146,10 @@ class Method:
                 f"from round to round, which strategy '{self.name}' rebuilds every round (SVD "
                 f"or stacking); use it with {names(lambda m: m.server_optimizer_ok)}")
 
-    def federates(self, peft: str) -> bool:
+    @classmethod
+    def federates(cls, peft: str) -> bool:
         """Can this strategy federate PEFT method `peft`?"""
-        return "*" in self.peft_methods or peft in self.peft_methods
+        return "*" in cls.peft_methods or peft in cls.peft_methods
 
     def check_peft(self, settings: Settings) -> None:
         """The PEFT method exists, this strategy can federate it, and its settings fit it."""
@@ -157,7 +158,7 @@ class Method:
             raise SettingsError(
                 f"setting 'peft': strategy '{self.name}' merges LoRA factors and cannot "
                 f"federate peft={peft.name}; use strategy "
-                f"{names(lambda m: m(m.Options()).federates(peft.name))}, or peft=lora")
+                f"{names(lambda m: m.federates(peft.name))}, or peft=lora")
         peft.check_settings(settings)
         robust = settings.defence.robust
         if not peft.low_rank and robust in ("median", "trimmed-mean"):
