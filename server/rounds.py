@@ -390,9 +390,12 @@ class RoundLoop:
         until min-available-nodes are connected; later rounds only for `minimum`, so a node
         that died does not stall the run, and one that reconnects is drawn again."""
         wait_for = max(minimum, self.rules.min_available_nodes if not self.waited_for_all else 0)
+        said = (-1, 0.0)  # (nodes, when) of the last "waiting" line: one per change or minute
         while len(nodes := sorted(grid.get_node_ids())) < wait_for:
-            log(INFO, "round %d: waiting for nodes to connect: %d of %d", server_round,
-                len(nodes), wait_for)
+            if len(nodes) != said[0] or time.monotonic() - said[1] >= 60:
+                log(INFO, "round %d: waiting for nodes to connect: %d of %d", server_round,
+                    len(nodes), wait_for)
+                said = (len(nodes), time.monotonic())
             time.sleep(1)
         self.waited_for_all = True
         size = min(len(nodes), max(minimum, int(len(nodes) * fraction)))

@@ -162,10 +162,18 @@ def hosts():
 
 
 @pytest.fixture
-def host_procs(hosts):
-    """Each test leaves no process behind on any host."""
-    yield hosts
-    hosts.stop()
+def host_procs(hosts, tmp_path):
+    """Each test leaves no process behind on any host and every cable plugged in (the hosts
+    are shared by the module's tests); the end of every log it wrote is printed, which pytest
+    shows when the test failed."""
+    try:
+        yield hosts
+    finally:
+        hosts.stop()
+        for name in hosts.hosts:
+            hosts.link(name, up=True)
+        for log in sorted(tmp_path.glob("*.log")):
+            print(f"---- {log.name} (last 4000 characters) ----\n{log.read_text()[-4000:]}")
     assert all(not hosts.pids(name) for name in hosts.hosts)
 
 
