@@ -55,6 +55,16 @@ def test_a_qlora_step_on_an_nf4_double_quantised_base():
     assert after < before
 
 
+def test_a_4bit_base_in_bf16_keeps_its_norms_bf16_and_trains():
+    """No fp32 upcast of a quantized base's other weights on CUDA in bf16 (Workspace's
+    upcasts_norms): the activations stay bf16, the adapter float32."""
+    slot, before, after = trains(cuda_settings(quantization="4bit"))
+    norms = [p for n, p in slot.model.named_parameters() if n.endswith("norm.weight")]
+    assert norms and all(p.dtype == torch.bfloat16 for p in norms)
+    assert all(p.dtype == torch.float32 for p in lora_parameters(slot.model))
+    assert after < before
+
+
 def test_bf16_autocast_trains_with_float32_adapter_weights():
     slot, before, after = trains(cuda_settings(bf16=True))
     assert all(p.dtype == torch.float32 for p in lora_parameters(slot.model))

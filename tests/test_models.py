@@ -93,3 +93,33 @@ def test_an_unknown_model_name_is_refused_with_what_to_pass():
     message = str(err.value)
     assert "unknown model 'tiny-lama'" in message
     assert all(name in message for name in BUILTINS), message
+
+
+def test_a_quantized_base_keeps_bf16_norms_only_on_cuda_in_bf16(monkeypatch):
+    from fedlora.adapters.workspace import upcasts_norms
+
+    assert upcasts_norms(ModelSettings(quantization="4bit", device="cpu"))
+    assert upcasts_norms(ModelSettings(quantization="4bit", device="cpu",
+                                       compute_dtype="bfloat16"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert not upcasts_norms(ModelSettings(quantization="4bit", device="cuda"))  # auto: bf16
+    assert upcasts_norms(ModelSettings(quantization="4bit", device="cuda",
+                                       compute_dtype="float16"))
+
+
+@pytest.mark.parametrize("setting,enabled", [(None, "False"), ("1", "True")])
+def test_hub_kernels_are_off_unless_the_user_turns_them_on(setting, enabled):
+    """transformers would fetch and run kernels from the hub at load on CUDA; a fedlora
+    process does not, unless USE_HUB_KERNELS is set."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "USE_HUB_KERNELS"}
+    if setting is not None:
+        env["USE_HUB_KERNELS"] = setting
+    code = ("import fedlora; from transformers.integrations.hub_kernels import "
+            "_kernels_enabled; print(_kernels_enabled())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=120, check=True).stdout
+    assert out.strip() == enabled
