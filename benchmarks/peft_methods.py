@@ -33,8 +33,8 @@ import common
 from fedlora.outputs import read_metrics, training_rounds
 
 # one learning rate per method, not tuned (prompt tuning at 3e-2 reached 0 accuracy in a probe)
-DEFAULT_LRS = ("lora=1e-3,ia3=1e-2,prompt-tuning=1e-1,p-tuning=1e-3,prefix-tuning=1e-2,"
-               "p-tuning-v2=1e-2")
+DEFAULT_LRS = ("lora=1e-3,dora=1e-3,ia3=1e-2,prompt-tuning=1e-1,p-tuning=1e-3,"
+               "prefix-tuning=1e-2,p-tuning-v2=1e-2,adapter=1e-3")
 
 
 def parse_args(argv: list[str] | None = None):

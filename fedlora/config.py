@@ -128,14 +128,19 @@ class LoraSettings:
     peft: str = setting(
         "peft", "lora",
         "Parameter-efficient method trained on each client: lora (default; QLoRA with "
-        "quantization=4bit), ia3 (learned rescaling vectors), prompt-tuning (a soft prompt "
+        "quantization=4bit), dora (LoRA plus a learned magnitude per output row), ia3 "
+        "(learned rescaling vectors), prompt-tuning (a soft prompt "
         "before the input), p-tuning (a prompt computed by an MLP encoder), prefix-tuning "
-        "(keys/values at every layer computed by an MLP) or p-tuning-v2 (those keys/values "
-        "trained directly); see docs/peft-methods.md.")
+        "(keys/values at every layer computed by an MLP), p-tuning-v2 (those keys/values "
+        "trained directly) or adapter (bottleneck adapters after attention and the FFN, of "
+        "adapter-size); see docs/peft-methods.md.")
     virtual_tokens: int = setting(
         "num-virtual-tokens", 20,
         "prompt-tuning, p-tuning, prefix-tuning, p-tuning-v2: length of the learned soft "
         "prompt or prefix, in tokens (>= 1).")
+    adapter_size: int = setting(
+        "adapter-size", 64,
+        "adapter: width of each bottleneck adapter's hidden layer (the bottleneck), >= 1.")
     rank: int = setting("lora-rank", 8, "LoRA rank r (>= 1).")
     alpha: float = setting("lora-alpha", 16.0, "LoRA alpha; the update is scaled by alpha/r "
                             "(alpha/sqrt(r) with rsLoRA).")
@@ -155,6 +160,7 @@ class LoraSettings:
         require(self.rank >= 1, "lora-rank", "an integer >= 1", self.rank)
         require(self.virtual_tokens >= 1, "num-virtual-tokens", "an integer >= 1",
                 self.virtual_tokens)
+        require(self.adapter_size >= 1, "adapter-size", "an integer >= 1", self.adapter_size)
         if self.client_ranks:
             parse_client_ranks(self.client_ranks)
         require(self.alpha > 0, "lora-alpha", "a number > 0", self.alpha)

@@ -19,7 +19,7 @@ from fedlora.aggregation.server_opt import SERVER_OPTIMIZERS, ServerOptimizer
 from fedlora.checkpoint import discard_after, read_latest, set_rng_state
 from fedlora.config import DefenceSettings, FederationSettings, Settings
 from fedlora.methods import Method, load
-from fedlora.models import model_skeleton, resolve_source
+from fedlora.models import ModelSource, model_skeleton, resolve_source
 from fedlora.outputs import RunWriter
 from server.global_adapter import GlobalAdapter
 from server.privacy import PrivacyLedger
@@ -35,8 +35,13 @@ class Shapes:
 
     factors: dict[str, tuple[int, int]]  # {module: (d, k)} of every LoRA-adapted layer
     dense: dict[str, tuple[int, ...]]  # {wire key: shape} of a non-LoRA method's tensors
-    base_id: str
+    source: ModelSource  # where the base model is (DoRA's export reads its row norms)
     model_config: Any  # the model's Hugging Face config (of the skeleton)
+
+    @property
+    def base_id(self) -> str:
+        """What adapters record as their base model."""
+        return self.source.base_id
 
 
 def adapted_shapes(settings: Settings) -> Shapes:
@@ -44,10 +49,8 @@ def adapted_shapes(settings: Settings) -> Shapes:
     source = resolve_source(settings.model.name)
     peft, skeleton = peft_method(settings.lora.peft), model_skeleton(source)
     config = skeleton.config
-    if peft.low_rank:
-        return Shapes(target_shapes(skeleton, settings.lora.modules()), {}, source.base_id,
-                      config)
-    return Shapes({}, peft.dense_shapes(skeleton, settings.lora), source.base_id, config)
+    factors = target_shapes(skeleton, settings.lora.modules()) if peft.low_rank else {}
+    return Shapes(factors, peft.dense_shapes(skeleton, settings.lora), source, config)
 
 
 def server_optimizer(fed: FederationSettings) -> ServerOptimizer | None:
@@ -139,17 +142,19 @@ def main(grid: Grid, context: Context) -> None:
     writer = RunWriter(out_dir, peft.config(settings.lora, shapes.base_id),
                        {"model": settings.model.name, "base_model": shapes.base_id,
                         "settings": {**settings.to_config(), "resume": False}},
-                       saved=lambda state: peft.saved_state(state, shapes.model_config))
+                       saved=lambda state: peft.saved_state(state, shapes.model_config,
+                                                          shapes.source))
     loop = build_loop(settings, method, shapes, writer)
     first_round = resume_point(loop, out_dir) if fed.resume else 1
-    if shapes.dense:
+    if not shapes.factors:
         log(INFO, "fedlora: %s, peft %s, strategy %s, %d trained tensors (%d values), rounds "
             "%d..%d, output %s", settings.model.name, settings.lora.peft, fed.strategy,
             len(shapes.dense), sum(math.prod(s) for s in shapes.dense.values()), first_round,
             fed.num_rounds, out_dir)
     else:
-        log(INFO, "fedlora: %s, strategy %s, global rank %d, client ranks %s, %d adapted "
-            "layers, rounds %d..%d, output %s", settings.model.name, fed.strategy,
+        log(INFO, "fedlora: %s, peft %s, strategy %s, global rank %d, client ranks %s, %d "
+            "adapted layers, rounds %d..%d, output %s", settings.model.name,
+            settings.lora.peft, fed.strategy,
             settings.global_rank, ",".join(map(str, sorted(set(settings.lora.possible_ranks())))),
             len(shapes.factors), first_round, fed.num_rounds, out_dir)
     loop.run(grid, first_round, fed.num_rounds)

@@ -1,13 +1,20 @@
 """The PEFT methods a client trains, one file each (`peft = NAME`, `fedlora.adapters.base`):
-LoRA/QLoRA (`lora.py`: inject, get/set low-rank factors, export), IA3 (`ia3.py`), prompt
-tuning (`prompt_tuning.py`, with the prompt-first forward in `virtual_tokens.py`), P-tuning
-(`p_tuning.py`; its encoder weights federated as `prompt_encoder.py` says), prefix tuning and
-P-tuning v2 (`prefix_tuning.py`); the
-per-process model cache (`workspace.py`); the one edge between PEFT state dicts and delta-W
-factors (`fedlora.factors`)."""
+LoRA/QLoRA (`lora.py`: inject, get/set low-rank factors, export), DoRA (`dora.py`), IA3
+(`ia3.py`), prompt tuning (`prompt_tuning.py`, with the prompt-first forward in
+`virtual_tokens.py`), P-tuning (`p_tuning.py`; its encoder weights federated as
+`prompt_encoder.py` says), prefix tuning and P-tuning v2 (`prefix_tuning.py`), bottleneck
+adapters (`bottleneck.py`); the per-process model cache (`workspace.py`); the one edge between
+PEFT state dicts and delta-W factors (`fedlora.factors`)."""
 
 # ---- the registry: one import line per PEFT method (importing a method registers it) ------
-from fedlora.adapters import ia3, p_tuning, prefix_tuning, prompt_tuning  # noqa: F401
+from fedlora.adapters import (  # noqa: F401
+    bottleneck,
+    dora,
+    ia3,
+    p_tuning,
+    prefix_tuning,
+    prompt_tuning,
+)
 from fedlora.adapters.base import PEFT_METHODS, PeftMethod, peft_method, peft_names, register_peft
 from fedlora.adapters.lora import (
                                       add_lora,

@@ -2,10 +2,11 @@
 (`peft = "ia3"`).
 
 A `PeftMethod` says how a client's model gets the method's trainable tensors (`config`, one
-PEFT config), which of the run's settings mean nothing to it (`unused`: refused when changed),
-and what the server starts from: LoRA-family methods (`low_rank`) are federated as low-rank
-factors (`fedlora.factors`), every other method as plain tensors ("dense" tensors, keyed by
-PEFT's own state-dict keys) that the server averages as they are. `dense_shapes` reads those
+PEFT config), which of the run's settings mean nothing to it (`unused`: refused when changed)
+or belong to it alone (`owns`: every other method refuses them when changed), and what the
+server starts from: LoRA-family methods (`low_rank`) are federated as low-rank factors
+(`fedlora.factors`), every other method as plain tensors ("dense" tensors, keyed by PEFT's own
+state-dict keys) that the server averages as they are. `dense_shapes` reads those
 keys and shapes off a meta-device skeleton, so the server never loads base weights;
 `initial_dense` is the seeded value every machine starts from.
 
@@ -31,6 +32,7 @@ from fedlora.config import SettingsError, all_keys
 
 if TYPE_CHECKING:
     from fedlora.config import LoraSettings, Settings
+    from fedlora.models import ModelSource
 
 
 # the settings of LoRA's factors: a method without factors refuses them when they are set
@@ -47,6 +49,8 @@ class PeftMethod:
     # settings that mean nothing to this method: a changed value is refused before a run
     unused: ClassVar[tuple[str, ...]] = ()
     why_unused: ClassVar[str] = ""  # "it learns rescaling vectors, not low-rank factors"
+    # settings that only this method uses: every other method refuses a changed value
+    owns: ClassVar[tuple[str, ...]] = ()
 
     def config(self, lora: LoraSettings, base_id: str | None = None) -> PeftConfig:
         """The PEFT config of this method for these settings."""
@@ -61,6 +65,13 @@ class PeftMethod:
                     f"setting '{key}': peft={self.name} does not use it ({self.why_unused}), "
                     f"got {config[key]!r}; remove it (default {defaults[key][0]!r}) or use "
                     f"peft=lora")
+        for other in PEFT_METHODS.values():
+            for key in set(other.owns) - set(self.owns):
+                if config[key] != defaults[key][0]:
+                    raise SettingsError(
+                        f"setting '{key}': only peft={other.name} uses it, but this run trains "
+                        f"peft={self.name}; got {config[key]!r}: remove it (default "
+                        f"{defaults[key][0]!r}) or use peft={other.name}")
 
     def add(self, model: torch.nn.Module, lora: LoraSettings, adapter: str) -> PeftModel:
         """Wrap `model` with this method's adapter, or add one more to an existing PeftModel."""
@@ -82,10 +93,11 @@ class PeftMethod:
         check_state(self.get_state(model, adapter), state)
         set_peft_model_state_dict(model, state, adapter_name=adapter)
 
-    def saved_state(self, state: dict[str, torch.Tensor], model_config: Any
-                    ) -> dict[str, torch.Tensor]:
-        """What PEFT's saved adapter holds, given the tensors this method federates (the same
-        by default; P-tuning saves the prompt its encoder computes)."""
+    def saved_state(self, state: dict[str, torch.Tensor], model_config: Any,
+                    source: ModelSource) -> dict[str, torch.Tensor]:
+        """What PEFT's saved adapter holds, given the tensors this method federates and the
+        base model (its config; its files at `source`): the same by default; P-tuning saves
+        the prompt its encoder computes, DoRA the magnitudes its offsets give."""
         return state
 
     def dense_shapes(self, skeleton: torch.nn.Module, lora: LoraSettings

@@ -51,7 +51,8 @@ class Lora(PeftMethod):
         return lora_config(lora, base_id)
 
     def add(self, model: torch.nn.Module, lora: LoraSettings, adapter: str) -> PeftModel:
-        return add_lora(model, lora, adapter)
+        check_target_modules(model, lora.modules())
+        return super().add(model, lora, adapter)
 
 
 LORA = PEFT_METHODS["lora"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from peft import PeftModel
@@ -21,6 +21,9 @@ from peft.utils.other import _prepare_prompt_learning_config
 from fedlora.adapters.base import PeftMethod, check_state
 from fedlora.adapters.prompt_tuning import INIT_STD, KEY
 from fedlora.config import LoraSettings
+
+if TYPE_CHECKING:
+    from fedlora.models import ModelSource
 
 PREFIX = "prompt_encoder."  # wire keys: prompt_encoder.embedding.weight, ...
 
@@ -63,8 +66,8 @@ class EncoderMethod(PeftMethod):
                 out[key] = (torch.rand(shape, generator=gen) * 2 - 1) * bound
         return out
 
-    def saved_state(self, state: dict[str, torch.Tensor], model_config: Any
-                    ) -> dict[str, torch.Tensor]:
+    def saved_state(self, state: dict[str, torch.Tensor], model_config: Any,
+                    source: ModelSource) -> dict[str, torch.Tensor]:
         """PEFT's saved form: what the global encoder computes for its virtual tokens."""
         tokens = state[PREFIX + "embedding.weight"].shape[0]
         config = self.config(LoraSettings(peft=self.name, virtual_tokens=tokens))
