@@ -151,19 +151,17 @@ def score(settings, adapter: Path | None, test: list[dict], owner: list[int]) ->
 def personal_adapter(run: Path, pid: int) -> Path:
     """Client `pid`'s own model of a personalised run as a PEFT adapter (<run>/client-<pid>/):
     the final shared factors, with the client's private ones (personal/client-<pid>) in place
-    of the server's."""
+    of the server's (`fedlora.mixing.personal_state`)."""
     import shutil
 
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
+
+    from fedlora.mixing import personal_state
 
     out = run / f"client-{pid}"
     shutil.copytree(run / "final", out, dirs_exist_ok=True)
-    weights = out / "adapter_model.safetensors"
-    state, private = load_file(weights), load_file(run / "personal" / f"client-{pid}.safetensors")
-    if not private or private.keys() - state.keys():
-        raise RuntimeError(f"{run}/personal/client-{pid}.safetensors: expected some of the "
-                           f"adapter's keys, got {sorted(private)[:3]}")
-    save_file({**state, **private}, str(weights), metadata={"format": "pt"})
+    state = personal_state(run, run / "personal" / f"client-{pid}.safetensors")
+    save_file(state, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
     return out
 
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from fedlora import __version__
-from fedlora.cli import certs, client, export, generate, report, server, simulate
+from fedlora.cli import certs, client, export, generate, mix, report, server, simulate
 from fedlora.config import SECTIONS, SettingsError, section_keys
 from fedlora.quiet import quiet
 
@@ -61,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "model that loads with AutoModelForCausalLM.from_pretrained.")
     export.add_arguments(p)
     p.set_defaults(func=export.run)
+    p = sub.add_parser("mix", help="compose LoRA adapters into one (fixed or searched "
+                                   "weights, LoraHub)",
+                       description=" ".join(mix.__doc__.split(": ", 1)[1].split()))
+    mix.add_arguments(p)
+    p.set_defaults(func=mix.run)
     p = sub.add_parser("generate", help="answer a prompt (or chat) with a base model + adapter",
                        description=generate.__doc__.split(": ", 1)[1].strip())
     generate.add_arguments(p)
