@@ -37,7 +37,7 @@ import common
 import torch
 
 from fedlora.aggregation import ClientUpdate, Factors
-from fedlora.methods import METHODS, get_method
+from fedlora.methods import METHODS, get_method, strategies_for
 
 MIXED_RANKS = (4, 8, 8, 16, 16, 32, 32, 64)
 SHAPES = ((2048, 2048), (4096, 4096), (4096, 11008))
@@ -206,7 +206,7 @@ def replicate_factors(factors: Factors, layers: int) -> Factors:
 def part_two(layers: int, repeats: int) -> None:
     """One merge call over all modules per strategy; median time."""
     rows = []
-    for name in sorted(METHODS):
+    for name in strategies_for():
         updates, previous, rank = model_updates(name, layers)
         get_method(name).merge(updates, previous, export_rank=rank)  # untimed warm-up
         times = []

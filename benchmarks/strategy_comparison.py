@@ -40,7 +40,7 @@ from pathlib import Path
 
 import common
 
-from fedlora.methods import METHODS
+from fedlora.methods import METHODS, strategies_for
 from fedlora.outputs import read_metrics, training_rounds
 from simulations.experiments.federation_helps import client_splits, write_results
 
@@ -52,7 +52,7 @@ SERVER_ARMS = ("fedavg+fedadam",)  # others: fedavg+fedavgm, fedavg+fedyogi, ...
 def parse_args(argv: list[str] | None = None):
     p = common.parser(__doc__.splitlines()[0])
     p.add_argument("--splits", default="families,bigbench", help="families and/or bigbench")
-    p.add_argument("--arms", default=",".join([*sorted(METHODS), *SERVER_ARMS]),
+    p.add_argument("--arms", default=",".join([*strategies_for(), *SERVER_ARMS]),
                    help="strategies, or strategy+server-optimizer, comma-separated")
     p.add_argument("--families", default="units,json,strings",
                    help="built-in families of the families split, one per client")

@@ -217,7 +217,8 @@ def train(msg: Message, context: Context) -> Message:
         server_round=job.server_round, num_rounds=settings.federation.num_rounds,
         seed=settings.federation.seed + 1_000_003 * pid + job.server_round,
         desc=f"client {pid} round {job.server_round}",
-        proximal_mu=job.method.proximal_mu(settings))
+        proximal_mu=job.method.proximal_mu(settings),
+        auxiliary=lambda: slot.peft.auxiliary_loss(slot.model, slot.adapter, settings.lora))
     state, rank = job.method.client_finish(slot.peft.get_state(slot.model, slot.adapter), job.rank,
                                            settings, job.store)
     state = clip_reply(job, state, rank)

@@ -132,8 +132,9 @@ class LoraSettings:
         "(learned rescaling vectors), prompt-tuning (a soft prompt "
         "before the input), p-tuning (a prompt computed by an MLP encoder), prefix-tuning "
         "(keys/values at every layer computed by an MLP), p-tuning-v2 (those keys/values "
-        "trained directly) or adapter (bottleneck adapters after attention and the FFN, of "
-        "adapter-size); see docs/peft-methods.md.")
+        "trained directly), adapter (bottleneck adapters after attention and the FFN, of "
+        "adapter-size) or lora-moe (LoRA experts with a router; strategy lora-moe); see "
+        "docs/peft-methods.md.")
     virtual_tokens: int = setting(
         "num-virtual-tokens", 20,
         "prompt-tuning, p-tuning, prefix-tuning, p-tuning-v2: length of the learned soft "
@@ -141,6 +142,17 @@ class LoraSettings:
     adapter_size: int = setting(
         "adapter-size", 64,
         "adapter: width of each bottleneck adapter's hidden layer (the bottleneck), >= 1.")
+    moe_experts: int = setting(
+        "moe-experts", 4, "lora-moe: LoRA experts on each adapted layer (>= 2).")
+    moe_top_k: int = setting(
+        "moe-top-k", 2, "lora-moe: experts each token is routed to (1..moe-experts).")
+    moe_expert_ranks: str = setting(
+        "moe-expert-ranks", "",
+        "lora-moe: one rank per expert, comma-separated (4,8,8,16); empty: lora-rank for all.")
+    moe_balance: float = setting(
+        "moe-balance", 0.01,
+        "lora-moe: weight of the load-balancing term (the squared coefficient of variation of "
+        "the experts' importance) added to the training loss (>= 0; 0 = off).")
     rank: int = setting("lora-rank", 8, "LoRA rank r (>= 1).")
     alpha: float = setting("lora-alpha", 16.0, "LoRA alpha; the update is scaled by alpha/r "
                             "(alpha/sqrt(r) with rsLoRA).")
@@ -161,6 +173,11 @@ class LoraSettings:
         require(self.virtual_tokens >= 1, "num-virtual-tokens", "an integer >= 1",
                 self.virtual_tokens)
         require(self.adapter_size >= 1, "adapter-size", "an integer >= 1", self.adapter_size)
+        require(self.moe_experts >= 2, "moe-experts", "an integer >= 2", self.moe_experts)
+        require(1 <= self.moe_top_k <= self.moe_experts, "moe-top-k",
+                f"an integer in 1..moe-experts={self.moe_experts}", self.moe_top_k)
+        require(self.moe_balance >= 0, "moe-balance", "a number >= 0", self.moe_balance)
+        self.expert_ranks()  # checks moe-expert-ranks
         if self.client_ranks:
             parse_client_ranks(self.client_ranks)
         require(self.alpha > 0, "lora-alpha", "a number > 0", self.alpha)
@@ -173,6 +190,17 @@ class LoraSettings:
         if self.target_modules.strip() == "all-linear":
             return list(ALL_LINEAR)
         return [m.strip() for m in self.target_modules.split(",") if m.strip()]
+
+    def expert_ranks(self) -> list[int]:
+        """lora-moe: the rank of each expert (moe-expert-ranks, else lora-rank for all)."""
+        if not self.moe_expert_ranks.strip():
+            return [self.rank] * self.moe_experts
+        parts = [p.strip() for p in self.moe_expert_ranks.split(",") if p.strip()]
+        ranks = [int(p) for p in parts if p.isdigit()]
+        require(len(ranks) == len(parts) == self.moe_experts and all(r >= 1 for r in ranks),
+                "moe-expert-ranks", f"{self.moe_experts} integers >= 1 (one per expert, "
+                f"moe-experts={self.moe_experts}), comma-separated", self.moe_expert_ranks)
+        return ranks
 
     def possible_ranks(self) -> tuple[int, ...]:
         """Every rank a client of this run may train at."""

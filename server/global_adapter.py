@@ -169,7 +169,8 @@ class GlobalAdapter:
         if self.optimizer is not None:
             merged = self.optimizer.step(self.factors, merged) if merged else merged
             dense = self.optimizer.step_dense(self.dense, dense) if dense else dense
-        self.factors, self.dense = merged, dense
+        # a plain tensor the merge did not return (an expert nobody trained) keeps its value
+        self.factors, self.dense = merged, {**self.dense, **dense}
         # fedsa-lora has no global delta W to compare; a method without factors none at all
         if self.method.exactness_defined and result.applied:
             overall, per_module = exactness(result.applied, updates)

@@ -118,13 +118,14 @@ def test_server_and_three_nodes_with_different_ranks(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["dora", "ia3", "prompt-tuning", "p-tuning",
-                                    "prefix-tuning", "p-tuning-v2", "adapter"])
+                                    "prefix-tuning", "p-tuning-v2", "adapter", "lora-moe"])
 def test_a_peft_method_in_a_deployment_and_a_node_of_another_method_refused(method, tmp_path):
     """Two nodes train the server's PEFT method; a third, configured for LoRA, refuses every
     message with the reason (from the first, the rank query), and never reaches the merge."""
     port, out = free_port(), tmp_path / "out"
     server = start(["server", "--address", f"127.0.0.1:{port}", "--min-nodes", "3",
-                    "--peft", method, "--output-dir", str(out), *RUN[:-1],
+                    "--peft", method, "--output-dir", str(out),
+                    *(["--strategy", "lora-moe"] if method == "lora-moe" else []), *RUN[:-1],
                     RUN[-1] + " min-train-nodes=3 min-replies=2 lr=0.05" + (
                         " num-virtual-tokens=4" if "num-virtual-tokens" not in
                         peft_method(method).unused else "")],

@@ -27,6 +27,9 @@ from peft import (
     get_peft_model_state_dict,
     set_peft_model_state_dict,
 )
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+from peft.tuners.tuners_utils import BaseTuner
+from peft.utils.peft_types import PeftType, register_peft_method
 
 from fedlora.config import SettingsError, all_keys
 
@@ -81,6 +84,12 @@ class PeftMethod:
             return model
         return get_peft_model(model, config, adapter_name=adapter)
 
+    def auxiliary_loss(self, model: torch.nn.Module, adapter: str, lora: LoraSettings
+                       ) -> torch.Tensor | None:
+        """A term the training loss adds after each forward pass (lora-moe's load balance);
+        None by default."""
+        return None
+
     def get_state(self, model: PeftModel, adapter: str) -> dict[str, torch.Tensor]:
         """What a client of this method sends: PEFT's state dict of the adapter by default
         (embeddings never included), detached copies."""
@@ -130,6 +139,75 @@ def check_state(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor
         if tuple(tensor.shape) != tuple(expected[key].shape):
             raise ValueError(f"adapter state {key}: expected shape "
                              f"{tuple(expected[key].shape)}, got {tuple(tensor.shape)}")
+
+
+def add_peft_type(name: str) -> PeftType:
+    """The member `name` (value `name`) of PEFT's `PeftType`, added if it is not there yet.
+
+    PEFT keys all its registries by this closed enum and `register_peft_method` refuses a name
+    that is not in it. `enum` has no public way to add a member, so this does what `enum` does
+    when it builds one (the same private tables on Python 3.11 to 3.13), then checks that
+    lookup by value, by name and as an attribute all find it.
+    """
+    if name in PeftType.__members__:
+        return PeftType[name]
+    member = str.__new__(PeftType, name)  # a str-valued member, built as the enum builds its own
+    for attr, value in (("_name_", name), ("_value_", name), ("__objclass__", PeftType),
+                        ("_sort_order_", len(PeftType._member_names_))):  # 3.12+: order
+        setattr(member, attr, value)
+    setattr(PeftType, name, member)  # before the member map: the enum refuses to reassign members
+    PeftType._member_names_.append(name)
+    PeftType._member_map_[name] = member
+    PeftType._value2member_map_[name] = member
+    hashable = getattr(PeftType, "_hashable_values_", None)  # 3.13+: what `in` reads
+    if hashable is not None:
+        hashable.append(name)
+    if not (PeftType(name) is PeftType[name] is getattr(PeftType, name) is member):
+        raise RuntimeError(f"could not add {name!r} to peft's PeftType on this Python: expected "
+                           f"lookups by value, name and attribute to find it; pin Python 3.11-3.13"
+                           f" or report it with the Python version")
+    return member
+
+
+class LayerTuner(BaseTuner):
+    """A PEFT tuner of ours: wraps each target module in `tuner_layer_cls(target, adapter,
+    config)`, or adds one more adapter to a module already wrapped (subclasses set `prefix`,
+    `tuner_layer_cls` and `config_cls`)."""
+
+    config_cls: type[PeftConfig] = PeftConfig
+
+    def checked(self, config: PeftConfig) -> Any:
+        """`config`, checked to be of this tuner's config class."""
+        if not isinstance(config, self.config_cls):
+            raise TypeError(f"{type(self).__name__} needs a {self.config_cls.__name__}, got "
+                            f"{type(config).__name__}")
+        return config
+
+    def _prepare_adapter_config(self, peft_config: PeftConfig, model_config: dict
+                                ) -> PeftConfig:
+        return self.checked(peft_config)
+
+    def _create_and_replace(self, peft_config: PeftConfig, adapter_name: str,
+                            target: torch.nn.Module, target_name: str, parent: torch.nn.Module,
+                            current_key: str, parameter_name: str | None = None) -> None:
+        config = self.checked(peft_config)
+        layer_cls: Any = self.tuner_layer_cls  # a BaseTunerLayer that is also an nn.Module
+        if isinstance(target, layer_cls):  # one more adapter on an adapted layer
+            target.update_layer(adapter_name, config)
+            return
+        new_module = layer_cls(target, adapter_name, config)
+        if adapter_name not in self.active_adapters:  # an added adapter: not trainable yet
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+
+def register_tuner(name: str, config_cls: type[PeftConfig], model_cls: type[BaseTuner],
+                   prefix: str) -> None:
+    """Make a PEFT method of ours known to PEFT (its type added to PeftType first), once per
+    process: saving and loading then go through PEFT's own API."""
+    if add_peft_type(name.upper()) not in PEFT_TYPE_TO_CONFIG_MAPPING:
+        register_peft_method(name=name, config_cls=config_cls, model_cls=model_cls,
+                             prefix=prefix)
 
 
 PEFT_METHODS: dict[str, PeftMethod] = {}

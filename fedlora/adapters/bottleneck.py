@@ -33,13 +33,18 @@ from typing import Any
 
 import torch
 from peft import PeftConfig, PeftModel
-from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
-from peft.utils.peft_types import PeftType, register_peft_method
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from torch.nn import functional as F
 
-from fedlora.adapters.base import LORA_ONLY, PeftMethod, register_peft
+from fedlora.adapters.base import (
+    LORA_ONLY,
+    LayerTuner,
+    PeftMethod,
+    add_peft_type,
+    register_peft,
+    register_tuner,
+)
 from fedlora.adapters.lora import check_target_modules
 from fedlora.config import ALL_LINEAR, LoraSettings
 
@@ -50,36 +55,6 @@ HOULSBY_TARGETS = ["o_proj", "down_proj"]
 DEFAULT_TARGETS = {model_type: HOULSBY_TARGETS for model_type in (
     "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2",
     "granite", "smollm3")}
-
-
-# ---- PEFT's closed enum of methods, one member more ------------------------------------------
-
-def add_peft_type(name: str) -> PeftType:
-    """The member `name` (value `name`) of PEFT's `PeftType`, added if it is not there yet.
-
-    PEFT keys all its registries by this closed enum and `register_peft_method` refuses a name
-    that is not in it. `enum` has no public way to add a member, so this does what `enum` does
-    when it builds one (the same private tables on Python 3.11 to 3.13), then checks that
-    lookup by value, by name and as an attribute all find it.
-    """
-    if name in PeftType.__members__:
-        return PeftType[name]
-    member = str.__new__(PeftType, name)  # a str-valued member, built as the enum builds its own
-    for attr, value in (("_name_", name), ("_value_", name), ("__objclass__", PeftType),
-                        ("_sort_order_", len(PeftType._member_names_))):  # 3.12+: order
-        setattr(member, attr, value)
-    setattr(PeftType, name, member)  # before the member map: the enum refuses to reassign members
-    PeftType._member_names_.append(name)
-    PeftType._member_map_[name] = member
-    PeftType._value2member_map_[name] = member
-    hashable = getattr(PeftType, "_hashable_values_", None)  # 3.13+: what `in` reads
-    if hashable is not None:
-        hashable.append(name)
-    if not (PeftType(name) is PeftType[name] is getattr(PeftType, name) is member):
-        raise RuntimeError(f"could not add {name!r} to peft's PeftType on this Python: expected "
-                           f"lookups by value, name and attribute to find it; pin Python 3.11-3.13"
-                           f" or report it with the Python version")
-    return member
 
 
 BOTTLENECK = add_peft_type("BOTTLENECK")
@@ -182,50 +157,29 @@ class BottleneckLayer(nn.Module, BaseTunerLayer):
         return "bottleneck." + super().__repr__()
 
 
-def bottleneck_config(config: PeftConfig) -> BottleneckConfig:
-    """`config`, checked to be a BottleneckConfig."""
-    if not isinstance(config, BottleneckConfig):
-        raise TypeError(f"bottleneck adapters need a BottleneckConfig, got "
-                        f"{type(config).__name__}; create the adapter with BottleneckConfig(...)")
-    return config
-
-
-class BottleneckModel(BaseTuner):
+class BottleneckModel(LayerTuner):
     """PEFT's tuner of bottleneck adapters: wraps each target module in a BottleneckLayer."""
 
     prefix: str = PREFIX
     tuner_layer_cls = BottleneckLayer
+    config_cls = BottleneckConfig
     target_module_mapping = DEFAULT_TARGETS
 
     def _prepare_adapter_config(self, peft_config: PeftConfig, model_config: dict
                                 ) -> PeftConfig:
-        peft_config = bottleneck_config(peft_config)
-        if peft_config.target_modules is None:
+        config: BottleneckConfig = self.checked(peft_config)
+        if config.target_modules is None:
             model_type = model_config.get("model_type")
             if model_type not in DEFAULT_TARGETS:
                 raise ValueError(
                     f"BottleneckConfig.target_modules: no default for model type {model_type!r} "
                     f"(there is one for {', '.join(sorted(DEFAULT_TARGETS))}); name the "
                     f"attention output and FFN output projections of your model")
-            peft_config.target_modules = set(DEFAULT_TARGETS[model_type])
-        return peft_config
-
-    def _create_and_replace(self, peft_config: PeftConfig, adapter_name: str,
-                            target: nn.Module, target_name: str, parent: nn.Module,
-                            current_key: str, parameter_name: str | None = None) -> None:
-        config = bottleneck_config(peft_config)
-        if isinstance(target, BottleneckLayer):  # one more adapter on an adapted layer
-            target.update_layer(adapter_name, config)
-            return
-        new_module = BottleneckLayer(target, adapter_name, config)
-        if adapter_name not in self.active_adapters:  # an added adapter: not trainable yet
-            new_module.requires_grad_(False)
-        self._replace_module(parent, target_name, new_module, target)
+            config.target_modules = set(DEFAULT_TARGETS[model_type])
+        return config
 
 
-if BOTTLENECK not in PEFT_TYPE_TO_CONFIG_MAPPING:  # once per process
-    register_peft_method(name="bottleneck", config_cls=BottleneckConfig,
-                         model_cls=BottleneckModel, prefix=PREFIX)
+register_tuner("bottleneck", BottleneckConfig, BottleneckModel, PREFIX)
 
 
 # ---- fedlora's half: peft = "adapter" --------------------------------------------------------

@@ -33,6 +33,8 @@ class ClientUpdate:
     factors: Factors
     weight: float
     dense: Dense = field(default_factory=dict)
+    # lora-moe: the experts this client trained (None: all of them; `fedlora.methods.lora_moe`)
+    experts: frozenset[int] | None = None
 
     def __post_init__(self) -> None:
         if not self.weight > 0:

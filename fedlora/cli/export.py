@@ -24,6 +24,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 # PEFT types whose adapter cannot be folded into the base weights
 VIRTUAL_TOKEN_TYPES = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")
+# ... and the other PEFT types that cannot be folded, with the reason
+UNMERGEABLE = {"LORA_MOE": "it routes each token to its own experts, which no single weight "
+                           "matrix can express",
+               "BOTTLENECK": "its adapters are nonlinear in each layer's output, which no "
+                             "weight of the base model can express"}
 
 
 def check_adapter(adapter: Path) -> None:
@@ -48,11 +53,13 @@ def run(args: argparse.Namespace) -> int:
     adapter, out = Path(args.adapter), Path(args.output_dir)
     check_adapter(adapter)
     peft_type = json.loads((adapter / "adapter_config.json").read_text()).get("peft_type")
-    if peft_type in VIRTUAL_TOKEN_TYPES:
-        raise ValueError(f"{adapter} is a {peft_type} adapter: it adds virtual tokens (a soft "
-                         f"prompt, or keys and values at every layer) that no weight of the "
-                         f"base model can hold, so it cannot be merged; use it as an adapter "
-                         f"(fedlora generate --adapter, PeftModel.from_pretrained)")
+    reason = UNMERGEABLE.get(peft_type) or (
+        "it adds virtual tokens (a soft prompt, or keys and values at every layer) that no "
+        "weight of the base model can hold" if peft_type in VIRTUAL_TOKEN_TYPES else None)
+    if reason:  # refused before the base model is loaded
+        raise ValueError(f"{adapter} is a {peft_type} adapter: {reason}, so it cannot be "
+                         f"merged; use it as an adapter (fedlora generate --adapter, "
+                         f"PeftModel.from_pretrained)")
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise FileExistsError(f"{out} is not empty; pass --overwrite or choose another "
                               f"--output-dir")

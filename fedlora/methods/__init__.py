@@ -25,12 +25,17 @@ from fedlora.methods import (  # noqa: F401  # noqa: E402,F401
     flexlora,
     flora,
     hetlora,
+    lora_moe,
 )
 from fedlora.methods.base import METHODS, Method, MethodOptions, PersonalStore, names, register
 
 __all__ = ["METHODS", "Method", "MethodOptions", "PersonalStore", "get_method", "load",
-           "load_settings",
-           "method_of", "names", "option_keys", "register"]
+           "load_settings", "method_of", "names", "option_keys", "register", "strategies_for"]
+
+
+def strategies_for(peft: str = "lora") -> list[str]:
+    """The strategies that can federate PEFT method `peft` (by default LoRA's), sorted."""
+    return sorted(name for name, method in METHODS.items() if method.federates(peft))
 
 
 def option_keys() -> dict[str, tuple[Any, str]]:

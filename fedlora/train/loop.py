@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -46,10 +47,12 @@ def trainable_parameters(model: torch.nn.Module, adapter: str) -> list[torch.nn.
 def param_groups(model: torch.nn.Module, params: list[torch.nn.Parameter],
                  lora_plus_ratio: float) -> list[dict]:
     """Optimizer groups, each with its `lr_scale` (times the scheduled lr): one group, or with
-    LoRA+ the B factors apart at `lora_plus_ratio` times A's learning rate."""
+    LoRA+ the B factors (every expert's B with lora-moe) apart at `lora_plus_ratio` times A's
+    learning rate."""
     if lora_plus_ratio == 1.0:
         return [{"params": params, "lr_scale": 1.0}]
-    is_b = {id(p) for name, p in model.named_parameters() if ".lora_B." in name}
+    is_b = {id(p) for name, p in model.named_parameters()
+            if ".lora_B." in name or ".moe_B." in name}  # LoRA's B, or every expert's
     groups = [{"params": [p for p in params if id(p) not in is_b], "lr_scale": 1.0},
               {"params": [p for p in params if id(p) in is_b], "lr_scale": lora_plus_ratio}]
     return [g for g in groups if g["params"]]
@@ -76,11 +79,15 @@ def batches(examples: list[dict], batch_size: int, seed: int):
 
 def train_local(model: torch.nn.Module, adapter: str, examples: list[dict], pad_id: int,
                 settings: TrainSettings, server_round: int, num_rounds: int, seed: int,
-                desc: str = "train", proximal_mu: float = 0.0) -> TrainResult:
+                desc: str = "train", proximal_mu: float = 0.0,
+                auxiliary: Callable[[], torch.Tensor | None] | None = None) -> TrainResult:
     """Train the active adapter for `settings.local_steps` optimizer steps and report losses.
 
     With `proximal_mu` > 0 (FedProx) the loss gets (mu/2) ||theta - theta_start||^2 over the
     LoRA parameters, theta_start being the global adapter this round started from.
+    `auxiliary`, called after each forward pass, gives a term to add to the loss (the PEFT
+    method's `auxiliary_loss`: lora-moe's load balance), or None; the reported losses are
+    the language-model loss alone.
     """
     if not examples:
         raise ValueError("this client has no training examples")
@@ -110,6 +117,9 @@ def train_local(model: torch.nn.Module, adapter: str, examples: list[dict], pad_
                 # response tokens only (-100: prompt, pad), LM head in chunks (loss.py)
                 loss, _ = response_loss(model, batch)
             plain_loss = loss.item()
+            extra = auxiliary() if auxiliary is not None else None
+            if extra is not None:  # e.g. the experts' load balance, from this forward pass
+                loss = loss + extra
             if anchor:  # FedProx: stay near the global adapter this round started from
                 loss = loss + proximal_mu / 2 * sum(((p - p0) ** 2).sum()
                                                     for p, p0 in zip(params, anchor))

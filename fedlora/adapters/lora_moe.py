@@ -1,0 +1,277 @@
+"""LoRA + mixture of experts (`peft = "lora-moe"`): E LoRA experts on each adapted layer and a
+router per layer that weighs them per token, top-k.
+
+    y = W0 x + sum_e g_e(x) s_e B_e A_e dropout(x),   g(x) = top-k of softmax(R x), renormalised
+
+R (E x k) is a small linear gate on the layer's own input, one per adapted layer: a layer's
+input is what its experts see, so it is what a choice between them can rest on, and a
+per-layer gate costs E x k values (4 x 576 on SmolLM2's projections), less than one rank-8
+expert. A gate shared per block would save little and route q, k, v, o and the FFN alike.
+Each expert e has its own rank r_e (`moe-expert-ranks`, default `lora-rank` for all) and
+scale s_e = lora-alpha / r_e. Every expert's B starts at zero, so the adapted model starts as
+the base model; the router starts at small seeded values so that tokens spread over experts.
+
+Training adds `moe-balance` times a load-balancing term (Shazeer et al. 2017): the squared
+coefficient of variation of the experts' importance (the sum over the batch's tokens of each
+expert's router probability), averaged over the adapted layers. It is 0 when every expert has
+the same importance and positive otherwise.
+
+PEFT has X-LoRA, but it trains only the gating classifier over experts loaded frozen from
+pretrained adapters; fedlora trains experts and router together, on every client, so this file
+builds a small PEFT method of its own (config, layer, tuner, registered as PEFT type
+`LORA_MOE`): `get_peft_model`, PEFT's state dicts, `save_pretrained` and
+`PeftModel.from_pretrained` work on it once `fedlora.adapters` is imported, and so does
+`fedlora generate --adapter`. Token-level routing cannot be folded into one weight matrix, so
+`merge` (and `fedlora export`) refuse it with the reason.
+
+What crosses the wire: for each adapted layer, `moe_A.<e>.weight` (r_e, k) and
+`moe_B.<e>.weight` (d, r_e) of every expert and `moe_router.weight` (E, k); the strategy
+`lora-moe` (`fedlora/methods/lora_moe.py`) averages each expert over the clients that trained
+it and the router over all.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import torch
+from peft import PeftConfig, PeftModel
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from fedlora.adapters.base import (
+    LayerTuner,
+    PeftMethod,
+    add_peft_type,
+    register_peft,
+    register_tuner,
+)
+from fedlora.adapters.lora import check_target_modules
+from fedlora.config import LoraSettings
+
+PREFIX = "moe_"  # PEFT's prefix of the method: parameters moe_A, moe_B, moe_router
+ROUTER_STD = 0.02  # the router's initial weights: small, seeded, so tokens spread over experts
+LORA_MOE = add_peft_type("LORA_MOE")
+
+
+# ---- the math: routing and the balance term ---------------------------------------------------
+
+def route(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gates, probabilities) of router logits (..., E): softmax, then the top-k probabilities
+    renormalised to sum to 1, scattered back to (..., E) (zero outside the top k)."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    top, index = probs.topk(top_k, dim=-1)
+    gates = torch.zeros_like(probs).scatter(-1, index, top / top.sum(dim=-1, keepdim=True))
+    return gates, probs
+
+
+def balance_loss(probs: torch.Tensor) -> torch.Tensor:
+    """CV^2 of the experts' importance (the sum of each expert's probability over all
+    tokens of `probs` (..., E)): 0 when the importance is equal, positive otherwise."""
+    importance = probs.reshape(-1, probs.shape[-1]).sum(dim=0)  # (E,)
+    return importance.var(unbiased=False) / importance.mean().clamp_min(1e-12) ** 2
+
+
+# ---- PEFT's half: config, layer, tuner -------------------------------------------------------
+
+@dataclass
+class LoraMoeConfig(PeftConfig):
+    """Configuration of LoRA experts with a per-layer top-k router."""
+
+    expert_ranks: list[int] = field(default_factory=lambda: [8, 8, 8, 8], metadata={
+        "help": "One LoRA rank per expert; their number is the number of experts."})
+    top_k: int = field(default=2, metadata={
+        "help": "Experts each token is routed to (1 <= top_k <= number of experts)."})
+    lora_alpha: float = field(default=16.0, metadata={
+        "help": "Each expert's update is scaled by lora_alpha / its rank."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the experts' input."})
+    target_modules: set[str] | list[str] | str | None = field(default=None, metadata={
+        "help": "Names (or a regex) of the linear modules that get experts."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = LORA_MOE
+        ranks = self.expert_ranks
+        if not ranks or any(isinstance(r, bool) or not isinstance(r, int) or r < 1
+                            for r in ranks):
+            raise ValueError(f"LoraMoeConfig.expert_ranks: expected one integer >= 1 per "
+                             f"expert, got {ranks!r}")
+        if not 1 <= self.top_k <= len(ranks):
+            raise ValueError(f"LoraMoeConfig.top_k: expected 1..{len(ranks)} (the number of "
+                             f"experts), got {self.top_k!r}")
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if not self.target_modules:
+            raise ValueError("LoraMoeConfig.target_modules: expected module names or a regex")
+
+
+class LoraMoeLayer(nn.Module, BaseTunerLayer):
+    """A linear layer with LoRA experts and a router on its input."""
+
+    adapter_layer_names = ("moe_A", "moe_B", "moe_router")
+    other_param_names = ("moe_scaling", "moe_top_k")
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraMoeConfig) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.moe_A, self.moe_B = nn.ModuleDict({}), nn.ModuleDict({})
+        self.moe_router, self.moe_dropout = nn.ModuleDict({}), nn.ModuleDict({})
+        self.moe_scaling: dict[str, list[float]] = {}
+        self.moe_top_k: dict[str, int] = {}
+        self.balance: dict[str, torch.Tensor] = {}  # the last training forward's balance term
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self._active_adapter = adapter_name
+        base = self.get_base_layer()
+        k, d = getattr(base, "in_features", None), getattr(base, "out_features", None)
+        if not isinstance(k, int) or not isinstance(d, int):
+            raise TypeError(f"LoRA experts wrap a linear layer, got {type(base).__name__}; "
+                            f"choose linear target_modules")
+        self.in_features: int = k
+        self.out_features: int = d
+        self.update_layer(adapter_name, config)
+
+    def update_layer(self, adapter_name: str, config: LoraMoeConfig) -> None:
+        """Add adapter `adapter_name`: float32, on the base weight's device (meta included)."""
+        base = self.get_base_layer()
+        weight = getattr(base, "weight", None)
+        device = weight.device if weight is not None else next(base.parameters()).device
+        k, d = self.in_features, self.out_features
+        make = lambda i, o: nn.Linear(i, o, bias=False, device=device, dtype=torch.float32)
+        a_s = [make(k, r) for r in config.expert_ranks]  # (r_e, k) each
+        b_s = [make(r, d) for r in config.expert_ranks]  # (d, r_e) each
+        router = make(k, len(config.expert_ranks))  # (E, k)
+        with torch.no_grad():  # A keeps Linear's init; B zero: the base model at the start
+            for b in b_s:
+                b.weight.zero_()
+            router.weight.normal_(0.0, ROUTER_STD)
+        self.moe_A[adapter_name], self.moe_B[adapter_name] = nn.ModuleList(a_s), nn.ModuleList(b_s)
+        self.moe_router[adapter_name] = router
+        self.moe_dropout[adapter_name] = (nn.Dropout(config.lora_dropout)
+                                          if config.lora_dropout > 0 else nn.Identity())
+        self.moe_scaling[adapter_name] = [config.lora_alpha / r for r in config.expert_ranks]
+        self.moe_top_k[adapter_name] = config.top_k
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The base output plus each active adapter's routed experts."""
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disable_adapters:
+            return result
+        for name in self.active_adapters:
+            if name not in self.moe_A:
+                continue
+            h = self._cast_input_dtype(x, torch.float32)  # (..., k)
+            gates, probs = route(self.moe_router[name](h), self.moe_top_k[name])  # (..., E)
+            if self.training:
+                self.balance[name] = balance_loss(probs)
+            h = self.moe_dropout[name](h)
+            update = torch.zeros(*x.shape[:-1], self.out_features, device=x.device)
+            experts = zip(cast(nn.ModuleList, self.moe_A[name]),
+                          cast(nn.ModuleList, self.moe_B[name]))
+            for e, (a, b) in enumerate(experts):
+                # (..., 1) * (..., d): expert e's update on the tokens routed to it
+                update = update + gates[..., e:e + 1] * (self.moe_scaling[name][e] * b(a(h)))
+            result = result + update.to(result.dtype)
+        return result
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Refused: token-level routing cannot be folded into one weight matrix."""
+        raise ValueError("a LoRA mixture of experts routes each token to its own experts, so "
+                         "no single weight matrix can hold it and it cannot be merged; use it "
+                         "as an adapter (PeftModel.from_pretrained, fedlora generate --adapter)")
+
+    def unmerge(self) -> None:
+        """Nothing to undo: never merged."""
+
+    def __repr__(self) -> str:
+        return "lora_moe." + super().__repr__()
+
+
+class LoraMoeModel(LayerTuner):
+    """PEFT's tuner of LoRA experts: wraps each target module in a LoraMoeLayer."""
+
+    prefix: str = PREFIX
+    tuner_layer_cls = LoraMoeLayer
+    config_cls = LoraMoeConfig
+    target_module_mapping: dict[str, list[str]] = {}
+
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        """`...moe_A.<adapter>.2.weight` -> `...moe_A.2.weight` (an expert's index follows the
+        adapter name, where PEFT expects the parameter's name); the router as PEFT does."""
+        head, sep, tail = key.partition(f".{adapter_name}.")
+        if sep and tail.split(".")[0].isdigit() and head.rsplit(".", 1)[-1] in ("moe_A", "moe_B"):
+            return f"{head}.{tail}"
+        return super()._remove_adapter_name_from_key(key, adapter_name)
+
+
+register_tuner("lora_moe", LoraMoeConfig, LoraMoeModel, PREFIX)
+
+
+def model_balance(model: nn.Module, adapter: str) -> torch.Tensor | None:
+    """The balance term of the last training forward pass, averaged over the adapted layers
+    (None when the model has no LoRA experts of `adapter`)."""
+    terms = [m.balance[adapter] for m in model.modules()
+             if isinstance(m, LoraMoeLayer) and adapter in m.balance]
+    return torch.stack(terms).mean() if terms else None
+
+
+# ---- fedlora's half: peft = "lora-moe" -------------------------------------------------------
+
+@register_peft
+class LoraMoe(PeftMethod):
+    """LoRA experts with a per-layer top-k router (federated by strategy lora-moe)."""
+
+    name = "lora-moe"
+    summary = ("LoRA + mixture of experts: moe-experts LoRA experts per layer, a top-k "
+               "router per layer (strategy lora-moe)")
+    unused = ("num-virtual-tokens", "client-ranks", "use-rslora")
+    why_unused = "it trains LoRA experts of fixed ranks and a router"
+    owns = ("moe-experts", "moe-top-k", "moe-expert-ranks", "moe-balance")
+
+    def config(self, lora: LoraSettings, base_id: str | None = None) -> LoraMoeConfig:
+        return LoraMoeConfig(expert_ranks=lora.expert_ranks(), top_k=lora.moe_top_k,
+                             lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                             target_modules=lora.modules(), task_type="CAUSAL_LM",
+                             base_model_name_or_path=base_id)
+
+    def add(self, model: torch.nn.Module, lora: LoraSettings, adapter: str) -> PeftModel:
+        check_target_modules(model, lora.modules())
+        return super().add(model, lora, adapter)
+
+    def auxiliary_loss(self, model: torch.nn.Module, adapter: str, lora: LoraSettings
+                       ) -> torch.Tensor | None:
+        """moe-balance times the balance term of the last forward pass."""
+        term = model_balance(model, adapter)
+        return None if term is None or not lora.moe_balance else lora.moe_balance * term
+
+    def initial_dense(self, shapes: dict[str, tuple[int, ...]], seed: int
+                      ) -> dict[str, torch.Tensor]:
+        """A as PEFT's LoRA draws it, U(-1/sqrt(k), 1/sqrt(k)); B zero; the router
+        N(0, ROUTER_STD^2); each from a generator seeded by (seed, key)."""
+        out = {}
+        for key, shape in shapes.items():
+            gen = torch.Generator().manual_seed(seed * 7919 + zlib.crc32(key.encode()))
+            if ".moe_B." in key:
+                out[key] = torch.zeros(shape)
+            elif ".moe_A." in key:
+                bound = 1.0 / math.sqrt(shape[1])
+                out[key] = (torch.rand(shape, generator=gen) * 2 - 1) * bound
+            elif key.endswith(".moe_router.weight"):
+                out[key] = torch.randn(shape, generator=gen) * ROUTER_STD
+            else:
+                raise ValueError(f"{key}: expected an expert's moe_A / moe_B or a moe_router "
+                                 f"weight")
+        return out
+
+
+def expert_of(key: str) -> int | None:
+    """The expert a wire key belongs to (`...moe_A.2.weight` -> 2); None for a router."""
+    for part in (".moe_A.", ".moe_B."):
+        if part in key:
+            return int(key.split(part, 1)[1].split(".", 1)[0])
+    return None

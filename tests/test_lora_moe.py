@@ -1,0 +1,204 @@
+"""LoRA + mixture of experts (peft=lora-moe, strategy lora-moe): routing, the balance term,
+per-expert averaging, the layer against a hand computation, and a federation on tiny-llama
+whose exported mixture reloads with PEFT and reproduces the server's model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from fake_grid import run_inprocess
+from peft import PeftModel
+from test_peft_methods import IDS, RUN, recording_hook
+
+from fedlora.adapters import peft_method
+from fedlora.adapters.lora_moe import LoraMoeLayer, balance_loss, expert_of, route
+from fedlora.aggregation import ClientUpdate
+from fedlora.checkpoint import read_latest
+from fedlora.config import ModelSettings, SettingsError
+from fedlora.methods import get_method, load
+from fedlora.methods.lora_moe import average_experts
+from fedlora.models import load_model
+from fedlora.outputs import read_metrics, training_rounds
+from server.global_adapter import GlobalAdapter
+
+MOE = {**RUN, "peft": "lora-moe", "strategy": "lora-moe", "moe-experts": 3, "moe-top-k": 2,
+       "lora-rank": 2, "target-modules": "q_proj,v_proj"}
+
+
+# ---- routing and the balance term -------------------------------------------------------------
+
+def test_gates_are_the_renormalised_top_k_probabilities():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]]))
+    gates, probs = route(logits, top_k=2)
+    assert torch.allclose(probs, torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]]))
+    assert torch.allclose(gates[0], torch.tensor([0.625, 0.375, 0.0]))  # 0.5/0.8, 0.3/0.8
+    assert torch.allclose(gates.sum(-1), torch.ones(2))
+    assert ((gates > 0).sum(-1) == 2).all()  # exactly top-k experts per token
+    assert float(gates[1, 2]) == pytest.approx(0.8 / 0.9)
+
+
+def test_the_balance_term_is_zero_when_uniform_and_positive_otherwise():
+    assert float(balance_loss(torch.full((5, 4), 0.25))) == 0.0
+    # importance (1.6, 0.4): mean 1.0, variance 0.36 -> CV^2 = 0.36
+    skewed = torch.tensor([[0.9, 0.1], [0.7, 0.3]])
+    assert float(balance_loss(skewed)) == pytest.approx(0.36)
+
+
+# ---- the merge: each expert over the clients that trained it ---------------------------------
+
+def moe_state(values: list[float]) -> dict[str, torch.Tensor]:
+    """Three experts (their A) and a router of one layer, each a 1-vector."""
+    keys = ["m.moe_A.0.weight", "m.moe_A.1.weight", "m.moe_A.2.weight", "m.moe_router.weight"]
+    return {k: torch.tensor([v]) for k, v in zip(keys, values)}
+
+
+def test_each_expert_is_averaged_over_its_trainers_and_the_router_over_all():
+    a = ClientUpdate({}, 1.0, moe_state([1.0, 10.0, 100.0, 1.0]), experts=frozenset({0}))
+    b = ClientUpdate({}, 2.0, moe_state([2.0, 20.0, 200.0, 2.0]), experts=frozenset({0, 1}))
+    c = ClientUpdate({}, 3.0, moe_state([3.0, 30.0, 300.0, 3.0]))  # None: every expert
+    merged = average_experts([a, b, c])
+    assert float(merged["m.moe_A.0.weight"]) == pytest.approx((1 + 4 + 9) / 6)
+    assert float(merged["m.moe_A.1.weight"]) == pytest.approx((40 + 90) / 5)
+    assert float(merged["m.moe_A.2.weight"]) == pytest.approx(300.0)  # only c trained it
+    assert float(merged["m.moe_router.weight"]) == pytest.approx((1 + 4 + 9) / 6)
+    assert expert_of("m.moe_B.12.weight") == 12 and expert_of("m.moe_router.weight") is None
+
+
+def test_an_expert_nobody_trained_keeps_its_value_bitwise():
+    settings, method = load(MOE)
+    previous = moe_state([0.1, 0.2, 0.3, 0.4])
+    state = GlobalAdapter(method, settings.lora, {}, 2, dense=dict(previous))
+    a = ClientUpdate({}, 1.0, moe_state([1.0, 2.0, 3.0, 4.0]), experts=frozenset({0}))
+    b = ClientUpdate({}, 1.0, moe_state([3.0, 4.0, 5.0, 6.0]), experts=frozenset({1}))
+    state.update([a, b])
+    assert torch.equal(state.dense["m.moe_A.2.weight"], previous["m.moe_A.2.weight"])
+    assert float(state.dense["m.moe_A.0.weight"]) == 1.0  # a alone
+    assert float(state.dense["m.moe_A.1.weight"]) == 4.0  # b alone
+    assert float(state.dense["m.moe_router.weight"]) == 5.0  # both
+
+
+# ---- settings ---------------------------------------------------------------------------------
+
+def test_lora_moe_settings_are_checked_before_a_run():
+    with pytest.raises(SettingsError, match="moe-top-k.*1..moe-experts=3"):
+        load({**MOE, "moe-top-k": 4})
+    with pytest.raises(SettingsError, match="strategy lora-moe .* needs peft=lora-moe"):
+        load({**MOE, "peft": "lora"})
+    with pytest.raises(SettingsError, match="'moe-experts': only peft=lora-moe uses it"):
+        load({"moe-experts": 8})
+    with pytest.raises(SettingsError, match="moe-expert-ranks"):
+        load({**MOE, "moe-expert-ranks": "4,8"})
+    with pytest.raises(SettingsError, match="cannot federate peft=lora-moe"):
+        load({**MOE, "strategy": "flexlora"})
+    settings, _ = load({**MOE, "moe-expert-ranks": "2,4,8"})
+    assert peft_method("lora-moe").config(settings.lora).expert_ranks == [2, 4, 8]
+
+
+# ---- the layer --------------------------------------------------------------------------------
+
+def moe_model():
+    settings, _ = load({**MOE, "lora-dropout": 0.0, "moe-expert-ranks": "2,3,4"})
+    base, _, _ = load_model(ModelSettings(name="tiny-llama", device="cpu"))
+    return peft_method("lora-moe").add(base, settings.lora, "x"), settings
+
+
+def test_the_layer_is_the_base_at_the_start_and_the_routed_sum_of_experts_after():
+    model, settings = moe_model()
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, LoraMoeLayer)
+    x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(layer(x), layer.base_layer(x))  # every B is zero
+        for b in layer.moe_B["x"]:
+            b.weight.normal_()
+        router = layer.moe_router["x"].weight  # (3, 64)
+        gates, _ = route(x @ router.T, 2)
+        expected = layer.base_layer(x)
+        for e, r in enumerate((2, 3, 4)):
+            a_e, b_e = layer.moe_A["x"][e].weight, layer.moe_B["x"][e].weight
+            expected = expected + gates[..., e:e + 1] * (settings.lora.alpha / r) * (
+                x @ a_e.T @ b_e.T)
+        assert torch.allclose(layer(x), expected, atol=1e-5)
+
+
+def test_training_records_the_balance_term_that_the_loss_adds():
+    model, settings = moe_model()
+    model.train()
+    model(input_ids=IDS)
+    extra = peft_method("lora-moe").auxiliary_loss(model, "x", settings.lora)
+    assert extra is not None and float(extra.detach()) > 0
+    assert float(extra.detach()) == pytest.approx(settings.lora.moe_balance * float(torch.stack([
+        m.balance["x"] for m in model.modules() if isinstance(m, LoraMoeLayer)]).mean().detach()))
+
+
+# ---- a federation -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def moe_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("moe")
+    replies: list[dict] = []
+    run_inprocess({**MOE, "output-dir": str(out)}, 2, hook=recording_hook(replies))
+    return out, replies
+
+
+def test_a_lora_moe_federation_trains_and_sends_only_experts_and_routers(moe_run):
+    out, replies = moe_run
+    rows = read_metrics(out)
+    trained = training_rounds(rows)
+    assert [r["clients-replied"] for r in trained] == [2, 2]
+    assert trained[1]["train-loss"] < trained[0]["train-loss"]
+    assert trained[1]["eval-loss"] < rows[0]["eval-loss"]
+    assert len(replies) == 4
+    # tiny-llama: 2 layers x (q_proj, v_proj) x (3 experts x (A, B) + a router)
+    for state in replies:
+        assert len(state) == 4 * 7
+        assert all(".moe_A." in k or ".moe_B." in k or k.endswith(".moe_router.weight")
+                   for k in state)
+
+
+def test_the_exported_mixture_reloads_and_reproduces_the_global_model(moe_run, tmp_path,
+                                                                      capsys):
+    from fedlora.cli.main import main
+
+    out, _ = moe_run
+    dense = {k.removeprefix("dense/"): v for k, v in read_latest(out).tensors.items()
+             if k.startswith("dense/")}
+    settings, _ = load(MOE)
+    base, _, _ = load_model(ModelSettings(name="tiny-llama", device="cpu"))
+    reference = peft_method("lora-moe").add(base, settings.lora, "global")
+    peft_method("lora-moe").set_state(reference, "global", dense)
+    expected = reference.eval()(input_ids=IDS).logits
+
+    fresh, _, _ = load_model(ModelSettings(name="tiny-llama", device="cpu"))
+    plain = fresh(input_ids=IDS).logits
+    loaded = PeftModel.from_pretrained(fresh, str(out / "final"))
+    assert json.loads((out / "final" / "adapter_config.json").read_text())["peft_type"] == \
+        "LORA_MOE"
+    tuned = loaded(input_ids=IDS).logits
+    assert torch.allclose(tuned, expected, atol=1e-5)
+    assert not torch.allclose(tuned, plain, atol=1e-4)
+    assert main(["generate", "--adapter", str(out / "final"), "--prompt", "2+2=",
+                 "--max-new-tokens", "3"]) == 0
+    assert main(["export", "--adapter", str(out / "final"), "--output-dir",
+                 str(tmp_path / "merged")]) == 2
+    assert "cannot be merged" in capsys.readouterr().err
+    assert not (tmp_path / "merged").exists()
+
+
+def test_lora_moe_federates_on_a_4bit_base(tmp_path):
+    run_inprocess({**MOE, "output-dir": str(tmp_path), "quantization": "4bit",
+                   "num-server-rounds": 1, "local-steps": 3, "fraction-evaluate": 0.0}, 2)
+    assert [r["clients-replied"] for r in training_rounds(read_metrics(tmp_path))] == [2]
+    settings = ModelSettings(name="tiny-llama", device="cpu", quantization="4bit")
+    plain = load_model(settings)[0](input_ids=IDS).logits
+    loaded = PeftModel.from_pretrained(load_model(settings)[0], str(tmp_path / "final"))
+    tuned = loaded(input_ids=IDS).logits
+    assert tuned.shape == plain.shape and not torch.allclose(tuned, plain, atol=1e-4)
+
+
+def test_fedavg_also_federates_lora_moe_as_plain_tensors():
+    _, method = load({**MOE, "strategy": "fedavg"})
+    assert method.federates("lora-moe") and get_method("lora-moe").federates("lora-moe")
+    assert not get_method("lora-moe").federates("lora")
