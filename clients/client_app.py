@@ -212,13 +212,14 @@ def train(msg: Message, context: Context) -> Message:
     job = prepare(msg, context)
     settings, slot, pid = job.settings, job.slot, job.partition_id
     train_set, _, _ = client_data(settings, slot, pid, job.num_partitions)
-    result = train_local(
-        slot.model, slot.adapter, train_set, slot.tokenizer.pad_token_id, settings.train,
-        server_round=job.server_round, num_rounds=settings.federation.num_rounds,
-        seed=settings.federation.seed + 1_000_003 * pid + job.server_round,
-        desc=f"client {pid} round {job.server_round}",
-        proximal_mu=job.method.proximal_mu(settings),
-        auxiliary=lambda: slot.peft.auxiliary_loss(slot.model, slot.adapter, settings.lora))
+    with job.method.local_training(slot.model, slot.adapter, pid, settings) as keep:
+        result = train_local(
+            slot.model, slot.adapter, train_set, slot.tokenizer.pad_token_id, settings.train,
+            server_round=job.server_round, num_rounds=settings.federation.num_rounds,
+            seed=settings.federation.seed + 1_000_003 * pid + job.server_round,
+            desc=f"client {pid} round {job.server_round}",
+            proximal_mu=job.method.proximal_mu(settings), keep=keep,
+            auxiliary=lambda: slot.peft.auxiliary_loss(slot.model, slot.adapter, settings.lora))
     state, rank = job.method.client_finish(slot.peft.get_state(slot.model, slot.adapter), job.rank,
                                            settings, job.store)
     state = clip_reply(job, state, rank)

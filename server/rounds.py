@@ -520,11 +520,15 @@ class RoundLoop:
             return problem, None
         num_examples = int(metrics[wire.NUM_EXAMPLES])
         update = self.state.to_update(state, rank, float(num_examples))
+        partition_id = int(metrics.get(wire.PARTITION_ID, -1))
+        experts = self.method.trained_experts(partition_id, self.state.lora)
+        if experts is not None:  # lora-moe: the experts this client trains, by its assignment
+            update = replace(update, experts=experts)
         problem = self.update_problem(update, rank)
         if problem:
             return problem, None
         row: dict[str, Any] = {
-            M.NODE_ID: node, M.PARTITION_ID: int(metrics.get(wire.PARTITION_ID, -1)),
+            M.NODE_ID: node, M.PARTITION_ID: partition_id,
             M.LORA_RANK: rank, M.NUM_EXAMPLES: num_examples, M.BYTES_UP: factor_bytes(record),
             M.TRAIN_LOSS: number(metrics, wire.TRAIN_LOSS),
             # the node's own throughput figures (what it says; never used for the merge)

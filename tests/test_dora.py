@@ -113,6 +113,12 @@ def test_a_dora_federation_trains_and_sends_factors_and_offsets(dora_run):
                 for k in state} == {"lora_A", "lora_B", "lora_magnitude_offset"}
     assert any(float(v.abs().max()) > 0 for k, v in replies[0].items()
                if k.endswith(WIRE_SUFFIX))  # the magnitudes trained
+    # 4 layers x (A 4 x 64, B d x 4, offset d), d = 64 (q) or 32 (v): float32 plus framing
+    values = 2 * (4 * 64 + 64 * 4 + 64) + 2 * (4 * 64 + 32 * 4 + 32)
+    assert sum(v.numel() for v in replies[0].values()) == values
+    for row in trained:
+        for client in row["clients"]:
+            assert values * 4 <= client["bytes-up"] < values * 4 + 2048
 
 
 def test_the_global_offsets_and_factors_are_the_example_weighted_means(dora_run):

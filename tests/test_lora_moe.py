@@ -202,3 +202,55 @@ def test_fedavg_also_federates_lora_moe_as_plain_tensors():
     _, method = load({**MOE, "strategy": "fedavg"})
     assert method.federates("lora-moe") and get_method("lora-moe").federates("lora-moe")
     assert not get_method("lora-moe").federates("lora")
+
+
+# ---- moe-assign=client: client p owns expert p mod E ------------------------------------------
+
+def test_a_forced_expert_is_among_every_token_s_top_k():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]]))
+    gates, _ = route(logits, top_k=2, forced=2)
+    assert (gates[:, 2] > 0).all() and torch.allclose(gates.sum(-1), torch.ones(2))
+    assert torch.allclose(gates[0], torch.tensor([0.5 / 0.7, 0.0, 0.2 / 0.7]))
+    assert torch.equal(route(logits, 1, forced=1)[0], torch.tensor([[0.0, 1.0, 0.0]] * 2))
+
+
+def test_with_moe_assign_client_each_client_trains_only_its_own_expert(tmp_path):
+    from fedlora import wire
+    from fedlora.records import from_array_record
+
+    sent: dict[int, list[dict]] = {0: [], 1: []}
+
+    def by_client(received, reply):
+        if reply.content.array_records:
+            pid = int(reply.content.metric_records[wire.METRICS][wire.PARTITION_ID])
+            sent[pid].append(from_array_record(reply.content.array_records[wire.ARRAYS]))
+        return reply
+
+    run_inprocess({**MOE, "moe-assign": "client", "num-server-rounds": 1,
+                   "fraction-evaluate": 0.0, "output-dir": str(tmp_path)}, 2, hook=by_client)
+    initial = peft_method("lora-moe").initial_dense({k: tuple(v.shape) for k, v in
+                                                     sent[0][0].items()}, seed=0)
+    dense = {k.removeprefix("dense/"): v for k, v in read_latest(tmp_path).tensors.items()
+             if k.startswith("dense/")}
+    rows = training_rounds(read_metrics(tmp_path))
+    weights = {c["partition-id"]: c["num-examples"] for c in rows[0]["clients"]}
+    p0 = weights[0] / (weights[0] + weights[1])
+    for key, value in dense.items():
+        expert = expert_of(key)
+        if expert is None:  # the router: both clients
+            assert torch.allclose(value, p0 * sent[0][0][key] + (1 - p0) * sent[1][0][key],
+                                  atol=1e-6)
+        elif expert == 2:  # nobody owns expert 2: bitwise its start
+            assert torch.equal(value, initial[key]), key
+        else:  # expert e: client e's alone; the other client left it as it came
+            assert torch.equal(value, sent[expert][0][key]), key
+            assert torch.equal(sent[1 - expert][0][key], initial[key]), key
+    assert any(not torch.equal(dense[k], initial[k]) for k in dense if ".moe_B.0." in k)
+
+
+def test_moe_assign_client_needs_a_partition_id():
+    _, method = load({**MOE, "moe-assign": "client"})
+    settings, _ = load(MOE)
+    assert method.trained_experts(4, settings.lora) == frozenset({1})  # 4 mod 3
+    with pytest.raises(ValueError, match="needs each client's partition id"):
+        method.trained_experts(-1, settings.lora)

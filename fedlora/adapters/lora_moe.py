@@ -59,11 +59,16 @@ LORA_MOE = add_peft_type("LORA_MOE")
 
 # ---- the math: routing and the balance term ---------------------------------------------------
 
-def route(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def route(logits: torch.Tensor, top_k: int, forced: int | None = None
+          ) -> tuple[torch.Tensor, torch.Tensor]:
     """(gates, probabilities) of router logits (..., E): softmax, then the top-k probabilities
-    renormalised to sum to 1, scattered back to (..., E) (zero outside the top k)."""
+    renormalised to sum to 1, scattered back to (..., E) (zero outside the top k). With
+    `forced`, that expert is always one of the k (a client training its own expert)."""
     probs = torch.softmax(logits.float(), dim=-1)
-    top, index = probs.topk(top_k, dim=-1)
+    rank = probs if forced is None else probs.detach().clone().index_fill_(
+        -1, torch.tensor([forced], device=probs.device), 2.0)  # above any probability
+    index = rank.topk(top_k, dim=-1).indices
+    top = probs.gather(-1, index)
     gates = torch.zeros_like(probs).scatter(-1, index, top / top.sum(dim=-1, keepdim=True))
     return gates, probs
 
@@ -122,6 +127,7 @@ class LoraMoeLayer(nn.Module, BaseTunerLayer):
         self.moe_scaling: dict[str, list[float]] = {}
         self.moe_top_k: dict[str, int] = {}
         self.balance: dict[str, torch.Tensor] = {}  # the last training forward's balance term
+        self.forced: dict[str, int] = {}  # adapter -> an expert every token uses in training
         self._disable_adapters = False
         self.merged_adapters = []
         self._active_adapter = adapter_name
@@ -165,7 +171,8 @@ class LoraMoeLayer(nn.Module, BaseTunerLayer):
             if name not in self.moe_A:
                 continue
             h = self._cast_input_dtype(x, torch.float32)  # (..., k)
-            gates, probs = route(self.moe_router[name](h), self.moe_top_k[name])  # (..., E)
+            forced = self.forced.get(name) if self.training else None
+            gates, probs = route(self.moe_router[name](h), self.moe_top_k[name], forced)
             if self.training:
                 self.balance[name] = balance_loss(probs)
             h = self.moe_dropout[name](h)
@@ -210,6 +217,17 @@ class LoraMoeModel(LayerTuner):
 
 
 register_tuner("lora_moe", LoraMoeConfig, LoraMoeModel, PREFIX)
+
+
+def force_expert(model: nn.Module, adapter: str, expert: int | None) -> None:
+    """Make every token of `adapter`'s training forward passes use `expert` (one of its top k;
+    None: plain top-k routing again)."""
+    for module in model.modules():
+        if isinstance(module, LoraMoeLayer):
+            if expert is None:
+                module.forced.pop(adapter, None)
+            else:
+                module.forced[adapter] = expert
 
 
 def model_balance(model: nn.Module, adapter: str) -> torch.Tensor | None:

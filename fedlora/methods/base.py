@@ -20,11 +20,13 @@ client weights p_i = examples / total, float64 inside, float32 out.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from torch import Tensor
+from torch.nn import Module
 
 from fedlora.adapters.base import peft_method
 from fedlora.aggregation.base import ClientUpdate, Factors, MergeResult, check_updates, to32
@@ -34,7 +36,7 @@ from fedlora.config import SettingsError, require, section_keys, setting
 from fedlora.factors import shared_keys
 
 if TYPE_CHECKING:
-    from fedlora.config import Settings
+    from fedlora.config import LoraSettings, Settings
 
 option = setting  # a method option is declared like any other setting
 
@@ -237,7 +239,17 @@ class Method:
         """The part of a PEFT state dict that crosses the wire."""
         return shared_keys(state, self.shares)
 
+    def trained_experts(self, partition_id: int, lora: LoraSettings) -> frozenset[int] | None:
+        """The experts a client's update trained (lora-moe; None: all, or none to speak of)."""
+        return None
+
     # ---- client steps ---------------------------------------------------------------------
+    def local_training(self, model: Module, adapter: str, partition_id: int,
+                       settings: Settings) -> AbstractContextManager[Callable[[str], bool] | None]:
+        """A context around a client's local training that readies the model and gives the
+        filter of the adapter's parameters it trains (None, by default: all of them)."""
+        return nullcontext(None)
+
     def client_start(self, state: dict[str, Tensor], store: PersonalStore
                      ) -> dict[str, Tensor]:
         """The adapter a client trains from, given what it received (seeded init overlaid

@@ -10,18 +10,27 @@ client, learns per token which of them to use.
     router:    R   = sum_i p_i R_i
     an expert no client trained this round keeps its value exactly.
 
-Which experts a client trains is the assignment (`moe-assign`). Built so far: `learned`, where
-every client trains every expert and the router decides; the merge takes each update's
-`experts` (None: all), so the assignments that give a client one expert (by cluster, by client)
-use the same merge.
+Which experts a client trains is the assignment (`moe-assign`):
+- `learned`: every client trains every expert and the router; the router decides.
+- `client`: client p owns expert p mod E (its partition id, so for experiments in simulation,
+  or nodes started with --partition-id): it trains that expert and the router, the other
+  experts stay frozen, and in its training forward passes every token uses its own expert (one
+  of its top k), so that the expert learns that client's data and the router learns when to
+  pick it. The server knows the assignment from the reply's partition id.
+Not built yet: `cluster` (clients clustered by their updates after a first round, each cluster
+owning an expert). The merge takes each update's `experts` (None: all), whatever assigns them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from fedlora.adapters.lora_moe import expert_of
+from torch.nn import Module
+
+from fedlora.adapters.lora_moe import expert_of, force_expert
 from fedlora.aggregation.base import (
     ClientUpdate,
     Dense,
@@ -34,9 +43,15 @@ from fedlora.config import SettingsError, one_of
 from fedlora.methods.base import Method, MethodOptions, option, register
 
 if TYPE_CHECKING:
-    from fedlora.config import Settings
+    from fedlora.config import LoraSettings, Settings
 
-ASSIGNMENTS = ("learned",)
+ASSIGNMENTS = ("learned", "client")
+
+
+def parameter_expert(name: str, adapter: str) -> int | None:
+    """The expert a model parameter belongs to (`...moe_A.<adapter>.2.weight` -> 2); None
+    for a router."""
+    return expert_of(name.replace(f".{adapter}.", "."))
 
 
 def trained(update: ClientUpdate, key: str) -> bool:
@@ -65,7 +80,7 @@ class MoeOptions(MethodOptions):
     assign: str = option(
         "moe-assign", "learned",
         "lora-moe: which experts a client trains: learned (every client every expert; the "
-        "router decides).")
+        "router decides) or client (client p owns expert p mod moe-experts, by partition id).")
 
     def __post_init__(self) -> None:
         one_of("moe-assign", self.assign, ASSIGNMENTS)
@@ -92,6 +107,35 @@ class LoraMoe(Method):
                 f"it needs peft=lora-moe, got peft={settings.lora.peft}; set peft=lora-moe (and "
                 f"moe-experts, moe-top-k), or choose another strategy")
         super().check_settings(settings)
+
+    def owned_expert(self, partition_id: int, lora: LoraSettings) -> int | None:
+        """The expert client `partition_id` owns (`moe-assign=client`), else None."""
+        if self.options.assign != "client":
+            return None
+        if partition_id < 0:
+            raise ValueError("moe-assign=client needs each client's partition id (simulation, "
+                             "or fedlora client --partition-id)")
+        return partition_id % lora.moe_experts
+
+    def trained_experts(self, partition_id: int, lora: LoraSettings) -> frozenset[int] | None:
+        """client: the one expert the client owns; learned: all (None)."""
+        expert = self.owned_expert(partition_id, lora)
+        return None if expert is None else frozenset({expert})
+
+    @contextmanager
+    def local_training(self, model: Module, adapter: str, partition_id: int,
+                       settings: Settings) -> Iterator[Callable[[str], bool] | None]:
+        """client: the own expert used by every token while training, and only it and the
+        router trained; learned: nothing changes."""
+        expert = self.owned_expert(partition_id, settings.lora)
+        if expert is None:
+            yield None
+            return
+        force_expert(model, adapter, expert)
+        try:
+            yield lambda name: parameter_expert(name, adapter) in (None, expert)
+        finally:
+            force_expert(model, adapter, None)
 
     def combine(self, updates: list[ClientUpdate], previous: Factors, *, export_rank: int
                 ) -> MergeResult:

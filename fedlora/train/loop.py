@@ -29,13 +29,15 @@ class TrainResult:
     seconds: float
 
 
-def trainable_parameters(model: torch.nn.Module, adapter: str) -> list[torch.nn.Parameter]:
+def trainable_parameters(model: torch.nn.Module, adapter: str,
+                         keep: Callable[[str], bool] | None = None) -> list[torch.nn.Parameter]:
     """The active adapter's parameters (PEFT names them with the adapter as one part of
-    the path: `...lora_A.<adapter>.weight`, `...ia3_l.<adapter>`); everything else stays
-    frozen, a frozen residual adapter included."""
+    the path: `...lora_A.<adapter>.weight`, `...ia3_l.<adapter>`), those `keep` accepts when
+    given (a lora-moe client training its own expert); everything else stays frozen, a frozen
+    residual adapter included."""
     params = []
     for name, p in model.named_parameters():
-        mine = adapter in name.split(".")
+        mine = adapter in name.split(".") and (keep is None or keep(name))
         p.requires_grad_(mine)
         if mine:
             params.append(p)
@@ -80,20 +82,22 @@ def batches(examples: list[dict], batch_size: int, seed: int):
 def train_local(model: torch.nn.Module, adapter: str, examples: list[dict], pad_id: int,
                 settings: TrainSettings, server_round: int, num_rounds: int, seed: int,
                 desc: str = "train", proximal_mu: float = 0.0,
-                auxiliary: Callable[[], torch.Tensor | None] | None = None) -> TrainResult:
+                auxiliary: Callable[[], torch.Tensor | None] | None = None,
+                keep: Callable[[str], bool] | None = None) -> TrainResult:
     """Train the active adapter for `settings.local_steps` optimizer steps and report losses.
 
     With `proximal_mu` > 0 (FedProx) the loss gets (mu/2) ||theta - theta_start||^2 over the
     LoRA parameters, theta_start being the global adapter this round started from.
     `auxiliary`, called after each forward pass, gives a term to add to the loss (the PEFT
     method's `auxiliary_loss`: lora-moe's load balance), or None; the reported losses are
-    the language-model loss alone.
+    the language-model loss alone. `keep` limits the adapter's parameters that train
+    (`trainable_parameters`).
     """
     if not examples:
         raise ValueError("this client has no training examples")
     device = next(model.parameters()).device
     torch.manual_seed(seed)  # LoRA dropout draws
-    params = trainable_parameters(model, adapter)
+    params = trainable_parameters(model, adapter, keep)
     optimizer = make_optimizer(param_groups(model, params, settings.lora_plus_ratio), settings,
                                device.type)
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []
