@@ -212,7 +212,8 @@ def train(msg: Message, context: Context) -> Message:
     job = prepare(msg, context)
     settings, slot, pid = job.settings, job.slot, job.partition_id
     train_set, _, _ = client_data(settings, slot, pid, job.num_partitions)
-    with job.method.local_training(slot.model, slot.adapter, pid, settings) as keep:
+    config = dict(msg.content.config_records[wire.CONFIG])
+    with job.method.local_training(slot.model, slot.adapter, pid, settings, config) as keep:
         result = train_local(
             slot.model, slot.adapter, train_set, slot.tokenizer.pad_token_id, settings.train,
             server_round=job.server_round, num_rounds=settings.federation.num_rounds,

@@ -200,6 +200,7 @@ class RoundLoop:
         self.evaluator = evaluator  # server-side evaluation (server.server_eval), or None
         self.node_ranks: dict[int, int] = {}
         self.node_names: dict[int, str] = {}  # what `fedlora client` nodes call themselves
+        self.node_partitions: dict[int, int] = {}  # the partition id each node declared
         self.total_bytes = 0
         self.waited_for_all = False  # the first round of a process waits for every node
 
@@ -262,7 +263,13 @@ class RoundLoop:
             self.screen(record)
             record.train_failures = len(record.failures)
             if len(record.replies) >= self.rules.replies_needed:
+                seen = self.method.observe(  # before the merge: against what was received
+                    server_round, [r.update for r in record.replies],
+                    [int(r.row[M.PARTITION_ID]) for r in record.replies], self.state.dense)
                 self.merge(server_round, record)
+                record.merge.update(seen)
+                for key, value in seen.items():  # e.g. lora-moe's clusters: partition -> expert
+                    log(INFO, "round %d: %s %s", server_round, key, value)
                 record.merge[M.MERGE_SECONDS] = time.perf_counter() - screening
                 record.failed_attempts = failed
                 return record
@@ -415,6 +422,8 @@ class RoundLoop:
             if not reply.has_error() and (metrics := metrics_of(reply)) is not None:
                 rank = metrics.get(wire.LORA_RANK)
                 self.learn_name(node, reply)
+                if isinstance(pid := metrics.get(wire.PARTITION_ID), int):
+                    self.node_partitions[node] = pid
             if isinstance(rank, int) and 1 <= rank <= self.state.rank:
                 self.node_ranks[node] = rank
                 continue
@@ -458,11 +467,13 @@ class RoundLoop:
         return [(sent_to.get(r.metadata.reply_to_message_id, r.metadata.src_node_id), r)
                 for r in replies]
 
-    def content(self, rank: int, server_round: int) -> RecordDict:
-        """What a node of `rank` receives: the method's shared factors, residual and config."""
+    def content(self, rank: int, server_round: int, extra: tuple = ()) -> RecordDict:
+        """What a node of `rank` receives: the method's shared factors, residual and config
+        (plus the method's `extra` entries for that node: lora-moe's expert)."""
         fresh = self.method.fresh_adapter
         config = ConfigRecord({wire.SERVER_ROUND: server_round, wire.RANK: rank,
-                               wire.INIT_SEED: self.rules.seed + (server_round if fresh else 0)})
+                               wire.INIT_SEED: self.rules.seed + (server_round if fresh else 0),
+                               **dict(extra)})
         payload = self.method.shared(self.state.payload(rank))
         content: dict[str, ArrayRecord | MetricRecord | ConfigRecord] = {
             wire.ARRAYS: to_array_record(payload, self.rules.wire_dtype), wire.CONFIG: config}
@@ -474,12 +485,14 @@ class RoundLoop:
              message_type: str) -> tuple[list[tuple[int, Message]], dict[int, int]]:
         """One message per node with the content for its rank (built once per rank and shared,
         as Flower's FedAvg shares its RecordDict); ((node, reply) pairs, bytes sent per node)."""
-        contents = {r: self.content(r, server_round) for r in {ranks[n] for n in nodes}}
-        size = {r: sum(factor_bytes(a) for a in c.array_records.values())
-                for r, c in contents.items()}
-        messages = [Message(contents[ranks[n]], dst_node_id=n, message_type=message_type)
+        kind = {n: (ranks[n], tuple(sorted(self.method.node_config(
+            self.node_partitions.get(n, -1)).items()))) for n in nodes}
+        contents = {k: self.content(k[0], server_round, k[1]) for k in set(kind.values())}
+        size = {k: sum(factor_bytes(a) for a in c.array_records.values())
+                for k, c in contents.items()}
+        messages = [Message(contents[kind[n]], dst_node_id=n, message_type=message_type)
                     for n in nodes]
-        return self.exchange(grid, messages), {n: size[ranks[n]] for n in nodes}
+        return self.exchange(grid, messages), {n: size[kind[n]] for n in nodes}
 
     # ==== replies =============================================================================
     def read_train_reply(self, node: int, msg: Message, record: RoundRecord) -> None:
@@ -581,6 +594,8 @@ class RoundLoop:
         """Everything the server needs to continue after `server_round`."""
         meta = {"node-ranks": {str(n): r for n, r in self.node_ranks.items()},
                 "node-names": {str(n): name for n, name in self.node_names.items()},
+                "node-partitions": {str(n): p for n, p in self.node_partitions.items()},
+                "method": self.method.state(),
                 "bytes-total": self.total_bytes,
                 "dp-releases": self.ledger.releases if self.ledger else 0}
         return Checkpoint(round=server_round, tensors=self.state.tensors(), meta=meta)
@@ -591,6 +606,9 @@ class RoundLoop:
         self.node_ranks = {int(n): int(r) for n, r in checkpoint.meta["node-ranks"].items()}
         self.node_names = {int(n): str(name) for n, name in
                            checkpoint.meta.get("node-names", {}).items()}  # older: none kept
+        self.node_partitions = {int(n): int(p) for n, p in
+                                checkpoint.meta.get("node-partitions", {}).items()}
+        self.method.restore(checkpoint.meta.get("method", {}))
         self.total_bytes = int(checkpoint.meta["bytes-total"])
         if self.ledger is not None:
             self.ledger.record(int(checkpoint.meta.get("dp-releases", 0)))

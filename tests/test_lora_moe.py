@@ -123,6 +123,19 @@ def test_the_layer_is_the_base_at_the_start_and_the_routed_sum_of_experts_after(
         assert torch.allclose(layer(x), expected, atol=1e-5)
 
 
+def test_a_second_mixture_of_other_settings_goes_on_the_same_model():
+    """What a process-wide Workspace does when a later run changes the experts: the wrapped
+    q_proj still counts as q_proj, not its experts or router."""
+    from fedlora.adapters import linear_module_names
+
+    model, _ = moe_model()
+    assert "q_proj" in linear_module_names(model) and "0" not in linear_module_names(model)
+    other, _ = load({**MOE, "moe-experts": 2, "moe-top-k": 1})
+    model = peft_method("lora-moe").add(model, other.lora, "y")
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert set(layer.moe_A) == {"x", "y"} and len(layer.moe_A["y"]) == 2
+
+
 def test_training_records_the_balance_term_that_the_loss_adds():
     model, settings = moe_model()
     model.train()
@@ -221,7 +234,7 @@ def test_with_moe_assign_client_each_client_trains_only_its_own_expert(tmp_path)
     sent: dict[int, list[dict]] = {0: [], 1: []}
 
     def by_client(received, reply):
-        if reply.content.array_records:
+        if reply.has_content() and reply.content.array_records:
             pid = int(reply.content.metric_records[wire.METRICS][wire.PARTITION_ID])
             sent[pid].append(from_array_record(reply.content.array_records[wire.ARRAYS]))
         return reply
@@ -254,3 +267,61 @@ def test_moe_assign_client_needs_a_partition_id():
     assert method.trained_experts(4, settings.lora) == frozenset({1})  # 4 mod 3
     with pytest.raises(ValueError, match="needs each client's partition id"):
         method.trained_experts(-1, settings.lora)
+
+
+# ---- moe-assign=cluster: clients clustered by their updates own an expert per cluster ---------
+
+def test_cosine_clusters_group_the_vectors_that_point_alike():
+    from fedlora.methods.lora_moe import cosine_clusters
+
+    vectors = [torch.tensor([1.0, 0.1]), torch.tensor([0.0, 2.0]), torch.tensor([3.0, 0.0]),
+               torch.tensor([0.1, 1.0])]
+    assert cosine_clusters(vectors, 2) == [0, 1, 0, 1]
+    assert cosine_clusters(vectors, 4) == [0, 1, 2, 3] and cosine_clusters(vectors, 1) == [0] * 4
+    with pytest.raises(ValueError, match="expected 1 <= k <= 4"):
+        cosine_clusters(vectors, 5)
+
+
+def test_with_moe_assign_cluster_clients_train_the_expert_of_their_cluster(tmp_path):
+    from fedlora import wire
+    from fedlora.records import from_array_record
+
+    sent: dict[int, list[dict]] = {}
+    told: dict[int, list] = {}
+
+    def by_client(received, reply):
+        if reply.has_content() and reply.content.array_records:
+            pid = int(reply.content.metric_records[wire.METRICS][wire.PARTITION_ID])
+            sent.setdefault(pid, []).append(
+                from_array_record(reply.content.array_records[wire.ARRAYS]))
+            told.setdefault(pid, []).append(
+                received.content.config_records[wire.CONFIG].get(wire.MOE_EXPERT))
+        return reply
+
+    run_inprocess({**MOE, "moe-assign": "cluster", "moe-experts": 2, "fraction-evaluate": 0.0,
+                   "min-available-nodes": 3, "output-dir": str(tmp_path)}, 3, hook=by_client)
+    rows = training_rounds(read_metrics(tmp_path))
+    clusters = {int(p): e for p, e in rows[0]["moe-clusters"].items()}
+    assert sorted(clusters) == [0, 1, 2] and set(clusters.values()) == {0, 1}
+    assert "moe-clusters" not in rows[1]
+    assert all(told[p] == [None, clusters[p]] for p in clusters)  # round 2: each told its own
+    assert read_latest(tmp_path).meta["method"]["moe-clusters"] == {
+        str(p): e for p, e in clusters.items()}
+    # round 2: each client sent back the other expert exactly as the server had it after round 1
+    round_one = {k: sum(c["num-examples"] / sum(x["num-examples"] for x in rows[0]["clients"])
+                        * sent[c["partition-id"]][0][k] for c in rows[0]["clients"])
+                 for k in sent[0][0]}
+    for pid, expert in clusters.items():
+        for key, value in sent[pid][1].items():
+            if expert_of(key) == 1 - expert:
+                assert torch.allclose(value, round_one[key], atol=1e-6), (pid, key)
+    # and the global expert e is the mean of its cluster's round-2 replies only
+    final = {k.removeprefix("dense/"): v for k, v in read_latest(tmp_path).tensors.items()
+             if k.startswith("dense/")}
+    weights = {c["partition-id"]: c["num-examples"] for c in rows[1]["clients"]}
+    for key, value in final.items():
+        if (expert := expert_of(key)) is not None:
+            owners = [p for p, e in clusters.items() if e == expert]
+            total = sum(weights[p] for p in owners)
+            expected = sum(weights[p] / total * sent[p][1][key] for p in owners)
+            assert torch.allclose(value, expected, atol=1e-6), key

@@ -19,6 +19,7 @@ from peft import (
     PeftModel,
     get_peft_model,
 )
+from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import save_file
 
 from fedlora.adapters.base import PEFT_METHODS, PeftMethod, register_peft
@@ -59,12 +60,18 @@ LORA = PEFT_METHODS["lora"]
 
 
 def linear_module_names(model: torch.nn.Module) -> list[str]:
-    """Short names (last path component) of the model's linear layers, sorted."""
-    names = set()
+    """Short names (last path component) of the model's linear layers, sorted. A layer that
+    a PEFT method already wraps counts as the layer it wraps; the method's own sub-layers
+    (LoRA's A and B, an expert, a router, the wrapped base layer) do not count."""
+    names: set[str] = set()
+    wrapped: list[str] = []
     for name, module in model.named_modules():
-        if ".lora_" in name or name.endswith("base_layer"):  # PEFT's own sub-layers
+        if any(name.startswith(w) for w in wrapped):  # inside a wrapped layer
             continue
-        if isinstance(module, torch.nn.Linear) or type(module).__name__.startswith("Linear"):
+        if isinstance(module, BaseTunerLayer):
+            wrapped.append(name + ".")
+            names.add(name.rsplit(".", 1)[-1])
+        elif isinstance(module, torch.nn.Linear) or type(module).__name__.startswith("Linear"):
             names.add(name.rsplit(".", 1)[-1])
     return sorted(names - {"lm_head"})
 

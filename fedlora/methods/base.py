@@ -29,7 +29,14 @@ from torch import Tensor
 from torch.nn import Module
 
 from fedlora.adapters.base import peft_method
-from fedlora.aggregation.base import ClientUpdate, Factors, MergeResult, check_updates, to32
+from fedlora.aggregation.base import (
+    ClientUpdate,
+    Dense,
+    Factors,
+    MergeResult,
+    check_updates,
+    to32,
+)
 from fedlora.aggregation.exactness import compress
 from fedlora.aggregation.linalg import pad_rank, truncate_rank
 from fedlora.config import SettingsError, require, section_keys, setting
@@ -239,15 +246,35 @@ class Method:
         """The part of a PEFT state dict that crosses the wire."""
         return shared_keys(state, self.shares)
 
+    # ---- server: what a method assigns to nodes (lora-moe's experts) ----------------------
     def trained_experts(self, partition_id: int, lora: LoraSettings) -> frozenset[int] | None:
         """The experts a client's update trained (lora-moe; None: all, or none to speak of)."""
         return None
 
+    def node_config(self, partition_id: int) -> dict[str, int]:
+        """Entries of one node's message config beyond the round's (none by default)."""
+        return {}
+
+    def observe(self, server_round: int, updates: list[ClientUpdate], partitions: list[int],
+                received: Dense) -> dict[str, Any]:
+        """Look at a round's accepted updates (and their partition ids) before the merge,
+        given the plain tensors the clients received; figures for metrics.jsonl ({})."""
+        return {}
+
+    def state(self) -> dict[str, Any]:
+        """What the method learned during the run (JSON), for the checkpoint ({})."""
+        return {}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Take back what `state()` saved."""
+
     # ---- client steps ---------------------------------------------------------------------
     def local_training(self, model: Module, adapter: str, partition_id: int,
-                       settings: Settings) -> AbstractContextManager[Callable[[str], bool] | None]:
+                       settings: Settings, config: Mapping[str, Any]
+                       ) -> AbstractContextManager[Callable[[str], bool] | None]:
         """A context around a client's local training that readies the model and gives the
-        filter of the adapter's parameters it trains (None, by default: all of them)."""
+        filter of the adapter's parameters it trains (None, by default: all of them);
+        `config` is the message's config record."""
         return nullcontext(None)
 
     def client_start(self, state: dict[str, Tensor], store: PersonalStore

@@ -17,19 +17,28 @@ Which experts a client trains is the assignment (`moe-assign`):
   experts stay frozen, and in its training forward passes every token uses its own expert (one
   of its top k), so that the expert learns that client's data and the router learns when to
   pick it. The server knows the assignment from the reply's partition id.
-Not built yet: `cluster` (clients clustered by their updates after a first round, each cluster
-owning an expert). The merge takes each update's `experts` (None: all), whatever assigns them.
+- `cluster` (as FedLEASE): up to round `moe-cluster-round` (1) every client trains every
+  expert; after that round's replies the server clusters the clients by the cosine similarity
+  of their updates (what each changed in all its tensors) into min(E, clients) groups, by
+  average linkage, and group g owns expert g (groups numbered by their smallest partition id).
+  From then on each node is told its expert in its messages (`moe-expert`) and trains it as in
+  `client`; the clusters are in metrics.jsonl (`moe-clusters`) and in the checkpoint. A client
+  first seen later trains every expert.
+The merge takes each update's `experts` (None: all), whatever assigns them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import torch
+from torch import Tensor
 from torch.nn import Module
 
+from fedlora import wire
 from fedlora.adapters.lora_moe import expert_of, force_expert
 from fedlora.aggregation.base import (
     ClientUpdate,
@@ -39,13 +48,14 @@ from fedlora.aggregation.base import (
     normalised_weights,
     weighted_sum,
 )
-from fedlora.config import SettingsError, one_of
+from fedlora.config import SettingsError, one_of, require
 from fedlora.methods.base import Method, MethodOptions, option, register
+from fedlora.wire import M
 
 if TYPE_CHECKING:
     from fedlora.config import LoraSettings, Settings
 
-ASSIGNMENTS = ("learned", "client")
+ASSIGNMENTS = ("learned", "client", "cluster")
 
 
 def parameter_expert(name: str, adapter: str) -> int | None:
@@ -73,6 +83,28 @@ def average_experts(updates: list[ClientUpdate]) -> Dense:
     return out
 
 
+def cosine_clusters(vectors: list[Tensor], k: int) -> list[int]:
+    """Labels 0..k-1 of `vectors`: average-linkage agglomerative clustering by cosine distance,
+    merging the two closest groups until k remain; groups are numbered in the order of their
+    first member (deterministic)."""
+    if not 1 <= k <= len(vectors):
+        raise ValueError(f"expected 1 <= k <= {len(vectors)} (the vectors), got k={k}")
+    unit = torch.stack([v.double().flatten() / v.double().norm().clamp_min(1e-30)
+                        for v in vectors])
+    distance = 1.0 - unit @ unit.T  # (n, n)
+    groups = [[i] for i in range(len(vectors))]
+    while len(groups) > k:
+        pairs = ((float(distance[a][:, b].mean()), i, j) for i, a in enumerate(groups)
+                 for j, b in enumerate(groups) if i < j)
+        _, i, j = min(pairs)
+        groups[i] = sorted(groups[i] + groups.pop(j))
+    labels = [0] * len(vectors)
+    for label, group in enumerate(sorted(groups)):
+        for member in group:
+            labels[member] = label
+    return labels
+
+
 @dataclass(frozen=True)
 class MoeOptions(MethodOptions):
     """lora-moe's own settings."""
@@ -80,10 +112,18 @@ class MoeOptions(MethodOptions):
     assign: str = option(
         "moe-assign", "learned",
         "lora-moe: which experts a client trains: learned (every client every expert; the "
-        "router decides) or client (client p owns expert p mod moe-experts, by partition id).")
+        "router decides), client (client p owns expert p mod moe-experts, by partition id) "
+        "or cluster (clients clustered by their updates after moe-cluster-round; each cluster "
+        "owns an expert).")
+    cluster_round: int = option(
+        "moe-cluster-round", 1,
+        "lora-moe with moe-assign=cluster: the round whose updates the clients are clustered "
+        "by (every client trains every expert until then).")
 
     def __post_init__(self) -> None:
         one_of("moe-assign", self.assign, ASSIGNMENTS)
+        require(self.cluster_round >= 1, "moe-cluster-round", "an integer >= 1",
+                self.cluster_round)
 
 
 @register
@@ -108,8 +148,20 @@ class LoraMoe(Method):
                 f"moe-experts, moe-top-k), or choose another strategy")
         super().check_settings(settings)
 
-    def owned_expert(self, partition_id: int, lora: LoraSettings) -> int | None:
-        """The expert client `partition_id` owns (`moe-assign=client`), else None."""
+    def __init__(self, options: MethodOptions | None = None) -> None:
+        super().__init__(options)
+        self.clusters: dict[int, int] = {}  # cluster: partition id -> the expert it owns
+
+    def owned_expert(self, partition_id: int, lora: LoraSettings,
+                     config: Mapping[str, Any] | None = None) -> int | None:
+        """The expert a client owns: by its partition id (client), as the server assigned it
+        (cluster: its clusters on the server, the message's `moe-expert` on a node); None
+        when it trains every expert."""
+        if self.options.assign == "cluster":
+            if config is not None:
+                expert = config.get(wire.MOE_EXPERT)
+                return expert if isinstance(expert, int) else None
+            return self.clusters.get(partition_id)
         if self.options.assign != "client":
             return None
         if partition_id < 0:
@@ -118,16 +170,41 @@ class LoraMoe(Method):
         return partition_id % lora.moe_experts
 
     def trained_experts(self, partition_id: int, lora: LoraSettings) -> frozenset[int] | None:
-        """client: the one expert the client owns; learned: all (None)."""
+        """The one expert the client owns; None (all) when it owns none."""
         expert = self.owned_expert(partition_id, lora)
         return None if expert is None else frozenset({expert})
 
+    def node_config(self, partition_id: int) -> dict[str, int]:
+        """cluster: the node's expert, once the clients are clustered."""
+        expert = self.clusters.get(partition_id)
+        return {} if expert is None else {wire.MOE_EXPERT: expert}
+
+    def observe(self, server_round: int, updates: list[ClientUpdate], partitions: list[int],
+                received: Dense) -> dict[str, Any]:
+        """cluster: at moe-cluster-round, the clients clustered by their updates (what each
+        changed: its tensors minus the received ones, all flattened into one vector)."""
+        if self.options.assign != "cluster" or server_round != self.options.cluster_round:
+            return {}
+        experts = len({expert_of(k) for k in received} - {None})
+        moved = [torch.cat([(u.dense[k].double() - received[k].double()).flatten()
+                            for k in sorted(received)]) for u in updates]
+        labels = cosine_clusters(moved, min(experts, len(moved)))
+        self.clusters = dict(zip(partitions, labels))
+        return {M.MOE_CLUSTERS: {str(p): e for p, e in sorted(self.clusters.items())}}
+
+    def state(self) -> dict[str, Any]:
+        return {"moe-clusters": {str(p): e for p, e in self.clusters.items()}}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.clusters = {int(p): int(e) for p, e in state.get("moe-clusters", {}).items()}
+
     @contextmanager
     def local_training(self, model: Module, adapter: str, partition_id: int,
-                       settings: Settings) -> Iterator[Callable[[str], bool] | None]:
-        """client: the own expert used by every token while training, and only it and the
-        router trained; learned: nothing changes."""
-        expert = self.owned_expert(partition_id, settings.lora)
+                       settings: Settings, config: Mapping[str, Any]
+                       ) -> Iterator[Callable[[str], bool] | None]:
+        """A client that owns an expert: every token uses it while training, and only it and
+        the router train; otherwise nothing changes."""
+        expert = self.owned_expert(partition_id, settings.lora, config)
         if expert is None:
             yield None
             return
