@@ -325,3 +325,31 @@ def test_with_moe_assign_cluster_clients_train_the_expert_of_their_cluster(tmp_p
             total = sum(weights[p] for p in owners)
             expected = sum(weights[p] / total * sent[p][1][key] for p in owners)
             assert torch.allclose(value, expected, atol=1e-6), key
+
+
+def test_a_clustered_run_resumes_to_the_uninterrupted_result(tmp_path):
+    """The clusters are part of the checkpoint: a server that dies in round 3 and resumes
+    sends the same experts to the same clients and ends bit-equal."""
+    from safetensors.torch import load_file
+
+    run = {**MOE, "moe-assign": "cluster", "moe-experts": 2, "fraction-evaluate": 0.0,
+           "min-available-nodes": 3, "num-server-rounds": 3, "local-steps": 2}
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_inprocess({**run, "output-dir": str(straight)}, 3)
+
+    class ServerDied(Exception):
+        pass
+
+    def die_in_round_3(msg, reply):
+        if msg.metadata.message_type == "train" and msg.content["config"]["server-round"] == 3:
+            raise ServerDied
+        return reply
+
+    with pytest.raises(ServerDied):
+        run_inprocess({**run, "output-dir": str(resumed)}, 3, hook=die_in_round_3)
+    assert [r["round"] for r in read_metrics(resumed)] == [1, 2]
+    run_inprocess({**run, "output-dir": str(resumed), "resume": True}, 3)
+    a = load_file(straight / "final" / "adapter_model.safetensors")
+    b = load_file(resumed / "final" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert read_latest(resumed).meta["method"] == read_latest(straight).meta["method"]
