@@ -534,7 +534,10 @@ class RoundLoop:
         num_examples = int(metrics[wire.NUM_EXAMPLES])
         update = self.state.to_update(state, rank, float(num_examples))
         partition_id = int(metrics.get(wire.PARTITION_ID, -1))
-        experts = self.method.trained_experts(partition_id, self.state.lora)
+        # the experts by the partition id the node gave when first asked (what its messages
+        # were built for), not by what this reply says
+        experts = self.method.trained_experts(self.node_partitions.get(node, partition_id),
+                                              self.state.lora)
         if experts is not None:  # lora-moe: the experts this client trains, by its assignment
             update = replace(update, experts=experts)
         problem = self.update_problem(update, rank)

@@ -353,3 +353,34 @@ def test_a_clustered_run_resumes_to_the_uninterrupted_result(tmp_path):
     b = load_file(resumed / "final" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert read_latest(resumed).meta["method"] == read_latest(straight).meta["method"]
+
+
+def test_a_reply_claiming_another_partition_merges_only_into_its_own_expert(tmp_path):
+    """moe-assign=client: node 1001 (partition 1, expert 1) says it is partition 0 in its
+    reply and moves expert 0 too; the server merges it by the partition it first declared."""
+    from fedlora import wire
+    from fedlora.records import from_array_record, to_array_record
+
+    sent: dict[int, dict[str, torch.Tensor]] = {}
+
+    def liar(received, reply):
+        if not reply.has_content() or not reply.content.array_records:
+            return reply
+        node = reply.metadata.src_node_id
+        arrays = from_array_record(reply.content.array_records[wire.ARRAYS])
+        if node == 1001:
+            arrays = {k: v + 1.0 if expert_of(k) == 0 else v for k, v in arrays.items()}
+            reply.content.array_records[wire.ARRAYS] = to_array_record(arrays, "float32")
+            reply.content.metric_records[wire.METRICS][wire.PARTITION_ID] = 0
+        sent[node] = arrays
+        return reply
+
+    run_inprocess({**MOE, "moe-assign": "client", "num-server-rounds": 1,
+                   "fraction-evaluate": 0.0, "output-dir": str(tmp_path)}, 2, hook=liar)
+    final = {k.removeprefix("dense/"): v for k, v in read_latest(tmp_path).tensors.items()
+             if k.startswith("dense/")}
+    for key, value in final.items():
+        if expert_of(key) == 0:  # partition 0's alone: the liar's shifted copy left out
+            assert torch.equal(value, sent[1000][key]), key
+        elif expert_of(key) == 1:
+            assert torch.equal(value, sent[1001][key]), key
