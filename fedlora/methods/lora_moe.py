@@ -16,7 +16,8 @@ Which experts a client trains is the assignment (`moe-assign`):
   or nodes started with --partition-id): it trains that expert and the router, the other
   experts stay frozen, and in its training forward passes every token uses its own expert (one
   of its top k), so that the expert learns that client's data and the router learns when to
-  pick it. The server knows the assignment from the reply's partition id.
+  pick it. The server merges a reply by the partition id its node declared when first
+  asked (a reply that claims another cannot reach another client's expert).
 - `cluster` (as FedLEASE): up to round `moe-cluster-round` (1) every client trains every
   expert; after that round's replies the server clusters the clients by the cosine similarity
   of their updates (what each changed in all its tensors) into min(E, clients) groups, by
