@@ -217,7 +217,7 @@ def client_args(certs: Path, name: str, *extra: str) -> list[str]:
 def test_ranks_a_closed_control_api_and_a_cut_link_across_hosts(host_procs, certs, tmp_path):
     hosts, out, log = host_procs, tmp_path / "out", tmp_path / "server.log"
     server = hosts.fedlora("server", server_args(
-        certs, out, "--min-nodes", "2", "--model", "tiny-llama", "--rounds", "4",
+        certs, out, "--min-nodes", "2", "--model", "tiny-llama", "--rounds", "5",
         "--local-steps", "3", "--strategy", "flexlora", "--client-ranks", "8,32",
         "--run-config", "lr=0.01 eval-examples=8 fraction-evaluate=0.0 round-timeout=40 "
         "min-replies=1"), log)
@@ -237,19 +237,24 @@ def test_ranks_a_closed_control_api_and_a_cut_link_across_hosts(host_procs, cert
                                          tmp_path / "report.json")), "target"]):
         proc = participant(*args)
         assert proc.returncode != 0 and "serves only the Fleet API" in said(proc), args
-    # site-b's cable is pulled while round 2 trains, and plugged back once round 2 is over
+    # site-b's cable is pulled once round 2 is sent, and plugged back once a round has given
+    # up on it: round 2, or round 3 when site-b had already pulled and answered round 2 in the
+    # moment before the cable came out (0.2 s of polling against a round of about one second)
     wait_for(says(log, "round 2: sent"), server, log)
     hosts.link("site-b", up=False)
-    wait_for(lambda: len(training_rounds(read_metrics(out))) >= 2, server, log)
+    wait_for(lambda: any(row.get("failures") for row in training_rounds(read_metrics(out))),
+             server, log)
     hosts.link("site-b", up=True)
     assert server.wait(timeout=600) == 0, log.read_text()[-3000:]
     rows = training_rounds(read_metrics(out))
     ranks = [{c["node-name"]: c["lora-rank"] for c in row["clients"]} for row in rows]
-    assert ranks[:2] == [{"site-a": 8, "site-b": 32}, {"site-a": 8}]
-    # back online, site-b takes part again (in round 3, or in round 4 when round 3 was sent
-    # before its first heartbeat after the cut reached the server)
-    assert {"site-a": 8, "site-b": 32} in ranks[2:]
-    assert [(f["node-name"], f["reason"]) for f in rows[1]["failures"]] == [
+    cut = next(i for i, row in enumerate(rows) if row.get("failures"))
+    assert cut in (1, 2), ranks
+    assert ranks[:cut + 1] == [{"site-a": 8, "site-b": 32}] * cut + [{"site-a": 8}]
+    # back online, site-b takes part again (in the next round, or in the one after when that
+    # was sent before its first heartbeat after the cut reached the server)
+    assert {"site-a": 8, "site-b": 32} in ranks[cut + 1:]
+    assert [(f["node-name"], f["reason"]) for f in rows[cut]["failures"]] == [
         ("site-b", "no reply within round-timeout=40 s")]
     assert "(site-b) failed: no reply within round-timeout=40 s" in log.read_text()
     assert json.loads((out / "final" / "adapter_config.json").read_text())["r"] == 32
@@ -277,7 +282,7 @@ def test_server_killed_mid_round_resumes_with_node_authentication_on(host_procs,
     wait_for(says(log, "round 2: sent"), server, log)
     hosts.kill_host("server")  # mid-round 2: the server machine loses power
     server.wait(timeout=30)
-    assert [r["round"] for r in read_metrics(out)] == [1]
+    assert [r["round"] for r in read_metrics(out)] in ([1], [1, 2])  # [1, 2]: in round 3
     log2 = tmp_path / "resumed.log"
     resumed = hosts.fedlora("server", server_args(certs, out, "--resume", str(out)), log2)
     wait_for(says(log2, "SuperNode key", 2), resumed, log2)  # registered, or kept in the db
