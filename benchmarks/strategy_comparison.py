@@ -42,7 +42,11 @@ import common
 
 from fedlora.methods import METHODS, strategies_for
 from fedlora.outputs import read_metrics, training_rounds
-from simulations.experiments.federation_helps import client_splits, write_results
+from simulations.experiments.federation_helps import (
+    bigbench_folder,
+    client_splits,
+    write_results,
+)
 
 BIGBENCH_TASKS = ("linguistic_mappings__plural_json", "unit_conversion__unit_addition_same",
                   "sports_understanding")
@@ -85,7 +89,8 @@ def split_config(args, split: str, seed: int) -> dict:
     if split == "families":
         dataset = f"builtin:{args.families}"
     elif split == "bigbench":
-        dataset = f"bigbench:{bigbench_folder(args)}"
+        folder = bigbench_folder(args.bigbench_dir, args.bigbench_tasks, args.output_dir)
+        dataset = f"bigbench:{folder}"
     else:
         raise SystemExit(f"--splits: unknown split {split!r}; known: families, bigbench")
     config = parse_run_config(args.run_config)
@@ -93,22 +98,6 @@ def split_config(args, split: str, seed: int) -> dict:
                    "partition-field": "task", "eval-fraction": 0.2, "seed": seed,
                    "local-steps": args.local_steps, "num-server-rounds": args.rounds})
     return config
-
-
-def bigbench_folder(args) -> Path:
-    """A folder holding links to the chosen task files only (the run reads a folder)."""
-    source = Path(args.bigbench_dir).resolve()
-    folder = args.output_dir / "bigbench-tasks"
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in args.bigbench_tasks.split(","):
-        target = source / f"{name}.json"
-        if not target.is_file():
-            raise SystemExit(f"--bigbench-tasks: {target} does not exist; the tasks of "
-                             f"{source}: {sorted(p.stem for p in source.glob('*.json'))}")
-        link = folder / target.name
-        if not link.is_symlink():
-            link.symlink_to(target)
-    return folder.resolve()
 
 
 def client_count(args, split: str) -> int:

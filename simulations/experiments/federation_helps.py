@@ -2,13 +2,19 @@
 
     python -m simulations.experiments.federation_helps --output-dir results/federation-helps
 
-K clients each hold one family of the built-in task suite (by-field partition: non-IID). Every
+K clients each hold one domain (by-field partition over the records' `task`: non-IID): a family
+of the built-in task suite (`--split families`), or a real BIG-bench task (`--split bigbench`,
+the tasks `--bigbench-tasks` from `--bigbench-dir`). Every
 arm gets the same budget of local optimizer steps per client (R rounds x S steps):
 
 - base:    the pretrained model, no adapter (what the model knows already);
 - local:   each client trains alone for R x S steps on its own train split;
 - fedavg:  `fedlora simulate --strategy fedavg`, R rounds of S steps;
 - hetero:  `fedlora simulate --strategy flexlora` with client ranks cycling over --ranks;
+- moe-learned, moe-cluster, moe-client: `fedlora simulate --peft lora-moe --strategy lora-moe`
+           with `moe-assign` learned (every client trains every expert, the router decides),
+           cluster (clients clustered by their round-1 updates, one expert per cluster) or
+           client (client p owns expert p mod --moe-experts);
 - central: one adapter on the pooled train splits of all clients for K x R x S steps (the same
            total number of steps as the K clients together).
 
@@ -30,17 +36,29 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-MODEL_KEYS = ("lr", "batch-size", "max-length", "lora-rank", "dataset", "dataset-size",
-              "partitioner", "eval-fraction")
+MODEL_KEYS = ("lr", "batch-size", "max-length", "max-new-tokens", "lora-rank", "dataset",
+              "dataset-size", "partitioner", "partition-field", "eval-fraction")
+BIGBENCH_TASKS = ("linguistic_mappings__plural_json", "linguistic_mappings__past_tense_json",
+                  "unit_conversion__unit_addition_same",
+                  "modified_arithmetic__three_digit_addition_control")
+MOE_ASSIGN = {"moe-learned": "learned", "moe-cluster": "cluster", "moe-client": "client"}
+ARMS = ("base", "local", "fedavg", "hetero", *MOE_ASSIGN, "central")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--split", default="families", choices=("families", "bigbench"),
+                   help="one built-in family or one BIG-bench task per client")
     p.add_argument("--families", default="arithmetic,units,strings,json",
-                   help="built-in task families; one per client (by-field partition)")
-    p.add_argument("--clients", type=int, default=4)
+                   help="built-in task families of --split families; one per client")
+    p.add_argument("--bigbench-dir", default="../shared/data/bigbench",
+                   help="folder of BIG-bench task files (a clone's bigbench/benchmark_tasks)")
+    p.add_argument("--bigbench-tasks", default=",".join(BIGBENCH_TASKS),
+                   help="task files of --split bigbench (names without .json), one per client")
+    p.add_argument("--clients", type=int, default=None,
+                   help="clients (default: one per family or task)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--local-steps", type=int, default=10)
     p.add_argument("--ranks", default="4,8,16", help="client ranks of the hetero arm")
@@ -50,9 +68,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="held-out examples of each client in the union test set")
     p.add_argument("--run-config", default="lr=1e-3 batch-size=8 max-length=128 lora-rank=8",
                    help="settings shared by every arm")
-    p.add_argument("--arms", default="base,local,fedavg,hetero,central")
+    p.add_argument("--moe-experts", type=int, default=4, help="experts of the moe arms")
+    p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {','.join(ARMS)}")
     p.add_argument("--output-dir", type=Path, default=Path("results/federation-helps"))
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.clients is None:
+        args.clients = len(domains(args))
+    unknown = sorted(set(args.arms.split(",")) - set(ARMS))
+    if unknown:
+        p.error(f"--arms: unknown {','.join(unknown)}; known: {','.join(ARMS)}")
+    return args
+
+
+def domains(args: argparse.Namespace) -> list[str]:
+    """The split's domains: one per client."""
+    return (args.families if args.split == "families" else args.bigbench_tasks).split(",")
+
+
+def bigbench_folder(bigbench_dir: str, tasks: str, output_dir: Path) -> Path:
+    """<output_dir>/bigbench-tasks: links to the chosen task files only (a run reads a folder)."""
+    source = Path(bigbench_dir).resolve()
+    folder = output_dir / "bigbench-tasks"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in tasks.split(","):
+        target = source / f"{name}.json"
+        if not target.is_file():
+            raise SystemExit(f"--bigbench-tasks: {target} does not exist; the tasks of "
+                             f"{source}: {sorted(p.stem for p in source.glob('*.json'))}")
+        link = folder / target.name
+        if not link.is_symlink():
+            link.symlink_to(target)
+    return folder.resolve()
 
 
 def settings_for(args: argparse.Namespace, seed: int):
@@ -60,8 +106,12 @@ def settings_for(args: argparse.Namespace, seed: int):
     from fedlora.methods import load_settings
 
     config = parse_run_config(args.run_config)
-    config.update({"model": args.model, "dataset": f"builtin:{args.families}",
-                   "dataset-size": args.dataset_size, "partitioner": "by-field",
+    dataset = f"builtin:{args.families}"
+    if args.split == "bigbench":
+        dataset = "bigbench:" + str(bigbench_folder(args.bigbench_dir, args.bigbench_tasks,
+                                                    args.output_dir))
+    config.update({"model": args.model, "dataset": dataset, "dataset-size": args.dataset_size,
+                   "partitioner": "by-field", "partition-field": "task",
                    "eval-fraction": 0.2, "local-steps": args.local_steps,
                    "num-server-rounds": args.rounds, "seed": seed, "device": "cpu"})
     return load_settings(config), config
@@ -101,15 +151,18 @@ def train_alone(settings, records: list[dict], steps: int, seed: int, out: Path)
     return writer.write_final(get_lora_state(slot.model, slot.adapter), settings.lora.rank)
 
 
-def simulate(args: argparse.Namespace, config: dict, out: Path, extra: list[str]) -> Path:
-    """A `fedlora simulate` run of the federated arm; its final adapter."""
+def simulate(args: argparse.Namespace, config: dict, out: Path, extra: list[str],
+             run_config: str = "") -> Path:
+    """A `fedlora simulate` run of the federated arm (`run_config`: its own settings on top of
+    the shared ones); its final adapter."""
+    own = run_config
     run_config = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else v}"
                           for k, v in config.items() if k in MODEL_KEYS)
     command = [sys.executable, "-m", "fedlora.cli.main", "simulate", "--model", args.model,
                "--num-clients", str(args.clients), "--rounds", str(args.rounds),
                "--local-steps", str(args.local_steps), "--output-dir", str(out), "--overwrite",
                "--run-config", f"{run_config} seed={config['seed']} fraction-evaluate=0.0 "
-               f"eval-accuracy=0", *extra]
+               f"eval-accuracy=0 {own}", *extra]
     subprocess.run(command, check=True)
     return out / "final"
 
@@ -159,16 +212,22 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict[str, list[dict]]:
             results[arm] = [score(settings, simulate(
                 args, config, folder / "hetero",
                 ["--strategy", "flexlora", "--client-ranks", args.ranks]), test)]
-        else:
-            raise SystemExit(f"unknown arm {arm!r}; known: base,local,fedavg,hetero,central")
+        else:  # a moe arm
+            results[arm] = [score(settings, simulate(
+                args, config, folder / arm,
+                ["--peft", "lora-moe", "--strategy", "lora-moe"],
+                f'moe-assign="{MOE_ASSIGN[arm]}" moe-experts={args.moe_experts}'), test)]
         log(f"{arm}: accuracy {statistics.mean(r['accuracy'] for r in results[arm]):.3f} "
             f"({time.perf_counter() - started:.0f} s)")
     return results
 
 
-def table(all_results: dict[int, dict[str, list[dict]]], families: list[str]) -> str:
-    """Markdown: one row per arm, mean ± spread over seeds (local: mean over its clients)."""
+def table(all_results: dict[int, dict[str, list[dict]]]) -> str:
+    """Markdown: one row per arm, mean ± spread over seeds (local: mean over its clients);
+    a column per family or task of the test set."""
     arms = list(next(iter(all_results.values())))
+    scores = [r for res in all_results.values() for rows in res.values() for r in rows]
+    families = sorted({k.split("/", 1)[1] for r in scores for k in r if k.startswith("accuracy/")})
     keys = ["accuracy"] + [f"accuracy/{f}" for f in families]
     lines = ["| arm | " + " | ".join(["all"] + families) + " |",
              "|---|" + "---:|" * len(keys)]
@@ -201,11 +260,12 @@ def main(argv: list[str] | None = None) -> int:
     for seed in seeds:
         all_results[seed] = run_seed(args, seed)
         write_results(args, all_results)
-    text = (f"{args.clients} clients, one family each ({args.families}), {args.rounds} rounds x "
+    text = (f"{args.clients} clients, one domain each ({','.join(domains(args))}), "
+            f"{args.rounds} rounds x "
             f"{args.local_steps} local steps, seeds {args.seeds}, model {args.model}; "
             f"accuracy = exact match on the union of the clients' held-out splits "
             f"(mean ± half-range over seeds; local = mean over the clients' own adapters)\n\n"
-            + table(all_results, args.families.split(",")) + "\n")
+            + table(all_results) + "\n")
     (args.output_dir / "results.md").write_text(text)
     print(text)
     return 0
