@@ -11,7 +11,7 @@ for filling the factors a reply does not carry, for clipping and for the truncat
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -134,22 +134,26 @@ class GlobalAdapter:
         """Each update clipped to clip_norm around the adapter its client received; with DP,
         equal weights (the Gaussian mechanism bounds each client, not each example)."""
         out, norms = [], []
-        for u in updates:
+        for u in updates:  # (replace keeps what else the update says: lora-moe's experts)
             factors, dense, norm, _ = clip_all(u.factors, u.dense, self.received(u.rank),
                                                self.dense, self.clip_norm)
-            out.append(ClientUpdate(factors, 1.0 if self.noise_multiplier else u.weight, dense))
+            out.append(replace(u, factors=factors, dense=dense,
+                               weight=1.0 if self.noise_multiplier else u.weight))
             norms.append(norm)
         return out, {M.CLIP_NORM: self.clip_norm, M.UPDATE_NORMS: norms,
                      M.CLIENTS_CLIPPED: sum(n > self.clip_norm for n in norms)}
 
-    def noised(self, merged: Factors, dense: Dense, num_updates: int, server_round: int
-               ) -> tuple[Factors, Dense, float]:
+    def noised(self, merged: Factors, dense: Dense, updates: list[ClientUpdate],
+               server_round: int) -> tuple[Factors, Dense, float]:
         """The merged factors and plain tensors plus Gaussian noise of std z C / m on the
-        shared factors and on every plain tensor."""
-        std = noise_std(self.noise_multiplier, self.clip_norm, num_updates)
+        shared factors and on every plain tensor, m the clients merged into it (all, or the
+        ones that trained a lora-moe expert). Returns the std of a tensor all clients made."""
+        std = noise_std(self.noise_multiplier, self.clip_norm, len(updates))
+        stds = {k: noise_std(self.noise_multiplier, self.clip_norm,
+                             self.method.contributors(updates, k)) for k in dense}
         generator = torch.Generator().manual_seed(self.noise_seed * 1_000_003 + server_round)
         return (add_noise(merged, std, self.method.shares, generator),
-                add_dense_noise(dense, std, generator), std)
+                add_dense_noise(dense, stds, generator), std)
 
     def update(self, updates: list[ClientUpdate], server_round: int = 0) -> dict:
         """Merge one round's updates into the global state; returns the round's figures."""
@@ -164,7 +168,7 @@ class GlobalAdapter:
             result = self.method.combine(updates, self.factors, export_rank=self.rank)
         merged, dense = result.global_factors, result.dense
         if self.noise_multiplier and (merged or dense):
-            merged, dense, info[M.DP_NOISE_STD] = self.noised(merged, dense, len(updates),
+            merged, dense, info[M.DP_NOISE_STD] = self.noised(merged, dense, updates,
                                                               server_round)
         if self.optimizer is not None:
             merged = self.optimizer.step(self.factors, merged) if merged else merged

@@ -79,6 +79,60 @@ def test_an_expert_nobody_trained_keeps_its_value_bitwise():
     assert float(state.dense["m.moe_router.weight"]) == 5.0  # both
 
 
+# ---- clipping and differential privacy --------------------------------------------------------
+
+def big_moe_state(values: list[float], n: int = 20_000) -> dict[str, torch.Tensor]:
+    """`moe_state` with each tensor `n` entries of its value (for noise statistics)."""
+    return {k: v.expand(n).clone() for k, v in moe_state(values).items()}
+
+
+def test_clipping_keeps_the_experts_each_client_trained():
+    settings, method = load({**MOE, "moe-assign": "client", "clip-norm": 0.5})
+    zero = moe_state([0.0, 0.0, 0.0, 0.0])
+    state = GlobalAdapter(method, settings.lora, {}, 2, dense=dict(zero),
+                          clip_norm=settings.federation.clip_norm)
+    a = ClientUpdate({}, 1.0, moe_state([3.0, 0.0, 0.0, 4.0]), experts=frozenset({0}))  # |u| 5
+    b = ClientUpdate({}, 1.0, moe_state([0.0, 0.12, 0.0, 0.16]), experts=frozenset({1}))  # .2
+    info = state.update([a, b])
+    assert info["clients-clipped"] == 1
+    # a scaled by 0.1 to norm 0.5: its expert 0 is 0.3, not averaged with b's untouched 0.0
+    assert float(state.dense["m.moe_A.0.weight"]) == pytest.approx(0.3)
+    assert float(state.dense["m.moe_A.1.weight"]) == pytest.approx(0.12)  # b, not clipped
+    assert float(state.dense["m.moe_router.weight"]) == pytest.approx((0.4 + 0.16) / 2)
+    assert torch.equal(state.dense["m.moe_A.2.weight"], zero["m.moe_A.2.weight"])
+
+
+def test_dp_noise_on_an_expert_is_z_c_over_the_clients_that_trained_it():
+    z, c = 0.5, 2.0
+    settings, method = load({**MOE, "moe-assign": "client", "clip-norm": c,
+                             "dp-noise-multiplier": z})
+    start = big_moe_state([0.0, 0.0, 0.0, 0.0])
+    state = GlobalAdapter(method, settings.lora, {}, 2, dense=dict(start), clip_norm=c,
+                          noise_multiplier=z)
+    same = big_moe_state([0.0, 0.0, 0.0, 0.0])  # no update: the merged mean is the start
+    updates = [ClientUpdate({}, 1.0, same, experts=frozenset({0})),
+               ClientUpdate({}, 5.0, same, experts=frozenset({0})),
+               ClientUpdate({}, 9.0, same, experts=frozenset({1}))]
+    info = state.update(updates, server_round=1)
+    assert info["dp-noise-std"] == pytest.approx(z * c / 3)
+    measured = {k: float(state.dense[k].std()) for k in state.dense}
+    assert measured["m.moe_router.weight"] == pytest.approx(z * c / 3, rel=0.03)  # all 3
+    assert measured["m.moe_A.0.weight"] == pytest.approx(z * c / 2, rel=0.03)  # 2 owners
+    assert measured["m.moe_A.1.weight"] == pytest.approx(z * c / 1, rel=0.03)  # 1 owner
+    assert torch.equal(state.dense["m.moe_A.2.weight"], start["m.moe_A.2.weight"])  # nobody
+
+
+def test_a_dp_lora_moe_federation_reports_its_noise_and_privacy(tmp_path):
+    z, c = 0.8, 1.0
+    run_inprocess({**MOE, "moe-assign": "client", "clip-norm": c, "dp-noise-multiplier": z,
+                   "num-server-rounds": 2, "fraction-evaluate": 0.0,
+                   "output-dir": str(tmp_path)}, 2)
+    rows = training_rounds(read_metrics(tmp_path))
+    assert [r["dp-noise-std"] for r in rows] == pytest.approx([z * c / 2] * 2)
+    assert 0 < rows[0]["dp-epsilon"] < rows[1]["dp-epsilon"] < float("inf")
+    assert all(n > 0 for r in rows for n in r["update-norms"])
+
+
 # ---- settings ---------------------------------------------------------------------------------
 
 def test_lora_moe_settings_are_checked_before_a_run():
@@ -92,6 +146,8 @@ def test_lora_moe_settings_are_checked_before_a_run():
         load({**MOE, "moe-expert-ranks": "4,8"})
     with pytest.raises(SettingsError, match="cannot federate peft=lora-moe"):
         load({**MOE, "strategy": "flexlora"})
+    with pytest.raises(SettingsError, match="moe-assign.*raw updates.*learned or client"):
+        load({**MOE, "moe-assign": "cluster", "clip-norm": 1.0, "dp-noise-multiplier": 1.0})
     settings, _ = load({**MOE, "moe-expert-ranks": "2,4,8"})
     assert peft_method("lora-moe").config(settings.lora).expert_ranks == [2, 4, 8]
 

@@ -11,13 +11,17 @@ received ones, so they add nothing to the norm.
 - Client-level DP (DP-FedAvg, central model): clip every update to C, average the m updates
   with equal weights, then add Gaussian noise N(0, (z C / m)^2) to every entry of the shared
   factors of the mean (Flower's `compute_stdv`). This is a valid mechanism only when the merge
-  is that mean (`Strategy.linear`: fedavg, fedprox, ffa-lora, fedsa-lora). With ffa-lora, A is
-  frozen and shared, so delta W = B A is linear in B and the noise on B is the noise on delta W.
+  is that mean (`Strategy.linear`: fedavg, fedprox, ffa-lora, fedsa-lora, lora-moe). With
+  ffa-lora, A is frozen and shared, so delta W = B A is linear in B and the noise on B is the
+  noise on delta W. A tensor averaged over only the m_t clients that trained it (lora-moe's
+  experts with moe-assign=client) gets N(0, (z C / m_t)^2): the noisy sum of the clipped
+  updates, N(0, (z C)^2) on every entry, divided by each tensor's own count of clients.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 
@@ -99,10 +103,13 @@ def add_noise(factors: Factors, std: float, shares: str, generator: torch.Genera
     return out
 
 
-def add_dense_noise(dense: Dense, std: float, generator: torch.Generator) -> Dense:
-    """Plain tensors with N(0, std^2) added to every entry (keys in sorted order)."""
-    return {k: dense[k] + std * torch.randn(dense[k].shape, generator=generator,
-                                            dtype=torch.float64).to(dense[k].dtype)
+def add_dense_noise(dense: Dense, std: float | Mapping[str, float], generator: torch.Generator
+                    ) -> Dense:
+    """Plain tensors with N(0, std^2) added to every entry (keys in sorted order); `std` may
+    differ by tensor ({key: std}: a mean over fewer clients has a larger sensitivity)."""
+    stds = std if isinstance(std, Mapping) else dict.fromkeys(dense, std)
+    return {k: dense[k] + stds[k] * torch.randn(dense[k].shape, generator=generator,
+                                                dtype=torch.float64).to(dense[k].dtype)
             for k in sorted(dense)}
 
 

@@ -251,6 +251,12 @@ class Method:
         """The experts a client's update trained (lora-moe; None: all, or none to speak of)."""
         return None
 
+    def contributors(self, updates: list[ClientUpdate], key: str) -> int:
+        """How many of the round's updates the merge averages into plain tensor `key` (all of
+        them by default; lora-moe: the clients that trained that expert). DP's noise on the
+        mean is z C / this."""
+        return len(updates)
+
     def node_config(self, partition_id: int) -> dict[str, int]:
         """Entries of one node's message config beyond the round's (none by default)."""
         return {}

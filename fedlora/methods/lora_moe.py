@@ -26,6 +26,12 @@ Which experts a client trains is the assignment (`moe-assign`):
   `client`; the clusters are in metrics.jsonl (`moe-clusters`) and in the checkpoint. A client
   first seen later trains every expert.
 The merge takes each update's `experts` (None: all), whatever assigns them.
+
+Differential privacy (clip-norm, dp-noise-multiplier): each client's update (its experts and
+router together) is clipped to C; the merge is then a mean per tensor with equal weights, and
+a tensor averaged over m_t clients gets N(0, (z C / m_t)^2) (the router and, with `learned`,
+every expert: m_t = all clients; with `client`, an expert: its owners). `cluster` is refused
+with DP, since the clustering reads the raw updates.
 """
 
 from __future__ import annotations
@@ -147,6 +153,12 @@ class LoraMoe(Method):
                 f"setting 'peft': strategy lora-moe federates LoRA experts with a router, so "
                 f"it needs peft=lora-moe, got peft={settings.lora.peft}; set peft=lora-moe (and "
                 f"moe-experts, moe-top-k), or choose another strategy")
+        if self.options.assign == "cluster" and settings.federation.dp_noise_multiplier:
+            raise SettingsError(
+                "setting 'moe-assign': cluster groups the clients by their raw updates, a use "
+                "of their data that the DP accountant does not cover (and that decides which "
+                "expert each one trains); with dp-noise-multiplier use moe-assign=learned or "
+                "client")
         super().check_settings(settings)
 
     def __init__(self, options: MethodOptions | None = None) -> None:
@@ -174,6 +186,10 @@ class LoraMoe(Method):
         """The one expert the client owns; None (all) when it owns none."""
         expert = self.owned_expert(partition_id, lora)
         return None if expert is None else frozenset({expert})
+
+    def contributors(self, updates: list[ClientUpdate], key: str) -> int:
+        """The clients that trained `key` (its expert, or the router: all)."""
+        return sum(trained(u, key) for u in updates)
 
     def node_config(self, partition_id: int) -> dict[str, int]:
         """cluster: the node's expert, once the clients are clustered."""
