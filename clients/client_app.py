@@ -54,7 +54,7 @@ from fedlora.train.choices import multiple_choice
 
 app = ClientApp()
 WORKSPACE = Workspace()
-DATA: OrderedDict[tuple, tuple[list[dict], list[dict], list[dict]]] = OrderedDict()
+DATA: OrderedDict[tuple, tuple[list[dict], list[dict], list[dict], list[dict]]] = OrderedDict()
 DATA_CACHE_SIZE = 16
 log = logging.getLogger("fedlora.client")
 
@@ -129,9 +129,9 @@ def node_rank(settings: Settings, context: Context, partition_id: int) -> int:
 
 
 def client_data(settings: Settings, slot: Slot, pid: int, n: int
-                ) -> tuple[list[dict], list[dict], list[dict]]:
-    """Client `pid` of `n`'s tokenized (train, eval) examples and its held-out records (for
-    generation-based accuracy), cached per process (small LRU)."""
+                ) -> tuple[list[dict], list[dict], list[dict], list[dict]]:
+    """Client `pid` of `n`'s tokenized (train, eval) examples, its held-out records (for
+    generation-based accuracy) and its training records, cached per process (small LRU)."""
     key = (slot.source.path, repr(settings.data), settings.train.max_length,
            settings.federation.seed, pid, n)
     if key not in DATA:
@@ -139,7 +139,7 @@ def client_data(settings: Settings, slot: Slot, pid: int, n: int
         length, packing = settings.train.max_length, settings.data.packing
         # eval stays unpacked: its loss per example does not depend on the packing setting
         DATA[key] = (tokenize_records(train, slot.tokenizer, length, packing),
-                     tokenize_records(held_out, slot.tokenizer, length), held_out)
+                     tokenize_records(held_out, slot.tokenizer, length), held_out, train)
         if len(DATA) > DATA_CACHE_SIZE:
             DATA.popitem(last=False)
     DATA.move_to_end(key)
@@ -211,15 +211,18 @@ def train(msg: Message, context: Context) -> Message:
     """Train the received global adapter on local data; reply with factors and metrics."""
     job = prepare(msg, context)
     settings, slot, pid = job.settings, job.slot, job.partition_id
-    train_set, _, _ = client_data(settings, slot, pid, job.num_partitions)
+    train_set, _, _, records = client_data(settings, slot, pid, job.num_partitions)
     config = dict(msg.content.config_records[wire.CONFIG])
-    with job.method.local_training(slot.model, slot.adapter, pid, settings, config) as keep:
+    with job.method.local_training(slot.model, slot.adapter, pid, settings, config, train_set,
+                                   records) as local:
         result = train_local(
-            slot.model, slot.adapter, train_set, slot.tokenizer.pad_token_id, settings.train,
-            server_round=job.server_round, num_rounds=settings.federation.num_rounds,
+            slot.model, slot.adapter, local.examples or train_set, slot.tokenizer.pad_token_id,
+            settings.train, server_round=job.server_round,
+            num_rounds=settings.federation.num_rounds,
             seed=settings.federation.seed + 1_000_003 * pid + job.server_round,
             desc=f"client {pid} round {job.server_round}",
-            proximal_mu=job.method.proximal_mu(settings), keep=keep,
+            proximal_mu=job.method.proximal_mu(settings), keep=local.keep,
+            on_batch=local.on_batch,
             auxiliary=lambda: slot.peft.auxiliary_loss(slot.model, slot.adapter, settings.lora))
     state, rank = job.method.client_finish(slot.peft.get_state(slot.model, slot.adapter), job.rank,
                                            settings, job.store)
@@ -235,7 +238,8 @@ def train(msg: Message, context: Context) -> Message:
         wire.NUM_EXAMPLES: num_examples, wire.PARTITION_ID: pid, wire.LORA_RANK: rank,
         wire.TRAIN_LOSS: result.loss, wire.TRAIN_LOSS_FIRST: result.first_loss,
         wire.TRAIN_LOSS_LAST: result.last_loss, wire.TRAIN_STEPS: result.steps,
-        wire.TRAIN_TOKENS: result.tokens, wire.TRAIN_SECONDS: result.seconds})
+        wire.TRAIN_TOKENS: result.tokens, wire.TRAIN_SECONDS: result.seconds,
+        **local.metrics})
     return Message(RecordDict({wire.ARRAYS: arrays, wire.METRICS: metrics}), reply_to=msg)
 
 
@@ -246,8 +250,8 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     on eval-accuracy of those examples, counted per task family."""
     job = prepare(msg, context)
     settings, slot = job.settings, job.slot
-    _, held_out, records = client_data(settings, slot, job.partition_id,
-                                       job.num_partitions)
+    _, held_out, records, _ = client_data(settings, slot, job.partition_id,
+                                          job.num_partitions)
     if settings.train.eval_examples:
         held_out = held_out[: settings.train.eval_examples]
     result = evaluate(slot.model, held_out, slot.tokenizer.pad_token_id,

@@ -26,6 +26,7 @@ SERVER_ROUND = "server-round"
 RANK = "rank"
 INIT_SEED = "init-seed"
 MOE_EXPERT = "moe-expert"  # lora-moe, moe-assign=cluster: the expert this node trains
+MOE_EXPERTS = "moe-experts"  # lora-moe, moe-assign=field: the experts a reply trained (list)
 
 # ---- a node's metric record ---------------------------------------------------------------
 LORA_RANK = "lora-rank"

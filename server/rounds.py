@@ -536,8 +536,11 @@ class RoundLoop:
         partition_id = int(metrics.get(wire.PARTITION_ID, -1))
         # the experts by the partition id the node gave when first asked (what its messages
         # were built for), not by what this reply says
-        experts = self.method.trained_experts(self.node_partitions.get(node, partition_id),
-                                              self.state.lora)
+        try:
+            experts = self.method.trained_experts(self.node_partitions.get(node, partition_id),
+                                                  self.state.lora, metrics)
+        except ValueError as err:
+            return str(err), None
         if experts is not None:  # lora-moe: the experts this client trains, by its assignment
             update = replace(update, experts=experts)
         problem = self.update_problem(update, rank)

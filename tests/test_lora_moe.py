@@ -440,3 +440,78 @@ def test_a_reply_claiming_another_partition_merges_only_into_its_own_expert(tmp_
             assert torch.equal(value, sent[1000][key]), key
         elif expert_of(key) == 1:
             assert torch.equal(value, sent[1001][key]), key
+
+
+# ---- moe-assign=field: each value of a record field owns an expert ----------------------------
+
+def test_a_forced_expert_per_example_is_among_each_of_its_tokens_top_k():
+    logits = torch.randn(3, 5, 4, generator=torch.Generator().manual_seed(0))
+    gates, _ = route(logits, top_k=2, forced=torch.tensor([3, 0, 3]))
+    assert (gates[0, :, 3] > 0).all() and (gates[1, :, 0] > 0).all() and (gates[2, :, 3] > 0).all()
+    assert ((gates > 0).sum(-1) == 2).all() and torch.allclose(gates.sum(-1), torch.ones(3, 5))
+
+
+def test_with_moe_assign_field_each_family_trains_its_own_expert(tmp_path):
+    from fedlora import wire
+    from fedlora.data import client_records
+    from fedlora.records import from_array_record
+
+    sent: dict[int, dict] = {}
+    listed: dict[int, list[int]] = {}
+
+    def by_client(received, reply):
+        if reply.has_content() and reply.content.array_records:
+            metrics = reply.content.metric_records[wire.METRICS]
+            pid = int(metrics[wire.PARTITION_ID])
+            sent[pid] = from_array_record(reply.content.array_records[wire.ARRAYS])
+            listed[pid] = list(metrics[wire.MOE_EXPERTS])
+        return reply
+
+    config = {**MOE, "moe-experts": 4, "moe-assign": "field", "num-server-rounds": 1,
+              "dataset": "builtin:arithmetic,json,strings", "partitioner": "by-field",
+              "fraction-evaluate": 0.0, "output-dir": str(tmp_path)}
+    run_inprocess(config, 2, hook=by_client)
+    settings, _ = load(config)
+    # the sorted values arithmetic, json, strings own experts 0, 1, 2; nobody has expert 3
+    own = {"arithmetic": 0, "json": 1, "strings": 2}
+    for pid in (0, 1):
+        train, _ = client_records(settings.data, pid, 2, settings.federation.seed)
+        assert listed[pid] == sorted({own[r["task"]] for r in train})
+    assert listed[0] != listed[1]  # by-field: each client its own families
+    initial = peft_method("lora-moe").initial_dense({k: tuple(v.shape) for k, v in
+                                                     sent[0].items()}, seed=0)
+    dense = {k.removeprefix("dense/"): v for k, v in read_latest(tmp_path).tensors.items()
+             if k.startswith("dense/")}
+    weights = {c["partition-id"]: c["num-examples"]
+               for c in training_rounds(read_metrics(tmp_path))[0]["clients"]}
+    for key, value in dense.items():
+        expert = expert_of(key)
+        trainers = [p for p in (0, 1) if expert is None or expert in listed[p]]
+        if not trainers:  # expert 3: bitwise its start
+            assert torch.equal(value, initial[key]), key
+            continue
+        total = sum(weights[p] for p in trainers)
+        expected = sum(weights[p] / total * sent[p][key] for p in trainers)
+        assert torch.allclose(value, expected, atol=1e-6), key
+        for p in {0, 1} - set(trainers):  # a client leaves the experts of others as they came
+            assert torch.equal(sent[p][key], initial[key]), key
+    assert all(any(not torch.equal(sent[p][k], initial[k]) for k in sent[p]
+                   if expert_of(k) == e) for p in (0, 1) for e in listed[p])
+
+
+def test_moe_assign_field_needs_the_run_s_dataset_and_a_listing_reply():
+    from fedlora.methods.lora_moe import field_values
+
+    settings, method = load({**MOE, "moe-assign": "field"})
+    with pytest.raises(ValueError, match="expected 'moe-experts'.*0..2.*got None"):
+        method.trained_experts(0, settings.lora, {})
+    with pytest.raises(ValueError, match="got \\[5\\]"):
+        method.trained_experts(0, settings.lora, {"moe-experts": [5]})
+    assert method.trained_experts(0, settings.lora, {"moe-experts": [0, 2]}) == {0, 2}
+    node, _ = load({**MOE, "moe-assign": "field", "data-path": "mine.jsonl"})
+    with pytest.raises(ValueError, match="own data-path='mine.jsonl'.*moe-assign=client"):
+        field_values(node, "task")
+    with pytest.raises(ValueError, match="field 'topic'.*only the fields"):
+        field_values(settings, "topic")
+    with pytest.raises(SettingsError, match="packing.*moe-assign=field"):
+        load({**MOE, "moe-assign": "field", "packing": True})

@@ -59,14 +59,22 @@ LORA_MOE = add_peft_type("LORA_MOE")
 
 # ---- the math: routing and the balance term ---------------------------------------------------
 
-def route(logits: torch.Tensor, top_k: int, forced: int | None = None
+Forced = int | torch.Tensor | None  # an expert for every token, or one per example (batch,)
+
+
+def route(logits: torch.Tensor, top_k: int, forced: Forced = None
           ) -> tuple[torch.Tensor, torch.Tensor]:
     """(gates, probabilities) of router logits (..., E): softmax, then the top-k probabilities
     renormalised to sum to 1, scattered back to (..., E) (zero outside the top k). With
-    `forced`, that expert is always one of the k (a client training its own expert)."""
+    `forced`, that expert is always one of the k (a client training its own expert); a tensor
+    of expert ids (batch,) forces each example's own expert on all its tokens."""
     probs = torch.softmax(logits.float(), dim=-1)
-    rank = probs if forced is None else probs.detach().clone().index_fill_(
-        -1, torch.tensor([forced], device=probs.device), 2.0)  # above any probability
+    rank = probs
+    if forced is not None:
+        ids = torch.as_tensor(forced, device=probs.device, dtype=torch.long)
+        ids = ids.reshape(-1, *[1] * (probs.dim() - 1)) if ids.dim() else ids.reshape(1)
+        ids = ids.expand(*probs.shape[:-1], 1)
+        rank = probs.detach().clone().scatter_(-1, ids, 2.0)  # above any probability
     index = rank.topk(top_k, dim=-1).indices
     top = probs.gather(-1, index)
     gates = torch.zeros_like(probs).scatter(-1, index, top / top.sum(dim=-1, keepdim=True))
@@ -127,7 +135,8 @@ class LoraMoeLayer(nn.Module, BaseTunerLayer):
         self.moe_scaling: dict[str, list[float]] = {}
         self.moe_top_k: dict[str, int] = {}
         self.balance: dict[str, torch.Tensor] = {}  # the last training forward's balance term
-        self.forced: dict[str, int] = {}  # adapter -> an expert every token uses in training
+        # adapter -> the expert every token uses in training, or one per example (batch,)
+        self.forced: dict[str, int | torch.Tensor] = {}
         self._disable_adapters = False
         self.merged_adapters = []
         self._active_adapter = adapter_name
@@ -219,9 +228,9 @@ class LoraMoeModel(LayerTuner):
 register_tuner("lora_moe", LoraMoeConfig, LoraMoeModel, PREFIX)
 
 
-def force_expert(model: nn.Module, adapter: str, expert: int | None) -> None:
+def force_expert(model: nn.Module, adapter: str, expert: Forced) -> None:
     """Make every token of `adapter`'s training forward passes use `expert` (one of its top k;
-    None: plain top-k routing again)."""
+    a tensor (batch,): each example's own; None: plain top-k routing again)."""
     for module in model.modules():
         if isinstance(module, LoraMoeLayer):
             if expert is None:

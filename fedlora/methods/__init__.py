@@ -27,10 +27,19 @@ from fedlora.methods import (  # noqa: F401  # noqa: E402,F401
     hetlora,
     lora_moe,
 )
-from fedlora.methods.base import METHODS, Method, MethodOptions, PersonalStore, names, register
+from fedlora.methods.base import (
+    METHODS,
+    LocalTraining,
+    Method,
+    MethodOptions,
+    PersonalStore,
+    names,
+    register,
+)
 
-__all__ = ["METHODS", "Method", "MethodOptions", "PersonalStore", "get_method", "load",
-           "load_settings", "method_of", "names", "option_keys", "register", "strategies_for"]
+__all__ = ["METHODS", "LocalTraining", "Method", "MethodOptions", "PersonalStore", "get_method",
+           "load", "load_settings", "method_of", "names", "option_keys", "register",
+           "strategies_for"]
 
 
 def strategies_for(peft: str = "lora") -> list[str]:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from torch import Tensor
@@ -75,6 +75,16 @@ class ResidualOptions(MethodOptions):
 
     def __post_init__(self) -> None:
         require(self.residual_rank >= 1, "residual-rank", "an integer >= 1", self.residual_rank)
+
+
+@dataclass(frozen=True)
+class LocalTraining:
+    """How a method changes one client's local training (`Method.local_training`)."""
+
+    keep: Callable[[str], bool] | None = None  # the adapter parameters that train (None: all)
+    examples: list[dict] | None = None  # the examples to train on instead (with extra fields)
+    on_batch: Callable[[list[dict]], None] | None = None  # before each micro-batch's forward
+    metrics: dict[str, Any] = field(default_factory=dict)  # added to the client's reply
 
 
 class PersonalStore(Protocol):
@@ -247,8 +257,11 @@ class Method:
         return shared_keys(state, self.shares)
 
     # ---- server: what a method assigns to nodes (lora-moe's experts) ----------------------
-    def trained_experts(self, partition_id: int, lora: LoraSettings) -> frozenset[int] | None:
-        """The experts a client's update trained (lora-moe; None: all, or none to speak of)."""
+    def trained_experts(self, partition_id: int, lora: LoraSettings,
+                        metrics: Mapping[str, Any] | None = None) -> frozenset[int] | None:
+        """The experts a client's update trained (lora-moe; None: all, or none to speak of),
+        by its partition id or its reply's `metrics`; ValueError for a reply that does not
+        say what the method needs."""
         return None
 
     def contributors(self, updates: list[ClientUpdate], key: str) -> int:
@@ -276,12 +289,13 @@ class Method:
 
     # ---- client steps ---------------------------------------------------------------------
     def local_training(self, model: Module, adapter: str, partition_id: int,
-                       settings: Settings, config: Mapping[str, Any]
-                       ) -> AbstractContextManager[Callable[[str], bool] | None]:
-        """A context around a client's local training that readies the model and gives the
-        filter of the adapter's parameters it trains (None, by default: all of them);
-        `config` is the message's config record."""
-        return nullcontext(None)
+                       settings: Settings, config: Mapping[str, Any], examples: list[dict],
+                       records: list[dict]) -> AbstractContextManager[LocalTraining]:
+        """A context around a client's local training that readies the model and says how
+        the training changes (`LocalTraining`; by default it does not); `config` is the
+        message's config record, `examples` the client's tokenized training examples and
+        `records` its training records (one per example, unless packing)."""
+        return nullcontext(LocalTraining())
 
     def client_start(self, state: dict[str, Tensor], store: PersonalStore
                      ) -> dict[str, Tensor]:

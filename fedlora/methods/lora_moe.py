@@ -18,6 +18,12 @@ Which experts a client trains is the assignment (`moe-assign`):
   of its top k), so that the expert learns that client's data and the router learns when to
   pick it. The server merges a reply by the partition id its node declared when first
   asked (a reply that claims another cannot reach another client's expert).
+- `field` (for experiments in simulation): each value of the records' field `moe-field`
+  (`task`) owns an expert, value i of the sorted values over the whole `dataset` expert i mod
+  E; each training example uses its value's expert (one of its top k), and a client trains
+  the experts of its records' values and the router, the others frozen. Its reply lists
+  them (`moe-experts`), and the merge takes that list: which expert a record trains is its
+  client's data, so a list it could make true by its data anyway gives it nothing new.
 - `cluster` (as FedLEASE): up to round `moe-cluster-round` (1) every client trains every
   expert; after that round's replies the server clusters the clients by the cosine similarity
   of their updates (what each changed in all its tensors) into min(E, clients) groups, by
@@ -36,7 +42,7 @@ with DP, since the clustering reads the raw updates.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -56,13 +62,13 @@ from fedlora.aggregation.base import (
     weighted_sum,
 )
 from fedlora.config import SettingsError, one_of, require
-from fedlora.methods.base import Method, MethodOptions, option, register
+from fedlora.methods.base import LocalTraining, Method, MethodOptions, option, register
 from fedlora.wire import M
 
 if TYPE_CHECKING:
     from fedlora.config import LoraSettings, Settings
 
-ASSIGNMENTS = ("learned", "client", "cluster")
+ASSIGNMENTS = ("learned", "client", "cluster", "field")
 
 
 def parameter_expert(name: str, adapter: str) -> int | None:
@@ -112,6 +118,43 @@ def cosine_clusters(vectors: list[Tensor], k: int) -> list[int]:
     return labels
 
 
+EXPERT = "moe-expert"  # moe-assign=field: an example's expert, beside its tokens
+_FIELD_VALUES: dict[tuple, list[str]] = {}  # the last dataset's sorted values of a field
+
+
+def field_values(settings: Settings, field: str) -> list[str]:
+    """The sorted distinct values of `field` over the whole `dataset` (kept for the next
+    call): value i owns expert i mod E, the same on every client."""
+    from fedlora.data import load_records, source_version
+
+    data, seed = settings.data, settings.federation.seed
+    if data.data_path:
+        raise ValueError(f"moe-assign=field gives each value of '{field}' over the run's whole "
+                         f"dataset an expert, so every client must draw its records from "
+                         f"`dataset`; this node reads its own data-path={data.data_path!r}: use "
+                         f"moe-assign=client or cluster on nodes with their own data")
+    key = (source_version(data.dataset), data.dataset_size, seed, repr(data.field_map),
+           data.data_split, field)
+    if key not in _FIELD_VALUES:
+        records = load_records(data.dataset, data.dataset_size, seed, data.field_mapping(),
+                               data.data_split)
+        missing = next((r for r in records if field not in r), None)
+        if missing is not None:
+            raise ValueError(f"setting 'moe-field': moe-assign=field reads field {field!r}, but "
+                             f"a record of {data.dataset} has only the fields {sorted(missing)}")
+        _FIELD_VALUES.clear()
+        _FIELD_VALUES[key] = sorted({str(r[field]) for r in records})
+    return _FIELD_VALUES[key]
+
+
+def record_experts(records: list[dict], field: str, settings: Settings) -> list[int]:
+    """Each record's expert: the index of its `field` value among the dataset's sorted
+    values, modulo moe-experts."""
+    index = {v: i % settings.lora.moe_experts for i, v in enumerate(field_values(settings,
+                                                                                 field))}
+    return [index[str(r[field])] for r in records]
+
+
 @dataclass(frozen=True)
 class MoeOptions(MethodOptions):
     """lora-moe's own settings."""
@@ -120,8 +163,12 @@ class MoeOptions(MethodOptions):
         "moe-assign", "learned",
         "lora-moe: which experts a client trains: learned (every client every expert; the "
         "router decides), client (client p owns expert p mod moe-experts, by partition id) "
-        "or cluster (clients clustered by their updates after moe-cluster-round; each cluster "
-        "owns an expert).")
+        "cluster (clients clustered by their updates after moe-cluster-round; each cluster "
+        "owns an expert) or field (each value of the records' moe-field owns an expert; "
+        "simulation).")
+    field: str = option(
+        "moe-field", "task",
+        "lora-moe with moe-assign=field: the record field whose values own the experts.")
     cluster_round: int = option(
         "moe-cluster-round", 1,
         "lora-moe with moe-assign=cluster: the round whose updates the clients are clustered "
@@ -131,6 +178,7 @@ class MoeOptions(MethodOptions):
         one_of("moe-assign", self.assign, ASSIGNMENTS)
         require(self.cluster_round >= 1, "moe-cluster-round", "an integer >= 1",
                 self.cluster_round)
+        require(bool(self.field.strip()), "moe-field", "a record field name", self.field)
 
 
 @register
@@ -153,6 +201,11 @@ class LoraMoe(Method):
                 f"setting 'peft': strategy lora-moe federates LoRA experts with a router, so "
                 f"it needs peft=lora-moe, got peft={settings.lora.peft}; set peft=lora-moe (and "
                 f"moe-experts, moe-top-k), or choose another strategy")
+        if self.options.assign == "field" and settings.data.packing:
+            raise SettingsError(
+                "setting 'packing': moe-assign=field routes each example to the expert of its "
+                "record's field value, and packing puts several records in one example; set "
+                "packing=false")
         if self.options.assign == "cluster" and settings.federation.dp_noise_multiplier:
             raise SettingsError(
                 "setting 'moe-assign': cluster groups the clients by their raw updates, a use "
@@ -182,8 +235,18 @@ class LoraMoe(Method):
                              "or fedlora client --partition-id)")
         return partition_id % lora.moe_experts
 
-    def trained_experts(self, partition_id: int, lora: LoraSettings) -> frozenset[int] | None:
-        """The one expert the client owns; None (all) when it owns none."""
+    def trained_experts(self, partition_id: int, lora: LoraSettings,
+                        metrics: Mapping[str, Any] | None = None) -> frozenset[int] | None:
+        """The one expert the client owns; field: the experts its reply lists; None (all)
+        when it owns none."""
+        if self.options.assign == "field":
+            listed = (metrics or {}).get(wire.MOE_EXPERTS)
+            if not (isinstance(listed, list) and listed and all(
+                    isinstance(e, int) and 0 <= e < lora.moe_experts for e in listed)):
+                raise ValueError(f"moe-assign=field: expected '{wire.MOE_EXPERTS}', the experts "
+                                 f"the reply trained (integers in 0..{lora.moe_experts - 1}), "
+                                 f"got {listed!r}")
+            return frozenset(listed)
         expert = self.owned_expert(partition_id, lora)
         return None if expert is None else frozenset({expert})
 
@@ -217,17 +280,31 @@ class LoraMoe(Method):
 
     @contextmanager
     def local_training(self, model: Module, adapter: str, partition_id: int,
-                       settings: Settings, config: Mapping[str, Any]
-                       ) -> Iterator[Callable[[str], bool] | None]:
+                       settings: Settings, config: Mapping[str, Any], examples: list[dict],
+                       records: list[dict]) -> Iterator[LocalTraining]:
         """A client that owns an expert: every token uses it while training, and only it and
-        the router train; otherwise nothing changes."""
+        the router train; field: each example its value's expert, the experts of the
+        client's values and the router train; otherwise nothing changes."""
+        if self.options.assign == "field":
+            experts = record_experts(records, self.options.field, settings)
+            owned = frozenset(experts)
+            tagged = [{**x, EXPERT: e} for x, e in zip(examples, experts, strict=True)]
+            try:
+                yield LocalTraining(
+                    keep=lambda name: parameter_expert(name, adapter) in (None, *owned),
+                    examples=tagged, metrics={wire.MOE_EXPERTS: sorted(owned)},
+                    on_batch=lambda batch: force_expert(
+                        model, adapter, torch.tensor([x[EXPERT] for x in batch])))
+            finally:
+                force_expert(model, adapter, None)
+            return
         expert = self.owned_expert(partition_id, settings.lora, config)
         if expert is None:
-            yield None
+            yield LocalTraining()
             return
         force_expert(model, adapter, expert)
         try:
-            yield lambda name: parameter_expert(name, adapter) in (None, expert)
+            yield LocalTraining(keep=lambda name: parameter_expert(name, adapter) in (None, expert))
         finally:
             force_expert(model, adapter, None)
 

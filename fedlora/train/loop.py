@@ -83,7 +83,8 @@ def train_local(model: torch.nn.Module, adapter: str, examples: list[dict], pad_
                 settings: TrainSettings, server_round: int, num_rounds: int, seed: int,
                 desc: str = "train", proximal_mu: float = 0.0,
                 auxiliary: Callable[[], torch.Tensor | None] | None = None,
-                keep: Callable[[str], bool] | None = None) -> TrainResult:
+                keep: Callable[[str], bool] | None = None,
+                on_batch: Callable[[list[dict]], None] | None = None) -> TrainResult:
     """Train the active adapter for `settings.local_steps` optimizer steps and report losses.
 
     With `proximal_mu` > 0 (FedProx) the loss gets (mu/2) ||theta - theta_start||^2 over the
@@ -91,7 +92,8 @@ def train_local(model: torch.nn.Module, adapter: str, examples: list[dict], pad_
     `auxiliary`, called after each forward pass, gives a term to add to the loss (the PEFT
     method's `auxiliary_loss`: lora-moe's load balance), or None; the reported losses are
     the language-model loss alone. `keep` limits the adapter's parameters that train
-    (`trainable_parameters`).
+    (`trainable_parameters`); `on_batch` is called with each micro-batch's examples before
+    its forward pass (they may carry fields beyond the tokens, which collate ignores).
     """
     if not examples:
         raise ValueError("this client has no training examples")
@@ -115,7 +117,10 @@ def train_local(model: torch.nn.Module, adapter: str, examples: list[dict], pad_
         # ---- gradient accumulation: grad_accum micro-batches make one optimizer step ----
         step_loss = 0.0
         for _ in range(settings.grad_accum):
-            batch = {k: v.to(device) for k, v in collate(next(stream), pad_id).items()}
+            examples_now = next(stream)
+            if on_batch is not None:  # e.g. lora-moe routing each example to its own expert
+                on_batch(examples_now)
+            batch = {k: v.to(device) for k, v in collate(examples_now, pad_id).items()}
             tokens += int(batch["attention_mask"].sum())
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.bf16):
                 # response tokens only (-100: prompt, pad), LM head in chunks (loss.py)
