@@ -29,7 +29,9 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
-# docs/results.md: does federation help? (SmolLM2-135M on the CPU: about 40 minutes)
+# docs/results.md: does federation help? (SmolLM2-135M on 2 CPU cores: about 45 minutes;
+# ARGS="--split bigbench --output-dir results/federation-helps-bigbench": one real BIG-bench
+# task per client, about as long again)
 results: install
 	$(VENV)/bin/python -m simulations.experiments.federation_helps --rounds 2 --local-steps 6 \
 		--seeds 0,1 --test-per-client 10 --dataset-size 400 --output-dir results/federation-helps $(ARGS)

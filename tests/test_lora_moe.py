@@ -515,3 +515,21 @@ def test_moe_assign_field_needs_the_run_s_dataset_and_a_listing_reply():
         field_values(settings, "topic")
     with pytest.raises(SettingsError, match="packing.*moe-assign=field"):
         load({**MOE, "moe-assign": "field", "packing": True})
+
+
+def test_the_routing_report_gives_each_record_the_mean_of_its_top_k_gates(tmp_path):
+    from fedlora.models import load_model as load_with_tokenizer
+    from simulations.experiments.moe_routing import gates_by_record, owners
+
+    model, settings = moe_model()
+    _, tokenizer, _ = load_with_tokenizer(ModelSettings(name="tiny-llama", device="cpu"))
+    records = [{"instruction": "Add 2 and 3.", "output": "5"},
+               {"instruction": "Reverse abc.", "output": "cba"}]
+    gates = gates_by_record(model.eval(), tokenizer, records, 64)
+    assert len(gates) == 2 and all(g.shape == (3,) for g in gates)
+    assert all(float(g.sum()) == pytest.approx(1.0) for g in gates)  # top-k renormalised
+    assert all(float(g.max()) < 1.0 for g in gates)  # top-2 of 3: more than one expert
+    (tmp_path / "metrics.jsonl").write_text('{"round": 1, "moe-clusters": {"0": 1, "1": 0}}\n')
+    assert owners(tmp_path, "cluster", 2, 3) == {0: 1, 1: 0}
+    assert owners(tmp_path, "client", 4, 3) == {0: 0, 1: 1, 2: 2, 3: 0}
+    assert owners(tmp_path, "learned", 2, 3) == {0: None, 1: None}

@@ -253,7 +253,10 @@ def write_results(args: argparse.Namespace, results: dict, extra: dict | None = 
 
 
 def main(argv: list[str] | None = None) -> int:
+    from fedlora.quiet import quiet
+
     args = parse_args(argv)
+    quiet()  # fedlora's own output, not the dependencies' warnings (runs inherit it)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     seeds = [int(s) for s in args.seeds.split(",")]
     all_results = {}
