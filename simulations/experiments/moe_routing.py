@@ -74,13 +74,14 @@ def gates_by_record(model, tokenizer, records: list[dict], max_length: int) -> l
 
 
 def main(argv: list[str] | None = None) -> int:
-    from peft import PeftModel
-
-    from fedlora.models import load_model
-    from fedlora.quiet import quiet
+    from fedlora.quiet import quiet  # first: importing fedlora readies the environment
 
     args = parse_args(argv)
     quiet()
+    from peft import PeftModel  # after fedlora (USE_HUB_KERNELS=0 before bitsandbytes loads)
+
+    from fedlora.models import load_model
+
     arms = [a for a in args.arms.split(",") if a in MOE_ASSIGN]
     report: dict = {}
     for seed in (int(s) for s in args.seeds.split(",")):
