@@ -152,17 +152,16 @@ def train_alone(settings, records: list[dict], steps: int, seed: int, out: Path)
 
 
 def simulate(args: argparse.Namespace, config: dict, out: Path, extra: list[str],
-             run_config: str = "") -> Path:
-    """A `fedlora simulate` run of the federated arm (`run_config`: its own settings on top of
-    the shared ones); its final adapter."""
-    own = run_config
-    run_config = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else v}"
-                          for k, v in config.items() if k in MODEL_KEYS)
+             arm_config: str = "") -> Path:
+    """A `fedlora simulate` run of the federated arm (`arm_config`: its own run-config
+    settings on top of the shared ones); its final adapter."""
+    shared = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else v}"
+                      for k, v in config.items() if k in MODEL_KEYS)
     command = [sys.executable, "-m", "fedlora.cli.main", "simulate", "--model", args.model,
                "--num-clients", str(args.clients), "--rounds", str(args.rounds),
                "--local-steps", str(args.local_steps), "--output-dir", str(out), "--overwrite",
-               "--run-config", f"{run_config} seed={config['seed']} fraction-evaluate=0.0 "
-               f"eval-accuracy=0 {own}", *extra]
+               "--run-config", f"{shared} seed={config['seed']} fraction-evaluate=0.0 "
+               f"eval-accuracy=0 {arm_config}", *extra]
     subprocess.run(command, check=True)
     return out / "final"
 
