@@ -223,7 +223,8 @@ def train(msg: Message, context: Context) -> Message:
             desc=f"client {pid} round {job.server_round}",
             proximal_mu=job.method.proximal_mu(settings), keep=local.keep,
             on_batch=local.on_batch,
-            auxiliary=lambda: slot.peft.auxiliary_loss(slot.model, slot.adapter, settings.lora))
+            auxiliary=lambda: slot.peft.auxiliary_loss(slot.model, slot.adapter, settings.lora),
+            lr_scale=lambda name: slot.peft.lr_scale(name, settings.lora))
     state, rank = job.method.client_finish(slot.peft.get_state(slot.model, slot.adapter), job.rank,
                                            settings, job.store)
     state = clip_reply(job, state, rank)

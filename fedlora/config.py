@@ -153,6 +153,16 @@ class LoraSettings:
         "moe-balance", 0.01,
         "lora-moe: weight of the load-balancing term (the squared coefficient of variation of "
         "the experts' importance) added to the training loss (>= 0; 0 = off).")
+    moe_route: float = setting(
+        "moe-route", 0.0,
+        "lora-moe with moe-assign client, field or cluster: weight of the routing loss (the "
+        "router's cross-entropy against the expert each example trains) added to the training "
+        "loss, so that the router learns to send a client's kind of data to its expert (>= 0; "
+        "0 = off).")
+    moe_router_lr: float = setting(
+        "moe-router-lr", 1.0,
+        "lora-moe: the routers' learning rate as a multiple of lr (> 0; a router starts near "
+        "uniform and has few steps to learn in).")
     rank: int = setting("lora-rank", 8, "LoRA rank r (>= 1).")
     alpha: float = setting("lora-alpha", 16.0, "LoRA alpha; the update is scaled by alpha/r "
                             "(alpha/sqrt(r) with rsLoRA).")
@@ -177,6 +187,9 @@ class LoraSettings:
         require(1 <= self.moe_top_k <= self.moe_experts, "moe-top-k",
                 f"an integer in 1..moe-experts={self.moe_experts}", self.moe_top_k)
         require(self.moe_balance >= 0, "moe-balance", "a number >= 0", self.moe_balance)
+        require(self.moe_route >= 0, "moe-route", "a number >= 0", self.moe_route)
+        require(self.moe_router_lr > 0, "moe-router-lr", "a number > 0 (a multiple of lr)",
+                self.moe_router_lr)
         self.expert_ranks()  # checks moe-expert-ranks
         if self.client_ranks:
             parse_client_ranks(self.client_ranks)

@@ -5,6 +5,8 @@ whose exported mixture reloads with PEFT and reproduces the server's model."""
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,7 +15,14 @@ from peft import PeftModel
 from test_peft_methods import IDS, RUN, recording_hook
 
 from fedlora.adapters import peft_method
-from fedlora.adapters.lora_moe import LoraMoeLayer, balance_loss, expert_of, route
+from fedlora.adapters.lora_moe import (
+    LoraMoeLayer,
+    balance_loss,
+    expert_of,
+    force_expert,
+    route,
+    route_loss,
+)
 from fedlora.aggregation import ClientUpdate
 from fedlora.checkpoint import read_latest
 from fedlora.config import ModelSettings, SettingsError
@@ -44,6 +53,15 @@ def test_the_balance_term_is_zero_when_uniform_and_positive_otherwise():
     # importance (1.6, 0.4): mean 1.0, variance 0.36 -> CV^2 = 0.36
     skewed = torch.tensor([[0.9, 0.1], [0.7, 0.3]])
     assert float(balance_loss(skewed)) == pytest.approx(0.36)
+
+
+def test_the_routing_loss_is_the_mean_negative_log_probability_of_the_own_expert():
+    probs = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]])
+    assert float(route_loss(probs, 2)) == pytest.approx(-(math.log(0.2) + math.log(0.8)) / 2)
+    # one expert per example: example 0 (two tokens) expert 0, example 1 expert 2
+    batch = torch.stack([probs, probs[[1, 0]]])  # (2, 2, 3)
+    expected = -(math.log(0.5) + math.log(0.1) + math.log(0.8) + math.log(0.2)) / 4
+    assert float(route_loss(batch, torch.tensor([0, 2]))) == pytest.approx(expected)
 
 
 # ---- the merge: each expert over the clients that trained it ---------------------------------
@@ -148,6 +166,14 @@ def test_lora_moe_settings_are_checked_before_a_run():
         load({**MOE, "strategy": "flexlora"})
     with pytest.raises(SettingsError, match="moe-assign.*raw updates.*learned or client"):
         load({**MOE, "moe-assign": "cluster", "clip-norm": 1.0, "dp-noise-multiplier": 1.0})
+    with pytest.raises(SettingsError, match="'moe-route'.*moe-assign=learned.*client, field or"):
+        load({**MOE, "moe-route": 1.0})
+    with pytest.raises(SettingsError, match="'moe-route': expected a number >= 0"):
+        load({**MOE, "moe-assign": "client", "moe-route": -1.0})
+    with pytest.raises(SettingsError, match="'moe-router-lr': expected a number > 0"):
+        load({**MOE, "moe-router-lr": 0})
+    with pytest.raises(SettingsError, match="'moe-route': only peft=lora-moe uses it"):
+        load({"moe-route": 1.0})
     settings, _ = load({**MOE, "moe-expert-ranks": "2,4,8"})
     assert peft_method("lora-moe").config(settings.lora).expert_ranks == [2, 4, 8]
 
@@ -200,6 +226,65 @@ def test_training_records_the_balance_term_that_the_loss_adds():
     assert extra is not None and float(extra.detach()) > 0
     assert float(extra.detach()) == pytest.approx(settings.lora.moe_balance * float(torch.stack([
         m.balance["x"] for m in model.modules() if isinstance(m, LoraMoeLayer)]).mean().detach()))
+
+
+def test_moe_route_adds_the_routing_loss_only_where_an_expert_is_forced():
+    model, settings = moe_model()
+    lora = replace(settings.lora, moe_route=0.5)
+    layers = [m for m in model.modules() if isinstance(m, LoraMoeLayer)]
+    model.train()
+    model(input_ids=IDS)  # nothing forced: the balance term alone
+    balance = torch.stack([m.balance["x"] for m in layers]).mean()
+    assert float(peft_method("lora-moe").auxiliary_loss(model, "x", lora).detach()) == \
+        pytest.approx(lora.moe_balance * float(balance.detach()))
+    force_expert(model, "x", 1)
+    model(input_ids=IDS)
+    balance = torch.stack([m.balance["x"] for m in layers]).mean()
+    nll = torch.stack([m.route_nll["x"] for m in layers]).mean()
+    assert float(nll.detach()) > 0
+    assert float(peft_method("lora-moe").auxiliary_loss(model, "x", lora).detach()) == \
+        pytest.approx(float((lora.moe_balance * balance + 0.5 * nll).detach()))
+
+
+def test_the_routing_loss_teaches_the_router_the_forced_expert():
+    model, settings = moe_model()
+    lora = replace(settings.lora, moe_balance=0.0, moe_route=1.0)
+    routers = [p for n, p in model.named_parameters() if "moe_router" in n]
+    optimizer = torch.optim.Adam(routers, lr=1e-2)
+    layer = next(m for m in model.modules() if isinstance(m, LoraMoeLayer))
+    seen: list[torch.Tensor] = []
+    layer.register_forward_hook(lambda m, args, out: seen.append(
+        torch.softmax(m.moe_router["x"](args[0].float()), -1)[..., 2].mean().detach()))
+    model.eval()
+    model(input_ids=IDS)
+    before = float(seen[-1])
+    model.train()
+    force_expert(model, "x", 2)
+    for _ in range(20):
+        model(input_ids=IDS)
+        optimizer.zero_grad()
+        peft_method("lora-moe").auxiliary_loss(model, "x", lora).backward()
+        optimizer.step()
+    force_expert(model, "x", None)
+    model.eval()
+    model(input_ids=IDS)  # nothing forced now: the router alone sends tokens to expert 2
+    assert before < 0.5 < float(seen[-1])
+
+
+def test_the_routers_learn_at_moe_router_lr_and_the_experts_b_at_the_lora_plus_ratio():
+    from fedlora.train.loop import param_groups, trainable_parameters
+
+    model, settings = moe_model()
+    lora = replace(settings.lora, moe_router_lr=10.0)
+    groups = param_groups(model, trainable_parameters(model, "x"), 4.0,
+                          lambda name: peft_method("lora-moe").lr_scale(name, lora))
+    names = {id(p): n for n, p in model.named_parameters()}
+    by_scale = {g["lr_scale"]: [names[id(p)] for p in g["params"]] for g in groups}
+    assert sorted(by_scale) == [1.0, 4.0, 10.0]
+    assert all(".moe_A." in n for n in by_scale[1.0])
+    assert all(".moe_B." in n for n in by_scale[4.0])
+    assert all(".moe_router." in n for n in by_scale[10.0]) and len(by_scale[10.0]) == 4
+    assert sum(len(v) for v in by_scale.values()) == len(trainable_parameters(model, "x"))
 
 
 # ---- a federation -----------------------------------------------------------------------------

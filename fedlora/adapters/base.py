@@ -90,6 +90,11 @@ class PeftMethod:
         None by default."""
         return None
 
+    def lr_scale(self, name: str, lora: LoraSettings) -> float:
+        """The learning rate of parameter `name`, as a multiple of `lr` (lora-moe's router:
+        moe-router-lr); 1 by default."""
+        return 1.0
+
     def get_state(self, model: PeftModel, adapter: str) -> dict[str, torch.Tensor]:
         """What a client of this method sends: PEFT's state dict of the adapter by default
         (embeddings never included), detached copies."""

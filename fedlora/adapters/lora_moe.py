@@ -14,7 +14,11 @@ the base model; the router starts at small seeded values so that tokens spread o
 Training adds `moe-balance` times a load-balancing term (Shazeer et al. 2017): the squared
 coefficient of variation of the experts' importance (the sum over the batch's tokens of each
 expert's router probability), averaged over the adapted layers. It is 0 when every expert has
-the same importance and positive otherwise.
+the same importance and positive otherwise. Where the expert of each example is known in
+training (`moe-assign` client, field or cluster: the forced expert), it also adds `moe-route` times
+the router's cross-entropy against that expert, averaged over tokens and layers: the router
+learns which expert a client's data belongs to, so that at inference, where nothing is
+forced, it sends each family's tokens to the expert trained on it.
 
 PEFT has X-LoRA, but it trains only the gating classifier over experts loaded frozen from
 pretrained adapters; fedlora trains experts and router together, on every client, so this file
@@ -71,14 +75,24 @@ def route(logits: torch.Tensor, top_k: int, forced: Forced = None
     probs = torch.softmax(logits.float(), dim=-1)
     rank = probs
     if forced is not None:
-        ids = torch.as_tensor(forced, device=probs.device, dtype=torch.long)
-        ids = ids.reshape(-1, *[1] * (probs.dim() - 1)) if ids.dim() else ids.reshape(1)
-        ids = ids.expand(*probs.shape[:-1], 1)
-        rank = probs.detach().clone().scatter_(-1, ids, 2.0)  # above any probability
+        rank = probs.detach().clone().scatter_(-1, forced_index(probs, forced), 2.0)  # above any
     index = rank.topk(top_k, dim=-1).indices
     top = probs.gather(-1, index)
     gates = torch.zeros_like(probs).scatter(-1, index, top / top.sum(dim=-1, keepdim=True))
     return gates, probs
+
+
+def route_loss(probs: torch.Tensor, forced: int | torch.Tensor) -> torch.Tensor:
+    """The mean over tokens of -log p(forced expert) for router probabilities (..., E):
+    `forced` is one expert for every token, or one per example (batch,)."""
+    return -probs.gather(-1, forced_index(probs, forced)).clamp_min(1e-12).log().mean()
+
+
+def forced_index(probs: torch.Tensor, forced: int | torch.Tensor) -> torch.Tensor:
+    """The forced expert of every token of `probs` (..., E) as an index (..., 1)."""
+    ids = torch.as_tensor(forced, device=probs.device, dtype=torch.long)
+    ids = ids.reshape(-1, *[1] * (probs.dim() - 1)) if ids.dim() else ids.reshape(1)
+    return ids.expand(*probs.shape[:-1], 1)
 
 
 def balance_loss(probs: torch.Tensor) -> torch.Tensor:
@@ -135,6 +149,7 @@ class LoraMoeLayer(nn.Module, BaseTunerLayer):
         self.moe_scaling: dict[str, list[float]] = {}
         self.moe_top_k: dict[str, int] = {}
         self.balance: dict[str, torch.Tensor] = {}  # the last training forward's balance term
+        self.route_nll: dict[str, torch.Tensor] = {}  # ... and its routing loss (when forced)
         # adapter -> the expert every token uses in training, or one per example (batch,)
         self.forced: dict[str, int | torch.Tensor] = {}
         self._disable_adapters = False
@@ -184,6 +199,10 @@ class LoraMoeLayer(nn.Module, BaseTunerLayer):
             gates, probs = route(self.moe_router[name](h), self.moe_top_k[name], forced)
             if self.training:
                 self.balance[name] = balance_loss(probs)
+                if forced is not None:
+                    self.route_nll[name] = route_loss(probs, forced)
+                else:
+                    self.route_nll.pop(name, None)
             h = self.moe_dropout[name](h)
             update = torch.zeros(*x.shape[:-1], self.out_features, device=x.device)
             experts = zip(cast(nn.ModuleList, self.moe_A[name]),
@@ -242,8 +261,18 @@ def force_expert(model: nn.Module, adapter: str, expert: Forced) -> None:
 def model_balance(model: nn.Module, adapter: str) -> torch.Tensor | None:
     """The balance term of the last training forward pass, averaged over the adapted layers
     (None when the model has no LoRA experts of `adapter`)."""
-    terms = [m.balance[adapter] for m in model.modules()
-             if isinstance(m, LoraMoeLayer) and adapter in m.balance]
+    return _layer_mean(model, adapter, "balance")
+
+
+def model_route_loss(model: nn.Module, adapter: str) -> torch.Tensor | None:
+    """The routing loss of the last training forward pass, averaged over the adapted layers
+    (None when no expert was forced)."""
+    return _layer_mean(model, adapter, "route_nll")
+
+
+def _layer_mean(model: nn.Module, adapter: str, term: str) -> torch.Tensor | None:
+    terms = [getattr(m, term)[adapter] for m in model.modules()
+             if isinstance(m, LoraMoeLayer) and adapter in getattr(m, term)]
     return torch.stack(terms).mean() if terms else None
 
 
@@ -258,7 +287,8 @@ class LoraMoe(PeftMethod):
                "router per layer (strategy lora-moe)")
     unused = ("num-virtual-tokens", "client-ranks", "use-rslora")
     why_unused = "it trains LoRA experts of fixed ranks and a router"
-    owns = ("moe-experts", "moe-top-k", "moe-expert-ranks", "moe-balance")
+    owns = ("moe-experts", "moe-top-k", "moe-expert-ranks", "moe-balance", "moe-route",
+            "moe-router-lr")
 
     def config(self, lora: LoraSettings, base_id: str | None = None) -> LoraMoeConfig:
         return LoraMoeConfig(expert_ranks=lora.expert_ranks(), top_k=lora.moe_top_k,
@@ -272,9 +302,16 @@ class LoraMoe(PeftMethod):
 
     def auxiliary_loss(self, model: torch.nn.Module, adapter: str, lora: LoraSettings
                        ) -> torch.Tensor | None:
-        """moe-balance times the balance term of the last forward pass."""
-        term = model_balance(model, adapter)
-        return None if term is None or not lora.moe_balance else lora.moe_balance * term
+        """moe-balance times the balance term of the last forward pass, plus moe-route times
+        its routing loss where experts were forced."""
+        terms = [weight * term for weight, term in (
+            (lora.moe_balance, model_balance(model, adapter)),
+            (lora.moe_route, model_route_loss(model, adapter))) if weight and term is not None]
+        return torch.stack(terms).sum() if terms else None
+
+    def lr_scale(self, name: str, lora: LoraSettings) -> float:
+        """moe-router-lr for the routers, 1 for the experts."""
+        return lora.moe_router_lr if ".moe_router." in name else 1.0
 
     def initial_dense(self, shapes: dict[str, tuple[int, ...]], seed: int
                       ) -> dict[str, torch.Tensor]:

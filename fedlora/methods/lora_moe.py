@@ -206,6 +206,12 @@ class LoraMoe(Method):
                 "setting 'packing': moe-assign=field routes each example to the expert of its "
                 "record's field value, and packing puts several records in one example; set "
                 "packing=false")
+        if self.options.assign == "learned" and settings.lora.moe_route:
+            raise SettingsError(
+                f"setting 'moe-route': the routing loss teaches the router the expert each "
+                f"example belongs to, and with moe-assign=learned no example belongs to one, "
+                f"got moe-route={settings.lora.moe_route}; set moe-assign=client, field or "
+                f"cluster, or moe-route=0")
         if self.options.assign == "cluster" and settings.federation.dp_noise_multiplier:
             raise SettingsError(
                 "setting 'moe-assign': cluster groups the clients by their raw updates, a use "

@@ -47,17 +47,21 @@ def trainable_parameters(model: torch.nn.Module, adapter: str,
 
 
 def param_groups(model: torch.nn.Module, params: list[torch.nn.Parameter],
-                 lora_plus_ratio: float) -> list[dict]:
+                 lora_plus_ratio: float,
+                 lr_scale: Callable[[str], float] | None = None) -> list[dict]:
     """Optimizer groups, each with its `lr_scale` (times the scheduled lr): one group, or with
     LoRA+ the B factors (every expert's B with lora-moe) apart at `lora_plus_ratio` times A's
-    learning rate."""
-    if lora_plus_ratio == 1.0:
-        return [{"params": params, "lr_scale": 1.0}]
+    learning rate; `lr_scale(name)` multiplies a parameter's scale (the PEFT method's own,
+    e.g. lora-moe's routers)."""
     is_b = {id(p) for name, p in model.named_parameters()
             if ".lora_B." in name or ".moe_B." in name}  # LoRA's B, or every expert's
-    groups = [{"params": [p for p in params if id(p) not in is_b], "lr_scale": 1.0},
-              {"params": [p for p in params if id(p) in is_b], "lr_scale": lora_plus_ratio}]
-    return [g for g in groups if g["params"]]
+    names = {id(p): name for name, p in model.named_parameters()}
+    by_scale: dict[float, list[torch.nn.Parameter]] = {}
+    for p in params:
+        scale = lora_plus_ratio if id(p) in is_b else 1.0
+        scale *= lr_scale(names[id(p)]) if lr_scale is not None else 1.0
+        by_scale.setdefault(scale, []).append(p)
+    return [{"params": group, "lr_scale": scale} for scale, group in by_scale.items()]
 
 
 def make_optimizer(groups: list[dict] | list[torch.nn.Parameter], settings: TrainSettings,
@@ -84,7 +88,8 @@ def train_local(model: torch.nn.Module, adapter: str, examples: list[dict], pad_
                 desc: str = "train", proximal_mu: float = 0.0,
                 auxiliary: Callable[[], torch.Tensor | None] | None = None,
                 keep: Callable[[str], bool] | None = None,
-                on_batch: Callable[[list[dict]], None] | None = None) -> TrainResult:
+                on_batch: Callable[[list[dict]], None] | None = None,
+                lr_scale: Callable[[str], float] | None = None) -> TrainResult:
     """Train the active adapter for `settings.local_steps` optimizer steps and report losses.
 
     With `proximal_mu` > 0 (FedProx) the loss gets (mu/2) ||theta - theta_start||^2 over the
@@ -94,14 +99,15 @@ def train_local(model: torch.nn.Module, adapter: str, examples: list[dict], pad_
     the language-model loss alone. `keep` limits the adapter's parameters that train
     (`trainable_parameters`); `on_batch` is called with each micro-batch's examples before
     its forward pass (they may carry fields beyond the tokens, which collate ignores).
+    `lr_scale(name)` multiplies a parameter's learning rate (the PEFT method's `lr_scale`).
     """
     if not examples:
         raise ValueError("this client has no training examples")
     device = next(model.parameters()).device
     torch.manual_seed(seed)  # LoRA dropout draws
     params = trainable_parameters(model, adapter, keep)
-    optimizer = make_optimizer(param_groups(model, params, settings.lora_plus_ratio), settings,
-                               device.type)
+    optimizer = make_optimizer(param_groups(model, params, settings.lora_plus_ratio, lr_scale),
+                               settings, device.type)
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     # The schedule spans the whole run: round r continues where round r-1 stopped.
     total_steps = num_rounds * settings.local_steps

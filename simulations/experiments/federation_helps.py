@@ -15,6 +15,9 @@ arm gets the same budget of local optimizer steps per client (R rounds x S steps
            with `moe-assign` learned (every client trains every expert, the router decides),
            cluster (clients clustered by their round-1 updates, one expert per cluster) or
            client (client p owns expert p mod --moe-experts);
+- moe-routed: moe-client with the routing loss (`moe-route=1`) and the routers at 20x the
+           learning rate (`moe-router-lr=20`): the router also learns, from each client's
+           own expert, where a client's kind of data belongs;
 - central: one adapter on the pooled train splits of all clients for K x R x S steps (the same
            total number of steps as the K clients together).
 
@@ -41,8 +44,11 @@ MODEL_KEYS = ("lr", "batch-size", "max-length", "max-new-tokens", "lora-rank", "
 BIGBENCH_TASKS = ("linguistic_mappings__plural_json", "linguistic_mappings__past_tense_json",
                   "unit_conversion__unit_addition_same",
                   "modified_arithmetic__three_digit_addition_control")
-MOE_ASSIGN = {"moe-learned": "learned", "moe-cluster": "cluster", "moe-client": "client"}
-ARMS = ("base", "local", "fedavg", "hetero", *MOE_ASSIGN, "central")
+# a moe arm: (its moe-assign, other run-config settings of its own)
+MOE_ARMS = {"moe-learned": ("learned", ""), "moe-cluster": ("cluster", ""),
+            "moe-client": ("client", ""),
+            "moe-routed": ("client", "moe-route=1.0 moe-router-lr=20")}
+ARMS = ("base", "local", "fedavg", "hetero", *MOE_ARMS, "central")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -215,7 +221,8 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict[str, list[dict]]:
             results[arm] = [score(settings, simulate(
                 args, config, folder / arm,
                 ["--peft", "lora-moe", "--strategy", "lora-moe"],
-                f'moe-assign="{MOE_ASSIGN[arm]}" moe-experts={args.moe_experts}'), test)]
+                f'moe-assign="{MOE_ARMS[arm][0]}" {MOE_ARMS[arm][1]} '
+                f"moe-experts={args.moe_experts}"), test)]
         log(f"{arm}: accuracy {statistics.mean(r['accuracy'] for r in results[arm]):.3f} "
             f"({time.perf_counter() - started:.0f} s)")
     return results

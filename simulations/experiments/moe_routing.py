@@ -9,8 +9,9 @@ Takes the same data flags as `federation_helps` and reads each moe arm's final a
 held-out splits), the prompt and answer tokens go through the model once; at every adapted
 layer the router's top-k gates (what the forward pass uses) are recorded. Printed per arm,
 seed and family: the mean gate of each expert over the family's tokens and all layers (each
-row sums to 1), and `own`, the mean gate on the expert the family's client owned (client:
-expert p mod E for client p; cluster: its cluster's expert, from metrics.jsonl; learned: none).
+row sums to 1), and `own`, the mean gate on the expert the family's client owned (client
+and routed: expert p mod E for client p; cluster: its cluster's expert, from metrics.jsonl;
+learned: none).
 A router that had learned to tell the families apart gives `own` near 1; uniform top-k
 routing over E experts gives 1/E. Results also go to <output-dir>/routing.json.
 """
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 
 from simulations.experiments.federation_helps import (
-    MOE_ASSIGN,
+    MOE_ARMS,
     client_splits,
     parse_args,
     settings_for,
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from fedlora.models import load_model
 
-    arms = [a for a in args.arms.split(",") if a in MOE_ASSIGN]
+    arms = [a for a in args.arms.split(",") if a in MOE_ARMS]
     report: dict = {}
     for seed in (int(s) for s in args.seeds.split(",")):
         settings, _ = settings_for(args, seed)
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             model = PeftModel.from_pretrained(model, str(run / "final")).eval()
             gates = gates_by_record(model, tokenizer, [r for _, r in test],
                                     settings.train.max_length)
-            owner = owners(run, MOE_ASSIGN[arm], args.clients, args.moe_experts)
+            owner = owners(run, MOE_ARMS[arm][0], args.clients, args.moe_experts)
             by_family: dict[str, list[torch.Tensor]] = defaultdict(list)
             own: dict[str, list[float]] = defaultdict(list)
             for (pid, record), g in zip(test, gates, strict=True):
