@@ -21,12 +21,24 @@ run) and 4bit-fp32 (NF4 with compute-dtype float32, what compute-dtype=auto give
     python benchmarks/qlora_memory.py
     python benchmarks/qlora_memory.py --model tiny-llama --variants 4bit bf16
     python benchmarks/qlora_memory.py --variants 4bit bf16 --gradient-checkpointing
+    python benchmarks/qlora_memory.py --shape llama-7b --variants 4bit 4bit bf16 \
+        --batch-size 1 --steps 1
+
+`--shape llama-7b` measures at the size users pay for: a model of Llama-2-7B's shape (hidden
+4096, FFN 11008, 32 layers, 32 heads, untied head) with SmolLM2's tokenizer and 49,152-token
+vocabulary, **random** bf16 weights (N(0, 0.02), norms 1), written tensor by tensor into a
+temporary folder (about 14 GB of disk; no more than one tensor in memory). Memory depends on
+the shapes, not on the weights' values; the losses on it mean nothing. The first 4-bit variant
+quantizes it on load and writes fedlora's pre-quantized copy, which every later load of a node
+reads; name `4bit` twice to measure that second load too.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import shutil
 import subprocess
 import sys
@@ -44,6 +56,11 @@ VARIANTS = {  # name -> (quantization, compute-dtype)
     "4bit-fp32": ("4bit", "float32"),
 }
 HEADLINE = ("4bit", "bf16")
+SHAPES = {  # name -> transformers LlamaConfig fields (the vocabulary is SmolLM2's tokenizer's)
+    "llama-7b": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+                 "num_attention_heads": 32, "num_key_value_heads": 32, "head_dim": 128,
+                 "tie_word_embeddings": False},
+}
 
 
 def parse_args():
@@ -58,6 +75,9 @@ def parse_args():
     p.add_argument("--lora-rank", type=int, default=8, help="LoRA rank (all-linear targets)")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="train with gradient checkpointing (recompute activations in backward)")
+    p.add_argument("--shape", choices=list(SHAPES),
+                   help="instead of --model: a model of this shape with random weights, "
+                        "built in a temporary folder (see above)")
     p.add_argument("--child", choices=list(VARIANTS), help=argparse.SUPPRESS)  # internal
     return p.parse_args()
 
@@ -129,13 +149,69 @@ def loadable_folder(model: str, workdir: Path) -> str:
     return str(mirror)
 
 
-def run_child(variant: str, model: str, args) -> dict | None:
-    """Run one variant in a fresh interpreter; its JSON line, or None if it failed."""
+def random_model(shape: str, workdir: Path) -> str:
+    """A folder holding a model of `shape` with random bf16 weights and SmolLM2's tokenizer,
+    written one tensor at a time (shards of about 2 GB and their index, as save_pretrained
+    writes them)."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    from fedlora.models import resolve_source
+
+    smollm2 = Path(resolve_source("smollm2-135m").path)
+    config = AutoConfig.from_pretrained(smollm2)
+    for key, value in SHAPES[shape].items():
+        setattr(config, key, value)
+    config.torch_dtype = "bfloat16"
+    if hasattr(config, "quantization_config"):  # a GGUF-converted folder's leftover
+        del config.quantization_config
+    out = workdir / shape
+    out.mkdir()
+    config.save_pretrained(out)
+    for item in smollm2.iterdir():
+        if item.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
+            shutil.copy(item, out / item.name)
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in LlamaForCausalLM(config).state_dict().items()}
+    generator = torch.Generator().manual_seed(0)
+    weight_map, shard, size, total = {}, {}, 0, 0
+
+    def flush() -> None:
+        nonlocal shard, size
+        name = f"model-{len(set(weight_map.values())) + 1:05d}.safetensors"
+        save_file(shard, str(out / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+        shard, size = {}, 0
+
+    for key, dims in shapes.items():
+        if key.endswith("norm.weight"):
+            tensor = torch.ones(dims, dtype=torch.bfloat16)
+        else:
+            tensor = (torch.randn(dims, generator=generator) * 0.02).to(torch.bfloat16)
+        shard[key] = tensor
+        size += tensor.numel() * 2
+        total += tensor.numel() * 2
+        if size >= 2 * 1024**3:
+            flush()
+    if shard:
+        flush()
+    (out / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    print(f"{shape}: {sum(math.prod(d) for d in shapes.values()) / 1e9:.2f} B parameters of "
+          f"random bf16 weights in {out}", flush=True)
+    return str(out)
+
+
+def run_child(variant: str, model: str, args, cache: Path | None = None) -> dict | None:
+    """Run one variant in a fresh interpreter; its JSON line, or None if it failed. `cache`:
+    the children's fedlora cache (their pre-quantized copies), instead of the user's."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", variant, "--model", model,
            "--steps", str(args.steps), "--batch-size", str(args.batch_size),
            "--max-length", str(args.max_length), "--lora-rank", str(args.lora_rank)]
     cmd += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    env = {**os.environ, "FEDLORA_CACHE": str(cache)} if cache else None
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
@@ -179,11 +255,16 @@ def main() -> None:
     common.quiet_libraries()
     workdir = Path(tempfile.mkdtemp(prefix="fedlora-bench-"))
     try:
-        model = loadable_folder(args.model, workdir)
+        model = (random_model(args.shape, workdir) if args.shape
+                 else loadable_folder(args.model, workdir))
         results = {}
         for variant in args.variants:
             print(f"measuring {variant} in a fresh process ...", flush=True)
-            if (r := run_child(variant, model, args)) is not None:
+            # a random model's pre-quantized copy goes with its folder, not into the user's cache
+            cache = workdir / "cache" if args.shape else None
+            if (r := run_child(variant, model, args, cache)) is not None:
+                if variant in results:  # measured again: the later load is the headline
+                    results[f"{variant} (first load)"] = results.pop(variant)
                 results[variant] = r
         report(args, results)
     finally:

@@ -56,7 +56,7 @@ def test_a_qlora_step_on_an_nf4_double_quantised_base():
 
 
 def test_a_4bit_base_in_bf16_keeps_its_norms_bf16_and_trains():
-    """No fp32 upcast of a quantized base's other weights on CUDA in bf16 (Workspace's
+    """No fp32 upcast of a quantized base's other weights in bf16 on CUDA (Workspace's
     upcasts_norms): the activations stay bf16, the adapter float32."""
     slot, before, after = trains(cuda_settings(quantization="4bit"))
     norms = [p for n, p in slot.model.named_parameters() if n.endswith("norm.weight")]

@@ -95,12 +95,12 @@ def test_an_unknown_model_name_is_refused_with_what_to_pass():
     assert all(name in message for name in BUILTINS), message
 
 
-def test_a_quantized_base_keeps_bf16_norms_only_on_cuda_in_bf16(monkeypatch):
+def test_a_quantized_base_keeps_bf16_norms_in_bf16(monkeypatch):
     from fedlora.adapters.workspace import upcasts_norms
 
-    assert upcasts_norms(ModelSettings(quantization="4bit", device="cpu"))
-    assert upcasts_norms(ModelSettings(quantization="4bit", device="cpu",
-                                       compute_dtype="bfloat16"))
+    assert upcasts_norms(ModelSettings(quantization="4bit", device="cpu"))  # auto: float32
+    assert not upcasts_norms(ModelSettings(quantization="4bit", device="cpu",
+                                           compute_dtype="bfloat16"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert not upcasts_norms(ModelSettings(quantization="4bit", device="cuda"))  # auto: bf16
     assert upcasts_norms(ModelSettings(quantization="4bit", device="cuda",

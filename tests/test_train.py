@@ -83,6 +83,21 @@ def test_4bit_base_trains_on_cpu(tiny_settings):
     assert evaluate(slot.model, held, slot.tokenizer.pad_token_id).loss < before
 
 
+def test_a_4bit_base_in_bf16_keeps_its_norms_bf16_and_trains_on_cpu(tiny_settings):
+    """No fp32 upcast of a quantized base's norms in bf16 (Workspace.upcasts_norms): the
+    norms stay bf16, the adapter float32, and the loss falls."""
+    s = Settings.from_config({**tiny_settings.to_config(), "quantization": "4bit",
+                              "compute-dtype": "bfloat16", "local-steps": 20})
+    slot, train, held = setup(s)
+    norms = [p for n, p in slot.model.named_parameters() if n.endswith("norm.weight")]
+    assert norms and all(p.dtype == torch.bfloat16 for p in norms)
+    assert all(p.dtype == torch.float32 for n, p in slot.model.named_parameters()
+               if p.requires_grad)
+    before = evaluate(slot.model, held, slot.tokenizer.pad_token_id).loss
+    train_local(slot.model, slot.adapter, train, slot.tokenizer.pad_token_id, s.train, 1, 1, 0)
+    assert evaluate(slot.model, held, slot.tokenizer.pad_token_id).loss < before
+
+
 def test_evaluate_counts_only_response_tokens(tiny_slot):
     ex = {"input_ids": [1, 2, 3, 4, 5], "labels": [-100, -100, -100, 4, 5]}
     result = evaluate(tiny_slot.model, [ex], pad_id=0)
