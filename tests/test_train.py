@@ -98,6 +98,33 @@ def test_a_4bit_base_in_bf16_keeps_its_norms_bf16_and_trains_on_cpu(tiny_setting
     assert evaluate(slot.model, held, slot.tokenizer.pad_token_id).loss < before
 
 
+def test_an_evaluated_4bit_base_still_passes_gradients_through_its_weights(tiny_settings):
+    """bitsandbytes repacks a 4-bit weight for a CPU inference kernel without a backward on
+    the first evaluation (on CPUs with AVX512-BF16): after it, training lost the gradient
+    through every base weight. fedlora's loads keep the differentiable path (loader.py)."""
+    from fedlora.data import collate
+    from fedlora.train.loss import response_loss
+
+    s = Settings.from_config({**tiny_settings.to_config(), "quantization": "4bit",
+                              "compute-dtype": "bfloat16", "lora-dropout": 0.0})
+
+    def first_layer_grads(evaluated: bool) -> torch.Tensor:
+        torch.manual_seed(0)  # the same LoRA init in both loads
+        slot, train, held = setup(s)
+        if evaluated:
+            evaluate(slot.model, held, slot.tokenizer.pad_token_id)
+        slot.model.train()
+        slot.model.zero_grad()
+        response_loss(slot.model, collate(train[:2], slot.tokenizer.pad_token_id))[0].backward()
+        return torch.cat([p.grad.flatten() for n, p in slot.model.named_parameters()
+                          if ".layers.0." in n and ".lora_B." in n])
+
+    assert not any(getattr(getattr(getattr(m, "weight", None), "quant_state", None),
+                           "packing_format_for_cpu", False) for m in setup(s)[0].model.modules())
+    fresh, evaluated = first_layer_grads(False), first_layer_grads(True)
+    assert fresh.abs().sum() > 0 and torch.allclose(evaluated, fresh, rtol=1e-3, atol=1e-6)
+
+
 def test_evaluate_counts_only_response_tokens(tiny_slot):
     ex = {"input_ids": [1, 2, 3, 4, 5], "labels": [-100, -100, -100, 4, 5]}
     result = evaluate(tiny_slot.model, [ex], pad_id=0)

@@ -66,7 +66,20 @@ def load_model(settings: ModelSettings, source: ModelSource | None = None):
     if save_as is not None:  # quantized just now: keep the result for the next load
         prequantized.save_copy(model, save_as)
     model.requires_grad_(False)
+    keep_4bit_differentiable(model)
     return model, load_tokenizer(source), source
+
+
+def keep_4bit_differentiable(model: torch.nn.Module) -> None:
+    """Turn off bitsandbytes' CPU repacking of 4-bit weights. On a CPU with AVX512-BF16, a
+    Linear4bit's first eval-mode forward without gradients (an evaluation) repacks its weight
+    for an inference kernel that has no backward, for good: training after it silently lost
+    the gradient through every base weight to the layer's input (torch warned "an autograd
+    kernel was not registered ... gemv_4bit"). fedlora evaluates and trains the same cached
+    model, so its loads keep bitsandbytes' differentiable path."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False  # type: ignore[assignment]
 
 
 def model_skeleton(source: ModelSource) -> torch.nn.Module:
