@@ -258,10 +258,10 @@ def main() -> None:
         model = (random_model(args.shape, workdir) if args.shape
                  else loadable_folder(args.model, workdir))
         results = {}
+        # a random model's pre-quantized copy goes with its folder, not into the user's cache
+        cache = workdir / "cache" if args.shape else None
         for variant in args.variants:
             print(f"measuring {variant} in a fresh process ...", flush=True)
-            # a random model's pre-quantized copy goes with its folder, not into the user's cache
-            cache = workdir / "cache" if args.shape else None
             if (r := run_child(variant, model, args, cache)) is not None:
                 if variant in results:  # measured again: the later load is the headline
                     results[f"{variant} (first load)"] = results.pop(variant)

@@ -88,7 +88,7 @@ def upcasts_norms(model: ModelSettings) -> bool:
     (made against fp16 overflow) only turns every activation fp32. Measured without it
     (docs/benchmarks.md): on an H200 with a 1.1B-shaped model, batch 8 x 256, the 4-bit
     client's peak went from 1.29x a bf16 base's to 0.85x at the same loss; on the CPU, from
-    13.6 to 7.7 GB with a 7B-shaped model (batch 1 x 256) and from 5.1 to 3.6 GB with
+    13.6 to 9.1 GB with a 7B-shaped model (batch 1 x 256) and from 5.1 to 3.6 GB with
     SmolLM2-135M (batch 4 x 256)."""
     device = resolve_device(model.device)
     return resolve_dtype(model.compute_dtype, device) != torch.bfloat16

@@ -53,13 +53,13 @@ def param_groups(model: torch.nn.Module, params: list[torch.nn.Parameter],
     LoRA+ the B factors (every expert's B with lora-moe) apart at `lora_plus_ratio` times A's
     learning rate; `lr_scale(name)` multiplies a parameter's scale (the PEFT method's own,
     e.g. lora-moe's routers)."""
-    is_b = {id(p) for name, p in model.named_parameters()
-            if ".lora_B." in name or ".moe_B." in name}  # LoRA's B, or every expert's
     names = {id(p): name for name, p in model.named_parameters()}
     by_scale: dict[float, list[torch.nn.Parameter]] = {}
     for p in params:
-        scale = lora_plus_ratio if id(p) in is_b else 1.0
-        scale *= lr_scale(names[id(p)]) if lr_scale is not None else 1.0
+        name = names[id(p)]
+        is_b = ".lora_B." in name or ".moe_B." in name  # LoRA's B, or every expert's
+        scale = lora_plus_ratio if is_b else 1.0
+        scale *= lr_scale(name) if lr_scale is not None else 1.0
         by_scale.setdefault(scale, []).append(p)
     return [{"params": group, "lr_scale": scale} for scale, group in by_scale.items()]
 
