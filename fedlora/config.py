@@ -149,6 +149,11 @@ class LoraSettings:
     moe_expert_ranks: str = setting(
         "moe-expert-ranks", "",
         "lora-moe: one rank per expert, comma-separated (4,8,8,16); empty: lora-rank for all.")
+    moe_shared: int = setting(
+        "moe-shared", 0,
+        "lora-moe: shared experts of rank lora-rank on each adapted layer, besides the routed "
+        "ones: every token uses them at full weight and every client trains them, whatever "
+        "moe-assign (>= 0; 0 = none).")
     moe_balance: float = setting(
         "moe-balance", 0.01,
         "lora-moe: weight of the load-balancing term (the squared coefficient of variation of "
@@ -186,6 +191,7 @@ class LoraSettings:
         require(self.moe_experts >= 2, "moe-experts", "an integer >= 2", self.moe_experts)
         require(1 <= self.moe_top_k <= self.moe_experts, "moe-top-k",
                 f"an integer in 1..moe-experts={self.moe_experts}", self.moe_top_k)
+        require(self.moe_shared >= 0, "moe-shared", "an integer >= 0", self.moe_shared)
         require(self.moe_balance >= 0, "moe-balance", "a number >= 0", self.moe_balance)
         require(self.moe_route >= 0, "moe-route", "a number >= 0", self.moe_route)
         require(self.moe_router_lr > 0, "moe-router-lr", "a number > 0 (a multiple of lr)",

@@ -174,14 +174,20 @@ def test_lora_moe_settings_are_checked_before_a_run():
         load({**MOE, "moe-router-lr": 0})
     with pytest.raises(SettingsError, match="'moe-route': only peft=lora-moe uses it"):
         load({"moe-route": 1.0})
+    with pytest.raises(SettingsError, match="'moe-shared': expected an integer >= 0"):
+        load({**MOE, "moe-shared": -1})
+    with pytest.raises(SettingsError, match="'moe-shared': only peft=lora-moe uses it"):
+        load({"moe-shared": 1})
+    settings, _ = load({**MOE, "moe-shared": 2})
+    assert peft_method("lora-moe").config(settings.lora).shared_ranks == [2, 2]  # lora-rank
     settings, _ = load({**MOE, "moe-expert-ranks": "2,4,8"})
     assert peft_method("lora-moe").config(settings.lora).expert_ranks == [2, 4, 8]
 
 
 # ---- the layer --------------------------------------------------------------------------------
 
-def moe_model():
-    settings, _ = load({**MOE, "lora-dropout": 0.0, "moe-expert-ranks": "2,3,4"})
+def moe_model(**extra):
+    settings, _ = load({**MOE, "lora-dropout": 0.0, "moe-expert-ranks": "2,3,4", **extra})
     base, _, _ = load_model(ModelSettings(name="tiny-llama", device="cpu"))
     return peft_method("lora-moe").add(base, settings.lora, "x"), settings
 
@@ -203,6 +209,27 @@ def test_the_layer_is_the_base_at_the_start_and_the_routed_sum_of_experts_after(
             expected = expected + gates[..., e:e + 1] * (settings.lora.alpha / r) * (
                 x @ a_e.T @ b_e.T)
         assert torch.allclose(layer(x), expected, atol=1e-5)
+
+
+def test_a_shared_expert_adds_its_update_to_every_token_at_full_weight():
+    model, settings = moe_model(**{"moe-shared": 1})
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(layer(x), layer.base_layer(x))  # its B starts at zero too
+        for b in [*layer.moe_B["x"], *layer.moe_shared_B["x"]]:
+            b.weight.normal_()
+        gates, _ = route(x @ layer.moe_router["x"].weight.T, 2)
+        a_s, b_s = layer.moe_shared_A["x"][0].weight, layer.moe_shared_B["x"][0].weight
+        assert a_s.shape == (2, 64) and b_s.shape == (64, 2)  # rank lora-rank
+        expected = layer.base_layer(x) + (settings.lora.alpha / 2) * (x @ a_s.T @ b_s.T)
+        for e, r in enumerate((2, 3, 4)):
+            a_e, b_e = layer.moe_A["x"][e].weight, layer.moe_B["x"][e].weight
+            expected = expected + gates[..., e:e + 1] * (settings.lora.alpha / r) * (
+                x @ a_e.T @ b_e.T)
+        assert torch.allclose(layer(x), expected, atol=1e-5)
+    assert layer.moe_router["x"].weight.shape == (3, 64)  # the router sees routed experts only
+    assert expert_of("m.moe_shared_A.0.weight") is None  # every client trains it
 
 
 def test_a_second_mixture_of_other_settings_goes_on_the_same_model():
@@ -274,15 +301,16 @@ def test_the_routing_loss_teaches_the_router_the_forced_expert():
 def test_the_routers_learn_at_moe_router_lr_and_the_experts_b_at_the_lora_plus_ratio():
     from fedlora.train.loop import param_groups, trainable_parameters
 
-    model, settings = moe_model()
+    model, settings = moe_model(**{"moe-shared": 1})
     lora = replace(settings.lora, moe_router_lr=10.0)
     groups = param_groups(model, trainable_parameters(model, "x"), 4.0,
                           lambda name: peft_method("lora-moe").lr_scale(name, lora))
     names = {id(p): n for n, p in model.named_parameters()}
     by_scale = {g["lr_scale"]: [names[id(p)] for p in g["params"]] for g in groups}
     assert sorted(by_scale) == [1.0, 4.0, 10.0]
-    assert all(".moe_A." in n for n in by_scale[1.0])
-    assert all(".moe_B." in n for n in by_scale[4.0])
+    assert all(".moe_A." in n or ".moe_shared_A." in n for n in by_scale[1.0])
+    assert all(".moe_B." in n or ".moe_shared_B." in n for n in by_scale[4.0])
+    assert sum(".moe_shared_B." in n for n in by_scale[4.0]) == 4  # 2 layers x q, v
     assert all(".moe_router." in n for n in by_scale[10.0]) and len(by_scale[10.0]) == 4
     assert sum(len(v) for v in by_scale.values()) == len(trainable_parameters(model, "x"))
 
@@ -368,7 +396,21 @@ def test_a_forced_expert_is_among_every_token_s_top_k():
     assert torch.equal(route(logits, 1, forced=1)[0], torch.tensor([[0.0, 1.0, 0.0]] * 2))
 
 
-def test_with_moe_assign_client_each_client_trains_only_its_own_expert(tmp_path):
+def test_a_forced_expert_whose_probability_underflows_still_gets_a_finite_gate():
+    """Top-1 with a forced expert the router gives probability 0 (float32 underflow): its gate
+    is 1 and the gradient finite, not 0 / 0 (a fast router reached this in a real run)."""
+    logits = torch.tensor([[0.0, -200.0, 10.0]], requires_grad=True)
+    assert float(torch.softmax(logits.detach(), -1)[0, 1]) == 0.0
+    gates, _ = route(logits, top_k=1, forced=1)
+    assert torch.equal(gates.detach(), torch.tensor([[0.0, 1.0, 0.0]]))
+    (gates * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
+    assert torch.isfinite(logits.grad).all()
+    two, _ = route(logits, top_k=2, forced=1)  # 2 with 1 forced: renormalised as before
+    assert torch.allclose(two.detach(), torch.tensor([[0.0, 0.0, 1.0]]))
+
+
+def test_with_moe_assign_client_each_client_trains_only_its_own_expert_and_the_shared(
+        tmp_path):
     from fedlora import wire
     from fedlora.records import from_array_record
 
@@ -380,8 +422,9 @@ def test_with_moe_assign_client_each_client_trains_only_its_own_expert(tmp_path)
             sent[pid].append(from_array_record(reply.content.array_records[wire.ARRAYS]))
         return reply
 
-    run_inprocess({**MOE, "moe-assign": "client", "num-server-rounds": 1,
-                   "fraction-evaluate": 0.0, "output-dir": str(tmp_path)}, 2, hook=by_client)
+    run = {**MOE, "moe-assign": "client", "moe-shared": 1, "num-server-rounds": 1,
+           "fraction-evaluate": 0.0, "output-dir": str(tmp_path)}
+    run_inprocess(run, 2, hook=by_client)
     initial = peft_method("lora-moe").initial_dense({k: tuple(v.shape) for k, v in
                                                      sent[0][0].items()}, seed=0)
     dense = {k.removeprefix("dense/"): v for k, v in read_latest(tmp_path).tensors.items()
@@ -391,15 +434,27 @@ def test_with_moe_assign_client_each_client_trains_only_its_own_expert(tmp_path)
     p0 = weights[0] / (weights[0] + weights[1])
     for key, value in dense.items():
         expert = expert_of(key)
-        if expert is None:  # the router: both clients
+        if expert is None:  # the router and the shared expert: both clients trained them
             assert torch.allclose(value, p0 * sent[0][0][key] + (1 - p0) * sent[1][0][key],
                                   atol=1e-6)
+            if ".moe_shared_B." in key:
+                assert not any(torch.equal(sent[c][0][key], initial[key]) for c in (0, 1))
         elif expert == 2:  # nobody owns expert 2: bitwise its start
             assert torch.equal(value, initial[key]), key
         else:  # expert e: client e's alone; the other client left it as it came
             assert torch.equal(value, sent[expert][0][key]), key
             assert torch.equal(sent[1 - expert][0][key], initial[key]), key
     assert any(not torch.equal(dense[k], initial[k]) for k in dense if ".moe_B.0." in k)
+    assert sum(".moe_shared_" in k for k in dense) == 8  # 2 layers x q, v x (A, B)
+    # the saved mixture, shared expert included, reloads with PEFT to the server's model
+    settings, _ = load(run)
+    reference = peft_method("lora-moe").add(
+        load_model(ModelSettings(name="tiny-llama", device="cpu"))[0], settings.lora, "global")
+    peft_method("lora-moe").set_state(reference, "global", dense)
+    loaded = PeftModel.from_pretrained(
+        load_model(ModelSettings(name="tiny-llama", device="cpu"))[0], str(tmp_path / "final"))
+    assert torch.allclose(loaded(input_ids=IDS).logits,
+                          reference.eval()(input_ids=IDS).logits, atol=1e-5)
 
 
 def test_moe_assign_client_needs_a_partition_id():

@@ -1,15 +1,20 @@
 """LoRA + mixture of experts (`peft = "lora-moe"`): E LoRA experts on each adapted layer and a
 router per layer that weighs them per token, top-k.
 
-    y = W0 x + sum_e g_e(x) s_e B_e A_e dropout(x),   g(x) = top-k of softmax(R x), renormalised
+    y = W0 x + sum_e g_e(x) s_e B_e A_e dropout(x) + sum_j s_j B'_j A'_j dropout(x),
+    g(x) = top-k of softmax(R x), renormalised
 
 R (E x k) is a small linear gate on the layer's own input, one per adapted layer: a layer's
 input is what its experts see, so it is what a choice between them can rest on, and a
 per-layer gate costs E x k values (4 x 576 on SmolLM2's projections), less than one rank-8
 expert. A gate shared per block would save little and route q, k, v, o and the FFN alike.
 Each expert e has its own rank r_e (`moe-expert-ranks`, default `lora-rank` for all) and
-scale s_e = lora-alpha / r_e. Every expert's B starts at zero, so the adapted model starts as
-the base model; the router starts at small seeded values so that tokens spread over experts.
+scale s_e = lora-alpha / r_e. `moe-shared` adds shared experts (B'_j A'_j, rank `lora-rank`,
+after DeepSeekMoE): not routed, every token uses them at full weight, and every client trains
+them whatever the assignment, so they carry what all clients have in common (FedAvg's share)
+while the routed experts keep what sets a client's data apart. Every expert's B starts at
+zero, so the adapted model starts as the base model; the router starts at small seeded values
+so that tokens spread over experts.
 
 Training adds `moe-balance` times a load-balancing term (Shazeer et al. 2017): the squared
 coefficient of variation of the experts' importance (the sum over the batch's tokens of each
@@ -29,9 +34,10 @@ builds a small PEFT method of its own (config, layer, tuner, registered as PEFT 
 `merge` (and `fedlora export`) refuse it with the reason.
 
 What crosses the wire: for each adapted layer, `moe_A.<e>.weight` (r_e, k) and
-`moe_B.<e>.weight` (d, r_e) of every expert and `moe_router.weight` (E, k); the strategy
-`lora-moe` (`fedlora/methods/lora_moe.py`) averages each expert over the clients that trained
-it and the router over all.
+`moe_B.<e>.weight` (d, r_e) of every routed expert, `moe_shared_A.<j>.weight` and
+`moe_shared_B.<j>.weight` of every shared one, and `moe_router.weight` (E, k); the strategy
+`lora-moe` (`fedlora/methods/lora_moe.py`) averages each routed expert over the clients that
+trained it, and the shared experts and the router over all.
 """
 
 from __future__ import annotations
@@ -71,14 +77,17 @@ def route(logits: torch.Tensor, top_k: int, forced: Forced = None
     """(gates, probabilities) of router logits (..., E): softmax, then the top-k probabilities
     renormalised to sum to 1, scattered back to (..., E) (zero outside the top k). With
     `forced`, that expert is always one of the k (a client training its own expert); a tensor
-    of expert ids (batch,) forces each example's own expert on all its tokens."""
-    probs = torch.softmax(logits.float(), dim=-1)
+    of expert ids (batch,) forces each example's own expert on all its tokens. The
+    renormalised top k are the softmax of their own logits: the same numbers, and finite where
+    a forced expert's probability underflows to 0 (top-1 would divide 0 by 0)."""
+    logits = logits.float()
+    probs = torch.softmax(logits, dim=-1)
     rank = probs
     if forced is not None:
         rank = probs.detach().clone().scatter_(-1, forced_index(probs, forced), 2.0)  # above any
     index = rank.topk(top_k, dim=-1).indices
-    top = probs.gather(-1, index)
-    gates = torch.zeros_like(probs).scatter(-1, index, top / top.sum(dim=-1, keepdim=True))
+    top = torch.softmax(logits.gather(-1, index), dim=-1)
+    gates = torch.zeros_like(probs).scatter(-1, index, top)
     return gates, probs
 
 
@@ -110,6 +119,8 @@ class LoraMoeConfig(PeftConfig):
 
     expert_ranks: list[int] = field(default_factory=lambda: [8, 8, 8, 8], metadata={
         "help": "One LoRA rank per expert; their number is the number of experts."})
+    shared_ranks: list[int] = field(default_factory=list, metadata={
+        "help": "One LoRA rank per shared expert (not routed: every token uses them)."})
     top_k: int = field(default=2, metadata={
         "help": "Experts each token is routed to (1 <= top_k <= number of experts)."})
     lora_alpha: float = field(default=16.0, metadata={
@@ -126,6 +137,10 @@ class LoraMoeConfig(PeftConfig):
                             for r in ranks):
             raise ValueError(f"LoraMoeConfig.expert_ranks: expected one integer >= 1 per "
                              f"expert, got {ranks!r}")
+        if any(isinstance(r, bool) or not isinstance(r, int) or r < 1
+               for r in self.shared_ranks):
+            raise ValueError(f"LoraMoeConfig.shared_ranks: expected one integer >= 1 per "
+                             f"shared expert, got {self.shared_ranks!r}")
         if not 1 <= self.top_k <= len(ranks):
             raise ValueError(f"LoraMoeConfig.top_k: expected 1..{len(ranks)} (the number of "
                              f"experts), got {self.top_k!r}")
@@ -138,15 +153,17 @@ class LoraMoeConfig(PeftConfig):
 class LoraMoeLayer(nn.Module, BaseTunerLayer):
     """A linear layer with LoRA experts and a router on its input."""
 
-    adapter_layer_names = ("moe_A", "moe_B", "moe_router")
-    other_param_names = ("moe_scaling", "moe_top_k")
+    adapter_layer_names = ("moe_A", "moe_B", "moe_router", "moe_shared_A", "moe_shared_B")
+    other_param_names = ("moe_scaling", "moe_shared_scaling", "moe_top_k")
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraMoeConfig) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.moe_A, self.moe_B = nn.ModuleDict({}), nn.ModuleDict({})
         self.moe_router, self.moe_dropout = nn.ModuleDict({}), nn.ModuleDict({})
+        self.moe_shared_A, self.moe_shared_B = nn.ModuleDict({}), nn.ModuleDict({})
         self.moe_scaling: dict[str, list[float]] = {}
+        self.moe_shared_scaling: dict[str, list[float]] = {}
         self.moe_top_k: dict[str, int] = {}
         self.balance: dict[str, torch.Tensor] = {}  # the last training forward's balance term
         self.route_nll: dict[str, torch.Tensor] = {}  # ... and its routing loss (when forced)
@@ -174,15 +191,21 @@ class LoraMoeLayer(nn.Module, BaseTunerLayer):
         a_s = [make(k, r) for r in config.expert_ranks]  # (r_e, k) each
         b_s = [make(r, d) for r in config.expert_ranks]  # (d, r_e) each
         router = make(k, len(config.expert_ranks))  # (E, k)
+        shared_a = [make(k, r) for r in config.shared_ranks]
+        shared_b = [make(r, d) for r in config.shared_ranks]
         with torch.no_grad():  # A keeps Linear's init; B zero: the base model at the start
-            for b in b_s:
+            for b in b_s + shared_b:
                 b.weight.zero_()
             router.weight.normal_(0.0, ROUTER_STD)
         self.moe_A[adapter_name], self.moe_B[adapter_name] = nn.ModuleList(a_s), nn.ModuleList(b_s)
+        self.moe_shared_A[adapter_name] = nn.ModuleList(shared_a)
+        self.moe_shared_B[adapter_name] = nn.ModuleList(shared_b)
         self.moe_router[adapter_name] = router
         self.moe_dropout[adapter_name] = (nn.Dropout(config.lora_dropout)
                                           if config.lora_dropout > 0 else nn.Identity())
         self.moe_scaling[adapter_name] = [config.lora_alpha / r for r in config.expert_ranks]
+        self.moe_shared_scaling[adapter_name] = [config.lora_alpha / r
+                                                 for r in config.shared_ranks]
         self.moe_top_k[adapter_name] = config.top_k
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
@@ -210,6 +233,11 @@ class LoraMoeLayer(nn.Module, BaseTunerLayer):
             for e, (a, b) in enumerate(experts):
                 # (..., 1) * (..., d): expert e's update on the tokens routed to it
                 update = update + gates[..., e:e + 1] * (self.moe_scaling[name][e] * b(a(h)))
+            shared = zip(cast(nn.ModuleList, self.moe_shared_A[name]),
+                         cast(nn.ModuleList, self.moe_shared_B[name]),
+                         self.moe_shared_scaling[name])
+            for a, b, scale in shared:  # every token, at full weight
+                update = update + scale * b(a(h))
             result = result + update.to(result.dtype)
         return result
 
@@ -239,11 +267,12 @@ class LoraMoeModel(LayerTuner):
         """`...moe_A.<adapter>.2.weight` -> `...moe_A.2.weight` (an expert's index follows the
         adapter name, where PEFT expects the parameter's name); the router as PEFT does."""
         head, sep, tail = key.partition(f".{adapter_name}.")
-        if sep and tail.split(".")[0].isdigit() and head.rsplit(".", 1)[-1] in ("moe_A", "moe_B"):
+        if sep and tail.split(".")[0].isdigit() and head.rsplit(".", 1)[-1] in EXPERT_LISTS:
             return f"{head}.{tail}"
         return super()._remove_adapter_name_from_key(key, adapter_name)
 
 
+EXPERT_LISTS = ("moe_A", "moe_B", "moe_shared_A", "moe_shared_B")  # indexed by expert
 register_tuner("lora_moe", LoraMoeConfig, LoraMoeModel, PREFIX)
 
 
@@ -288,10 +317,11 @@ class LoraMoe(PeftMethod):
     unused = ("num-virtual-tokens", "client-ranks", "use-rslora")
     why_unused = "it trains LoRA experts of fixed ranks and a router"
     owns = ("moe-experts", "moe-top-k", "moe-expert-ranks", "moe-balance", "moe-route",
-            "moe-router-lr")
+            "moe-router-lr", "moe-shared")
 
     def config(self, lora: LoraSettings, base_id: str | None = None) -> LoraMoeConfig:
-        return LoraMoeConfig(expert_ranks=lora.expert_ranks(), top_k=lora.moe_top_k,
+        return LoraMoeConfig(expert_ranks=lora.expert_ranks(),
+                             shared_ranks=[lora.rank] * lora.moe_shared, top_k=lora.moe_top_k,
                              lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                              target_modules=lora.modules(), task_type="CAUSAL_LM",
                              base_model_name_or_path=base_id)
@@ -315,26 +345,28 @@ class LoraMoe(PeftMethod):
 
     def initial_dense(self, shapes: dict[str, tuple[int, ...]], seed: int
                       ) -> dict[str, torch.Tensor]:
-        """A as PEFT's LoRA draws it, U(-1/sqrt(k), 1/sqrt(k)); B zero; the router
-        N(0, ROUTER_STD^2); each from a generator seeded by (seed, key)."""
+        """A as PEFT's LoRA draws it, U(-1/sqrt(k), 1/sqrt(k)); B zero (routed and shared
+        experts alike); the router N(0, ROUTER_STD^2); each from a generator seeded by (seed,
+        key)."""
         out = {}
         for key, shape in shapes.items():
             gen = torch.Generator().manual_seed(seed * 7919 + zlib.crc32(key.encode()))
-            if ".moe_B." in key:
+            if ".moe_B." in key or ".moe_shared_B." in key:
                 out[key] = torch.zeros(shape)
-            elif ".moe_A." in key:
+            elif ".moe_A." in key or ".moe_shared_A." in key:
                 bound = 1.0 / math.sqrt(shape[1])
                 out[key] = (torch.rand(shape, generator=gen) * 2 - 1) * bound
             elif key.endswith(".moe_router.weight"):
                 out[key] = torch.randn(shape, generator=gen) * ROUTER_STD
             else:
-                raise ValueError(f"{key}: expected an expert's moe_A / moe_B or a moe_router "
-                                 f"weight")
+                raise ValueError(f"{key}: expected an expert's moe_A / moe_B, a shared "
+                                 f"expert's moe_shared_A / moe_shared_B or a moe_router weight")
         return out
 
 
 def expert_of(key: str) -> int | None:
-    """The expert a wire key belongs to (`...moe_A.2.weight` -> 2); None for a router."""
+    """The routed expert a wire key belongs to (`...moe_A.2.weight` -> 2); None for a router
+    or a shared expert (every client trains those)."""
     for part in (".moe_A.", ".moe_B."):
         if part in key:
             return int(key.split(part, 1)[1].split(".", 1)[0])

@@ -57,7 +57,7 @@ def param_groups(model: torch.nn.Module, params: list[torch.nn.Parameter],
     by_scale: dict[float, list[torch.nn.Parameter]] = {}
     for p in params:
         name = names[id(p)]
-        is_b = ".lora_B." in name or ".moe_B." in name  # LoRA's B, or every expert's
+        is_b = any(f".{b}." in name for b in ("lora_B", "moe_B", "moe_shared_B"))  # every B
         scale = lora_plus_ratio if is_b else 1.0
         scale *= lr_scale(name) if lr_scale is not None else 1.0
         by_scale.setdefault(scale, []).append(p)

@@ -18,6 +18,10 @@ arm gets the same budget of local optimizer steps per client (R rounds x S steps
 - moe-routed: moe-client with the routing loss (`moe-route=1`) and the routers at 20x the
            learning rate (`moe-router-lr=20`): the router also learns, from each client's
            own expert, where a client's kind of data belongs;
+- moe-routed-top1: moe-routed with one expert per token (`moe-top-k=1`): the own expert at
+           full weight in training, the router's one choice at inference;
+- moe-shared, moe-shared-top1: moe-routed (top 2, top 1) plus a shared expert (`moe-shared=1`)
+           that every token uses and every client trains, averaged over all clients;
 - central: one adapter on the pooled train splits of all clients for K x R x S steps (the same
            total number of steps as the K clients together).
 
@@ -47,7 +51,11 @@ BIGBENCH_TASKS = ("linguistic_mappings__plural_json", "linguistic_mappings__past
 # a moe arm: (its moe-assign, other run-config settings of its own)
 MOE_ARMS = {"moe-learned": ("learned", ""), "moe-cluster": ("cluster", ""),
             "moe-client": ("client", ""),
-            "moe-routed": ("client", "moe-route=1.0 moe-router-lr=20")}
+            "moe-routed": ("client", "moe-route=1.0 moe-router-lr=20"),
+            "moe-routed-top1": ("client", "moe-route=1.0 moe-router-lr=20 moe-top-k=1"),
+            "moe-shared": ("client", "moe-route=1.0 moe-router-lr=20 moe-shared=1"),
+            "moe-shared-top1": ("client", "moe-route=1.0 moe-router-lr=20 moe-shared=1 "
+                                          "moe-top-k=1")}
 ARMS = ("base", "local", "fedavg", "hetero", *MOE_ARMS, "central")
 
 
