@@ -29,7 +29,7 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
-# docs/results.md: does federation help? (SmolLM2-135M on 2 CPU cores: about 55 minutes;
+# docs/results.md: does federation help? (SmolLM2-135M on 2 CPU cores: about 80 minutes;
 # ARGS="--split bigbench --output-dir results/federation-helps-bigbench": one real BIG-bench
 # task per client, about as long again)
 results: install

@@ -11,6 +11,9 @@ arm gets the same budget of local optimizer steps per client (R rounds x S steps
 - local:   each client trains alone for R x S steps on its own train split;
 - fedavg:  `fedlora simulate --strategy fedavg`, R rounds of S steps;
 - hetero:  `fedlora simulate --strategy flexlora` with client ranks cycling over --ranks;
+- fedsa:   `fedlora simulate --strategy fedsa-lora` (A shared, each client's B private: the
+           best strategy of benchmarks/strategy_comparison.py); no global model, so, as for
+           local, each client's own model answers the whole union and the table shows the mean;
 - moe-learned, moe-cluster, moe-client: `fedlora simulate --peft lora-moe --strategy lora-moe`
            with `moe-assign` learned (every client trains every expert, the router decides),
            cluster (clients clustered by their round-1 updates, one expert per cluster) or
@@ -56,7 +59,7 @@ MOE_ARMS = {"moe-learned": ("learned", ""), "moe-cluster": ("cluster", ""),
             "moe-shared": ("client", "moe-route=1.0 moe-router-lr=20 moe-shared=1"),
             "moe-shared-top1": ("client", "moe-route=1.0 moe-router-lr=20 moe-shared=1 "
                                           "moe-top-k=1")}
-ARMS = ("base", "local", "fedavg", "hetero", *MOE_ARMS, "central")
+ARMS = ("base", "local", "fedavg", "hetero", "fedsa", *MOE_ARMS, "central")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -165,6 +168,25 @@ def train_alone(settings, records: list[dict], steps: int, seed: int, out: Path)
     return writer.write_final(get_lora_state(slot.model, slot.adapter), settings.lora.rank)
 
 
+def personal_models(run: Path, clients: int) -> list[Path]:
+    """A fedsa-lora run's clients' own models as PEFT adapters (<run>/client-<pid>/): the
+    final shared factors with each client's private ones."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from fedlora.mixing import personal_state
+
+    out = []
+    for pid in range(clients):
+        folder = run / f"client-{pid}"
+        shutil.copytree(run / "final", folder, dirs_exist_ok=True)
+        state = personal_state(run, run / "personal" / f"client-{pid}.safetensors")
+        save_file(state, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+        out.append(folder)
+    return out
+
+
 def simulate(args: argparse.Namespace, config: dict, out: Path, extra: list[str],
              arm_config: str = "") -> Path:
     """A `fedlora simulate` run of the federated arm (`arm_config`: its own run-config
@@ -225,6 +247,10 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict[str, list[dict]]:
             results[arm] = [score(settings, simulate(
                 args, config, folder / "hetero",
                 ["--strategy", "flexlora", "--client-ranks", args.ranks]), test)]
+        elif arm == "fedsa":
+            final = simulate(args, config, folder / "fedsa", ["--strategy", "fedsa-lora"])
+            results[arm] = [score(settings, own, test)
+                            for own in personal_models(final.parent, args.clients)]
         else:  # a moe arm
             results[arm] = [score(settings, simulate(
                 args, config, folder / arm,
