@@ -41,6 +41,7 @@ from pathlib import Path
 import common
 
 from fedlora.methods import METHODS, strategies_for
+from fedlora.mixing import personal_adapter
 from fedlora.outputs import read_metrics, training_rounds
 from simulations.experiments.federation_helps import (
     bigbench_folder,
@@ -135,23 +136,6 @@ def score(settings, adapter: Path | None, test: list[dict], owner: list[int]) ->
     choice = multiple_choice(model, tokenizer, test, batch_size=16)
     return {**accuracy.metrics(), **(choice.metrics() if choice.total else {}),
             "client-accuracy": per_client, "answers": entries}
-
-
-def personal_adapter(run: Path, pid: int) -> Path:
-    """Client `pid`'s own model of a personalised run as a PEFT adapter (<run>/client-<pid>/):
-    the final shared factors, with the client's private ones (personal/client-<pid>) in place
-    of the server's (`fedlora.mixing.personal_state`)."""
-    import shutil
-
-    from safetensors.torch import save_file
-
-    from fedlora.mixing import personal_state
-
-    out = run / f"client-{pid}"
-    shutil.copytree(run / "final", out, dirs_exist_ok=True)
-    state = personal_state(run, run / "personal" / f"client-{pid}.safetensors")
-    save_file(state, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
-    return out
 
 
 def score_personal(settings, run: Path, test: list[dict], owner: list[int]) -> dict:

@@ -58,6 +58,21 @@ def personal_state(run: Path, private: Path) -> dict[str, torch.Tensor]:
     return {**state, **own}
 
 
+def personal_adapter(run: Path, pid: int) -> Path:
+    """Client `pid`'s own model of a fedsa-lora run written as a PEFT adapter folder
+    (<run>/client-<pid>/): the run's final adapter with `personal_state` in place of its
+    weights."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    out = run / f"client-{pid}"
+    shutil.copytree(run / "final", out, dirs_exist_ok=True)
+    state = personal_state(run, run / "personal" / f"client-{pid}.safetensors")
+    save_file(state, str(out / ADAPTER_FILES[1]), metadata={"format": "pt"})
+    return out
+
+
 def read_source(spec: str) -> Source:
     """The LoRA adapter `spec` names: an adapter folder, or
     `<run>/personal/client-<pid>.safetensors` (a fedsa-lora client's own model)."""

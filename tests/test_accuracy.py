@@ -4,7 +4,6 @@ prompts it generates from, and distrust of counts a node reports."""
 import math
 
 import pytest
-import torch
 
 import fedlora.train.accuracy as accuracy_module
 from fedlora.data import builtin_task
@@ -102,28 +101,3 @@ def test_the_experiment_keeps_every_scored_answer_with_its_score(tmp_path):
     right = sum(a["correct"] for a in result["answers"])
     assert result["accuracy"] == right / 5
 
-
-def test_federation_helps_builds_each_fedsa_client_s_own_model(tmp_path):
-    """simulations.experiments.federation_helps.personal_models: client p's adapter is the
-    run's final one with client p's private factors in place of the server's."""
-    from safetensors.torch import load_file, save_file
-
-    from simulations.experiments.federation_helps import personal_models
-
-    run = tmp_path / "fedsa"
-    (run / "final").mkdir(parents=True)
-    (run / "personal").mkdir()
-    a, b = "m.lora_A.weight", "m.lora_B.weight"
-    save_file({a: torch.ones(2, 3), b: torch.zeros(3, 2)},
-              str(run / "final" / "adapter_model.safetensors"))
-    (run / "final" / "adapter_config.json").write_text("{}")
-    for pid in (0, 1):
-        save_file({b: torch.full((3, 2), float(pid + 1))},
-                  str(run / "personal" / f"client-{pid}.safetensors"))
-    folders = personal_models(run, 2)
-    assert [f.name for f in folders] == ["client-0", "client-1"]
-    for pid, folder in enumerate(folders):
-        state = load_file(str(folder / "adapter_model.safetensors"))
-        assert torch.equal(state[a], torch.ones(2, 3))  # shared: the server's
-        assert torch.equal(state[b], torch.full((3, 2), float(pid + 1)))  # its own
-        assert (folder / "adapter_config.json").is_file()

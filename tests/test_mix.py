@@ -22,6 +22,7 @@ from fedlora.mixing import (
     mix,
     mixed_model,
     objective,
+    personal_adapter,
     read_source,
 )
 from fedlora.models import load_model
@@ -177,3 +178,27 @@ def test_fedsa_lora_clients_own_models_mix(tmp_path):
     expected = 0.5 * (own[0].factors[Q][0] + own[1].factors[Q][0]) @ own[0].factors[Q][1]
     assert torch.allclose(product[Q], expected, atol=1e-6)
     assert [s.rank for s in own] == [8, 8] and mix(own, [1.0, 0.0])[Q][0].shape[1] == 16
+
+
+def test_personal_adapter_writes_a_fedsa_client_s_own_model(tmp_path):
+    """Client p's adapter folder is the run's final one with client p's private factors in
+    place of the server's (what strategy_comparison and federation_helps score)."""
+    from safetensors.torch import load_file, save_file
+
+    run = tmp_path / "fedsa"
+    (run / "final").mkdir(parents=True)
+    (run / "personal").mkdir()
+    a, b = "m.lora_A.weight", "m.lora_B.weight"
+    save_file({a: torch.ones(2, 3), b: torch.zeros(3, 2)},
+              str(run / "final" / "adapter_model.safetensors"))
+    (run / "final" / "adapter_config.json").write_text("{}")
+    for pid in (0, 1):
+        save_file({b: torch.full((3, 2), float(pid + 1))},
+                  str(run / "personal" / f"client-{pid}.safetensors"))
+    folders = [personal_adapter(run, pid) for pid in (0, 1)]
+    assert [f.name for f in folders] == ["client-0", "client-1"]
+    for pid, folder in enumerate(folders):
+        state = load_file(str(folder / "adapter_model.safetensors"))
+        assert torch.equal(state[a], torch.ones(2, 3))  # shared: the server's
+        assert torch.equal(state[b], torch.full((3, 2), float(pid + 1)))  # its own
+        assert (folder / "adapter_config.json").is_file()

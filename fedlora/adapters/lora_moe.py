@@ -63,6 +63,7 @@ from fedlora.adapters.lora import check_target_modules
 from fedlora.config import LoraSettings
 
 PREFIX = "moe_"  # PEFT's prefix of the method: parameters moe_A, moe_B, moe_router
+EXPERT_LISTS = ("moe_A", "moe_B", "moe_shared_A", "moe_shared_B")  # indexed by expert
 ROUTER_STD = 0.02  # the router's initial weights: small, seeded, so tokens spread over experts
 LORA_MOE = add_peft_type("LORA_MOE")
 
@@ -272,7 +273,6 @@ class LoraMoeModel(LayerTuner):
         return super()._remove_adapter_name_from_key(key, adapter_name)
 
 
-EXPERT_LISTS = ("moe_A", "moe_B", "moe_shared_A", "moe_shared_B")  # indexed by expert
 register_tuner("lora_moe", LoraMoeConfig, LoraMoeModel, PREFIX)
 
 

@@ -52,13 +52,13 @@ BIGBENCH_TASKS = ("linguistic_mappings__plural_json", "linguistic_mappings__past
                   "unit_conversion__unit_addition_same",
                   "modified_arithmetic__three_digit_addition_control")
 # a moe arm: (its moe-assign, other run-config settings of its own)
+ROUTED = "moe-route=1.0 moe-router-lr=20"
 MOE_ARMS = {"moe-learned": ("learned", ""), "moe-cluster": ("cluster", ""),
             "moe-client": ("client", ""),
-            "moe-routed": ("client", "moe-route=1.0 moe-router-lr=20"),
-            "moe-routed-top1": ("client", "moe-route=1.0 moe-router-lr=20 moe-top-k=1"),
-            "moe-shared": ("client", "moe-route=1.0 moe-router-lr=20 moe-shared=1"),
-            "moe-shared-top1": ("client", "moe-route=1.0 moe-router-lr=20 moe-shared=1 "
-                                          "moe-top-k=1")}
+            "moe-routed": ("client", ROUTED),
+            "moe-routed-top1": ("client", f"{ROUTED} moe-top-k=1"),
+            "moe-shared": ("client", f"{ROUTED} moe-shared=1"),
+            "moe-shared-top1": ("client", f"{ROUTED} moe-shared=1 moe-top-k=1")}
 ARMS = ("base", "local", "fedavg", "hetero", "fedsa", *MOE_ARMS, "central")
 
 
@@ -168,25 +168,6 @@ def train_alone(settings, records: list[dict], steps: int, seed: int, out: Path)
     return writer.write_final(get_lora_state(slot.model, slot.adapter), settings.lora.rank)
 
 
-def personal_models(run: Path, clients: int) -> list[Path]:
-    """A fedsa-lora run's clients' own models as PEFT adapters (<run>/client-<pid>/): the
-    final shared factors with each client's private ones."""
-    import shutil
-
-    from safetensors.torch import save_file
-
-    from fedlora.mixing import personal_state
-
-    out = []
-    for pid in range(clients):
-        folder = run / f"client-{pid}"
-        shutil.copytree(run / "final", folder, dirs_exist_ok=True)
-        state = personal_state(run, run / "personal" / f"client-{pid}.safetensors")
-        save_file(state, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
-        out.append(folder)
-    return out
-
-
 def simulate(args: argparse.Namespace, config: dict, out: Path, extra: list[str],
              arm_config: str = "") -> Path:
     """A `fedlora simulate` run of the federated arm (`arm_config`: its own run-config
@@ -248,9 +229,11 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict[str, list[dict]]:
                 args, config, folder / "hetero",
                 ["--strategy", "flexlora", "--client-ranks", args.ranks]), test)]
         elif arm == "fedsa":
+            from fedlora.mixing import personal_adapter
+
             final = simulate(args, config, folder / "fedsa", ["--strategy", "fedsa-lora"])
-            results[arm] = [score(settings, own, test)
-                            for own in personal_models(final.parent, args.clients)]
+            results[arm] = [score(settings, personal_adapter(final.parent, pid), test)
+                            for pid in range(args.clients)]
         else:  # a moe arm
             results[arm] = [score(settings, simulate(
                 args, config, folder / arm,
