@@ -35,7 +35,6 @@ from fedlora.adapters import (
     Slot,
     Workspace,
     flatten,
-    lora_scale,
     module_shapes,
     set_residual,
     shared_init,
@@ -48,6 +47,7 @@ from fedlora.data import client_records, tokenize_records
 from fedlora.methods import Method, PersonalStore, load
 from fedlora.models import resolve_device
 from fedlora.records import from_array_record, to_array_record
+from fedlora.seeds import derive_seed
 from fedlora.train import evaluate, train_local
 from fedlora.train.accuracy import exact_match, generation_batch
 from fedlora.train.choices import multiple_choice
@@ -72,6 +72,12 @@ class Job:
     server_round: int
     start: dict[str, Tensor]  # the adapter the client starts from (PEFT scale)
     store: PersonalStore  # where the client keeps factors that never leave it
+
+    @property
+    def seed(self) -> int:
+        """The seed of this client's draws this round (its data order, dropout, an attack):
+        the run's seed offset by one of its own per partition and round."""
+        return self.settings.federation.seed + derive_seed(self.partition_id, self.server_round)
 
 
 def partition(context: Context) -> tuple[int, int]:
@@ -186,7 +192,7 @@ def clip_reply(job: Job, state: dict[str, Tensor], rank: int) -> dict[str, Tenso
     fed, lora = job.settings.federation, job.settings.lora
     if not fed.clip_norm or fed.dp_clipping != "client":
         return state
-    scale = lora_scale(rank, lora.alpha, lora.use_rslora)
+    scale = lora.scale(rank)
     clipped, norm, factor = clip_state(state, job.start, scale, job.method.shares, fed.clip_norm)
     if factor < 1:
         log.info("update norm %.4g clipped to clip-norm %g", norm, fed.clip_norm)
@@ -219,7 +225,7 @@ def train(msg: Message, context: Context) -> Message:
             slot.model, slot.adapter, local.examples or train_set, slot.tokenizer.pad_token_id,
             settings.train, server_round=job.server_round,
             num_rounds=settings.federation.num_rounds,
-            seed=settings.federation.seed + 1_000_003 * pid + job.server_round,
+            seed=job.seed,
             desc=f"client {pid} round {job.server_round}",
             proximal_mu=job.method.proximal_mu(settings), keep=local.keep,
             on_batch=local.on_batch,
@@ -231,7 +237,7 @@ def train(msg: Message, context: Context) -> Message:
     num_examples = len(train_set)
     if settings.attack.hostile(pid):  # a simulated hostile client (never on a deployment node)
         state = attack_state(state, job.start, settings.attack,
-                             seed=settings.federation.seed + 1_000_003 * pid + job.server_round)
+                             seed=job.seed)
         num_examples = claimed(num_examples, settings.attack,
                                settings.federation.max_num_examples)
     arrays = to_array_record(job.method.shared(state), settings.federation.wire_dtype)

@@ -17,6 +17,8 @@ from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
+from fedlora.seeds import derive_seed
+
 
 class SettingsError(ValueError):
     """A setting has the wrong type or value; the message names the key and the fix."""
@@ -76,6 +78,13 @@ def parse_client_ranks(spec: str) -> tuple[str, tuple[int, ...]]:
              "a comma-separated list of ranks >= 1 such as 4,8,16, or uniform, heavy-tail, "
              "uniform:4,8,16", spec)
     return kind, ranks
+
+
+def lora_scale(rank: int, alpha: float, use_rslora: bool) -> float:
+    """PEFT's scale of a rank-`rank` adapter: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    if rank < 1:
+        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
 
 # Record fields a loader understands (see fedlora/data/loaders.py); field-map renames to these.
@@ -221,6 +230,11 @@ class LoraSettings:
                 f"moe-experts={self.moe_experts}), comma-separated", self.moe_expert_ranks)
         return ranks
 
+    def scale(self, rank: int) -> float:
+        """LoRA scale of an adapter of `rank` trained with these settings (alpha/r, or
+        alpha/sqrt(r) with rsLoRA)."""
+        return lora_scale(rank, self.alpha, self.use_rslora)
+
     def possible_ranks(self) -> tuple[int, ...]:
         """Every rank a client of this run may train at."""
         return parse_client_ranks(self.client_ranks)[1] if self.client_ranks else (self.rank,)
@@ -232,7 +246,7 @@ class LoraSettings:
         kind, ranks = parse_client_ranks(self.client_ranks)
         if kind == "cycle":
             return ranks[partition_id % len(ranks)]
-        rng = random.Random(seed * 1_000_003 + partition_id)
+        rng = random.Random(derive_seed(seed, partition_id))
         pool = sorted(ranks)
         # heavy-tail: P(rank i) ~ 2^-i, so most clients get the smallest ranks
         weights = [1.0] * len(pool) if kind == "uniform" else [2.0 ** -i for i in range(len(pool))]

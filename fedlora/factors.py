@@ -11,22 +11,17 @@ scaling (residuals and checkpoints are stored in delta-W scale).
 
 from __future__ import annotations
 
-import math
-
 import torch
+from torch import Tensor
 
-from fedlora.aggregation.base import Factors
+# module name -> (B of shape d x r, A of shape r x k), delta-W scaled: delta W = B @ A
+Factors = dict[str, tuple[Tensor, Tensor]]
+# wire key -> a plain tensor of a PEFT method that has no low-rank factors (an IA3 vector)
+Dense = dict[str, Tensor]
 
 A_SUFFIX, B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
 # A method's `shares` -> the wire-key suffixes of the factors that cross the wire
 SHARED_SUFFIXES = {"both": (A_SUFFIX, B_SUFFIX), "B": (B_SUFFIX,), "A": (A_SUFFIX,)}
-
-
-def lora_scale(rank: int, alpha: float, use_rslora: bool) -> float:
-    """PEFT's scale of a rank-`rank` adapter: alpha / r, or alpha / sqrt(r) with rsLoRA."""
-    if rank < 1:
-        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
-    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
 
 def to_delta(factors: Factors, scale: float) -> Factors:

@@ -8,7 +8,7 @@ state database), registers the allowed SuperNode keys, runs
 `flwr run <app> fedlora --stream [--federation-config ...]` against it and streams its output
 to our stdout. Afterwards, whatever happened (normal end, exception, Ctrl-C, SIGTERM), it stops
 `flwr run`, the SuperLink and every process the run spawned, then deletes the temporary
-directory. `simulations.runner.run_simulation` and `fedlora server` are thin callers.
+directory. `fedlora simulate` and `fedlora server` are thin callers.
 
 Facts this relies on (checked against flwr 1.41.0 / ray 2.55.1):
 

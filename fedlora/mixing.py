@@ -29,7 +29,8 @@ import torch
 from safetensors.torch import load_file
 
 from fedlora.aggregation import Factors
-from fedlora.factors import from_peft, lora_scale
+from fedlora.config import lora_scale
+from fedlora.factors import from_peft
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 

@@ -28,8 +28,9 @@ from fedlora.aggregation.privacy import (
 from fedlora.aggregation.robust import change_norm, robust_merge
 from fedlora.aggregation.server_opt import ServerOptimizer
 from fedlora.config import LoraSettings
-from fedlora.factors import dense_part, flatten, from_peft, lora_scale, to_peft, unflatten
+from fedlora.factors import dense_part, flatten, from_peft, to_peft, unflatten
 from fedlora.methods import Method
+from fedlora.seeds import derive_seed
 from fedlora.wire import M
 
 
@@ -87,7 +88,7 @@ class GlobalAdapter:
 
     def scale(self, rank: int) -> float:
         """LoRA scale of an adapter of this rank (alpha/r or alpha/sqrt(r))."""
-        return lora_scale(rank, self.lora.alpha, self.lora.use_rslora)
+        return self.lora.scale(rank)
 
     # ---- what goes to clients ----------------------------------------------------------------
     def received(self, rank: int) -> Factors:
@@ -151,7 +152,7 @@ class GlobalAdapter:
         std = noise_std(self.noise_multiplier, self.clip_norm, len(updates))
         stds = {k: noise_std(self.noise_multiplier, self.clip_norm,
                              self.method.contributors(updates, k)) for k in dense}
-        generator = torch.Generator().manual_seed(self.noise_seed * 1_000_003 + server_round)
+        generator = torch.Generator().manual_seed(derive_seed(self.noise_seed, server_round))
         return (add_noise(merged, std, self.method.shares, generator),
                 add_dense_noise(dense, stds, generator), std)
 

@@ -41,6 +41,7 @@ from fedlora.aggregation.robust import (
 from fedlora.checkpoint import Checkpoint, write_checkpoint
 from fedlora.outputs import RunWriter
 from fedlora.records import factor_bytes, from_array_record, to_array_record
+from fedlora.seeds import derive_seed
 from fedlora.train.accuracy import Accuracy
 from fedlora.validation import expected_shapes, reply_problem
 from fedlora.wire import M
@@ -406,7 +407,7 @@ class RoundLoop:
             time.sleep(1)
         self.waited_for_all = True
         size = min(len(nodes), max(minimum, int(len(nodes) * fraction)))
-        rng = random.Random(self.rules.seed * 1_000_003 + server_round)
+        rng = random.Random(derive_seed(self.rules.seed, server_round))
         return sorted(rng.sample(nodes, size))
 
     def learn_ranks(self, grid: Grid, nodes: list[int], record: RoundRecord) -> None:

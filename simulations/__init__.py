@@ -1,1 +1,2 @@
-"""Local Flower Simulation Engine runs (see `simulations.runner`) and scenario files."""
+"""Local runs: scenario files (`simulations/scenarios`) and experiments
+(`simulations/experiments`)."""

@@ -15,7 +15,8 @@ from fedlora.aggregation.linalg import (
     truncate_rank,
     truncate_svd,
 )
-from fedlora.factors import from_delta, lora_scale, to_delta
+from fedlora.config import lora_scale
+from fedlora.factors import from_delta, to_delta
 from fedlora.methods import METHODS, get_method, strategies_for
 
 

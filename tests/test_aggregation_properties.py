@@ -20,7 +20,8 @@ from fedlora.aggregation.linalg import (
     stack,
     thin_qr,
 )
-from fedlora.factors import from_delta, lora_scale, to_delta
+from fedlora.config import lora_scale
+from fedlora.factors import from_delta, to_delta
 from fedlora.methods import get_method, strategies_for
 
 FAST = settings(max_examples=40, deadline=None)

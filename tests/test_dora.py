@@ -13,8 +13,8 @@ from test_peft_methods import IDS, RUN, recording_hook
 from fedlora.adapters import peft_method
 from fedlora.adapters.dora import PEFT_SUFFIX, WIRE_SUFFIX, base_norms, file_norms, row_norms
 from fedlora.checkpoint import read_latest
-from fedlora.config import ModelSettings, SettingsError
-from fedlora.factors import A_SUFFIX, B_SUFFIX, lora_scale, to_peft, unflatten
+from fedlora.config import ModelSettings, SettingsError, lora_scale
+from fedlora.factors import A_SUFFIX, B_SUFFIX, to_peft, unflatten
 from fedlora.methods import load
 from fedlora.models import load_model, resolve_source
 from fedlora.outputs import read_metrics, training_rounds

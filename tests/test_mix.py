@@ -12,9 +12,8 @@ from peft import PeftModel
 
 from fedlora.adapters import add_lora, lora_config, save_adapter
 from fedlora.cli.main import main
-from fedlora.config import LoraSettings, ModelSettings
+from fedlora.config import LoraSettings, ModelSettings, lora_scale
 from fedlora.data import builtin_task
-from fedlora.factors import lora_scale
 from fedlora.mixing import (
     SEARCHES,
     check_sources,

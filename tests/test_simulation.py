@@ -32,7 +32,7 @@ def leftover_processes() -> list[int]:
     run starts inherits)."""
     import psutil
 
-    from simulations.runner import TAG_ENV_VAR
+    from fedlora.processes import TAG_ENV_VAR
 
     key, value = next(iter(SESSION_ENV.items()))
     pids = []

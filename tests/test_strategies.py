@@ -20,8 +20,8 @@ from fedlora.adapters import (
     set_residual,
     unflatten,
 )
-from fedlora.config import LoraSettings, ModelSettings, TrainSettings
-from fedlora.factors import from_delta, lora_scale
+from fedlora.config import LoraSettings, ModelSettings, TrainSettings, lora_scale
+from fedlora.factors import from_delta
 from fedlora.methods import get_method, load_settings, method_of, strategies_for
 from fedlora.models import load_model
 from fedlora.outputs import read_metrics, training_rounds

@@ -35,7 +35,6 @@ from fedlora.factors import (
     B_SUFFIX,
     flatten,
     from_peft,
-    lora_scale,
     module_shapes,
     shared_keys,
     to_peft,
@@ -44,6 +43,6 @@ from fedlora.factors import (
 
 __all__ = ["A_SUFFIX", "B_SUFFIX", "PEFT_METHODS", "RESIDUAL", "PeftMethod", "Slot", "Workspace",
            "add_lora", "check_target_modules", "flatten", "from_peft", "get_lora_state",
-           "linear_module_names", "lora_config", "lora_scale", "module_shapes", "peft_method",
+           "linear_module_names", "lora_config", "module_shapes", "peft_method",
            "peft_names", "register_peft", "save_adapter", "set_lora_state", "set_residual",
            "shared_init", "shared_keys", "target_shapes", "to_peft", "unflatten"]

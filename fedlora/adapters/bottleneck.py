@@ -27,7 +27,6 @@ LoRA's, 16 about half (docs/peft-methods.md).
 from __future__ import annotations
 
 import math
-import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +46,7 @@ from fedlora.adapters.base import (
 )
 from fedlora.adapters.lora import check_target_modules
 from fedlora.config import ALL_LINEAR, LoraSettings
+from fedlora.seeds import INIT_MIX, derive_seed
 
 PREFIX = "bottleneck_"  # PEFT's prefix of the method: parameter names bottleneck_down/_up
 DOWN, UP = PREFIX + "down", PREFIX + "up"
@@ -214,7 +214,7 @@ class Bottleneck(PeftMethod):
         out = {}
         for key, shape in shapes.items():
             if key.endswith(f".{DOWN}.weight"):
-                gen = torch.Generator().manual_seed(seed * 7919 + zlib.crc32(key.encode()))
+                gen = torch.Generator().manual_seed(derive_seed(seed, key, mix=INIT_MIX))
                 bound = 1.0 / math.sqrt(shape[1])  # shape (s, d)
                 out[key] = (torch.rand(shape, generator=gen) * 2 - 1) * bound
             elif key.endswith((f".{DOWN}.bias", f".{UP}.weight", f".{UP}.bias")):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from safetensors.torch import save_file
 from fedlora.adapters.base import PEFT_METHODS, PeftMethod, register_peft
 from fedlora.aggregation.base import Factors
 from fedlora.config import LoraSettings
+from fedlora.seeds import INIT_MIX, derive_seed
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
 
@@ -128,7 +128,7 @@ def shared_init(shapes: dict[str, tuple[int, int]], rank: int, seed: int) -> Fac
     """
     factors: Factors = {}
     for module, (d, k) in shapes.items():
-        gen = torch.Generator().manual_seed(seed * 7919 + zlib.crc32(module.encode()))
+        gen = torch.Generator().manual_seed(derive_seed(seed, module, mix=INIT_MIX))
         bound = 1.0 / math.sqrt(k)
         a = (torch.rand((rank, k), generator=gen) * 2 - 1) * bound  # (rank, k)
         factors[module] = (torch.zeros(d, rank), a)

@@ -43,7 +43,6 @@ trained it, and the shared experts and the router over all.
 from __future__ import annotations
 
 import math
-import zlib
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -61,6 +60,7 @@ from fedlora.adapters.base import (
 )
 from fedlora.adapters.lora import check_target_modules
 from fedlora.config import LoraSettings
+from fedlora.seeds import INIT_MIX, derive_seed
 
 PREFIX = "moe_"  # PEFT's prefix of the method: parameters moe_A, moe_B, moe_router
 EXPERT_LISTS = ("moe_A", "moe_B", "moe_shared_A", "moe_shared_B")  # indexed by expert
@@ -350,7 +350,7 @@ class LoraMoe(PeftMethod):
         key)."""
         out = {}
         for key, shape in shapes.items():
-            gen = torch.Generator().manual_seed(seed * 7919 + zlib.crc32(key.encode()))
+            gen = torch.Generator().manual_seed(derive_seed(seed, key, mix=INIT_MIX))
             if ".moe_B." in key or ".moe_shared_B." in key:
                 out[key] = torch.zeros(shape)
             elif ".moe_A." in key or ".moe_shared_A." in key:

@@ -11,7 +11,6 @@ once to write PEFT's own format (which `PeftModel.from_pretrained` loads in infe
 from __future__ import annotations
 
 import math
-import zlib
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -21,6 +20,7 @@ from peft.utils.other import _prepare_prompt_learning_config
 from fedlora.adapters.base import PeftMethod, check_state
 from fedlora.adapters.prompt_tuning import INIT_STD, KEY
 from fedlora.config import LoraSettings
+from fedlora.seeds import INIT_MIX, derive_seed
 
 if TYPE_CHECKING:
     from fedlora.models import ModelSource
@@ -56,7 +56,7 @@ class EncoderMethod(PeftMethod):
         bias zero."""
         out = {}
         for key, shape in shapes.items():
-            gen = torch.Generator().manual_seed(seed * 7919 + zlib.crc32(key.encode()))
+            gen = torch.Generator().manual_seed(derive_seed(seed, key, mix=INIT_MIX))
             if key.endswith("embedding.weight"):
                 out[key] = torch.randn(shape, generator=gen) * INIT_STD
             elif key.endswith(".bias"):

@@ -18,6 +18,7 @@ from peft import PromptTuningConfig
 
 from fedlora.adapters.base import LORA_ONLY, PeftMethod, register_peft
 from fedlora.config import LoraSettings
+from fedlora.seeds import INIT_MIX, derive_seed
 
 KEY = "prompt_embeddings"  # PEFT's state-dict key of a soft prompt
 INIT_STD = 0.02
@@ -38,7 +39,7 @@ class PromptTable(PeftMethod):
 
     def initial_dense(self, shapes: dict[str, tuple[int, ...]], seed: int
                       ) -> dict[str, torch.Tensor]:
-        gen = torch.Generator().manual_seed(seed * 7919 + self.init_salt)
+        gen = torch.Generator().manual_seed(derive_seed(seed, self.init_salt, mix=INIT_MIX))
         return {k: torch.randn(shape, generator=gen) * INIT_STD for k, shape in shapes.items()}
 
 

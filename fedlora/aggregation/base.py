@@ -17,12 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-# module name -> (B of shape d x r, A of shape r x k), delta-W scaled: delta W = B @ A
-Factors = dict[str, tuple[Tensor, Tensor]]
-
-
-# wire key -> a plain tensor of a PEFT method that has no low-rank factors (an IA3 vector)
-Dense = dict[str, Tensor]
+from fedlora.factors import Dense, Factors
 
 
 @dataclass(frozen=True)

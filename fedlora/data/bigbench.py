@@ -49,7 +49,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fedlora.data.loaders import as_text
+from fedlora.data.format import as_text
 
 DEFAULT_INPUT_PREFIX = "\nQ: "
 DEFAULT_OUTPUT_PREFIX = "\nA: "

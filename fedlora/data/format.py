@@ -14,6 +14,15 @@ IGNORE = -100  # label value that the loss skips
 PLAIN_PROMPT = "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
 
 
+def as_text(value: object, field: str, where: str) -> str:
+    """A text field's value (numbers become text; None, lists and objects are refused)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise ValueError(f"{where}: field {field!r} must be text, got {value!r}")
+
+
 def to_messages(record: dict) -> list[dict]:
     """A record as chat messages; the last one is the assistant's answer."""
     if "messages" in record:

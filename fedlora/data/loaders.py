@@ -21,6 +21,7 @@ import json
 from pathlib import Path
 
 from fedlora.config import RECORD_FIELDS
+from fedlora.data.format import as_text
 
 HUB_PREFIX = "hf:"
 BIGBENCH_PREFIX = "bigbench:"  # read by fedlora.data.bigbench
@@ -158,15 +159,6 @@ def parse_json(text: str, where: str) -> object:
 
 
 # ---- records: a raw row -> one of the record forms ----
-
-def as_text(value: object, field: str, where: str) -> str:
-    """A text field's value (numbers become text; None, lists and objects are refused)."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)
-    raise ValueError(f"{where}: field {field!r} must be text, got {value!r}")
-
 
 def chat_messages(messages: object, where: str, field: str = "messages",
                   keys: tuple[str, str] = ("role", "content"), sharegpt: bool = False

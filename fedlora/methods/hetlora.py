@@ -33,7 +33,7 @@ from fedlora.aggregation.base import (
 )
 from fedlora.aggregation.linalg import product_norm, truncate_rank
 from fedlora.config import SettingsError, one_of, require
-from fedlora.factors import from_peft, lora_scale, to_peft
+from fedlora.factors import from_peft, to_peft
 from fedlora.methods.base import Method, MethodOptions, PersonalStore, option, register
 
 if TYPE_CHECKING:
@@ -152,7 +152,7 @@ class HetLoRA(Method):
         components kept."""
         if self.options.prune <= 0:
             return state, rank
-        scale = lambda r: lora_scale(r, settings.lora.alpha, settings.lora.use_rslora)
+        scale = settings.lora.scale
         factors = from_peft(state, scale(rank))
         keep = pruned_rank(factors, self.options.prune)
         if keep == rank:

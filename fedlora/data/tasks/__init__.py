@@ -25,6 +25,7 @@ import random
 from fedlora.data.tasks import arithmetic, dates, extraction, facts, strings, units  # noqa: F401
 from fedlora.data.tasks.arithmetic import OPERATIONS
 from fedlora.data.tasks.registry import SCORERS, TASKS, Record, exact, question, task
+from fedlora.seeds import INIT_MIX, derive_seed
 
 __all__ = ["SCORERS", "TASKS", "builtin_task", "family_of", "mixture", "score_answer",
            "split_suite"]
@@ -41,7 +42,7 @@ def mixture(families: list[str] | tuple[str, ...], n: int, seed: int) -> list[Re
     records = []
     for i, family in enumerate(families):
         count = n // len(families) + (i < n % len(families))
-        for record in TASKS[family](count, seed * 7919 + i) if count else []:
+        for record in TASKS[family](count, derive_seed(seed, i, mix=INIT_MIX)) if count else []:
             kind = record.get("kind", record["task"])
             records.append({**record, "task": family, "kind": kind})
     random.Random(seed).shuffle(records)
