@@ -96,7 +96,7 @@ def measure(args) -> dict:
     from fedlora.adapters import Workspace
     from fedlora.data import client_records, tokenize_records
     from fedlora.methods import load
-    from fedlora.train import train_local
+    from fedlora.train import RoundPlan, train_local
     from fedlora.train.loop import trainable_parameters
 
     settings, _ = load({"model": args.model, "peft": args.measure, "lr": args.lr,
@@ -109,7 +109,7 @@ def measure(args) -> dict:
     loaded = common.peak_rss_mib()
     result = train_local(slot.model, slot.adapter, examples, slot.tokenizer.pad_token_id,
                          replace(settings.train, local_steps=args.measure_steps),
-                         server_round=1, num_rounds=1, seed=args.seed, desc=args.measure)
+                         RoundPlan(seed=args.seed), desc=args.measure)
     return {"trainable-parameters": sum(p.numel() for p in params),
             "tokens-per-second": result.tokens / result.seconds,
             "peak-rss-mib": common.peak_rss_mib(), "rss-after-load-mib": loaded,

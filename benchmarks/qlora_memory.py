@@ -93,7 +93,7 @@ def child(args) -> None:
 
     from fedlora.adapters import Workspace
     from fedlora.config import Settings
-    from fedlora.train import train_local
+    from fedlora.train import RoundPlan, train_local
 
     quantization, dtype = VARIANTS[args.child]
     settings = Settings.from_config({
@@ -109,7 +109,7 @@ def child(args) -> None:
 
     examples = common.packed_examples(slot.tokenizer, 4 * args.batch_size, args.max_length)
     result = train_local(slot.model, slot.adapter, examples, slot.tokenizer.pad_token_id,
-                         settings.train, server_round=1, num_rounds=1, seed=0, desc=args.child)
+                         settings.train, RoundPlan(), desc=args.child)
     out.update(train_s=result.seconds, loss=result.loss, peak=common.peak_rss_mib(),
                rss_end=common.rss_mib(), anon_end=common.rss_mib("RssAnon"),
                file_end=common.rss_mib("RssFile"))

@@ -58,7 +58,7 @@ def fedlora_trainer(settings):
     from dataclasses import replace
 
     from fedlora.adapters import Workspace
-    from fedlora.train import train_local
+    from fedlora.train import RoundPlan, train_local
 
     slot = Workspace().get(settings.model, settings.lora, settings.train)
     pad_id = slot.tokenizer.pad_token_id
@@ -66,7 +66,7 @@ def fedlora_trainer(settings):
     def train(examples, steps, seed):
         result = train_local(slot.model, slot.adapter, examples, pad_id,
                              replace(settings.train, local_steps=steps),
-                             server_round=1, num_rounds=1, seed=seed, desc="fedlora")
+                             RoundPlan(seed=seed), desc="fedlora")
         return result.tokens
 
     return train, slot.tokenizer

@@ -51,6 +51,7 @@ from fedlora.seeds import derive_seed
 from fedlora.train import evaluate, train_local
 from fedlora.train.accuracy import exact_match, generation_batch
 from fedlora.train.choices import multiple_choice
+from fedlora.train.loop import RoundPlan
 
 app = ClientApp()
 WORKSPACE = Workspace()
@@ -221,16 +222,13 @@ def train(msg: Message, context: Context) -> Message:
     config = dict(msg.content.config_records[wire.CONFIG])
     with job.method.local_training(slot.model, slot.adapter, pid, settings, config, train_set,
                                    records) as local:
-        result = train_local(
-            slot.model, slot.adapter, local.examples or train_set, slot.tokenizer.pad_token_id,
-            settings.train, server_round=job.server_round,
-            num_rounds=settings.federation.num_rounds,
-            seed=job.seed,
-            desc=f"client {pid} round {job.server_round}",
-            proximal_mu=job.method.proximal_mu(settings), keep=local.keep,
-            on_batch=local.on_batch,
-            auxiliary=lambda: slot.peft.auxiliary_loss(slot.model, slot.adapter, settings.lora),
-            lr_scale=lambda name: slot.peft.lr_scale(name, settings.lora))
+        hooks = slot.peft.training_hooks(  # what the federated and the PEFT method change
+            slot.model, slot.adapter, settings.lora,
+            replace(local, proximal_mu=job.method.proximal_mu(settings)))
+        plan = RoundPlan(job.server_round, settings.federation.num_rounds, job.seed)
+        result = train_local(slot.model, slot.adapter, train_set, slot.tokenizer.pad_token_id,
+                             settings.train, plan, hooks,
+                             desc=f"client {pid} round {job.server_round}")
     state, rank = job.method.client_finish(slot.peft.get_state(slot.model, slot.adapter), job.rank,
                                            settings, job.store)
     state = clip_reply(job, state, rank)
@@ -246,7 +244,7 @@ def train(msg: Message, context: Context) -> Message:
         wire.TRAIN_LOSS: result.loss, wire.TRAIN_LOSS_FIRST: result.first_loss,
         wire.TRAIN_LOSS_LAST: result.last_loss, wire.TRAIN_STEPS: result.steps,
         wire.TRAIN_TOKENS: result.tokens, wire.TRAIN_SECONDS: result.seconds,
-        **local.metrics})
+        **hooks.metrics})
     return Message(RecordDict({wire.ARRAYS: arrays, wire.METRICS: metrics}), reply_to=msg)
 
 

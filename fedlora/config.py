@@ -2,10 +2,11 @@
 
 Every key a user can type (in `[tool.flwr.app.config]`, `--run-config "k=v"`, or a node's
 `--node-config`) is declared once here, with its help text, and validated in `__post_init__`
-with a message that names the key, what it expected and what it got. A method's own options
-(hetlora-prune, residual-rank, ...) are declared with its method in `fedlora.methods` the same
-way; `fedlora.methods.load` reads both. This module imports neither torch nor the
-methods, so validating a command line is instant.
+with a message that names the key, what it expected and what it got. A federated method's own
+options (hetlora-prune, residual-rank, ...) are declared with its method in `fedlora.methods`,
+and a PEFT method's (adapter-size, ...) with it in `fedlora.adapters`, the same way
+(`OptionGroup`); `fedlora.methods.load` reads them all. This module imports neither torch nor
+the methods, so validating a command line is instant.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ from __future__ import annotations
 import difflib
 import math
 import random
-from collections.abc import Mapping
-from dataclasses import MISSING, dataclass, field, fields
-from typing import Any
+from collections.abc import Iterable, Mapping
+from dataclasses import MISSING, Field, dataclass, field, fields
+from typing import Any, Self
 
 from fedlora.seeds import derive_seed
 
@@ -38,6 +39,28 @@ def require(ok: bool, key: str, expected: str, got: Any) -> None:
 def one_of(key: str, value: str, allowed: tuple[str, ...] | list[str]) -> None:
     """Raise a SettingsError unless `value` is one of `allowed`."""
     require(value in allowed, key, "one of " + ", ".join(allowed), value)
+
+
+@dataclass(frozen=True)
+class OptionGroup:
+    """The options one registered piece declares (a federated method's, a PEFT method's):
+    none by default; subclasses add `setting(...)` fields and check them in `__post_init__`."""
+
+    @classmethod
+    def keys(cls) -> dict[str, tuple[Any, str]]:
+        """{run-config key: (default, help)} of these options."""
+        return section_keys(cls)
+
+    @staticmethod
+    def collect(groups: Iterable[type[OptionGroup]]) -> dict[str, tuple[Any, str]]:
+        """The keys of several option groups together (a registry's)."""
+        return {k: v for group in groups for k, v in group.keys().items()}
+
+    @classmethod
+    def from_values(cls, values: Mapping[str, Any]) -> Self:
+        """The options whose keys appear in `values` (already typed), others at default."""
+        return cls(**{f.name: values[f.metadata["key"]] for f in keyed(cls)
+                      if f.metadata["key"] in values})
 
 
 QUANTIZATIONS = ("none", "8bit", "4bit")
@@ -137,46 +160,9 @@ class LoraSettings:
     peft: str = setting(
         "peft", "lora",
         "Parameter-efficient method trained on each client: lora (default; QLoRA with "
-        "quantization=4bit), dora (LoRA plus a learned magnitude per output row), ia3 "
-        "(learned rescaling vectors), prompt-tuning (a soft prompt "
-        "before the input), p-tuning (a prompt computed by an MLP encoder), prefix-tuning "
-        "(keys/values at every layer computed by an MLP), p-tuning-v2 (those keys/values "
-        "trained directly), adapter (bottleneck adapters after attention and the FFN, of "
-        "adapter-size) or lora-moe (LoRA experts with a router; strategy lora-moe); see "
+        "quantization=4bit) or another PEFT method of fedlora.adapters; `fedlora settings` "
+        "lists them, their options and the strategies that federate each; see "
         "docs/peft-methods.md.")
-    virtual_tokens: int = setting(
-        "num-virtual-tokens", 20,
-        "prompt-tuning, p-tuning, prefix-tuning, p-tuning-v2: length of the learned soft "
-        "prompt or prefix, in tokens (>= 1).")
-    adapter_size: int = setting(
-        "adapter-size", 64,
-        "adapter: width of each bottleneck adapter's hidden layer (the bottleneck), >= 1.")
-    moe_experts: int = setting(
-        "moe-experts", 4, "lora-moe: LoRA experts on each adapted layer (>= 2).")
-    moe_top_k: int = setting(
-        "moe-top-k", 2, "lora-moe: experts each token is routed to (1..moe-experts).")
-    moe_expert_ranks: str = setting(
-        "moe-expert-ranks", "",
-        "lora-moe: one rank per expert, comma-separated (4,8,8,16); empty: lora-rank for all.")
-    moe_shared: int = setting(
-        "moe-shared", 0,
-        "lora-moe: shared experts of rank lora-rank on each adapted layer, besides the routed "
-        "ones: every token uses them at full weight and every client trains them, whatever "
-        "moe-assign (>= 0; 0 = none).")
-    moe_balance: float = setting(
-        "moe-balance", 0.01,
-        "lora-moe: weight of the load-balancing term (the squared coefficient of variation of "
-        "the experts' importance) added to the training loss (>= 0; 0 = off).")
-    moe_route: float = setting(
-        "moe-route", 0.0,
-        "lora-moe with moe-assign client, field or cluster: weight of the routing loss (the "
-        "router's cross-entropy against the expert each example trains) added to the training "
-        "loss, so that the router learns to send a client's kind of data to its expert (>= 0; "
-        "0 = off).")
-    moe_router_lr: float = setting(
-        "moe-router-lr", 1.0,
-        "lora-moe: the routers' learning rate as a multiple of lr (> 0; a router starts near "
-        "uniform and has few steps to learn in).")
     rank: int = setting("lora-rank", 8, "LoRA rank r (>= 1).")
     alpha: float = setting("lora-alpha", 16.0, "LoRA alpha; the update is scaled by alpha/r "
                             "(alpha/sqrt(r) with rsLoRA).")
@@ -190,22 +176,13 @@ class LoraSettings:
         "Per-client ranks in simulation: empty (all use lora-rank), a list cycled over clients "
         "(4,8,16,32), or a distribution over 4,8,16,32,64: uniform, heavy-tail (most clients "
         "small), optionally with its own pool (heavy-tail:4,8,16).")
+    # the PEFT methods' own options ({key: typed value}, declared by each method of
+    # `fedlora.adapters` in its `Options`); a method reads its own with `options_of`
+    options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         require(bool(self.peft.strip()), "peft", "a PEFT method name such as lora", self.peft)
         require(self.rank >= 1, "lora-rank", "an integer >= 1", self.rank)
-        require(self.virtual_tokens >= 1, "num-virtual-tokens", "an integer >= 1",
-                self.virtual_tokens)
-        require(self.adapter_size >= 1, "adapter-size", "an integer >= 1", self.adapter_size)
-        require(self.moe_experts >= 2, "moe-experts", "an integer >= 2", self.moe_experts)
-        require(1 <= self.moe_top_k <= self.moe_experts, "moe-top-k",
-                f"an integer in 1..moe-experts={self.moe_experts}", self.moe_top_k)
-        require(self.moe_shared >= 0, "moe-shared", "an integer >= 0", self.moe_shared)
-        require(self.moe_balance >= 0, "moe-balance", "a number >= 0", self.moe_balance)
-        require(self.moe_route >= 0, "moe-route", "a number >= 0", self.moe_route)
-        require(self.moe_router_lr > 0, "moe-router-lr", "a number > 0 (a multiple of lr)",
-                self.moe_router_lr)
-        self.expert_ranks()  # checks moe-expert-ranks
         if self.client_ranks:
             parse_client_ranks(self.client_ranks)
         require(self.alpha > 0, "lora-alpha", "a number > 0", self.alpha)
@@ -218,17 +195,6 @@ class LoraSettings:
         if self.target_modules.strip() == "all-linear":
             return list(ALL_LINEAR)
         return [m.strip() for m in self.target_modules.split(",") if m.strip()]
-
-    def expert_ranks(self) -> list[int]:
-        """lora-moe: the rank of each expert (moe-expert-ranks, else lora-rank for all)."""
-        if not self.moe_expert_ranks.strip():
-            return [self.rank] * self.moe_experts
-        parts = [p.strip() for p in self.moe_expert_ranks.split(",") if p.strip()]
-        ranks = [int(p) for p in parts if p.isdigit()]
-        require(len(ranks) == len(parts) == self.moe_experts and all(r >= 1 for r in ranks),
-                "moe-expert-ranks", f"{self.moe_experts} integers >= 1 (one per expert, "
-                f"moe-experts={self.moe_experts}), comma-separated", self.moe_expert_ranks)
-        return ranks
 
     def scale(self, rank: int) -> float:
         """LoRA scale of an adapter of `rank` trained with these settings (alpha/r, or
@@ -388,8 +354,9 @@ class FederationSettings:
 
     num_rounds: int = setting("num-server-rounds", 3, "Federated rounds.")
     strategy: str = setting("strategy", "fedavg",
-                             "The federated method (fedlora.methods): fedavg, fedprox, ffa-lora, "
-                             "fedsa-lora, hetlora, flexlora, flora, fedex-lora, or one you add.")
+                             "The federated method (fedlora.methods): fedavg by default; "
+                             "`fedlora settings` lists every registered one with the PEFT "
+                             "methods, robust rules, DP and server optimisers it works with.")
     fraction_train: float = setting("fraction-train", 1.0,
                                      "Share of connected clients sampled to train each round.")
     fraction_evaluate: float = setting("fraction-evaluate", 1.0,
@@ -427,7 +394,7 @@ class FederationSettings:
         "dp-noise-multiplier", 0.0,
         "Client-level differential privacy (0 = off): equal client weights and Gaussian noise "
         "of std multiplier x clip-norm / clients on the merged factors; epsilon is reported "
-        "each round. fedavg, fedprox, ffa-lora, fedsa-lora only.")
+        "each round. Only strategies whose merge is a mean of the factors (`fedlora settings`).")
     dp_delta: float = setting("dp-delta", 1e-5, "delta of the (epsilon, delta) reported.")
     dp_clipping: str = setting(
         "dp-clipping", "server",
@@ -442,7 +409,8 @@ class FederationSettings:
     server_optimizer: str = setting(
         "server-optimizer", "none",
         "Server optimiser on the pseudo-gradient of the global factors: "
-        + ", ".join(SERVER_OPTIMIZERS) + " (not with flexlora, flora, fedex-lora).")
+        + ", ".join(SERVER_OPTIMIZERS) + " (not with strategies that rebuild the global "
+        "adapter every round; `fedlora settings`).")
     server_lr: float = setting("server-lr", 0.0,
                                 "Server learning rate (0 = the optimiser's default).")
     server_momentum: float = setting("server-momentum", 0.9,
@@ -521,9 +489,9 @@ class DefenceSettings:
     robust: str = setting(
         "robust", "none",
         "Robust merge on the clients' delta W: none (the strategy's own merge), median or "
-        "trimmed-mean (coordinate-wise, re-factored to the global rank; fedavg, fedprox, "
-        "flexlora, hetlora), krum (multi-Krum: the strategy merges the n - robust-f clients "
-        "nearest the others; not fedsa-lora).")
+        "trimmed-mean (coordinate-wise, re-factored to the global rank), krum (multi-Krum: the "
+        "strategy merges the n - robust-f clients nearest the others); `fedlora settings` "
+        "lists the strategies each rule fits.")
     robust_f: int = setting(
         "robust-f", 1,
         "Hostile clients the robust merge tolerates: trimmed-mean drops this many from each "
@@ -635,49 +603,57 @@ class Settings:
     @classmethod
     def from_config(cls, run_config: Mapping[str, Any],
                     node_config: Mapping[str, Any] | None = None,
-                    options: Mapping[str, tuple[Any, str]] | None = None) -> Settings:
+                    options: Mapping[str, tuple[Any, str]] | None = None,
+                    peft_options: Mapping[str, tuple[Any, str]] | None = None) -> Settings:
         """Build settings from a Flower run_config, with node_config keys taking precedence.
 
-        `options` ({key: (default, help)}, from `fedlora.methods.option_keys`) are the method
-        options to accept; their values (typed, defaults filled in) go to `Settings.options`.
+        `options` and `peft_options` ({key: (default, help)}, from `fedlora.methods.option_keys`
+        and `fedlora.adapters.option_keys`) are the federated and the PEFT methods' options to
+        accept; their values (typed, defaults filled in) go to `Settings.options` and
+        `LoraSettings.options`.
         """
         merged = {**run_config, **{k: v for k, v in (node_config or {}).items()
                                    if k not in NODE_KEYS}}
-        options = options or {}
-        known = {**all_keys(), **options}
+        options, peft_options = options or {}, peft_options or {}
+        known = {**all_keys(), **options, **peft_options}
         unknown = [k for k in merged if k not in known]
         if unknown:
             hints = [f"'{k}'" + (f" (did you mean '{m[0]}'?)" if (m := difflib.get_close_matches(
                 k, known, n=1)) else "") for k in unknown]
             raise SettingsError("unknown setting " + ", ".join(hints) +
                                 "; run `fedlora settings` to list the known keys")
+        typed = lambda keys: {k: _coerce(k, merged[k], d) if k in merged else d
+                              for k, (d, _) in keys.items()}
         sections = {}
         for name, section in SECTIONS.items():
-            kwargs = {}
-            for f in fields(section):
-                key = f.metadata["key"]
-                if key in merged:
-                    kwargs[f.name] = _coerce(key, merged[key], f.default)
+            kwargs = {f.name: _coerce(f.metadata["key"], merged[f.metadata["key"]], f.default)
+                      for f in keyed(section) if f.metadata["key"] in merged}
+            if section is LoraSettings:
+                kwargs["options"] = typed(peft_options)
             sections[name] = section(**kwargs)
-        typed = {k: _coerce(k, merged[k], d) if k in merged else d
-                 for k, (d, _) in options.items()}
-        return cls(**sections, options=typed)
+        return cls(**sections, options=typed(options))
 
     def to_config(self) -> dict[str, Any]:
         """The flat run_config that reproduces these settings."""
         out: dict[str, Any] = {}
         for name in SECTIONS:
             section = getattr(self, name)
-            for f in fields(section):
+            for f in keyed(section):
                 out[f.metadata["key"]] = getattr(section, f.name)
+        out.update(self.lora.options)
         out.update(self.options)
         return out
+
+
+def keyed(section: type) -> list[Field]:
+    """The fields of a settings dataclass that are run-config keys."""
+    return [f for f in fields(section) if "key" in f.metadata]
 
 
 def section_keys(section: type) -> dict[str, tuple[Any, str]]:
     """The keys of one settings dataclass with their defaults and help texts."""
     out = {}
-    for f in fields(section):
+    for f in keyed(section):
         assert f.default is not MISSING
         out[f.metadata["key"]] = (f.default, f.metadata["help"])
     return out

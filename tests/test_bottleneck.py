@@ -23,7 +23,7 @@ from fedlora.config import ModelSettings, Settings, SettingsError
 from fedlora.data import client_records, collate, tokenize
 from fedlora.methods import load
 from fedlora.models import load_model, model_skeleton, resolve_source
-from fedlora.train import train_local
+from fedlora.train import RoundPlan, train_local
 from fedlora.train.loss import response_loss
 
 RUN = {"model": "tiny-llama", "device": "cpu", "peft": "adapter", "adapter-size": 8,
@@ -103,7 +103,8 @@ def test_only_the_adapters_train_and_they_are_what_a_client_sends(targets, place
     s = settings(**{"target-modules": targets})
     slot = slot_of(s)
     config = slot.model.get_base_model().config
-    layers, size = config.num_hidden_layers, s.lora.adapter_size  # tiny-llama: 2 layers, s = 8
+    # tiny-llama: 2 layers, s = 8
+    layers, size = config.num_hidden_layers, s.lora.options["adapter-size"]
     trainable = {n: p for n, p in slot.model.named_parameters() if p.requires_grad}
     assert trainable.keys() == adapter_params(slot.model).keys()
     assert all(p.dtype == torch.float32 for p in trainable.values())
@@ -147,7 +148,7 @@ def test_save_pretrained_and_from_pretrained_reproduce_a_trained_adapter(tmp_pat
     s = settings()
     slot = slot_of(s)
     result = train_local(slot.model, slot.adapter, examples(slot, s), slot.tokenizer.pad_token_id,
-                         s.train, server_round=1, num_rounds=1, seed=0)
+                         s.train, RoundPlan())
     assert result.last_loss < result.first_loss
     trained = logits(slot.model)
     assert not torch.allclose(trained, base_logits(), atol=1e-4)
@@ -182,7 +183,7 @@ def test_training_on_a_4bit_base_keeps_float32_adapters_and_lowers_the_loss():
     with torch.no_grad():
         before = float(response_loss(slot.model, batch)[0])
     train_local(slot.model, slot.adapter, data, slot.tokenizer.pad_token_id, s.train,
-                server_round=1, num_rounds=1, seed=0)
+                RoundPlan())
     slot.model.eval()
     with torch.no_grad():
         after = float(response_loss(slot.model, batch)[0])
@@ -236,8 +237,8 @@ def test_adapter_refuses_the_settings_of_other_methods(key, value):
 
 @pytest.mark.parametrize("peft", ["lora", "ia3", "prompt-tuning"])
 def test_other_methods_refuse_adapter_size(peft):
-    with pytest.raises(SettingsError, match=f"setting 'adapter-size': only peft=adapter uses "
-                                            f"it, but this run trains peft={peft}"):
+    with pytest.raises(SettingsError, match=rf"setting 'adapter-size': peft={peft} does not use "
+                                            rf"it \(an option of peft=adapter\)"):
         load({"peft": peft, "adapter-size": 16})
     load({"peft": peft, "adapter-size": 64})  # the default is no change
 

@@ -12,7 +12,7 @@ import torch
 from fedlora.adapters import Workspace
 from fedlora.config import Settings
 from fedlora.data import client_records, tokenize
-from fedlora.train import evaluate, train_local
+from fedlora.train import RoundPlan, evaluate, train_local
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -35,7 +35,7 @@ def trains(settings: Settings, workspace: Workspace | None = None):
     slot, train, held = setup(settings, workspace)
     pad = slot.tokenizer.pad_token_id
     before = evaluate(slot.model, held, pad).loss
-    train_local(slot.model, slot.adapter, train, pad, settings.train, 1, 1, seed=0)
+    train_local(slot.model, slot.adapter, train, pad, settings.train, RoundPlan())
     return slot, before, evaluate(slot.model, held, pad).loss
 
 

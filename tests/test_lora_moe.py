@@ -20,6 +20,7 @@ from fedlora.adapters.lora_moe import (
     balance_loss,
     expert_of,
     force_expert,
+    moe_options,
     route,
     route_loss,
 )
@@ -30,6 +31,7 @@ from fedlora.methods import get_method, load
 from fedlora.methods.lora_moe import average_experts
 from fedlora.models import load_model
 from fedlora.outputs import read_metrics, training_rounds
+from fedlora.train import LocalTraining
 from server.global_adapter import GlobalAdapter
 
 MOE = {**RUN, "peft": "lora-moe", "strategy": "lora-moe", "moe-experts": 3, "moe-top-k": 2,
@@ -158,7 +160,8 @@ def test_lora_moe_settings_are_checked_before_a_run():
         load({**MOE, "moe-top-k": 4})
     with pytest.raises(SettingsError, match="strategy lora-moe .* needs peft=lora-moe"):
         load({**MOE, "peft": "lora"})
-    with pytest.raises(SettingsError, match="'moe-experts': only peft=lora-moe uses it"):
+    with pytest.raises(SettingsError, match=r"'moe-experts': peft=lora does not use it \(an "
+                                            r"option of peft=lora-moe\)"):
         load({"moe-experts": 8})
     with pytest.raises(SettingsError, match="moe-expert-ranks"):
         load({**MOE, "moe-expert-ranks": "4,8"})
@@ -172,11 +175,13 @@ def test_lora_moe_settings_are_checked_before_a_run():
         load({**MOE, "moe-assign": "client", "moe-route": -1.0})
     with pytest.raises(SettingsError, match="'moe-router-lr': expected a number > 0"):
         load({**MOE, "moe-router-lr": 0})
-    with pytest.raises(SettingsError, match="'moe-route': only peft=lora-moe uses it"):
+    with pytest.raises(SettingsError, match=r"'moe-route': peft=lora does not use it \(an "
+                                            r"option of peft=lora-moe\)"):
         load({"moe-route": 1.0})
     with pytest.raises(SettingsError, match="'moe-shared': expected an integer >= 0"):
         load({**MOE, "moe-shared": -1})
-    with pytest.raises(SettingsError, match="'moe-shared': only peft=lora-moe uses it"):
+    with pytest.raises(SettingsError, match=r"'moe-shared': peft=lora does not use it \(an "
+                                            r"option of peft=lora-moe\)"):
         load({"moe-shared": 1})
     settings, _ = load({**MOE, "moe-shared": 2})
     assert peft_method("lora-moe").config(settings.lora).shared_ranks == [2, 2]  # lora-rank
@@ -251,31 +256,34 @@ def test_training_records_the_balance_term_that_the_loss_adds():
     model(input_ids=IDS)
     extra = peft_method("lora-moe").auxiliary_loss(model, "x", settings.lora)
     assert extra is not None and float(extra.detach()) > 0
-    assert float(extra.detach()) == pytest.approx(settings.lora.moe_balance * float(torch.stack([
-        m.balance["x"] for m in model.modules() if isinstance(m, LoraMoeLayer)]).mean().detach()))
+    balance = torch.stack([m.balance["x"] for m in model.modules()
+                           if isinstance(m, LoraMoeLayer)]).mean().detach()
+    assert float(extra.detach()) == pytest.approx(moe_options(settings.lora).balance
+                                                  * float(balance))
 
 
 def test_moe_route_adds_the_routing_loss_only_where_an_expert_is_forced():
     model, settings = moe_model()
-    lora = replace(settings.lora, moe_route=0.5)
+    lora = replace(settings.lora, options={**settings.lora.options, "moe-route": 0.5})
     layers = [m for m in model.modules() if isinstance(m, LoraMoeLayer)]
     model.train()
     model(input_ids=IDS)  # nothing forced: the balance term alone
     balance = torch.stack([m.balance["x"] for m in layers]).mean()
     assert float(peft_method("lora-moe").auxiliary_loss(model, "x", lora).detach()) == \
-        pytest.approx(lora.moe_balance * float(balance.detach()))
+        pytest.approx(moe_options(lora).balance * float(balance.detach()))
     force_expert(model, "x", 1)
     model(input_ids=IDS)
     balance = torch.stack([m.balance["x"] for m in layers]).mean()
     nll = torch.stack([m.route_nll["x"] for m in layers]).mean()
     assert float(nll.detach()) > 0
     assert float(peft_method("lora-moe").auxiliary_loss(model, "x", lora).detach()) == \
-        pytest.approx(float((lora.moe_balance * balance + 0.5 * nll).detach()))
+        pytest.approx(float((moe_options(lora).balance * balance + 0.5 * nll).detach()))
 
 
 def test_the_routing_loss_teaches_the_router_the_forced_expert():
     model, settings = moe_model()
-    lora = replace(settings.lora, moe_balance=0.0, moe_route=1.0)
+    lora = replace(settings.lora, options={**settings.lora.options, "moe-balance": 0.0,
+                                          "moe-route": 1.0})
     routers = [p for n, p in model.named_parameters() if "moe_router" in n]
     optimizer = torch.optim.Adam(routers, lr=1e-2)
     layer = next(m for m in model.modules() if isinstance(m, LoraMoeLayer))
@@ -302,9 +310,9 @@ def test_the_routers_learn_at_moe_router_lr_and_the_experts_b_at_the_lora_plus_r
     from fedlora.train.loop import param_groups, trainable_parameters
 
     model, settings = moe_model(**{"moe-shared": 1})
-    lora = replace(settings.lora, moe_router_lr=10.0)
-    groups = param_groups(model, trainable_parameters(model, "x"), 4.0,
-                          lambda name: peft_method("lora-moe").lr_scale(name, lora))
+    lora = replace(settings.lora, options={**settings.lora.options, "moe-router-lr": 10.0})
+    hooks = peft_method("lora-moe").training_hooks(model, "x", lora, LocalTraining())
+    groups = param_groups(model, trainable_parameters(model, "x"), 4.0, hooks)
     names = {id(p): n for n, p in model.named_parameters()}
     by_scale = {g["lr_scale"]: [names[id(p)] for p in g["params"]] for g in groups}
     assert sorted(by_scale) == [1.0, 4.0, 10.0]

@@ -113,7 +113,7 @@ def search_setup(tmp_path, seed: int = 0):
     from fedlora.adapters import Workspace
     from fedlora.config import Settings
     from fedlora.data import tokenize
-    from fedlora.train import train_local
+    from fedlora.train import RoundPlan, train_local
 
     settings = Settings.from_config({"model": "tiny-llama", "device": "cpu", "lora-rank": 4,
                                      "local-steps": 30, "lr": 0.02, "lora-dropout": 0.0})
@@ -122,7 +122,7 @@ def search_setup(tmp_path, seed: int = 0):
     records = builtin_task("arithmetic", 24, seed=0)
     examples = [tokenize(r, slot.tokenizer, 64) for r in records]
     train_local(slot.model, slot.adapter, examples, slot.tokenizer.pad_token_id, settings.train,
-                1, 1, seed=0)
+                RoundPlan())
     good = {k: v for k, v in slot.peft.get_state(slot.model, slot.adapter).items()}
     save_adapter(good, lora_config(settings.lora, "tiny-llama"), tmp_path / "good",
                  extra={"model": "tiny-llama"})

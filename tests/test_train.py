@@ -8,7 +8,7 @@ import torch
 from fedlora.adapters import Workspace, get_lora_state, set_lora_state
 from fedlora.config import Settings
 from fedlora.data import client_records, tokenize
-from fedlora.train import evaluate, lr_factor, train_local
+from fedlora.train import LocalTraining, RoundPlan, evaluate, lr_factor, train_local
 
 
 def setup(settings):
@@ -24,7 +24,7 @@ def test_training_lowers_held_out_loss_and_touches_only_lora(tiny_settings):
     frozen = {n: p.clone() for n, p in slot.model.named_parameters() if ".lora_" not in n}
     before = evaluate(slot.model, held, slot.tokenizer.pad_token_id).loss
     result = train_local(slot.model, slot.adapter, train, slot.tokenizer.pad_token_id, s.train,
-                         server_round=1, num_rounds=1, seed=0)
+                         RoundPlan())
     after = evaluate(slot.model, held, slot.tokenizer.pad_token_id).loss
     assert result.steps == 30 and result.tokens > 0
     assert after < before - 0.5
@@ -42,7 +42,7 @@ def test_same_seed_same_factors(tiny_settings):
                  get_lora_state(slot.model, slot.adapter).items()}
         set_lora_state(slot.model, start, slot.adapter)
         train_local(slot.model, slot.adapter, train, slot.tokenizer.pad_token_id,
-                    tiny_settings.train, server_round=1, num_rounds=1, seed=42)
+                    tiny_settings.train, RoundPlan(seed=42))
         results.append(get_lora_state(slot.model, slot.adapter))
     assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
 
@@ -51,8 +51,8 @@ def test_gradient_accumulation_feeds_more_tokens_per_step(tiny_settings):
     s = Settings.from_config({**tiny_settings.to_config(), "grad-accum": 3, "local-steps": 2})
     slot, train, _ = setup(s)
     one = Settings.from_config({**tiny_settings.to_config(), "local-steps": 2})
-    r3 = train_local(slot.model, slot.adapter, train, 0, s.train, 1, 1, seed=0)
-    r1 = train_local(slot.model, slot.adapter, train, 0, one.train, 1, 1, seed=0)
+    r3 = train_local(slot.model, slot.adapter, train, 0, s.train, RoundPlan())
+    r1 = train_local(slot.model, slot.adapter, train, 0, one.train, RoundPlan())
     assert r3.tokens > 2 * r1.tokens
 
 
@@ -71,7 +71,7 @@ def test_paged_optimizer_is_refused_on_cpu(tiny_settings):
     s = Settings.from_config({**tiny_settings.to_config(), "optimizer": "paged-adamw-8bit"})
     slot, train, _ = setup(s)
     with pytest.raises(ValueError, match="paged-adamw-8bit' needs a CUDA device"):
-        train_local(slot.model, slot.adapter, train, 0, s.train, 1, 1, seed=0)
+        train_local(slot.model, slot.adapter, train, 0, s.train, RoundPlan())
 
 
 def test_4bit_base_trains_on_cpu(tiny_settings):
@@ -79,7 +79,7 @@ def test_4bit_base_trains_on_cpu(tiny_settings):
                               "local-steps": 20})
     slot, train, held = setup(s)
     before = evaluate(slot.model, held, slot.tokenizer.pad_token_id).loss
-    train_local(slot.model, slot.adapter, train, slot.tokenizer.pad_token_id, s.train, 1, 1, 0)
+    train_local(slot.model, slot.adapter, train, slot.tokenizer.pad_token_id, s.train, RoundPlan())
     assert evaluate(slot.model, held, slot.tokenizer.pad_token_id).loss < before
 
 
@@ -94,7 +94,7 @@ def test_a_4bit_base_in_bf16_keeps_its_norms_bf16_and_trains_on_cpu(tiny_setting
     assert all(p.dtype == torch.float32 for n, p in slot.model.named_parameters()
                if p.requires_grad)
     before = evaluate(slot.model, held, slot.tokenizer.pad_token_id).loss
-    train_local(slot.model, slot.adapter, train, slot.tokenizer.pad_token_id, s.train, 1, 1, 0)
+    train_local(slot.model, slot.adapter, train, slot.tokenizer.pad_token_id, s.train, RoundPlan())
     assert evaluate(slot.model, held, slot.tokenizer.pad_token_id).loss < before
 
 
@@ -139,7 +139,7 @@ def test_proximal_term_keeps_the_adapter_near_its_start(tiny_settings):
         torch.manual_seed(0)
         start = {k: v.clone() for k, v in get_lora_state(slot.model, slot.adapter).items()}
         train_local(slot.model, slot.adapter, train, slot.tokenizer.pad_token_id,
-                    tiny_settings.train, server_round=1, num_rounds=1, seed=0, proximal_mu=mu)
+                    tiny_settings.train, RoundPlan(), LocalTraining(proximal_mu=mu))
         end = get_lora_state(slot.model, slot.adapter)
         moved[mu] = math.sqrt(sum(((end[k] - start[k]) ** 2).sum().item() for k in start))
     assert moved[100.0] < 0.5 * moved[0.0]
@@ -158,7 +158,7 @@ def test_lora_plus_gives_b_ratio_times_as_large_a_learning_rate(tiny_settings, r
              get_lora_state(slot.model, slot.adapter).items()}
     set_lora_state(slot.model, start, slot.adapter)
     train_local(slot.model, slot.adapter, train, slot.tokenizer.pad_token_id, s.train,
-                server_round=1, num_rounds=1, seed=0)
+                RoundPlan())
     end = get_lora_state(slot.model, slot.adapter)
     moved = lambda part: max((end[k] - start[k]).abs().max().item() for k in start if part in k)
     assert moved(".lora_B.") == pytest.approx(ratio * lr, rel=1e-3)

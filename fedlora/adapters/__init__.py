@@ -17,7 +17,16 @@ from fedlora.adapters import (  # noqa: F401
     prefix_tuning,
     prompt_tuning,
 )
-from fedlora.adapters.base import PEFT_METHODS, PeftMethod, peft_method, peft_names, register_peft
+from fedlora.adapters.base import (
+    PEFT_METHODS,
+    PeftMethod,
+    PeftOptions,
+    option_keys,
+    options_of,
+    peft_method,
+    peft_names,
+    register_peft,
+)
 from fedlora.adapters.lora import (
     add_lora,
     check_target_modules,
@@ -41,8 +50,9 @@ from fedlora.factors import (
     unflatten,
 )
 
-__all__ = ["A_SUFFIX", "B_SUFFIX", "PEFT_METHODS", "RESIDUAL", "PeftMethod", "Slot", "Workspace",
-           "add_lora", "check_target_modules", "flatten", "from_peft", "get_lora_state",
-           "linear_module_names", "lora_config", "module_shapes", "peft_method",
-           "peft_names", "register_peft", "save_adapter", "set_lora_state", "set_residual",
-           "shared_init", "shared_keys", "target_shapes", "to_peft", "unflatten"]
+__all__ = ["A_SUFFIX", "B_SUFFIX", "PEFT_METHODS", "PeftMethod", "PeftOptions", "RESIDUAL", "Slot",
+           "Workspace", "add_lora", "check_target_modules", "flatten", "from_peft",
+           "get_lora_state", "linear_module_names", "lora_config", "module_shapes", "option_keys",
+           "options_of", "peft_method", "peft_names", "register_peft", "save_adapter",
+           "set_lora_state", "set_residual", "shared_init", "shared_keys", "target_shapes",
+           "to_peft", "unflatten"]

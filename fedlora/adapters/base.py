@@ -2,22 +2,25 @@
 (`peft = "ia3"`).
 
 A `PeftMethod` says how a client's model gets the method's trainable tensors (`config`, one
-PEFT config), which of the run's settings mean nothing to it (`unused`: refused when changed)
-or belong to it alone (`owns`: every other method refuses them when changed), and what the
+PEFT config), its own run-config keys (`Options`, as PEFT's tuners own their config: every
+method that does not declare a key refuses a changed value), which of the shared settings mean
+nothing to it (`unused`: refused when changed), how it changes local training (`LocalHooks`:
+an auxiliary loss, learning-rate scales, which parameters are a LoRA B), and what the
 server starts from: LoRA-family methods (`low_rank`) are federated as low-rank factors
 (`fedlora.factors`), every other method as plain tensors ("dense" tensors, keyed by PEFT's own
 state-dict keys) that the server averages as they are. `dense_shapes` reads those
 keys and shapes off a meta-device skeleton, so the server never loads base weights;
 `initial_dense` is the seeded value every machine starts from.
 
-Adding a method: a file here with a `@register_peft`ed subclass, plus its import line in
-`fedlora/adapters/__init__.py`.
+Adding a method: a file here with a `@register_peft`ed subclass (and its `Options`), plus its
+import line in `fedlora/adapters/__init__.py`; `tests/test_new_peft_method.py` shows it.
 """
 
 from __future__ import annotations
 
 import difflib
-from typing import TYPE_CHECKING, Any, ClassVar
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import torch
 from peft import (
@@ -31,16 +34,32 @@ from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from peft.tuners.tuners_utils import BaseTuner
 from peft.utils.peft_types import PeftType, register_peft_method
 
-from fedlora.config import SettingsError, all_keys
+from fedlora.config import OptionGroup, SettingsError, all_keys
 
 if TYPE_CHECKING:
     from fedlora.config import LoraSettings, Settings
     from fedlora.models import ModelSource
+    from fedlora.train.hooks import LocalTraining
 
 
 # the settings of LoRA's factors: a method without factors refuses them when they are set
 LORA_ONLY = ("lora-rank", "lora-alpha", "lora-dropout", "use-rslora", "client-ranks",
              "lora-plus-ratio")
+
+
+@dataclass(frozen=True)
+class PeftOptions(OptionGroup):
+    """A PEFT method's own settings (none by default); subclasses add `setting(...)` fields
+    and check them in `__post_init__`."""
+
+
+OptionsT = TypeVar("OptionsT", bound=PeftOptions)
+
+
+def options_of(lora: LoraSettings, kind: type[OptionsT]) -> OptionsT:
+    """A PEFT method's options (`kind`, its `Options`) from `lora.options`; keys not given
+    there take their defaults."""
+    return kind.from_values(lora.options)
 
 
 class PeftMethod:
@@ -49,18 +68,22 @@ class PeftMethod:
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""  # one line for --help and the docs
     low_rank: ClassVar[bool] = False  # trains LoRA factors (rank, alpha, client-ranks apply)
-    # settings that mean nothing to this method: a changed value is refused before a run
+    # shared settings that mean nothing to this method: a changed value is refused before a run
     unused: ClassVar[tuple[str, ...]] = ()
     why_unused: ClassVar[str] = ""  # "it learns rescaling vectors, not low-rank factors"
-    # settings that only this method uses: every other method refuses a changed value
-    owns: ClassVar[tuple[str, ...]] = ()
+    # this method's own run-config keys; every method that does not declare a key refuses it
+    Options: ClassVar[type[PeftOptions]] = PeftOptions
+    # name parts of its trainable B factors (`...lora_B.<adapter>...`): LoRA+ trains them at
+    # lora-plus-ratio times A's rate
+    b_parts: ClassVar[tuple[str, ...]] = ("lora_B",)
 
     def config(self, lora: LoraSettings, base_id: str | None = None) -> PeftConfig:
         """The PEFT config of this method for these settings."""
         raise NotImplementedError
 
     def check_settings(self, settings: Settings) -> None:
-        """Refuse settings this method has no use for (a rank for ia3) before anything runs."""
+        """Refuse settings this method has no use for (a rank for ia3) and other PEFT
+        methods' options, before anything runs; check its own options' values."""
         defaults, config = all_keys(), settings.to_config()
         for key in self.unused:
             if config[key] != defaults[key][0]:
@@ -68,13 +91,15 @@ class PeftMethod:
                     f"setting '{key}': peft={self.name} does not use it ({self.why_unused}), "
                     f"got {config[key]!r}; remove it (default {defaults[key][0]!r}) or use "
                     f"peft=lora")
-        for other in PEFT_METHODS.values():
-            for key in set(other.owns) - set(self.owns):
-                if config[key] != defaults[key][0]:
-                    raise SettingsError(
-                        f"setting '{key}': only peft={other.name} uses it, but this run trains "
-                        f"peft={self.name}; got {config[key]!r}: remove it (default "
-                        f"{defaults[key][0]!r}) or use peft={other.name}")
+        mine = self.Options.keys()
+        for key, (default, _) in option_keys().items():
+            if key not in mine and key in config and config[key] != default:
+                users = " or ".join(f"peft={m}" for m in option_owners(key))
+                raise SettingsError(
+                    f"setting '{key}': peft={self.name} does not use it (an option of "
+                    f"{users}), got {config[key]!r}; remove it (default {default!r}) or use "
+                    f"{users}")
+        self.Options.from_values(settings.lora.options)  # its own values, checked
 
     def add(self, model: torch.nn.Module, lora: LoraSettings, adapter: str) -> PeftModel:
         """Wrap `model` with this method's adapter, or add one more to an existing PeftModel."""
@@ -83,6 +108,13 @@ class PeftMethod:
             model.add_adapter(adapter, config)
             return model
         return get_peft_model(model, config, adapter_name=adapter)
+
+    def training_hooks(self, model: torch.nn.Module, adapter: str, lora: LoraSettings,
+                       hooks: LocalTraining) -> LocalTraining:
+        """`hooks` with this method's part of local training filled in: its auxiliary loss,
+        its learning-rate scales and the names of its B factors (`fedlora.train.hooks`)."""
+        return replace(hooks, auxiliary=lambda: self.auxiliary_loss(model, adapter, lora),
+                       lr_scale=lambda name: self.lr_scale(name, lora), b_parts=self.b_parts)
 
     def auxiliary_loss(self, model: torch.nn.Module, adapter: str, lora: LoraSettings
                        ) -> torch.Tensor | None:
@@ -222,8 +254,23 @@ def register_peft(cls: type[PeftMethod]) -> type[PeftMethod]:
     """Class decorator: make `cls` choosable as `peft = cls.name`."""
     if not cls.name or cls.name in PEFT_METHODS:
         raise ValueError(f"PEFT method name {cls.name!r} is empty or already registered")
+    for key, (default, _) in cls.Options.keys().items():
+        theirs = option_keys().get(key)
+        if key in all_keys() or (theirs is not None and theirs[0] != default):
+            raise ValueError(f"option {key!r} of peft={cls.name} is a shared setting or is "
+                             f"declared by another PEFT method with another default")
     PEFT_METHODS[cls.name] = cls()
     return cls
+
+
+def option_keys() -> dict[str, tuple[Any, str]]:
+    """Every PEFT method's option key with its default and help text."""
+    return OptionGroup.collect(m.Options for m in PEFT_METHODS.values())
+
+
+def option_owners(key: str) -> list[str]:
+    """The PEFT methods that declare option `key`, sorted."""
+    return sorted(n for n, m in PEFT_METHODS.items() if key in m.Options.keys())
 
 
 def peft_names() -> str:

@@ -40,12 +40,14 @@ from fedlora.adapters.base import (
     LORA_ONLY,
     LayerTuner,
     PeftMethod,
+    PeftOptions,
     add_peft_type,
+    options_of,
     register_peft,
     register_tuner,
 )
 from fedlora.adapters.lora import check_target_modules
-from fedlora.config import ALL_LINEAR, LoraSettings
+from fedlora.config import ALL_LINEAR, LoraSettings, require, setting
 from fedlora.seeds import INIT_MIX, derive_seed
 
 PREFIX = "bottleneck_"  # PEFT's prefix of the method: parameter names bottleneck_down/_up
@@ -184,6 +186,18 @@ register_tuner("bottleneck", BottleneckConfig, BottleneckModel, PREFIX)
 
 # ---- fedlora's half: peft = "adapter" --------------------------------------------------------
 
+@dataclass(frozen=True)
+class BottleneckOptions(PeftOptions):
+    """peft=adapter's own setting."""
+
+    size: int = setting("adapter-size", 64,
+                        "adapter: width of each bottleneck adapter's hidden layer (the "
+                        "bottleneck), >= 1.")
+
+    def __post_init__(self) -> None:
+        require(self.size >= 1, "adapter-size", "an integer >= 1", self.size)
+
+
 @register_peft
 class Bottleneck(PeftMethod):
     """Houlsby bottleneck adapters after attention and the FFN, adapter-size wide."""
@@ -191,14 +205,14 @@ class Bottleneck(PeftMethod):
     name = "adapter"
     summary = ("bottleneck adapters (Houlsby): a small MLP after attention and the FFN "
                "(adapter-size)")
-    unused = (*LORA_ONLY, "num-virtual-tokens")
-    why_unused = "it trains bottleneck adapters, not low-rank factors or virtual tokens"
-    owns = ("adapter-size",)
+    unused = LORA_ONLY
+    why_unused = "it trains bottleneck adapters, not low-rank factors"
+    Options = BottleneckOptions
 
     def config(self, lora: LoraSettings, base_id: str | None = None) -> BottleneckConfig:
         targets = lora.modules()
         default = targets == list(ALL_LINEAR)  # all-linear: Houlsby's places for the architecture
-        return BottleneckConfig(bottleneck_size=lora.adapter_size,
+        return BottleneckConfig(bottleneck_size=options_of(lora, BottleneckOptions).size,
                                 target_modules=None if default else targets,
                                 task_type="CAUSAL_LM", base_model_name_or_path=base_id)
 

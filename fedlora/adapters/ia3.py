@@ -25,7 +25,7 @@ class IA3(PeftMethod):
 
     name = "ia3"
     summary = "IA3: learned vectors rescaling keys, values and the FFN input (no rank)"
-    unused = (*LORA_ONLY, "num-virtual-tokens")
+    unused = LORA_ONLY
     why_unused = "it learns rescaling vectors, not low-rank factors"
 
     def config(self, lora: LoraSettings, base_id: str | None = None) -> IA3Config:

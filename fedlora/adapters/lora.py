@@ -45,8 +45,6 @@ class Lora(PeftMethod):
     name = "lora"
     summary = "LoRA: low-rank factors B, A on the target modules (QLoRA on a 4-bit base)"
     low_rank = True
-    unused = ("num-virtual-tokens",)
-    why_unused = "it trains low-rank factors, not a soft prompt"
 
     def config(self, lora: LoraSettings, base_id: str | None = None) -> LoraConfig:
         return lora_config(lora, base_id)

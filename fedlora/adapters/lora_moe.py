@@ -54,12 +54,14 @@ from torch import nn
 from fedlora.adapters.base import (
     LayerTuner,
     PeftMethod,
+    PeftOptions,
     add_peft_type,
+    options_of,
     register_peft,
     register_tuner,
 )
 from fedlora.adapters.lora import check_target_modules
-from fedlora.config import LoraSettings
+from fedlora.config import LoraSettings, require, setting
 from fedlora.seeds import INIT_MIX, derive_seed
 
 PREFIX = "moe_"  # PEFT's prefix of the method: parameters moe_A, moe_B, moe_router
@@ -307,6 +309,64 @@ def _layer_mean(model: nn.Module, adapter: str, term: str) -> torch.Tensor | Non
 
 # ---- fedlora's half: peft = "lora-moe" -------------------------------------------------------
 
+@dataclass(frozen=True)
+class LoraMoeOptions(PeftOptions):
+    """lora-moe's own settings (the strategy lora-moe has its moe-assign options)."""
+
+    experts: int = setting("moe-experts", 4, "lora-moe: LoRA experts on each adapted layer (>= 2).")
+    top_k: int = setting("moe-top-k", 2,
+                         "lora-moe: experts each token is routed to (1..moe-experts).")
+    expert_ranks: str = setting(
+        "moe-expert-ranks", "",
+        "lora-moe: one rank per expert, comma-separated (4,8,8,16); empty: lora-rank for all.")
+    shared: int = setting(
+        "moe-shared", 0,
+        "lora-moe: shared experts of rank lora-rank on each adapted layer, besides the routed "
+        "ones: every token uses them at full weight and every client trains them, whatever "
+        "moe-assign (>= 0; 0 = none).")
+    balance: float = setting(
+        "moe-balance", 0.01,
+        "lora-moe: weight of the load-balancing term (the squared coefficient of variation of "
+        "the experts' importance) added to the training loss (>= 0; 0 = off).")
+    route: float = setting(
+        "moe-route", 0.0,
+        "lora-moe with moe-assign client, field or cluster: weight of the routing loss (the "
+        "router's cross-entropy against the expert each example trains) added to the training "
+        "loss, so that the router learns to send a client's kind of data to its expert (>= 0; "
+        "0 = off).")
+    router_lr: float = setting(
+        "moe-router-lr", 1.0,
+        "lora-moe: the routers' learning rate as a multiple of lr (> 0; a router starts near "
+        "uniform and has few steps to learn in).")
+
+    def __post_init__(self) -> None:
+        require(self.experts >= 2, "moe-experts", "an integer >= 2", self.experts)
+        require(1 <= self.top_k <= self.experts, "moe-top-k",
+                f"an integer in 1..moe-experts={self.experts}", self.top_k)
+        require(self.shared >= 0, "moe-shared", "an integer >= 0", self.shared)
+        require(self.balance >= 0, "moe-balance", "a number >= 0", self.balance)
+        require(self.route >= 0, "moe-route", "a number >= 0", self.route)
+        require(self.router_lr > 0, "moe-router-lr", "a number > 0 (a multiple of lr)",
+                self.router_lr)
+        self.ranks(8)  # checks moe-expert-ranks
+
+    def ranks(self, rank: int) -> list[int]:
+        """The rank of each expert: moe-expert-ranks, else `rank` (lora-rank) for all."""
+        if not self.expert_ranks.strip():
+            return [rank] * self.experts
+        parts = [p.strip() for p in self.expert_ranks.split(",") if p.strip()]
+        ranks = [int(p) for p in parts if p.isdigit()]
+        require(len(ranks) == len(parts) == self.experts and all(r >= 1 for r in ranks),
+                "moe-expert-ranks", f"{self.experts} integers >= 1 (one per expert, "
+                f"moe-experts={self.experts}), comma-separated", self.expert_ranks)
+        return ranks
+
+
+def moe_options(lora: LoraSettings) -> LoraMoeOptions:
+    """lora-moe's options of these settings."""
+    return options_of(lora, LoraMoeOptions)
+
+
 @register_peft
 class LoraMoe(PeftMethod):
     """LoRA experts with a per-layer top-k router (federated by strategy lora-moe)."""
@@ -314,14 +374,15 @@ class LoraMoe(PeftMethod):
     name = "lora-moe"
     summary = ("LoRA + mixture of experts: moe-experts LoRA experts per layer, a top-k "
                "router per layer (strategy lora-moe)")
-    unused = ("num-virtual-tokens", "client-ranks", "use-rslora")
+    unused = ("client-ranks", "use-rslora")
     why_unused = "it trains LoRA experts of fixed ranks and a router"
-    owns = ("moe-experts", "moe-top-k", "moe-expert-ranks", "moe-balance", "moe-route",
-            "moe-router-lr", "moe-shared")
+    Options = LoraMoeOptions
+    b_parts = ("moe_B", "moe_shared_B")  # every expert's B, routed and shared
 
     def config(self, lora: LoraSettings, base_id: str | None = None) -> LoraMoeConfig:
-        return LoraMoeConfig(expert_ranks=lora.expert_ranks(),
-                             shared_ranks=[lora.rank] * lora.moe_shared, top_k=lora.moe_top_k,
+        moe = moe_options(lora)
+        return LoraMoeConfig(expert_ranks=moe.ranks(lora.rank),
+                             shared_ranks=[lora.rank] * moe.shared, top_k=moe.top_k,
                              lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                              target_modules=lora.modules(), task_type="CAUSAL_LM",
                              base_model_name_or_path=base_id)
@@ -334,14 +395,15 @@ class LoraMoe(PeftMethod):
                        ) -> torch.Tensor | None:
         """moe-balance times the balance term of the last forward pass, plus moe-route times
         its routing loss where experts were forced."""
+        moe = moe_options(lora)
         terms = [weight * term for weight, term in (
-            (lora.moe_balance, model_balance(model, adapter)),
-            (lora.moe_route, model_route_loss(model, adapter))) if weight and term is not None]
+            (moe.balance, model_balance(model, adapter)),
+            (moe.route, model_route_loss(model, adapter))) if weight and term is not None]
         return torch.stack(terms).sum() if terms else None
 
     def lr_scale(self, name: str, lora: LoraSettings) -> float:
         """moe-router-lr for the routers, 1 for the experts."""
-        return lora.moe_router_lr if ".moe_router." in name else 1.0
+        return moe_options(lora).router_lr if ".moe_router." in name else 1.0
 
     def initial_dense(self, shapes: dict[str, tuple[int, ...]], seed: int
                       ) -> dict[str, torch.Tensor]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from peft import PromptEncoderConfig
 from peft.tuners.p_tuning import PromptEncoder
 
-from fedlora.adapters.base import LORA_ONLY, register_peft
+from fedlora.adapters.base import register_peft
 from fedlora.adapters.prompt_encoder import EncoderMethod
 from fedlora.config import LoraSettings
 
@@ -25,10 +25,9 @@ class PTuning(EncoderMethod):
 
     name = "p-tuning"
     summary = "P-tuning: a soft prompt computed by an MLP prompt encoder (its weights federated)"
-    unused = (*LORA_ONLY, "target-modules")
     why_unused = "it learns a prompt encoder, not weights of the model's layers"
     encoder = PromptEncoder
 
     def config(self, lora: LoraSettings, base_id: str | None = None) -> PromptEncoderConfig:
-        return PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=lora.virtual_tokens,
+        return PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=self.tokens(lora),
                                    base_model_name_or_path=base_id)

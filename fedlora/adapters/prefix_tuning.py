@@ -21,22 +21,16 @@ from __future__ import annotations
 from peft import PrefixTuningConfig
 from peft.tuners.prefix_tuning import PrefixEncoder
 
-from fedlora.adapters.base import LORA_ONLY, PeftMethod, register_peft
+from fedlora.adapters.base import register_peft
 from fedlora.adapters.prompt_encoder import EncoderMethod
 from fedlora.adapters.prompt_tuning import PromptTable
+from fedlora.adapters.virtual_tokens import VirtualTokenMethod
 from fedlora.config import LoraSettings, Settings, SettingsError
 
 
-def prefix_config(lora: LoraSettings, projection: bool, base_id: str | None
-                  ) -> PrefixTuningConfig:
-    return PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=lora.virtual_tokens,
-                              prefix_projection=projection, base_model_name_or_path=base_id)
-
-
-class Prefixes(PeftMethod):
+class Prefixes(VirtualTokenMethod):
     """What both prefix methods refuse and ignore."""
 
-    unused = (*LORA_ONLY, "target-modules")
     why_unused = "it learns prefixes for every layer, not weights of the model's layers"
 
     def check_settings(self, settings: Settings) -> None:
@@ -46,6 +40,12 @@ class Prefixes(PeftMethod):
                 f"setting 'gradient-checkpointing': peft={self.name} passes its prefixes to "
                 f"every layer as a key/value cache, which PEFT does not combine with gradient "
                 f"checkpointing; set gradient-checkpointing=false")
+
+    def prefix_config(self, lora: LoraSettings, projection: bool, base_id: str | None
+                      ) -> PrefixTuningConfig:
+        """PEFT's prefix-tuning config, with or without the MLP reparameterisation."""
+        return PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=self.tokens(lora),
+                                  prefix_projection=projection, base_model_name_or_path=base_id)
 
 
 @register_peft
@@ -57,7 +57,7 @@ class PrefixTuning(Prefixes, EncoderMethod):
     encoder = PrefixEncoder
 
     def config(self, lora: LoraSettings, base_id: str | None = None) -> PrefixTuningConfig:
-        return prefix_config(lora, True, base_id)
+        return self.prefix_config(lora, True, base_id)
 
 
 @register_peft
@@ -69,4 +69,4 @@ class PTuningV2(Prefixes, PromptTable):
     init_salt = 2  # the prefix table, PEFT's `prompt_embeddings`, is sent as it is
 
     def config(self, lora: LoraSettings, base_id: str | None = None) -> PrefixTuningConfig:
-        return prefix_config(lora, False, base_id)
+        return self.prefix_config(lora, False, base_id)

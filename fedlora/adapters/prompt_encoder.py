@@ -17,8 +17,9 @@ import torch
 from peft import PeftModel
 from peft.utils.other import _prepare_prompt_learning_config
 
-from fedlora.adapters.base import PeftMethod, check_state
+from fedlora.adapters.base import check_state
 from fedlora.adapters.prompt_tuning import INIT_STD, KEY
+from fedlora.adapters.virtual_tokens import VirtualTokenMethod
 from fedlora.config import LoraSettings
 from fedlora.seeds import INIT_MIX, derive_seed
 
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
 PREFIX = "prompt_encoder."  # wire keys: prompt_encoder.embedding.weight, ...
 
 
-class EncoderMethod(PeftMethod):
+class EncoderMethod(VirtualTokenMethod):
     """A PEFT prompt-learning method whose encoder weights are federated."""
 
     encoder: ClassVar[Any] = None  # PEFT's encoder class, built from a prepared config
@@ -70,7 +71,7 @@ class EncoderMethod(PeftMethod):
                     source: ModelSource) -> dict[str, torch.Tensor]:
         """PEFT's saved form: what the global encoder computes for its virtual tokens."""
         tokens = state[PREFIX + "embedding.weight"].shape[0]
-        config = self.config(LoraSettings(peft=self.name, virtual_tokens=tokens))
+        config = self.config(LoraSettings(peft=self.name, options={"num-virtual-tokens": tokens}))
         config = _prepare_prompt_learning_config(config, model_config)
         config.num_transformer_submodules = 1  # a causal LM (PeftModel sets it likewise)
         encoder = self.encoder(config)

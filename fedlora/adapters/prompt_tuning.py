@@ -16,7 +16,8 @@ from typing import Any, ClassVar
 import torch
 from peft import PromptTuningConfig
 
-from fedlora.adapters.base import LORA_ONLY, PeftMethod, register_peft
+from fedlora.adapters.base import register_peft
+from fedlora.adapters.virtual_tokens import VirtualTokenMethod
 from fedlora.config import LoraSettings
 from fedlora.seeds import INIT_MIX, derive_seed
 
@@ -24,7 +25,7 @@ KEY = "prompt_embeddings"  # PEFT's state-dict key of a soft prompt
 INIT_STD = 0.02
 
 
-class PromptTable(PeftMethod):
+class PromptTable(VirtualTokenMethod):
     """A method whose one federated tensor is PEFT's table of virtual-token vectors
     (`prompt_embeddings`: the prompt encoder's embedding weight), sent as it is."""
 
@@ -49,10 +50,9 @@ class PromptTuning(PromptTable):
 
     name = "prompt-tuning"
     summary = "prompt tuning: a learned soft prompt before the input (num-virtual-tokens)"
-    unused = (*LORA_ONLY, "target-modules")
     why_unused = "it learns a soft prompt, not weights of the model's layers"
     init_salt = 1
 
     def config(self, lora: LoraSettings, base_id: str | None = None) -> PromptTuningConfig:
-        return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=lora.virtual_tokens,
+        return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=self.tokens(lora),
                                   base_model_name_or_path=base_id)

@@ -13,10 +13,40 @@ a text token's position is the same in training and in generation.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from peft import PeftModel, PeftType
+
+from fedlora.adapters.base import LORA_ONLY, PeftMethod, PeftOptions, options_of
+from fedlora.config import LoraSettings, require, setting
+
+
+@dataclass(frozen=True)
+class VirtualTokenOptions(PeftOptions):
+    """The option every virtual-token method shares."""
+
+    tokens: int = setting(
+        "num-virtual-tokens", 20,
+        "prompt-tuning, p-tuning, prefix-tuning, p-tuning-v2: length of the learned soft "
+        "prompt or prefix, in tokens (>= 1).")
+
+    def __post_init__(self) -> None:
+        require(self.tokens >= 1, "num-virtual-tokens", "an integer >= 1", self.tokens)
+
+
+class VirtualTokenMethod(PeftMethod):
+    """A PEFT method that adds num-virtual-tokens positions (a prompt or prefixes), and adapts
+    no weights of the model's layers."""
+
+    Options: ClassVar[type[PeftOptions]] = VirtualTokenOptions
+    unused = (*LORA_ONLY, "target-modules")
+
+    def tokens(self, lora: LoraSettings) -> int:
+        """num-virtual-tokens of this run."""
+        return options_of(lora, VirtualTokenOptions).tokens
+
 
 # soft prompts at the input, and prefixes at every layer
 PROMPT_TYPES = (PeftType.PROMPT_TUNING, PeftType.P_TUNING)

@@ -6,29 +6,12 @@ import argparse
 import sys
 
 from fedlora import __version__
-from fedlora.cli import certs, client, export, generate, mix, report, server, simulate
-from fedlora.config import SECTIONS, SettingsError, section_keys
+from fedlora.cli import certs, client, export, generate, mix, report, server, settings, simulate
+from fedlora.config import SettingsError
 from fedlora.quiet import quiet
 
 # Errors a user can fix from the message alone: print it, no traceback, exit code 2.
 USER_ERRORS = (SettingsError, ValueError, FileNotFoundError, FileExistsError, KeyError)
-
-
-def settings_command(args: argparse.Namespace) -> int:
-    """Print every run-config key with its default and help, by section, then each
-    method with its own options."""
-    from fedlora.methods import METHODS
-
-    for name, section in SECTIONS.items():
-        print(f"[{name}]")
-        for key, (default, help_text) in section_keys(section).items():
-            print(f"  {key:24} {default!r:24} {help_text}")
-    print("[methods] (strategy = one of these; each line after it is that method's option)")
-    for name, method in sorted(METHODS.items()):
-        print(f"  {name:24} {'':24} {method.summary}")
-        for key, (default, help_text) in method.Options.keys().items():
-            print(f"    {key:22} {default!r:24} {help_text}")
-    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,8 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description=report.__doc__.split(": ", 1)[1].strip())
     report.add_arguments(p)
     p.set_defaults(func=report.run)
-    p = sub.add_parser("settings", help="list every run-config key with default and help")
-    p.set_defaults(func=settings_command)
+    p = sub.add_parser("settings", help="list every run-config key with default and help, "
+                                        "and which strategy works with what",
+                       description=settings.__doc__.split(": ", 1)[1].strip())
+    settings.add_arguments(p)
+    p.set_defaults(func=settings.run)
     for p in (parser, *sub.choices.values()):  # before or after the command
         p.add_argument("--verbose", action="store_true",
                        default=False if p is parser else argparse.SUPPRESS,

@@ -13,7 +13,8 @@ import difflib
 from collections.abc import Mapping
 from typing import Any
 
-from fedlora.config import Settings, SettingsError
+from fedlora.adapters import option_keys as peft_option_keys
+from fedlora.config import OptionGroup, Settings, SettingsError
 
 # ---- the registry: one import line per method (importing a method registers it) ----------
 from fedlora.methods import (  # noqa: F401  # noqa: E402,F401
@@ -37,7 +38,8 @@ from fedlora.methods.base import (
     register,
 )
 
-__all__ = ["METHODS", "LocalTraining", "Method", "MethodOptions", "PersonalStore", "get_method",
+__all__ = ["METHODS", "LocalTraining", "Method", "MethodOptions", "PersonalStore", "compatibility",
+           "get_method",
            "load", "load_settings", "method_of", "names", "option_keys", "register",
            "strategies_for"]
 
@@ -47,12 +49,25 @@ def strategies_for(peft: str = "lora") -> list[str]:
     return sorted(name for name, method in METHODS.items() if method.federates(peft))
 
 
+def compatibility() -> list[dict[str, str]]:
+    """One row per strategy, read off the registries' flags: the PEFT methods it federates,
+    whether clients may train different ranks, the robust rules it accepts, whether
+    client-level DP and a server optimiser apply."""
+    from fedlora.adapters import PEFT_METHODS
+
+    yes = lambda flag: "yes" if flag else "no"
+    return [{"strategy": name,
+             "peft": ", ".join(p for p in sorted(PEFT_METHODS) if method.federates(p)),
+             "ranks differ": yes(method.heterogeneous),
+             "robust": ", ".join(sorted(method.robust_rules)) or "-",
+             "dp": yes(method.linear),
+             "server-optimizer": yes(method.server_optimizer_ok)}
+            for name, method in sorted(METHODS.items())]
+
+
 def option_keys() -> dict[str, tuple[Any, str]]:
     """Every method option's run-config key with its default and help text."""
-    out: dict[str, tuple[Any, str]] = {}
-    for method in METHODS.values():
-        out.update(method.Options.keys())
-    return out
+    return OptionGroup.collect(m.Options for m in METHODS.values())
 
 
 def owners(key: str) -> list[str]:
@@ -94,7 +109,8 @@ def load(run_config: Mapping[str, Any], node_config: Mapping[str, Any] | None = 
          ) -> tuple[Settings, Method]:
     """Settings from a Flower run_config (node_config taking precedence), every method's
     options included, and the method they choose; anything invalid raises here."""
-    settings = Settings.from_config(run_config, node_config, options=option_keys())
+    settings = Settings.from_config(run_config, node_config, options=option_keys(),
+                                    peft_options=peft_option_keys())
     return settings, method_of(settings)
 
 

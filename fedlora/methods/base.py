@@ -20,9 +20,9 @@ client weights p_i = examples / total, float64 inside, float32 out.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from torch import Tensor
@@ -39,8 +39,9 @@ from fedlora.aggregation.base import (
 )
 from fedlora.aggregation.exactness import compress
 from fedlora.aggregation.linalg import pad_rank, truncate_rank
-from fedlora.config import SettingsError, require, section_keys, setting
+from fedlora.config import OptionGroup, SettingsError, require, setting
 from fedlora.factors import shared_keys
+from fedlora.train.hooks import LocalTraining
 
 if TYPE_CHECKING:
     from fedlora.config import LoraSettings, Settings
@@ -49,19 +50,9 @@ option = setting  # a method option is declared like any other setting
 
 
 @dataclass(frozen=True)
-class MethodOptions:
-    """A method's own settings (none by default); subclasses add `option(...)` fields."""
-
-    @classmethod
-    def keys(cls) -> dict[str, tuple[Any, str]]:
-        """{run-config key: (default, help)} of these options."""
-        return section_keys(cls)
-
-    @classmethod
-    def from_values(cls, values: Mapping[str, Any]) -> MethodOptions:
-        """The options whose keys appear in `values` (already typed), others at default."""
-        return cls(**{f.name: values[f.metadata["key"]] for f in fields(cls)
-                      if f.metadata["key"] in values})
+class MethodOptions(OptionGroup):
+    """A federated method's own settings (none by default); subclasses add `option(...)`
+    fields."""
 
 
 @dataclass(frozen=True)
@@ -75,16 +66,6 @@ class ResidualOptions(MethodOptions):
 
     def __post_init__(self) -> None:
         require(self.residual_rank >= 1, "residual-rank", "an integer >= 1", self.residual_rank)
-
-
-@dataclass(frozen=True)
-class LocalTraining:
-    """How a method changes one client's local training (`Method.local_training`)."""
-
-    keep: Callable[[str], bool] | None = None  # the adapter parameters that train (None: all)
-    examples: list[dict] | None = None  # the examples to train on instead (with extra fields)
-    on_batch: Callable[[list[dict]], None] | None = None  # before each micro-batch's forward
-    metrics: dict[str, Any] = field(default_factory=dict)  # added to the client's reply
 
 
 class PersonalStore(Protocol):

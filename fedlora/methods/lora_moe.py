@@ -52,7 +52,7 @@ from torch import Tensor
 from torch.nn import Module
 
 from fedlora import wire
-from fedlora.adapters.lora_moe import expert_of, force_expert
+from fedlora.adapters.lora_moe import expert_of, force_expert, moe_options
 from fedlora.aggregation.base import (
     ClientUpdate,
     Dense,
@@ -150,7 +150,7 @@ def field_values(settings: Settings, field: str) -> list[str]:
 def record_experts(records: list[dict], field: str, settings: Settings) -> list[int]:
     """Each record's expert: the index of its `field` value among the dataset's sorted
     values, modulo moe-experts."""
-    index = {v: i % settings.lora.moe_experts for i, v in enumerate(field_values(settings,
+    index = {v: i % moe_options(settings.lora).experts for i, v in enumerate(field_values(settings,
                                                                                  field))}
     return [index[str(r[field])] for r in records]
 
@@ -206,12 +206,13 @@ class LoraMoe(Method):
                 "setting 'packing': moe-assign=field routes each example to the expert of its "
                 "record's field value, and packing puts several records in one example; set "
                 "packing=false")
-        if self.options.assign == "learned" and settings.lora.moe_route:
+        route = moe_options(settings.lora).route
+        if self.options.assign == "learned" and route:
             raise SettingsError(
                 f"setting 'moe-route': the routing loss teaches the router the expert each "
                 f"example belongs to, and with moe-assign=learned no example belongs to one, "
-                f"got moe-route={settings.lora.moe_route}; set moe-assign=client, field or "
-                f"cluster, or moe-route=0")
+                f"got moe-route={route}; set moe-assign=client, field or cluster, or "
+                f"moe-route=0")
         if self.options.assign == "cluster" and settings.federation.dp_noise_multiplier:
             raise SettingsError(
                 "setting 'moe-assign': cluster groups the clients by their raw updates, a use "
@@ -239,18 +240,18 @@ class LoraMoe(Method):
         if partition_id < 0:
             raise ValueError("moe-assign=client needs each client's partition id (simulation, "
                              "or fedlora client --partition-id)")
-        return partition_id % lora.moe_experts
+        return partition_id % moe_options(lora).experts
 
     def trained_experts(self, partition_id: int, lora: LoraSettings,
                         metrics: Mapping[str, Any] | None = None) -> frozenset[int] | None:
         """The one expert the client owns; field: the experts its reply lists; None (all)
         when it owns none."""
         if self.options.assign == "field":
-            listed = (metrics or {}).get(wire.MOE_EXPERTS)
+            listed, experts = (metrics or {}).get(wire.MOE_EXPERTS), moe_options(lora).experts
             if not (isinstance(listed, list) and listed and all(
-                    isinstance(e, int) and 0 <= e < lora.moe_experts for e in listed)):
+                    isinstance(e, int) and 0 <= e < experts for e in listed)):
                 raise ValueError(f"moe-assign=field: expected '{wire.MOE_EXPERTS}', the experts "
-                                 f"the reply trained (integers in 0..{lora.moe_experts - 1}), "
+                                 f"the reply trained (integers in 0..{experts - 1}), "
                                  f"got {listed!r}")
             return frozenset(listed)
         expert = self.owned_expert(partition_id, lora)

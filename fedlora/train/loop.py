@@ -12,9 +12,23 @@ import torch
 from fedlora.config import TrainSettings
 from fedlora.data import collate
 from fedlora.models.quantization import paged_adamw_8bit
+from fedlora.train.hooks import LocalTraining
 from fedlora.train.loss import response_loss
 from fedlora.train.progress import StepProgress
 from fedlora.train.schedule import lr_factor
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """Where this round of local training stands in the run: its place in the learning-rate
+    schedule (round `server_round` of `num_rounds`) and the seed of its draws."""
+
+    server_round: int = 1
+    num_rounds: int = 1
+    seed: int = 0
+
+
+PLAIN = LocalTraining()
 
 
 @dataclass
@@ -33,7 +47,7 @@ def trainable_parameters(model: torch.nn.Module, adapter: str,
                          keep: Callable[[str], bool] | None = None) -> list[torch.nn.Parameter]:
     """The active adapter's parameters (PEFT names them with the adapter as one part of
     the path: `...lora_A.<adapter>.weight`, `...ia3_l.<adapter>`), those `keep` accepts when
-    given (a lora-moe client training its own expert); everything else stays frozen, a frozen
+    given (a client training only some experts); everything else stays frozen, a frozen
     residual adapter included."""
     params = []
     for name, p in model.named_parameters():
@@ -47,19 +61,16 @@ def trainable_parameters(model: torch.nn.Module, adapter: str,
 
 
 def param_groups(model: torch.nn.Module, params: list[torch.nn.Parameter],
-                 lora_plus_ratio: float,
-                 lr_scale: Callable[[str], float] | None = None) -> list[dict]:
+                 lora_plus_ratio: float, hooks: LocalTraining = PLAIN) -> list[dict]:
     """Optimizer groups, each with its `lr_scale` (times the scheduled lr): one group, or with
-    LoRA+ the B factors (every expert's B with lora-moe) apart at `lora_plus_ratio` times A's
-    learning rate; `lr_scale(name)` multiplies a parameter's scale (the PEFT method's own,
-    e.g. lora-moe's routers)."""
+    LoRA+ the B factors (`hooks.is_b`) apart at `lora_plus_ratio` times A's learning rate;
+    the PEFT method's `hooks.scale(name)` multiplies a parameter's scale (a router's own)."""
     names = {id(p): name for name, p in model.named_parameters()}
     by_scale: dict[float, list[torch.nn.Parameter]] = {}
     for p in params:
         name = names[id(p)]
-        is_b = any(f".{b}." in name for b in ("lora_B", "moe_B", "moe_shared_B"))  # every B
-        scale = lora_plus_ratio if is_b else 1.0
-        scale *= lr_scale(name) if lr_scale is not None else 1.0
+        scale = lora_plus_ratio if hooks.is_b(name) else 1.0
+        scale *= hooks.scale(name)
         by_scale.setdefault(scale, []).append(p)
     return [{"params": group, "lr_scale": scale} for scale, group in by_scale.items()]
 
@@ -84,35 +95,34 @@ def batches(examples: list[dict], batch_size: int, seed: int):
 
 
 def train_local(model: torch.nn.Module, adapter: str, examples: list[dict], pad_id: int,
-                settings: TrainSettings, server_round: int, num_rounds: int, seed: int,
-                desc: str = "train", proximal_mu: float = 0.0,
-                auxiliary: Callable[[], torch.Tensor | None] | None = None,
-                keep: Callable[[str], bool] | None = None,
-                on_batch: Callable[[list[dict]], None] | None = None,
-                lr_scale: Callable[[str], float] | None = None) -> TrainResult:
+                settings: TrainSettings, plan: RoundPlan = RoundPlan(),
+                hooks: LocalTraining = PLAIN, desc: str = "train") -> TrainResult:
     """Train the active adapter for `settings.local_steps` optimizer steps and report losses.
 
-    With `proximal_mu` > 0 (FedProx) the loss gets (mu/2) ||theta - theta_start||^2 over the
-    LoRA parameters, theta_start being the global adapter this round started from.
-    `auxiliary`, called after each forward pass, gives a term to add to the loss (the PEFT
-    method's `auxiliary_loss`: lora-moe's load balance), or None; the reported losses are
-    the language-model loss alone. `keep` limits the adapter's parameters that train
-    (`trainable_parameters`); `on_batch` is called with each micro-batch's examples before
-    its forward pass (they may carry fields beyond the tokens, which collate ignores).
-    `lr_scale(name)` multiplies a parameter's learning rate (the PEFT method's `lr_scale`).
+    `plan` places the round in the run's learning-rate schedule and seeds its draws; `hooks`
+    says what the federated and the PEFT method change (`fedlora.train.hooks`): with
+    `hooks.proximal_mu` > 0 (FedProx) the loss gets (mu/2) ||theta - theta_start||^2 over the
+    adapter's parameters, theta_start being the global adapter this round started from;
+    `hooks.auxiliary()`, called after each forward pass, gives a term to add to the loss, or
+    None (the reported losses are the language-model loss alone); `hooks.keep` limits the
+    parameters that train; `hooks.on_batch` is called with each micro-batch's examples before
+    its forward pass (they may carry fields beyond the tokens, which collate ignores);
+    `hooks.examples`, when given, replace `examples`.
     """
+    examples = hooks.examples or examples
     if not examples:
         raise ValueError("this client has no training examples")
     device = next(model.parameters()).device
-    torch.manual_seed(seed)  # LoRA dropout draws
-    params = trainable_parameters(model, adapter, keep)
-    optimizer = make_optimizer(param_groups(model, params, settings.lora_plus_ratio, lr_scale),
+    torch.manual_seed(plan.seed)  # LoRA dropout draws
+    params = trainable_parameters(model, adapter, hooks.keep)
+    optimizer = make_optimizer(param_groups(model, params, settings.lora_plus_ratio, hooks),
                                settings, device.type)
-    anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []
+    mu = hooks.proximal_mu
+    anchor = [p.detach().clone() for p in params] if mu > 0 else []
     # The schedule spans the whole run: round r continues where round r-1 stopped.
-    total_steps = num_rounds * settings.local_steps
-    first_step = (server_round - 1) * settings.local_steps
-    stream = batches(examples, settings.batch_size, seed)
+    total_steps = plan.num_rounds * settings.local_steps
+    first_step = (plan.server_round - 1) * settings.local_steps
+    stream = batches(examples, settings.batch_size, plan.seed)
     model.train()
     losses, tokens, start = [], 0, time.perf_counter()
     progress = StepProgress(settings.local_steps, desc)
@@ -124,19 +134,19 @@ def train_local(model: torch.nn.Module, adapter: str, examples: list[dict], pad_
         step_loss = 0.0
         for _ in range(settings.grad_accum):
             examples_now = next(stream)
-            if on_batch is not None:  # e.g. lora-moe routing each example to its own expert
-                on_batch(examples_now)
+            if hooks.on_batch is not None:  # e.g. routing each example to its own expert
+                hooks.on_batch(examples_now)
             batch = {k: v.to(device) for k, v in collate(examples_now, pad_id).items()}
             tokens += int(batch["attention_mask"].sum())
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.bf16):
                 # response tokens only (-100: prompt, pad), LM head in chunks (loss.py)
                 loss, _ = response_loss(model, batch)
             plain_loss = loss.item()
-            extra = auxiliary() if auxiliary is not None else None
+            extra = hooks.auxiliary() if hooks.auxiliary is not None else None
             if extra is not None:  # e.g. the experts' load balance, from this forward pass
                 loss = loss + extra
             if anchor:  # FedProx: stay near the global adapter this round started from
-                loss = loss + proximal_mu / 2 * sum(((p - p0) ** 2).sum()
+                loss = loss + mu / 2 * sum(((p - p0) ** 2).sum()
                                                     for p, p0 in zip(params, anchor))
             (loss / settings.grad_accum).backward()
             step_loss += plain_loss / settings.grad_accum

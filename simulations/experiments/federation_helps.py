@@ -153,7 +153,7 @@ def train_alone(settings, records: list[dict], steps: int, seed: int, out: Path)
     )
     from fedlora.data import tokenize_records
     from fedlora.outputs import RunWriter
-    from fedlora.train import train_local
+    from fedlora.train import RoundPlan, train_local
 
     slot = Workspace().get(settings.model, settings.lora, settings.train)
     shapes = module_shapes(get_lora_state(slot.model, slot.adapter))
@@ -161,8 +161,7 @@ def train_alone(settings, records: list[dict], steps: int, seed: int, out: Path)
                    slot.adapter)
     examples = tokenize_records(records, slot.tokenizer, settings.train.max_length)
     train_local(slot.model, slot.adapter, examples, slot.tokenizer.pad_token_id,
-                replace(settings.train, local_steps=steps), server_round=1, num_rounds=1,
-                seed=seed, desc=out.name)
+                replace(settings.train, local_steps=steps), RoundPlan(seed=seed), desc=out.name)
     writer = RunWriter(out, lora_config(settings.lora, slot.source.base_id),
                        {"model": settings.model.name, "steps": steps})
     return writer.write_final(get_lora_state(slot.model, slot.adapter), settings.lora.rank)
