@@ -25,8 +25,6 @@ METRICS = "metrics"
 SERVER_ROUND = "server-round"
 RANK = "rank"
 INIT_SEED = "init-seed"
-MOE_EXPERT = "moe-expert"  # lora-moe, moe-assign=cluster: the expert this node trains
-MOE_EXPERTS = "moe-experts"  # lora-moe, moe-assign=field: the experts a reply trained (list)
 
 # ---- a node's metric record ---------------------------------------------------------------
 LORA_RANK = "lora-rank"
@@ -88,7 +86,6 @@ class M:
     DOWN_WEIGHTED = "down-weighted"  # [{node-id, node-name, reason}]: capped or not merged
     ROBUST = "robust"  # the robust merge of the round (none, median, trimmed-mean, krum)
     MERGE_SECONDS = "merge-seconds"  # the server's screens and merge of the round
-    MOE_CLUSTERS = "moe-clusters"  # lora-moe, moe-assign=cluster: partition id -> expert
     SERVER_EVAL_LOSS = "server-eval-loss"
     SERVER_ACCURACY = "server-accuracy"
     # per-client fields inside CLIENTS

@@ -28,7 +28,7 @@ from fedlora.aggregation import ClientUpdate
 from fedlora.checkpoint import read_latest
 from fedlora.config import ModelSettings, SettingsError
 from fedlora.methods import get_method, load
-from fedlora.methods.lora_moe import average_experts
+from fedlora.methods.lora_moe import NODE_EXPERT, REPLY_EXPERTS, average_experts
 from fedlora.models import load_model
 from fedlora.outputs import read_metrics, training_rounds
 from fedlora.train import LocalTraining
@@ -499,7 +499,7 @@ def test_with_moe_assign_cluster_clients_train_the_expert_of_their_cluster(tmp_p
             sent.setdefault(pid, []).append(
                 from_array_record(reply.content.array_records[wire.ARRAYS]))
             told.setdefault(pid, []).append(
-                received.content.config_records[wire.CONFIG].get(wire.MOE_EXPERT))
+                received.content.config_records[wire.CONFIG].get(NODE_EXPERT))
         return reply
 
     run_inprocess({**MOE, "moe-assign": "cluster", "moe-experts": 2, "fraction-evaluate": 0.0,
@@ -612,7 +612,7 @@ def test_with_moe_assign_field_each_family_trains_its_own_expert(tmp_path):
             metrics = reply.content.metric_records[wire.METRICS]
             pid = int(metrics[wire.PARTITION_ID])
             sent[pid] = from_array_record(reply.content.array_records[wire.ARRAYS])
-            listed[pid] = list(metrics[wire.MOE_EXPERTS])
+            listed[pid] = list(metrics[REPLY_EXPERTS])
         return reply
 
     config = {**MOE, "moe-experts": 4, "moe-assign": "field", "num-server-rounds": 1,

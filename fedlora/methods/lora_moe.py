@@ -51,7 +51,6 @@ import torch
 from torch import Tensor
 from torch.nn import Module
 
-from fedlora import wire
 from fedlora.adapters.lora_moe import expert_of, force_expert, moe_options
 from fedlora.aggregation.base import (
     ClientUpdate,
@@ -63,7 +62,6 @@ from fedlora.aggregation.base import (
 )
 from fedlora.config import SettingsError, one_of, require
 from fedlora.methods.base import LocalTraining, Method, MethodOptions, option, register
-from fedlora.wire import M
 
 if TYPE_CHECKING:
     from fedlora.config import LoraSettings, Settings
@@ -119,6 +117,10 @@ def cosine_clusters(vectors: list[Tensor], k: int) -> list[int]:
 
 
 EXPERT = "moe-expert"  # moe-assign=field: an example's expert, beside its tokens
+# what lora-moe adds to the messages and to metrics.jsonl
+NODE_EXPERT = "moe-expert"  # moe-assign=cluster: the expert a node trains (its message config)
+REPLY_EXPERTS = "moe-experts"  # moe-assign=field: the experts a reply trained (its metrics)
+CLUSTERS = "moe-clusters"  # moe-assign=cluster: partition id -> expert (metrics, checkpoint)
 _FIELD_VALUES: dict[tuple, list[str]] = {}  # the last dataset's sorted values of a field
 
 
@@ -232,7 +234,7 @@ class LoraMoe(Method):
         when it trains every expert."""
         if self.options.assign == "cluster":
             if config is not None:
-                expert = config.get(wire.MOE_EXPERT)
+                expert = config.get(NODE_EXPERT)
                 return expert if isinstance(expert, int) else None
             return self.clusters.get(partition_id)
         if self.options.assign != "client":
@@ -247,10 +249,10 @@ class LoraMoe(Method):
         """The one expert the client owns; field: the experts its reply lists; None (all)
         when it owns none."""
         if self.options.assign == "field":
-            listed, experts = (metrics or {}).get(wire.MOE_EXPERTS), moe_options(lora).experts
+            listed, experts = (metrics or {}).get(REPLY_EXPERTS), moe_options(lora).experts
             if not (isinstance(listed, list) and listed and all(
                     isinstance(e, int) and 0 <= e < experts for e in listed)):
-                raise ValueError(f"moe-assign=field: expected '{wire.MOE_EXPERTS}', the experts "
+                raise ValueError(f"moe-assign=field: expected '{REPLY_EXPERTS}', the experts "
                                  f"the reply trained (integers in 0..{experts - 1}), "
                                  f"got {listed!r}")
             return frozenset(listed)
@@ -264,7 +266,7 @@ class LoraMoe(Method):
     def node_config(self, partition_id: int) -> dict[str, int]:
         """cluster: the node's expert, once the clients are clustered."""
         expert = self.clusters.get(partition_id)
-        return {} if expert is None else {wire.MOE_EXPERT: expert}
+        return {} if expert is None else {NODE_EXPERT: expert}
 
     def observe(self, server_round: int, updates: list[ClientUpdate], partitions: list[int],
                 received: Dense) -> dict[str, Any]:
@@ -277,13 +279,13 @@ class LoraMoe(Method):
                             for k in sorted(received)]) for u in updates]
         labels = cosine_clusters(moved, min(experts, len(moved)))
         self.clusters = dict(zip(partitions, labels))
-        return {M.MOE_CLUSTERS: {str(p): e for p, e in sorted(self.clusters.items())}}
+        return {CLUSTERS: {str(p): e for p, e in sorted(self.clusters.items())}}
 
     def state(self) -> dict[str, Any]:
-        return {"moe-clusters": {str(p): e for p, e in self.clusters.items()}}
+        return {CLUSTERS: {str(p): e for p, e in self.clusters.items()}}
 
     def restore(self, state: dict[str, Any]) -> None:
-        self.clusters = {int(p): int(e) for p, e in state.get("moe-clusters", {}).items()}
+        self.clusters = {int(p): int(e) for p, e in state.get(CLUSTERS, {}).items()}
 
     @contextmanager
     def local_training(self, model: Module, adapter: str, partition_id: int,
@@ -299,7 +301,7 @@ class LoraMoe(Method):
             try:
                 yield LocalTraining(
                     keep=lambda name: parameter_expert(name, adapter) in (None, *owned),
-                    examples=tagged, metrics={wire.MOE_EXPERTS: sorted(owned)},
+                    examples=tagged, metrics={REPLY_EXPERTS: sorted(owned)},
                     on_batch=lambda batch: force_expert(
                         model, adapter, torch.tensor([x[EXPERT] for x in batch])))
             finally:
