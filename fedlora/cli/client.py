@@ -22,7 +22,7 @@ from fedlora.data.loaders import BIGBENCH_PREFIX
 from fedlora.methods import load_settings
 
 if TYPE_CHECKING:
-    from fedlora.launch import NodeExit
+    from fedlora.runtime.supernode import NodeExit
 
 # flag -> node-config key
 NODE_FLAGS = {"data_path": "data-path", "rank": "lora-rank", "quantization": "quantization",
@@ -181,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
     if not 0.05 <= args.poll_interval <= 60:
         raise ValueError(f"--poll-interval {args.poll_interval}: expected seconds between "
                          f"0.05 and 60")
-    from fedlora.launch import run_supernode
+    from fedlora.runtime.supernode import run_supernode
 
     print(f"fedlora: client node -> {args.server} "
           f"({'TLS' if args.root_certificates else 'insecure'}) with "

@@ -81,7 +81,7 @@ def tls_files(certs_dir: Path | None) -> tuple[Path, Path, Path] | None:
 
 def superlink_spec(args: argparse.Namespace, out_dir: Path):
     """The SuperLinkSpec for these flags, refusing an unprotected public address."""
-    from fedlora.launch import SuperLinkSpec
+    from fedlora.runtime.superlink import SuperLinkSpec
 
     host, port = parse_address(args.address)
     control = port + 1 if args.control_port is None else args.control_port
@@ -122,8 +122,8 @@ def run(args: argparse.Namespace) -> int:
     spec = superlink_spec(args, out_dir)
     if not settings.federation.resume:
         prepare_output(out_dir, args.overwrite)
-    from fedlora.launch import run_app
     from fedlora.preflight import check_model
+    from fedlora.runtime.superlink import run_app
 
     print(f"fedlora: checking model {settings.model.name!r} ...", file=sys.stderr)
     check_model(settings)

@@ -173,8 +173,8 @@ def run(args: argparse.Namespace) -> int:
     import torch  # after validation: a typo in a flag is reported before heavy imports
 
     from fedlora.data import describe_partition
-    from fedlora.launch import run_simulation
     from fedlora.preflight import preflight
+    from fedlora.runtime.superlink import run_simulation
 
     settings = load_settings(config)
     out_dir = Path(config["output-dir"])

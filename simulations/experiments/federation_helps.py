@@ -276,7 +276,7 @@ def write_results(args: argparse.Namespace, results: dict, extra: dict | None = 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fedlora.quiet import quiet
+    from fedlora.runtime.quiet import quiet
 
     args = parse_args(argv)
     quiet()  # fedlora's own output, not the dependencies' warnings (runs inherit it)

@@ -75,7 +75,7 @@ def gates_by_record(model, tokenizer, records: list[dict], max_length: int) -> l
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fedlora.quiet import quiet  # first: importing fedlora readies the environment
+    from fedlora.runtime.quiet import quiet  # first: importing fedlora readies the environment
 
     args = parse_args(argv)
     quiet()
