@@ -18,8 +18,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fedlora.cli.runconfig import parse_run_config
-from fedlora.data.loaders import BIGBENCH_PREFIX
-from fedlora.methods import load_settings
 
 if TYPE_CHECKING:
     from fedlora.runtime.supernode import NodeExit
@@ -89,6 +87,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def node_config(args: argparse.Namespace) -> dict:
     """The node config from the flags, validated like a run config (clear errors, exit 2)."""
+    from fedlora.data.loaders import BIGBENCH_PREFIX
+    from fedlora.methods import load_settings
+
     config = parse_run_config(args.node_config)
     for flag, key in NODE_FLAGS.items():
         if getattr(args, flag) is not None:

@@ -18,7 +18,6 @@ from pathlib import Path
 
 from fedlora.cli.simulate import add_run_arguments, build_config, prepare_output, report_result
 from fedlora.config import SettingsError
-from fedlora.methods import load_settings
 
 DEFAULT_ADDRESS = "127.0.0.1:9092"
 CERT_FILES = ("ca.crt", "server.pem", "server.key")  # what `fedlora certs` writes
@@ -112,6 +111,8 @@ def superlink_spec(args: argparse.Namespace, out_dir: Path):
 def run(args: argparse.Namespace) -> int:
     """Validate, pre-check the model, serve the run, print the summary; the exit code."""
     config, min_nodes = build_config(args, clients_flag="min_nodes")
+    from fedlora.methods import load_settings
+
     settings = load_settings(config)
     if settings.attack.on:
         raise SettingsError(
