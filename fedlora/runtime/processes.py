@@ -104,7 +104,6 @@ class SignalGuard:
         raise SystemExit(128 + signum)
 
 
-
 class SimulationSetupError(RuntimeError):
     """The Flower infrastructure (SuperLink, temp dir, executables) could not be set up."""
 
@@ -145,7 +144,7 @@ def child_env(bin_dir: Path, flwr_home: Path, ray_tmp: Path, tag: str) -> dict[s
 
 
 def spawn(state: RunState, cmd: list[str], env: dict[str, str], stdout: Any
-           ) -> subprocess.Popen[bytes]:
+          ) -> subprocess.Popen[bytes]:
     """Start one process of the run in the temp dir, in a session of its own (a terminal's
     Ctrl-C reaches only us, and we stop the run in order), tracked for cleanup."""
     proc = subprocess.Popen(  # pylint: disable=consider-using-with
@@ -154,6 +153,7 @@ def spawn(state: RunState, cmd: list[str], env: dict[str, str], stdout: Any
     if state.tracker is not None:
         state.tracker.add_session(proc.pid)
     return proc
+
 
 @dataclass(frozen=True)
 class _Proc:

@@ -8,7 +8,8 @@ state database), registers the allowed SuperNode keys, runs
 `flwr run <app> fedlora --stream [--federation-config ...]` against it and streams its output
 to our stdout. Afterwards, whatever happened (normal end, exception, Ctrl-C, SIGTERM), it stops
 `flwr run`, the SuperLink and every process the run spawned, then deletes the temporary
-directory. `fedlora simulate` and `fedlora server` are thin callers.
+directory. `fedlora simulate` and `fedlora server` are thin callers; a client node's side
+(`fedlora client`) is supernode.py.
 
 Facts this relies on (checked against flwr 1.41.0 / ray 2.55.1):
 
@@ -83,7 +84,7 @@ MAX_RAY_TMPDIR_LEN = 36
 _RUN_ID = re.compile(r"Successfully started run (\d+)")
 
 
-# --------------------------------------------------------------------------- errors / output
+# --------------------------------------------------------------------------- the SuperLink's spec
 
 
 @dataclass(frozen=True)

@@ -139,7 +139,7 @@ def run_supernode(flags: list[str], isolation: str = "resident",
     try:
         try:
             env = child_env(bin_dir, Path(os.environ.get("FLWR_HOME", tmp / "flwr_home")),
-                             tmp / "ray", state.tag)
+                            tmp / "ray", state.tag)
             # The SuperNode starts its task processes by name: ours come first on its PATH,
             # so it runs only fedlora's own ClientApp (clients/app_guard.py).
             _write_guard_shims(tmp / "guard")
