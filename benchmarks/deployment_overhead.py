@@ -53,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common
 
-from fedlora import pacing
+from fedlora.runtime import pacing
 
 ROOT = Path(__file__).resolve().parents[1]
 HOOK = Path(__file__).resolve().parent / "clientapp_timing"
@@ -341,8 +341,8 @@ def report(args, config, runs: dict, iso) -> dict:
                             for k, v in pieces.items()],
                            f"Deployment round ({name}), measured inside the ClientApp processes")
     waits = (pacing.NODE_POLL_S, pacing.SUPEREXEC_POLL_S, pacing.REPLY_POLL_S)
-    print(f"Polling intervals in these runs (fedlora/pacing.py): an idle node asks the server "
-          f"every {waits[0]} s (fedlora client --poll-interval; Flower's own: 3 s), the "
+    print(f"Polling intervals in these runs (fedlora/runtime/pacing.py): an idle node asks the "
+          f"server every {waits[0]} s (fedlora client --poll-interval; Flower's own: 3 s), the "
           f"SuperExec asks its node every {waits[1]} s (Flower: 1 s), the ServerApp pulls "
           f"replies every {waits[2]} s (Flower: 3 s); expected wait per message, half of "
           f"each: about {sum(waits) / 2:.2f} s\n")

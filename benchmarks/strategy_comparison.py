@@ -43,9 +43,14 @@ import common
 from fedlora.methods import METHODS, strategies_for
 from fedlora.mixing import personal_adapter
 from fedlora.outputs import read_metrics, training_rounds
-from simulations.experiments.federation_helps import (
-    bigbench_folder,
+from simulations.experiments.harness import (
+    SIMULATE,
     client_splits,
+    domain_config,
+    exact_answers,
+    load_scored,
+    run_config_text,
+    split_dataset,
     write_results,
 )
 
@@ -85,20 +90,13 @@ def parse_args(argv: list[str] | None = None):
 
 def split_config(args, split: str, seed: int) -> dict:
     """The data and budget settings of one split (the run config on top)."""
-    from fedlora.cli.runconfig import parse_run_config
-
-    if split == "families":
-        dataset = f"builtin:{args.families}"
-    elif split == "bigbench":
-        folder = bigbench_folder(args.bigbench_dir, args.bigbench_tasks, args.output_dir)
-        dataset = f"bigbench:{folder}"
-    else:
-        raise SystemExit(f"--splits: unknown split {split!r}; known: families, bigbench")
-    config = parse_run_config(args.run_config)
-    config.update({"model": args.model, "dataset": dataset, "partitioner": "by-field",
-                   "partition-field": "task", "eval-fraction": 0.2, "seed": seed,
-                   "local-steps": args.local_steps, "num-server-rounds": args.rounds})
-    return config
+    try:
+        dataset = split_dataset(split, args.families, args.bigbench_dir, args.bigbench_tasks,
+                                args.output_dir)
+    except ValueError as exc:
+        raise SystemExit(f"--splits: {exc}") from None
+    return domain_config(args.run_config, args.model, dataset, seed, args.local_steps,
+                        args.rounds)
 
 
 def client_count(args, split: str) -> int:
@@ -116,19 +114,11 @@ def union_test(settings, clients: int, seed: int, per_client: int) -> tuple[list
 
 def score(settings, adapter: Path | None, test: list[dict], owner: list[int]) -> dict:
     """Union and per-client exact match, choice accuracy, and every scored answer."""
-    from peft import PeftModel
-
-    from fedlora.models import load_model
-    from fedlora.train.accuracy import exact_match, scored_answers
     from fedlora.train.choices import multiple_choice
 
-    model, tokenizer, _ = load_model(settings.model)
-    if adapter is not None:
-        model = PeftModel.from_pretrained(model, str(adapter))
+    model, tokenizer = load_scored(settings, adapter)
     model.eval()
-    accuracy, answers = exact_match(model, tokenizer, test, settings.data.dataset,
-                                    settings.train.max_new_tokens, batch_size=16)
-    entries = scored_answers(test, answers, settings.data.dataset)
+    accuracy, entries = exact_answers(settings, model, tokenizer, test)
     for entry, pid in zip(entries, owner, strict=True):
         entry["client"] = pid
     per_client = {str(pid): statistics.mean(e["correct"] for e in entries if e["client"] == pid)
@@ -166,9 +156,8 @@ def run_arm(args, arm: str, config: dict, clients: int, out: Path) -> tuple[list
     optimizer, _, server_lr = server.partition("@")
     method = METHODS[strategy]
     ranks = args.client_ranks if method.heterogeneous else str(args.homogeneous_rank)
-    settings = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else v}"
-                        for k, v in config.items())
-    cmd = [sys.executable, "-m", "fedlora.cli.main", "simulate", "--strategy", strategy,
+    settings = run_config_text(config)
+    cmd = [*SIMULATE, "--strategy", strategy,
            "--num-clients", str(clients), "--client-ranks", ranks, "--output-dir", str(out),
            "--overwrite", "--run-config",
            f"{settings} initial-eval=false fraction-evaluate=0.0 eval-accuracy=0 "

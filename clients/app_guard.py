@@ -4,7 +4,7 @@ A Flower SuperNode runs whatever app bundle (FAB) a run brings: `flwr-clientapp`
 bundle, puts it on `sys.path` and imports the ClientApp it names, so whoever can submit a run
 can run code on every node. A fedlora node trusts only the code installed on it. `fedlora
 client` therefore puts this guard first on the SuperNode's PATH under the names of Flower's
-task commands (`fedlora.launch.GUARDED_COMMANDS`):
+task commands (`fedlora.runtime.supernode.GUARDED_COMMANDS`):
 
 * `flwr-clientapp`: Flower's own ClientApp process, except that the bundle is checked
   (`bundle_problem`) and never installed, and the ClientApp run is `clients.client_app:app`

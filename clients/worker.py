@@ -21,7 +21,8 @@ and rounds. An exception while handling a task becomes an error reply, as Flower
 never ends the worker. A task of a new run (another app bundle hash or run id) is logged and
 starts with a fresh data cache (the node's files may have changed between runs); the base
 model stays loaded. `fedlora client` starts the worker beside its SuperNode and starts it
-again if it dies (`fedlora.launch.run_supernode`); `--isolation subprocess` runs without it.
+again if it dies (`fedlora.runtime.supernode.run_supernode`); `--isolation subprocess` runs
+without it.
 
 Code changes on the node need a restart of `fedlora client`: the worker imports fedlora once.
 This relies on Flower internals (`flwr.supernode.runtime.run_clientapp` and the runtime HTTP
@@ -43,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from clients.app_guard import BundleRefused, bundle_problem, node_logging
-from fedlora.pacing import OBJECT_BACKOFF_S, TASK_INPUT_MAX_S
+from fedlora.runtime.pacing import OBJECT_BACKOFF_S, TASK_INPUT_MAX_S
 
 FLOWER_SERIES = "1.41."  # the flwr this worker's use of Flower internals was written for
 log = logging.getLogger("fedlora.worker")

@@ -3,7 +3,7 @@
 import logging
 import os
 
-from fedlora.quiet import install_filters, is_quiet
+from fedlora.runtime.quiet import install_filters, is_quiet
 
 __version__ = "0.1.0"
 

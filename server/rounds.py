@@ -25,7 +25,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.common import log
 from flwr.serverapp import Grid
 
-from fedlora import pacing, wire
+from fedlora import wire
 from fedlora.aggregation import ClientUpdate
 from fedlora.aggregation.base import dense_distance
 from fedlora.aggregation.linalg import product_norm
@@ -41,6 +41,7 @@ from fedlora.aggregation.robust import (
 from fedlora.checkpoint import Checkpoint, write_checkpoint
 from fedlora.outputs import RunWriter
 from fedlora.records import factor_bytes, from_array_record, to_array_record
+from fedlora.runtime import pacing
 from fedlora.seeds import derive_seed
 from fedlora.train.accuracy import Accuracy
 from fedlora.validation import expected_shapes, reply_problem
@@ -629,9 +630,10 @@ def send_and_receive(grid: Grid, messages: list[Message], timeout: float,
                      poll_s: float = pacing.REPLY_POLL_S) -> list[Message]:
     """Push `messages`, then pull their replies every `poll_s` seconds until all have come
     or `timeout` seconds passed: Grid.send_and_receive, which over a SuperLink waits 3 s
-    between pulls (on average 1.5 s of every exchange), with fedlora's interval (fedlora.pacing;
-    the pulls go to the SuperLink beside the ServerApp, not over the network). Any other grid
-    (Flower's in-memory one pulls every 0.1 s; the tests' own) answers through its own."""
+    between pulls (on average 1.5 s of every exchange), with fedlora's interval
+    (fedlora.runtime.pacing; the pulls go to the SuperLink beside the ServerApp, not over the
+    network). Any other grid (Flower's in-memory one pulls every 0.1 s; the tests' own) answers
+    through its own."""
     if not pacing.over_superlink(grid):
         return list(grid.send_and_receive(messages, timeout=timeout))
     waiting = set(grid.push_messages(messages))

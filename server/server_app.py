@@ -13,7 +13,6 @@ from flwr.app import Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
-from fedlora import pacing
 from fedlora.adapters import peft_method, shared_init, target_shapes
 from fedlora.aggregation.server_opt import SERVER_OPTIMIZERS, ServerOptimizer
 from fedlora.checkpoint import discard_after, read_latest, set_rng_state
@@ -21,6 +20,7 @@ from fedlora.config import DefenceSettings, FederationSettings, Settings
 from fedlora.methods import Method, load
 from fedlora.models import ModelSource, model_skeleton, resolve_source
 from fedlora.outputs import RunWriter
+from fedlora.runtime import pacing
 from server.global_adapter import GlobalAdapter
 from server.privacy import PrivacyLedger
 from server.rounds import RoundLoop, Rules

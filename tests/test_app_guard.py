@@ -14,8 +14,8 @@ import pytest
 from flwr.cli.build import build_fab_from_disk
 
 from clients.app_guard import CLIENTAPP, _fedlora_loader, bundle_problem, main
-from fedlora.app_config import render_pyproject
-from fedlora.launch import GUARDED_COMMANDS, _write_guard_shims
+from fedlora.runtime.app_config import render_pyproject
+from fedlora.runtime.supernode import GUARDED_COMMANDS, _write_guard_shims
 
 
 def fab(tmp_path: Path, clientapp: str = CLIENTAPP, **files: str) -> bytes:

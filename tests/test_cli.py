@@ -45,9 +45,10 @@ def test_run_config_parsing_follows_flower():
         parse_run_config("lora-rank")
 
 
-def test_every_simulation_flag_reaches_the_run_config(tmp_path):
+def test_every_simulation_flag_reaches_the_run_config(tmp_path, capsys):
     """Each flag `simulate --help` documents sets its run-config key (flags beat
-    --run-config, which beats the defaults); --help lists every registered method."""
+    --run-config, which beats the defaults); --help points to `fedlora settings`, which lists
+    every registered method (--help itself imports no registry: tests/test_cli_help.py)."""
     from fedlora.cli.main import build_parser
     from fedlora.cli.simulate import build_config
     from fedlora.methods import METHODS
@@ -70,7 +71,11 @@ def test_every_simulation_flag_reaches_the_run_config(tmp_path):
     assert config["output-dir"] == str(tmp_path.resolve())
     proc = run_cli("simulate", "--help")
     assert proc.returncode == 0
-    assert all(name in "".join(proc.stdout.split()) for name in METHODS), proc.stdout
+    helps = "".join(proc.stdout.split())
+    assert helps.count("`fedlorasettings`liststhem") == 2  # --strategy, --peft
+    assert main(["settings"]) == 0
+    listed = capsys.readouterr().out
+    assert all(f"  {name} " in listed for name in METHODS), listed
 
 
 def test_settings_lists_every_key(capsys):

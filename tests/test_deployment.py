@@ -360,7 +360,7 @@ def test_a_key_already_registered_by_the_kept_state_database_is_not_an_error(tmp
     """A resumed server registers its --authorized-keys again; the SuperLink answers that a key
     kept in its database is already in use, which is fine. Any other refusal stays an error.
     (`flwr` is replaced by a script that answers as Flower 1.41 does.)"""
-    from fedlora.launch import SimulationSetupError, _register_keys
+    from fedlora.runtime.superlink import SimulationSetupError, _register_keys
 
     flwr = tmp_path / "flwr"
     flwr.write_text("#!/bin/sh\ncase \"$3\" in\n*kept*) echo 'Public key already in use. "

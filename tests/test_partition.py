@@ -190,11 +190,11 @@ def test_settings_accept_the_new_partitioners_only():
 
 def test_simulate_prints_the_partition_before_the_simulation_starts(tmp_path, monkeypatch,
                                                                     capsys):
-    import fedlora.launch
+    import fedlora.runtime.superlink
     from fedlora.cli.main import main
 
     started = []
-    monkeypatch.setattr(fedlora.launch, "run_simulation",
+    monkeypatch.setattr(fedlora.runtime.superlink, "run_simulation",
                         lambda *a, **kw: started.append(capsys.readouterr().err) or 1)
     main(["simulate", "--model", "tiny-llama", "--num-clients", "6", "--dataset",
           "builtin:suite", "--output-dir", str(tmp_path),

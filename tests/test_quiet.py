@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from fedlora.cli.main import build_parser
-from fedlora.quiet import ENVIRONMENT, QUIET_ENV, chatter
+from fedlora.runtime.quiet import ENVIRONMENT, QUIET_ENV, chatter
 
 # A child that emits what a run's processes emit: a dependency's UserWarning (as transformers
 # raises it), a FutureWarning, a dependency's log warning and error, fedlora's own warning,

@@ -32,7 +32,7 @@ def leftover_processes() -> list[int]:
     run starts inherits)."""
     import psutil
 
-    from fedlora.processes import TAG_ENV_VAR
+    from fedlora.runtime.processes import TAG_ENV_VAR
 
     key, value = next(iter(SESSION_ENV.items()))
     pids = []

@@ -1,5 +1,5 @@
 """The resident ClientApp worker (clients/worker.py) and fedlora's Flower waits
-(fedlora/pacing.py): the Flower internals they rely on, the hand-off from `flwr-clientapp`,
+(fedlora/runtime/pacing.py): the Flower internals they rely on, the hand-off from `flwr-clientapp`,
 and real deployments where one worker per node serves every message: the base model loaded
 once per node, a worker that dies started again, an exception an error reply that leaves the
 worker running. Every process a test starts is stopped by that test, by PID."""
@@ -19,8 +19,8 @@ from test_deployment import free_port, start, stop, wait_for, wait_gone
 
 from clients.app_guard import hand_to_worker
 from clients.worker import check_flower
-from fedlora import pacing
 from fedlora.outputs import read_metrics, training_rounds
+from fedlora.runtime import pacing
 
 
 # ---- what the worker relies on ------------------------------------------------------------------

@@ -18,11 +18,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fedlora.cli.runconfig import parse_run_config
-from fedlora.data.loaders import BIGBENCH_PREFIX
-from fedlora.methods import load_settings
 
 if TYPE_CHECKING:
-    from fedlora.launch import NodeExit
+    from fedlora.runtime.supernode import NodeExit
 
 # flag -> node-config key
 NODE_FLAGS = {"data_path": "data-path", "rank": "lora-rank", "quantization": "quantization",
@@ -89,6 +87,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def node_config(args: argparse.Namespace) -> dict:
     """The node config from the flags, validated like a run config (clear errors, exit 2)."""
+    from fedlora.data.loaders import BIGBENCH_PREFIX
+    from fedlora.methods import load_settings
+
     config = parse_run_config(args.node_config)
     for flag, key in NODE_FLAGS.items():
         if getattr(args, flag) is not None:
@@ -181,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
     if not 0.05 <= args.poll_interval <= 60:
         raise ValueError(f"--poll-interval {args.poll_interval}: expected seconds between "
                          f"0.05 and 60")
-    from fedlora.launch import run_supernode
+    from fedlora.runtime.supernode import run_supernode
 
     print(f"fedlora: client node -> {args.server} "
           f"({'TLS' if args.root_certificates else 'insecure'}) with "

@@ -7,8 +7,6 @@ import json
 import sys
 from pathlib import Path
 
-from fedlora.adapters.lora import SAFETENSORS_NAME
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Flags of `fedlora export`."""
@@ -33,6 +31,8 @@ UNMERGEABLE = {"LORA_MOE": "it routes each token to its own experts, which no si
 
 def check_adapter(adapter: Path) -> None:
     """Raise FileNotFoundError unless `adapter` is a PEFT adapter folder."""
+    from fedlora.adapters.lora import SAFETENSORS_NAME
+
     if not (adapter / SAFETENSORS_NAME).exists() or not (adapter / "adapter_config.json").exists():
         raise FileNotFoundError(f"{adapter} is not a PEFT adapter folder (expected "
                                 f"adapter_config.json and {SAFETENSORS_NAME})")

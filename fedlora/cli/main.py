@@ -8,7 +8,7 @@ import sys
 from fedlora import __version__
 from fedlora.cli import certs, client, export, generate, mix, report, server, settings, simulate
 from fedlora.config import SettingsError
-from fedlora.quiet import quiet
+from fedlora.runtime.quiet import quiet
 
 # Errors a user can fix from the message alone: print it, no traceback, exit code 2.
 USER_ERRORS = (SettingsError, ValueError, FileNotFoundError, FileExistsError, KeyError)

@@ -18,7 +18,6 @@ from pathlib import Path
 
 from fedlora.cli.simulate import add_run_arguments, build_config, prepare_output, report_result
 from fedlora.config import SettingsError
-from fedlora.methods import load_settings
 
 DEFAULT_ADDRESS = "127.0.0.1:9092"
 CERT_FILES = ("ca.crt", "server.pem", "server.key")  # what `fedlora certs` writes
@@ -81,7 +80,7 @@ def tls_files(certs_dir: Path | None) -> tuple[Path, Path, Path] | None:
 
 def superlink_spec(args: argparse.Namespace, out_dir: Path):
     """The SuperLinkSpec for these flags, refusing an unprotected public address."""
-    from fedlora.launch import SuperLinkSpec
+    from fedlora.runtime.superlink import SuperLinkSpec
 
     host, port = parse_address(args.address)
     control = port + 1 if args.control_port is None else args.control_port
@@ -112,6 +111,8 @@ def superlink_spec(args: argparse.Namespace, out_dir: Path):
 def run(args: argparse.Namespace) -> int:
     """Validate, pre-check the model, serve the run, print the summary; the exit code."""
     config, min_nodes = build_config(args, clients_flag="min_nodes")
+    from fedlora.methods import load_settings
+
     settings = load_settings(config)
     if settings.attack.on:
         raise SettingsError(
@@ -122,8 +123,8 @@ def run(args: argparse.Namespace) -> int:
     spec = superlink_spec(args, out_dir)
     if not settings.federation.resume:
         prepare_output(out_dir, args.overwrite)
-    from fedlora.launch import run_app
     from fedlora.preflight import check_model
+    from fedlora.runtime.superlink import run_app
 
     print(f"fedlora: checking model {settings.model.name!r} ...", file=sys.stderr)
     check_model(settings)

@@ -9,11 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fedlora.adapters import peft_names
 from fedlora.cli.runconfig import load_scenario, parse_run_config
 from fedlora.config import Settings
-from fedlora.methods import METHODS, load_settings
-from fedlora.outputs import METRICS, read_metrics
 
 SCENARIOS = Path(__file__).resolve().parents[2] / "simulations" / "scenarios"
 
@@ -44,10 +41,10 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     d = Settings()
     p.add_argument("--rounds", type=int,
                    help=f"federated rounds (default {d.federation.num_rounds})")
-    p.add_argument("--strategy", help=f"federated method: {', '.join(sorted(METHODS))} "
-                   f"(default {d.federation.strategy}); see docs/strategies.md")
-    p.add_argument("--peft", help=f"PEFT method each client trains: {peft_names()} (default "
-                   f"{d.lora.peft}); see docs/peft-methods.md")
+    p.add_argument("--strategy", help=f"federated method (default {d.federation.strategy}); "
+                   f"`fedlora settings` lists them, see docs/strategies.md")
+    p.add_argument("--peft", help=f"PEFT method each client trains (default {d.lora.peft}); "
+                   f"`fedlora settings` lists them, see docs/peft-methods.md")
     p.add_argument("--model", help=f"base model: tiny-llama, smollm2-135m, a folder, a .gguf "
                    f"file or a hub id (default {d.model.name})")
     p.add_argument("--quantization", choices=["none", "8bit", "4bit"],
@@ -87,6 +84,7 @@ def resumed_config(args: argparse.Namespace, clients_flag: str) -> tuple[dict[st
         raise FileNotFoundError(f"--resume {args.resume}: no run.json there; expected the "
                                 f"--output-dir of a run that completed at least one round")
     from fedlora.checkpoint import read_latest
+    from fedlora.methods import load_settings
 
     read_latest(out_dir)  # a clear error when no round was completed
     config = json.loads(info.read_text())["settings"]
@@ -117,6 +115,8 @@ def build_config(args: argparse.Namespace, clients_flag: str = "num_clients"
     """
     if getattr(args, "resume", None) is not None:
         return resumed_config(args, clients_flag)
+    from fedlora.methods import load_settings
+
     config: dict[str, Any] = {}
     if args.scenario:
         path = Path(args.scenario)
@@ -146,6 +146,8 @@ def build_config(args: argparse.Namespace, clients_flag: str = "num_clients"
 
 def prepare_output(out_dir: Path, overwrite: bool) -> None:
     """Refuse to mix two runs in one folder unless --overwrite is given."""
+    from fedlora.outputs import METRICS
+
     if (out_dir / METRICS).exists() or (out_dir / "final").exists():
         if not overwrite:
             raise FileExistsError(f"{out_dir} already holds a run (metrics.jsonl or final/); "
@@ -160,6 +162,7 @@ def prepare_output(out_dir: Path, overwrite: bool) -> None:
 def summary_table(out_dir: Path) -> str:
     """The per-round table printed at the end of a run (accuracy when the run reports it),
     then the base model (round 0) against the federated adapter."""
+    from fedlora.outputs import read_metrics
     from fedlora.report import before_after, round_table
 
     rows = read_metrics(out_dir)
@@ -173,8 +176,9 @@ def run(args: argparse.Namespace) -> int:
     import torch  # after validation: a typo in a flag is reported before heavy imports
 
     from fedlora.data import describe_partition
-    from fedlora.launch import run_simulation
+    from fedlora.methods import load_settings
     from fedlora.preflight import preflight
+    from fedlora.runtime.superlink import run_simulation
 
     settings = load_settings(config)
     out_dir = Path(config["output-dir"])

@@ -32,13 +32,13 @@ Every adapter is scored the same way: greedy answers on the union of the clients
 splits (no question of it is trained on), exact match per family. Results go to
 <output-dir>/results.json (per arm and seed: the metrics, the adapter's folder, which is kept
 under <output-dir>/seed-<n>/, and every scored answer: question, expected, answer, correct)
-and a Markdown table <output-dir>/results.md.
+and a Markdown table <output-dir>/results.md. The flags, the arms and what this shares with
+moe_routing.py and benchmarks/strategy_comparison.py are in simulations/experiments/harness.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
@@ -46,98 +46,21 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from simulations.experiments.harness import (
+    MOE_ARMS,
+    SIMULATE,
+    client_splits,
+    domains,
+    exact_answers,
+    load_scored,
+    parse_args,
+    run_config_text,
+    settings_for,
+    write_results,
+)
+
 MODEL_KEYS = ("lr", "batch-size", "max-length", "max-new-tokens", "lora-rank", "dataset",
               "dataset-size", "partitioner", "partition-field", "eval-fraction")
-BIGBENCH_TASKS = ("linguistic_mappings__plural_json", "linguistic_mappings__past_tense_json",
-                  "unit_conversion__unit_addition_same",
-                  "modified_arithmetic__three_digit_addition_control")
-# a moe arm: (its moe-assign, other run-config settings of its own)
-ROUTED = "moe-route=1.0 moe-router-lr=20"
-MOE_ARMS = {"moe-learned": ("learned", ""), "moe-cluster": ("cluster", ""),
-            "moe-client": ("client", ""),
-            "moe-routed": ("client", ROUTED),
-            "moe-routed-top1": ("client", f"{ROUTED} moe-top-k=1"),
-            "moe-shared": ("client", f"{ROUTED} moe-shared=1"),
-            "moe-shared-top1": ("client", f"{ROUTED} moe-shared=1 moe-top-k=1")}
-ARMS = ("base", "local", "fedavg", "hetero", "fedsa", *MOE_ARMS, "central")
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--split", default="families", choices=("families", "bigbench"),
-                   help="one built-in family or one BIG-bench task per client")
-    p.add_argument("--families", default="arithmetic,units,strings,json",
-                   help="built-in task families of --split families; one per client")
-    p.add_argument("--bigbench-dir", default="../shared/data/bigbench",
-                   help="folder of BIG-bench task files (a clone's bigbench/benchmark_tasks)")
-    p.add_argument("--bigbench-tasks", default=",".join(BIGBENCH_TASKS),
-                   help="task files of --split bigbench (names without .json), one per client")
-    p.add_argument("--clients", type=int, default=None,
-                   help="clients (default: one per family or task)")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--local-steps", type=int, default=10)
-    p.add_argument("--ranks", default="4,8,16", help="client ranks of the hetero arm")
-    p.add_argument("--seeds", default="0,1")
-    p.add_argument("--dataset-size", type=int, default=480)
-    p.add_argument("--test-per-client", type=int, default=20,
-                   help="held-out examples of each client in the union test set")
-    p.add_argument("--run-config", default="lr=1e-3 batch-size=8 max-length=128 lora-rank=8",
-                   help="settings shared by every arm")
-    p.add_argument("--moe-experts", type=int, default=4, help="experts of the moe arms")
-    p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {','.join(ARMS)}")
-    p.add_argument("--output-dir", type=Path, default=Path("results/federation-helps"))
-    args = p.parse_args(argv)
-    if args.clients is None:
-        args.clients = len(domains(args))
-    unknown = sorted(set(args.arms.split(",")) - set(ARMS))
-    if unknown:
-        p.error(f"--arms: unknown {','.join(unknown)}; known: {','.join(ARMS)}")
-    return args
-
-
-def domains(args: argparse.Namespace) -> list[str]:
-    """The split's domains: one per client."""
-    return (args.families if args.split == "families" else args.bigbench_tasks).split(",")
-
-
-def bigbench_folder(bigbench_dir: str, tasks: str, output_dir: Path) -> Path:
-    """<output_dir>/bigbench-tasks: links to the chosen task files only (a run reads a folder)."""
-    source = Path(bigbench_dir).resolve()
-    folder = output_dir / "bigbench-tasks"
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in tasks.split(","):
-        target = source / f"{name}.json"
-        if not target.is_file():
-            raise SystemExit(f"--bigbench-tasks: {target} does not exist; the tasks of "
-                             f"{source}: {sorted(p.stem for p in source.glob('*.json'))}")
-        link = folder / target.name
-        if not link.is_symlink():
-            link.symlink_to(target)
-    return folder.resolve()
-
-
-def settings_for(args: argparse.Namespace, seed: int):
-    from fedlora.cli.runconfig import parse_run_config
-    from fedlora.methods import load_settings
-
-    config = parse_run_config(args.run_config)
-    dataset = f"builtin:{args.families}"
-    if args.split == "bigbench":
-        dataset = "bigbench:" + str(bigbench_folder(args.bigbench_dir, args.bigbench_tasks,
-                                                    args.output_dir))
-    config.update({"model": args.model, "dataset": dataset, "dataset-size": args.dataset_size,
-                   "partitioner": "by-field", "partition-field": "task",
-                   "eval-fraction": 0.2, "local-steps": args.local_steps,
-                   "num-server-rounds": args.rounds, "seed": seed, "device": "cpu"})
-    return load_settings(config), config
-
-
-def client_splits(settings, clients: int, seed: int):
-    from fedlora.data import client_records
-
-    return [client_records(settings.data, pid, clients, seed) for pid in range(clients)]
 
 
 def train_alone(settings, records: list[dict], steps: int, seed: int, out: Path) -> Path:
@@ -171,9 +94,8 @@ def simulate(args: argparse.Namespace, config: dict, out: Path, extra: list[str]
              arm_config: str = "") -> Path:
     """A `fedlora simulate` run of the federated arm (`arm_config`: its own run-config
     settings on top of the shared ones); its final adapter."""
-    shared = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else v}"
-                      for k, v in config.items() if k in MODEL_KEYS)
-    command = [sys.executable, "-m", "fedlora.cli.main", "simulate", "--model", args.model,
+    shared = run_config_text(config, MODEL_KEYS)
+    command = [*SIMULATE, "--model", args.model,
                "--num-clients", str(args.clients), "--rounds", str(args.rounds),
                "--local-steps", str(args.local_steps), "--output-dir", str(out), "--overwrite",
                "--run-config", f"{shared} seed={config['seed']} fraction-evaluate=0.0 "
@@ -185,18 +107,10 @@ def simulate(args: argparse.Namespace, config: dict, out: Path, extra: list[str]
 def score(settings, adapter: Path | None, test: list[dict]) -> dict:
     """Exact-match accuracy (overall and per family) of base + adapter on `test`, with the
     adapter's folder (its run) and every scored answer, so that a number can be checked."""
-    from peft import PeftModel
-
-    from fedlora.models import load_model
-    from fedlora.train.accuracy import exact_match, scored_answers
-
-    model, tokenizer, _ = load_model(settings.model)
-    if adapter is not None:
-        model = PeftModel.from_pretrained(model, str(adapter))
-    accuracy, answers = exact_match(model, tokenizer, test, settings.data.dataset,
-                                    settings.train.max_new_tokens, batch_size=16)
+    model, tokenizer = load_scored(settings, adapter)
+    accuracy, answers = exact_answers(settings, model, tokenizer, test)
     return {**accuracy.metrics(), "adapter": str(adapter) if adapter else None,
-            "answers": scored_answers(test, answers, settings.data.dataset)}
+            "answers": answers}
 
 
 def run_seed(args: argparse.Namespace, seed: int) -> dict[str, list[dict]]:
@@ -265,17 +179,8 @@ def table(all_results: dict[int, dict[str, list[dict]]]) -> str:
     return "\n".join(lines)
 
 
-def write_results(args: argparse.Namespace, results: dict, extra: dict | None = None) -> Path:
-    """<output-dir>/results.json: the arguments, any `extra` fields and the results so far
-    (rewritten after each seed, so a run stopped half-way keeps what it measured)."""
-    path = args.output_dir / "results.json"
-    path.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                **(extra or {}), "results": results}, indent=1) + "\n")
-    return path
-
-
 def main(argv: list[str] | None = None) -> int:
-    from fedlora.quiet import quiet
+    from fedlora.runtime.quiet import quiet
 
     args = parse_args(argv)
     quiet()  # fedlora's own output, not the dependencies' warnings (runs inherit it)

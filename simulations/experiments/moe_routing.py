@@ -4,14 +4,14 @@ federation_helps)
     python -m simulations.experiments.moe_routing --output-dir results/federation-helps \\
         --seeds 0,1 --test-per-client 10 --dataset-size 400
 
-Takes the same data flags as `federation_helps` and reads each moe arm's final adapter from
-<output-dir>/seed-<n>/<arm>/final. For every test question (the same union of the clients'
-held-out splits), the prompt and answer tokens go through the model once; at every adapted
-layer the router's top-k gates (what the forward pass uses) are recorded. Printed per arm,
-seed and family: the mean gate of each expert over the family's tokens and all layers (each
-row sums to 1), and `own`, the mean gate on the expert the family's client owned (client
-and routed: expert p mod E for client p; cluster: its cluster's expert, from metrics.jsonl;
-learned: none).
+Takes the same data flags as `federation_helps` (simulations/experiments/harness.py) and
+reads each moe arm's final adapter from <output-dir>/seed-<n>/<arm>/final. For every test
+question (the same union of the clients' held-out splits), the prompt and answer tokens go
+through the model once; at every adapted layer the router's top-k gates (what the forward
+pass uses) are recorded. Printed per arm, seed and family: the mean gate of each expert over
+the family's tokens and all layers (each row sums to 1), and `own`, the mean gate on the
+expert the family's client owned (client and routed: expert p mod E for client p; cluster: its
+cluster's expert, from metrics.jsonl; learned: none).
 A router that had learned to tell the families apart gives `own` near 1; uniform top-k
 routing over E experts gives 1/E. Results also go to <output-dir>/routing.json.
 """
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from simulations.experiments.federation_helps import (
+from simulations.experiments.harness import (
     MOE_ARMS,
     client_splits,
     parse_args,
@@ -75,7 +75,7 @@ def gates_by_record(model, tokenizer, records: list[dict], max_length: int) -> l
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fedlora.quiet import quiet  # first: importing fedlora readies the environment
+    from fedlora.runtime.quiet import quiet  # first: importing fedlora readies the environment
 
     args = parse_args(argv)
     quiet()

@@ -1,11 +1,12 @@
-"""The processes of one Flower run: find them (even the ones Ray renames), stop them by PID.
+"""The processes of one Flower run: start them, find them (even the ones Ray renames), stop them.
 
-Every process a run starts inherits the environment variable `TAG_ENV_VAR` with the run's own
-value; `ProcessTracker` finds them by it (and by session, for the Ray processes whose
-`setproctitle` hides their environment), and `cleanup` stops `flwr run`, the SuperLink or
-SuperNode, and every tracked process, SIGTERM first and SIGKILL after a grace period.
-`SignalGuard` turns SIGTERM into an exception and keeps a second Ctrl-C from interrupting the
-cleanup.
+`spawn` starts each one in a session of its own, with the environment of `child_env` (the
+venv's Flower executables, found by `venv_bin`, first on PATH). Every process a run starts
+inherits the environment variable `TAG_ENV_VAR` with the run's own value; `ProcessTracker`
+finds them by it (and by session, for the Ray processes whose `setproctitle` hides their
+environment), and `cleanup` stops `flwr run`, the SuperLink or SuperNode, and every tracked
+process, SIGTERM first and SIGKILL after a grace period. `SignalGuard` turns SIGTERM into an
+exception and keeps a second Ctrl-C from interrupting the cleanup.
 """
 
 from __future__ import annotations
@@ -102,6 +103,56 @@ class SignalGuard:
         err(f"got {signal.Signals(signum).name}; stopping and cleaning up")
         raise SystemExit(128 + signum)
 
+
+class SimulationSetupError(RuntimeError):
+    """The Flower infrastructure (SuperLink, temp dir, executables) could not be set up."""
+
+
+def venv_bin() -> Path:
+    """Return the bin dir next to sys.executable, checking the Flower executables exist there."""
+    bin_dir = Path(sys.executable).parent  # not resolved: a venv's python is a symlink
+    missing = [
+        n for n in ("flwr", "flower-superlink", "flower-superexec") if not (bin_dir / n).exists()
+    ]
+    if missing:
+        raise SimulationSetupError(
+            f"expected {', '.join(missing)} next to {sys.executable} in {bin_dir}, but they are "
+            "missing; install 'flwr[simulation]>=1.41,<1.42' into this environment"
+        )
+    return bin_dir
+
+
+def child_env(bin_dir: Path, flwr_home: Path, ray_tmp: Path, tag: str) -> dict[str, str]:
+    """Return the environment shared by every process of the run (incl. the cleanup tag)."""
+    env = dict(os.environ)
+    env.update(
+        {
+            # The SuperLink launches `flower-superexec` by name, so our venv must come first.
+            "PATH": os.pathsep.join([str(bin_dir), env.get("PATH", "")]),
+            "FLWR_HOME": str(flwr_home),
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "RAY_DISABLE_DOCKER_CPU_WARNING": "1",
+            "RAY_TMPDIR": str(ray_tmp),
+            "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONUNBUFFERED": "1",
+            TAG_ENV_VAR: tag,
+        }
+    )
+    return env
+
+
+def spawn(state: RunState, cmd: list[str], env: dict[str, str], stdout: Any
+          ) -> subprocess.Popen[bytes]:
+    """Start one process of the run in the temp dir, in a session of its own (a terminal's
+    Ctrl-C reaches only us, and we stop the run in order), tracked for cleanup."""
+    proc = subprocess.Popen(  # pylint: disable=consider-using-with
+        cmd, cwd=state.tmp, env=env, stdin=subprocess.DEVNULL, stdout=stdout,
+        stderr=subprocess.STDOUT, start_new_session=True)
+    if state.tracker is not None:
+        state.tracker.add_session(proc.pid)
+    return proc
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,8 @@ state database), registers the allowed SuperNode keys, runs
 `flwr run <app> fedlora --stream [--federation-config ...]` against it and streams its output
 to our stdout. Afterwards, whatever happened (normal end, exception, Ctrl-C, SIGTERM), it stops
 `flwr run`, the SuperLink and every process the run spawned, then deletes the temporary
-directory. `fedlora simulate` and `fedlora server` are thin callers.
+directory. `fedlora simulate` and `fedlora server` are thin callers; a client node's side
+(`fedlora client`) is supernode.py.
 
 Facts this relies on (checked against flwr 1.41.0 / ray 2.55.1):
 
@@ -41,14 +42,12 @@ from __future__ import annotations
 import http.client
 import json
 import math
-import os
 import re
 import socket
 import ssl
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -56,27 +55,28 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-from fedlora import pacing
-from fedlora.app_config import render_pyproject, toml_string
-from fedlora.processes import (
-    TAG_ENV_VAR,
+from fedlora.runtime.app_config import render_pyproject, toml_string
+from fedlora.runtime.processes import (
     ProcessTracker,
     RunState,
     SignalGuard,
+    SimulationSetupError,
+    child_env,
     claim_output_dir,
     cleanup,
     err,
     release_output_dir,
+    spawn,
+    venv_bin,
 )
-from fedlora.quiet import chatter, is_quiet
+from fedlora.runtime.quiet import chatter, is_quiet
 
 CONNECTION_NAME = "fedlora"
 READY_TIMEOUT_S = 60.0
 STATUS_TIMEOUT_S = 30.0
 LOG_TAIL_LINES = 30
-NODE_TAIL_LINES = 80  # a SuperNode's last words can follow a 30-line traceback
 # AF_UNIX socket paths are limited to 107 bytes; Ray puts its sockets under
 # $RAY_TMPDIR/ray/session_<date>_<pid>/sockets/plasma_store (~70 bytes below RAY_TMPDIR).
 MAX_RAY_TMPDIR_LEN = 36
@@ -84,11 +84,7 @@ MAX_RAY_TMPDIR_LEN = 36
 _RUN_ID = re.compile(r"Successfully started run (\d+)")
 
 
-# --------------------------------------------------------------------------- errors / output
-
-
-class SimulationSetupError(RuntimeError):
-    """The Flower infrastructure (SuperLink, temp dir, executables) could not be set up."""
+# --------------------------------------------------------------------------- the SuperLink's spec
 
 
 @dataclass(frozen=True)
@@ -159,20 +155,6 @@ def _federation_config(num_clients: int, num_cpus: float, num_gpus: float) -> st
     )
 
 
-def _venv_bin() -> Path:
-    """Return the bin dir next to sys.executable, checking the Flower executables exist there."""
-    bin_dir = Path(sys.executable).parent  # not resolved: a venv's python is a symlink
-    missing = [
-        n for n in ("flwr", "flower-superlink", "flower-superexec") if not (bin_dir / n).exists()
-    ]
-    if missing:
-        raise SimulationSetupError(
-            f"expected {', '.join(missing)} next to {sys.executable} in {bin_dir}, but they are "
-            "missing; install 'flwr[simulation]>=1.41,<1.42' into this environment"
-        )
-    return bin_dir
-
-
 def _free_port() -> int:
     """Return a TCP port on 127.0.0.1 that is free right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -203,27 +185,6 @@ def _ray_tmpdir(tmp: Path) -> tuple[Path, Path | None]:
     return short, short
 
 
-def _child_env(bin_dir: Path, flwr_home: Path, ray_tmp: Path, tag: str) -> dict[str, str]:
-    """Return the environment shared by every process of the run (incl. the cleanup tag)."""
-    env = dict(os.environ)
-    env.update(
-        {
-            # The SuperLink launches `flower-superexec` by name, so our venv must come first.
-            "PATH": os.pathsep.join([str(bin_dir), env.get("PATH", "")]),
-            "FLWR_HOME": str(flwr_home),
-            "FLWR_TELEMETRY_ENABLED": "0",
-            "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-            "RAY_DISABLE_DOCKER_CPU_WARNING": "1",
-            "RAY_TMPDIR": str(ray_tmp),
-            "TOKENIZERS_PARALLELISM": "false",
-            "PYTHONUNBUFFERED": "1",
-            TAG_ENV_VAR: tag,
-        }
-    )
-    return env
-
-
 # --------------------------------------------------------------------------- SuperLink
 
 
@@ -235,18 +196,6 @@ def _tail(path: Path | None, lines: int = LOG_TAIL_LINES) -> str:
         return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
     except OSError:
         return ""
-
-
-def _spawn(state: RunState, cmd: list[str], env: dict[str, str], stdout: Any
-           ) -> subprocess.Popen[bytes]:
-    """Start one process of the run in the temp dir, in a session of its own (a terminal's
-    Ctrl-C reaches only us, and we stop the run in order), tracked for cleanup."""
-    proc = subprocess.Popen(  # pylint: disable=consider-using-with
-        cmd, cwd=state.tmp, env=env, stdin=subprocess.DEVNULL, stdout=stdout,
-        stderr=subprocess.STDOUT, start_new_session=True)
-    if state.tracker is not None:
-        state.tracker.add_session(proc.pid)
-    return proc
 
 
 def _start_superlink(
@@ -261,7 +210,7 @@ def _start_superlink(
     cmd = [str(bin_dir / "flower-superlink"), *spec.flags(), "--host", host,
            "--port", str(port), "--disable-runtime-dependency-installation"]
     state.tracker = ProcessTracker(state.tag, [state.tmp, *state.extra_dirs])
-    state.superlink = _spawn(state, cmd, env, state.log_handle)
+    state.superlink = spawn(state, cmd, env, state.log_handle)
     state.tracker.start()
 
 
@@ -275,7 +224,7 @@ def _start_gate(state: RunState, env: dict[str, str], spec: SuperLinkSpec, upstr
         cmd += ["--certfile", str(spec.cert), "--keyfile", str(spec.key),
                 "--ca-file", str(spec.ca_cert)]
     state.gate_log = log.open("wb")
-    state.gate = _spawn(state, cmd, env, state.gate_log)
+    state.gate = spawn(state, cmd, env, state.gate_log)
     return state.gate
 
 
@@ -325,7 +274,7 @@ def _stream_flwr_run(
     cmd = [str(bin_dir / "flwr"), "run", str(app_dir), CONNECTION_NAME, "--stream"]
     if fed_cfg:
         cmd += ["--federation-config", fed_cfg]
-    state.flwr_run = _spawn(state, cmd, env, subprocess.PIPE)
+    state.flwr_run = spawn(state, cmd, env, subprocess.PIPE)
     assert state.flwr_run.stdout is not None
     run_id: int | None = None
     out, quiet = sys.stdout, is_quiet()
@@ -435,7 +384,7 @@ def _execute(
     ray_tmp, extra = _ray_tmpdir(state.tmp)
     if extra is not None:
         state.extra_dirs.append(extra)
-    env = _child_env(bin_dir, flwr_home, ray_tmp, state.tag)
+    env = child_env(bin_dir, flwr_home, ray_tmp, state.tag)
     # A deployment SuperLink listens on loopback only; the gate takes the public address.
     host, port = (("127.0.0.1", spec.control_port or _free_port()) if spec.gated
                   else (spec.connect_host, spec.port or _free_port()))
@@ -485,7 +434,7 @@ def run_app(
     SuperLink cannot be started; a failed run returns a non-zero code instead.
     """
     pyproject = render_pyproject(app_config, serverapp, clientapp)
-    bin_dir = _venv_bin()
+    bin_dir = venv_bin()
     guard = SignalGuard()
     guard.install()
     try:
@@ -518,139 +467,3 @@ def run_simulation(
     fed_cfg = _federation_config(num_clients, num_cpus_per_client, num_gpus_per_client)
     return run_app(app_config, SuperLinkSpec(simulation=True), federation_config=fed_cfg,
                    log_file=log_file, output_dir=output_dir)
-
-
-# The task commands a SuperNode's SuperExec starts by name (flwr 1.41 TASK_TYPE_TO_COMMAND).
-GUARDED_COMMANDS = ("flwr-clientapp", "flwr-agentapp", "flwr-model", "flwr-connector",
-                    "flwr-serverapp", "flwr-simulation")
-
-
-def _write_guard_shims(folder: Path) -> None:
-    """One executable per GUARDED_COMMANDS name that runs clients/app_guard.py instead."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in GUARDED_COMMANDS:
-        shim = folder / name  # -P: the working directory never goes on sys.path
-        shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -P -m clients.app_guard {name} "$@"\n',
-                        encoding="utf-8")
-        shim.chmod(0o755)
-
-
-_FLOWER_EXIT = re.compile(r"Exit Code: (\d+)")
-# What a SuperNode prints when the SuperLink accepted it, and when it stops on its own (as a
-# flwr 1.41 SuperNode does once the SuperLink answers it 401: it no longer knows the node).
-MARKS = {"connected": "SuperNode ID:", "stopped": "SuperNode terminated gracefully"}
-
-
-def _echo(stream: IO[bytes], codes: list[int], tail: list[str], seen: set[str]) -> None:
-    """Copy a child's output to our stdout, line by line, noting Flower's exit codes, the
-    MARKS seen, and keeping the last NODE_TAIL_LINES lines."""
-    for raw in iter(stream.readline, b""):
-        line = raw.decode("utf-8", errors="replace")
-        if match := _FLOWER_EXIT.search(line):
-            codes.append(int(match.group(1)))
-        seen.update(name for name, mark in MARKS.items() if mark in line)
-        tail.append(line)
-        del tail[:-NODE_TAIL_LINES]
-        sys.stdout.write(line)
-        sys.stdout.flush()
-
-
-@dataclass(frozen=True)
-class NodeExit:
-    """How a SuperNode ended: its exit status, the Flower exit code it reported (e.g. 305
-    when it could not connect), and the last lines it printed."""
-
-    status: int
-    flower_code: int | None
-    output: str
-    connected: bool = False  # the SuperLink had accepted it (Flower printed its node ID)
-    stopped_itself: bool = False  # it ended on its own, without a Flower error code
-
-
-WORKER_RESTART_S = 1.0  # pause before starting a worker that died again
-
-
-class WorkerSupervisor:
-    """Keeps the node's resident ClientApp worker (`clients.worker`) running: starts it, and
-    starts it again when it dies (counted, logged), until `stop()`."""
-
-    def __init__(self, state: RunState, env: dict[str, str], socket_path: Path) -> None:
-        """Supervise a worker listening on `socket_path`, started with `env`."""
-        self.state, self.env, self.socket_path = state, env, socket_path
-        self.cmd = [sys.executable, "-P", "-m", "clients.worker", "--socket", str(socket_path)]
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-        self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def start(self) -> None:
-        """Start the worker and watch it."""
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Stop restarting it (cleanup stops the process itself, by PID)."""
-        self._stopped.set()
-
-    def _loop(self) -> None:
-        while not self._stopped.is_set():
-            self.proc = _spawn(self.state, self.cmd, self.env, None)
-            self.starts += 1
-            code = self.proc.wait()
-            if self._stopped.is_set():
-                return
-            print(f"[fedlora] the ClientApp worker (pid {self.proc.pid}) ended with code {code}; "
-                  f"starting it again (start {self.starts + 1})", file=sys.stderr, flush=True)
-            self._stopped.wait(WORKER_RESTART_S)
-
-
-def run_supernode(flags: list[str], isolation: str = "resident",
-                  poll_s: float = pacing.NODE_POLL_S) -> NodeExit:
-    """Run `flower-supernode FLAGS` in the foreground, echo its output, stop it and its
-    ClientApp processes on exit, Ctrl-C or SIGTERM; return how it ended. `isolation`:
-    "resident" runs every ClientApp task in one long-lived worker process (clients.worker),
-    "subprocess" in a fresh process per message (Flower's default). `poll_s`: an idle
-    node's wait between asking the server for a message (clients.supernode)."""
-    bin_dir = _venv_bin()
-    guard = SignalGuard()
-    guard.install()
-    tmp = Path(tempfile.mkdtemp(prefix="fedlora-node-"))
-    state = RunState(tmp=tmp, tag=uuid.uuid4().hex)
-    code, flower_codes, tail, seen = 1, list[int](), list[str](), set[str]()
-    worker: WorkerSupervisor | None = None
-    try:
-        try:
-            env = _child_env(bin_dir, Path(os.environ.get("FLWR_HOME", tmp / "flwr_home")),
-                             tmp / "ray", state.tag)
-            # The SuperNode starts its task processes by name: ours come first on its PATH,
-            # so it runs only fedlora's own ClientApp (clients/app_guard.py).
-            _write_guard_shims(tmp / "guard")
-            env["PATH"] = os.pathsep.join([str(tmp / "guard"), env["PATH"]])
-            env[pacing.SUPEREXEC_POLL_ENV] = str(pacing.SUPEREXEC_POLL_S)
-            state.tracker = ProcessTracker(state.tag, [tmp])
-            if isolation == "resident":
-                env["FEDLORA_WORKER_SOCKET"] = str(tmp / "worker.sock")
-                worker = WorkerSupervisor(state, env, tmp / "worker.sock")
-                worker.start()
-            supernode = [sys.executable, "-P", "-m", "clients.supernode",
-                         "--poll-interval", str(poll_s), *flags]
-            node = _spawn(state, supernode, env, subprocess.PIPE)
-            state.superlink = node  # stopped by kill_run_processes like a SuperLink
-            state.tracker.start()
-            # The SuperExec child inherits stdout, so EOF can come long after the SuperNode
-            # exits: copy output in a thread and end when the SuperNode process ends.
-            echo = threading.Thread(target=_echo, args=(node.stdout, flower_codes, tail, seen),
-                                    daemon=True)
-            echo.start()
-            code = node.wait()
-            echo.join(timeout=2.0)
-        finally:
-            guard.cleaning = True
-            if worker is not None:
-                worker.stop()
-            cleanup(state)
-    finally:
-        guard.restore()
-    guard.raise_pending()
-    flower_code = flower_codes[0] if flower_codes else None
-    return NodeExit(code, flower_code, "".join(tail), "connected" in seen,
-                    "stopped" in seen and flower_code is None)
