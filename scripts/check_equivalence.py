@@ -6,7 +6,8 @@ Each scenario (every strategy, with mixed ranks where it allows them, plus serve
 clipping, DP, client clipping, rank pruning and server-side evaluation) runs the real
 ServerApp and ClientApp in one fresh process per scenario over the in-process grid of
 tests/fake_grid.py (tiny-llama, 3 clients, 2 rounds), once in a git worktree of `--ref` and
-once in this tree. Then it compares every number of metrics.jsonl (all but `seconds`) and
+once in this tree. Then it compares every number of metrics.jsonl (all but the wall-clock
+ones: `seconds`, `train-seconds`, `merge-seconds`) and
 every tensor the run wrote (rounds/<n>/, final/, state/, personal/) bitwise, and prints one
 line per scenario. Exit code 0 when everything is equal.
 """
@@ -76,7 +77,8 @@ def numbers(value, path: str = "") -> dict[str, object]:
 
 
 def metric_differences(old: Path, new: Path) -> list[str]:
-    """Paths whose values differ between the two metrics.jsonl files (seconds ignored)."""
+    """Paths whose values differ between the two metrics.jsonl files (wall-clock seconds
+    ignored)."""
     rows = [[json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
             for d in (old, new)]
     if len(rows[0]) != len(rows[1]):
@@ -85,7 +87,7 @@ def metric_differences(old: Path, new: Path) -> list[str]:
     for a, b in zip(*rows):
         fa, fb = numbers(a), numbers(b)
         for key in sorted(set(fa) | set(fb)):
-            if key.endswith("/seconds"):
+            if key.endswith("seconds"):  # seconds, train-seconds, merge-seconds
                 continue
             va, vb = fa.get(key, "<absent>"), fb.get(key, "<absent>")
             same = va == vb or (isinstance(va, float) and isinstance(vb, float)
