@@ -5,7 +5,8 @@ its rank, read and validate the replies, merge the accepted ones (`GlobalAdapter
 calls the method's pure merge), evaluate, record the metrics line, checkpoint. A round with
 fewer than `min-replies` valid replies is retried (`round-failure=retry`, up to
 `round-retries` times) or stops the run with `RoundFailed`. Everything a round learns goes
-into its `RoundRecord`, which becomes the metrics.jsonl line.
+into its `RoundRecord` (`server.record`, with the `Node` the loop keeps for each node), which
+becomes the metrics.jsonl line.
 
 Flower's own strategies are not used: their loop sends one RecordDict to every node, and
 fedlora's nodes need one per rank, validation before the merge and a typed record per round.
@@ -17,7 +18,7 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from logging import ERROR, INFO, WARNING
 from typing import Any
 
@@ -47,6 +48,7 @@ from fedlora.validation import expected_shapes, reply_problem
 from fedlora.wire import M
 from server.global_adapter import GlobalAdapter
 from server.privacy import PrivacyLedger
+from server.record import Node, Reply, RoundRecord, named, nodes_meta, nodes_of, weighted_mean
 
 
 class RoundFailed(RuntimeError):
@@ -87,91 +89,12 @@ class Rules:
         return 1 + (self.round_retries if self.round_failure == "retry" else 0)
 
 
-@dataclass
-class Reply:
-    """One accepted training reply: the update for the merge and its per-client row."""
-
-    update: ClientUpdate
-    row: dict[str, Any]
-
-
-@dataclass
-class RoundRecord:
-    """What one attempt at a round learnt; `line()` is its metrics.jsonl line."""
-
-    round: int
-    started: float = field(default_factory=time.perf_counter)
-    sampled: int = 0
-    failures: list[dict] = field(default_factory=list)  # {node-id, reason}
-    train_failures: int = 0  # failures of the training phase (evaluation may add more)
-    bytes_down: dict[int, int] = field(default_factory=dict)  # node -> factor bytes sent
-    replies: list[Reply] = field(default_factory=list)
-    merge: dict[str, Any] = field(default_factory=dict)  # the merge's figures (exactness, ...)
-    screen: dict[str, Any] = field(default_factory=dict)  # update-norm-median, weight-cap, ...
-    down_weighted: list[dict] = field(default_factory=list)  # {node-id, node-name, reason}
-    privacy: dict[str, Any] = field(default_factory=dict)  # dp-epsilon, ...
-    failed_attempts: list[dict] = field(default_factory=list)
-    evaluation: dict[str, Any] = field(default_factory=dict)  # eval-loss, accuracy, ...
-    server_eval: dict[str, Any] = field(default_factory=dict)
-
-    def fail(self, node: int, reason: str, name: str | None = None) -> None:
-        self.failures.append(named(node, reason, name))
-
-    def attempt_summary(self, attempt: int) -> dict:
-        return {"attempt": attempt, "replied": len(self.replies), M.FAILURES: self.failures}
-
-    def initial_line(self, bytes_before: int) -> dict[str, Any]:
-        """The metrics.jsonl line of round 0: evaluation only (no training, nothing merged)."""
-        return nulls({M.ROUND: self.round, M.FAILURES: self.failures, **self.evaluation,
-                      **self.server_eval, M.SECONDS: time.perf_counter() - self.started,
-                      M.BYTES_TOTAL: bytes_before})
-
-    def line(self, bytes_before: int) -> dict[str, Any]:
-        """The metrics.jsonl line (NaN written as null)."""
-        rows = [r.row for r in self.replies]
-        for row in rows:
-            row[M.BYTES_DOWN] = self.bytes_down.get(row[M.NODE_ID], 0)
-        down, up = sum(self.bytes_down.values()), sum(r[M.BYTES_UP] for r in rows)
-        entry: dict[str, Any] = {
-            M.ROUND: self.round, M.CLIENTS_SAMPLED: self.sampled, M.FAILURES: self.failures,
-            M.CLIENTS_REPLIED: len(rows), M.CLIENTS_FAILED: self.train_failures, M.CLIENTS: rows,
-            M.BYTES_DOWN: down, M.BYTES_UP: up,
-            M.BYTES_DOWN_PER_CLIENT: round(down / max(len(self.bytes_down), 1)),
-            M.TRAIN_LOSS: weighted_mean([r[M.TRAIN_LOSS] for r in rows],
-                                        [r[M.NUM_EXAMPLES] for r in rows]),
-            **self.screen, M.DOWN_WEIGHTED: self.down_weighted,
-            **self.merge, **self.privacy, M.FAILED_ATTEMPTS: self.failed_attempts,
-            **self.evaluation, **self.server_eval,
-            M.SECONDS: time.perf_counter() - self.started,
-            M.BYTES_TOTAL: bytes_before + down + up}
-        return nulls(entry)
-
-
-def nulls(entry: dict[str, Any]) -> dict[str, Any]:
-    """A metrics line with NaN written as null."""
-    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in entry.items()}
-
-
-def named(node: int, reason: str, name: str | None) -> dict[str, Any]:
-    """A failures / down-weighted entry: the node, its name when it gave one, the reason."""
-    entry: dict[str, Any] = {M.NODE_ID: node, "reason": reason}
-    if name is not None:
-        entry[M.NODE_NAME] = name
-    return entry
-
-
 def update_norm(update: ClientUpdate, received_dense: dict) -> float:
     """||delta W||_F of a client's update over all modules (from the factors' Gram matrices),
     and for plain tensors (a PEFT method without factors) their change from what the client
     received."""
     return math.sqrt(sum(product_norm(b, a) ** 2 for b, a in update.factors.values())
                      + dense_distance(update.dense, received_dense) ** 2)
-
-
-def weighted_mean(values: list[float], weights: list[float]) -> float:
-    """sum w_i v_i / sum w_i (nan when there is nothing to average)."""
-    total = sum(weights)
-    return sum(v * w for v, w in zip(values, weights)) / total if total else math.nan
 
 
 def number(metrics: Any, key: str) -> float:
@@ -199,9 +122,7 @@ class RoundLoop:
         self.writer = writer
         self.ledger = ledger  # client-level DP accounting, or None
         self.evaluator = evaluator  # server-side evaluation (server.server_eval), or None
-        self.node_ranks: dict[int, int] = {}
-        self.node_names: dict[int, str] = {}  # what `fedlora client` nodes call themselves
-        self.node_partitions: dict[int, int] = {}  # the partition id each node declared
+        self.nodes: dict[int, Node] = {}  # every node heard from: rank, name, partition
         self.total_bytes = 0
         self.waited_for_all = False  # the first round of a process waits for every node
 
@@ -250,10 +171,11 @@ class RoundLoop:
                                 self.rules.min_train_nodes)
             record.sampled = len(nodes)
             self.learn_ranks(grid, nodes, record)
-            ready = [n for n in nodes if n in self.node_ranks]
+            ranks = self.ranks()
+            ready = [n for n in nodes if n in ranks]
             log(INFO, "round %d: sent training to %d nodes (ranks %s)", server_round, len(ready),
-                ",".join(str(self.node_ranks[n]) for n in ready))
-            replies, record.bytes_down = self.send(grid, ready, self.node_ranks, server_round,
+                ",".join(str(ranks[n]) for n in ready))
+            replies, record.bytes_down = self.send(grid, ready, ranks, server_round,
                                                    MessageType.TRAIN)
             for node, msg in replies:
                 self.read_train_reply(node, msg, record)
@@ -320,7 +242,7 @@ class RoundLoop:
         """Record and log that a reply counts for less than it claimed (or not at all)."""
         node = reply.row[M.NODE_ID]
         log(WARNING, "round %d: %s down-weighted: %s", record.round, self.who(node), reason)
-        record.down_weighted.append(named(node, reason, self.node_names.get(node)))
+        record.down_weighted.append(named(node, reason, self.known(node).name))
 
     def krum(self, record: RoundRecord) -> list[Reply]:
         """Multi-Krum over the round's replies: the n - robust-f whose delta W is nearest the
@@ -358,7 +280,7 @@ class RoundLoop:
                             self.rules.min_evaluate_nodes)
         if self.method.personal:
             self.learn_ranks(grid, nodes, record)
-            ranks = self.node_ranks
+            ranks = self.ranks()
         else:
             ranks = {n: self.state.rank for n in nodes}
         ready = [n for n in nodes if n in ranks]
@@ -412,7 +334,7 @@ class RoundLoop:
 
     def learn_ranks(self, grid: Grid, nodes: list[int], record: RoundRecord) -> None:
         """Ask nodes not seen before for their LoRA rank; a bad or missing answer is a failure."""
-        unknown = [n for n in nodes if n not in self.node_ranks]
+        unknown = [n for n in nodes if self.known(n).rank is None]
         if not unknown:
             return
         asks = [Message(RecordDict({wire.CONFIG: ConfigRecord({})}), dst_node_id=n,
@@ -424,9 +346,9 @@ class RoundLoop:
                 rank = metrics.get(wire.LORA_RANK)
                 self.learn_name(node, reply)
                 if isinstance(pid := metrics.get(wire.PARTITION_ID), int):
-                    self.node_partitions[node] = pid
+                    self.heard(node).partition = pid
             if isinstance(rank, int) and 1 <= rank <= self.state.rank:
-                self.node_ranks[node] = rank
+                self.heard(node).rank = rank
                 continue
             reason = reply.error.reason if reply.has_error() else (
                 f"declared LoRA rank {rank!r}, expected an integer in 1..{self.state.rank} "
@@ -434,7 +356,7 @@ class RoundLoop:
             self.failed(record, node, str(reason))
             failed.add(node)
         for node in unknown:
-            if node not in self.node_ranks and node not in failed:
+            if self.known(node).rank is None and node not in failed:
                 self.failed(record, node, "no answer to the rank query within round-timeout="
                                           f"{self.rules.timeout:g} s")
 
@@ -444,18 +366,35 @@ class RoundLoop:
         who = self.who(node)
         log(WARNING, "round %d: %s: %s", record.round,
             f"dropped the reply of {who}" if dropped else f"{who} failed", reason)
-        record.fail(node, reason, self.node_names.get(node))
+        record.fail(node, reason, self.known(node).name)
 
     def who(self, node: int) -> str:
         """'node 12' or 'node 12 (site-a)' when it named itself."""
-        name = self.node_names.get(node)
+        name = self.known(node).name
         return f"node {node}" + (f" ({name})" if name else "")
 
     def learn_name(self, node: int, reply: Message) -> None:
         """Remember the name a `fedlora client` node sent with its rank."""
         info = reply.content.config_records.get(wire.NODE)
         if info is not None and isinstance(name := info.get(wire.NODE_NAME), str):
-            self.node_names[node] = name[:200]
+            self.heard(node).name = name[:200]
+
+    def known(self, node: int) -> Node:
+        """What the server knows of `node` (an empty record, not kept, when nothing)."""
+        return self.nodes.get(node) or Node(node)
+
+    def heard(self, node: int) -> Node:
+        """The record of `node`, kept from now on (to fill in what it said)."""
+        return self.nodes.setdefault(node, Node(node))
+
+    def ranks(self) -> dict[int, int]:
+        """The LoRA rank of every node that declared a valid one."""
+        return {n: v.rank for n, v in self.nodes.items() if v.rank is not None}
+
+    def partition(self, node: int, default: int) -> int:
+        """The partition id `node` declared when first asked (`default` when none)."""
+        declared = self.known(node).partition
+        return default if declared is None else declared
 
     def exchange(self, grid: Grid, messages: list[Message]) -> list[tuple[int, Message]]:
         """Send and wait for the replies (up to the round timeout); each reply with the node
@@ -487,7 +426,7 @@ class RoundLoop:
         """One message per node with the content for its rank (built once per rank and shared,
         as Flower's FedAvg shares its RecordDict); ((node, reply) pairs, bytes sent per node)."""
         kind = {n: (ranks[n], tuple(sorted(self.method.node_config(
-            self.node_partitions.get(n, -1)).items()))) for n in nodes}
+            self.partition(n, -1)).items()))) for n in nodes}
         contents = {k: self.content(k[0], server_round, k[1]) for k in set(kind.values())}
         size = {k: sum(factor_bytes(a) for a in c.array_records.values())
                 for k, c in contents.items()}
@@ -506,7 +445,7 @@ class RoundLoop:
             self.failed(record, node, problem, dropped=True)
             return
         assert reply is not None
-        self.node_ranks[node] = reply.row[M.LORA_RANK]
+        self.heard(node).rank = reply.row[M.LORA_RANK]
         record.replies.append(reply)
 
     def check_reply(self, node: int, msg: Message) -> tuple[str | None, Reply | None]:
@@ -520,7 +459,7 @@ class RoundLoop:
             state = from_array_record(record)
         except Exception as err:  # malformed arrays: drop, never crash the round
             return f"unreadable arrays ({err})", None
-        known, declared = self.node_ranks.get(node), metrics.get(wire.LORA_RANK)
+        known, declared = self.known(node).rank, metrics.get(wire.LORA_RANK)
         if known is None:
             return f"node {node} was never asked for its rank (not sampled this round)", None
         rank = self.method.reply_rank(known, declared)
@@ -538,7 +477,7 @@ class RoundLoop:
         # the experts by the partition id the node gave when first asked (what its messages
         # were built for), not by what this reply says
         try:
-            experts = self.method.trained_experts(self.node_partitions.get(node, partition_id),
+            experts = self.method.trained_experts(self.partition(node, partition_id),
                                                   self.state.lora, metrics)
         except ValueError as err:
             return str(err), None
@@ -554,8 +493,8 @@ class RoundLoop:
             # the node's own throughput figures (what it says; never used for the merge)
             M.TRAIN_TOKENS: number(metrics, wire.TRAIN_TOKENS),
             M.TRAIN_SECONDS: number(metrics, wire.TRAIN_SECONDS)}
-        if node in self.node_names:
-            row[M.NODE_NAME] = self.node_names[node]
+        if (name := self.known(node).name) is not None:
+            row[M.NODE_NAME] = name
         return None, Reply(update, row)
 
     def update_problem(self, update: ClientUpdate, rank: int) -> str | None:
@@ -599,9 +538,7 @@ class RoundLoop:
     # ==== checkpoint and resume ===============================================================
     def checkpoint(self, server_round: int) -> Checkpoint:
         """Everything the server needs to continue after `server_round`."""
-        meta = {"node-ranks": {str(n): r for n, r in self.node_ranks.items()},
-                "node-names": {str(n): name for n, name in self.node_names.items()},
-                "node-partitions": {str(n): p for n, p in self.node_partitions.items()},
+        meta = {**nodes_meta(self.nodes),
                 "method": self.method.state(),
                 "bytes-total": self.total_bytes,
                 "dp-releases": self.ledger.releases if self.ledger else 0}
@@ -610,11 +547,7 @@ class RoundLoop:
     def resume(self, checkpoint: Checkpoint) -> None:
         """Restore the state `checkpoint()` saved."""
         self.state.restore(checkpoint.tensors)
-        self.node_ranks = {int(n): int(r) for n, r in checkpoint.meta["node-ranks"].items()}
-        self.node_names = {int(n): str(name) for n, name in
-                           checkpoint.meta.get("node-names", {}).items()}  # older: none kept
-        self.node_partitions = {int(n): int(p) for n, p in
-                                checkpoint.meta.get("node-partitions", {}).items()}
+        self.nodes = nodes_of(checkpoint.meta)
         self.method.restore(checkpoint.meta.get("method", {}))
         self.total_bytes = int(checkpoint.meta["bytes-total"])
         if self.ledger is not None:

@@ -17,7 +17,8 @@ from fedlora.aggregation import robust as R
 from fedlora.config import LoraSettings, SettingsError
 from fedlora.methods import get_method, load
 from server.global_adapter import GlobalAdapter
-from server.rounds import RoundLoop, RoundRecord, Rules
+from server.record import Node, RoundRecord
+from server.rounds import RoundLoop, Rules
 
 
 def scalar_updates(values: list[list[float]]) -> list[ClientUpdate]:
@@ -219,7 +220,7 @@ def loop_of(strategy: str, robust: str = "none", **rules) -> RoundLoop:
     state = GlobalAdapter(method=get_method(strategy), lora=LoraSettings(rank=2),
                           factors=shared_init(SHAPES, 2, seed=0), global_rank=2, robust=robust)
     loop = RoundLoop(state, SHAPES, Rules(timeout=10.0, robust=robust, **rules), writer=None)
-    loop.node_ranks = {1: 2, 2: 2, 3: 2, 4: 2, 5: 2}
+    loop.nodes = {n: Node(n, rank=2) for n in (1, 2, 3, 4, 5)}
     return loop
 
 
