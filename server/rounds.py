@@ -1,8 +1,9 @@
 """The server's round loop, top to bottom, over Flower's Grid.
 
 One round: sample nodes, ask new nodes their LoRA rank, send each node the global adapter at
-its rank, read and validate the replies, merge the accepted ones (`GlobalAdapter.update`, which
-calls the method's pure merge), evaluate, record the metrics line, checkpoint. A round with
+its rank, read and validate the replies, screen them (`server.defences`: update norm, weight
+cap, Krum), merge the accepted ones (`GlobalAdapter.update`, which clips, calls the method's
+pure merge and adds the DP noise), evaluate, record the metrics line, checkpoint. A round with
 fewer than `min-replies` valid replies is retried (`round-failure=retry`, up to
 `round-retries` times) or stops the run with `RoundFailed`. Everything a round learns goes
 into its `RoundRecord` (`server.record`, with the `Node` the loop keeps for each node), which
@@ -30,15 +31,6 @@ from fedlora import pacing, wire
 from fedlora.aggregation import ClientUpdate
 from fedlora.aggregation.base import dense_distance
 from fedlora.aggregation.linalg import product_norm
-from fedlora.aggregation.robust import (
-    cap_weights,
-    dense_squared_distances,
-    krum_scores,
-    krum_select,
-    lower_median,
-    outliers,
-    squared_distances,
-)
 from fedlora.checkpoint import Checkpoint, write_checkpoint
 from fedlora.outputs import RunWriter
 from fedlora.records import factor_bytes, from_array_record, to_array_record
@@ -46,6 +38,7 @@ from fedlora.seeds import derive_seed
 from fedlora.train.accuracy import Accuracy
 from fedlora.validation import expected_shapes, reply_problem
 from fedlora.wire import M
+from server import defences
 from server.global_adapter import GlobalAdapter
 from server.privacy import PrivacyLedger
 from server.record import Node, Reply, RoundRecord, named, nodes_meta, nodes_of, weighted_mean
@@ -76,8 +69,6 @@ class Rules:
     max_update_ratio: float = 10.0  # drop updates above this x the round's lower median (0 off)
     max_weight_ratio: float = 10.0  # cap weights at this x the lower median weight (0 off)
     equal_weights: bool = False  # client-weights=equal: every accepted reply weighs 1
-    robust: str = "none"  # krum is applied here; median / trimmed-mean by the GlobalAdapter
-    robust_f: int = 1
     initial_eval: bool = True  # evaluate the global model before round 1 (round 0)
 
     @property
@@ -202,39 +193,33 @@ class RoundLoop:
         raise self.stop(server_round, failed)
 
     def screen(self, record: RoundRecord) -> None:
-        """The round's default defences: drop a reply whose update is far larger than the
-        others' (max-update-ratio), then cut a weight far above the others' (max-weight-ratio).
-        Both compare with the lower median of the round's accepted replies."""
-        replies, rules = record.replies, self.rules
-        norms = [self.state.moved(r.update) for r in replies]
-        for reply, norm in zip(replies, norms):
+        """The round's default defences (`server.defences`): drop a reply whose update is far
+        larger than the others' (max-update-ratio), then cut a weight far above the others'
+        (max-weight-ratio). Both compare with the lower median of the round's accepted replies."""
+        norms = [self.state.moved(r.update) for r in record.replies]
+        for reply, norm in zip(record.replies, norms):
             reply.row[M.UPDATE_NORM] = norm
-        if not replies:
+        if not record.replies:
             return
-        median = lower_median(norms)
-        bound, far = outliers(norms, rules.max_update_ratio)
-        for i in reversed(far):
-            reply = replies.pop(i)
-            self.failed(record, reply.row[M.NODE_ID],
-                        f"update norm {norms[i]:.4g} is {norms[i] / median:.3g} times the "
-                        f"round's lower median {median:.4g} (max-update-ratio="
-                        f"{rules.max_update_ratio:g})", dropped=True)
+        screened = defences.screen_norms(norms, self.rules.max_update_ratio)
+        for i, reason in reversed(screened.dropped):
+            reply = record.replies.pop(i)
+            self.failed(record, reply.row[M.NODE_ID], reason, dropped=True)
             record.failures[-1].update({M.UPDATE_NORM: norms[i],  # for the report's plot
                                         M.PARTITION_ID: reply.row[M.PARTITION_ID]})
-        if rules.equal_weights:  # nothing to cut: every reply weighs 1
-            weights, cap = [1.0] * len(replies), math.inf
-        else:
-            weights, cap = cap_weights([r.update.weight for r in replies],
-                                       rules.max_weight_ratio)
-        record.screen = {M.UPDATE_NORM_MEDIAN: median,
-                         M.UPDATE_NORM_BOUND: bound if math.isfinite(bound) else None,
-                         M.WEIGHT_CAP: cap if math.isfinite(cap) else None}
-        for reply, weight in zip(replies, weights):
+        self.weigh(record, screened.figures)
+
+    def weigh(self, record: RoundRecord, figures: dict[str, Any]) -> None:
+        """Set each screened reply's merge weight (client-weights, max-weight-ratio), recording
+        a cut claim as down-weighted, and the round's screen figures."""
+        weighed = defences.weigh([r.update.weight for r in record.replies],
+                                 self.rules.max_weight_ratio, self.rules.equal_weights)
+        record.screen = {**figures, **weighed.figures}
+        cut = dict(weighed.cut)
+        for i, (reply, weight) in enumerate(zip(record.replies, weighed.weights)):
             reply.row[M.WEIGHT] = weight
-            if weight < reply.update.weight and math.isfinite(cap):
-                self.down_weighted(record, reply, (
-                    f"num-examples {reply.update.weight:g} cut to {weight:g}, max-weight-ratio="
-                    f"{rules.max_weight_ratio:g} times the round's lower median"))
+            if i in cut:
+                self.down_weighted(record, reply, cut[i])
             if weight != reply.update.weight:
                 reply.update = replace(reply.update, weight=weight)
 
@@ -245,29 +230,21 @@ class RoundLoop:
         record.down_weighted.append(named(node, reason, self.known(node).name))
 
     def krum(self, record: RoundRecord) -> list[Reply]:
-        """Multi-Krum over the round's replies: the n - robust-f whose delta W is nearest the
-        others'; the rest are recorded as not merged, with their scores."""
-        replies, f = record.replies, self.rules.robust_f
-        distances = (squared_distances([r.update.factors for r in replies])
-                     + dense_squared_distances([r.update.dense for r in replies]))
-        scores = krum_scores(distances, f)
-        keep = set(krum_select(scores, f))
-        cut = max(scores[i] for i in keep)
-        for i, (reply, score) in enumerate(zip(replies, scores)):
-            reply.row[M.KRUM_SCORE], reply.row[M.MERGED] = score, i in keep
-            if i not in keep:
-                self.down_weighted(record, reply, (
-                    f"not merged: krum score {score:.4g} (summed squared distance of its delta "
-                    f"W to its nearest others) is above the {len(keep)} kept, the highest of "
-                    f"which is {cut:.4g} (robust-f={f})"))
-        return [r for i, r in enumerate(replies) if i in keep]
+        """Multi-Krum over the round's replies (`server.defences.krum`): the n - robust-f whose
+        delta W is nearest the others'; the rest are recorded as not merged, with their scores."""
+        screened = defences.krum([r.update for r in record.replies], self.state.robust.f)
+        for i, (reply, score) in enumerate(zip(record.replies, screened.scores)):
+            reply.row[M.KRUM_SCORE], reply.row[M.MERGED] = score, i in screened.kept
+        for i, reason in screened.dropped:
+            self.down_weighted(record, record.replies[i], reason)
+        return [record.replies[i] for i in screened.kept]
 
     def merge(self, server_round: int, record: RoundRecord) -> None:
         """The accepted updates into the global adapter (after Krum's choice when it is on);
         DP accounting when on."""
-        chosen = self.krum(record) if self.rules.robust == "krum" else record.replies
+        chosen = self.krum(record) if self.state.robust.krum else record.replies
         record.merge = self.state.update([r.update for r in chosen], server_round)
-        record.merge[M.ROBUST] = self.rules.robust
+        record.merge[M.ROBUST] = self.state.robust.rule
         if self.ledger is not None:
             self.ledger.record()
             record.privacy = {M.DP_EPSILON: self.ledger.epsilon(), M.DP_DELTA: self.ledger.delta,
