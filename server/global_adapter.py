@@ -1,6 +1,7 @@
 """The server's global adapter across rounds: merge, server optimiser, residual, payloads, export.
 
-No Flower here: `server/rounds.py` turns messages into `ClientUpdate`s and calls `update()`.
+No Flower here: `server/rounds.py` turns messages into `ClientUpdate`s and calls `update()`,
+which clips and adds the DP noise through `server/defences.py` around the merge.
 Everything is kept in delta-W scale (the LoRA scale folded into B, so delta W = B @ A) and only
 converted to PEFT's scale through `fedlora.factors` (`payload`, `to_update`,
 `export`), with each adapter's own rank: moving an update between ranks never changes delta W.
@@ -11,20 +12,14 @@ for filling the factors a reply does not carry, for clipping and for the truncat
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
 from fedlora.aggregation import ClientUpdate, Factors
-from fedlora.aggregation.base import Dense, dense_distance
+from fedlora.aggregation.base import Dense, MergeResult, dense_distance
 from fedlora.aggregation.exactness import exactness, truncation_loss
-from fedlora.aggregation.privacy import (
-    add_dense_noise,
-    add_noise,
-    clip_all,
-    factor_distance,
-    noise_std,
-)
+from fedlora.aggregation.privacy import factor_distance
 from fedlora.aggregation.robust import change_norm, robust_merge
 from fedlora.aggregation.server_opt import ServerOptimizer
 from fedlora.config import LoraSettings
@@ -32,6 +27,8 @@ from fedlora.factors import dense_part, flatten, from_peft, to_peft, unflatten
 from fedlora.methods import Method
 from fedlora.seeds import derive_seed
 from fedlora.wire import M
+from server import defences
+from server.defences import Robust
 
 
 def concat(parts: list[Factors]) -> Factors:
@@ -69,8 +66,7 @@ class GlobalAdapter:
     clip_norm: float = 0.0  # clip each update to this norm (0 = off)
     noise_multiplier: float = 0.0  # client-level DP noise (needs clip_norm and a linear merge)
     noise_seed: int = 0  # the noise of round n is drawn from seed (noise_seed, n)
-    robust: str = "none"  # median / trimmed-mean replace the method's merge (krum: the loop)
-    robust_f: int = 1  # hostile clients tolerated (trimmed-mean drops this many at each end)
+    robust: Robust = field(default_factory=Robust)  # median / trimmed-mean: here; krum: the loop
     # The payload at each rank, built once per version of `factors` (cleared when it changes)
     _received: dict[int, Factors] = field(default_factory=dict, repr=False)  # delta-W scale
     _peft: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
@@ -131,52 +127,53 @@ class GlobalAdapter:
                           dense_distance(update.dense, self.dense))
 
     # ---- one round ----------------------------------------------------------------------------
-    def clip(self, updates: list[ClientUpdate]) -> tuple[list[ClientUpdate], dict]:
-        """Each update clipped to clip_norm around the adapter its client received; with DP,
-        equal weights (the Gaussian mechanism bounds each client, not each example)."""
-        out, norms = [], []
-        for u in updates:  # (replace keeps what else the update says: lora-moe's experts)
-            factors, dense, norm, _ = clip_all(u.factors, u.dense, self.received(u.rank),
-                                               self.dense, self.clip_norm)
-            out.append(replace(u, factors=factors, dense=dense,
-                               weight=1.0 if self.noise_multiplier else u.weight))
-            norms.append(norm)
-        return out, {M.CLIP_NORM: self.clip_norm, M.UPDATE_NORMS: norms,
-                     M.CLIENTS_CLIPPED: sum(n > self.clip_norm for n in norms)}
-
-    def noised(self, merged: Factors, dense: Dense, updates: list[ClientUpdate],
-               server_round: int) -> tuple[Factors, Dense, float]:
-        """The merged factors and plain tensors plus Gaussian noise of std z C / m on the
-        shared factors and on every plain tensor, m the clients merged into it (all, or the
-        ones that trained a lora-moe expert). Returns the std of a tensor all clients made."""
-        std = noise_std(self.noise_multiplier, self.clip_norm, len(updates))
-        stds = {k: noise_std(self.noise_multiplier, self.clip_norm,
-                             self.method.contributors(updates, k)) for k in dense}
-        generator = torch.Generator().manual_seed(derive_seed(self.noise_seed, server_round))
-        return (add_noise(merged, std, self.method.shares, generator),
-                add_dense_noise(dense, stds, generator), std)
-
     def update(self, updates: list[ClientUpdate], server_round: int = 0) -> dict:
-        """Merge one round's updates into the global state; returns the round's figures."""
+        """Merge one round's updates into the global state: clipping, the method's merge (or
+        the robust one), DP noise (`server.defences`), the server optimiser, the figures."""
         self.method.check(updates)  # before clipping: clipping needs matching modules
         info: dict = {}
         if self.clip_norm:
-            updates, clip_info = self.clip(updates)
+            updates, clip_info = defences.clip(updates, [self.received(u.rank) for u in updates],
+                                               self.dense, self.clip_norm,
+                                               equal=bool(self.noise_multiplier))
             info.update(clip_info)
-        if self.robust in ("median", "trimmed-mean"):
-            result = robust_merge(updates, self.robust, self.robust_f, self.rank)
-        else:
-            result = self.method.combine(updates, self.factors, export_rank=self.rank)
+        result = self.combine(updates)
         merged, dense = result.global_factors, result.dense
         if self.noise_multiplier and (merged or dense):
             merged, dense, info[M.DP_NOISE_STD] = self.noised(merged, dense, updates,
                                                               server_round)
+        self.step(merged, dense)
+        info.update(self.merge_figures(result, updates))
+        info.update(self.add_residual(result))
+        return info
+
+    def combine(self, updates: list[ClientUpdate]) -> MergeResult:
+        """The method's merge, or the coordinate-wise median / trimmed mean (robust)."""
+        if self.robust.replaces_merge:
+            return robust_merge(updates, self.robust.rule, self.robust.f, self.rank)
+        return self.method.combine(updates, self.factors, export_rank=self.rank)
+
+    def noised(self, merged: Factors, dense: Dense, updates: list[ClientUpdate],
+               server_round: int) -> tuple[Factors, Dense, float]:
+        """`defences.noised` with this run's settings: every lora-moe expert's noise by the
+        clients that trained it, round `server_round`'s seed."""
+        contributors = {k: self.method.contributors(updates, k) for k in dense}
+        return defences.noised(merged, dense, self.method.shares, len(updates), contributors,
+                               self.clip_norm, self.noise_multiplier,
+                               derive_seed(self.noise_seed, server_round))
+
+    def step(self, merged: Factors, dense: Dense) -> None:
+        """The merge (through the server optimiser, when there is one) as the new global state;
+        a plain tensor the merge did not return (an expert nobody trained) keeps its value."""
         if self.optimizer is not None:
             merged = self.optimizer.step(self.factors, merged) if merged else merged
             dense = self.optimizer.step_dense(self.dense, dense) if dense else dense
-        # a plain tensor the merge did not return (an expert nobody trained) keeps its value
         self.factors, self.dense = merged, {**self.dense, **dense}
-        # fedsa-lora has no global delta W to compare; a method without factors none at all
+
+    def merge_figures(self, result: MergeResult, updates: list[ClientUpdate]) -> dict:
+        """How exactly the merge applied the updates, and what truncating to each client rank
+        loses (fedsa-lora has no global delta W to compare; a method without factors none)."""
+        info: dict = {}
         if self.method.exactness_defined and result.applied:
             overall, per_module = exactness(result.applied, updates)
             info[M.EXACTNESS] = overall
@@ -185,11 +182,15 @@ class GlobalAdapter:
         if self.method.heterogeneous and self.factors:
             info[M.TRUNCATION_LOSS] = {str(r): truncation_loss(self.factors, self.received(r))
                                        for r in sorted({u.rank for u in updates})}
-        if result.residual:
-            self.residual, dropped = self.method.keep_residual(
-                concat([self.residual, result.residual]))
-            info.update({M.RESIDUAL_RANK: rank_of(self.residual), M.RESIDUAL_DROPPED: dropped})
         return info
+
+    def add_residual(self, result: MergeResult) -> dict:
+        """Add the merge's residual to the frozen one (as the method keeps it); its figures."""
+        if not result.residual:
+            return {}
+        self.residual, dropped = self.method.keep_residual(
+            concat([self.residual, result.residual]))
+        return {M.RESIDUAL_RANK: rank_of(self.residual), M.RESIDUAL_DROPPED: dropped}
 
     # ---- export -------------------------------------------------------------------------------
     def export(self) -> tuple[dict[str, torch.Tensor], int]:

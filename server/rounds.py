@@ -1,11 +1,13 @@
 """The server's round loop, top to bottom, over Flower's Grid.
 
 One round: sample nodes, ask new nodes their LoRA rank, send each node the global adapter at
-its rank, read and validate the replies, merge the accepted ones (`GlobalAdapter.update`, which
-calls the method's pure merge), evaluate, record the metrics line, checkpoint. A round with
+its rank, read and validate the replies, screen them (`server.defences`: update norm, weight
+cap, Krum), merge the accepted ones (`GlobalAdapter.update`, which clips, calls the method's
+pure merge and adds the DP noise), evaluate, record the metrics line, checkpoint. A round with
 fewer than `min-replies` valid replies is retried (`round-failure=retry`, up to
 `round-retries` times) or stops the run with `RoundFailed`. Everything a round learns goes
-into its `RoundRecord`, which becomes the metrics.jsonl line.
+into its `RoundRecord` (`server.record`, with the `Node` the loop keeps for each node), which
+becomes the metrics.jsonl line.
 
 Flower's own strategies are not used: their loop sends one RecordDict to every node, and
 fedlora's nodes need one per rank, validation before the merge and a typed record per round.
@@ -17,7 +19,7 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from logging import ERROR, INFO, WARNING
 from typing import Any
 
@@ -29,15 +31,6 @@ from fedlora import wire
 from fedlora.aggregation import ClientUpdate
 from fedlora.aggregation.base import dense_distance
 from fedlora.aggregation.linalg import product_norm
-from fedlora.aggregation.robust import (
-    cap_weights,
-    dense_squared_distances,
-    krum_scores,
-    krum_select,
-    lower_median,
-    outliers,
-    squared_distances,
-)
 from fedlora.checkpoint import Checkpoint, write_checkpoint
 from fedlora.outputs import RunWriter
 from fedlora.records import factor_bytes, from_array_record, to_array_record
@@ -46,8 +39,10 @@ from fedlora.seeds import derive_seed
 from fedlora.train.accuracy import Accuracy
 from fedlora.validation import expected_shapes, reply_problem
 from fedlora.wire import M
+from server import defences
 from server.global_adapter import GlobalAdapter
 from server.privacy import PrivacyLedger
+from server.record import Node, Reply, RoundRecord, named, nodes_meta, nodes_of, weighted_mean
 
 
 class RoundFailed(RuntimeError):
@@ -75,8 +70,6 @@ class Rules:
     max_update_ratio: float = 10.0  # drop updates above this x the round's lower median (0 off)
     max_weight_ratio: float = 10.0  # cap weights at this x the lower median weight (0 off)
     equal_weights: bool = False  # client-weights=equal: every accepted reply weighs 1
-    robust: str = "none"  # krum is applied here; median / trimmed-mean by the GlobalAdapter
-    robust_f: int = 1
     initial_eval: bool = True  # evaluate the global model before round 1 (round 0)
 
     @property
@@ -88,91 +81,12 @@ class Rules:
         return 1 + (self.round_retries if self.round_failure == "retry" else 0)
 
 
-@dataclass
-class Reply:
-    """One accepted training reply: the update for the merge and its per-client row."""
-
-    update: ClientUpdate
-    row: dict[str, Any]
-
-
-@dataclass
-class RoundRecord:
-    """What one attempt at a round learnt; `line()` is its metrics.jsonl line."""
-
-    round: int
-    started: float = field(default_factory=time.perf_counter)
-    sampled: int = 0
-    failures: list[dict] = field(default_factory=list)  # {node-id, reason}
-    train_failures: int = 0  # failures of the training phase (evaluation may add more)
-    bytes_down: dict[int, int] = field(default_factory=dict)  # node -> factor bytes sent
-    replies: list[Reply] = field(default_factory=list)
-    merge: dict[str, Any] = field(default_factory=dict)  # the merge's figures (exactness, ...)
-    screen: dict[str, Any] = field(default_factory=dict)  # update-norm-median, weight-cap, ...
-    down_weighted: list[dict] = field(default_factory=list)  # {node-id, node-name, reason}
-    privacy: dict[str, Any] = field(default_factory=dict)  # dp-epsilon, ...
-    failed_attempts: list[dict] = field(default_factory=list)
-    evaluation: dict[str, Any] = field(default_factory=dict)  # eval-loss, accuracy, ...
-    server_eval: dict[str, Any] = field(default_factory=dict)
-
-    def fail(self, node: int, reason: str, name: str | None = None) -> None:
-        self.failures.append(named(node, reason, name))
-
-    def attempt_summary(self, attempt: int) -> dict:
-        return {"attempt": attempt, "replied": len(self.replies), M.FAILURES: self.failures}
-
-    def initial_line(self, bytes_before: int) -> dict[str, Any]:
-        """The metrics.jsonl line of round 0: evaluation only (no training, nothing merged)."""
-        return nulls({M.ROUND: self.round, M.FAILURES: self.failures, **self.evaluation,
-                      **self.server_eval, M.SECONDS: time.perf_counter() - self.started,
-                      M.BYTES_TOTAL: bytes_before})
-
-    def line(self, bytes_before: int) -> dict[str, Any]:
-        """The metrics.jsonl line (NaN written as null)."""
-        rows = [r.row for r in self.replies]
-        for row in rows:
-            row[M.BYTES_DOWN] = self.bytes_down.get(row[M.NODE_ID], 0)
-        down, up = sum(self.bytes_down.values()), sum(r[M.BYTES_UP] for r in rows)
-        entry: dict[str, Any] = {
-            M.ROUND: self.round, M.CLIENTS_SAMPLED: self.sampled, M.FAILURES: self.failures,
-            M.CLIENTS_REPLIED: len(rows), M.CLIENTS_FAILED: self.train_failures, M.CLIENTS: rows,
-            M.BYTES_DOWN: down, M.BYTES_UP: up,
-            M.BYTES_DOWN_PER_CLIENT: round(down / max(len(self.bytes_down), 1)),
-            M.TRAIN_LOSS: weighted_mean([r[M.TRAIN_LOSS] for r in rows],
-                                        [r[M.NUM_EXAMPLES] for r in rows]),
-            **self.screen, M.DOWN_WEIGHTED: self.down_weighted,
-            **self.merge, **self.privacy, M.FAILED_ATTEMPTS: self.failed_attempts,
-            **self.evaluation, **self.server_eval,
-            M.SECONDS: time.perf_counter() - self.started,
-            M.BYTES_TOTAL: bytes_before + down + up}
-        return nulls(entry)
-
-
-def nulls(entry: dict[str, Any]) -> dict[str, Any]:
-    """A metrics line with NaN written as null."""
-    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in entry.items()}
-
-
-def named(node: int, reason: str, name: str | None) -> dict[str, Any]:
-    """A failures / down-weighted entry: the node, its name when it gave one, the reason."""
-    entry: dict[str, Any] = {M.NODE_ID: node, "reason": reason}
-    if name is not None:
-        entry[M.NODE_NAME] = name
-    return entry
-
-
 def update_norm(update: ClientUpdate, received_dense: dict) -> float:
     """||delta W||_F of a client's update over all modules (from the factors' Gram matrices),
     and for plain tensors (a PEFT method without factors) their change from what the client
     received."""
     return math.sqrt(sum(product_norm(b, a) ** 2 for b, a in update.factors.values())
                      + dense_distance(update.dense, received_dense) ** 2)
-
-
-def weighted_mean(values: list[float], weights: list[float]) -> float:
-    """sum w_i v_i / sum w_i (nan when there is nothing to average)."""
-    total = sum(weights)
-    return sum(v * w for v, w in zip(values, weights)) / total if total else math.nan
 
 
 def number(metrics: Any, key: str) -> float:
@@ -200,9 +114,7 @@ class RoundLoop:
         self.writer = writer
         self.ledger = ledger  # client-level DP accounting, or None
         self.evaluator = evaluator  # server-side evaluation (server.server_eval), or None
-        self.node_ranks: dict[int, int] = {}
-        self.node_names: dict[int, str] = {}  # what `fedlora client` nodes call themselves
-        self.node_partitions: dict[int, int] = {}  # the partition id each node declared
+        self.nodes: dict[int, Node] = {}  # every node heard from: rank, name, partition
         self.total_bytes = 0
         self.waited_for_all = False  # the first round of a process waits for every node
 
@@ -251,10 +163,11 @@ class RoundLoop:
                                 self.rules.min_train_nodes)
             record.sampled = len(nodes)
             self.learn_ranks(grid, nodes, record)
-            ready = [n for n in nodes if n in self.node_ranks]
+            ranks = self.ranks()
+            ready = [n for n in nodes if n in ranks]
             log(INFO, "round %d: sent training to %d nodes (ranks %s)", server_round, len(ready),
-                ",".join(str(self.node_ranks[n]) for n in ready))
-            replies, record.bytes_down = self.send(grid, ready, self.node_ranks, server_round,
+                ",".join(str(ranks[n]) for n in ready))
+            replies, record.bytes_down = self.send(grid, ready, ranks, server_round,
                                                    MessageType.TRAIN)
             for node, msg in replies:
                 self.read_train_reply(node, msg, record)
@@ -281,39 +194,33 @@ class RoundLoop:
         raise self.stop(server_round, failed)
 
     def screen(self, record: RoundRecord) -> None:
-        """The round's default defences: drop a reply whose update is far larger than the
-        others' (max-update-ratio), then cut a weight far above the others' (max-weight-ratio).
-        Both compare with the lower median of the round's accepted replies."""
-        replies, rules = record.replies, self.rules
-        norms = [self.state.moved(r.update) for r in replies]
-        for reply, norm in zip(replies, norms):
+        """The round's default defences (`server.defences`): drop a reply whose update is far
+        larger than the others' (max-update-ratio), then cut a weight far above the others'
+        (max-weight-ratio). Both compare with the lower median of the round's accepted replies."""
+        norms = [self.state.moved(r.update) for r in record.replies]
+        for reply, norm in zip(record.replies, norms):
             reply.row[M.UPDATE_NORM] = norm
-        if not replies:
+        if not record.replies:
             return
-        median = lower_median(norms)
-        bound, far = outliers(norms, rules.max_update_ratio)
-        for i in reversed(far):
-            reply = replies.pop(i)
-            self.failed(record, reply.row[M.NODE_ID],
-                        f"update norm {norms[i]:.4g} is {norms[i] / median:.3g} times the "
-                        f"round's lower median {median:.4g} (max-update-ratio="
-                        f"{rules.max_update_ratio:g})", dropped=True)
+        screened = defences.screen_norms(norms, self.rules.max_update_ratio)
+        for i, reason in reversed(screened.dropped):
+            reply = record.replies.pop(i)
+            self.failed(record, reply.row[M.NODE_ID], reason, dropped=True)
             record.failures[-1].update({M.UPDATE_NORM: norms[i],  # for the report's plot
                                         M.PARTITION_ID: reply.row[M.PARTITION_ID]})
-        if rules.equal_weights:  # nothing to cut: every reply weighs 1
-            weights, cap = [1.0] * len(replies), math.inf
-        else:
-            weights, cap = cap_weights([r.update.weight for r in replies],
-                                       rules.max_weight_ratio)
-        record.screen = {M.UPDATE_NORM_MEDIAN: median,
-                         M.UPDATE_NORM_BOUND: bound if math.isfinite(bound) else None,
-                         M.WEIGHT_CAP: cap if math.isfinite(cap) else None}
-        for reply, weight in zip(replies, weights):
+        self.weigh(record, screened.figures)
+
+    def weigh(self, record: RoundRecord, figures: dict[str, Any]) -> None:
+        """Set each screened reply's merge weight (client-weights, max-weight-ratio), recording
+        a cut claim as down-weighted, and the round's screen figures."""
+        weighed = defences.weigh([r.update.weight for r in record.replies],
+                                 self.rules.max_weight_ratio, self.rules.equal_weights)
+        record.screen = {**figures, **weighed.figures}
+        cut = dict(weighed.cut)
+        for i, (reply, weight) in enumerate(zip(record.replies, weighed.weights)):
             reply.row[M.WEIGHT] = weight
-            if weight < reply.update.weight and math.isfinite(cap):
-                self.down_weighted(record, reply, (
-                    f"num-examples {reply.update.weight:g} cut to {weight:g}, max-weight-ratio="
-                    f"{rules.max_weight_ratio:g} times the round's lower median"))
+            if i in cut:
+                self.down_weighted(record, reply, cut[i])
             if weight != reply.update.weight:
                 reply.update = replace(reply.update, weight=weight)
 
@@ -321,32 +228,24 @@ class RoundLoop:
         """Record and log that a reply counts for less than it claimed (or not at all)."""
         node = reply.row[M.NODE_ID]
         log(WARNING, "round %d: %s down-weighted: %s", record.round, self.who(node), reason)
-        record.down_weighted.append(named(node, reason, self.node_names.get(node)))
+        record.down_weighted.append(named(node, reason, self.known(node).name))
 
     def krum(self, record: RoundRecord) -> list[Reply]:
-        """Multi-Krum over the round's replies: the n - robust-f whose delta W is nearest the
-        others'; the rest are recorded as not merged, with their scores."""
-        replies, f = record.replies, self.rules.robust_f
-        distances = (squared_distances([r.update.factors for r in replies])
-                     + dense_squared_distances([r.update.dense for r in replies]))
-        scores = krum_scores(distances, f)
-        keep = set(krum_select(scores, f))
-        cut = max(scores[i] for i in keep)
-        for i, (reply, score) in enumerate(zip(replies, scores)):
-            reply.row[M.KRUM_SCORE], reply.row[M.MERGED] = score, i in keep
-            if i not in keep:
-                self.down_weighted(record, reply, (
-                    f"not merged: krum score {score:.4g} (summed squared distance of its delta "
-                    f"W to its nearest others) is above the {len(keep)} kept, the highest of "
-                    f"which is {cut:.4g} (robust-f={f})"))
-        return [r for i, r in enumerate(replies) if i in keep]
+        """Multi-Krum over the round's replies (`server.defences.krum`): the n - robust-f whose
+        delta W is nearest the others'; the rest are recorded as not merged, with their scores."""
+        screened = defences.krum([r.update for r in record.replies], self.state.robust.f)
+        for i, (reply, score) in enumerate(zip(record.replies, screened.scores)):
+            reply.row[M.KRUM_SCORE], reply.row[M.MERGED] = score, i in screened.kept
+        for i, reason in screened.dropped:
+            self.down_weighted(record, record.replies[i], reason)
+        return [record.replies[i] for i in screened.kept]
 
     def merge(self, server_round: int, record: RoundRecord) -> None:
         """The accepted updates into the global adapter (after Krum's choice when it is on);
         DP accounting when on."""
-        chosen = self.krum(record) if self.rules.robust == "krum" else record.replies
+        chosen = self.krum(record) if self.state.robust.krum else record.replies
         record.merge = self.state.update([r.update for r in chosen], server_round)
-        record.merge[M.ROBUST] = self.rules.robust
+        record.merge[M.ROBUST] = self.state.robust.rule
         if self.ledger is not None:
             self.ledger.record()
             record.privacy = {M.DP_EPSILON: self.ledger.epsilon(), M.DP_DELTA: self.ledger.delta,
@@ -359,7 +258,7 @@ class RoundLoop:
                             self.rules.min_evaluate_nodes)
         if self.method.personal:
             self.learn_ranks(grid, nodes, record)
-            ranks = self.node_ranks
+            ranks = self.ranks()
         else:
             ranks = {n: self.state.rank for n in nodes}
         ready = [n for n in nodes if n in ranks]
@@ -413,7 +312,7 @@ class RoundLoop:
 
     def learn_ranks(self, grid: Grid, nodes: list[int], record: RoundRecord) -> None:
         """Ask nodes not seen before for their LoRA rank; a bad or missing answer is a failure."""
-        unknown = [n for n in nodes if n not in self.node_ranks]
+        unknown = [n for n in nodes if self.known(n).rank is None]
         if not unknown:
             return
         asks = [Message(RecordDict({wire.CONFIG: ConfigRecord({})}), dst_node_id=n,
@@ -425,9 +324,9 @@ class RoundLoop:
                 rank = metrics.get(wire.LORA_RANK)
                 self.learn_name(node, reply)
                 if isinstance(pid := metrics.get(wire.PARTITION_ID), int):
-                    self.node_partitions[node] = pid
+                    self.heard(node).partition = pid
             if isinstance(rank, int) and 1 <= rank <= self.state.rank:
-                self.node_ranks[node] = rank
+                self.heard(node).rank = rank
                 continue
             reason = reply.error.reason if reply.has_error() else (
                 f"declared LoRA rank {rank!r}, expected an integer in 1..{self.state.rank} "
@@ -435,7 +334,7 @@ class RoundLoop:
             self.failed(record, node, str(reason))
             failed.add(node)
         for node in unknown:
-            if node not in self.node_ranks and node not in failed:
+            if self.known(node).rank is None and node not in failed:
                 self.failed(record, node, "no answer to the rank query within round-timeout="
                                           f"{self.rules.timeout:g} s")
 
@@ -445,18 +344,35 @@ class RoundLoop:
         who = self.who(node)
         log(WARNING, "round %d: %s: %s", record.round,
             f"dropped the reply of {who}" if dropped else f"{who} failed", reason)
-        record.fail(node, reason, self.node_names.get(node))
+        record.fail(node, reason, self.known(node).name)
 
     def who(self, node: int) -> str:
         """'node 12' or 'node 12 (site-a)' when it named itself."""
-        name = self.node_names.get(node)
+        name = self.known(node).name
         return f"node {node}" + (f" ({name})" if name else "")
 
     def learn_name(self, node: int, reply: Message) -> None:
         """Remember the name a `fedlora client` node sent with its rank."""
         info = reply.content.config_records.get(wire.NODE)
         if info is not None and isinstance(name := info.get(wire.NODE_NAME), str):
-            self.node_names[node] = name[:200]
+            self.heard(node).name = name[:200]
+
+    def known(self, node: int) -> Node:
+        """What the server knows of `node` (an empty record, not kept, when nothing)."""
+        return self.nodes.get(node) or Node(node)
+
+    def heard(self, node: int) -> Node:
+        """The record of `node`, kept from now on (to fill in what it said)."""
+        return self.nodes.setdefault(node, Node(node))
+
+    def ranks(self) -> dict[int, int]:
+        """The LoRA rank of every node that declared a valid one."""
+        return {n: v.rank for n, v in self.nodes.items() if v.rank is not None}
+
+    def partition(self, node: int, default: int) -> int:
+        """The partition id `node` declared when first asked (`default` when none)."""
+        declared = self.known(node).partition
+        return default if declared is None else declared
 
     def exchange(self, grid: Grid, messages: list[Message]) -> list[tuple[int, Message]]:
         """Send and wait for the replies (up to the round timeout); each reply with the node
@@ -488,7 +404,7 @@ class RoundLoop:
         """One message per node with the content for its rank (built once per rank and shared,
         as Flower's FedAvg shares its RecordDict); ((node, reply) pairs, bytes sent per node)."""
         kind = {n: (ranks[n], tuple(sorted(self.method.node_config(
-            self.node_partitions.get(n, -1)).items()))) for n in nodes}
+            self.partition(n, -1)).items()))) for n in nodes}
         contents = {k: self.content(k[0], server_round, k[1]) for k in set(kind.values())}
         size = {k: sum(factor_bytes(a) for a in c.array_records.values())
                 for k, c in contents.items()}
@@ -507,7 +423,7 @@ class RoundLoop:
             self.failed(record, node, problem, dropped=True)
             return
         assert reply is not None
-        self.node_ranks[node] = reply.row[M.LORA_RANK]
+        self.heard(node).rank = reply.row[M.LORA_RANK]
         record.replies.append(reply)
 
     def check_reply(self, node: int, msg: Message) -> tuple[str | None, Reply | None]:
@@ -521,7 +437,7 @@ class RoundLoop:
             state = from_array_record(record)
         except Exception as err:  # malformed arrays: drop, never crash the round
             return f"unreadable arrays ({err})", None
-        known, declared = self.node_ranks.get(node), metrics.get(wire.LORA_RANK)
+        known, declared = self.known(node).rank, metrics.get(wire.LORA_RANK)
         if known is None:
             return f"node {node} was never asked for its rank (not sampled this round)", None
         rank = self.method.reply_rank(known, declared)
@@ -539,7 +455,7 @@ class RoundLoop:
         # the experts by the partition id the node gave when first asked (what its messages
         # were built for), not by what this reply says
         try:
-            experts = self.method.trained_experts(self.node_partitions.get(node, partition_id),
+            experts = self.method.trained_experts(self.partition(node, partition_id),
                                                   self.state.lora, metrics)
         except ValueError as err:
             return str(err), None
@@ -555,8 +471,8 @@ class RoundLoop:
             # the node's own throughput figures (what it says; never used for the merge)
             M.TRAIN_TOKENS: number(metrics, wire.TRAIN_TOKENS),
             M.TRAIN_SECONDS: number(metrics, wire.TRAIN_SECONDS)}
-        if node in self.node_names:
-            row[M.NODE_NAME] = self.node_names[node]
+        if (name := self.known(node).name) is not None:
+            row[M.NODE_NAME] = name
         return None, Reply(update, row)
 
     def update_problem(self, update: ClientUpdate, rank: int) -> str | None:
@@ -600,9 +516,7 @@ class RoundLoop:
     # ==== checkpoint and resume ===============================================================
     def checkpoint(self, server_round: int) -> Checkpoint:
         """Everything the server needs to continue after `server_round`."""
-        meta = {"node-ranks": {str(n): r for n, r in self.node_ranks.items()},
-                "node-names": {str(n): name for n, name in self.node_names.items()},
-                "node-partitions": {str(n): p for n, p in self.node_partitions.items()},
+        meta = {**nodes_meta(self.nodes),
                 "method": self.method.state(),
                 "bytes-total": self.total_bytes,
                 "dp-releases": self.ledger.releases if self.ledger else 0}
@@ -611,11 +525,7 @@ class RoundLoop:
     def resume(self, checkpoint: Checkpoint) -> None:
         """Restore the state `checkpoint()` saved."""
         self.state.restore(checkpoint.tensors)
-        self.node_ranks = {int(n): int(r) for n, r in checkpoint.meta["node-ranks"].items()}
-        self.node_names = {int(n): str(name) for n, name in
-                           checkpoint.meta.get("node-names", {}).items()}  # older: none kept
-        self.node_partitions = {int(n): int(p) for n, p in
-                                checkpoint.meta.get("node-partitions", {}).items()}
+        self.nodes = nodes_of(checkpoint.meta)
         self.method.restore(checkpoint.meta.get("method", {}))
         self.total_bytes = int(checkpoint.meta["bytes-total"])
         if self.ledger is not None:

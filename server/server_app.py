@@ -21,6 +21,7 @@ from fedlora.methods import Method, load
 from fedlora.models import ModelSource, model_skeleton, resolve_source
 from fedlora.outputs import RunWriter
 from fedlora.runtime import pacing
+from server.defences import Robust
 from server.global_adapter import GlobalAdapter
 from server.privacy import PrivacyLedger
 from server.rounds import RoundLoop, Rules
@@ -73,8 +74,8 @@ def build_global(settings: Settings, method: Method, shapes: Shapes) -> GlobalAd
                          factors=shared_init(shapes.factors, settings.global_rank, fed.seed),
                          global_rank=settings.global_rank, optimizer=server_optimizer(fed),
                          clip_norm=fed.clip_norm, noise_multiplier=fed.dp_noise_multiplier,
-                         noise_seed=fed.seed, robust=settings.defence.robust,
-                         robust_f=settings.defence.robust_f)
+                         noise_seed=fed.seed,
+                         robust=Robust(settings.defence.robust, settings.defence.robust_f))
 
 
 def rules(fed: FederationSettings, defence: DefenceSettings) -> Rules:
@@ -89,8 +90,8 @@ def rules(fed: FederationSettings, defence: DefenceSettings) -> Rules:
                  client_clipping=fed.clip_norm > 0 and fed.dp_clipping == "client",
                  max_update_ratio=0.0 if fed.dp_noise_multiplier else defence.max_update_ratio,
                  max_weight_ratio=defence.max_weight_ratio,
-                 equal_weights=defence.client_weights == "equal", robust=defence.robust,
-                 robust_f=defence.robust_f, initial_eval=fed.initial_eval)
+                 equal_weights=defence.client_weights == "equal",
+                 initial_eval=fed.initial_eval)
 
 
 def build_loop(settings: Settings, method: Method, shapes: Shapes, writer: RunWriter

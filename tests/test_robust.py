@@ -16,8 +16,10 @@ from fedlora.aggregation import ClientUpdate
 from fedlora.aggregation import robust as R
 from fedlora.config import LoraSettings, SettingsError
 from fedlora.methods import get_method, load
+from server.defences import Robust
 from server.global_adapter import GlobalAdapter
-from server.rounds import RoundLoop, RoundRecord, Rules
+from server.record import Node, RoundRecord
+from server.rounds import RoundLoop, Rules
 
 
 def scalar_updates(values: list[list[float]]) -> list[ClientUpdate]:
@@ -217,9 +219,10 @@ def test_the_median_is_built_in_blocks_of_rows(monkeypatch):
 def loop_of(strategy: str, robust: str = "none", **rules) -> RoundLoop:
     """A round loop over test_validation's two layers with default rules, nodes 1..4 at rank 2."""
     state = GlobalAdapter(method=get_method(strategy), lora=LoraSettings(rank=2),
-                          factors=shared_init(SHAPES, 2, seed=0), global_rank=2, robust=robust)
-    loop = RoundLoop(state, SHAPES, Rules(timeout=10.0, robust=robust, **rules), writer=None)
-    loop.node_ranks = {1: 2, 2: 2, 3: 2, 4: 2, 5: 2}
+                          factors=shared_init(SHAPES, 2, seed=0), global_rank=2,
+                          robust=Robust(robust))
+    loop = RoundLoop(state, SHAPES, Rules(timeout=10.0, **rules), writer=None)
+    loop.nodes = {n: Node(n, rank=2) for n in (1, 2, 3, 4, 5)}
     return loop
 
 

@@ -13,6 +13,7 @@ from fedlora.adapters import flatten, shared_init
 from fedlora.config import LoraSettings
 from fedlora.methods import get_method
 from server.global_adapter import GlobalAdapter
+from server.record import Node
 from server.rounds import RoundLoop, Rules
 
 SHAPES = {"base_model.model.layer.q_proj": (6, 5), "base_model.model.layer.v_proj": (4, 5)}
@@ -27,7 +28,7 @@ def strategy() -> RoundLoop:
                           factors=shared_init(SHAPES, RANK, seed=0), global_rank=RANK)
     s = RoundLoop(state, SHAPES, Rules(timeout=10.0, max_examples=1000, max_update_norm=100.0),
                   writer=None)
-    s.node_ranks = {1: RANK, 2: RANK, 3: RANK}
+    s.nodes = {n: Node(n, rank=RANK) for n in (1, 2, 3)}
     return s
 
 

@@ -1,0 +1,145 @@
+"""What a reply meets between its validation and the merge, as pure functions (no Flower).
+
+In the order a round applies them: the update-norm screen (`screen_norms`: max-update-ratio),
+the weight cap (`weigh`: max-weight-ratio, client-weights), Krum (`krum`: robust=krum), then,
+inside `GlobalAdapter.update`, clipping (`clip`: clip-norm) before the merge and the DP noise
+(`noised`: dp-noise-multiplier) after it. The median and the trimmed mean replace the merge
+itself (`Robust.replaces_merge`). Each screen returns which replies it kept and why it set the
+others aside; the round loop (`server/rounds.py`) records and logs that. The math is in
+`fedlora.aggregation.robust` and `fedlora.aggregation.privacy`; docs/robustness.md says what
+each defence holds.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from fedlora.aggregation import ClientUpdate, Factors
+from fedlora.aggregation.base import Dense
+from fedlora.aggregation.privacy import add_dense_noise, add_noise, clip_all, noise_std
+from fedlora.aggregation.robust import (
+    cap_weights,
+    dense_squared_distances,
+    krum_scores,
+    krum_select,
+    lower_median,
+    outliers,
+    squared_distances,
+)
+from fedlora.wire import M
+
+
+@dataclass(frozen=True)
+class Robust:
+    """The robust merge (robust, robust-f): the one setting the loop and the adapter read."""
+
+    rule: str = "none"  # none, median, trimmed-mean (replace the merge) or krum (picks replies)
+    f: int = 1  # hostile clients tolerated (trimmed-mean drops this many at each end)
+
+    @property
+    def krum(self) -> bool:
+        """Whether Krum picks the replies the method merges."""
+        return self.rule == "krum"
+
+    @property
+    def replaces_merge(self) -> bool:
+        """Whether the coordinate-wise median or trimmed mean replaces the method's merge."""
+        return self.rule in ("median", "trimmed-mean")
+
+
+@dataclass(frozen=True)
+class Screened:
+    """What a screen kept (indices, in order) and why it set each other reply aside."""
+
+    kept: tuple[int, ...]
+    dropped: tuple[tuple[int, str], ...] = ()  # (index, reason), in index order
+    figures: dict[str, Any] = field(default_factory=dict)  # the round's, for its metrics line
+    scores: tuple[float, ...] = ()  # what each reply was judged by (krum: its score)
+
+
+@dataclass(frozen=True)
+class Weighed:
+    """The weights the merge uses, the claims cut (index, reason) and the round's figures."""
+
+    weights: tuple[float, ...]
+    cut: tuple[tuple[int, str], ...]
+    figures: dict[str, Any]
+
+
+def finite(value: float) -> float | None:
+    """`value`, or None when it is infinite (no bound: null in the metrics line)."""
+    return value if math.isfinite(value) else None
+
+
+def screen_norms(norms: Sequence[float], ratio: float) -> Screened:
+    """Drop an update whose norm is above `ratio` x the round's lower median (max-update-ratio;
+    0 = off): nothing then scales the merge by a huge update."""
+    median = lower_median(norms)
+    bound, far = outliers(norms, ratio)
+    dropped = tuple((i, f"update norm {norms[i]:.4g} is {norms[i] / median:.3g} times the "
+                        f"round's lower median {median:.4g} (max-update-ratio={ratio:g})")
+                    for i in far)
+    return Screened(tuple(i for i in range(len(norms)) if i not in far), dropped,
+                    {M.UPDATE_NORM_MEDIAN: median, M.UPDATE_NORM_BOUND: finite(bound)})
+
+
+def weigh(claimed: Sequence[float], ratio: float, equal: bool) -> Weighed:
+    """Each reply's merge weight: 1 with client-weights=equal, else its claim cut to `ratio` x
+    the round's lower median claim (max-weight-ratio; 0 = off)."""
+    if equal:  # nothing to cut: every reply weighs 1
+        weights, cap = [1.0] * len(claimed), math.inf
+    else:
+        weights, cap = cap_weights(claimed, ratio)
+    cut = tuple((i, f"num-examples {c:g} cut to {w:g}, max-weight-ratio={ratio:g} times the "
+                    f"round's lower median")
+                for i, (c, w) in enumerate(zip(claimed, weights))
+                if w < c and math.isfinite(cap))
+    return Weighed(tuple(weights), cut, {M.WEIGHT_CAP: finite(cap)})
+
+
+def krum(updates: Sequence[ClientUpdate], f: int) -> Screened:
+    """Multi-Krum: keep the n - f updates whose delta W is nearest the others'; the rest are
+    dropped with their scores."""
+    distances = (squared_distances([u.factors for u in updates])
+                 + dense_squared_distances([u.dense for u in updates]))
+    scores = krum_scores(distances, f)
+    kept = tuple(krum_select(scores, f))
+    cut = max(scores[i] for i in kept)
+    dropped = tuple((i, f"not merged: krum score {score:.4g} (summed squared distance of its "
+                        f"delta W to its nearest others) is above the {len(kept)} kept, the "
+                        f"highest of which is {cut:.4g} (robust-f={f})")
+                    for i, score in enumerate(scores) if i not in kept)
+    return Screened(kept, dropped, scores=tuple(scores))
+
+
+def clip(updates: Sequence[ClientUpdate], received: Sequence[Factors], dense: Dense,
+         clip_norm: float, equal: bool) -> tuple[list[ClientUpdate], dict[str, Any]]:
+    """Each update clipped to `clip_norm` around what its client received (`received[i]` and
+    the plain tensors `dense`); weight 1 each when `equal` (DP: the Gaussian mechanism bounds
+    each client, not each example). Returns the updates and the round's clipping figures."""
+    out, norms = [], []
+    for u, reference in zip(updates, received):  # replace keeps lora-moe's experts
+        factors, plain, norm, _ = clip_all(u.factors, u.dense, reference, dense, clip_norm)
+        out.append(replace(u, factors=factors, dense=plain, weight=1.0 if equal else u.weight))
+        norms.append(norm)
+    return out, {M.CLIP_NORM: clip_norm, M.UPDATE_NORMS: norms,
+                 M.CLIENTS_CLIPPED: sum(n > clip_norm for n in norms)}
+
+
+def noised(merged: Factors, dense: Dense, shares: str, clients: int,
+           contributors: Mapping[str, int], clip_norm: float, noise_multiplier: float,
+           seed: int) -> tuple[Factors, Dense, float]:
+    """The merged factors and plain tensors plus Gaussian noise of std z C / m, m the clients
+    merged into each (`clients` for the shared factors, `contributors[key]` for a plain
+    tensor), drawn from `seed`. Returns them and the std of a tensor all clients made."""
+    std = noise_std(noise_multiplier, clip_norm, clients)
+    stds = {k: noise_std(noise_multiplier, clip_norm, contributors[k]) for k in dense}
+    generator = torch.Generator().manual_seed(seed)
+    return (add_noise(merged, std, shares, generator),
+            add_dense_noise(dense, stds, generator), std)
+
