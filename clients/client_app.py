@@ -43,7 +43,7 @@ from fedlora.adapters import (
 from fedlora.aggregation.privacy import clip_state
 from fedlora.attacks import attack_state, claimed
 from fedlora.config import NODE_PATH_KEYS, Settings, SettingsError, all_keys
-from fedlora.data import client_records, tokenize_records
+from fedlora.data import check_answers, client_records, pack_with, tokenize_records
 from fedlora.methods import Method, PersonalStore, load
 from fedlora.models import resolve_device
 from fedlora.records import from_array_record, to_array_record
@@ -139,14 +139,19 @@ def client_data(settings: Settings, slot: Slot, pid: int, n: int
                 ) -> tuple[list[dict], list[dict], list[dict], list[dict]]:
     """Client `pid` of `n`'s tokenized (train, eval) examples, its held-out records (for
     generation-based accuracy) and its training records, cached per process (small LRU)."""
-    key = (slot.source.path, repr(settings.data), settings.train.max_length,
-           settings.federation.seed, pid, n)
+    length, cut = settings.train.max_length, settings.train.truncation
+    key = (slot.source.path, repr(settings.data), length, cut, settings.federation.seed, pid, n)
     if key not in DATA:
         train, held_out = client_records(settings.data, pid, n, settings.federation.seed)
-        length, packing = settings.train.max_length, settings.data.packing
+        examples = tokenize_records(train, slot.tokenizer, length, truncation=cut)
+        warning = check_answers(examples, f"client {pid}", length, cut)  # raises when none
+        if warning:
+            log.warning(warning)
+        if settings.data.packing:
+            examples = pack_with(slot.tokenizer, examples, length)
         # eval stays unpacked: its loss per example does not depend on the packing setting
-        DATA[key] = (tokenize_records(train, slot.tokenizer, length, packing),
-                     tokenize_records(held_out, slot.tokenizer, length), held_out, train)
+        DATA[key] = (examples, tokenize_records(held_out, slot.tokenizer, length,
+                                                truncation=cut), held_out, train)
         if len(DATA) > DATA_CACHE_SIZE:
             DATA.popitem(last=False)
     DATA.move_to_end(key)

@@ -66,6 +66,7 @@ class OptionGroup:
 QUANTIZATIONS = ("none", "8bit", "4bit")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LR_SCHEDULES = ("constant", "linear", "cosine")
+TRUNCATIONS = ("left", "right")
 OPTIMIZERS = ("adamw", "paged-adamw-8bit")
 WIRE_DTYPES = ("float32", "float16")
 PARTITIONERS = ("iid", "dirichlet", "by-field", "quantity-skew")
@@ -239,7 +240,15 @@ class TrainSettings:
     max_grad_norm: float = setting("max-grad-norm", 1.0, "Gradient clipping norm (0 = off).")
     optimizer: str = setting("optimizer", "adamw",
                               "adamw, or paged-adamw-8bit (bitsandbytes, CUDA only).")
-    max_length: int = setting("max-length", 256, "Max tokens per example (longer ones are cut).")
+    max_length: int = setting(
+        "max-length", 256,
+        "Max tokens per example (prompt + answer); longer ones are cut as truncation says. A "
+        "client none of whose examples keeps an answer token is refused before it trains.")
+    truncation: str = setting(
+        "truncation", "left",
+        "Where a too long example is cut: left (the prompt's start goes first, keeping at "
+        "least half of max-length of it, so that the answer stays) or right (the end goes "
+        "first: the answer, then the prompt's end).")
     bf16: bool = setting("bf16", False, "bf16 autocast for the forward pass (use on GPUs).")
     gradient_checkpointing: bool = setting(
         "gradient-checkpointing", False, "Recompute activations to save memory (slower).")
@@ -276,6 +285,7 @@ class TrainSettings:
         require(self.weight_decay >= 0, "weight-decay", "a number >= 0", self.weight_decay)
         require(self.max_grad_norm >= 0, "max-grad-norm", "a number >= 0", self.max_grad_norm)
         one_of("optimizer", self.optimizer, OPTIMIZERS)
+        one_of("truncation", self.truncation, TRUNCATIONS)
         require(self.max_length >= 8, "max-length", "an integer >= 8", self.max_length)
         require(self.eval_examples >= 0, "eval-examples", "an integer >= 0", self.eval_examples)
         require(self.proximal_mu >= 0, "proximal-mu", "a number >= 0", self.proximal_mu)

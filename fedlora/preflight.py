@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import logging
+
 from fedlora.adapters import check_target_modules
 from fedlora.config import Settings, SettingsError
-from fedlora.data import load_records
-from fedlora.models import ModelSource, model_skeleton, resolve_device, resolve_source
+from fedlora.data import check_answers, client_records, load_records, tokenize_records
+from fedlora.models import (
+    ModelSource,
+    load_tokenizer,
+    model_skeleton,
+    resolve_device,
+    resolve_source,
+)
+
+log = logging.getLogger("fedlora.preflight")
 
 
 def check_model(settings: Settings) -> ModelSource:
@@ -34,8 +44,27 @@ def check_data(settings: Settings, num_clients: int) -> int:
     return len(records)
 
 
+def check_answers_fit(settings: Settings, source: ModelSource, num_clients: int) -> None:
+    """Every client keeps answer tokens after truncation to max-length (else a SettingsError:
+    it would train on nothing); a warning for a client that loses more than 10 % of them."""
+    tokenizer, train = load_tokenizer(source), settings.train
+    for pid in range(num_clients):
+        records, _ = client_records(settings.data, pid, num_clients, settings.federation.seed)
+        examples = tokenize_records(records, tokenizer, train.max_length,
+                                    truncation=train.truncation)
+        try:
+            warning = check_answers(examples, f"client {pid}", train.max_length,
+                                    train.truncation)
+        except ValueError as err:
+            raise SettingsError(f"setting 'max-length': {err}") from None
+        if warning:
+            log.warning(warning)
+
+
 def preflight(settings: Settings, num_clients: int) -> ModelSource:
     """All checks for a simulation; raises with a message that says what to change."""
     check_training(settings)
     check_data(settings, num_clients)
-    return check_model(settings)
+    source = check_model(settings)
+    check_answers_fit(settings, source, num_clients)
+    return source

@@ -57,7 +57,8 @@ class ServerEvaluator:
         set_residual(slot, lora, None)  # export() already folds the residual into `state`
         slot.peft.set_state(slot.model, slot.adapter, {k: v.float() for k, v in state.items()})
         if self.examples is None:
-            self.examples = tokenize_records(self.records, slot.tokenizer, s.train.max_length)
+            self.examples = tokenize_records(self.records, slot.tokenizer, s.train.max_length,
+                                             truncation=s.train.truncation)
         loss = evaluate(slot.model, self.examples, slot.tokenizer.pad_token_id,
                         batch_size=s.train.batch_size)
         accuracy, _ = exact_match(slot.model, slot.tokenizer, self.records, s.data.dataset,

@@ -21,6 +21,8 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     (["--model", "tiny-llama", "--run-config", "target-modules=q_proj,foo_proj"],
      "['foo_proj'] not found in the model"),
     (["--run-config", "lora-rnak=4"], "did you mean 'lora-rank'"),
+    (["--model", "tiny-llama", "--run-config", "max-length=16 truncation=right"],
+     "setting 'max-length': client 0: every one of its"),
     (["--num-clients", "0"], "--num-clients: expected an integer >= 1"),
 ])
 def test_invalid_settings_fail_fast_with_exit_code_2(args, message, tmp_path):

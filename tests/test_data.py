@@ -9,6 +9,7 @@ from fedlora.config import DataSettings
 from fedlora.data import (
     IGNORE,
     builtin_task,
+    check_answers,
     client_records,
     collate,
     dirichlet_partition,
@@ -16,6 +17,7 @@ from fedlora.data import (
     load_jsonl,
     tokenize,
 )
+from fedlora.data.format import answer_tokens
 from fedlora.models.builtin import byte_tokenizer
 
 
@@ -51,6 +53,28 @@ def test_chat_messages_train_on_the_last_assistant_turn(tok):
     ex = tokenize(record, tok, 256)
     answer = [i for i, lab in zip(ex["input_ids"], ex["labels"]) if lab != IGNORE]
     assert tok.decode(answer) == "4<|im_end|>\n"
+
+
+def test_left_truncation_keeps_the_answer_where_right_truncation_cuts_it_all(tok):
+    record = {"instruction": "x" * 100, "output": "yes"}
+    left, right = tokenize(record, tok, 16), tokenize(record, tok, 16, truncation="right")
+    assert len(left["input_ids"]) == len(right["input_ids"]) == 16
+    answer = [i for i, lab in zip(left["input_ids"], left["labels"]) if lab != IGNORE]
+    assert tok.decode(answer).startswith("yes") and answer_tokens(left) == len(answer)
+    assert answer_tokens(right) == 0
+    # an answer longer than max-length keeps half of max-length of prompt, then is cut
+    long = tokenize({"instruction": "x" * 100, "output": "y" * 100}, tok, 16)
+    assert long["labels"][:8] == [IGNORE] * 8 and IGNORE not in long["labels"][8:]
+
+
+def test_a_client_whose_answers_are_all_cut_is_refused_and_a_tenth_lost_is_a_warning(tok):
+    kept = tokenize({"instruction": "q", "output": "a"}, tok, 64)
+    lost = tokenize({"instruction": "x" * 100, "output": "a"}, tok, 16, truncation="right")
+    with pytest.raises(ValueError, match="client 3: every one of its 2 training examples "
+                                         "loses its whole answer at max-length=16"):
+        check_answers([lost, lost], "client 3", 16, "right")
+    assert "1 of 5 training examples" in check_answers([lost] + [kept] * 4, "c", 16, "right")
+    assert check_answers([lost] + [kept] * 10, "c", 16, "right") is None
 
 
 def test_truncation_and_collate_padding(tok):

@@ -7,7 +7,16 @@ from pathlib import Path
 
 from fedlora.config import DataSettings
 from fedlora.data.bigbench import load_bigbench
-from fedlora.data.format import IGNORE, collate, pack, to_messages, tokenize, tokenize_records
+from fedlora.data.format import (
+    IGNORE,
+    check_answers,
+    collate,
+    pack,
+    pack_with,
+    to_messages,
+    tokenize,
+    tokenize_records,
+)
 from fedlora.data.loaders import BIGBENCH_PREFIX, HUB_PREFIX, load_jsonl, load_source
 from fedlora.data.partition import (
     PARTITIONERS,
@@ -21,9 +30,9 @@ from fedlora.data.partition import (
 from fedlora.data.tasks import SCORERS, TASKS, builtin_task, score_answer, split_suite
 
 __all__ = ["BIGBENCH_PREFIX", "IGNORE", "PARTITIONERS", "SCORERS", "TASKS", "builtin_task",
-           "by_field_partition", "client_records", "collate", "describe_partition",
+           "by_field_partition", "check_answers", "client_records", "collate", "describe_partition",
            "dirichlet_partition", "iid_partition", "load_bigbench", "load_jsonl",
-           "load_records", "load_source", "pack", "partition_dataset",
+           "load_records", "load_source", "pack", "pack_with", "partition_dataset",
            "quantity_skew_partition", "record_labels", "score_answer", "split_suite",
            "to_messages", "tokenize", "tokenize_records", "train_eval_split"]
 

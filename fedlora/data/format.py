@@ -59,14 +59,55 @@ def record_text(record: dict, tokenizer) -> tuple[str, str]:
     return prompt_and_response(to_messages(record), tokenizer)
 
 
-def tokenize(record: dict, tokenizer, max_length: int) -> dict[str, list[int]]:
-    """input_ids and labels (prompt tokens masked with -100), cut to max_length."""
+def fit(prompt_ids: list[int], response_ids: list[int], max_length: int, truncation: str
+        ) -> list[int]:
+    """The prompt tokens kept so that prompt + answer fit in max_length: with "left", the
+    prompt's start is cut first, keeping at least half of max_length of it (the rest of the
+    example is then cut from the right); with "right", the prompt is kept whole."""
+    if truncation == "right" or len(prompt_ids) + len(response_ids) <= max_length:
+        return prompt_ids
+    keep = max(max_length - len(response_ids), min(len(prompt_ids), max_length // 2))
+    return prompt_ids[len(prompt_ids) - keep:]
+
+
+def tokenize(record: dict, tokenizer, max_length: int, truncation: str = "left"
+             ) -> dict[str, list[int]]:
+    """input_ids and labels (prompt tokens masked with -100), at most max_length long: the
+    prompt's start is cut first ("left", so that the answer stays), or the end ("right")."""
     prompt, response = record_text(record, tokenizer)
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    prompt_ids = fit(prompt_ids, response_ids, max_length, truncation)
     ids = (prompt_ids + response_ids)[:max_length]
     labels = ([IGNORE] * len(prompt_ids) + response_ids)[:max_length]
     return {"input_ids": ids, "labels": labels}
+
+
+def answer_tokens(example: dict[str, list[int]]) -> int:
+    """Tokens the loss learns from: labels that are not IGNORE, after the first position
+    (the model shifts labels, so the first one is never predicted)."""
+    return sum(label != IGNORE for label in example["labels"][1:])
+
+
+LOST_WARNING = 0.1  # warn when more than this share of examples lost their whole answer
+
+
+def check_answers(examples: list[dict[str, list[int]]], who: str, max_length: int,
+                  truncation: str) -> str | None:
+    """Raise a ValueError when no training example keeps an answer token (training would
+    learn nothing); a warning when more than 10 % of them lost their whole answer; else None."""
+    lost = sum(answer_tokens(e) == 0 for e in examples)
+    if examples and lost == len(examples):
+        raise ValueError(
+            f"{who}: every one of its {len(examples)} training examples loses its whole answer "
+            f"at max-length={max_length} (truncation={truncation}), so training would learn "
+            f"nothing; raise max-length" + (" or set truncation=left" if truncation == "right"
+                                            else ""))
+    if lost > LOST_WARNING * len(examples):
+        return (f"{who}: {lost} of {len(examples)} training examples lose their whole answer "
+                f"at max-length={max_length} (truncation={truncation}) and teach nothing; "
+                f"raise max-length")
+    return None
 
 
 def pack(examples: list[dict[str, list[int]]], max_length: int,
@@ -87,15 +128,20 @@ def pack(examples: list[dict[str, list[int]]], max_length: int,
     chunks = [{"input_ids": ids[i:i + max_length], "labels": labels[i:i + max_length]}
               for i in range(0, len(ids), max_length)]
     # the model shifts labels, so a sequence's first label is never predicted
-    return [c for c in chunks if any(label != IGNORE for label in c["labels"][1:])]
+    return [c for c in chunks if answer_tokens(c)]
 
 
 def tokenize_records(records: list[dict], tokenizer, max_length: int,
-                     packing: bool = False) -> list[dict[str, list[int]]]:
+                     packing: bool = False, truncation: str = "left"
+                     ) -> list[dict[str, list[int]]]:
     """Every record tokenized (cut to max_length), then packed into max_length sequences."""
-    examples = [tokenize(r, tokenizer, max_length) for r in records]
-    if not packing:
-        return examples
+    examples = [tokenize(r, tokenizer, max_length, truncation) for r in records]
+    return pack_with(tokenizer, examples, max_length) if packing else examples
+
+
+def pack_with(tokenizer, examples: list[dict[str, list[int]]], max_length: int
+              ) -> list[dict[str, list[int]]]:
+    """`pack` with the tokenizer's EOS between examples (refused when it has none)."""
     if tokenizer.eos_token_id is None:
         raise ValueError("setting 'packing': packing puts an EOS token between examples, but "
                          "the tokenizer has none; set packing=false")
