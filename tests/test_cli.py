@@ -112,3 +112,27 @@ def test_export_writes_a_merged_model_equal_to_base_plus_adapter(tmp_path):
                  "--output-dir", str(tmp_path / "merged")]) == 2  # refuses to overwrite
     assert main(["export", "--adapter", str(tmp_path), "--output-dir",
                  str(tmp_path / "m2")]) == 2  # not an adapter folder
+
+
+def test_relative_data_paths_are_read_from_where_the_command_runs(tmp_path, monkeypatch):
+    """Ray workers and the ServerApp run elsewhere: a relative --dataset or server-eval-data
+    reaches them as an absolute path, and a missing one is an error before anything starts."""
+    from fedlora.cli.main import build_parser
+    from fedlora.cli.simulate import build_config
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "x.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
+    monkeypatch.chdir(tmp_path)
+    args = build_parser().parse_args([
+        "simulate", "--dataset", "data/x.jsonl", "--output-dir", "out",
+        "--run-config", 'server-eval-data="bigbench:data/x.jsonl" personal-dir=keep'])
+    config, _ = build_config(args)
+    assert config["dataset"] == str(tmp_path / "data" / "x.jsonl")
+    assert config["server-eval-data"] == "bigbench:" + str(tmp_path / "data" / "x.jsonl")
+    assert config["personal-dir"] == str(tmp_path / "keep")
+    missing = build_parser().parse_args(["simulate", "--dataset", "data/y.jsonl"])
+    with pytest.raises(FileNotFoundError, match=r"setting 'dataset': .*data/y.jsonl does not "
+                                                r"exist \(relative paths are read from"):
+        build_config(missing)
+    assert main(["simulate", "--dataset", "data/y.jsonl", "--output-dir", "out2"]) == 2
+    assert not (tmp_path / "out2").exists()

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fedlora.cli.runconfig import parse_run_config
+from fedlora.cli.runconfig import absolute_source, parse_run_config
 
 if TYPE_CHECKING:
     from fedlora.runtime.supernode import NodeExit
@@ -87,22 +87,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def node_config(args: argparse.Namespace) -> dict:
     """The node config from the flags, validated like a run config (clear errors, exit 2)."""
-    from fedlora.data.loaders import BIGBENCH_PREFIX
     from fedlora.methods import load_settings
 
     config = parse_run_config(args.node_config)
     for flag, key in NODE_FLAGS.items():
         if getattr(args, flag) is not None:
             config[key] = getattr(args, flag)
-    if "data-path" in config and not str(config["data-path"]).startswith("hf:"):
-        data = str(config["data-path"])
-        prefix = BIGBENCH_PREFIX if data.startswith(BIGBENCH_PREFIX) else ""
-        path = Path(data.removeprefix(prefix)).expanduser().resolve()
-        if not path.exists():
-            raise FileNotFoundError(f"--data-path {path} does not exist; pass this node's "
-                                    f"data file or save_to_disk folder, or "
-                                    f"{BIGBENCH_PREFIX}<task.json or folder>")
-        config["data-path"] = prefix + str(path)
+    if "data-path" in config:
+        config["data-path"] = absolute_source("data-path", str(config["data-path"]),
+                                              flag="--data-path")
     if ("partition-id" in config) != ("num-partitions" in config):
         raise ValueError("--partition-id and --num-partitions go together")
     config["node-name"] = args.name or socket.gethostname()

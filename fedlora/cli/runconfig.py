@@ -27,6 +27,30 @@ def parse_run_config(text: str) -> dict[str, Any]:
     return out
 
 
+# settings that name a data source: a file or folder (or bigbench:<file or folder>) is read by
+# processes that do not share the command's working directory (Ray workers, the ServerApp)
+SOURCE_KEYS = ("dataset", "server-eval-data", "data-path")
+NOT_LOCAL = ("builtin:", "hf:")  # sources that are no path on this machine
+BIGBENCH = "bigbench:"
+
+
+def absolute_source(key: str, value: str, flag: str | None = None) -> str:
+    """A data source whose local path is resolved against the working directory, so that
+    every process reads the same file; a missing path is an error naming it (builtin: and
+    hf: sources are returned as they are)."""
+    if not value or value.startswith(NOT_LOCAL):
+        return value
+    prefix = BIGBENCH if value.startswith(BIGBENCH) else ""
+    path = Path(value.removeprefix(prefix)).expanduser().resolve()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{flag or f'setting {key!r}'}: {path} does not exist (relative paths are read from "
+            f"the directory the command runs in, {Path.cwd()}); pass a data file, a "
+            f"save_to_disk folder, {BIGBENCH}<task.json or folder>, hf:<owner/name> or "
+            f"builtin:<task>")
+    return prefix + str(path)
+
+
 def load_scenario(path: str | Path) -> dict[str, Any]:
     """A scenario file: a flat TOML table of run-config keys (plus optional num-clients)."""
     path = Path(path)

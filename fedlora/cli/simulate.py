@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fedlora.cli.runconfig import load_scenario, parse_run_config
+from fedlora.cli.runconfig import SOURCE_KEYS, absolute_source, load_scenario, parse_run_config
 from fedlora.config import Settings
 
 SCENARIOS = Path(__file__).resolve().parents[2] / "simulations" / "scenarios"
@@ -134,6 +134,13 @@ def build_config(args: argparse.Namespace, clients_flag: str = "num_clients"
         flag = "--" + clients_flag.replace("_", "-")
         raise ValueError(f"{flag}: expected an integer >= 1, got {num_clients}")
     config["output-dir"] = str(Path(args.output_dir).resolve())
+    # the server reads server-eval-data; in a simulation the clients read the dataset too
+    simulated = clients_flag == "num_clients"
+    for key in SOURCE_KEYS if simulated else ("server-eval-data",):
+        if isinstance(config.get(key), str):
+            config[key] = absolute_source(key, config[key])
+    if simulated and config.get("personal-dir"):
+        config["personal-dir"] = str(Path(config["personal-dir"]).expanduser().resolve())
     # Every client must be present before a round starts; minimums cannot exceed the clients.
     config["min-available-nodes"] = num_clients
     if clients_flag == "num_clients" and not config.get("personal-dir"):
