@@ -163,3 +163,15 @@ def test_node_data_path_overrides_the_dataset(tmp_path):
     train, held = client_records(DataSettings(data_path=str(path), eval_fraction=0.2), 0, 1, 0)
     assert len(train) == 8 and len(held) == 2
     assert all(r["instruction"].startswith("q") for r in train + held)
+
+
+def test_prompt_completion_records_are_scored_and_prompted_as_trained(tok):
+    from fedlora.data.tasks.registry import exact
+    from fedlora.train.accuracy import question_prompt
+
+    raw = {"prompt": "2 + 2 =", "completion": " 4"}
+    assert exact("4", raw) and not exact("5", raw)  # was a KeyError: 'messages'
+    assert question_prompt(raw, tok) == "2 + 2 ="  # no chat template: training used none
+    chat = {"instruction": "Compute 2 + 2.", "output": "4"}
+    assert question_prompt(chat, tok).startswith("<|im_start|>")
+    assert "Compute 2 + 2." in question_prompt(chat, tok) and exact("4", chat)

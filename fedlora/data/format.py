@@ -52,9 +52,14 @@ def prompt_and_response(messages: list[dict], tokenizer) -> tuple[str, str]:
     return prompt, messages[-1]["content"] + (tokenizer.eos_token or "")
 
 
+def is_raw(record: dict) -> bool:
+    """Is this a raw prompt/completion pair (joined as it is, no chat template)?"""
+    return "prompt" in record and "messages" not in record
+
+
 def record_text(record: dict, tokenizer) -> tuple[str, str]:
     """(prompt, response) text of a record: a raw prompt/completion pair, or templated."""
-    if "prompt" in record and "messages" not in record:
+    if is_raw(record):
         return record["prompt"], record["completion"] + (tokenizer.eos_token or "")
     return prompt_and_response(to_messages(record), tokenizer)
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fedlora.data import score_answer, to_messages
+from fedlora.data.format import is_raw
 from fedlora.data.tasks import family_of
 from fedlora.inference import chat_prompt, generate
 
@@ -93,12 +94,20 @@ def generation_batch(settings) -> int:
     return max(16, settings.train.batch_size)
 
 
+def question_prompt(record: dict, tokenizer) -> str:
+    """A record's prompt as training formats it: a raw prompt/completion pair's prompt as it
+    is (training adds no template to it either), else the chat (or plain) template of every
+    message but the answer, with the generation prompt."""
+    return record["prompt"] if is_raw(record) else chat_prompt(to_messages(record)[:-1],
+                                                                 tokenizer)
+
+
 @torch.no_grad()
 def exact_match(model: torch.nn.Module, tokenizer, records: list[dict], task_name: str | None,
                 max_new_tokens: int = 32, batch_size: int = 16
                 ) -> tuple[Accuracy, list[str]]:
     """(counts per family, the generated answers) of `records` under greedy decoding."""
-    prompts = [chat_prompt(to_messages(r)[:-1], tokenizer) for r in records]
+    prompts = [question_prompt(r, tokenizer) for r in records]
     answers = generate(model, tokenizer, prompts, max_new_tokens, batch_size=batch_size)
     acc = Accuracy()
     for entry in scored_answers(records, answers, task_name):

@@ -12,6 +12,8 @@ import random
 import re
 from collections.abc import Callable
 
+from fedlora.data.format import to_messages
+
 Record = dict[str, str]
 Generator = Callable[[int, int], list[Record]]
 Scorer = Callable[[str, Record], bool]
@@ -104,7 +106,6 @@ def parse_json(text: str) -> object:
 
 
 def exact(prediction: str, record: dict) -> bool:
-    """Scorer for data without a family: the answer (`output`, or a chat record's last
-    message) trimmed as in `clean`, case-sensitive."""
-    answer = record["output"] if "output" in record else record["messages"][-1]["content"]
-    return same_text(prediction, answer, case=True)
+    """Scorer for data without a family: the answer (`output`, `completion`, or a chat
+    record's last message) trimmed as in `clean`, case-sensitive."""
+    return same_text(prediction, to_messages(record)[-1]["content"], case=True)
