@@ -74,8 +74,25 @@ def test_lower_median_takes_the_smaller_middle_value():
 def test_outliers_are_the_norms_above_ratio_times_the_lower_median():
     bound, far = R.outliers([1.0, 1.2, 0.9, 1e30], ratio=10)
     assert bound == 10.0 and far == [3]
-    assert R.outliers([0.0, 0.0, 5.0], ratio=10) == (math.inf, [])  # no scale: no bound
+    assert R.outliers([0.0, 0.0, 0.0], ratio=10) == (math.inf, [])  # no scale: no bound
+    assert R.outliers([0.0, 0.0, 5.0], ratio=10) == (50.0, [])  # still replies set nothing
     assert R.outliers([1.0, 50.0], ratio=0) == (math.inf, [])  # off
+
+
+def test_a_nan_or_infinite_norm_is_never_within_bound_and_sets_no_median():
+    # a NaN among the norms made the old lower median NaN, and then nobody was dropped
+    bound, far = R.outliers([1.0, 1.1, math.nan, 0.9, 1000.0], ratio=10)
+    assert bound == 10.0 and far == [2, 4]
+    assert R.outliers([1.0, math.inf, math.nan], ratio=0) == (math.inf, [1, 2])  # screen off
+    assert R.outliers([math.nan, math.nan], ratio=10) == (math.inf, [0, 1])
+
+
+def test_replies_returned_unchanged_do_not_set_the_scale():
+    # three no-op replies whose norm reads 4e-7 by rounding, two that trained: the old lower
+    # median was 4e-7, so the two that trained were dropped
+    norms = [4e-7, 3e-7, 5e-7, 1.0, 1.2]
+    assert R.outliers(norms, ratio=10)[1] == [3, 4]  # without the floor: dropped
+    assert R.outliers(norms, ratio=10, still=1e-6) == (10.0, [])
 
 
 def test_weights_are_cut_to_ratio_times_the_lower_median():
@@ -130,6 +147,20 @@ def test_median_and_trimmed_mean_by_hand():
     f2 = R.robust_merge(scalar_updates([[1.0], [2.0], [3.0], [9.0], [-50.0]]), "trimmed-mean",
                         f=2, rank=1)
     assert float(product(f2.global_factors, "m")) == pytest.approx(2.0)
+
+
+def test_the_randomised_refactoring_is_seeded_and_leaves_the_global_generator_alone():
+    # a flat spectrum: the randomised SVD's top 2 of 256 depend on its random start
+    dense = torch.randn(256, 256, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    torch.manual_seed(1)
+    fresh = torch.random.get_rng_state()
+    b1, a1, _ = R.refactor(dense, 2, seed=7)
+    assert torch.equal(torch.random.get_rng_state(), fresh)  # its draws are not the run's
+    torch.manual_seed(2)
+    b2, a2, _ = R.refactor(dense, 2, seed=7)
+    assert torch.equal(b1, b2) and torch.equal(a1, a2)  # the global generator changes nothing
+    b3, a3, _ = R.refactor(dense, 2, seed=8)
+    assert not torch.allclose(b3 @ a3, b1 @ a1, rtol=1e-3, atol=1e-6)  # the seed does matter
 
 
 def test_median_of_dense_oracle_and_refactored_to_the_global_rank():

@@ -32,6 +32,7 @@ from torch import Tensor
 from fedlora.aggregation.base import ClientUpdate, Factors, MergeResult, to32
 from fedlora.aggregation.linalg import balanced_factors, difference_norm, product_norm
 from fedlora.config import ROBUST_RULES
+from fedlora.seeds import derive_seed
 
 __all__ = ["ROBUST_RULES", "cap_weights", "change_norm", "krum_scores", "krum_select",
            "lower_median", "outliers", "refactor", "robust_merge", "squared_distances"]
@@ -64,17 +65,22 @@ def change_norm(factors: Factors, reference: Factors) -> float:
     return math.sqrt(total)
 
 
-def outliers(norms: Sequence[float], ratio: float) -> tuple[float, list[int]]:
-    """(bound, indices of norms above it) with bound = ratio x the lower median of `norms`.
+def outliers(norms: Sequence[float], ratio: float, still: float = 0.0
+             ) -> tuple[float, list[int]]:
+    """(bound, indices of the norms above it or not finite) with bound = ratio x the lower
+    median of the finite norms above `still`.
 
-    No bound (inf) when ratio is 0 (off) or the lower median is 0 (most clients did not move,
-    so there is no scale to compare with).
+    A norm at or below `still` is a reply that returned (to rounding) what it received: it is
+    kept, but does not set the scale. A NaN or infinite norm is never within bound, also when
+    there is no bound: inf when ratio is 0 (off) or no finite norm is above `still` (no client
+    moved, so there is no scale to compare with).
     """
-    median = lower_median(norms) if norms else 0.0
-    if not ratio or median <= 0:
-        return math.inf, []
-    bound = ratio * median
-    return bound, [i for i, n in enumerate(norms) if n > bound]
+    moved = [n for n in norms if math.isfinite(n) and n > still]
+    broken = [i for i, n in enumerate(norms) if not math.isfinite(n)]
+    if not ratio or not moved:
+        return math.inf, broken
+    bound = ratio * lower_median(moved)
+    return bound, [i for i, n in enumerate(norms) if not n <= bound]
 
 
 def cap_weights(weights: Sequence[float], ratio: float) -> tuple[list[float], float]:
@@ -164,33 +170,38 @@ def robust_delta_w(pairs: Sequence[tuple[Tensor, Tensor]], trim: int) -> Tensor:
     return out
 
 
-def refactor(dense: Tensor, rank: int) -> tuple[Tensor, Tensor, float]:
+def refactor(dense: Tensor, rank: int, seed: int = 0) -> tuple[Tensor, Tensor, float]:
     """Balanced rank-`rank` factors of a dense matrix and the relative norm dropped: randomised
-    SVD with EXTRA_COLUMNS beyond the rank and 4 power steps (exact SVD when that many columns
-    are the whole matrix). Its top components match the exact SVD's to rounding when the
-    spectrum falls off past the rank (tests/test_robust.py)."""
+    SVD with EXTRA_COLUMNS beyond the rank and 4 power steps, its random start drawn from
+    `seed` (the same factors on every run and on resume), or an exact SVD when that many
+    columns are the whole matrix. Its top components match the exact SVD's to rounding when
+    the spectrum falls off past the rank (tests/test_robust.py)."""
     total = float(dense.square().sum())
     columns = rank + EXTRA_COLUMNS
     if columns >= min(dense.shape):
         u, s, vh = torch.linalg.svd(dense, full_matrices=False)
     else:
-        u, s, v = torch.svd_lowrank(dense, q=columns, niter=4)
+        with torch.random.fork_rng(devices=[]):  # the global generator is left as it was
+            torch.manual_seed(seed)
+            u, s, v = torch.svd_lowrank(dense, q=columns, niter=4)
         vh = v.T
     kept = float(s[:rank].square().sum())
     b, a = balanced_factors(u, s, vh, rank)
     return b, a, math.sqrt(max(total - kept, 0.0) / total) if total > 0 else 0.0
 
 
-def robust_merge(updates: Sequence[ClientUpdate], rule: str, f: int, rank: int) -> MergeResult:
+def robust_merge(updates: Sequence[ClientUpdate], rule: str, f: int, rank: int, seed: int = 0
+                 ) -> MergeResult:
     """The global adapter as the median or the trimmed mean (dropping f from each end) of the
-    clients' delta W, re-factored to `rank`; client weights do not enter."""
+    clients' delta W, re-factored to `rank` (each module's randomised SVD seeded from `seed`
+    and the module's name); client weights do not enter."""
     n = len(updates)
     trim = median_trim(n) if rule == "median" else f
     merged: Factors = {}
     dropped = 0.0
     for module in updates[0].factors:
         pairs = [u.factors[module] for u in updates]
-        b, a, lost = refactor(robust_delta_w(pairs, trim), rank)
+        b, a, lost = refactor(robust_delta_w(pairs, trim), rank, derive_seed(seed, module))
         merged[module] = to32(b, a)
         dropped = max(dropped, lost)
     return MergeResult(global_factors=merged, residual={}, applied=merged,
