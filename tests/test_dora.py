@@ -185,3 +185,18 @@ def test_lora_plus_gives_dora_s_b_the_ratio_and_its_magnitude_a_s_learning_rate(
     assert len(fast) == 4 and all(".lora_B." in n for n in fast)
     assert sum(".lora_magnitude_vector." in n for n in base) == 4
     assert sum(".lora_A." in n for n in base) == 4
+
+
+@pytest.mark.parametrize("rule", ["median", "trimmed-mean"])
+def test_a_robust_merge_merges_the_magnitude_offsets_by_its_rule(rule, tmp_path):
+    """The offsets were never merged under median or trimmed-mean: the old ones were kept."""
+    replies: list[dict] = []
+    run_inprocess({**DORA, "output-dir": str(tmp_path), "robust": rule, "robust-f": 1,
+                   "num-server-rounds": 1, "min-available-nodes": 3, "min-train-nodes": 3,
+                   "min-replies": 3}, 3, hook=recording_hook(replies))
+    dense = {k.removeprefix("dense/"): v for k, v in read_latest(tmp_path).tensors.items()
+             if k.startswith("dense/")}
+    assert dense and any(float(v.abs().max()) > 0 for v in dense.values())
+    for name, merged in dense.items():  # 3 clients: the median is the middle value of each
+        expected = torch.stack([r[name] for r in replies[-3:]]).median(dim=0).values
+        assert torch.allclose(merged, expected.float(), atol=1e-7), name

@@ -194,7 +194,8 @@ def robust_merge(updates: Sequence[ClientUpdate], rule: str, f: int, rank: int, 
                  ) -> MergeResult:
     """The global adapter as the median or the trimmed mean (dropping f from each end) of the
     clients' delta W, re-factored to `rank` (each module's randomised SVD seeded from `seed`
-    and the module's name); client weights do not enter."""
+    and the module's name), and of their plain tensors (DoRA's magnitude offsets) by the same
+    rule; client weights do not enter."""
     n = len(updates)
     trim = median_trim(n) if rule == "median" else f
     merged: Factors = {}
@@ -204,5 +205,8 @@ def robust_merge(updates: Sequence[ClientUpdate], rule: str, f: int, rank: int, 
         b, a, lost = refactor(robust_delta_w(pairs, trim), rank, derive_seed(seed, module))
         merged[module] = to32(b, a)
         dropped = max(dropped, lost)
-    return MergeResult(global_factors=merged, residual={}, applied=merged,
+    # plain tensors (DoRA's magnitude offsets) by the same coordinate-wise rule
+    dense = {key: trimmed_mean_rows(torch.stack([u.dense[key].double() for u in updates]),
+                                    trim).float() for key in updates[0].dense}
+    return MergeResult(global_factors=merged, residual={}, applied=merged, dense=dense,
                        info={"robust": rule, "trimmed": trim, "dropped": dropped})
