@@ -100,6 +100,25 @@ def test_weights_are_cut_to_ratio_times_the_lower_median():
     assert R.cap_weights([1, 50], 0) == ([1, 50], math.inf)
 
 
+def test_shares_are_capped_and_the_excess_goes_to_the_others_by_weight():
+    # the numbers: honest 54 and 72 (and 60), a claim of 10,000,000 cut to 720 by the
+    # weight cap still held 0.79 of the merge; max-share 0.5 holds it to one half
+    capped, _ = R.cap_weights([54, 72, 60, 10_000_000], 10)
+    assert capped[3] / sum(capped) > 0.75
+    shares = [w / sum(capped) for w in R.cap_shares(capped, 0.5)]
+    assert shares[3] == pytest.approx(0.5)
+    assert shares[:3] == pytest.approx([0.5 * w / 186 for w in (54, 72, 60)])
+    assert sum(R.cap_shares(capped, 0.5)) == pytest.approx(sum(capped))
+    # two over the cap: both cut, the rest share what is left by weight
+    shares = [w / 100 for w in R.cap_shares([40, 40, 10, 10], 0.3)]
+    assert shares == pytest.approx([0.3, 0.3, 0.2, 0.2])
+    # cutting one can push another over: water-filling cuts it too
+    shares = [w / 100 for w in R.cap_shares([60, 30, 5, 5], 0.35)]
+    assert shares == pytest.approx([0.35, 0.35, 0.15, 0.15])
+    assert R.cap_shares([90, 10], 0.4) == pytest.approx([50, 50])  # 1/n when the cap is below it
+    assert R.cap_shares([90, 10], 1.0) == [90, 10]  # off
+
+
 def test_change_norm_equals_the_dense_norm_of_the_moved_delta_w():
     new, ref = random_updates(2, [3, 2])
     dense = math.sqrt(sum(float((product(new.factors, m) - product(ref.factors, m)).square()

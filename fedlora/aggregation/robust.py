@@ -34,7 +34,7 @@ from fedlora.aggregation.linalg import balanced_factors, difference_norm, produc
 from fedlora.config import ROBUST_RULES
 from fedlora.seeds import derive_seed
 
-__all__ = ["ROBUST_RULES", "cap_weights", "change_norm", "krum_scores", "krum_select",
+__all__ = ["ROBUST_RULES", "cap_shares", "cap_weights", "change_norm", "krum_scores", "krum_select",
            "lower_median", "outliers", "refactor", "robust_merge", "squared_distances"]
 
 BLOCK_ENTRIES = 1 << 24  # entries of float64 per block of the median (128 MiB)
@@ -89,6 +89,29 @@ def cap_weights(weights: Sequence[float], ratio: float) -> tuple[list[float], fl
         return list(weights), math.inf
     cap = ratio * lower_median(weights)
     return [min(w, cap) for w in weights], cap
+
+
+def cap_shares(weights: Sequence[float], max_share: float) -> list[float]:
+    """The weights with no client's share of their sum above max(max_share, 1/n): each share
+    above it is cut to it and the excess goes to the others in proportion to their weights
+    (water-filling), the sum unchanged. A liar among honest clients then weighs at most
+    max_share whatever it claims (1 = off)."""
+    total, n = float(sum(weights)), len(weights)
+    if not n or total <= 0 or max_share >= 1:
+        return list(weights)
+    cap = max(max_share, 1.0 / n)
+    shares = [w / total for w in weights]
+    capped: set[int] = set()
+    while True:
+        over = {i for i, p in enumerate(shares) if p > cap and i not in capped}
+        if not over:
+            break
+        capped |= over
+        rest = sum(w for i, w in enumerate(weights) if i not in capped)
+        free = 1.0 - cap * len(capped)
+        shares = [cap if i in capped else (w / rest * free if rest > 0 else free / (n - len(
+            capped))) for i, w in enumerate(weights)]
+    return [p * total for p in shares]
 
 
 # ---------------------------------------------------------------- Krum
