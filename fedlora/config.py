@@ -492,6 +492,12 @@ class DefenceSettings:
         "max-weight-ratio", 10.0,
         "No client weighs more than this many times the round's lower median num-examples; "
         "a larger claim is cut to it (0 = off: weights are the examples claimed).")
+    max_share: float = setting(
+        "max-share", 0.5,
+        "No client's share of a merge is above this (or 1/clients when that is larger): a "
+        "larger share is cut to it and the excess goes to the others by their weights. With "
+        "the default, one liar among honest clients carries at most half of any merge, "
+        "whatever it claims (1 = off: shares follow the weights).")
     client_weights: str = setting(
         "client-weights", "examples",
         "How the merge weighs clients: examples (the num-examples each claims, capped by "
@@ -512,6 +518,8 @@ class DefenceSettings:
                 "0 (off) or a number >= 1", self.max_update_ratio)
         require(self.max_weight_ratio == 0 or self.max_weight_ratio >= 1, "max-weight-ratio",
                 "0 (off) or a number >= 1", self.max_weight_ratio)
+        require(0 < self.max_share <= 1, "max-share", "a number in (0, 1] (1 = off)",
+                self.max_share)
         one_of("client-weights", self.client_weights, CLIENT_WEIGHTS)
         one_of("robust", self.robust, ROBUST_RULES)
         require(self.robust_f >= 0, "robust-f", "an integer >= 0", self.robust_f)

@@ -23,6 +23,7 @@ from fedlora.aggregation import ClientUpdate, Factors
 from fedlora.aggregation.base import Dense
 from fedlora.aggregation.privacy import add_dense_noise, add_noise, clip_all, noise_std
 from fedlora.aggregation.robust import (
+    cap_shares,
     cap_weights,
     dense_squared_distances,
     krum_scores,
@@ -76,30 +77,70 @@ def finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def screen_norms(norms: Sequence[float], ratio: float) -> Screened:
+class MergeFailed(ArithmeticError):
+    """A merge whose result cannot become the global adapter (not finite); nothing changed."""
+
+
+def merge_problem(merged: Factors, dense: Dense) -> str | None:
+    """Why a merge's result cannot become the global adapter (a tensor not finite), or None."""
+    for module, (b, a) in merged.items():
+        if not (bool(torch.isfinite(b).all()) and bool(torch.isfinite(a).all())):
+            return f"the merged factors of {module} are not finite"
+    bad = [k for k, v in dense.items() if not bool(torch.isfinite(v).all())]
+    return f"the merged tensor {bad[0]} is not finite" if bad else None
+
+
+NOOP_RTOL = 1e-6  # an update this small relative to the adapter received is a no-op reply
+
+
+def screen_norms(norms: Sequence[float], ratio: float, still: float = 0.0) -> Screened:
     """Drop an update whose norm is above `ratio` x the round's lower median (max-update-ratio;
-    0 = off): nothing then scales the merge by a huge update."""
-    median = lower_median(norms)
-    bound, far = outliers(norms, ratio)
-    dropped = tuple((i, f"update norm {norms[i]:.4g} is {norms[i] / median:.3g} times the "
-                        f"round's lower median {median:.4g} (max-update-ratio={ratio:g})")
+    0 = off), or not finite: nothing then scales the merge by a huge update. The median is
+    taken over the finite norms above `still` (replies that returned what they received, to
+    rounding, set no scale)."""
+    moved = [n for n in norms if math.isfinite(n) and n > still]
+    median = lower_median(moved) if moved else 0.0
+    bound, far = outliers(norms, ratio, still)
+    dropped = tuple((i, f"update norm {norms[i]:.4g} is not finite" if not math.isfinite(
+        norms[i]) else f"update norm {norms[i]:.4g} is {norms[i] / median:.3g} times the "
+                       f"round's lower median {median:.4g} (max-update-ratio={ratio:g})")
                     for i in far)
     return Screened(tuple(i for i in range(len(norms)) if i not in far), dropped,
                     {M.UPDATE_NORM_MEDIAN: median, M.UPDATE_NORM_BOUND: finite(bound)})
 
 
-def weigh(claimed: Sequence[float], ratio: float, equal: bool) -> Weighed:
+def not_finite(update: ClientUpdate) -> str | None:
+    """Why an update cannot be merged at the merge's own scale (a factor or plain tensor
+    with an inf or NaN once the LoRA scale is folded in: a B near float32's largest value
+    overflows there), or None."""
+    tensors = {f"{m} B": b for m, (b, _) in update.factors.items()}
+    tensors.update({f"{m} A": a for m, (_, a) in update.factors.items()})
+    tensors.update(update.dense)
+    for name, tensor in tensors.items():
+        if not bool(torch.isfinite(tensor).all()):
+            return (f"{name} is not finite at the merge's scale (B x the LoRA scale "
+                    f"overflows float32 beyond about 3.4e38); the reply is not merged")
+    return None
+
+
+def weigh(claimed: Sequence[float], ratio: float, equal: bool, max_share: float = 1.0
+          ) -> Weighed:
     """Each reply's merge weight: 1 with client-weights=equal, else its claim cut to `ratio` x
-    the round's lower median claim (max-weight-ratio; 0 = off)."""
+    the round's lower median claim (max-weight-ratio; 0 = off); then no reply's share of the
+    round's total above max-share (the excess to the others by weight; 1 = off)."""
     if equal:  # nothing to cut: every reply weighs 1
         weights, cap = [1.0] * len(claimed), math.inf
     else:
         weights, cap = cap_weights(claimed, ratio)
-    cut = tuple((i, f"num-examples {c:g} cut to {w:g}, max-weight-ratio={ratio:g} times the "
-                    f"round's lower median")
-                for i, (c, w) in enumerate(zip(claimed, weights))
-                if w < c and math.isfinite(cap))
-    return Weighed(tuple(weights), cut, {M.WEIGHT_CAP: finite(cap)})
+    capped = cap_shares(weights, max_share)
+    cut = [(i, f"num-examples {c:g} cut to {w:g}, max-weight-ratio={ratio:g} times the "
+               f"round's lower median") for i, (c, w) in enumerate(zip(claimed, weights))
+           if w < c and math.isfinite(cap)]
+    total = sum(capped)
+    cut += [(i, f"share of the merge {w / total:.3g} cut to {v / total:.3g} "
+                f"(max-share={max_share:g})") for i, (w, v) in enumerate(zip(weights, capped))
+            if v < w * (1 - 1e-12)]
+    return Weighed(tuple(capped), tuple(sorted(cut)), {M.WEIGHT_CAP: finite(cap)})
 
 
 def krum(updates: Sequence[ClientUpdate], f: int) -> Screened:

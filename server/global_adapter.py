@@ -117,9 +117,24 @@ class GlobalAdapter:
 
     def moved(self, update: ClientUpdate) -> float:
         """How far a client moved from what it received: ||B A - B_ref A_ref||_F over the
-        modules and ||T - T_ref|| over the plain tensors, together."""
-        return math.hypot(change_norm(update.factors, self.received(update.rank)),
+        modules (||A - A_ref||_F when only A is merged) and ||T - T_ref|| over the plain
+        tensors, together."""
+        return math.hypot(change_norm(self.merged_part(update.factors),
+                                      self.merged_part(self.received(update.rank))),
                           dense_distance(update.dense, self.dense))
+
+    def merged_part(self, factors: Factors) -> Factors:
+        """What the merge reads of a set of factors, as factors whose product the screens
+        measure: B A, or A alone (B := I) when the method merges only A (fedsa-lora keeps B
+        on the clients and the server's B at zero, so B A would never move)."""
+        if self.method.shares != "A":
+            return factors
+        return {m: (torch.eye(a.shape[0], dtype=a.dtype), a) for m, (_, a) in factors.items()}
+
+    def reference_norm(self) -> float:
+        """The norm of what the clients received, as `moved` measures a change."""
+        return math.hypot(change_norm(self.merged_part(self.received(self.rank)), {}),
+                          dense_distance(self.dense, {}))
 
     def distance(self, update: ClientUpdate) -> float:
         """The norm clipping bounds: ||(B - B_ref, A - A_ref, T - T_ref)||_2."""
@@ -137,20 +152,25 @@ class GlobalAdapter:
                                                self.dense, self.clip_norm,
                                                equal=bool(self.noise_multiplier))
             info.update(clip_info)
-        result = self.combine(updates)
+        result = self.combine(updates, server_round)
         merged, dense = result.global_factors, result.dense
         if self.noise_multiplier and (merged or dense):
             merged, dense, info[M.DP_NOISE_STD] = self.noised(merged, dense, updates,
                                                               server_round)
+        if problem := defences.merge_problem(merged, dense):
+            raise defences.MergeFailed(problem)  # before anything of the state changes
         self.step(merged, dense)
         info.update(self.merge_figures(result, updates))
         info.update(self.add_residual(result))
         return info
 
-    def combine(self, updates: list[ClientUpdate]) -> MergeResult:
-        """The method's merge, or the coordinate-wise median / trimmed mean (robust)."""
+    def combine(self, updates: list[ClientUpdate], server_round: int) -> MergeResult:
+        """The method's merge, or the coordinate-wise median / trimmed mean (robust), whose
+        randomised re-factoring is seeded by the run's seed and the round (so a resumed run
+        merges as an uninterrupted one)."""
         if self.robust.replaces_merge:
-            return robust_merge(updates, self.robust.rule, self.robust.f, self.rank)
+            return robust_merge(updates, self.robust.rule, self.robust.f, self.rank,
+                                derive_seed(self.noise_seed, server_round, "robust"))
         return self.method.combine(updates, self.factors, export_rank=self.rank)
 
     def noised(self, merged: Factors, dense: Dense, updates: list[ClientUpdate],

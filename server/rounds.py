@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 from logging import ERROR, INFO, WARNING
 from typing import Any
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
@@ -69,6 +70,7 @@ class Rules:
     client_clipping: bool = False  # nodes clip; a reply above clip-norm is dropped
     max_update_ratio: float = 10.0  # drop updates above this x the round's lower median (0 off)
     max_weight_ratio: float = 10.0  # cap weights at this x the lower median weight (0 off)
+    max_share: float = 1.0  # no reply's share of a merge above this (1 off)
     equal_weights: bool = False  # client-weights=equal: every accepted reply weighs 1
     initial_eval: bool = True  # evaluate the global model before round 1 (round 0)
 
@@ -181,7 +183,14 @@ class RoundLoop:
                 seen = self.method.observe(  # before the merge: against what was received
                     server_round, [r.update for r in record.replies],
                     [int(r.row[M.PARTITION_ID]) for r in record.replies], self.state.dense)
-                self.merge(server_round, record)
+                try:
+                    self.merge(server_round, record)
+                except (defences.MergeFailed, torch.linalg.LinAlgError) as err:
+                    # the global adapter is unchanged: the attempt fails, it never ends the run
+                    log(WARNING, "round %d: the merge failed, nothing was merged: %s",
+                        server_round, err)
+                    failed.append({**record.attempt_summary(attempt), "merge-error": str(err)})
+                    continue
                 record.merge.update(seen)
                 for key, value in seen.items():  # e.g. lora-moe's clusters: partition -> expert
                     log(INFO, "round %d: %s %s", server_round, key, value)
@@ -202,7 +211,8 @@ class RoundLoop:
             reply.row[M.UPDATE_NORM] = norm
         if not record.replies:
             return
-        screened = defences.screen_norms(norms, self.rules.max_update_ratio)
+        still = defences.NOOP_RTOL * self.state.reference_norm()
+        screened = defences.screen_norms(norms, self.rules.max_update_ratio, still)
         for i, reason in reversed(screened.dropped):
             reply = record.replies.pop(i)
             self.failed(record, reply.row[M.NODE_ID], reason, dropped=True)
@@ -214,13 +224,16 @@ class RoundLoop:
         """Set each screened reply's merge weight (client-weights, max-weight-ratio), recording
         a cut claim as down-weighted, and the round's screen figures."""
         weighed = defences.weigh([r.update.weight for r in record.replies],
-                                 self.rules.max_weight_ratio, self.rules.equal_weights)
+                                 self.rules.max_weight_ratio, self.rules.equal_weights,
+                                 self.rules.max_share)
         record.screen = {**figures, **weighed.figures}
-        cut = dict(weighed.cut)
+        cut: dict[int, list[str]] = {}
+        for i, reason in weighed.cut:
+            cut.setdefault(i, []).append(reason)
         for i, (reply, weight) in enumerate(zip(record.replies, weighed.weights)):
             reply.row[M.WEIGHT] = weight
             if i in cut:
-                self.down_weighted(record, reply, cut[i])
+                self.down_weighted(record, reply, "; ".join(cut[i]))
             if weight != reply.update.weight:
                 reply.update = replace(reply.update, weight=weight)
 
@@ -283,8 +296,10 @@ class RoundLoop:
         """Log why the run stops; the RoundFailed to raise."""
         last = attempts[-1]
         reasons = "; ".join(f"node {f[M.NODE_ID]}: {f['reason']}" for f in last[M.FAILURES][:5])
-        message = (f"round {server_round}: {last['replied']} valid replies, fewer than "
-                   f"min-replies={self.rules.replies_needed}, in {len(attempts)} attempt(s) "
+        why = (f"the merge failed ({last['merge-error']})" if "merge-error" in last else
+               f"{last['replied']} valid replies, fewer than "
+               f"min-replies={self.rules.replies_needed}")
+        message = (f"round {server_round}: {why}, in {len(attempts)} attempt(s) "
                    f"(round-failure={self.rules.round_failure}); stopping. Failures: "
                    f"{reasons or 'none reported'}. Rounds up to {server_round - 1} are saved; "
                    f"continue with --resume once enough nodes are back")
@@ -451,6 +466,8 @@ class RoundLoop:
             return problem, None
         num_examples = int(metrics[wire.NUM_EXAMPLES])
         update = self.state.to_update(state, rank, float(num_examples))
+        if problem := defences.not_finite(update):  # at the scale the merge works in
+            return problem, None
         partition_id = int(metrics.get(wire.PARTITION_ID, -1))
         # the experts by the partition id the node gave when first asked (what its messages
         # were built for), not by what this reply says

@@ -89,7 +89,7 @@ def rules(fed: FederationSettings, defence: DefenceSettings) -> Rules:
                  max_examples=fed.max_num_examples, max_update_norm=fed.max_update_norm,
                  client_clipping=fed.clip_norm > 0 and fed.dp_clipping == "client",
                  max_update_ratio=0.0 if fed.dp_noise_multiplier else defence.max_update_ratio,
-                 max_weight_ratio=defence.max_weight_ratio,
+                 max_weight_ratio=defence.max_weight_ratio, max_share=defence.max_share,
                  equal_weights=defence.client_weights == "equal",
                  initial_eval=fed.initial_eval)
 

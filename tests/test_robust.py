@@ -15,6 +15,7 @@ from fedlora.adapters import shared_init
 from fedlora.aggregation import ClientUpdate
 from fedlora.aggregation import robust as R
 from fedlora.config import LoraSettings, SettingsError
+from fedlora.factors import A_SUFFIX, B_SUFFIX
 from fedlora.methods import get_method, load
 from server.defences import Robust
 from server.global_adapter import GlobalAdapter
@@ -387,3 +388,80 @@ def test_fitting_robust_settings_load():
     settings, method = load({"robust": "krum", "min-replies": 4, "strategy": "flora"})
     assert settings.defence.robust == "krum" and method.name == "flora"
     assert load({"robust": "median", "min-replies": 3})[0].defence.replies_needed() == 3
+
+
+# ---------------------------------------------------------------- replies hostile by value
+# (issue 30: finite, well-formed replies that passed validation and still broke a round)
+
+
+def shared_only(state: dict, strategy: str) -> dict:
+    """The keys a reply of `strategy` carries (ffa-lora sends B only, fedsa-lora A only)."""
+    shares = get_method(strategy).shares
+    suffixes = {"both": (A_SUFFIX, B_SUFFIX), "A": (A_SUFFIX,), "B": (B_SUFFIX,)}[shares]
+    return {k: v for k, v in state.items() if k.endswith(suffixes)}
+
+
+def honest(strategy: str, examples=(100, 100, 100, 100)) -> list:
+    return [reply(shared_only(good_state(node), strategy),
+                  {"num-examples": n, "lora-rank": 2}, node=node)
+            for node, n in zip((1, 2, 3, 4), examples)]
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "hetlora", "flora", "fedex-lora", "ffa-lora",
+                                      "flexlora"])
+def test_a_b_that_overflows_at_the_merge_scale_is_dropped_and_the_adapter_stays_finite(
+        strategy):
+    """B = 3e38 is finite in float32 at PEFT's scale, and inf once the scale (alpha/r = 8) is
+    folded in: the global adapter became non-finite, and flexlora's SVD raised."""
+    big = {k: torch.full_like(v, 3e38) if k.endswith(B_SUFFIX) else v
+           for k, v in good_state(5).items()}
+    loop = loop_of(strategy)
+    record = one_round(loop, [*honest(strategy), reply(shared_only(big, strategy),
+                                                      {"num-examples": 100, "lora-rank": 2},
+                                                      node=5)])
+    [failure] = record.failures
+    assert failure["node-id"] == 5 and "not finite at the merge's scale" in failure["reason"]
+    assert [r.row["node-id"] for r in record.replies] == [1, 2, 3, 4]
+    for b, a in [*loop.state.factors.values(), *loop.state.residual.values()]:
+        assert bool(torch.isfinite(b).all()) and bool(torch.isfinite(a).all())
+
+
+def test_fedsa_lora_is_screened_on_the_a_it_merges():
+    """Its update norm read B A with the server's B at zero: every norm was 0, no bound, and
+    one A of 1e30 made the global A 2e29."""
+    hostile = {k: torch.full_like(v, 1e30) for k, v in good_state(5).items()
+               if k.endswith(A_SUFFIX)}
+    loop = loop_of("fedsa-lora")
+    record = one_round(loop, [*honest("fedsa-lora"),
+                              reply(hostile, {"num-examples": 100, "lora-rank": 2}, node=5)])
+    [failure] = record.failures
+    assert failure["node-id"] == 5 and "times the round's lower median" in failure["reason"]
+    assert max(float(a.abs().max()) for _, a in loop.state.factors.values()) < 10
+    assert record.screen["update-norm-median"] > 0
+
+
+def test_replies_returned_unchanged_do_not_get_the_clients_that_trained_dropped():
+    loop = loop_of("fedavg")
+    one_round(loop, honest("fedavg"))  # a global adapter that is not zero
+    gen = torch.Generator().manual_seed(9)
+    received = loop.state.payload(2)
+    still = [reply({k: v + 1e-9 * torch.randn(v.shape, generator=gen) for k, v in
+                    received.items()}, {"num-examples": 100, "lora-rank": 2}, node=node)
+             for node in (1, 2, 3)]  # returned as received, to rounding
+    trained = [reply(good_state(node + 10), {"num-examples": 100, "lora-rank": 2}, node=node)
+               for node in (4, 5)]
+    record = one_round(loop, [*still, *trained])
+    assert record.failures == []  # the old lower median was a no-op's: both trainers dropped
+    assert record.screen["update-norm-median"] > 1e-3
+
+
+def test_one_liar_carries_at_most_max_share_of_the_merge():
+    """Claims of 54, 72 and 60 examples and one of 10,000,000: cut by the
+    weight cap (600 here: 10 x the lower median 60), still carried 0.76 of the merge."""
+    loop = loop_of("fedavg", max_share=0.5)
+    record = one_round(loop, [*honest("fedavg", (54, 72, 60, 10_000_000))])
+    weights = {r.row["node-id"]: r.row["weight"] for r in record.replies}
+    assert weights[4] / sum(weights.values()) == pytest.approx(0.5)
+    [cut] = [d for d in record.down_weighted if d["node-id"] == 4]
+    assert "cut to 600" in cut["reason"] and "max-share=0.5" in cut["reason"]
+    assert weights[1] / weights[2] == pytest.approx(54 / 72)  # the rest keep their proportions

@@ -193,3 +193,47 @@ def test_fedsa_lora_resumed_after_a_round_its_nodes_had_trained_is_bit_exact(tmp
         ours, theirs = load_file(str(out / name)), load_file(str(reference / name))
         assert ours.keys() == theirs.keys()
         assert all(torch.equal(ours[k], theirs[k]) for k in ours), name
+
+
+def test_a_merge_that_fails_is_retried_and_never_ends_the_server(tmp_path, monkeypatch):
+    """A linear-algebra failure in a merge (flexlora's SVD on a reply it cannot factor) used to
+    end the server run; now the attempt fails with the reason and the round is sent again."""
+    from fedlora.methods.fedavg import FedAvg
+
+    calls: list[int] = []
+    original = FedAvg.combine
+
+    def flaky(self, updates, previous, *, export_rank):
+        calls.append(len(calls))
+        if len(calls) == 2:  # round 2's first merge
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+        return original(self, updates, previous, export_rank=export_rank)
+
+    monkeypatch.setattr(FedAvg, "combine", flaky)
+    run_inprocess(config(tmp_path, **{"num-server-rounds": 3}), 3)
+    rows = training_rounds(read_metrics(tmp_path))
+    assert [r["round"] for r in rows] == [1, 2, 3] and len(calls) == 4
+    [attempt] = rows[1]["failed-attempts"]
+    assert "failed to converge" in attempt["merge-error"]
+
+
+def test_a_median_run_killed_and_resumed_is_bit_equal_to_the_uninterrupted_one(tmp_path):
+    """The median's randomised re-factoring drew from the global generator, which a resumed
+    server (a new process) does not share with the first one: here the resumed run's
+    generator is moved on purpose on every reply."""
+    run = config(tmp_path, **{"robust": "median", "robust-f": 1, "min-replies": 3,
+                              "min-train-nodes": 3, "num-server-rounds": 3,
+                              "target-modules": "q_proj,v_proj"})
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_inprocess({**run, "output-dir": str(straight)}, 3)
+    with pytest.raises(ServerDied):
+        run_inprocess({**run, "output-dir": str(resumed)}, 3, hook=die_once_round_2_trained(3))
+
+    def other_generator(msg, reply):
+        torch.rand(7)  # what another process's generator would have done meanwhile
+        return reply
+
+    run_inprocess({**run, "output-dir": str(resumed), "resume": True}, 3, hook=other_generator)
+    a = load_file(str(straight / "final" / "adapter_model.safetensors"))
+    b = load_file(str(resumed / "final" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
