@@ -82,6 +82,7 @@ class M:
     DP_NOISE_MULTIPLIER = "dp-noise-multiplier"
     UPDATE_NORM_MEDIAN = "update-norm-median"  # the round's lower median ||B A - received||_F
     UPDATE_NORM_BOUND = "update-norm-bound"  # max-update-ratio x that median (null: no bound)
+    FACTOR_NORM_MEDIAN = "factor-norm-median"  # the lower median ||(B, A) - received||_2
     WEIGHT_CAP = "weight-cap"  # max-weight-ratio x the lower median num-examples (null: none)
     DOWN_WEIGHTED = "down-weighted"  # [{node-id, node-name, reason}]: capped or not merged
     ROBUST = "robust"  # the robust merge of the round (none, median, trimmed-mean, krum)

@@ -93,7 +93,25 @@ def merge_problem(merged: Factors, dense: Dense) -> str | None:
 NOOP_RTOL = 1e-6  # an update this small relative to the adapter received is a no-op reply
 
 
-def screen_norms(norms: Sequence[float], ratio: float, still: float = 0.0) -> Screened:
+def screen_updates(norms: Sequence[float], factor_norms: Sequence[float], ratio: float,
+                   still: float = 0.0, factor_still: float = 0.0) -> Screened:
+    """`screen_norms` on the delta-W change and on the factors' own change, together: a reply
+    far out on either is dropped. The factor screen holds where a merge averages B and A
+    apart (fedavg, hetlora): A = 1e30 with B = 0 moves delta W by nothing, and the mean of
+    the A's by 2e29."""
+    product = screen_norms(norms, ratio, still)
+    factors = screen_norms(factor_norms, ratio, factor_still, "factor change")
+    reasons = dict(product.dropped)
+    for i, reason in factors.dropped:
+        reasons.setdefault(i, reason)
+    return Screened(tuple(i for i in range(len(norms)) if i not in reasons),
+                    tuple(sorted(reasons.items())),
+                    {**product.figures,
+                     M.FACTOR_NORM_MEDIAN: factors.figures[M.UPDATE_NORM_MEDIAN]})
+
+
+def screen_norms(norms: Sequence[float], ratio: float, still: float = 0.0,
+                 what: str = "update norm") -> Screened:
     """Drop an update whose norm is above `ratio` x the round's lower median (max-update-ratio;
     0 = off), or not finite: nothing then scales the merge by a huge update. The median is
     taken over the finite norms above `still` (replies that returned what they received, to
@@ -101,8 +119,8 @@ def screen_norms(norms: Sequence[float], ratio: float, still: float = 0.0) -> Sc
     moved = [n for n in norms if math.isfinite(n) and n > still]
     median = lower_median(moved) if moved else 0.0
     bound, far = outliers(norms, ratio, still)
-    dropped = tuple((i, f"update norm {norms[i]:.4g} is not finite" if not math.isfinite(
-        norms[i]) else f"update norm {norms[i]:.4g} is {norms[i] / median:.3g} times the "
+    dropped = tuple((i, f"{what} {norms[i]:.4g} is not finite" if not math.isfinite(
+        norms[i]) else f"{what} {norms[i]:.4g} is {norms[i] / median:.3g} times the "
                        f"round's lower median {median:.4g} (max-update-ratio={ratio:g})")
                     for i in far)
     return Screened(tuple(i for i in range(len(norms)) if i not in far), dropped,

@@ -131,10 +131,12 @@ class GlobalAdapter:
             return factors
         return {m: (torch.eye(a.shape[0], dtype=a.dtype), a) for m, (_, a) in factors.items()}
 
-    def reference_norm(self) -> float:
-        """The norm of what the clients received, as `moved` measures a change."""
-        return math.hypot(change_norm(self.merged_part(self.received(self.rank)), {}),
-                          dense_distance(self.dense, {}))
+    def reference_norms(self) -> tuple[float, float]:
+        """The norms of what the clients received, as `moved` and `distance` measure a
+        change: of its delta W (or A) and of its factors (each with the plain tensors)."""
+        received, plain = self.received(self.rank), dense_distance(self.dense, {})
+        return (math.hypot(change_norm(self.merged_part(received), {}), plain),
+                math.hypot(factor_distance(received, {}), plain))
 
     def distance(self, update: ClientUpdate) -> float:
         """The norm clipping bounds: ||(B - B_ref, A - A_ref, T - T_ref)||_2."""

@@ -207,12 +207,15 @@ class RoundLoop:
         larger than the others' (max-update-ratio), then cut a weight far above the others'
         (max-weight-ratio). Both compare with the lower median of the round's accepted replies."""
         norms = [self.state.moved(r.update) for r in record.replies]
+        factor_norms = [self.state.distance(r.update) for r in record.replies]
         for reply, norm in zip(record.replies, norms):
             reply.row[M.UPDATE_NORM] = norm
         if not record.replies:
             return
-        still = defences.NOOP_RTOL * self.state.reference_norm()
-        screened = defences.screen_norms(norms, self.rules.max_update_ratio, still)
+        product_still, factor_still = (defences.NOOP_RTOL * n
+                                       for n in self.state.reference_norms())
+        screened = defences.screen_updates(norms, factor_norms, self.rules.max_update_ratio,
+                                           product_still, factor_still)
         for i, reason in reversed(screened.dropped):
             reply = record.replies.pop(i)
             self.failed(record, reply.row[M.NODE_ID], reason, dropped=True)

@@ -465,3 +465,17 @@ def test_one_liar_carries_at_most_max_share_of_the_merge():
     [cut] = [d for d in record.down_weighted if d["node-id"] == 4]
     assert "cut to 600" in cut["reason"] and "max-share=0.5" in cut["reason"]
     assert weights[1] / weights[2] == pytest.approx(54 / 72)  # the rest keep their proportions
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "hetlora"])
+def test_a_huge_a_with_a_zero_b_is_dropped_where_the_merge_averages_factors(strategy):
+    """B = 0, A = 1e30: delta W does not move, so the delta-W screen passes it, and the mean
+    of the A's became 2e29. The factor screen drops it."""
+    gauge = {k: torch.zeros_like(v) if k.endswith(B_SUFFIX) else torch.full_like(v, 1e30)
+             for k, v in good_state(5).items()}
+    loop = loop_of(strategy)
+    record = one_round(loop, [*honest(strategy),
+                              reply(gauge, {"num-examples": 100, "lora-rank": 2}, node=5)])
+    [failure] = record.failures
+    assert failure["node-id"] == 5 and failure["reason"].startswith("factor change")
+    assert max(float(t.abs().max()) for f in loop.state.factors.values() for t in f) < 10

@@ -30,12 +30,16 @@ from fedlora.factors import dense_part, from_peft, to_peft
 
 
 def factor_distance(factors: Factors, reference: Factors) -> float:
-    """||(B - B_ref, A - A_ref)||_2 over all modules (float64 accumulation)."""
+    """||(B - B_ref, A - A_ref)||_2 over all modules (float64 accumulation; a module missing
+    from `reference`, a fresh adapter's, counts from zero)."""
     total = 0.0
     for module, (b, a) in factors.items():
-        b_ref, a_ref = reference[module]
-        total += float((b.double() - b_ref.double()).square().sum())
-        total += float((a.double() - a_ref.double()).square().sum())
+        if module in reference:
+            b_ref, a_ref = reference[module]
+            total += float((b.double() - b_ref.double()).square().sum())
+            total += float((a.double() - a_ref.double()).square().sum())
+        else:
+            total += float(b.double().square().sum()) + float(a.double().square().sum())
     return math.sqrt(total)
 
 
