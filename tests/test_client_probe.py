@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from fedlora.cli.client import diagnosis, probe_server
+from fedlora.cli.client import diagnosis, probe_server, refused_message
 from fedlora.cli.main import main
 
 
@@ -83,3 +83,14 @@ def test_a_server_that_is_not_up_yet_is_left_to_flowers_retries(certs):
 def test_a_tls_failure_is_not_retried_but_a_refusal_is(output, retry):
     hint, again = diagnosis(305, output)
     assert again == retry and ("TLS handshake" in hint) != retry
+
+
+def test_a_refused_node_names_every_cause_and_how_long_it_keeps_trying():
+    """It named two causes only, neither of which applies to a key the server never had."""
+    first, last = refused_message(1), refused_message(7)
+    assert "(1/7)" in first and "for at most 70 s more" in first
+    assert "for at most 10 s more" in last
+    for cause in ("not registered this node's key yet", "earlier connection",
+                  "not in the server's --authorized-keys"):
+        assert cause in first
+    assert "waiting cannot fix that one" in first and "--auth-key" in first

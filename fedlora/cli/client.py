@@ -203,16 +203,27 @@ def run(args: argparse.Namespace) -> int:
         if not retry or refused == REFUSED_ATTEMPTS - 1:
             break
         refused += 1
-        print(f"fedlora: the server refused this node; trying again in {REFUSED_WAIT_S} s "
-              f"({refused}/{REFUSED_ATTEMPTS - 1}). Either its key is not registered yet (a "
-              f"server registers keys a few seconds after it starts) or the server still holds "
-              f"this node's earlier connection (released 60 s after its last heartbeat)",
-              file=sys.stderr)
+        print(refused_message(refused), file=sys.stderr)
         time.sleep(REFUSED_WAIT_S)
     if hint:
         print(f"fedlora: the client node stopped (Flower exit code {ended.flower_code}): "
               f"{hint}", file=sys.stderr)
     return ended.status
+
+
+def refused_message(refused: int) -> str:
+    """What a node tells its user when the server refused it for the `refused`-th time:
+    Flower answers three causes alike, so it names all three, how long it keeps trying, and
+    which one waiting cannot fix."""
+    left = (REFUSED_ATTEMPTS - 1 - refused) * REFUSED_WAIT_S
+    return (f"fedlora: the server refused this node ({refused}/{REFUSED_ATTEMPTS - 1}); "
+            f"trying again in {REFUSED_WAIT_S} s, for at most {left + REFUSED_WAIT_S} s more. "
+            f"Flower gives the same answer when the server has not registered this node's key "
+            f"yet (seconds after it starts), when it still holds this node's earlier "
+            f"connection (released 60 s after its last heartbeat), and when the key is not in "
+            f"the server's --authorized-keys at all: waiting cannot fix that one, so if the "
+            f"server has been up for a while, stop this node (Ctrl-C) and check --auth-key "
+            f"against the operator's list")
 
 
 def forgotten(ended: NodeExit) -> bool:
