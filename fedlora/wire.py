@@ -91,6 +91,7 @@ class M:
     SERVER_ACCURACY = "server-accuracy"
     # per-client fields inside CLIENTS
     NODE_ID = "node-id"
+    NODE_DECLARED_NAME = "node-declared-name"  # what a node called itself, when not its key's
     NODE_NAME = NODE_NAME
     PARTITION_ID = PARTITION_ID
     LORA_RANK = LORA_RANK

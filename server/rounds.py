@@ -117,6 +117,7 @@ class RoundLoop:
         self.ledger = ledger  # client-level DP accounting, or None
         self.evaluator = evaluator  # server-side evaluation (server.server_eval), or None
         self.nodes: dict[int, Node] = {}  # every node heard from: rank, name, partition
+        self.keys: dict[int, str] = {}  # node ID -> the name of the key it registered with
         self.total_bytes = 0
         self.waited_for_all = False  # the first round of a process waits for every node
 
@@ -244,7 +245,7 @@ class RoundLoop:
         """Record and log that a reply counts for less than it claimed (or not at all)."""
         node = reply.row[M.NODE_ID]
         log(WARNING, "round %d: %s down-weighted: %s", record.round, self.who(node), reason)
-        record.down_weighted.append(named(node, reason, self.known(node).name))
+        record.down_weighted.append(named(node, reason, self.label(node)))
 
     def krum(self, record: RoundRecord) -> list[Reply]:
         """Multi-Krum over the round's replies (`server.defences.krum`): the n - robust-f whose
@@ -362,18 +363,32 @@ class RoundLoop:
         who = self.who(node)
         log(WARNING, "round %d: %s: %s", record.round,
             f"dropped the reply of {who}" if dropped else f"{who} failed", reason)
-        record.fail(node, reason, self.known(node).name)
+        record.fail(node, reason, self.label(node))
 
     def who(self, node: int) -> str:
-        """'node 12' or 'node 12 (site-a)' when it named itself."""
-        name = self.known(node).name
-        return f"node {node}" + (f" ({name})" if name else "")
+        """'node 12', 'node 12 (site-a)' by its key (or, without one, the name it gave), and
+        'node 12 (site-a, calls itself site-b)' when the two differ."""
+        label, said = self.label(node), self.known(node).name
+        if label is None:
+            return f"node {node}"
+        return f"node {node} ({label}" + (f", calls itself {said})" if said and said != label
+                                          else ")")
+
+    def label(self, node: int) -> str | None:
+        """What the server names a node by: the key it registered with (what the server can
+        vouch for), else the name it gave itself (a `fedlora client --name`), else None."""
+        return self.keys.get(node) or self.known(node).name
 
     def learn_name(self, node: int, reply: Message) -> None:
-        """Remember the name a `fedlora client` node sent with its rank."""
+        """Remember the name a `fedlora client` node sent with its rank; say so when it is
+        not the name of the key the node registered with."""
         info = reply.content.config_records.get(wire.NODE)
         if info is not None and isinstance(name := info.get(wire.NODE_NAME), str):
             self.heard(node).name = name[:200]
+            key = self.keys.get(node)
+            if key is not None and name != key:
+                log(WARNING, "node %d registered with key %r but calls itself %r; it is named "
+                    "by its key", node, key, name[:200])
 
     def known(self, node: int) -> Node:
         """What the server knows of `node` (an empty record, not kept, when nothing)."""
@@ -491,8 +506,10 @@ class RoundLoop:
             # the node's own throughput figures (what it says; never used for the merge)
             M.TRAIN_TOKENS: number(metrics, wire.TRAIN_TOKENS),
             M.TRAIN_SECONDS: number(metrics, wire.TRAIN_SECONDS)}
-        if (name := self.known(node).name) is not None:
+        if (name := self.label(node)) is not None:
             row[M.NODE_NAME] = name
+        if (said := self.known(node).name) is not None and said != name:
+            row[M.NODE_DECLARED_NAME] = said
         return None, Reply(update, row)
 
     def update_problem(self, update: ClientUpdate, rank: int) -> str | None:

@@ -20,7 +20,7 @@ from fedlora.config import DefenceSettings, FederationSettings, Settings
 from fedlora.methods import Method, load
 from fedlora.models import ModelSource, model_skeleton, resolve_source
 from fedlora.outputs import RunWriter
-from fedlora.runtime import pacing
+from fedlora.runtime import node_keys, pacing
 from server.defences import Robust
 from server.global_adapter import GlobalAdapter
 from server.privacy import PrivacyLedger
@@ -146,6 +146,7 @@ def main(grid: Grid, context: Context) -> None:
                        saved=lambda state: peft.saved_state(state, shapes.model_config,
                                                           shapes.source))
     loop = build_loop(settings, method, shapes, writer)
+    loop.keys = node_keys.read(out_dir)  # fedlora server: each node's registered key
     first_round = resume_point(loop, out_dir) if fed.resume else 1
     if not shapes.factors:
         log(INFO, "fedlora: %s, peft %s, strategy %s, %d trained tensors (%d values), rounds "

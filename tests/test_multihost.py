@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -26,6 +27,7 @@ from test_deployment import delta_w_difference, final_adapter_loads, wait_for
 from test_simulation import SESSION_ENV
 
 from fedlora.outputs import read_metrics, training_rounds
+from fedlora.runtime import node_keys
 
 pytestmark = pytest.mark.slow
 
@@ -223,6 +225,8 @@ def test_ranks_a_closed_control_api_and_a_cut_link_across_hosts(host_procs, cert
         "min-replies=1"), log)
     wait_for(says(log, "Successfully started run"), server, log)  # `flwr ls` will list it
     assert log.read_text().count("registered SuperNode key") == 2
+    ids = re.findall(r"registered SuperNode key \S+ as node (\d+)", log.read_text())
+    assert node_keys.read(out) == dict(zip(map(int, ids), ("site-a", "site-b")))
     for name, rank, offset in (("site-a", 8, 1), ("site-b", 32, 5)):
         data = site_data(tmp_path / f"{name}.jsonl", offset)
         hosts.fedlora(name, client_args(certs, name, "--data-path", str(data), "--rank",
@@ -275,9 +279,10 @@ def test_server_killed_mid_round_resumes_with_node_authentication_on(host_procs,
     server = hosts.fedlora("server", server_args(certs, out, "--min-nodes", "2", *settings),
                            log)
     wait_for(says(log, "registered SuperNode key", 2), server, log)
+    # the holder of site-b's key calls itself site-a: it is named by its key
     for i, (name, rank) in enumerate((("site-a", 8), ("site-b", 32))):
         hosts.fedlora(name, client_args(certs, name, "--rank", str(rank), "--partition-id",
-                                        str(i), "--num-partitions", "2"),
+                                        str(i), "--num-partitions", "2", "--name", "site-a"),
                       tmp_path / f"{name}.log")
     wait_for(says(log, "round 2: sent"), server, log)
     hosts.kill_host("server")  # mid-round 2: the server machine loses power
@@ -291,7 +296,9 @@ def test_server_killed_mid_round_resumes_with_node_authentication_on(host_procs,
     # node authentication survived the resume: the intruder is refused and never takes part
     wait_for(says(intruder_log, "fedlora: the server refused this node"), resumed, log2)
     assert resumed.wait(timeout=600) == 0, log2.read_text()[-3000:]
-    assert all(c["node-name"] != "intruder" for r in training_rounds(read_metrics(out))
-               for c in r["clients"])
+    for row in training_rounds(read_metrics(out)):
+        assert {c["node-name"]: c.get("node-declared-name") for c in row["clients"]} == {
+            "site-a": None, "site-b": "site-a"}  # never the intruder, never by its own word
+    assert "registered with key 'site-b' but calls itself 'site-a'" in log.read_text()
     assert [r["round"] for r in read_metrics(out)] == [1, 2, 3]
     assert delta_w_difference(reference / "final", out / "final") <= 1e-6

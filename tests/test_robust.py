@@ -479,3 +479,34 @@ def test_a_huge_a_with_a_zero_b_is_dropped_where_the_merge_averages_factors(stra
     [failure] = record.failures
     assert failure["node-id"] == 5 and failure["reason"].startswith("factor change")
     assert max(float(t.abs().max()) for f in loop.state.factors.values() for t in f) < 10
+
+
+def test_a_node_is_named_by_its_key_and_its_own_name_is_shown_beside():
+    """Names were self-declared: the holder of site-d's key started with --name site-a was
+    written to metrics.jsonl as site-a, and site-a was blamed for site-d's claim."""
+    loop = loop_of("fedavg")
+    loop.keys = {1: "site-a", 2: "site-b", 3: "site-c", 4: "site-d"}
+    loop.nodes[4].name = "site-a"  # what the holder of site-d's key calls itself
+    record = one_round(loop, [*honest("fedavg")[:3], reply(
+        {k: torch.full_like(v, 1e30) for k, v in good_state(4).items()},
+        {"num-examples": 100, "lora-rank": 2}, node=4)])
+    [failure] = record.failures
+    assert failure["node-id"] == 4 and failure["node-name"] == "site-d"
+    assert loop.who(4) == "node 4 (site-d, calls itself site-a)"
+    assert [r.row["node-name"] for r in record.replies] == ["site-a", "site-b", "site-c"]
+    assert all("node-declared-name" not in r.row for r in record.replies)
+    loop.nodes[5].name = "site-e"  # no key known (an insecure server): its own name
+    assert loop.who(5) == "node 5 (site-e)"
+
+
+def test_the_node_id_of_each_registered_key_is_kept_beside_the_run(tmp_path):
+    from fedlora.runtime import node_keys
+
+    out = "✅ SuperNode 8126384127 registered successfully.\n"
+    assert node_keys.registered_id(out) == 8126384127
+    assert node_keys.registered_id("SuperNode couldn't be registered.") is None
+    assert node_keys.key_name(tmp_path / "certs" / "site-a.pub") == "site-a"
+    node_keys.record(tmp_path, 8126384127, "site-a")
+    node_keys.record(tmp_path, 17, "site-b")
+    assert node_keys.read(tmp_path) == {17: "site-b", 8126384127: "site-a"}
+    assert node_keys.read(tmp_path / "elsewhere") == {}

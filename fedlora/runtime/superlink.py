@@ -57,6 +57,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedlora.runtime import node_keys
 from fedlora.runtime.app_config import render_pyproject, toml_string
 from fedlora.runtime.processes import (
     ProcessTracker,
@@ -350,8 +351,10 @@ def _run_succeeded(bin_dir: Path, env: dict[str, str], cwd: Path, run_id: int | 
 # --------------------------------------------------------------------------- public API
 
 
-def _register_keys(bin_dir: Path, env: dict[str, str], cwd: Path, keys: Iterable[Path]) -> None:
-    """`flwr supernode register` each allowed SuperNode public key with the SuperLink."""
+def _register_keys(bin_dir: Path, env: dict[str, str], cwd: Path, keys: Iterable[Path],
+                   out_dir: Path | None) -> None:
+    """`flwr supernode register` each allowed SuperNode public key with the SuperLink, and
+    keep the node ID each got, by key name, in `out_dir` (`fedlora.runtime.node_keys`)."""
     for key in keys:
         proc = subprocess.run(
             [str(bin_dir / "flwr"), "supernode", "register", str(key), CONNECTION_NAME],
@@ -359,13 +362,21 @@ def _register_keys(bin_dir: Path, env: dict[str, str], cwd: Path, keys: Iterable
         output = proc.stdout + proc.stderr
         if proc.returncode != 0 and "already in use" in output:
             # a resumed server keeps its state database, and the key is still registered there
-            err(f"SuperNode key {key} is already registered (kept in the state database)")
+            known = [n for n, name in node_keys.read(out_dir).items()
+                     if name == node_keys.key_name(key)] if out_dir else []
+            err(f"SuperNode key {key} is already registered (kept in the state database)"
+                + (f" as node {known[0]}" if known else ""))
             continue
         if proc.returncode != 0:
             raise SimulationSetupError(
                 f"could not register SuperNode key {key} (expected an OpenSSH ECDSA public "
                 f"key, e.g. from `fedlora certs node`): {output[-400:]}")
-        err(f"registered SuperNode key {key}")
+        node_id = node_keys.registered_id(output)
+        if node_id is not None and out_dir is not None:
+            node_keys.record(out_dir, node_id, node_keys.key_name(key))
+        err(f"registered SuperNode key {key}" + (f" as node {node_id} (named "
+                                                 f"{node_keys.key_name(key)!r} in the log and "
+                                                 f"metrics)" if node_id is not None else ""))
 
 
 def _execute(
@@ -399,7 +410,8 @@ def _execute(
         _wait_until_ready("the fleet gate", gate, gate_log, spec, spec.connect_host, spec.port)
         err(f"Control API (flwr ls / stop / supernode ls) on 127.0.0.1:{port}, this machine "
             f"only; {spec.host}:{spec.port} serves only the Fleet API (log: {gate_log})")
-    _register_keys(bin_dir, env, state.tmp, spec.authorized_keys)
+    _register_keys(bin_dir, env, state.tmp, spec.authorized_keys,
+                   spec.database.parent if spec.database is not None else None)
     code, run_id = _stream_flwr_run(state, bin_dir, env, app_dir, fed_cfg)
     if code != 0:
         where = f"the SuperLink log {log_file}" if log_file is not None else "the SuperLink log"
