@@ -20,7 +20,7 @@ from fedlora.aggregation import ClientUpdate, Factors
 from fedlora.aggregation.base import Dense, MergeResult, dense_distance
 from fedlora.aggregation.exactness import exactness, truncation_loss
 from fedlora.aggregation.privacy import factor_distance
-from fedlora.aggregation.robust import change_norm, robust_merge
+from fedlora.aggregation.robust import change_norm, robust_merge, robust_shared_a
 from fedlora.aggregation.server_opt import ServerOptimizer
 from fedlora.config import LoraSettings
 from fedlora.factors import dense_part, flatten, from_peft, to_peft, unflatten
@@ -170,6 +170,8 @@ class GlobalAdapter:
         """The method's merge, or the coordinate-wise median / trimmed mean (robust), whose
         randomised re-factoring is seeded by the run's seed and the round (so a resumed run
         merges as an uninterrupted one)."""
+        if self.robust.replaces_merge and self.method.shares == "A":
+            return robust_shared_a(updates, self.robust.rule, self.robust.f, self.factors)
         if self.robust.replaces_merge:
             return robust_merge(updates, self.robust.rule, self.robust.f, self.rank,
                                 derive_seed(self.noise_seed, server_round, "robust"))

@@ -250,7 +250,8 @@ class RoundLoop:
     def krum(self, record: RoundRecord) -> list[Reply]:
         """Multi-Krum over the round's replies (`server.defences.krum`): the n - robust-f whose
         delta W is nearest the others'; the rest are recorded as not merged, with their scores."""
-        screened = defences.krum([r.update for r in record.replies], self.state.robust.f)
+        screened = defences.krum([replace(r.update, factors=self.state.merged_part(
+            r.update.factors)) for r in record.replies], self.state.robust.f)
         for i, (reply, score) in enumerate(zip(record.replies, screened.scores)):
             reply.row[M.KRUM_SCORE], reply.row[M.MERGED] = score, i in screened.kept
         for i, reason in screened.dropped:

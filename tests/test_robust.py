@@ -365,8 +365,8 @@ def test_krum_in_the_loop_leaves_out_the_far_client_and_names_it():
 
 
 @pytest.mark.parametrize("config, fragment", [
-    ({"strategy": "fedsa-lora", "robust": "krum"}, "no global delta W"),
-    ({"strategy": "ffa-lora", "robust": "median"}, "use it with fedavg, fedprox, flexlora"),
+    ({"strategy": "ffa-lora", "robust": "median"}, "use it with fedavg, fedprox, fedsa-lora, "
+                                                   "flexlora"),
     ({"robust": "median", "clip-norm": 1.0, "dp-noise-multiplier": 1.0},
      "DP accountant does not cover"),
     ({"robust": "trimmed-mean", "server-optimizer": "fedadam", "min-replies": 3},
@@ -510,3 +510,20 @@ def test_the_node_id_of_each_registered_key_is_kept_beside_the_run(tmp_path):
     node_keys.record(tmp_path, 17, "site-b")
     assert node_keys.read(tmp_path) == {17: "site-b", 8126384127: "site-a"}
     assert node_keys.read(tmp_path / "elsewhere") == {}
+
+
+@pytest.mark.parametrize("rule", ["median", "trimmed-mean", "krum"])
+def test_fedsa_lora_has_robust_rules_on_a(rule):
+    """fedsa-lora had no robust rule at all; now each works on A (its clients keep B)."""
+    load({"strategy": "fedsa-lora", "robust": rule, "min-replies": 4, "min-train-nodes": 4})
+    hostile = {k: torch.full_like(v, 1e3) for k, v in good_state(5).items()
+               if k.endswith(A_SUFFIX)}
+    loop = loop_of("fedsa-lora", rule, max_update_ratio=0.0)  # the rule alone
+    before_b = {m: b.clone() for m, (b, _) in loop.state.factors.items()}
+    record = one_round(loop, [*honest("fedsa-lora"),
+                              reply(hostile, {"num-examples": 100, "lora-rank": 2}, node=5)])
+    assert max(float(a.abs().max()) for _, a in loop.state.factors.values()) < 1
+    assert all(torch.equal(b, before_b[m]) for m, (b, _) in loop.state.factors.items())
+    if rule == "krum":
+        [entry] = record.down_weighted
+        assert entry["node-id"] == 5 and "krum score" in entry["reason"]

@@ -35,7 +35,8 @@ from fedlora.config import ROBUST_RULES
 from fedlora.seeds import derive_seed
 
 __all__ = ["ROBUST_RULES", "cap_shares", "cap_weights", "change_norm", "krum_scores", "krum_select",
-           "lower_median", "outliers", "refactor", "robust_merge", "squared_distances"]
+           "lower_median", "outliers", "refactor", "robust_merge", "robust_shared_a",
+           "squared_distances"]
 
 BLOCK_ENTRIES = 1 << 24  # entries of float64 per block of the median (128 MiB)
 EXTRA_COLUMNS = 10  # oversampling of the randomised re-factoring SVD
@@ -211,6 +212,19 @@ def refactor(dense: Tensor, rank: int, seed: int = 0) -> tuple[Tensor, Tensor, f
     kept = float(s[:rank].square().sum())
     b, a = balanced_factors(u, s, vh, rank)
     return b, a, math.sqrt(max(total - kept, 0.0) / total) if total > 0 else 0.0
+
+
+def robust_shared_a(updates: Sequence[ClientUpdate], rule: str, f: int, previous: Factors
+                    ) -> MergeResult:
+    """The median or trimmed mean of the clients' A itself, coordinate-wise, B kept as it was:
+    the robust merge of a method that shares only A (fedsa-lora, whose clients keep their own
+    B, so A must stay in the basis they trained it in: no re-factoring)."""
+    trim = median_trim(len(updates)) if rule == "median" else f
+    merged = {module: (previous[module][0].float(), trimmed_mean_rows(torch.stack(
+        [u.factors[module][1].double() for u in updates]), trim).float())
+        for module in updates[0].factors}
+    return MergeResult(global_factors=merged, residual={}, applied=merged,
+                       info={"robust": rule, "trimmed": trim})
 
 
 def robust_merge(updates: Sequence[ClientUpdate], rule: str, f: int, rank: int, seed: int = 0

@@ -37,7 +37,8 @@ class FedSALoRA(Method):
     """A_global = sum p_i A_i; B_global = previous B; B stays on each client."""
 
     name = "fedsa-lora"
-    robust_rules = frozenset()  # no global delta W: each client keeps its own B
+    # on A itself, coordinate-wise (no global delta W: each client keeps its own B)
+    robust_rules = frozenset({"krum", "median", "trimmed-mean"})
     summary = "FedSA-LoRA: share and average A only; each client keeps its own B"
     linear = True
     shares = "A"
