@@ -127,8 +127,8 @@ def test_a_peft_method_in_a_deployment_and_a_node_of_another_method_refused(meth
                     "--peft", method, "--output-dir", str(out),
                     *(["--strategy", "lora-moe"] if method == "lora-moe" else []), *RUN[:-1],
                     RUN[-1] + " min-train-nodes=3 min-replies=2 lr=0.05" + (
-                        " num-virtual-tokens=4" if "num-virtual-tokens" not in
-                        peft_method(method).unused else "")],
+                        " num-virtual-tokens=4" if "num-virtual-tokens" in
+                        peft_method(method).Options.keys() else "")],
                    tmp_path / "server.log")
     nodes = [start(["client", "--server", f"127.0.0.1:{port}", "--insecure", "--partition-id",
                     str(i), "--num-partitions", "3", "--name", f"site-{i}",
