@@ -124,7 +124,7 @@ def test_a_dora_federation_trains_and_sends_factors_and_offsets(dora_run):
 def test_the_global_offsets_and_factors_are_the_example_weighted_means(dora_run):
     out, replies = dora_run
     last = training_rounds(read_metrics(out))[-1]
-    weights = [c["num-examples"] for c in last["clients"]]
+    weights = [c["weight"] for c in last["clients"]]  # the merge's (max-share)
     p = [w / sum(weights) for w in weights]
     tensors = read_latest(out).tensors
     scale = lora_scale(4, load(DORA)[0].lora.alpha, False)

@@ -438,7 +438,7 @@ def test_with_moe_assign_client_each_client_trains_only_its_own_expert_and_the_s
     dense = {k.removeprefix("dense/"): v for k, v in read_latest(tmp_path).tensors.items()
              if k.startswith("dense/")}
     rows = training_rounds(read_metrics(tmp_path))
-    weights = {c["partition-id"]: c["num-examples"] for c in rows[0]["clients"]}
+    weights = {c["partition-id"]: c["weight"] for c in rows[0]["clients"]}
     p0 = weights[0] / (weights[0] + weights[1])
     for key, value in dense.items():
         expert = expert_of(key)
@@ -512,7 +512,7 @@ def test_with_moe_assign_cluster_clients_train_the_expert_of_their_cluster(tmp_p
     assert read_latest(tmp_path).meta["method"]["moe-clusters"] == {
         str(p): e for p, e in clusters.items()}
     # round 2: each client sent back the other expert exactly as the server had it after round 1
-    round_one = {k: sum(c["num-examples"] / sum(x["num-examples"] for x in rows[0]["clients"])
+    round_one = {k: sum(c["weight"] / sum(x["weight"] for x in rows[0]["clients"])
                         * sent[c["partition-id"]][0][k] for c in rows[0]["clients"])
                  for k in sent[0][0]}
     for pid, expert in clusters.items():
@@ -522,7 +522,7 @@ def test_with_moe_assign_cluster_clients_train_the_expert_of_their_cluster(tmp_p
     # and the global expert e is the mean of its cluster's round-2 replies only
     final = {k.removeprefix("dense/"): v for k, v in read_latest(tmp_path).tensors.items()
              if k.startswith("dense/")}
-    weights = {c["partition-id"]: c["num-examples"] for c in rows[1]["clients"]}
+    weights = {c["partition-id"]: c["weight"] for c in rows[1]["clients"]}
     for key, value in final.items():
         if (expert := expert_of(key)) is not None:
             owners = [p for p, e in clusters.items() if e == expert]
@@ -630,7 +630,7 @@ def test_with_moe_assign_field_each_family_trains_its_own_expert(tmp_path):
                                                      sent[0].items()}, seed=0)
     dense = {k.removeprefix("dense/"): v for k, v in read_latest(tmp_path).tensors.items()
              if k.startswith("dense/")}
-    weights = {c["partition-id"]: c["num-examples"]
+    weights = {c["partition-id"]: c["weight"]
                for c in training_rounds(read_metrics(tmp_path))[0]["clients"]}
     for key, value in dense.items():
         expert = expert_of(key)

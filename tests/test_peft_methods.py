@@ -269,7 +269,7 @@ def test_the_global_tensors_are_the_example_weighted_mean_of_what_the_clients_se
     weights, never the prompt or prefixes it computes (which PEFT's state dict would hold)."""
     method, out, replies = plain_run
     last = training_rounds(read_metrics(out))[-1]
-    weights = [c["num-examples"] for c in last["clients"]]
+    weights = [c["weight"] for c in last["clients"]]  # the merge's (max-share)
     p = [w / sum(weights) for w in weights]
     dense = {k.removeprefix("dense/"): v for k, v in read_latest(out).tensors.items()
              if k.startswith("dense/")}
