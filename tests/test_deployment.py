@@ -360,19 +360,25 @@ def test_a_key_already_registered_by_the_kept_state_database_is_not_an_error(tmp
     """A resumed server registers its --authorized-keys again; the SuperLink answers that a key
     kept in its database is already in use, which is fine. Any other refusal stays an error.
     (`flwr` is replaced by a script that answers as Flower 1.41 does.)"""
+    from fedlora.runtime import node_keys
     from fedlora.runtime.superlink import SimulationSetupError, _register_keys
 
     flwr = tmp_path / "flwr"
     flwr.write_text("#!/bin/sh\ncase \"$3\" in\n*kept*) echo 'Public key already in use. "
                     "[code: 23]'; exit 1;;\n*bad*) echo 'Invalid public key'; exit 1;;\nesac\n"
-                    "echo registered\n")
+                    "echo 'SuperNode 42 registered successfully.'\n")
     flwr.chmod(0o755)
+    out = tmp_path / "out"
+    out.mkdir()
+    node_keys.record(out, 7, "kept")  # what the first run of this server kept
     _register_keys(tmp_path, dict(os.environ), tmp_path, [tmp_path / "new.pub",
-                                                         tmp_path / "kept.pub"])
+                                                         tmp_path / "kept.pub"], out)
     err = capsys.readouterr().err
-    assert "registered SuperNode key" in err and "kept.pub is already registered" in err
+    assert "registered SuperNode key" in err and "new.pub as node 42" in err
+    assert "kept.pub is already registered (kept in the state database) as node 7" in err
+    assert node_keys.read(out) == {7: "kept", 42: "new"}
     with pytest.raises(SimulationSetupError, match="could not register SuperNode key .*bad.pub"):
-        _register_keys(tmp_path, dict(os.environ), tmp_path, [tmp_path / "bad.pub"])
+        _register_keys(tmp_path, dict(os.environ), tmp_path, [tmp_path / "bad.pub"], out)
 
 
 @pytest.mark.slow
