@@ -81,13 +81,24 @@ class MergeFailed(ArithmeticError):
     """A merge whose result cannot become the global adapter (not finite); nothing changed."""
 
 
+def first_non_finite(factors: Factors, dense: Dense) -> tuple[str, str] | None:
+    """(module or wire key, "B", "A" or "") of the first tensor with an inf or NaN, or None."""
+    for module, (b, a) in factors.items():
+        for part, tensor in (("B", b), ("A", a)):
+            if not bool(torch.isfinite(tensor).all()):
+                return module, part
+    return next(((key, "") for key, v in dense.items() if not bool(torch.isfinite(v).all())),
+                None)
+
+
 def merge_problem(merged: Factors, dense: Dense) -> str | None:
     """Why a merge's result cannot become the global adapter (a tensor not finite), or None."""
-    for module, (b, a) in merged.items():
-        if not (bool(torch.isfinite(b).all()) and bool(torch.isfinite(a).all())):
-            return f"the merged factors of {module} are not finite"
-    bad = [k for k, v in dense.items() if not bool(torch.isfinite(v).all())]
-    return f"the merged tensor {bad[0]} is not finite" if bad else None
+    bad = first_non_finite(merged, dense)
+    if bad is None:
+        return None
+    name, part = bad
+    return (f"the merged factors of {name} are not finite" if part else
+            f"the merged tensor {name} is not finite")
 
 
 NOOP_RTOL = 1e-6  # an update this small relative to the adapter received is a no-op reply
@@ -131,14 +142,12 @@ def not_finite(update: ClientUpdate) -> str | None:
     """Why an update cannot be merged at the merge's own scale (a factor or plain tensor
     with an inf or NaN once the LoRA scale is folded in: a B near float32's largest value
     overflows there), or None."""
-    tensors = {f"{m} B": b for m, (b, _) in update.factors.items()}
-    tensors.update({f"{m} A": a for m, (_, a) in update.factors.items()})
-    tensors.update(update.dense)
-    for name, tensor in tensors.items():
-        if not bool(torch.isfinite(tensor).all()):
-            return (f"{name} is not finite at the merge's scale (B x the LoRA scale "
-                    f"overflows float32 beyond about 3.4e38); the reply is not merged")
-    return None
+    bad = first_non_finite(update.factors, update.dense)
+    if bad is None:
+        return None
+    name = " ".join(filter(None, bad))
+    return (f"{name} is not finite at the merge's scale (B x the LoRA scale overflows "
+            f"float32 beyond about 3.4e38); the reply is not merged")
 
 
 def weigh(claimed: Sequence[float], ratio: float, equal: bool, max_share: float = 1.0
