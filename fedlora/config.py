@@ -111,6 +111,10 @@ def lora_scale(rank: int, alpha: float, use_rslora: bool) -> float:
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
 
+# Prefixes of a data source (`dataset`, `data-path`): a hub dataset, BIG-bench task files
+HUB_PREFIX = "hf:"
+BIGBENCH_PREFIX = "bigbench:"  # read by fedlora.data.bigbench
+
 # Record fields a loader understands (see fedlora/data/loaders.py); field-map renames to these.
 RECORD_FIELDS = ("instruction", "input", "output", "prompt", "completion", "messages",
                  "conversations")

@@ -7,6 +7,8 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from fedlora.config import BIGBENCH_PREFIX, HUB_PREFIX
+
 
 def parse_value(text: str) -> Any:
     """A TOML value (int, float, bool, quoted string); a bare word is taken as a string."""
@@ -30,8 +32,7 @@ def parse_run_config(text: str) -> dict[str, Any]:
 # settings that name a data source: a file or folder (or bigbench:<file or folder>) is read by
 # processes that do not share the command's working directory (Ray workers, the ServerApp)
 SOURCE_KEYS = ("dataset", "server-eval-data", "data-path")
-NOT_LOCAL = ("builtin:", "hf:")  # sources that are no path on this machine
-BIGBENCH = "bigbench:"
+NOT_LOCAL = ("builtin:", HUB_PREFIX)  # sources that are no path on this machine
 
 
 def absolute_source(key: str, value: str, flag: str | None = None) -> str:
@@ -40,13 +41,13 @@ def absolute_source(key: str, value: str, flag: str | None = None) -> str:
     hf: sources are returned as they are)."""
     if not value or value.startswith(NOT_LOCAL):
         return value
-    prefix = BIGBENCH if value.startswith(BIGBENCH) else ""
+    prefix = BIGBENCH_PREFIX if value.startswith(BIGBENCH_PREFIX) else ""
     path = Path(value.removeprefix(prefix)).expanduser().resolve()
     if not path.exists():
         raise FileNotFoundError(
             f"{flag or f'setting {key!r}'}: {path} does not exist (relative paths are read from "
             f"the directory the command runs in, {Path.cwd()}); pass a data file, a "
-            f"save_to_disk folder, {BIGBENCH}<task.json or folder>, hf:<owner/name> or "
+            f"save_to_disk folder, {BIGBENCH_PREFIX}<task.json or folder>, hf:<owner/name> or "
             f"builtin:<task>")
     return prefix + str(path)
 

@@ -20,11 +20,9 @@ import csv
 import json
 from pathlib import Path
 
-from fedlora.config import RECORD_FIELDS
+from fedlora.config import BIGBENCH_PREFIX, HUB_PREFIX, RECORD_FIELDS
 from fedlora.data.format import as_text
 
-HUB_PREFIX = "hf:"
-BIGBENCH_PREFIX = "bigbench:"  # read by fedlora.data.bigbench
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system"}
 FORMS = ("instruction/output (input optional), prompt/completion, messages "
