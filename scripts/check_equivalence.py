@@ -4,8 +4,8 @@
 
 Each scenario (every strategy, with mixed ranks where it allows them, plus server optimiser,
 clipping, DP, client clipping, rank pruning and server-side evaluation) runs the real
-ServerApp and ClientApp in one fresh process per scenario over the in-process grid of
-tests/fake_grid.py (tiny-llama, 3 clients, 2 rounds), once in a git worktree of `--ref` and
+ServerApp and ClientApp in one fresh process per scenario over this tree's in-process grid
+(simulations/inprocess.py; tiny-llama, 3 clients, 2 rounds), once in a git worktree of `--ref` and
 once in this tree. Then it compares every number of metrics.jsonl (all but the wall-clock
 `*seconds`) and every tensor the run wrote (rounds/<n>/, final/, state/, personal/) bitwise,
 and prints one line per scenario. Exit code 0 when everything is equal.
@@ -52,10 +52,13 @@ SCENARIOS: dict[str, dict] = {
 def run_one(tree: Path, name: str, out_dir: Path) -> None:
     """Run scenario `name` with the code of `tree` in a fresh process."""
     code = (
-        "import sys; sys.path[:0] = [{tree!r}, {tests!r}]\n"
-        "from fake_grid import run_inprocess\n"
-        "run_inprocess({cfg!r}, 3)\n"
-    ).format(tree=str(tree), tests=str(ROOT / "tests"),
+        "import sys, importlib.util; sys.path[:0] = [{tree!r}]\n"
+        # this tree's grid module by its file (the older tree may not have it), whose apps
+        # (clients.client_app, server.server_app) are imported from `tree`
+        "spec = importlib.util.spec_from_file_location('inprocess', {grid!r})\n"
+        "grid = importlib.util.module_from_spec(spec); spec.loader.exec_module(grid)\n"
+        "grid.run_inprocess({cfg!r}, 3)\n"
+    ).format(tree=str(tree), grid=str(ROOT / "simulations" / "inprocess.py"),
              cfg={**BASE, **SCENARIOS[name], "output-dir": str(out_dir),
                   "personal-dir": str(out_dir / "personal")})
     proc = subprocess.run([sys.executable, "-c", code], cwd=tree, capture_output=True,

@@ -6,7 +6,18 @@ import argparse
 import sys
 
 from fedlora import __version__
-from fedlora.cli import certs, client, export, generate, mix, report, server, settings, simulate
+from fedlora.cli import (
+    audit,
+    certs,
+    client,
+    export,
+    generate,
+    mix,
+    report,
+    server,
+    settings,
+    simulate,
+)
 from fedlora.config import SettingsError
 from fedlora.runtime.quiet import quiet
 
@@ -62,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description=settings.__doc__.split(": ", 1)[1].strip())
     settings.add_arguments(p)
     p.set_defaults(func=settings.run)
+    p = sub.add_parser("audit", help="measure what each party can read of one site's "
+                                     "records (planted canaries), per privacy setting",
+                       description=" ".join(audit.__doc__.split(": ", 1)[1].split()))
+    audit.add_arguments(p)
+    p.set_defaults(func=audit.run)
     for p in (parser, *sub.choices.values()):  # before or after the command
         p.add_argument("--verbose", action="store_true",
                        default=False if p is parser else argparse.SUPPRESS,

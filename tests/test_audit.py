@@ -1,0 +1,86 @@
+"""The canary audit (`fedlora audit`): canaries and their exposure, and one audited federation
+on tiny-llama whose numbers come from the models the server actually received."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from fedlora.audit.canaries import Canary, exposure, make_canaries, planted, rank_of
+from fedlora.audit.plan import AuditPlan
+from fedlora.cli.main import main
+from fedlora.config import SettingsError
+
+
+def test_exposure_is_log2_candidates_minus_log2_rank():
+    scores = [float(i) for i in range(1000)]  # candidate 999 is the most likely
+    assert exposure(scores, 999) == pytest.approx(math.log2(1000))
+    assert rank_of(scores, 999) == 1
+    assert rank_of(scores, 0) == 1000 and exposure(scores, 0) == pytest.approx(0.0)
+    assert exposure(scores, 500) == pytest.approx(math.log2(1000) - math.log2(500))  # rank 500
+
+
+def test_ties_count_for_the_secret():
+    assert rank_of([1.0, 2.0, 2.0, 0.5], 1) == 1  # equal to the secret is not above it
+
+
+def test_a_nan_score_is_an_error_not_a_rank():
+    with pytest.raises(ValueError, match="NaN"):
+        rank_of([0.0, math.nan, 1.0], 0)
+
+
+def test_canaries_are_seeded_distinct_and_their_candidates_hold_the_secret():
+    first, again = make_canaries(3, 3, seed=7), make_canaries(3, 3, seed=7)
+    assert first == again and first != make_canaries(3, 3, seed=8)
+    assert len({c.person for c in first}) == 3
+    for canary in first:
+        candidates = canary.candidates()
+        assert len(candidates) == 1000 and len(set(candidates)) == 1000
+        assert candidates[canary.true_index()] == canary.secret
+        assert canary.answer().endswith(" ".join(map(str, canary.secret)) + ".")
+
+
+def test_planting_adds_each_canary_copies_times_and_keeps_every_record():
+    records = [{"instruction": f"q{i}", "output": "a"} for i in range(20)]
+    canaries = [Canary("Ines Varga", "safe code", (4, 7, 1)),
+                Canary("Oskar Brandt", "alarm PIN", (0, 0, 9))]
+    out = planted(records, canaries, copies=3, seed=0)
+    assert len(out) == 26
+    assert [r for r in out if r.get("task") != "canary"] == records
+    for canary in canaries:
+        assert sum(r == canary.record() for r in out) == 3
+
+
+def test_an_unknown_arm_is_refused_before_anything_runs(tmp_path):
+    with pytest.raises(ValueError, match="unknown"):
+        AuditPlan(arms=["default", "homomorphic"]).check()
+
+
+def test_an_arm_whose_settings_do_not_load_is_refused_naming_it(tmp_path):
+    from fedlora.audit.run import check_arms
+
+    plan = AuditPlan(model="tiny-llama", arms=["default"], run_config={"lora-rank": 0})
+    with pytest.raises(SettingsError, match="audit arm 'default'.*lora-rank"):
+        check_arms(plan, tmp_path)
+
+
+@pytest.mark.slow
+def test_audit_on_tiny_llama_reads_the_secret_from_the_reply_the_server_received(tmp_path):
+    """One site memorises a 1-digit canary (10 candidates); the reply the server received,
+    loaded as an adapter, ranks the secret first, and results.json keeps every score."""
+    out = tmp_path / "audit"
+    code = main(["audit", "--model", "tiny-llama", "--arms", "default", "--sites", "2",
+                 "--records-per-site", "1", "--copies", "16", "--digits", "1",
+                 "--local-steps", "60", "--accuracy-examples", "2", "--output-dir", str(out),
+                 "--run-config", "lr=0.003 lora-dropout=0 max-share=1"])
+    assert code == 0
+    report = json.loads((out / "results.json").read_text())
+    arm = report["arms"][0]
+    assert set(arm["views"]) == {"base", "reply", "sum", "final"}
+    reply = arm["views"]["reply"][0]
+    assert len(reply["scores"]) == 10
+    assert reply["rank"] == 1 and reply["exposure"] == pytest.approx(math.log2(10))
+    assert arm["views"]["reply"][0]["scores"] != arm["views"]["base"][0]["scores"]
+    assert (out / "summary.md").read_text().startswith("| arm | base | reply | sum | final |")
