@@ -44,10 +44,10 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
-import uvicorn
+if TYPE_CHECKING:  # httpx and uvicorn load when the gate runs, not when `fedlora` reads flags
+    import httpx
 
 # Exactly the requests of flwr 1.41's SuperNode (flwr/supernode/fleet_http_client.py).
 FLEET_ROUTES = frozenset(("POST", f"/v1/fleet/{name}") for name in (
@@ -91,11 +91,15 @@ class GateLimits:
     log_interval: float = 60.0
 
     def __post_init__(self) -> None:
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if not value > 0:
-                raise ValueError(f"--{flag_name(field.name)}: expected a number above 0, "
-                                 f"got {value!r}")
+        check_limits(dataclasses.asdict(self))
+
+
+def check_limits(values: dict[str, Any], prefix: str = "") -> None:
+    """A ValueError naming the flag (--PREFIX<field>) of the first limit that is not above 0."""
+    for name, value in values.items():
+        if not value > 0:
+            raise ValueError(f"--{flag_name(name, prefix)}: expected a number above 0, got "
+                             f"{value!r}")
 
 
 LIMIT_HELP = {
@@ -118,7 +122,8 @@ def flag_name(field: str, prefix: str = "") -> str:
     return prefix + field.replace("_", "-")
 
 
-def add_limit_arguments(p: argparse.ArgumentParser, prefix: str = "") -> None:
+def add_limit_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup,
+                        prefix: str = "") -> None:
     """The GateLimits flags, each named --PREFIX<field> (`fedlora server` passes 'gate-')."""
     defaults = GateLimits()
     for field in dataclasses.fields(GateLimits):
@@ -130,8 +135,9 @@ def add_limit_arguments(p: argparse.ArgumentParser, prefix: str = "") -> None:
 
 def limits_from_args(args: argparse.Namespace, prefix: str = "") -> GateLimits:
     """The GateLimits the flags of add_limit_arguments ask for."""
-    return GateLimits(**{f.name: getattr(args, f"{prefix}{f.name}")
-                         for f in dataclasses.fields(GateLimits)})
+    values = {f.name: getattr(args, f"{prefix}{f.name}") for f in dataclasses.fields(GateLimits)}
+    check_limits(values, prefix)
+    return GateLimits(**values)
 
 
 def limit_argv(limits: GateLimits) -> list[str]:
@@ -325,6 +331,8 @@ class FleetGate:
         while True:
             event = await receive()
             if event["type"] == "lifespan.startup":
+                import httpx
+
                 # identity encoding: the bytes forwarded are the bytes the SuperLink sent
                 n = self.limits.max_requests
                 self.client = httpx.AsyncClient(
@@ -399,6 +407,8 @@ class FleetGate:
     async def _forward(self, scope: Scope, receive: Receive, send: Send, peer: str,
                        source: str) -> None:
         """Stream the request to the SuperLink and its answer back."""
+        import httpx
+
         method, path = scope["method"], scope["path"]
         headers = [(k, v) for k, v in scope["headers"]
                    if k.lower() not in HOP_HEADERS and k.lower() != b"accept-encoding"]
@@ -536,6 +546,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     """Serve until SIGTERM."""
+    import uvicorn
+
     args = parse_args(argv)
     try:
         limits = limits_from_args(args)

@@ -427,3 +427,19 @@ def test_refusals_are_logged_at_most_n_per_source_then_summarised():
     assert sum("from 127.0.0.2:" in line for line in refused) == 1
     assert "suppressed 45 lines from 127.0.0.1 in 600 s" in log
     assert "from 127.0.0.2 in" not in log
+
+
+def test_fedlora_server_passes_its_gate_flags_to_the_gate(tmp_path):
+    from fedlora.cli import server
+    from server.fleet_gate import parse_args
+
+    p = argparse.ArgumentParser()
+    server.add_arguments(p)
+    args = p.parse_args(["--gate-max-requests-per-source", "300", "--gate-header-timeout", "5"])
+    flags = server.superlink_spec(args, tmp_path).gate_flags
+    assert flags == ("--max-requests-per-source", "300", "--header-timeout", "5.0")
+    gate_args = parse_args(["--listen", "0.0.0.0:9092", "--upstream", "127.0.0.1:9093", *flags])
+    assert limits_from_args(gate_args) == GateLimits(max_requests_per_source=300,
+                                                     header_timeout=5.0)
+    with pytest.raises(ValueError, match="--gate-body-timeout: expected a number above 0"):
+        server.superlink_spec(p.parse_args(["--gate-body-timeout", "-1"]), tmp_path)
