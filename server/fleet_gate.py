@@ -313,6 +313,19 @@ class FleetGate:
         self.buckets = TokenBuckets(self.limits.rate_per_source, self.limits.burst_per_source)
         self.logs = LogLimiter(self.limits.log_lines_per_source, self.limits.log_interval)
         self.flusher: asyncio.Task[None] | None = None
+        self.served = 0  # requests seen, and the most one source sent within one second
+        self.seconds: dict[str, tuple[int, int]] = {}  # source -> (second, requests in it)
+        self.busiest: tuple[int, str] = (0, "")
+
+    def count(self, source: str, now: float) -> None:
+        """Count a request from `source` for the busiest-second figure logged at shutdown."""
+        self.served += 1
+        second, n = self.seconds.get(source, (int(now), 0))
+        n = n + 1 if second == int(now) else 1
+        self.seconds[source] = (int(now), n)
+        self.busiest = max(self.busiest, (n, source))
+        if len(self.seconds) > 1024:
+            self.seconds = {k: v for k, v in self.seconds.items() if v[0] == int(now)}
 
     def note(self, source: str, message: str) -> None:
         """Log `message` about `source`, within the source's log rate."""
@@ -346,6 +359,8 @@ class FleetGate:
                     self.flusher.cancel()
                 for line in self.logs.flush(time.monotonic(), everything=True):
                     log(line)
+                log(f"served {self.served} requests; the busiest source, {self.busiest[1] or '-'}"
+                    f", sent {self.busiest[0]} within one second")
                 if self.client is not None:
                     await self.client.aclose()
                 await send({"type": "lifespan.shutdown.complete"})
@@ -381,7 +396,9 @@ class FleetGate:
         method, path = scope["method"], scope["path"]
         host, port = scope.get("client") or ("?", "?")
         peer, source = f"{host}:{port}", source_of(str(host))
-        wait = self.buckets.take(source, time.monotonic())
+        now = time.monotonic()
+        self.count(source, now)
+        wait = self.buckets.take(source, now)
         if wait:
             self.note(source, f"refused {method} {path} from {peer}: over "
                               f"{self.limits.rate_per_source:g} requests a second")

@@ -443,3 +443,14 @@ def test_fedlora_server_passes_its_gate_flags_to_the_gate(tmp_path):
                                                      header_timeout=5.0)
     with pytest.raises(ValueError, match="--gate-body-timeout: expected a number above 0"):
         server.superlink_spec(p.parse_args(["--gate-body-timeout", "-1"]), tmp_path)
+
+
+def test_at_shutdown_the_gate_logs_its_busiest_source_second(gate):
+    base, proc = gate
+    for _ in range(3):
+        post(f"{base}/v1/fleet/pull-messages", b"p")
+    proc.terminate()
+    log = proc.communicate(timeout=30)[0]
+    [line] = [x for x in log.splitlines() if "served" in x]
+    served, busiest = re.search(r"served (\d+) requests; .* sent (\d+) within", line).groups()
+    assert served == "3" and 1 <= int(busiest) <= 3 and "source, 127.0.0.1," in line
