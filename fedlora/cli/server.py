@@ -44,6 +44,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--insecure", action="store_true",
                    help="serve without TLS on a non-loopback address (traffic and the "
                         "run-submission API are then open to anyone on the network)")
+    from server.fleet_gate import add_limit_arguments
+
+    add_limit_arguments(p.add_argument_group(
+        "fleet gate limits", "what one source (an IPv4 address or IPv6 /64; all nodes behind "
+        "a NAT share one) and everyone together may ask of the public address before node "
+        "authentication; see docs/deployment.md"), prefix="gate-")
     add_run_arguments(p)
 
 
@@ -102,10 +108,13 @@ def superlink_spec(args: argparse.Namespace, out_dir: Path):
         if not key.is_file():
             raise FileNotFoundError(f"--authorized-keys: {key} does not exist")
     ca, cert, key_file = tls or (None, None, None)
+    from server.fleet_gate import limit_argv, limits_from_args
+
+    gate_flags = tuple(limit_argv(limits_from_args(args, prefix="gate-")))
     return SuperLinkSpec(simulation=False, host=host, port=port, control_port=control,
                          ca_cert=ca, cert=cert,
                          key=key_file, supernode_auth=bool(keys), authorized_keys=keys,
-                         database=out_dir / "superlink.db")
+                         database=out_dir / "superlink.db", gate_flags=gate_flags)
 
 
 def run(args: argparse.Namespace) -> int:

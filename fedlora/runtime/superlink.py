@@ -104,6 +104,7 @@ class SuperLinkSpec:
     supernode_auth: bool = False
     authorized_keys: tuple[Path, ...] = ()  # SuperNode public keys registered at start
     database: Path | None = None
+    gate_flags: tuple[str, ...] = ()  # limit flags of the fleet gate (server/fleet_gate.py)
 
     @property
     def gated(self) -> bool:
@@ -220,7 +221,7 @@ def _start_gate(state: RunState, env: dict[str, str], spec: SuperLinkSpec, upstr
     """Start the fleet gate (server/fleet_gate.py) on the public address, in front of the
     SuperLink on 127.0.0.1:upstream_port; its log goes to `log`."""
     cmd = [sys.executable, "-m", "server.fleet_gate", "--listen", f"{spec.host}:{spec.port}",
-           "--upstream", f"127.0.0.1:{upstream_port}"]
+           "--upstream", f"127.0.0.1:{upstream_port}", *spec.gate_flags]
     if spec.tls:
         cmd += ["--certfile", str(spec.cert), "--keyfile", str(spec.key),
                 "--ca-file", str(spec.ca_cert)]
