@@ -32,6 +32,9 @@ LOCAL_POLL_S = 0.05
 SUPEREXEC_POLL_S = 0.1
 REPLY_POLL_S = 0.2
 OBJECT_BACKOFF_S = 0.05
+# the longest back-off between tries of a reply part the server pulls (Flower: 10 s): a pull
+# that waits for a dead node's parts ends at most this long after the round's deadline
+OBJECT_BACKOFF_CAP_S = 0.5
 # the longest a resident worker waits for a task's message parts at its SuperNode (Flower's
 # flwr-clientapp: 2 hours); a task left pending by a stopped run then ends with an error
 TASK_INPUT_MAX_S = 600.0
