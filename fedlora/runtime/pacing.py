@@ -11,8 +11,12 @@ model's training; fedlora sets each one (docs/deployment.md, "Where a round's ti
 | SuperExec asks its SuperNode for a task       | 1 s (env variable)         | SUPEREXEC_POLL_S |
 | ServerApp asks its SuperLink for replies      | 3 s (send_and_receive)     | REPLY_POLL_S     |
 | a message part not stored yet, first back-off | 1 s (PULL_INITIAL_BACKOFF) | OBJECT_BACKOFF_S |
+| ... and the longest back-off (server only)    | 10 s (PULL_BACKOFF_CAP)    | (**)             |
 
 (*) 1 s by default, `fedlora client --poll-interval`.
+(**) OBJECT_BACKOFF_CAP_S, for the server's pulls of reply parts (server/replies.py), which
+end at the round's deadline: a pull that waits for a dead node's parts stops within this
+(plus 20% jitter) of it.
 
 Only the first goes over the network (one small HTTPS request per idle node per interval);
 the others poll a process on the same machine. The hard-coded ones are set by replacing a
