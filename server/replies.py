@@ -54,7 +54,7 @@ def pull_replies(grid: Any, waiting: set[str], timeout: float,
     try each): a reply whose parts did not all arrive comes back as an error reply
     (`arrays_missing`) from its node. `grid`: flwr 1.41's HttpGrid (`per_message_pulls`)."""
     deadline = time.monotonic() + timeout
-    waiting = set(waiting)
+    waiting = {i for i in waiting if i}  # None: a message Flower could not push
     replies: list[Message] = []
     while waiting:
         last = time.monotonic() >= deadline

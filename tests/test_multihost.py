@@ -287,12 +287,13 @@ def test_a_node_dead_between_its_reply_message_and_its_arrays_holds_no_round(hos
     assert server.wait(timeout=600) == 0, log.read_text()[-3000:]
     assert died.exists()  # site-b died after pushing a reply message, before its arrays
     rows = training_rounds(read_metrics(out))
-    assert [row["round"] for row in rows] == [1, 2, 3]
-    names = [sorted(c["node-name"] for c in row["clients"]) for row in rows]
-    assert names[:2] == [["site-a", "site-b"], ["site-a"]]  # site-a merged in round 2
-    assert "site-a" in names[2]  # and the run went on
+    assert [row["round"] for row in rows] == [1, 2, 3]  # the run went on
     reason = "its reply message arrived but its arrays did not within round-timeout=40 s"
-    assert [(f["node-name"], f["reason"]) for f in rows[1]["failures"]] == [("site-b", reason)]
+    # the round site-b died in (round 2, its second training reply, unless round 1 gave up
+    # on it first): site-b named for its arrays, site-a's reply merged
+    [cut] = [row for row in rows if any(f["reason"] == reason for f in row["failures"])]
+    assert [(f["node-name"], f["reason"]) for f in cut["failures"]] == [("site-b", reason)]
+    assert [c["node-name"] for c in cut["clients"]] == ["site-a"]
     assert f"(site-b) failed: {reason}" in log.read_text()
     final_adapter_loads(out)
 

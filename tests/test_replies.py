@@ -27,7 +27,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from flwr.superlink.grid import http_grid
 from flwr.superlink.grid.http_grid import HttpGrid
 
-from server.replies import arrays_missing, per_message_pulls
+from server.replies import arrays_missing, per_message_pulls, pull_replies
 from server.rounds import send_and_receive
 
 NODES = (1, 2, 3)
@@ -177,3 +177,13 @@ def test_only_flower_1_41s_superlink_grid_is_pulled_per_message():
     assert per_message_pulls(grid, "1.41.0") is True
     assert per_message_pulls(grid, "1.42.0") is False  # other flwr: Grid.pull_messages
     assert per_message_pulls(FakeGrid(client_app=None, contexts={}), "1.41.0") is False
+
+
+def test_a_message_flower_could_not_push_is_not_asked_for():
+    """HttpGrid.push_messages answers None for a message it could not push: nothing to pull
+    for it (its node then has no reply within round-timeout)."""
+    runtime = FakeRuntime()
+    grid = superlink_grid(runtime)
+    [sent] = grid.push_messages(train_messages()[:1])
+    replies = pull_replies(grid, {None, sent}, timeout=5.0, poll_s=0.01)
+    assert [r.metadata.reply_to_message_id for r in replies] == [sent]
