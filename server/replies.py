@@ -4,10 +4,10 @@ Flower 1.41 sends a message and its parts (RecordDict, ArrayRecords, array chunk
 objects: a node first pushes its reply message, then the parts. `HttpGrid.pull_messages` pulls
 each reply's parts with a 2-hour limit, so a node that pushed its reply message and died
 before its arrays holds the pull until the SuperLink drops the node's object-push session
-(180 s); the round then sees its deadline passed, and the other nodes' replies, pushed in
-time, are never read. `pull_replies` pulls each reply's parts with what is left of the
-deadline instead, and answers a reply whose parts did not arrive with an error reply that says
-so (`arrays_missing`), so the round names that node and merges the others.
+(180 s); the round then sees its deadline passed, and the replies of the other nodes that
+arrived meanwhile, in time, are never read. `pull_replies` pulls each reply's parts with what
+is left of the deadline instead, and answers a reply whose parts did not arrive with an error
+reply that says so (`arrays_missing`), so the round names that node and merges the others.
 
 It goes through the grid's own runtime client with Flower's own functions (PullMessages, then
 `pull_objects`, then ConfirmMessageReceived, as `HttpGrid.pull_messages` does): flwr 1.41
