@@ -44,6 +44,7 @@ from server import defences
 from server.global_adapter import GlobalAdapter
 from server.privacy import PrivacyLedger
 from server.record import Node, Reply, RoundRecord, named, nodes_meta, nodes_of, weighted_mean
+from server.replies import per_message_pulls, pull_replies
 
 
 class RoundFailed(RuntimeError):
@@ -580,11 +581,15 @@ def send_and_receive(grid: Grid, messages: list[Message], timeout: float,
     or `timeout` seconds passed: Grid.send_and_receive, which over a SuperLink waits 3 s
     between pulls (on average 1.5 s of every exchange), with fedlora's interval
     (fedlora.runtime.pacing; the pulls go to the SuperLink beside the ServerApp, not over the
-    network). Any other grid (Flower's in-memory one pulls every 0.1 s; the tests' own) answers
-    through its own."""
+    network). Over flwr 1.41's SuperLink grid each reply's arrays are pulled within what is
+    left of `timeout` (`server.replies`): a node that pushed its reply message but not its
+    arrays gets an error reply saying so, and never holds up the others. Any other grid
+    (Flower's in-memory one pulls every 0.1 s; the tests' own) answers through its own."""
     if not pacing.over_superlink(grid):
         return list(grid.send_and_receive(messages, timeout=timeout))
     waiting = set(grid.push_messages(messages))
+    if per_message_pulls(grid):
+        return pull_replies(grid, waiting, timeout, poll_s)
     deadline = time.monotonic() + timeout
     replies: list[Message] = []
     while waiting:

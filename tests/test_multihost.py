@@ -265,6 +265,39 @@ def test_ranks_a_closed_control_api_and_a_cut_link_across_hosts(host_procs, cert
     final_adapter_loads(out)
 
 
+def test_a_node_dead_between_its_reply_message_and_its_arrays_holds_no_round(host_procs,
+                                                                              certs, tmp_path):
+    """site-b's SuperNode SIGKILLs itself once it has pushed its round-2 reply message and
+    before its arrays (tests/die_before_arrays): round 2 still merges site-a's reply, names
+    site-b for its missing arrays, and the run goes on."""
+    hosts, out, log = host_procs, tmp_path / "out", tmp_path / "server.log"
+    server = hosts.fedlora("server", server_args(
+        certs, out, "--min-nodes", "2", "--model", "tiny-llama", "--rounds", "3",
+        "--local-steps", "3", "--run-config", "lr=0.01 eval-examples=8 fraction-evaluate=0.0 "
+        "round-timeout=40 min-replies=1 min-train-nodes=1"), log)
+    wait_for(says(log, "registered SuperNode key", 2), server, log)
+    died = tmp_path / "site-b.died"
+    hook = {"PYTHONPATH": os.pathsep.join([str(Path(__file__).parent / "die_before_arrays"),
+                                           os.environ.get("PYTHONPATH", "")]),
+            "FEDLORA_TEST_DIE_AT_TRAIN": "2", "FEDLORA_TEST_DIED": str(died)}
+    for name, offset in (("site-a", 1), ("site-b", 5)):
+        data = site_data(tmp_path / f"{name}.jsonl", offset)
+        hosts.fedlora(name, client_args(certs, name, "--data-path", str(data)),
+                      tmp_path / f"{name}.log", env=hook if name == "site-b" else None)
+    assert server.wait(timeout=600) == 0, log.read_text()[-3000:]
+    assert died.exists()  # site-b died after pushing a reply message, before its arrays
+    rows = training_rounds(read_metrics(out))
+    assert [row["round"] for row in rows] == [1, 2, 3]  # the run went on
+    reason = "its reply message arrived but its arrays did not within round-timeout=40 s"
+    # the round site-b died in (round 2, its second training reply, unless round 1 gave up
+    # on it first): site-b named for its arrays, site-a's reply merged
+    [cut] = [row for row in rows if any(f["reason"] == reason for f in row["failures"])]
+    assert [(f["node-name"], f["reason"]) for f in cut["failures"]] == [("site-b", reason)]
+    assert [c["node-name"] for c in cut["clients"]] == ["site-a"]
+    assert f"(site-b) failed: {reason}" in log.read_text()
+    final_adapter_loads(out)
+
+
 def test_server_killed_mid_round_resumes_with_node_authentication_on(host_procs, certs,
                                                                      tmp_path):
     settings = ["--model", "tiny-llama", "--rounds", "3", "--local-steps", "3", "--strategy",

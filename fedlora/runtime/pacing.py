@@ -11,8 +11,12 @@ model's training; fedlora sets each one (docs/deployment.md, "Where a round's ti
 | SuperExec asks its SuperNode for a task       | 1 s (env variable)         | SUPEREXEC_POLL_S |
 | ServerApp asks its SuperLink for replies      | 3 s (send_and_receive)     | REPLY_POLL_S     |
 | a message part not stored yet, first back-off | 1 s (PULL_INITIAL_BACKOFF) | OBJECT_BACKOFF_S |
+| ... and the longest back-off (server only)    | 10 s (PULL_BACKOFF_CAP)    | (**)             |
 
 (*) 1 s by default, `fedlora client --poll-interval`.
+(**) OBJECT_BACKOFF_CAP_S, for the server's pulls of reply parts (server/replies.py), which
+end at the round's deadline: a pull that waits for a dead node's parts stops within this
+(plus 20% jitter) of it.
 
 Only the first goes over the network (one small HTTPS request per idle node per interval);
 the others poll a process on the same machine. The hard-coded ones are set by replacing a
@@ -32,6 +36,9 @@ LOCAL_POLL_S = 0.05
 SUPEREXEC_POLL_S = 0.1
 REPLY_POLL_S = 0.2
 OBJECT_BACKOFF_S = 0.05
+# the longest back-off between tries of a reply part the server pulls (Flower: 10 s): a pull
+# that waits for a dead node's parts ends at most this long after the round's deadline
+OBJECT_BACKOFF_CAP_S = 0.5
 # the longest a resident worker waits for a task's message parts at its SuperNode (Flower's
 # flwr-clientapp: 2 hours); a task left pending by a stopped run then ends with an error
 TASK_INPUT_MAX_S = 600.0
