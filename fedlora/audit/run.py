@@ -227,6 +227,17 @@ def check_arms(plan: AuditPlan, out_dir: Path) -> None:
             raise SettingsError(f"audit arm {arm!r}: {err}") from err
 
 
+def write_report(plan: AuditPlan, canaries: list[Canary], results: list[dict],
+                 out_dir: Path) -> dict[str, Any]:
+    """<out_dir>/results.json (every score) and summary.md (the table) of the arms so far."""
+    rows = summary_rows(results)
+    report = {"plan": asdict(plan), "canaries": [asdict(c) for c in canaries],
+              "candidates": 10 ** plan.digits, "summary": rows, "arms": results}
+    (out_dir / "results.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out_dir / "summary.md").write_text(table(rows) + "\n")
+    return report
+
+
 def run_audit(plan: AuditPlan, out_dir: Path, progress=print) -> dict[str, Any]:
     """Every arm of `plan`; writes <out_dir>/results.json and returns it."""
     plan.check()
@@ -237,7 +248,8 @@ def run_audit(plan: AuditPlan, out_dir: Path, progress=print) -> dict[str, Any]:
     random.Random(plan.seed).shuffle(records)
     data = out_dir / "audit-data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
-    results = []
+    results: list[dict] = []
+    report: dict[str, Any] = {}
     for arm in plan.arms:
         progress(f"fedlora audit: arm {arm}: {plan.sites} sites, {plan.rounds} round(s) of "
                  f"{plan.local_steps} steps; {plan.canaries} canary(ies) x {plan.copies} "
@@ -248,11 +260,8 @@ def run_audit(plan: AuditPlan, out_dir: Path, progress=print) -> dict[str, Any]:
         row = summary_rows(results[-1:])[0]
         progress(f"fedlora audit: arm {arm}: exposure " + ", ".join(
             f"{v} {'masked' if row[v] is None else f'{row[v]:.2f} bits'}" for v in VIEWS))
-    rows = summary_rows(results)
-    report = {"plan": asdict(plan), "canaries": [asdict(c) for c in canaries],
-              "candidates": 10 ** plan.digits, "summary": rows, "arms": results}
-    (out_dir / "results.json").write_text(json.dumps(report, indent=1) + "\n")
-    (out_dir / "summary.md").write_text(table(rows) + "\n")
+        # after every arm: a long audit stopped part way keeps what it measured
+        report = write_report(plan, canaries, results, out_dir)
     return report
 
 
