@@ -241,3 +241,22 @@ def test_a_node_with_a_budget_refuses_a_run_without_dp_sgd():
     context.run_config.update({"dp-sgd": True, "dp-sgd-epsilon": 50.0, "dp-sgd-delta": 0.1})
     train = node_settings(context)[0].train
     assert (train.dp_sgd_epsilon, train.dp_sgd_delta) == (3.0, 1e-5)  # the node's own
+
+
+def test_fedlora_client_puts_its_budget_in_the_node_config():
+    import argparse
+
+    from fedlora.cli.client import add_arguments, node_config
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--server", "127.0.0.1:1", "--insecure", "--name", "a",
+                              "--dp-sgd-epsilon", "2.5", "--dp-sgd-delta", "1e-6"])
+    config = node_config(args)
+    assert (config["dp-sgd-epsilon"], config["dp-sgd-delta"]) == (2.5, 1e-6)
+    alone = parser.parse_args(["--server", "127.0.0.1:1", "--insecure", "--dp-sgd-delta", "1e-6"])
+    with pytest.raises(ValueError, match="--dp-sgd-delta is the delta of a budget"):
+        node_config(alone)
+    bad = parser.parse_args(["--server", "127.0.0.1:1", "--insecure", "--dp-sgd-epsilon", "-1"])
+    with pytest.raises(SettingsError, match="'dp-sgd-epsilon': expected a number > 0"):
+        node_config(bad)

@@ -33,6 +33,7 @@ docs/dp-sgd.md.
 
 from __future__ import annotations
 
+import functools
 import math
 import secrets
 import warnings
@@ -52,6 +53,7 @@ from fedlora.train.loss import CHUNK_TOKENS, decoder_and_head
 ACCOUNTANT = "rdp"  # Opacus' RDP accountant (Mironov 2017; Mironov, Talwar, Zhang 2019)
 
 
+@functools.cache
 def epsilon_of(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
     """Epsilon at `delta` of `steps` Poisson-subsampled Gaussian steps (Opacus' RDP
     accountant); infinite without noise, 0 for no steps."""
@@ -66,6 +68,7 @@ def epsilon_of(noise_multiplier: float, sample_rate: float, steps: int, delta: f
     return float(accountant.get_epsilon(delta))
 
 
+@functools.cache  # a search over the accountant: a second or more, once per run and node
 def noise_for(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
     """The noise multiplier whose `steps` steps at `sample_rate` spend at most
     `target_epsilon` at `delta` (Opacus' `get_noise_multiplier`, RDP)."""
