@@ -116,6 +116,23 @@ def test_the_noise_has_std_sigma_times_clip():
     assert abs(float(noisy.mean())) < 5 * sigma * clip / math.sqrt(200_000)
 
 
+def test_a_step_that_samples_no_example_is_noise_of_std_sigma_clip_over_the_batch():
+    """The step's own wiring: the gradient of a step with an empty sample is the noise
+    alone, of std sigma C / expected batch on every coordinate."""
+    settings, slot, params, examples = tiny("lora")
+    plan = plan_dp_sgd(settings.train, 1, 8)
+    plan = type(plan)(clip=0.5, noise_multiplier=2.0, sample_rate=0.0, expected_batch=8,
+                      steps=1, delta=1e-5, target_epsilon=math.inf)
+    with PerExampleGradients(slot.model, params) as grads:
+        _, tokens, sampled = private_step(slot.model, params, examples,
+                                          slot.tokenizer.pad_token_id, plan, 4,
+                                          secret_generator(), grads, nullcontext)
+    assert (tokens, sampled) == (0, 0)
+    noise = torch.cat([p.grad.flatten() for p in params])
+    assert noise.numel() > 5_000  # so the sample std is within 4 % with odds ~1 - 1e-6
+    assert abs(float(noise.std()) / (2.0 * 0.5 / 8) - 1) < 0.04
+
+
 def test_two_generators_draw_different_noise():
     """The noise is seeded by the operating system, not by the run's seed."""
     a = add_noise([torch.zeros(8)], 1.0, secret_generator())[0]
@@ -260,3 +277,18 @@ def test_fedlora_client_puts_its_budget_in_the_node_config():
     bad = parser.parse_args(["--server", "127.0.0.1:1", "--insecure", "--dp-sgd-epsilon", "-1"])
     with pytest.raises(SettingsError, match="'dp-sgd-epsilon': expected a number > 0"):
         node_config(bad)
+
+
+def test_a_node_counts_its_steps_and_without_a_count_assumes_every_earlier_round_trained():
+    """A node that joins at round 3 with no count (a resumed run, a fresh process) counts
+    rounds 1-2 as trained: the epsilon it reports never undercounts."""
+    from flwr.app import Context, RecordDict
+
+    from clients.client_app import spend_dp_sgd
+
+    train = Settings.from_config({"dp-sgd": True, "local-steps": 5}).train
+    plan = plan_dp_sgd(train, num_rounds=4, num_examples=100)
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    assert spend_dp_sgd(context, plan, server_round=3, steps=5) == plan.epsilon(15)
+    assert spend_dp_sgd(context, plan, server_round=4, steps=5) == plan.epsilon(20)
+    assert plan.epsilon(20) == plan.planned_epsilon <= 8.0

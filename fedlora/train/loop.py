@@ -120,7 +120,8 @@ def train_local(model: torch.nn.Module, adapter: str, examples: list[dict], pad_
     With `settings.dp_sgd` each step is a DP-SGD step instead (`fedlora.train.dp_sgd`): a
     Poisson sample of expected size batch-size x grad-accum, run in micro-batches of at most
     batch-size, per-example gradients clipped, summed and noised; a step's loss is the mean
-    over the examples it sampled (a step that sampled none keeps the previous step's).
+    over the examples it sampled (a step that sampled none repeats the previous step's, 0
+    for the first).
     """
     examples = hooks.examples or examples
     if not examples:
@@ -144,8 +145,9 @@ def train_local(model: torch.nn.Module, adapter: str, examples: list[dict], pad_
         dp = plan_dp_sgd(settings, plan.num_rounds, len(examples))
         with PerExampleGradients(model, params, hooks.per_example) as grads:
             tokens = _private_steps(model, params, optimizer, examples, pad_id, settings,
-                                    plan, hooks, dp, grads, losses, progress)
-    for i in range(0 if settings.dp_sgd else settings.local_steps):
+                                    plan, hooks, anchor, dp, grads, losses, progress)
+        return _finish(model, progress, losses, tokens, start, dp)
+    for i in range(settings.local_steps):
         for group in optimizer.param_groups:
             group["lr"] = settings.lr * group["lr_scale"] * lr_factor(
                 first_step + i, total_steps, settings.warmup_steps, settings.lr_schedule)
@@ -175,26 +177,31 @@ def train_local(model: torch.nn.Module, adapter: str, examples: list[dict], pad_
         optimizer.zero_grad(set_to_none=True)
         losses.append(step_loss)
         progress.update(step_loss)
+    return _finish(model, progress, losses, tokens, start)
+
+
+def _finish(model: torch.nn.Module, progress: StepProgress, losses: list[float], tokens: int,
+            start: float, dp: DpSgdPlan | None = None) -> TrainResult:
+    """Close the round's progress bar, put the model back in eval mode, sum up the round."""
     progress.close()
     model.eval()
     return TrainResult(loss=sum(losses) / len(losses), first_loss=losses[0],
                        last_loss=losses[-1], steps=len(losses), tokens=tokens,
-                       seconds=time.perf_counter() - start,
-                       dp_sgd=dp if settings.dp_sgd else None)
+                       seconds=time.perf_counter() - start, dp_sgd=dp)
 
 
 def _private_steps(model: torch.nn.Module, params: list[torch.nn.Parameter],
                    optimizer: torch.optim.Optimizer, examples: list[dict], pad_id: int,
                    settings: TrainSettings, plan: RoundPlan, hooks: LocalTraining,
-                   dp: DpSgdPlan, grads: PerExampleGradients, losses: list[float],
-                   progress: StepProgress) -> int:
+                   anchor: list[torch.Tensor], dp: DpSgdPlan, grads: PerExampleGradients,
+                   losses: list[float], progress: StepProgress) -> int:
     """`train_local`'s steps under dp-sgd (`fedlora.train.dp_sgd.private_step`), each
-    step's loss appended to `losses`; the data-independent FedProx gradient is added after
-    the noise. Returns the tokens fed to the model."""
+    step's loss appended to `losses`; the data-independent FedProx gradient (towards
+    `anchor`, the adapter the round started from) is added after the noise. Returns the
+    tokens fed to the model."""
     device = params[0].device
     total_steps = plan.num_rounds * settings.local_steps
     first_step = (plan.server_round - 1) * settings.local_steps
-    anchor = [p.detach().clone() for p in params] if hooks.proximal_mu > 0 else []
     generator = secret_generator()
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16,
                                       enabled=settings.bf16)
