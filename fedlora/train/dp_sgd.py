@@ -193,7 +193,7 @@ def example_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor],
         hidden = decoder(**inputs).last_hidden_state[:, skip:]
         chosen, wanted = hidden[:, :-1][keep], targets[keep]
         # recompute the head's chunks in the backward pass, unless the head itself trains
-        # (its per-example hooks must see each forward once)
+        # (then `PerExampleGradients.take` refuses it: it sees tokens, not examples)
         frozen = not any(p.requires_grad for p in head.parameters())
         pieces = []
         for start in range(0, chosen.shape[0], chunk_tokens):
@@ -268,6 +268,12 @@ class PerExampleGradients:
                         f"per-example one (Opacus has no hook on its module); mark the PEFT "
                         f"method dp_sgd = 'one-by-one'")
                 p.grad_sample = None  # type: ignore[attr-defined]
+                if gs is not None and gs.shape[0] != batch_size:
+                    raise RuntimeError(
+                        f"dp-sgd: a parameter of shape {tuple(p.shape)} got {gs.shape[0]} "
+                        f"per-example gradients for {batch_size} examples: its module does "
+                        f"not see the examples along its first dimension (an adapted LM "
+                        f"head sees tokens); leave it out of target-modules")
             out.append(gs if gs is not None else p.new_zeros((batch_size, *p.shape)))
             p.grad = None
         return out
