@@ -10,6 +10,10 @@ A node's own settings win: its node config overrides the run config key by key (
 has a `node-name`) takes every key that names one of its files or folders (`data-path`,
 `personal-dir`) from its node config only; such a key in the run config is ignored with a
 warning, and a run-config `dataset` that is a local path is refused (`node_settings`).
+A node with a record-level privacy budget (`fedlora client --dp-sgd-epsilon`) takes
+dp-sgd-epsilon and dp-sgd-delta from its own config only, refuses a run without dp-sgd, and
+refuses one that would spend more than its budget (`dp_sgd_plan`); the epsilon it has spent,
+counted in its Flower state for this run, goes into each training reply (`spend_dp_sgd`).
 
 In simulation a worker process serves many virtual clients, and in deployment a node's
 resident worker (`clients.worker`) serves every message: the module-level WORKSPACE keeps one
@@ -51,6 +55,7 @@ from fedlora.seeds import derive_seed
 from fedlora.train import evaluate, train_local
 from fedlora.train.accuracy import exact_match, generation_batch
 from fedlora.train.choices import multiple_choice
+from fedlora.train.dp_sgd import DpSgdPlan, plan_dp_sgd
 from fedlora.train.loop import RoundPlan
 
 app = ClientApp()
@@ -58,6 +63,11 @@ WORKSPACE = Workspace()
 DATA: OrderedDict[tuple, tuple[list[dict], list[dict], list[dict], list[dict]]] = OrderedDict()
 DATA_CACHE_SIZE = 16
 log = logging.getLogger("fedlora.client")
+# a node's record-level privacy budget (`fedlora client --dp-sgd-epsilon`) and the delta it
+# is at: the node's own config only, never the run config's
+DP_SGD_BUDGET = "dp-sgd-epsilon"
+DP_SGD_NODE_KEYS = (DP_SGD_BUDGET, "dp-sgd-delta")
+DP_SGD_STATE = "dp-sgd"  # the node's state: DP-SGD steps trained in this run
 
 
 @dataclass
@@ -118,6 +128,17 @@ def node_settings(context: Context) -> tuple[Settings, Method]:
             f"peft={server_peft}; every node of a run trains the server's PEFT method, since "
             f"the server merges only tensors of that method: remove peft from this node's "
             f"config or join a run of peft={node_peft}")
+    if DP_SGD_BUDGET in context.node_config:  # the node's privacy budget is its own
+        for key in DP_SGD_NODE_KEYS:
+            if key in run and key not in context.node_config and run[key] != all_keys()[key][0]:
+                log.warning("ignored %s=%r from the run config: this node has its own "
+                            "dp-sgd budget, at its own %s", key, run[key], key)
+                run.pop(key)
+        if not _true(run.get("dp-sgd", context.node_config.get("dp-sgd", False))):
+            raise SettingsError(
+                f"setting 'dp-sgd': this node has a record-level privacy budget "
+                f"({DP_SGD_BUDGET}={context.node_config[DP_SGD_BUDGET]}), but the run trains "
+                f"without dp-sgd; it trains only runs with dp-sgd=true")
     settings, method = load(run, context.node_config)
     if settings.attack.on and is_deployment_node(context):
         raise SettingsError(
@@ -125,6 +146,41 @@ def node_settings(context: Context) -> tuple[Settings, Method]:
             f"(attack={settings.attack.attack}); attacks exist for fedlora simulate only, and "
             f"a deployment node refuses them")
     return settings, method
+
+
+def _true(value: object) -> bool:
+    """A config's boolean (Flower gives a bool, a hand-written config may give "true")."""
+    return value is True or str(value).lower() == "true"
+
+
+def dp_sgd_plan(settings: Settings, examples: list[dict]) -> DpSgdPlan | None:
+    """This node's DP-SGD plan for the run (None without dp-sgd), logged; raises a
+    SettingsError naming the epsilon the run would spend and the budget when it would
+    spend more."""
+    train = settings.train
+    if not train.dp_sgd:
+        return None
+    plan = plan_dp_sgd(train, settings.federation.num_rounds, len(examples))
+    log.info("dp-sgd: noise multiplier %.4g, clip %g, sample rate %.4g, %d steps planned: "
+             "epsilon %.4g of the budget %g at delta %g", plan.noise_multiplier, plan.clip,
+             plan.sample_rate, plan.steps, plan.planned_epsilon, plan.target_epsilon,
+             plan.delta)
+    return plan
+
+
+def spend_dp_sgd(context: Context, plan: DpSgdPlan, server_round: int, steps: int) -> float:
+    """Count this round's `steps` in the node's state (its accountant for the run) and
+    return the epsilon spent so far. A node with no count yet (its first round, or a run
+    resumed) counts every earlier round as trained: the bound never undercounts."""
+    record = context.state.config_records.get(DP_SGD_STATE)
+    before = (int(record["steps"]) if record is not None  # type: ignore[arg-type]
+              else (server_round - 1) * steps)
+    total = before + steps
+    context.state.config_records[DP_SGD_STATE] = ConfigRecord({"steps": total})
+    spent = plan.epsilon(total)
+    log.info("dp-sgd: epsilon %.4g spent after %d steps (round %d), of the budget %g at "
+             "delta %g", spent, total, server_round, plan.target_epsilon, plan.delta)
+    return spent
 
 
 def node_rank(settings: Settings, context: Context, partition_id: int) -> int:
@@ -231,6 +287,7 @@ def train(msg: Message, context: Context) -> Message:
             slot.model, slot.adapter, settings.lora,
             replace(local, proximal_mu=job.method.proximal_mu(settings)))
         plan = RoundPlan(job.server_round, settings.federation.num_rounds, job.seed)
+        private = dp_sgd_plan(settings, hooks.examples or train_set)  # refused over budget
         result = train_local(slot.model, slot.adapter, train_set, slot.tokenizer.pad_token_id,
                              settings.train, plan, hooks,
                              desc=f"client {pid} round {job.server_round}")
@@ -244,10 +301,16 @@ def train(msg: Message, context: Context) -> Message:
         num_examples = claimed(num_examples, settings.attack,
                                settings.federation.max_num_examples)
     arrays = to_array_record(job.method.shared(state), settings.federation.wire_dtype)
+    losses = {wire.TRAIN_LOSS: result.loss, wire.TRAIN_LOSS_FIRST: result.first_loss,
+              wire.TRAIN_LOSS_LAST: result.last_loss}
+    if private is not None:  # the losses are not privatised: they stay in the node's log
+        log.info("client %d round %d: train loss %.4f (dp-sgd: not sent)", pid,
+                 job.server_round, result.loss)
+        losses = {wire.DP_SGD_EPSILON: spend_dp_sgd(context, private, job.server_round,
+                                                    result.steps)}
     metrics = MetricRecord({
         wire.NUM_EXAMPLES: num_examples, wire.PARTITION_ID: pid, wire.LORA_RANK: rank,
-        wire.TRAIN_LOSS: result.loss, wire.TRAIN_LOSS_FIRST: result.first_loss,
-        wire.TRAIN_LOSS_LAST: result.last_loss, wire.TRAIN_STEPS: result.steps,
+        **losses, wire.TRAIN_STEPS: result.steps,
         wire.TRAIN_TOKENS: result.tokens, wire.TRAIN_SECONDS: result.seconds,
         **hooks.metrics})
     return Message(RecordDict({wire.ARRAYS: arrays, wire.METRICS: metrics}), reply_to=msg)

@@ -276,6 +276,24 @@ class TrainSettings:
         "proximal-mu", 0.0,
         "FedProx: weight mu of the proximal term (mu/2)||theta - theta_global||^2 on the LoRA "
         "parameters (0 = off; strategy fedprox uses 0.01 when this is 0).")
+    dp_sgd: bool = setting(
+        "dp-sgd", False,
+        "Record-level differential privacy at every site (DP-SGD): each step a Poisson sample "
+        "of the node's examples, each example's gradient clipped to dp-sgd-clip, Gaussian "
+        "noise added; the node's own accountant keeps the whole run within dp-sgd-epsilon. "
+        "Not with packing or gradient-checkpointing; docs/dp-sgd.md lists the PEFT methods.")
+    dp_sgd_clip: float = setting("dp-sgd-clip", 1.0,
+                                 "dp-sgd: L2 norm each example's gradient is clipped to.")
+    dp_sgd_noise_multiplier: float = setting(
+        "dp-sgd-noise-multiplier", 0.0,
+        "dp-sgd: noise std as a multiple of dp-sgd-clip (0 = the smallest that keeps the "
+        "whole run within dp-sgd-epsilon); a run that would spend more is refused.")
+    dp_sgd_epsilon: float = setting(
+        "dp-sgd-epsilon", 8.0,
+        "dp-sgd: each site's epsilon over the whole run, at dp-sgd-delta. A node's own "
+        "(fedlora client --dp-sgd-epsilon) is its budget, which the run config cannot change.")
+    dp_sgd_delta: float = setting("dp-sgd-delta", 1e-5,
+                                  "dp-sgd: delta of each site's (epsilon, delta).")
 
     def __post_init__(self) -> None:
         for key, value in (("local-steps", self.local_steps), ("batch-size", self.batch_size),
@@ -297,6 +315,18 @@ class TrainSettings:
         require(self.max_new_tokens >= 1, "max-new-tokens", "an integer >= 1",
                  self.max_new_tokens)
         require(self.server_eval >= 0, "server-eval", "an integer >= 0", self.server_eval)
+        require(self.dp_sgd_clip > 0, "dp-sgd-clip", "a number > 0", self.dp_sgd_clip)
+        require(self.dp_sgd_noise_multiplier >= 0, "dp-sgd-noise-multiplier",
+                "a number >= 0 (0 = derived from dp-sgd-epsilon)", self.dp_sgd_noise_multiplier)
+        require(self.dp_sgd_epsilon > 0, "dp-sgd-epsilon", "a number > 0",
+                self.dp_sgd_epsilon)
+        require(0 < self.dp_sgd_delta < 1, "dp-sgd-delta", "a number in (0, 1)",
+                self.dp_sgd_delta)
+        if self.dp_sgd and self.gradient_checkpointing:
+            raise SettingsError(
+                "setting 'gradient-checkpointing': dp-sgd's per-example gradient hooks see "
+                "each forward pass once, and checkpointing runs it again; set "
+                "gradient-checkpointing=false with dp-sgd")
 
 
 @dataclass
@@ -616,6 +646,10 @@ class Settings:
         if self.federation.fraction_evaluate > 0 and self.data.eval_fraction == 0:
             raise SettingsError("setting 'eval-fraction': expected > 0 when fraction-evaluate > 0 "
                                 "(clients need held-out data), got 0; or set fraction-evaluate=0")
+        if self.train.dp_sgd and self.data.packing:
+            raise SettingsError(
+                "setting 'packing': dp-sgd bounds what one training example adds, and a packed "
+                "sequence holds several; set packing=false with dp-sgd")
 
     @property
     def global_rank(self) -> int:

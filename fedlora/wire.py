@@ -40,6 +40,7 @@ TRAIN_TOKENS = "train-tokens"
 TRAIN_SECONDS = "train-seconds"
 EVAL_LOSS = "eval-loss"
 EVAL_TOKENS = "eval-tokens"
+DP_SGD_EPSILON = "dp-sgd-epsilon"  # dp-sgd: the node's epsilon spent so far in the run
 
 
 class M:
@@ -98,5 +99,6 @@ class M:
     NUM_EXAMPLES = NUM_EXAMPLES
     UPDATE_NORM = "update-norm"  # ||B A - B_received A_received||_F over all modules
     WEIGHT = "weight"  # the weight the merge used (num-examples, maybe capped)
+    DP_SGD_EPSILON = DP_SGD_EPSILON  # dp-sgd: the node's epsilon spent so far (its figure)
     KRUM_SCORE = "krum-score"
     MERGED = "merged"  # false: not selected by krum

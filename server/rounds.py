@@ -508,6 +508,8 @@ class RoundLoop:
             # the node's own throughput figures (what it says; never used for the merge)
             M.TRAIN_TOKENS: number(metrics, wire.TRAIN_TOKENS),
             M.TRAIN_SECONDS: number(metrics, wire.TRAIN_SECONDS)}
+        if wire.DP_SGD_EPSILON in metrics:  # record-level DP: what the node says it spent
+            row[M.DP_SGD_EPSILON] = number(metrics, wire.DP_SGD_EPSILON)
         if (name := self.label(node)) is not None:
             row[M.NODE_NAME] = name
         if (said := self.known(node).name) is not None and said != name:

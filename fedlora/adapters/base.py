@@ -76,6 +76,13 @@ class PeftMethod:
     # name parts of its trainable B factors (`...lora_B.<adapter>...`): LoRA+ trains them at
     # lora-plus-ratio times A's rate
     b_parts: ClassVar[tuple[str, ...]] = ("lora_B",)
+    # how dp-sgd gets each example's gradient (`fedlora.train.dp_sgd`): "opacus" (Opacus'
+    # hooks on the adapter's modules, one pass per micro-batch), "one-by-one" (one example
+    # per backward pass) or "" (refused: `why_no_dp_sgd` says why); a new method is refused
+    # until tests/test_dp_sgd.py checks its per-example gradients
+    dp_sgd: ClassVar[str] = ""
+    why_no_dp_sgd: ClassVar[str] = ("its per-example gradients are not checked "
+                                    "(tests/test_dp_sgd.py)")
 
     def config(self, lora: LoraSettings, base_id: str | None = None) -> PeftConfig:
         """The PEFT config of this method for these settings."""
@@ -114,7 +121,8 @@ class PeftMethod:
         """`hooks` with this method's part of local training filled in: its auxiliary loss,
         its learning-rate scales and the names of its B factors (`fedlora.train.hooks`)."""
         return replace(hooks, auxiliary=lambda: self.auxiliary_loss(model, adapter, lora),
-                       lr_scale=lambda name: self.lr_scale(name, lora), b_parts=self.b_parts)
+                       lr_scale=lambda name: self.lr_scale(name, lora), b_parts=self.b_parts,
+                       per_example=self.dp_sgd)
 
     def auxiliary_loss(self, model: torch.nn.Module, adapter: str, lora: LoraSettings
                        ) -> torch.Tensor | None:

@@ -203,6 +203,7 @@ class Bottleneck(PeftMethod):
     """Houlsby bottleneck adapters after attention and the FFN, adapter-size wide."""
 
     name = "adapter"
+    dp_sgd = "opacus"  # its down and up projections: Linear modules
     summary = ("bottleneck adapters (Houlsby): a small MLP after attention and the FFN "
                "(adapter-size)")
     unused = LORA_ONLY

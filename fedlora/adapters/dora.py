@@ -47,6 +47,9 @@ class Dora(Lora):
     """DoRA: LoRA's factors plus a per-row magnitude, federated as an offset from ||W0||."""
 
     name = "dora"
+    # the magnitude layer is called with the base weight and the factors as arguments,
+    # which Opacus cannot replay alone
+    dp_sgd = "one-by-one"
     summary = "DoRA: LoRA factors plus a learned magnitude per output row (weight-decomposed)"
 
     def config(self, lora: LoraSettings, base_id: str | None = None) -> LoraConfig:

@@ -24,6 +24,7 @@ class IA3(PeftMethod):
     """Rescaling vectors on keys, values and the FFN input (PEFT's IA3)."""
 
     name = "ia3"
+    dp_sgd = "one-by-one"  # its vectors are ParameterDict entries no Opacus hook sees
     summary = "IA3: learned vectors rescaling keys, values and the FFN input (no rank)"
     unused = LORA_ONLY
     why_unused = "it learns rescaling vectors, not low-rank factors"

@@ -43,6 +43,7 @@ class Lora(PeftMethod):
     target modules; the factors are federated by the strategies of `fedlora.methods`."""
 
     name = "lora"
+    dp_sgd = "opacus"  # lora_A, lora_B: Linear modules
     summary = "LoRA: low-rank factors B, A on the target modules (QLoRA on a 4-bit base)"
     low_rank = True
 

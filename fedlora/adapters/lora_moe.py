@@ -372,6 +372,8 @@ class LoraMoe(PeftMethod):
     """LoRA experts with a per-layer top-k router (federated by strategy lora-moe)."""
 
     name = "lora-moe"
+    why_no_dp_sgd = ("its load-balance loss is a statistic of the whole micro-batch, so "
+                     "one example's gradient depends on the others' routing")
     summary = ("LoRA + mixture of experts: moe-experts LoRA experts per layer, a top-k "
                "router per layer (strategy lora-moe)")
     unused = ("client-ranks", "use-rslora")

@@ -24,6 +24,7 @@ class PTuning(EncoderMethod):
     """A soft prompt computed by an MLP prompt encoder; its weights are federated."""
 
     name = "p-tuning"
+    dp_sgd = "one-by-one"  # PEFT encodes the prompt once per batch and repeats it
     summary = "P-tuning: a soft prompt computed by an MLP prompt encoder (its weights federated)"
     why_unused = "it learns a prompt encoder, not weights of the model's layers"
     encoder = PromptEncoder

@@ -53,6 +53,7 @@ class PrefixTuning(Prefixes, EncoderMethod):
     """Prefixes at every layer, computed by an MLP whose weights are federated."""
 
     name = "prefix-tuning"
+    dp_sgd = "opacus"  # the prefixes are computed per example
     summary = "prefix tuning: keys/values at every layer from an MLP (its weights federated)"
     encoder = PrefixEncoder
 
@@ -65,6 +66,7 @@ class PTuningV2(Prefixes, PromptTable):
     """Prefixes at every layer, trained directly (no reparameterisation)."""
 
     name = "p-tuning-v2"
+    dp_sgd = "opacus"  # the prefixes are computed per example
     summary = "P-tuning v2: keys/values at every layer, trained directly (no MLP)"
     init_salt = 2  # the prefix table, PEFT's `prompt_embeddings`, is sent as it is
 

@@ -49,6 +49,7 @@ class PromptTuning(PromptTable):
     """A soft prompt of num-virtual-tokens embeddings before the input."""
 
     name = "prompt-tuning"
+    dp_sgd = "one-by-one"  # PEFT embeds the prompt once per batch and repeats it
     summary = "prompt tuning: a learned soft prompt before the input (num-virtual-tokens)"
     why_unused = "it learns a soft prompt, not weights of the model's layers"
     init_salt = 1

@@ -25,7 +25,8 @@ if TYPE_CHECKING:
 # flag -> node-config key
 NODE_FLAGS = {"data_path": "data-path", "rank": "lora-rank", "quantization": "quantization",
               "device": "device", "batch_size": "batch-size", "local_steps": "local-steps",
-              "partition_id": "partition-id", "num_partitions": "num-partitions"}
+              "partition_id": "partition-id", "num_partitions": "num-partitions",
+              "dp_sgd_epsilon": "dp-sgd-epsilon", "dp_sgd_delta": "dp-sgd-delta"}
 
 
 # A refusal passes once the server has registered the node's key (seconds after it starts) or
@@ -70,6 +71,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--partition-id", type=int,
                    help="with the run's built-in dataset: which share this node trains on")
     p.add_argument("--num-partitions", type=int, help="with --partition-id: how many shares")
+    p.add_argument("--dp-sgd-epsilon", type=float, metavar="E",
+                   help="this node's record-level privacy budget: epsilon over a whole run, "
+                        "at --dp-sgd-delta. The node trains only runs with dp-sgd=true and "
+                        "refuses one that would spend more (the run config cannot change it)")
+    p.add_argument("--dp-sgd-delta", type=float, metavar="D",
+                   help="with --dp-sgd-epsilon: its delta (default 1e-5)")
     p.add_argument("--name", help="this node's name in the server's log and metrics.jsonl "
                    "(default: the host name)")
     p.add_argument("--node-config", default="", metavar='"KEY=VALUE ..."',
@@ -98,6 +105,8 @@ def node_config(args: argparse.Namespace) -> dict:
                                               flag="--data-path")
     if ("partition-id" in config) != ("num-partitions" in config):
         raise ValueError("--partition-id and --num-partitions go together")
+    if "dp-sgd-delta" in config and "dp-sgd-epsilon" not in config:
+        raise ValueError("--dp-sgd-delta is the delta of a budget: pass --dp-sgd-epsilon too")
     config["node-name"] = args.name or socket.gethostname()
     load_settings({}, config)  # validates every key and value
     return config

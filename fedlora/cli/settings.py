@@ -8,6 +8,10 @@ from typing import Any
 
 from fedlora.config import SECTIONS, section_keys
 
+# how a PEFT method's per-example gradients are computed under dp-sgd (docs/dp-sgd.md)
+DP_SGD_HOW = {"opacus": "covered (per-example gradients by Opacus hooks)",
+              "one-by-one": "covered (one example per backward pass)"}
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """`fedlora settings` takes no arguments of its own."""
@@ -41,6 +45,8 @@ def run(args: argparse.Namespace) -> int:
     print("[peft methods] (peft = one of these; each line after it is that method's option)")
     for name, peft in sorted(PEFT_METHODS.items()):
         print(f"  {name:24} {'':24} {peft.summary}")
+        print(f"    {'':24} {'':22} dp-sgd: " + (DP_SGD_HOW[peft.dp_sgd] if peft.dp_sgd
+                                                 else f"refused ({peft.why_no_dp_sgd})"))
         print_keys(peft.Options.keys(), indent="    ")
     print("[methods] (strategy = one of these; each line after it is that method's option)")
     for name, method in sorted(METHODS.items()):

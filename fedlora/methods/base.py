@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 from torch import Tensor
 from torch.nn import Module
 
-from fedlora.adapters.base import peft_method
+from fedlora.adapters.base import PEFT_METHODS, peft_method
 from fedlora.aggregation.base import (
     ClientUpdate,
     Dense,
@@ -160,6 +160,11 @@ class Method:
                 f"federate peft={peft.name}; use strategy "
                 f"{names(lambda m: m.federates(peft.name))}, or peft=lora")
         peft.check_settings(settings)
+        if settings.train.dp_sgd and not peft.dp_sgd:
+            covered = ", ".join(m.name for m in PEFT_METHODS.values() if m.dp_sgd)
+            raise SettingsError(
+                f"setting 'dp-sgd': peft={peft.name} is not covered by record-level DP: "
+                f"{peft.why_no_dp_sgd}; use peft {covered}, or dp-sgd=false")
         robust = settings.defence.robust
         if not peft.low_rank and robust in ("median", "trimmed-mean"):
             raise SettingsError(

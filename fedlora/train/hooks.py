@@ -9,7 +9,8 @@ each fill in their part before `fedlora.train.train_local` runs:
   call before each micro-batch (`on_batch`), FedProx's proximal term (`proximal_mu`) and
   figures for the reply (`metrics`);
 - the PEFT method: a term added to the loss (`auxiliary`), each parameter's learning rate as a
-  multiple of lr (`lr_scale`) and which parameters are a LoRA B (`b_parts`, for LoRA+).
+  multiple of lr (`lr_scale`), which parameters are a LoRA B (`b_parts`, for LoRA+) and how
+  dp-sgd gets its per-example gradients (`per_example`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class LocalTraining:
     auxiliary: Callable[[], torch.Tensor | None] | None = None  # after each forward pass
     lr_scale: Callable[[str], float] | None = None  # a parameter's lr, as a multiple of lr
     b_parts: tuple[str, ...] = ("lora_B",)  # name parts of the B factors (LoRA+ rate)
+    per_example: str = "opacus"  # dp-sgd: "opacus" hooks, or "one-by-one" backward passes
 
     def is_b(self, name: str) -> bool:
         """Is parameter `name` a B factor (trained at lora-plus-ratio times A's rate)?"""

@@ -12,6 +12,13 @@ import torch
 from fedlora.config import TrainSettings
 from fedlora.data import collate
 from fedlora.models.quantization import paged_adamw_8bit
+from fedlora.train.dp_sgd import (
+    DpSgdPlan,
+    PerExampleGradients,
+    plan_dp_sgd,
+    private_step,
+    secret_generator,
+)
 from fedlora.train.hooks import LocalTraining
 from fedlora.train.loss import response_loss
 from fedlora.train.progress import StepProgress
@@ -41,6 +48,7 @@ class TrainResult:
     steps: int
     tokens: int  # tokens fed to the model (prompt + response, no padding)
     seconds: float
+    dp_sgd: DpSgdPlan | None = None  # dp-sgd: the plan each step followed
 
 
 def trainable_parameters(model: torch.nn.Module, adapter: str,
@@ -108,6 +116,12 @@ def train_local(model: torch.nn.Module, adapter: str, examples: list[dict], pad_
     parameters that train; `hooks.on_batch` is called with each micro-batch's examples before
     its forward pass (they may carry fields beyond the tokens, which collate ignores);
     `hooks.examples`, when given, replace `examples`.
+
+    With `settings.dp_sgd` each step is a DP-SGD step instead (`fedlora.train.dp_sgd`): a
+    Poisson sample of expected size batch-size x grad-accum, run in micro-batches of at most
+    batch-size, per-example gradients clipped, summed and noised; a step's loss is the mean
+    over the examples it sampled (a step that sampled none repeats the previous step's, 0
+    for the first).
     """
     examples = hooks.examples or examples
     if not examples:
@@ -124,8 +138,15 @@ def train_local(model: torch.nn.Module, adapter: str, examples: list[dict], pad_
     first_step = (plan.server_round - 1) * settings.local_steps
     stream = batches(examples, settings.batch_size, plan.seed)
     model.train()
-    losses, tokens, start = [], 0, time.perf_counter()
+    losses: list[float] = []
+    tokens, start = 0, time.perf_counter()
     progress = StepProgress(settings.local_steps, desc)
+    if settings.dp_sgd:
+        dp = plan_dp_sgd(settings, plan.num_rounds, len(examples))
+        with PerExampleGradients(model, params, hooks.per_example) as grads:
+            tokens = _private_steps(model, params, optimizer, examples, pad_id, settings,
+                                    plan, hooks, anchor, dp, grads, losses, progress)
+        return _finish(model, progress, losses, tokens, start, dp)
     for i in range(settings.local_steps):
         for group in optimizer.param_groups:
             group["lr"] = settings.lr * group["lr_scale"] * lr_factor(
@@ -156,8 +177,51 @@ def train_local(model: torch.nn.Module, adapter: str, examples: list[dict], pad_
         optimizer.zero_grad(set_to_none=True)
         losses.append(step_loss)
         progress.update(step_loss)
+    return _finish(model, progress, losses, tokens, start)
+
+
+def _finish(model: torch.nn.Module, progress: StepProgress, losses: list[float], tokens: int,
+            start: float, dp: DpSgdPlan | None = None) -> TrainResult:
+    """Close the round's progress bar, put the model back in eval mode, sum up the round."""
     progress.close()
     model.eval()
     return TrainResult(loss=sum(losses) / len(losses), first_loss=losses[0],
                        last_loss=losses[-1], steps=len(losses), tokens=tokens,
-                       seconds=time.perf_counter() - start)
+                       seconds=time.perf_counter() - start, dp_sgd=dp)
+
+
+def _private_steps(model: torch.nn.Module, params: list[torch.nn.Parameter],
+                   optimizer: torch.optim.Optimizer, examples: list[dict], pad_id: int,
+                   settings: TrainSettings, plan: RoundPlan, hooks: LocalTraining,
+                   anchor: list[torch.Tensor], dp: DpSgdPlan, grads: PerExampleGradients,
+                   losses: list[float], progress: StepProgress) -> int:
+    """`train_local`'s steps under dp-sgd (`fedlora.train.dp_sgd.private_step`), each
+    step's loss appended to `losses`; the data-independent FedProx gradient (towards
+    `anchor`, the adapter the round started from) is added after the noise. Returns the
+    tokens fed to the model."""
+    device = params[0].device
+    total_steps = plan.num_rounds * settings.local_steps
+    first_step = (plan.server_round - 1) * settings.local_steps
+    generator = secret_generator()
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16,
+                                      enabled=settings.bf16)
+    fed = 0
+    for i in range(settings.local_steps):
+        for group in optimizer.param_groups:
+            group["lr"] = settings.lr * group["lr_scale"] * lr_factor(
+                first_step + i, total_steps, settings.warmup_steps, settings.lr_schedule)
+        loss, tokens, _ = private_step(model, params, examples, pad_id, dp,
+                                       settings.batch_size, generator, grads, autocast,
+                                       hooks.on_batch, hooks.auxiliary)
+        fed += tokens
+        for p, p0 in zip(params, anchor):  # FedProx: mu (theta - theta_start)
+            assert p.grad is not None
+            p.grad += hooks.proximal_mu * (p.detach() - p0)
+        if settings.max_grad_norm > 0:  # post-processing of the noisy gradient
+            torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step_loss = loss if loss == loss else (losses[-1] if losses else 0.0)
+        losses.append(step_loss)
+        progress.update(step_loss)
+    return fed
