@@ -177,8 +177,8 @@ def client_data(settings: Settings, slot: Slot, pid: int, n: int, guarded: bool 
                 ) -> tuple[list[dict], list[dict], list[dict], list[dict]]:
     """Client `pid` of `n`'s tokenized (train, eval) examples, its held-out records (for
     generation-based accuracy) and its training records, cached per process (small LRU).
-    `guarded` (a deployment node reading the run's dataset): a failure to read them is a
-    DataProblem, and an `hf:` id that is also a path on the node fails the same way."""
+    `guarded` (a deployment node): a failure to read them is a DataProblem, and a run's
+    `hf:` id that is also a path on the node fails the same way."""
     length, cut = settings.train.max_length, settings.train.truncation
     key = (slot.source.path, repr(settings.data), length, cut, settings.federation.seed, pid, n)
     if key not in DATA:

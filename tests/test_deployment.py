@@ -245,7 +245,10 @@ def probe_app(folder: Path, report: Path) -> tuple[Path, Path]:
     (module / "leak_probe.py").write_text(f"REPORT = {str(report)!r}\n" + PROBE_SERVERAPP)
     (bundle / "pyproject.toml").write_text(app_pyproject(
         "probe", "leak_probe:app", "clients.client_app:app",
-        'model = "tiny-llama"\ndevice = "cpu"\nlocal-steps = 1'), encoding="utf-8")
+        # every key a crafted run config overrides must have a default here (Flower's rule)
+        'model = "tiny-llama"\ndevice = "cpu"\nlocal-steps = 1\ndataset = "builtin:units"\n'
+        'dataset-size = 60\nfield-map = ""\nmax-length = 256\ntruncation = "left"'),
+        encoding="utf-8")
     return bundle, module
 
 
@@ -255,7 +258,9 @@ def test_crafted_run_configs_get_replies_without_a_nodes_data(tmp_path):
     a file of a folder the server named, or whether a path exists, sent by a ServerApp of
     the test's own to real nodes (site-a with --data-path, resident worker; site-b without,
     Flower's process per message): no reply holds the planted text or a path, and a path that
-    exists gets the very reply of one that does not."""
+    exists gets the very reply of one that does not. A run on which both nodes fail with
+    their own data gets the generic reason from the resident worker and from Flower's
+    process alike."""
     secret = "PLANTED-SECRET Compute 51 + 16"
     data = tmp_path / "site-a.jsonl"
     data.write_text("".join(json.dumps({"instruction": f"{secret} ({i})", "output": "67"}) +
@@ -268,7 +273,9 @@ def test_crafted_run_configs_get_replies_without_a_nodes_data(tmp_path):
     crafted = ['field-map="messages=instruction"',
                f'dataset="hf:{folder}" field-map="messages=text"',
                f'dataset="hf:{tmp_path / "missing"}" field-map="messages=text"',
-               f'model="{folder}"', f'model="{tmp_path / "missing"}"']
+               f'model="{folder}"', f'model="{tmp_path / "missing"}"',
+               # every answer cut off: each node fails on its own data, generically
+               'max-length=8 truncation="right"']
     port, control, out = free_port(), free_port(), tmp_path / "out"
     env = {**os.environ, **SESSION_ENV, "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(module),
@@ -285,6 +292,7 @@ def test_crafted_run_configs_get_replies_without_a_nodes_data(tmp_path):
              for name, extra in (("site-a", ["--data-path", str(data)]),
                                  ("site-b", ["--isolation", "subprocess"]))]
     operator = FlowerCli(tmp_path / "operator", f"127.0.0.1:{control}", None)
+    operator.env["PYTHONPATH"] = env["PYTHONPATH"]  # `flwr run` imports the app's components
     try:
         deadline = time.monotonic() + 180
         while "Successfully started run" not in (tmp_path / "server.log").read_text():
@@ -309,6 +317,7 @@ def test_crafted_run_configs_get_replies_without_a_nodes_data(tmp_path):
     assert replies[1] == replies[2] and replies[3] == replies[4]  # exists or not: alike
     assert any("a run config may not name paths on a node" in r for r in replies[1])
     assert any("a run config may not name paths on a node" in r for r in replies[3])
+    assert all("could not read its data" in r and "error id" in r for r in replies[5])
     assert wait_gone() == []
 
 

@@ -232,3 +232,24 @@ def test_a_simulated_node_keeps_the_full_message(tmp_path):
         run_inprocess({**BASE, "output-dir": str(tmp_path / "out"), "dataset": data,
                        "field-map": "messages=instruction"}, 1, hook=keep)
     assert reasons and SECRET in reasons[0]
+
+
+def test_fedlora_client_stores_its_ceilings_in_the_node_config():
+    import argparse
+
+    from fedlora.cli.client import add_arguments, node_config
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    base = ["--server", "127.0.0.1:9092", "--insecure", "--name", "site-a"]
+    config = node_config(parser.parse_args([*base, "--max-local-steps", "5", "--max-length",
+                                            "128", "--max-examples", "64",
+                                            "--no-hub-downloads"]))
+    assert {k: config[k] for k in ("limit-local-steps", "limit-max-length", "limit-examples",
+                                   "allow-hub-downloads")} == {
+        "limit-local-steps": 5, "limit-max-length": 128, "limit-examples": 64,
+        "allow-hub-downloads": False}
+    assert "allow-hub-downloads" not in node_config(parser.parse_args(base))
+    with pytest.raises(SettingsError, match="'limit-examples': expected an integer >= 1 "
+                                            r"\(fedlora client --max-examples N\), got 0"):
+        node_config(parser.parse_args([*base, "--max-examples", "0"]))
