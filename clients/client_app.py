@@ -25,12 +25,25 @@ store.
 
 from __future__ import annotations
 
+import functools
 import logging
+import secrets
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 
-from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 from torch import Tensor
 
 from clients.personal import personal_store
@@ -46,10 +59,21 @@ from fedlora.adapters import (
 )
 from fedlora.aggregation.privacy import clip_state
 from fedlora.attacks import attack_state, claimed
-from fedlora.config import NODE_PATH_KEYS, Settings, SettingsError, all_keys
+from fedlora.config import HUB_PREFIX, NODE_PATH_KEYS, Settings, SettingsError, all_keys
 from fedlora.data import check_answers, client_records, pack_with, tokenize_records
 from fedlora.methods import Method, PersonalStore, load
 from fedlora.models import resolve_device
+from fedlora.models.builtin import BUILTINS
+from fedlora.models.source import ModelLoadError
+from fedlora.node_rules import (
+    NODE_DATA_KEYS,
+    DataProblem,
+    Refused,
+    hub_refusal,
+    limit_refusals,
+    public_reason,
+    source_refusal,
+)
 from fedlora.records import from_array_record, to_array_record
 from fedlora.seeds import derive_seed
 from fedlora.train import evaluate, train_local
@@ -83,6 +107,7 @@ class Job:
     server_round: int
     start: dict[str, Tensor]  # the adapter the client starts from (PEFT scale)
     store: PersonalStore  # where the client keeps factors that never leave it
+    guarded: bool = False  # a deployment node: its failures reach the server only generically
 
     @property
     def seed(self) -> int:
@@ -102,28 +127,36 @@ def is_deployment_node(context: Context) -> bool:
     return wire.NODE_NAME in context.node_config
 
 
-def node_settings(context: Context) -> tuple[Settings, Method]:
-    """This node's settings and method: the run config under its node config; on a
-    deployment node, paths on the node come from the node alone."""
+def node_settings(context: Context, task: str = MessageType.TRAIN) -> tuple[Settings, Method]:
+    """This node's settings and method for a `task` message: the run config under its node
+    config; on a deployment node, paths on the node and how it reads its own data come from
+    the node alone, and the run config stays within the node's ceilings (`fedlora.node_rules`)."""
     run = dict(context.run_config)
+    node = context.node_config
     if is_deployment_node(context):
         defaults = all_keys()
-        for key in NODE_PATH_KEYS:
+        owned = (*NODE_PATH_KEYS, *(NODE_DATA_KEYS if "data-path" in node else ()))
+        for key in owned:
             if key in run and run[key] != defaults[key][0]:
-                log.warning("ignored %s=%r from the run config: this node's files are named by "
-                            "its own config only (fedlora client --node-config \"%s=...\")",
-                            key, run[key], key)
+                log.warning("ignored %s=%r from the run config: this node's files and how it "
+                            "reads them are named by its own config only (fedlora client "
+                            "--node-config \"%s=...\")", key, run[key], key)
             run.pop(key, None)
         dataset = str(run.get("dataset", ""))
-        local = not dataset.startswith(("builtin:", "hf:"))
-        if local and dataset and "data-path" not in context.node_config:
-            raise SettingsError(
+        local = not dataset.startswith(("builtin:", HUB_PREFIX))
+        if local and dataset and "data-path" not in node:
+            raise Refused(
                 f"setting 'dataset': the run config names a file on this node ({dataset!r}); "
                 f"a node's data is its own: start it with fedlora client --data-path FILE")
+        for key, value in (("dataset", "" if {"data-path", "dataset"} & set(node) else dataset),
+                           ("model", "" if "model" in node else str(run.get("model", "")))):
+            problem = value and source_refusal(key, value, tuple(BUILTINS))
+            if problem:
+                raise Refused(problem)
     server_peft = str(run.get("peft", all_keys()["peft"][0]))
-    node_peft = context.node_config.get("peft", server_peft)
+    node_peft = node.get("peft", server_peft)
     if node_peft != server_peft:
-        raise SettingsError(
+        raise Refused(
             f"setting 'peft': this node is configured for peft={node_peft}, but the run trains "
             f"peft={server_peft}; every node of a run trains the server's PEFT method, since "
             f"the server merges only tensors of that method: remove peft from this node's "
@@ -135,13 +168,18 @@ def node_settings(context: Context) -> tuple[Settings, Method]:
                             "dp-sgd budget, at its own %s", key, run[key], key)
                 run.pop(key)
         if not _true(run.get("dp-sgd", context.node_config.get("dp-sgd", False))):
-            raise SettingsError(
+            raise Refused(
                 f"setting 'dp-sgd': this node has a record-level privacy budget "
                 f"({DP_SGD_BUDGET}={context.node_config[DP_SGD_BUDGET]}), but the run trains "
                 f"without dp-sgd; it trains only runs with dp-sgd=true")
-    settings, method = load(run, context.node_config)
+    settings, method = load(run, node)
+    if is_deployment_node(context):
+        problems = limit_refusals(settings, node, evaluating=task == MessageType.EVALUATE)
+        hub = hub_refusal(settings, run, node, tuple(BUILTINS))
+        if problems or hub:
+            raise Refused("; ".join([*problems, *([hub] if hub else [])]))
     if settings.attack.on and is_deployment_node(context):
-        raise SettingsError(
+        raise Refused(
             f"setting 'attack': the run asks this node to act as a simulated hostile client "
             f"(attack={settings.attack.attack}); attacks exist for fedlora simulate only, and "
             f"a deployment node refuses them")
@@ -154,13 +192,16 @@ def _true(value: object) -> bool:
 
 
 def dp_sgd_plan(settings: Settings, examples: list[dict]) -> DpSgdPlan | None:
-    """This node's DP-SGD plan for the run (None without dp-sgd), logged; raises a
-    SettingsError naming the epsilon the run would spend and the budget when it would
-    spend more."""
+    """This node's DP-SGD plan for the run (None without dp-sgd), logged; raises Refused
+    (a SettingsError the server is told as it is) naming the epsilon the run would spend
+    and the budget when it would spend more."""
     train = settings.train
     if not train.dp_sgd:
         return None
-    plan = plan_dp_sgd(train, settings.federation.num_rounds, len(examples))
+    try:
+        plan = plan_dp_sgd(train, settings.federation.num_rounds, len(examples))
+    except SettingsError as err:  # the run's numbers against the node's budget: said as is
+        raise Refused(str(err)) from None
     log.info("dp-sgd: noise multiplier %.4g, clip %g, sample rate %.4g, %d steps planned: "
              "epsilon %.4g of the budget %g at delta %g", plan.noise_multiplier, plan.clip,
              plan.sample_rate, plan.steps, plan.planned_epsilon, plan.target_epsilon,
@@ -191,18 +232,21 @@ def node_rank(settings: Settings, context: Context, partition_id: int) -> int:
     return settings.lora.rank_for(partition_id, settings.federation.seed)
 
 
-def client_data(settings: Settings, slot: Slot, pid: int, n: int
+def client_data(settings: Settings, slot: Slot, pid: int, n: int, guarded: bool = False
                 ) -> tuple[list[dict], list[dict], list[dict], list[dict]]:
     """Client `pid` of `n`'s tokenized (train, eval) examples, its held-out records (for
-    generation-based accuracy) and its training records, cached per process (small LRU)."""
+    generation-based accuracy) and its training records, cached per process (small LRU).
+    `guarded` (a deployment node): a failure to read them is a DataProblem, and a run's
+    `hf:` id that is also a path on the node fails the same way."""
     length, cut = settings.train.max_length, settings.train.truncation
     key = (slot.source.path, repr(settings.data), length, cut, settings.federation.seed, pid, n)
     if key not in DATA:
-        train, held_out = client_records(settings.data, pid, n, settings.federation.seed)
-        examples = tokenize_records(train, slot.tokenizer, length, truncation=cut)
-        warning = check_answers(examples, f"client {pid}", length, cut)  # raises when none
-        if warning:
-            log.warning(warning)
+        try:
+            train, held_out, examples = read_split(settings, slot, pid, n, guarded)
+        except Exception as exc:
+            if not guarded:
+                raise
+            raise DataProblem(f"client {pid} could not read its data: {exc}") from exc
         if settings.data.packing:
             examples = pack_with(slot.tokenizer, examples, length)
         # eval stays unpacked: its loss per example does not depend on the packing setting
@@ -212,6 +256,24 @@ def client_data(settings: Settings, slot: Slot, pid: int, n: int
             DATA.popitem(last=False)
     DATA.move_to_end(key)
     return DATA[key]
+
+
+def read_split(settings: Settings, slot: Slot, pid: int, n: int, guarded: bool
+               ) -> tuple[list[dict], list[dict], list[dict]]:
+    """Client `pid` of `n`'s (train, eval) records and its tokenized training examples."""
+    data = settings.data
+    if guarded and not data.data_path and data.dataset.startswith(HUB_PREFIX):
+        name = data.dataset[len(HUB_PREFIX):].partition(":")[0]
+        if Path(name).expanduser().exists():  # the hub's answer for a missing id looks alike
+            raise ValueError(f"the run's dataset {data.dataset!r} is also a path on this node; "
+                             f"a run config may not name paths on a node")
+    length, cut = settings.train.max_length, settings.train.truncation
+    train, held_out = client_records(data, pid, n, settings.federation.seed)
+    examples = tokenize_records(train, slot.tokenizer, length, truncation=cut)
+    warning = check_answers(examples, f"client {pid}", length, cut)  # raises when none
+    if warning:
+        log.warning(warning)
+    return train, held_out, examples
 
 
 def config_int(msg: Message, key: str) -> int:
@@ -232,8 +294,14 @@ def received_state(msg: Message, slot: Slot, rank: int) -> dict[str, Tensor]:
 
 def prepare(msg: Message, context: Context) -> Job:
     """Settings from run+node config, the cached model with the starting adapter loaded."""
-    settings, method = node_settings(context)
+    settings, method = node_settings(context, msg.metadata.message_type)
     resolve_device(settings.model.device)  # fail early and clearly on a missing GPU
+    guarded = is_deployment_node(context)
+    name = settings.model.name
+    if guarded and "model" not in context.node_config and name not in BUILTINS and \
+            Path(name).expanduser().exists():  # fails as a hub id that is not there does
+        raise ModelLoadError(f"the run's model {name!r} is also a path on this node; a run "
+                             f"config may not name paths on a node")
     rank = config_int(msg, wire.RANK)
     lora = replace(settings.lora, rank=rank)
     slot = WORKSPACE.get(settings.model, lora, settings.train)
@@ -245,7 +313,7 @@ def prepare(msg: Message, context: Context) -> Job:
                            evaluating=msg.metadata.message_type == MessageType.EVALUATE)
     start = method.client_start(received_state(msg, slot, rank), store)
     slot.peft.set_state(slot.model, slot.adapter, {k: v.float() for k, v in start.items()})
-    return Job(settings, method, slot, pid, n, rank, server_round, start, store)
+    return Job(settings, method, slot, pid, n, rank, server_round, start, store, guarded)
 
 
 def clip_reply(job: Job, state: dict[str, Tensor], rank: int) -> dict[str, Tensor]:
@@ -261,10 +329,45 @@ def clip_reply(job: Job, state: dict[str, Tensor], rank: int) -> dict[str, Tenso
     return clipped
 
 
+def guarded(handler: Callable[[Message, Context], Message]
+            ) -> Callable[[Message, Context], Message]:
+    """`handler` whose failure on a deployment node becomes an error reply that carries no
+    text of the node's (`fedlora.node_rules.public_reason`): the exception, which may quote a
+    record or name a file, is logged on the node under the error id the reply names. In
+    simulation (no node-name) the exception propagates, and Flower's reply carries it."""
+    @functools.wraps(handler)
+    def run(msg: Message, context: Context) -> Message:
+        if not is_deployment_node(context):
+            return handler(msg, context)
+        try:
+            return handler(msg, context)
+        except Exception as exc:  # the server gets the generic reason, the log the details
+            error_id = secrets.token_hex(4)
+            task = msg.metadata.message_type
+            log.error("error id %s: the %s task failed", error_id, task, exc_info=exc)
+            reason = public_reason(str(context.node_config[wire.NODE_NAME]), task, exc,
+                                   error_id, run_config_problem(context))
+            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason),
+                           reply_to=msg)
+    return run
+
+
+def run_config_problem(context: Context) -> str | None:
+    """What is wrong with the run config by itself (checked without the node's config or
+    files, so its words are the run config's own), or None."""
+    run = {k: v for k, v in context.run_config.items() if k not in NODE_PATH_KEYS}
+    try:
+        load(run, {})
+    except SettingsError as exc:
+        return str(exc)
+    return None
+
+
 @app.query()
+@guarded
 def query(msg: Message, context: Context) -> Message:
     """Tell the server this node's LoRA rank (asked once, before the node's first round)."""
-    settings, _ = node_settings(context)
+    settings, _ = node_settings(context, msg.metadata.message_type)
     pid, _ = partition(context)
     rank = node_rank(settings, context, pid)
     content: dict = {wire.METRICS: MetricRecord({wire.LORA_RANK: rank, wire.PARTITION_ID: pid})}
@@ -275,11 +378,13 @@ def query(msg: Message, context: Context) -> Message:
 
 
 @app.train()
+@guarded
 def train(msg: Message, context: Context) -> Message:
     """Train the received global adapter on local data; reply with factors and metrics."""
     job = prepare(msg, context)
     settings, slot, pid = job.settings, job.slot, job.partition_id
-    train_set, _, _, records = client_data(settings, slot, pid, job.num_partitions)
+    train_set, _, _, records = client_data(settings, slot, pid, job.num_partitions,
+                                           job.guarded)
     config = dict(msg.content.config_records[wire.CONFIG])
     with job.method.local_training(slot.model, slot.adapter, pid, settings, config, train_set,
                                    records) as local:
@@ -317,6 +422,7 @@ def train(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
+@guarded
 def evaluate_global(msg: Message, context: Context) -> Message:
     """Held-out loss of the received global adapter on this client's eval split (a
     personalised method's node: its own model), and exact-match accuracy of greedy answers
@@ -324,7 +430,7 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     job = prepare(msg, context)
     settings, slot = job.settings, job.slot
     _, held_out, records, _ = client_data(settings, slot, job.partition_id,
-                                          job.num_partitions)
+                                          job.num_partitions, job.guarded)
     if settings.train.eval_examples:
         held_out = held_out[: settings.train.eval_examples]
     result = evaluate(slot.model, held_out, slot.tokenizer.pad_token_id,

@@ -600,9 +600,13 @@ class AttackSettings:
 SECTIONS = {"model": ModelSettings, "lora": LoraSettings, "train": TrainSettings,
             "data": DataSettings, "federation": FederationSettings,
             "defence": DefenceSettings, "attack": AttackSettings}
-# Keys of a node_config that are not settings: Flower's own (simulation) and the name that
-# `fedlora client` gives its node (which also marks a deployment node).
-NODE_KEYS = ("partition-id", "num-partitions", "node-name")
+# A deployment node's ceilings (node-config keys, not settings) -> the `fedlora client` flag
+# that sets each: a run config above one is refused by the node (fedlora.node_rules).
+NODE_LIMIT_KEYS = {"limit-local-steps": "--max-local-steps", "limit-max-length": "--max-length",
+                   "limit-examples": "--max-examples", "allow-hub-downloads": "--no-hub-downloads"}
+# Keys of a node_config that are not settings: Flower's own (simulation), the name that
+# `fedlora client` gives its node (which also marks a deployment node) and its ceilings.
+NODE_KEYS = ("partition-id", "num-partitions", "node-name", *NODE_LIMIT_KEYS)
 # Settings that name a file or folder on a node: a deployment node takes them from its own
 # node config only, never from the run config (the server does not choose a node's files).
 NODE_PATH_KEYS = ("data-path", "personal-dir")

@@ -45,32 +45,40 @@ def said(proc: subprocess.CompletedProcess) -> str:
     return " ".join(w for w in words if w.strip("│╭╮╰╯─"))
 
 
-def hostile_app(folder: Path, marker: Path, report: Path) -> Path:
-    """An app whose ClientApp writes `marker` (at import and when it answers) and whose
-    ServerApp sends one query to every node and writes what came back to `report`."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "pyproject.toml").write_text(f"""\
+def app_pyproject(name: str, serverapp: str, clientapp: str, config: str) -> str:
+    """The pyproject.toml of a Flower app `name` naming its two components, with `config`
+    (TOML lines) as its run config."""
+    return f"""\
 [build-system]
 requires = ["hatchling"]
 build-backend = "hatchling.build"
 
 [project]
-name = "hostile"
+name = "{name}"
 version = "1.0.0"
 
 [tool.hatch.build.targets.wheel]
 packages = ["."]
 
 [tool.flwr.app]
-publisher = "hostile"
+publisher = "{name}"
 
 [tool.flwr.app.components]
-serverapp = "hostile_server:app"
-clientapp = "hostile_client:app"
+serverapp = "{serverapp}"
+clientapp = "{clientapp}"
 
 [tool.flwr.app.config]
-report = "{report}"
-""", encoding="utf-8")
+{config}
+"""
+
+
+def hostile_app(folder: Path, marker: Path, report: Path) -> Path:
+    """An app whose ClientApp writes `marker` (at import and when it answers) and whose
+    ServerApp sends one query to every node and writes what came back to `report`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "pyproject.toml").write_text(app_pyproject(
+        "hostile", "hostile_server:app", "hostile_client:app", f'report = "{report}"'),
+        encoding="utf-8")
     (folder / "hostile_client.py").write_text(f"""\
 from pathlib import Path
 from flwr.app import Message, RecordDict

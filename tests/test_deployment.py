@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from flower_cli import FlowerCli, hostile_app, said
+from flower_cli import FlowerCli, app_pyproject, hostile_app, said
 from peft import PeftModel
 from test_simulation import SESSION_ENV, leftover_processes
 
@@ -204,6 +204,120 @@ def test_tls_node_authentication_and_a_control_api_closed_to_participants(tmp_pa
     assert [r["clients-replied"] for r in rows] == [2, 2]
     assert "refused POST /v1/control/" in (out / "fleet-gate.log").read_text()
     final_adapter_loads(out)
+    assert wait_gone() == []
+
+
+PROBE_SERVERAPP = """\
+import json
+import time
+from pathlib import Path
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.serverapp import ServerApp
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid, context):
+    nodes = []
+    while len(nodes) < 2:
+        nodes = list(grid.get_node_ids())
+        time.sleep(1)
+    content = RecordDict({"config": ConfigRecord({"rank": 8, "server-round": 1,
+                                                 "init-seed": 0}), "arrays": ArrayRecord()})
+    replies = grid.send_and_receive(
+        [Message(content, dst_node_id=n, message_type="train") for n in nodes], timeout=240)
+    with Path(REPORT).open("a") as fh:
+        fh.write(json.dumps({"config": dict(context.run_config), "replies": [
+            r.error.reason if r.has_error() else "trained" if all(
+                isinstance(v, (int, float)) for v in r.content.metric_records["metrics"].values()
+            ) else "metrics with text" for r in replies]}) + "\\n")
+"""
+
+
+def probe_app(folder: Path, report: Path) -> tuple[Path, Path]:
+    """(an app bundle folder holding only pyproject.toml, which names the test's own
+    ServerApp `leak_probe:app` and fedlora's ClientApp, the folder holding leak_probe.py,
+    which the server's processes import through PYTHONPATH)."""
+    bundle, module = folder / "bundle", folder / "module"
+    bundle.mkdir(parents=True)
+    module.mkdir()
+    (module / "leak_probe.py").write_text(f"REPORT = {str(report)!r}\n" + PROBE_SERVERAPP)
+    (bundle / "pyproject.toml").write_text(app_pyproject(
+        "probe", "leak_probe:app", "clients.client_app:app",
+        # every key a crafted run config overrides must have a default here (Flower's rule)
+        'model = "tiny-llama"\ndevice = "cpu"\nlocal-steps = 1\ndataset = "builtin:units"\n'
+        'dataset-size = 60\nfield-map = ""\nmax-length = 256\ntruncation = "left"'),
+        encoding="utf-8")
+    return bundle, module
+
+
+@pytest.mark.slow
+def test_crafted_run_configs_get_replies_without_a_nodes_data(tmp_path):
+    """fedlora issue 31: the run configs that made a node reveal a record of its private file,
+    a file of a folder the server named, or whether a path exists, sent by a ServerApp of
+    the test's own to real nodes (site-a with --data-path, resident worker; site-b without,
+    Flower's process per message): no reply holds the planted text or a path, and a path that
+    exists gets the very reply of one that does not. A run on which both nodes fail with
+    their own data gets the generic reason from the resident worker and from Flower's
+    process alike."""
+    secret = "PLANTED-SECRET Compute 51 + 16"
+    data = tmp_path / "site-a.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"{secret} ({i})", "output": "67"}) +
+                            "\n" for i in range(12)), encoding="utf-8")
+    folder = tmp_path / "private-folder"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("API_KEY=sk-live-PLANTED\n", encoding="utf-8")
+    report = tmp_path / "report.jsonl"
+    bundle, module = probe_app(tmp_path / "probe", report)
+    crafted = ['field-map="messages=instruction"',
+               f'dataset="hf:{folder}" field-map="messages=text"',
+               f'dataset="hf:{tmp_path / "missing"}" field-map="messages=text"',
+               f'model="{folder}"', f'model="{tmp_path / "missing"}"',
+               # every answer cut off: each node fails on its own data, generically
+               'max-length=8 truncation="right"']
+    port, control, out = free_port(), free_port(), tmp_path / "out"
+    env = {**os.environ, **SESSION_ENV, "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(module),
+                                                       os.environ.get("PYTHONPATH")]))}
+    # the server's own run waits for a third node, so it sends nothing and stays up
+    server = subprocess.Popen(
+        [sys.executable, "-m", "fedlora.cli.main", "server", "--address", f"127.0.0.1:{port}",
+         "--control-port", str(control), "--min-nodes", "3", "--output-dir", str(out),
+         "--model", "tiny-llama", "--rounds", "1", "--local-steps", "1", "--run-config",
+         "dataset-size=60 fraction-evaluate=0"],
+        stdout=(tmp_path / "server.log").open("w"), stderr=subprocess.STDOUT, env=env)
+    nodes = [start(["client", "--server", f"127.0.0.1:{port}", "--insecure", "--name", name,
+                    *extra], tmp_path / f"{name}.log")
+             for name, extra in (("site-a", ["--data-path", str(data)]),
+                                 ("site-b", ["--isolation", "subprocess"]))]
+    operator = FlowerCli(tmp_path / "operator", f"127.0.0.1:{control}", None)
+    operator.env["PYTHONPATH"] = env["PYTHONPATH"]  # `flwr run` imports the app's components
+    try:
+        deadline = time.monotonic() + 180
+        while "Successfully started run" not in (tmp_path / "server.log").read_text():
+            assert time.monotonic() < deadline and server.poll() is None, "run never started"
+            time.sleep(0.5)
+        for config in crafted:
+            proc = operator("run", str(bundle), "target", "--run-config", config, "--stream",
+                            timeout=400)
+            assert proc.returncode == 0, proc.stdout + proc.stderr
+    finally:
+        stop([server, *nodes])
+    rows = [json.loads(line) for line in report.read_text().splitlines()]
+    assert len(rows) == len(crafted)
+    for row in rows:
+        assert len(row["replies"]) == 2
+        for reply in row["replies"]:
+            for leak in (secret, "Compute", "sk-live", str(data), str(tmp_path), "site-a.jsonl",
+                         "notes.txt"):
+                assert leak not in reply, (row["config"], reply)
+    replies = [sorted(r["replies"]) for r in rows]
+    assert replies[0] == ["trained", "trained"]  # site-a read its own file its own way
+    assert replies[1] == replies[2] and replies[3] == replies[4]  # exists or not: alike
+    assert any("a run config may not name paths on a node" in r for r in replies[1])
+    assert any("a run config may not name paths on a node" in r for r in replies[3])
+    assert all("could not read its data" in r and "error id" in r for r in replies[5])
     assert wait_gone() == []
 
 

@@ -26,7 +26,9 @@ if TYPE_CHECKING:
 NODE_FLAGS = {"data_path": "data-path", "rank": "lora-rank", "quantization": "quantization",
               "device": "device", "batch_size": "batch-size", "local_steps": "local-steps",
               "partition_id": "partition-id", "num_partitions": "num-partitions",
-              "dp_sgd_epsilon": "dp-sgd-epsilon", "dp_sgd_delta": "dp-sgd-delta"}
+              "dp_sgd_epsilon": "dp-sgd-epsilon", "dp_sgd_delta": "dp-sgd-delta",
+              "max_local_steps": "limit-local-steps", "max_length": "limit-max-length",
+              "max_examples": "limit-examples", "hub_downloads": "allow-hub-downloads"}
 
 
 # A refusal passes once the server has registered the node's key (seconds after it starts) or
@@ -77,6 +79,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "refuses one that would spend more (the run config cannot change it)")
     p.add_argument("--dp-sgd-delta", type=float, metavar="D",
                    help="with --dp-sgd-epsilon: its delta (default 1e-5)")
+    for flag, what in (("--max-local-steps", "whose local-steps is above N"),
+                       ("--max-length", "whose max-length (tokens per example) is above N"),
+                       ("--max-examples", "that reads more than N of this node's examples in "
+                        "one task (local-steps x batch-size x grad-accum to train; "
+                        "eval-examples, eval-accuracy to evaluate)")):
+        p.add_argument(flag, type=int, metavar="N", help=f"ceiling: refuse a run {what}")
+    hub = p.add_mutually_exclusive_group()
+    hub.add_argument("--allow-hub-downloads", dest="hub_downloads", action="store_const",
+                     const=True, help="the run config may name hub datasets and models "
+                     "(the default)")
+    hub.add_argument("--no-hub-downloads", dest="hub_downloads", action="store_const",
+                     const=False, help="refuse a run config that names a hf: dataset or a "
+                     "model that is not built-in (the node's own --node-config model and "
+                     "--data-path still may)")
     p.add_argument("--name", help="this node's name in the server's log and metrics.jsonl "
                    "(default: the host name)")
     p.add_argument("--node-config", default="", metavar='"KEY=VALUE ..."',
@@ -95,6 +111,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def node_config(args: argparse.Namespace) -> dict:
     """The node config from the flags, validated like a run config (clear errors, exit 2)."""
     from fedlora.methods import load_settings
+    from fedlora.node_rules import check_limits
 
     config = parse_run_config(args.node_config)
     for flag, key in NODE_FLAGS.items():
@@ -109,6 +126,7 @@ def node_config(args: argparse.Namespace) -> dict:
         raise ValueError("--dp-sgd-delta is the delta of a budget: pass --dp-sgd-epsilon too")
     config["node-name"] = args.name or socket.gethostname()
     load_settings({}, config)  # validates every key and value
+    check_limits(config)
     return config
 
 
