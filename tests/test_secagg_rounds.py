@@ -1,0 +1,145 @@
+"""Secure aggregation in the round loop, in one process (tests/fake_grid.py): the real
+ServerApp and ClientApp on tiny-llama. The merged adapter equals the plain protocol's up to
+the stated quantisation error, for each supported strategy and with sites dropping during
+the protocol; the server never receives a site's factors; a forged share is refused; a node
+that requires secure aggregation refuses a run without it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from fake_grid import run_inprocess
+from flwr.app import Message
+from safetensors.torch import load_file
+
+from fedlora import wire
+from fedlora.outputs import read_metrics, training_rounds
+from fedlora.secagg.vector import Quantizer, bits_for
+
+BASE = {"model": "tiny-llama", "device": "cpu", "local-steps": 1, "lr": 0.01,
+        "dataset-size": 60, "fraction-evaluate": 0.0, "eval-accuracy": 0,
+        "num-server-rounds": 1, "min-available-nodes": 3, "min-train-nodes": 2,
+        "initial-eval": False, "client-weights": "equal"}
+SECURE = {"secure-aggregation": True}
+
+
+def config(path, **extra) -> dict:
+    return {**BASE, "output-dir": str(path), **extra}
+
+
+def final(path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "final" / "adapter_model.safetensors"))
+
+
+def bound(sites: int) -> float:
+    """The stated error of the mean of `sites` equal-weight updates (secagg-clip=1): each
+    entry of the sum is within sites x clip / L, divided by the weights' sum (= sites),
+    plus float32 rounding of the factors (values below 1: 1e-7)."""
+    return 1.0 / Quantizer(1.0, bits_for(sites)).levels + 1e-7
+
+
+def assert_close(secure: dict, plain: dict, sites: int) -> None:
+    assert secure.keys() == plain.keys()
+    worst = max((secure[k] - plain[k]).abs().max().item() for k in plain)
+    assert worst <= bound(sites), worst
+    assert any((plain[k] != 0).any() for k in plain)  # not trivially equal
+
+
+def stage_of(msg: Message) -> str | None:
+    record = msg.content.config_records.get(wire.SECAGG)
+    return None if record is None else str(record.get(wire.SECAGG_STAGE))
+
+
+def silent_at(stage: str, *nodes: int, attempts: int = 1):
+    """A reply hook: `nodes` say nothing at `stage` (their first `attempts` times)."""
+    seen: dict[int, int] = {}
+
+    def hook(msg: Message, reply: Message) -> Message | None:
+        node = msg.metadata.dst_node_id
+        if node in nodes and stage_of(msg) == stage:
+            seen[node] = seen.get(node, 0) + 1
+            if seen[node] <= attempts:
+                return None
+        return reply
+    return hook
+
+
+@pytest.mark.parametrize("extra", [
+    {"strategy": "fedavg"},
+    {"strategy": "ffa-lora"},
+    {"strategy": "fedsa-lora"},
+    {"strategy": "fedavg", "peft": "dora"},
+    {"strategy": "fedavg", "peft": "ia3"},
+])
+def test_secure_merge_equals_the_plain_merge(tmp_path, extra):
+    replies: list[Message] = []
+
+    def keep(msg: Message, reply: Message) -> Message:
+        if msg.metadata.message_type == "train":
+            replies.append(reply)
+        return reply
+
+    run_inprocess(config(tmp_path / "plain", **extra), 3)
+    run_inprocess(config(tmp_path / "secure", **extra, **SECURE), 3, hook=keep)
+    assert_close(final(tmp_path / "secure"), final(tmp_path / "plain"), 3)
+    assert len(replies) == 3 and all(not r.content.array_records for r in replies)
+    [line] = training_rounds(read_metrics(tmp_path / "secure"))
+    assert line["clients-replied"] == 3 and line["bytes-up"] > 0
+
+
+def test_a_site_dropping_after_sharing_its_keys_is_left_out(tmp_path):
+    run_inprocess(config(tmp_path / "plain"), 3, silent={1001})
+    run_inprocess(config(tmp_path / "secure", **SECURE), 3,
+                  hook=silent_at("collect-masked", 1001))
+    assert_close(final(tmp_path / "secure"), final(tmp_path / "plain"), 2)
+    [line] = training_rounds(read_metrics(tmp_path / "secure"))
+    assert line["clients-replied"] == 2
+    assert [f["node-id"] for f in line["failures"]] == [1001]
+    assert "collect-masked: no reply" in line["failures"][0]["reason"]
+
+
+def test_a_site_dropping_after_its_masked_vector_arrived_is_recovered(tmp_path):
+    run_inprocess(config(tmp_path / "plain"), 3)
+    run_inprocess(config(tmp_path / "secure", **SECURE), 3, hook=silent_at("unmask", 1001))
+    assert_close(final(tmp_path / "secure"), final(tmp_path / "plain"), 3)
+    [line] = training_rounds(read_metrics(tmp_path / "secure"))
+    assert line["clients-replied"] == 3  # its vector is in the sum
+
+
+def test_more_drops_than_secagg_dropout_fail_the_attempt_and_the_round_is_retried(tmp_path):
+    run_inprocess(config(tmp_path / "plain"), 3)
+    run_inprocess(config(tmp_path / "secure", **SECURE, **{"secagg-dropout": 1}), 3,
+                  hook=silent_at("unmask", 1001, 1002))
+    [line] = training_rounds(read_metrics(tmp_path / "secure"))
+    [attempt] = line["failed-attempts"]
+    assert "shares of node" in attempt["secagg-error"]
+    assert "more than secagg-dropout=1" in attempt["secagg-error"]
+    assert line["clients-replied"] == 3
+    assert_close(final(tmp_path / "secure"), final(tmp_path / "plain"), 3)
+
+
+def test_a_forged_share_is_refused_by_its_holder(tmp_path):
+    def forge(msg: Message, reply: Message) -> Message:
+        if msg.metadata.dst_node_id == 1000 and stage_of(msg) == "share-keys":
+            record = reply.content.config_records[wire.SECAGG]
+            sealed = list(record[wire.SECAGG_SEALED])
+            sealed[0] = sealed[0][:-8] + bytes(8)  # for the first neighbour: 1001
+            record[wire.SECAGG_SEALED] = sealed
+        return reply
+
+    run_inprocess(config(tmp_path, **SECURE), 3, hook=forge)
+    [line] = training_rounds(read_metrics(tmp_path))
+    [failure] = line["failures"]
+    assert failure["node-id"] == 1001 and "does not open" in failure["reason"]
+    assert line["clients-replied"] == 2
+
+
+def test_a_node_that_requires_secure_aggregation_refuses_a_plain_run(tmp_path):
+    require = lambda pid: {wire.REQUIRE_SECURE_AGGREGATION: True} if pid == 2 else {}
+    run_inprocess(config(tmp_path / "plain"), 3, node_config=require)
+    [line] = training_rounds(read_metrics(tmp_path / "plain"))
+    [failure] = line["failures"]
+    assert failure["node-id"] == 1002 and "requires secure aggregation" in failure["reason"]
+    run_inprocess(config(tmp_path / "secure", **SECURE), 3, node_config=require)
+    [line] = training_rounds(read_metrics(tmp_path / "secure"))
+    assert line["failures"] == [] and line["clients-replied"] == 3
