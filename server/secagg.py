@@ -106,8 +106,11 @@ class SecureRound:
         for site in survivors:
             site.row[M.BYTES_UP] = self.up.get(site.node, 0)
         change, weight = layout.split(quantizer.dequantize(plain))
-        if not weight > 0:
-            raise SecAggFailed(f"the weights sum to {weight:g}")
+        slack = len(survivors) / quantizer.levels  # the rounding of each site's weight
+        if not 0 < weight <= len(survivors) + slack:
+            raise SecAggFailed(f"the weights sum to {weight:g}, expected a number in (0, "
+                               f"{len(survivors)}] (each site weighs at most 1): a site sent "
+                               f"a vector it did not quantise as the protocol says")
         state = {k: v + torch.from_numpy(change[k] / weight).to(v.dtype)
                  for k, v in shared.items()}
         update = self.loop.state.to_update(state, rank, weight)

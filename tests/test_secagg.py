@@ -228,3 +228,16 @@ def test_supported_strategies_load_with_the_default_screens(strategy):
 def test_bad_secagg_settings_are_refused(key, value):
     with pytest.raises(SettingsError, match=f"setting '{key}'"):
         load({**SECURE, key: value})
+
+
+def test_fedlora_client_require_flag_sets_the_node_config_key():
+    import argparse
+
+    from fedlora.cli.client import add_arguments, node_config
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    base = ["--server", "127.0.0.1:9092", "--insecure", "--name", "site-a"]
+    assert node_config(parser.parse_args(base + ["--require-secure-aggregation"]))[
+        "require-secure-aggregation"] is True
+    assert "require-secure-aggregation" not in node_config(parser.parse_args(base))

@@ -143,3 +143,27 @@ def test_a_node_that_requires_secure_aggregation_refuses_a_plain_run(tmp_path):
     run_inprocess(config(tmp_path / "secure", **SECURE), 3, node_config=require)
     [line] = training_rounds(read_metrics(tmp_path / "secure"))
     assert line["failures"] == [] and line["clients-replied"] == 3
+
+
+def test_a_site_inflating_its_weight_beyond_one_fails_the_attempt(tmp_path):
+    """A hostile site may send any integers; the server cannot see them, but a sum of the
+    weights above one per site shows that one did, and the attempt is retried."""
+    from flwr.app import Array, ArrayRecord
+
+    from clients.secagg import MASKED
+
+    done: list[int] = []
+
+    def inflate(msg: Message, reply: Message) -> Message:
+        if msg.metadata.dst_node_id == 1000 and stage_of(msg) == "collect-masked" and not done:
+            done.append(1)
+            y = reply.content.array_records[MASKED][MASKED].numpy().copy()
+            y[-1] = (int(y[-1]) + 2 ** 29) % 2 ** 32  # + 1.0 weight at 3 sites' 30 bits
+            reply.content.array_records[MASKED] = ArrayRecord({MASKED: Array(y)})
+        return reply
+
+    run_inprocess(config(tmp_path, **SECURE), 3, hook=inflate)
+    [line] = training_rounds(read_metrics(tmp_path))
+    [attempt] = line["failed-attempts"]
+    assert "each site weighs at most 1" in attempt["secagg-error"]
+    assert line["clients-replied"] == 3

@@ -72,6 +72,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-partitions", type=int, help="with --partition-id: how many shares")
     p.add_argument("--name", help="this node's name in the server's log and metrics.jsonl "
                    "(default: the host name)")
+    p.add_argument("--require-secure-aggregation", action="store_true",
+                   help="refuse a run without secure aggregation (secure-aggregation=true): "
+                        "this node's update never reaches the server in the clear")
     p.add_argument("--node-config", default="", metavar='"KEY=VALUE ..."',
                    help="any other per-node setting (`fedlora settings` lists the keys)")
     p.add_argument("--port", type=int, default=0,
@@ -98,6 +101,8 @@ def node_config(args: argparse.Namespace) -> dict:
                                               flag="--data-path")
     if ("partition-id" in config) != ("num-partitions" in config):
         raise ValueError("--partition-id and --num-partitions go together")
+    if args.require_secure_aggregation:
+        config["require-secure-aggregation"] = True
     config["node-name"] = args.name or socket.gethostname()
     load_settings({}, config)  # validates every key and value
     return config
