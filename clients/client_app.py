@@ -264,6 +264,8 @@ def train(msg: Message, context: Context) -> Message:
         content[wire.ARRAYS] = to_array_record(shared, settings.federation.wire_dtype)
     else:  # the server gets keys now and only ever the masked vector (clients.secagg)
         change = {k: v.float() - job.start[k].float() for k, v in shared.items()}
+        if settings.federation.dp_noise_multiplier:  # distributed DP: before masking
+            change = secagg.with_noise(change, settings, rank, secure)
         content[wire.SECAGG], clipped = secagg.train_reply(context, secure, job.server_round,
                                                            change, num_examples)
     metrics = MetricRecord({

@@ -16,11 +16,14 @@ import os
 import secrets
 
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from torch import Tensor
 
 from fedlora import wire
+from fedlora.config import Settings
 from fedlora.secagg import protocol
+from fedlora.secagg.noise import noised_change, site_noise_std
 from fedlora.secagg.vector import Layout, Quantizer, bits_for
 
 STATE = "secagg-state"
@@ -75,6 +78,18 @@ def weight_ratio(num_examples: int, config: ConfigRecord) -> float:
     if config.get(wire.SECAGG_EQUAL):
         return 1.0
     return min(num_examples / max(integer(config, wire.SECAGG_MAX_WEIGHT), 1), 1.0)
+
+
+def with_noise(change: dict[str, Tensor], settings: Settings, rank: int,
+               config: ConfigRecord) -> dict[str, Tensor]:
+    """Distributed DP: this site's share of the Gaussian noise on its clipped change
+    (`fedlora.secagg.noise`), sized by the sites the server sampled and secagg-dropout, drawn
+    from a seed nobody else knows."""
+    fed = settings.federation
+    std = site_noise_std(fed.dp_noise_multiplier, fed.clip_norm,
+                         integer(config, wire.SECAGG_SITES), integer(config, wire.SECAGG_DROPOUT))
+    generator = torch.Generator().manual_seed(secrets.randbits(63))
+    return noised_change(change, std, settings.lora.scale(rank), generator)
 
 
 def train_reply(context: Context, config: ConfigRecord, server_round: int,

@@ -34,6 +34,7 @@ SECAGG_SITES = "sites"  # sampled sites: sets the bits per entry
 SECAGG_CLIP = "clip"
 SECAGG_MAX_WEIGHT = "max-weight"
 SECAGG_EQUAL = "equal-weights"
+SECAGG_DROPOUT = "dropout"  # secagg-dropout: sizes each site's share of the DP noise
 SECAGG_C_KEY = "c-key"  # public keys (X9.62) of a site, or of its neighbours (lists)
 SECAGG_S_KEY = "s-key"
 SECAGG_COMMITMENT = "commitment"  # SHA-256 of the site's self-mask seed

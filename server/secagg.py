@@ -53,6 +53,7 @@ class SecAggRules:
     clip: float = 1.0
     max_weight: int = 1000
     equal_weights: bool = False
+    noised: bool = False  # distributed DP: each site's noise is sized for >= sites - dropout
 
 
 class SecAggFailed(RuntimeError):
@@ -103,6 +104,11 @@ class SecureRound:
         total = self.collect_masked(sites, graph, layout.size)
         plain = self.unmask(sites, graph, total)
         survivors = [s for s in sites.values() if s.masked is not None]
+        if self.rules.noised and len(survivors) < len(nodes) - self.rules.dropout:
+            raise SecAggFailed(f"{len(survivors)} of {len(nodes)} sampled sites are in the sum; "
+                               f"each site's DP noise was sized for at least {len(nodes)} - "
+                               f"secagg-dropout={self.rules.dropout}, so the sum carries less "
+                               f"noise than dp-noise-multiplier promises")
         for site in survivors:
             site.row[M.BYTES_UP] = self.up.get(site.node, 0)
         change, weight = layout.split(quantizer.dequantize(plain))
@@ -153,7 +159,8 @@ class SecureRound:
         extra = {wire.SECAGG: self.config(
             "train", **{wire.SECAGG_SITES: len(nodes), wire.SECAGG_CLIP: self.rules.clip,
                         wire.SECAGG_MAX_WEIGHT: self.rules.max_weight,
-                        wire.SECAGG_EQUAL: self.rules.equal_weights})}
+                        wire.SECAGG_EQUAL: self.rules.equal_weights,
+                        wire.SECAGG_DROPOUT: self.rules.dropout})}
         replies, self.record.bytes_down = self.loop.send(self.grid, nodes, ranks, self.round,
                                                          MessageType.TRAIN, extra)
         sites: dict[int, Site] = {}

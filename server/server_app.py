@@ -74,7 +74,10 @@ def build_global(settings: Settings, method: Method, shapes: Shapes) -> GlobalAd
     return GlobalAdapter(method=method, lora=settings.lora, dense=dense,
                          factors=shared_init(shapes.factors, settings.global_rank, fed.seed),
                          global_rank=settings.global_rank, optimizer=server_optimizer(fed),
-                         clip_norm=fed.clip_norm, noise_multiplier=fed.dp_noise_multiplier,
+                         # secure aggregation: the sites clip and add the noise (clients/)
+                         clip_norm=0.0 if fed.secure_aggregation else fed.clip_norm,
+                         noise_multiplier=0.0 if fed.secure_aggregation
+                         else fed.dp_noise_multiplier,
                          noise_seed=fed.seed,
                          robust=Robust(settings.defence.robust, settings.defence.robust_f))
 
@@ -92,7 +95,9 @@ def rules(fed: FederationSettings, defence: DefenceSettings) -> Rules:
                        max_share=1.0, secagg=SecAggRules(
                            dropout=fed.secagg_dropout, neighbours=fed.secagg_neighbours,
                            clip=fed.secagg_clip, max_weight=fed.secagg_max_weight,
-                           equal_weights=defence.client_weights == "equal"))
+                           equal_weights=defence.client_weights == "equal"
+                           or fed.dp_noise_multiplier > 0,
+                           noised=fed.dp_noise_multiplier > 0))
     return _rules(fed, defence)
 
 

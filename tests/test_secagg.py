@@ -207,8 +207,8 @@ SECURE = {"secure-aggregation": True, "model": "tiny-llama"}
     ({"max-update-ratio": 3.0}, "max-update-ratio", "cannot compare one update"),
     ({"max-weight-ratio": 3.0}, "max-weight-ratio", "never sees a site's num-examples"),
     ({"max-share": 0.3}, "max-share", "never sees one site's weight"),
-    ({"clip-norm": 1.0}, "clip-norm", "not combined with secure aggregation"),
-    ({"clip-norm": 1.0, "dp-noise-multiplier": 1.0}, "clip-norm", "dp-noise-multiplier=0"),
+    ({"clip-norm": 1.0}, "dp-clipping", "never sees one update to clip"),
+    ({"clip-norm": 1.0, "dp-noise-multiplier": 1.0}, "dp-clipping", "set dp-clipping=client"),
     ({"strategy": "ffa-lora", "client-ranks": "4,8"}, "client-ranks", "one rank"),
 ])
 def test_every_unsupported_combination_is_refused_with_its_reason(extra, key, reason):
@@ -241,3 +241,18 @@ def test_fedlora_client_require_flag_sets_the_node_config_key():
     assert node_config(parser.parse_args(base + ["--require-secure-aggregation"]))[
         "require-secure-aggregation"] is True
     assert "require-secure-aggregation" not in node_config(parser.parse_args(base))
+
+
+def test_each_site_adds_its_share_of_the_noise_in_delta_w_scale():
+    """z C / sqrt(m - d) per site; on B divided by the LoRA scale (delta W = scale B A)."""
+    import torch
+
+    from fedlora.secagg.noise import noised_change, site_noise_std
+
+    assert site_noise_std(2.0, 0.5, 5, 1) == pytest.approx(0.5)
+    zero = {"m.lora_A.weight": torch.zeros(200, 200), "m.lora_B.weight": torch.zeros(200, 200),
+            "m.ia3_l.weight": torch.zeros(200, 200)}
+    noised = noised_change(zero, 0.1, 4.0, torch.Generator().manual_seed(0))
+    assert noised["m.lora_A.weight"].std().item() == pytest.approx(0.1, rel=0.02)
+    assert noised["m.lora_B.weight"].std().item() == pytest.approx(0.025, rel=0.02)
+    assert noised["m.ia3_l.weight"].std().item() == pytest.approx(0.1, rel=0.02)

@@ -167,3 +167,30 @@ def test_a_site_inflating_its_weight_beyond_one_fails_the_attempt(tmp_path):
     [attempt] = line["failed-attempts"]
     assert "each site weighs at most 1" in attempt["secagg-error"]
     assert line["clients-replied"] == 3
+
+
+def test_distributed_dp_noise_and_epsilon_match_the_central_mechanism(tmp_path):
+    """With dp-noise-multiplier each site clips and adds N(0, (z C)^2 / (m - d)) before
+    masking: the merged mean differs from the noiseless secure merge by noise of std
+    z C sqrt(m / (m - d)) / m per entry (delta-W scale; B in PEFT scale: / the LoRA scale),
+    and the epsilon reported is the central mechanism's."""
+    from fedlora.methods import load
+    from server.privacy import PrivacyLedger
+
+    z, c, m, d = 0.01, 1.0, 3, 1
+    clipped = {**SECURE, "clip-norm": c, "dp-clipping": "client"}
+    run_inprocess(config(tmp_path / "clean", **clipped), m)
+    run_inprocess(config(tmp_path / "noised", **clipped, **{"dp-noise-multiplier": z}), m)
+    clean, noised = final(tmp_path / "clean"), final(tmp_path / "noised")
+    std = z * c * (m / (m - d)) ** 0.5 / m
+    scale = load(config(tmp_path))[0].lora.scale(8)
+    for suffix, want in ((".lora_A.weight", std), (".lora_B.weight", std / scale)):
+        diff = torch.cat([(noised[k] - clean[k]).flatten() for k in clean
+                          if k.endswith(suffix)]).double()
+        assert diff.numel() > 2000
+        assert diff.std().item() == pytest.approx(want, rel=0.1)
+        assert abs(diff.mean().item()) < 4 * want / diff.numel() ** 0.5
+    [line] = training_rounds(read_metrics(tmp_path / "noised"))
+    central = PrivacyLedger(z, 1e-5, BASE["min-available-nodes"])
+    central.record()
+    assert line["dp-epsilon"] == pytest.approx(central.epsilon())

@@ -217,9 +217,9 @@ class Method:
                (fed.max_update_norm > 0, "max-update-norm", "the server cannot measure one "
                 "update's norm, only the sum's; set max-update-norm=0 (secagg-clip bounds "
                 "each site's contribution instead)"),
-               (fed.clip_norm > 0, "clip-norm", "clipping (and client-level DP) is not "
-                "combined with secure aggregation yet; set clip-norm=0 and "
-                "dp-noise-multiplier=0"),
+               (fed.clip_norm > 0 and fed.dp_clipping != "client", "dp-clipping", "the "
+                "server never sees one update to clip; set dp-clipping=client (each site "
+                "clips, and adds its share of the DP noise, before masking)"),
                (defence.client_weights == "examples" and defence.max_weight_ratio not in
                 (0, default.max_weight_ratio), "max-weight-ratio", "the server never sees a "
                 "site's num-examples to cap it; secagg-max-weight caps each weight instead: "
