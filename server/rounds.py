@@ -5,7 +5,9 @@ its rank, read and validate the replies, screen them (`server.defences`: update 
 cap, Krum), merge the accepted ones (`GlobalAdapter.update`, which clips, calls the method's
 pure merge and adds the DP noise), evaluate, record the metrics line, checkpoint. A round with
 fewer than `min-replies` valid replies is retried (`round-failure=retry`, up to
-`round-retries` times) or stops the run with `RoundFailed`. Everything a round learns goes
+`round-retries` times) or stops the run with `RoundFailed`. With secure-aggregation=true the
+training phase is SecAgg+'s exchanges (`server.secagg`) and the merge gets only the unmasked
+sum, so the screens and Krum, which need each update, do not run. Everything a round learns goes
 into its `RoundRecord` (`server.record`, with the `Node` the loop keeps for each node), which
 becomes the metrics.jsonl line.
 
