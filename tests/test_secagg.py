@@ -256,3 +256,52 @@ def test_each_site_adds_its_share_of_the_noise_in_delta_w_scale():
     assert noised["m.lora_A.weight"].std().item() == pytest.approx(0.1, rel=0.02)
     assert noised["m.lora_B.weight"].std().item() == pytest.approx(0.025, rel=0.02)
     assert noised["m.ia3_l.weight"].std().item() == pytest.approx(0.1, rel=0.02)
+
+
+def test_a_node_refuses_stages_out_of_order_stale_or_asked_twice():
+    """clients.secagg on its own: a node answers share-keys, collect-masked and unmask once
+    each, in that order, for the round it trained; an unmask naming a node both survived and
+    dropped is refused (the server would get both of its secrets)."""
+    import torch
+    from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from clients import secagg
+    from fedlora import wire
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    nodes = (11, 12)
+    ctx = {n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(), run_config={})
+           for n in nodes}
+    train = ConfigRecord({wire.SECAGG_SITES: 2, wire.SECAGG_CLIP: 1.0,
+                          wire.SECAGG_MAX_WEIGHT: 10, wire.SECAGG_EQUAL: True})
+    keys = {n: secagg.train_reply(ctx[n], train, 3, {"w": torch.full((4,), 0.25)}, 5)[0]
+            for n in nodes}
+
+    def ask(node: int, stage: str, server_round: int = 3, **values) -> Message:
+        config = ConfigRecord({wire.SECAGG_STAGE: stage, wire.SERVER_ROUND: server_round,
+                               **values})
+        msg = Message(RecordDict({wire.SECAGG: config}), dst_node_id=node,
+                      message_type=MessageType.QUERY)
+        return secagg.stage(msg, ctx[node])
+
+    with pytest.raises(secagg.ProtocolRefused, match="must follow 'share-keys'"):
+        ask(11, "collect-masked", **{wire.SECAGG_NODES: [], wire.SECAGG_SEALED: []})
+    with pytest.raises(secagg.ProtocolRefused, match="trained no round of it"):
+        ask(11, "share-keys", server_round=4)
+    sealed = {}
+    for n, other in ((11, 12), (12, 11)):
+        reply = ask(n, "share-keys", **{
+            wire.SECAGG_NODES: [other], wire.SECAGG_THRESHOLD: 2,
+            wire.SECAGG_C_KEY: [keys[other][wire.SECAGG_C_KEY]],
+            wire.SECAGG_S_KEY: [keys[other][wire.SECAGG_S_KEY]]})
+        sealed[n] = reply.content.config_records[wire.SECAGG][wire.SECAGG_SEALED][0]
+    for n, other in ((11, 12), (12, 11)):
+        ask(n, "collect-masked", **{wire.SECAGG_NODES: [other],
+                                    wire.SECAGG_SEALED: [sealed[other]]})
+    with pytest.raises(secagg.ProtocolRefused, match="both as survived and as dropped"):
+        ask(11, "unmask", **{wire.SECAGG_SURVIVORS: [11, 12], wire.SECAGG_DROPPED: [12]})
+    answer = ask(11, "unmask", **{wire.SECAGG_SURVIVORS: [11, 12], wire.SECAGG_DROPPED: []})
+    assert answer.content.config_records[wire.SECAGG][wire.SECAGG_SURVIVORS] == [11, 12]
+    with pytest.raises(secagg.ProtocolRefused, match="trained no round of it"):  # twice
+        ask(11, "unmask", **{wire.SECAGG_SURVIVORS: [], wire.SECAGG_DROPPED: [12]})
