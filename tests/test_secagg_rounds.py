@@ -31,17 +31,20 @@ def final(path) -> dict[str, torch.Tensor]:
     return load_file(str(path / "final" / "adapter_model.safetensors"))
 
 
-def bound(sites: int) -> float:
-    """The stated error of the mean of `sites` equal-weight updates (secagg-clip=1): each
-    entry of the sum is within sites x clip / L, divided by the weights' sum (= sites),
-    plus float32 rounding of the factors (values below 1: 1e-7)."""
-    return 1.0 / Quantizer(1.0, bits_for(sites)).levels + 1e-7
+def bound(sites: int, plain: torch.Tensor) -> torch.Tensor:
+    """The stated error of a mean of equal-weight updates when `sites` were sampled
+    (secagg-clip=1), per entry: the sum of the m in it is within m x clip / L, divided by
+    the weights' sum (= m); plus
+    the float32 rounding of both results (2 ulp of the value: IA3's vectors are near 1)."""
+    ulp = torch.finfo(torch.float32).eps * plain.abs()
+    return 1.0 / Quantizer(1.0, bits_for(sites)).levels + 2 * ulp
 
 
 def assert_close(secure: dict, plain: dict, sites: int) -> None:
     assert secure.keys() == plain.keys()
-    worst = max((secure[k] - plain[k]).abs().max().item() for k in plain)
-    assert worst <= bound(sites), worst
+    for key in plain:
+        excess = (secure[key] - plain[key]).abs() - bound(sites, plain[key])
+        assert excess.max().item() <= 0, (key, excess.max().item())
     assert any((plain[k] != 0).any() for k in plain)  # not trivially equal
 
 
@@ -91,7 +94,8 @@ def test_a_site_dropping_after_sharing_its_keys_is_left_out(tmp_path):
     run_inprocess(config(tmp_path / "plain"), 3, silent={1001})
     run_inprocess(config(tmp_path / "secure", **SECURE), 3,
                   hook=silent_at("collect-masked", 1001))
-    assert_close(final(tmp_path / "secure"), final(tmp_path / "plain"), 2)
+    # 3 sampled sites set the bits; the mean of the 2 in the sum is within one step
+    assert_close(final(tmp_path / "secure"), final(tmp_path / "plain"), 3)
     [line] = training_rounds(read_metrics(tmp_path / "secure"))
     assert line["clients-replied"] == 2
     assert [f["node-id"] for f in line["failures"]] == [1001]
