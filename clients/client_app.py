@@ -46,6 +46,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 from torch import Tensor
 
+from clients import secagg
 from clients.personal import personal_store
 from fedlora import wire
 from fedlora.adapters import (
@@ -178,6 +179,11 @@ def node_settings(context: Context, task: str = MessageType.TRAIN) -> tuple[Sett
         hub = hub_refusal(settings, run, node, tuple(BUILTINS))
         if problems or hub:
             raise Refused("; ".join([*problems, *([hub] if hub else [])]))
+    if node.get(wire.REQUIRE_SECURE_AGGREGATION) and not settings.federation.secure_aggregation:
+        raise Refused(
+            "setting 'secure-aggregation': this node requires secure aggregation (fedlora "
+            "client --require-secure-aggregation), and the run does not use it, so the server "
+            "would read this node's update; start the run with secure-aggregation=true")
     if settings.attack.on and is_deployment_node(context):
         raise Refused(
             f"setting 'attack': the run asks this node to act as a simulated hostile client "
@@ -366,7 +372,10 @@ def run_config_problem(context: Context) -> str | None:
 @app.query()
 @guarded
 def query(msg: Message, context: Context) -> Message:
-    """Tell the server this node's LoRA rank (asked once, before the node's first round)."""
+    """Tell the server this node's LoRA rank (asked once, before the node's first round),
+    or answer a stage of secure aggregation (`clients.secagg`)."""
+    if secagg.settings_of(msg) is not None:
+        return secagg.stage(msg, context)
     settings, _ = node_settings(context, msg.metadata.message_type)
     pid, _ = partition(context)
     rank = node_rank(settings, context, pid)
@@ -405,7 +414,21 @@ def train(msg: Message, context: Context) -> Message:
                              seed=job.seed)
         num_examples = claimed(num_examples, settings.attack,
                                settings.federation.max_num_examples)
-    arrays = to_array_record(job.method.shared(state), settings.federation.wire_dtype)
+    secure = secagg.settings_of(msg)
+    if secure is None and context.node_config.get(wire.REQUIRE_SECURE_AGGREGATION):
+        raise Refused("this node requires secure aggregation (fedlora client "
+                      "--require-secure-aggregation), and the server asked for its "
+                      "update in the clear: refused")
+    shared = job.method.shared(state)
+    content: dict = {}
+    if secure is None:
+        content[wire.ARRAYS] = to_array_record(shared, settings.federation.wire_dtype)
+    else:  # the server gets keys now and only ever the masked vector (clients.secagg)
+        change = {k: v.float() - job.start[k].float() for k, v in shared.items()}
+        if settings.federation.dp_noise_multiplier:  # distributed DP: before masking
+            change = secagg.with_noise(change, settings, rank, secure)
+        content[wire.SECAGG], clipped = secagg.train_reply(context, secure, job.server_round,
+                                                           change, num_examples)
     losses = {wire.TRAIN_LOSS: result.loss, wire.TRAIN_LOSS_FIRST: result.first_loss,
               wire.TRAIN_LOSS_LAST: result.last_loss}
     if private is not None:  # the losses are not privatised: they stay in the node's log
@@ -414,11 +437,15 @@ def train(msg: Message, context: Context) -> Message:
         losses = {wire.DP_SGD_EPSILON: spend_dp_sgd(context, private, job.server_round,
                                                     result.steps)}
     metrics = MetricRecord({
-        wire.NUM_EXAMPLES: num_examples, wire.PARTITION_ID: pid, wire.LORA_RANK: rank,
+        wire.PARTITION_ID: pid, wire.LORA_RANK: rank,
         **losses, wire.TRAIN_STEPS: result.steps,
         wire.TRAIN_TOKENS: result.tokens, wire.TRAIN_SECONDS: result.seconds,
         **hooks.metrics})
-    return Message(RecordDict({wire.ARRAYS: arrays, wire.METRICS: metrics}), reply_to=msg)
+    if secure is None:
+        metrics[wire.NUM_EXAMPLES] = num_examples
+    else:  # the weight is in the secure sum only
+        metrics[wire.SECAGG_CLIPPED] = clipped
+    return Message(RecordDict({**content, wire.METRICS: metrics}), reply_to=msg)
 
 
 @app.evaluate()

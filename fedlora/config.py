@@ -444,6 +444,28 @@ class FederationSettings:
         "dp-clipping", "server",
         "Where updates are clipped to clip-norm: server (the server sees raw updates) or "
         "client (nodes clip before sending; the server rejects a reply above clip-norm).")
+    secure_aggregation: bool = setting(
+        "secure-aggregation", False,
+        "SecAgg+: the server learns only the sum of the sites' (weighted, quantised) updates "
+        "and of their weights, never one site's reply (docs/privacy-secagg.md). Strategies "
+        "whose merge is a weighted sum only; screens that need each update are off.")
+    secagg_dropout: int = setting(
+        "secagg-dropout", 1,
+        "Sites that may drop out during one round of secure aggregation and the round still "
+        "merges (Shamir threshold = neighbourhood - this, always more than half of it).")
+    secagg_neighbours: int = setting(
+        "secagg-neighbours", 0,
+        "SecAgg+ neighbours per site (an even number: a ring of this degree); 0 = every other "
+        "sampled site (SecAgg). Fewer neighbours: less work per site, a weaker collusion bound.")
+    secagg_clip: float = setting(
+        "secagg-clip", 1.0,
+        "Quantisation range of secure aggregation: each entry of a site's weighted change of "
+        "the factors is clipped to [-this, this]; the sum's error is at most sites x this / "
+        "2^(bits-1) per entry (bits = 32 - log2 sites: 28 for 10 sites).")
+    secagg_max_weight: int = setting(
+        "secagg-max-weight", 1000,
+        "With secure aggregation a site weighs min(num-examples / this, 1): the server never "
+        "sees num-examples, so it cannot cap a weight; this is the cap.")
     wire_dtype: str = setting("wire-dtype", "float32",
                                "dtype of the LoRA factors sent both ways: float32 or float16.")
     export_rank: int = setting(
@@ -510,6 +532,13 @@ class FederationSettings:
                  self.dp_noise_multiplier)
         require(0 < self.dp_delta < 1, "dp-delta", "a number in (0, 1)", self.dp_delta)
         one_of("dp-clipping", self.dp_clipping, DP_CLIPPING)
+        require(self.secagg_dropout >= 0, "secagg-dropout", "an integer >= 0",
+                self.secagg_dropout)
+        require(self.secagg_neighbours >= 0 and self.secagg_neighbours % 2 == 0,
+                "secagg-neighbours", "an even integer >= 0 (0 = all)", self.secagg_neighbours)
+        require(self.secagg_clip > 0, "secagg-clip", "a number > 0", self.secagg_clip)
+        require(self.secagg_max_weight >= 1, "secagg-max-weight", "an integer >= 1",
+                self.secagg_max_weight)
 
 
 @dataclass
@@ -605,8 +634,10 @@ SECTIONS = {"model": ModelSettings, "lora": LoraSettings, "train": TrainSettings
 NODE_LIMIT_KEYS = {"limit-local-steps": "--max-local-steps", "limit-max-length": "--max-length",
                    "limit-examples": "--max-examples", "allow-hub-downloads": "--no-hub-downloads"}
 # Keys of a node_config that are not settings: Flower's own (simulation), the name that
-# `fedlora client` gives its node (which also marks a deployment node) and its ceilings.
-NODE_KEYS = ("partition-id", "num-partitions", "node-name", *NODE_LIMIT_KEYS)
+# `fedlora client` gives its node (which also marks a deployment node), whether it requires secure
+# aggregation, and its ceilings.
+NODE_KEYS = ("partition-id", "num-partitions", "node-name", "require-secure-aggregation",
+             *NODE_LIMIT_KEYS)
 # Settings that name a file or folder on a node: a deployment node takes them from its own
 # node config only, never from the run config (the server does not choose a node's files).
 NODE_PATH_KEYS = ("data-path", "personal-dir")

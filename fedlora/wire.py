@@ -26,6 +26,28 @@ SERVER_ROUND = "server-round"
 RANK = "rank"
 INIT_SEED = "init-seed"
 
+# ---- secure aggregation (server/secagg.py, clients/secagg.py) ------------------------------
+# A ConfigRecord `SECAGG` in a message and in its reply; the stage is `SECAGG_STAGE` of it.
+SECAGG = "secagg"
+SECAGG_STAGE = "stage"  # train, share-keys, collect-masked, unmask
+SECAGG_SITES = "sites"  # sampled sites: sets the bits per entry
+SECAGG_CLIP = "clip"
+SECAGG_MAX_WEIGHT = "max-weight"
+SECAGG_EQUAL = "equal-weights"
+SECAGG_DROPOUT = "dropout"  # secagg-dropout: sizes each site's share of the DP noise
+SECAGG_C_KEY = "c-key"  # public keys (X9.62) of a site, or of its neighbours (lists)
+SECAGG_S_KEY = "s-key"
+SECAGG_COMMITMENT = "commitment"  # SHA-256 of the site's self-mask seed
+SECAGG_NODES = "nodes"  # the node ids the lists beside it are about
+SECAGG_THRESHOLD = "threshold"
+SECAGG_SEALED = "sealed"  # encrypted shares, one per entry of SECAGG_NODES
+SECAGG_SURVIVORS = "survivors"
+SECAGG_DROPPED = "dropped"
+SECAGG_SEED_SHARES = "seed-shares"  # one per survivor, in SECAGG_SURVIVORS' order
+SECAGG_KEY_SHARES = "key-shares"  # one per dropped neighbour, in SECAGG_DROPPED's order
+SECAGG_CLIPPED = "secagg-clipped"  # reply metric: values the quantisation range clipped
+REQUIRE_SECURE_AGGREGATION = "require-secure-aggregation"  # node config
+
 # ---- a node's metric record ---------------------------------------------------------------
 LORA_RANK = "lora-rank"
 NUM_EXAMPLES = "num-examples"

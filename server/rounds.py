@@ -5,7 +5,9 @@ its rank, read and validate the replies, screen them (`server.defences`: update 
 cap, Krum), merge the accepted ones (`GlobalAdapter.update`, which clips, calls the method's
 pure merge and adds the DP noise), evaluate, record the metrics line, checkpoint. A round with
 fewer than `min-replies` valid replies is retried (`round-failure=retry`, up to
-`round-retries` times) or stops the run with `RoundFailed`. Everything a round learns goes
+`round-retries` times) or stops the run with `RoundFailed`. With secure-aggregation=true the
+training phase is SecAgg+'s exchanges (`server.secagg`) and the merge gets only the unmasked
+sum, so the screens and Krum, which need each update, do not run. Everything a round learns goes
 into its `RoundRecord` (`server.record`, with the `Node` the loop keeps for each node), which
 becomes the metrics.jsonl line.
 
@@ -45,6 +47,7 @@ from server.global_adapter import GlobalAdapter
 from server.privacy import PrivacyLedger
 from server.record import Node, Reply, RoundRecord, named, nodes_meta, nodes_of, weighted_mean
 from server.replies import per_message_pulls, pull_replies
+from server.secagg import SecAggFailed, SecAggRules, SecureRound
 
 
 class RoundFailed(RuntimeError):
@@ -74,6 +77,7 @@ class Rules:
     max_share: float = 1.0  # no reply's share of a merge above this (1 off)
     equal_weights: bool = False  # client-weights=equal: every accepted reply weighs 1
     initial_eval: bool = True  # evaluate the global model before round 1 (round 0)
+    secagg: SecAggRules | None = None  # secure-aggregation=true: the server sees only sums
 
     @property
     def replies_needed(self) -> int:
@@ -171,22 +175,34 @@ class RoundLoop:
             ready = [n for n in nodes if n in ranks]
             log(INFO, "round %d: sent training to %d nodes (ranks %s)", server_round, len(ready),
                 ",".join(str(ranks[n]) for n in ready))
-            replies, record.bytes_down = self.send(grid, ready, ranks, server_round,
-                                                   MessageType.TRAIN)
-            for node, msg in replies:
-                self.read_train_reply(node, msg, record)
-            for node in sorted(set(ready) - {node for node, _ in replies}):
-                self.failed(record, node, f"no reply within round-timeout="
-                                          f"{self.rules.timeout:g} s")
-            screening = time.perf_counter()
-            self.screen(record)
+            secure: ClientUpdate | None = None  # the unmasked sum (secure aggregation)
+            if self.rules.secagg is not None:
+                try:
+                    secure = SecureRound(self, self.rules.secagg, grid, server_round,
+                                         record).run(ready, ranks)
+                except SecAggFailed as err:  # as a round with too few replies: retried
+                    log(WARNING, "round %d: secure aggregation failed: %s", server_round, err)
+                    failed.append({**record.attempt_summary(attempt), "secagg-error": str(err)})
+                    continue
+                screening = time.perf_counter()
+            else:
+                replies, record.bytes_down = self.send(grid, ready, ranks, server_round,
+                                                       MessageType.TRAIN)
+                for node, msg in replies:
+                    self.read_train_reply(node, msg, record)
+                for node in sorted(set(ready) - {node for node, _ in replies}):
+                    self.failed(record, node, f"no reply within round-timeout="
+                                              f"{self.rules.timeout:g} s")
+                screening = time.perf_counter()
+                self.screen(record)
             record.train_failures = len(record.failures)
             if len(record.replies) >= self.rules.replies_needed:
+                updates = [secure] if secure is not None else [r.update for r in record.replies]
                 seen = self.method.observe(  # before the merge: against what was received
-                    server_round, [r.update for r in record.replies],
+                    server_round, updates,
                     [int(r.row[M.PARTITION_ID]) for r in record.replies], self.state.dense)
                 try:
-                    self.merge(server_round, record)
+                    self.merge(server_round, record, secure)
                 except (defences.MergeFailed, torch.linalg.LinAlgError) as err:
                     # the global adapter is unchanged: the attempt fails, it never ends the run
                     log(WARNING, "round %d: the merge failed, nothing was merged: %s",
@@ -259,11 +275,13 @@ class RoundLoop:
             self.down_weighted(record, record.replies[i], reason)
         return [record.replies[i] for i in screened.kept]
 
-    def merge(self, server_round: int, record: RoundRecord) -> None:
-        """The accepted updates into the global adapter (after Krum's choice when it is on);
-        DP accounting when on."""
+    def merge(self, server_round: int, record: RoundRecord,
+              secure: ClientUpdate | None = None) -> None:
+        """The accepted updates into the global adapter (after Krum's choice when it is on;
+        the one `secure` sum under secure aggregation); DP accounting when on."""
         chosen = self.krum(record) if self.state.robust.krum else record.replies
-        record.merge = self.state.update([r.update for r in chosen], server_round)
+        updates = [secure] if secure is not None else [r.update for r in chosen]
+        record.merge = self.state.update(updates, server_round)
         record.merge[M.ROBUST] = self.state.robust.rule
         if self.ledger is not None:
             self.ledger.record()
@@ -303,7 +321,8 @@ class RoundLoop:
         last = attempts[-1]
         reasons = "; ".join(f"node {f[M.NODE_ID]}: {f['reason']}" for f in last[M.FAILURES][:5])
         why = (f"the merge failed ({last['merge-error']})" if "merge-error" in last else
-               f"{last['replied']} valid replies, fewer than "
+               f"secure aggregation failed ({last['secagg-error']})" if "secagg-error" in last
+               else f"{last['replied']} valid replies, fewer than "
                f"min-replies={self.rules.replies_needed}")
         message = (f"round {server_round}: {why}, in {len(attempts)} attempt(s) "
                    f"(round-failure={self.rules.round_failure}); stopping. Failures: "
@@ -420,9 +439,11 @@ class RoundLoop:
         return [(sent_to.get(r.metadata.reply_to_message_id, r.metadata.src_node_id), r)
                 for r in replies]
 
-    def content(self, rank: int, server_round: int, extra: tuple = ()) -> RecordDict:
+    def content(self, rank: int, server_round: int, extra: tuple = (),
+                records: dict[str, ConfigRecord] | None = None) -> RecordDict:
         """What a node of `rank` receives: the method's shared factors, residual and config
-        (plus the method's `extra` entries for that node: lora-moe's expert)."""
+        (plus the method's `extra` entries for that node: lora-moe's expert, and `records`:
+        secure aggregation's settings)."""
         fresh = self.method.fresh_adapter
         config = ConfigRecord({wire.SERVER_ROUND: server_round, wire.RANK: rank,
                                wire.INIT_SEED: self.rules.seed + (server_round if fresh else 0),
@@ -432,15 +453,19 @@ class RoundLoop:
             wire.ARRAYS: to_array_record(payload, self.rules.wire_dtype), wire.CONFIG: config}
         if self.state.residual:
             content[wire.RESIDUAL] = to_array_record(self.state.residual_state(), "float32")
+        content.update(records or {})
         return RecordDict(content)
 
     def send(self, grid: Grid, nodes: list[int], ranks: dict[int, int], server_round: int,
-             message_type: str) -> tuple[list[tuple[int, Message]], dict[int, int]]:
+             message_type: str, records: dict[str, ConfigRecord] | None = None
+             ) -> tuple[list[tuple[int, Message]], dict[int, int]]:
         """One message per node with the content for its rank (built once per rank and shared,
-        as Flower's FedAvg shares its RecordDict); ((node, reply) pairs, bytes sent per node)."""
+        as Flower's FedAvg shares its RecordDict), with `records` added to every one;
+        ((node, reply) pairs, bytes sent per node)."""
         kind = {n: (ranks[n], tuple(sorted(self.method.node_config(
             self.partition(n, -1)).items()))) for n in nodes}
-        contents = {k: self.content(k[0], server_round, k[1]) for k in set(kind.values())}
+        contents = {k: self.content(k[0], server_round, k[1], records)
+                    for k in set(kind.values())}
         size = {k: sum(factor_bytes(a) for a in c.array_records.values())
                 for k, c in contents.items()}
         messages = [Message(contents[kind[n]], dst_node_id=n, message_type=message_type)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from logging import INFO
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from server.defences import Robust
 from server.global_adapter import GlobalAdapter
 from server.privacy import PrivacyLedger
 from server.rounds import RoundLoop, Rules
+from server.secagg import SecAggRules
 from server.server_eval import ServerEvaluator
 
 app = ServerApp()
@@ -73,14 +74,34 @@ def build_global(settings: Settings, method: Method, shapes: Shapes) -> GlobalAd
     return GlobalAdapter(method=method, lora=settings.lora, dense=dense,
                          factors=shared_init(shapes.factors, settings.global_rank, fed.seed),
                          global_rank=settings.global_rank, optimizer=server_optimizer(fed),
-                         clip_norm=fed.clip_norm, noise_multiplier=fed.dp_noise_multiplier,
+                         # secure aggregation: the sites clip and add the noise (clients/)
+                         clip_norm=0.0 if fed.secure_aggregation else fed.clip_norm,
+                         noise_multiplier=0.0 if fed.secure_aggregation
+                         else fed.dp_noise_multiplier,
                          noise_seed=fed.seed,
                          robust=Robust(settings.defence.robust, settings.defence.robust_f))
 
 
 def rules(fed: FederationSettings, defence: DefenceSettings) -> Rules:
     """The round loop's rules from the federation and defence settings (under DP, clipping
-    bounds every update, so the data-dependent norm screen is off)."""
+    bounds every update, so the data-dependent norm screen is off; under secure aggregation
+    the server sees no single update, so the screens are off and secagg-* bound each site)."""
+    if fed.secure_aggregation:
+        log(INFO, "secure-aggregation=true: the server sees only the sum of the updates; the "
+            "update and weight screens (max-update-ratio, max-weight-ratio, max-share) are "
+            "off, each site's contribution is bounded by secagg-clip=%g and its weight by "
+            "secagg-max-weight=%d", fed.secagg_clip, fed.secagg_max_weight)
+        return replace(_rules(fed, defence), max_update_ratio=0.0, max_weight_ratio=0.0,
+                       max_share=1.0, secagg=SecAggRules(
+                           dropout=fed.secagg_dropout, neighbours=fed.secagg_neighbours,
+                           clip=fed.secagg_clip, max_weight=fed.secagg_max_weight,
+                           equal_weights=defence.client_weights == "equal"
+                           or fed.dp_noise_multiplier > 0,
+                           noised=fed.dp_noise_multiplier > 0))
+    return _rules(fed, defence)
+
+
+def _rules(fed: FederationSettings, defence: DefenceSettings) -> Rules:
     return Rules(seed=fed.seed, timeout=fed.round_timeout, wire_dtype=fed.wire_dtype,
                  fraction_train=fed.fraction_train, fraction_evaluate=fed.fraction_evaluate,
                  min_train_nodes=fed.min_train_nodes, min_evaluate_nodes=fed.min_evaluate_nodes,

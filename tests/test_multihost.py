@@ -335,3 +335,33 @@ def test_server_killed_mid_round_resumes_with_node_authentication_on(host_procs,
     assert "registered with key 'site-b' but calls itself 'site-a'" in log.read_text()
     assert [r["round"] for r in read_metrics(out)] == [1, 2, 3]
     assert delta_w_difference(reference / "final", out / "final") <= 1e-6
+
+
+def test_secure_aggregation_across_hosts_equals_the_plain_simulation(host_procs, certs,
+                                                                    tmp_path):
+    """secure-aggregation=true between real SuperNodes on separate hosts: the server never
+    gets a site's factors, and the merged adapter equals the plain simulation's up to the
+    quantisation error; a site that requires secure aggregation takes part."""
+    settings = ["--model", "tiny-llama", "--rounds", "2", "--local-steps", "2", "--strategy",
+                "fedavg", "--run-config",
+                "lr=0.01 dataset-size=120 fraction-evaluate=0.0 client-weights=equal"]
+    from fedlora.cli.main import main
+
+    reference = tmp_path / "reference"
+    assert main(["simulate", "--num-clients", "2", "--output-dir", str(reference),
+                 *settings]) == 0
+    hosts, out, log = host_procs, tmp_path / "out", tmp_path / "server.log"
+    secure = [*settings[:-1], settings[-1] + " secure-aggregation=true"]
+    server = hosts.fedlora("server", server_args(certs, out, "--min-nodes", "2", *secure), log)
+    wait_for(says(log, "registered SuperNode key", 2), server, log)
+    for i, name in enumerate(("site-a", "site-b")):
+        hosts.fedlora(name, client_args(certs, name, "--partition-id", str(i),
+                                        "--num-partitions", "2",
+                                        *(["--require-secure-aggregation"] if i == 0 else [])),
+                      tmp_path / f"{name}.log")
+    assert server.wait(timeout=600) == 0, log.read_text()[-3000:]
+    rows = training_rounds(read_metrics(out))
+    assert [r["clients-replied"] for r in rows] == [2, 2]
+    assert all(r["failures"] == [] and r["failed-attempts"] == [] for r in rows)
+    assert log.read_text().count("secure sum of 2 sites") == 2
+    assert delta_w_difference(reference / "final", out / "final") <= 1e-5

@@ -95,6 +95,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      "--data-path still may)")
     p.add_argument("--name", help="this node's name in the server's log and metrics.jsonl "
                    "(default: the host name)")
+    p.add_argument("--require-secure-aggregation", action="store_true",
+                   help="refuse a run without secure aggregation (secure-aggregation=true): "
+                        "this node's update never reaches the server in the clear")
     p.add_argument("--node-config", default="", metavar='"KEY=VALUE ..."',
                    help="any other per-node setting (`fedlora settings` lists the keys)")
     p.add_argument("--port", type=int, default=0,
@@ -124,6 +127,8 @@ def node_config(args: argparse.Namespace) -> dict:
         raise ValueError("--partition-id and --num-partitions go together")
     if "dp-sgd-delta" in config and "dp-sgd-epsilon" not in config:
         raise ValueError("--dp-sgd-delta is the delta of a budget: pass --dp-sgd-epsilon too")
+    if args.require_secure_aggregation:
+        config["require-secure-aggregation"] = True
     config["node-name"] = args.name or socket.gethostname()
     load_settings({}, config)  # validates every key and value
     check_limits(config)

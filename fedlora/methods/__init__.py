@@ -52,7 +52,7 @@ def strategies_for(peft: str = "lora") -> list[str]:
 def compatibility() -> list[dict[str, str]]:
     """One row per strategy, read off the registries' flags: the PEFT methods it federates,
     whether clients may train different ranks, the robust rules it accepts, whether
-    client-level DP and a server optimiser apply."""
+    client-level DP, secure aggregation and a server optimiser apply."""
     from fedlora.adapters import PEFT_METHODS
 
     yes = lambda flag: "yes" if flag else "no"
@@ -61,6 +61,7 @@ def compatibility() -> list[dict[str, str]]:
              "ranks differ": yes(method.heterogeneous),
              "robust": ", ".join(sorted(method.robust_rules)) or "-",
              "dp": yes(method.linear),
+             "secure-aggregation": yes(not method.secagg_refusal),
              "server-optimizer": yes(method.server_optimizer_ok)}
             for name, method in sorted(METHODS.items())]
 

@@ -39,7 +39,7 @@ from fedlora.aggregation.base import (
 )
 from fedlora.aggregation.exactness import compress
 from fedlora.aggregation.linalg import pad_rank, truncate_rank
-from fedlora.config import OptionGroup, SettingsError, require, setting
+from fedlora.config import DefenceSettings, OptionGroup, SettingsError, require, setting
 from fedlora.factors import shared_keys
 from fedlora.train.hooks import LocalTraining
 
@@ -92,6 +92,9 @@ class Method:
     exactness_defined: ClassVar[bool] = True  # False when there is no global delta W
     server_optimizer_ok: ClassVar[bool] = True  # do the global factors persist across rounds?
     linear: ClassVar[bool] = False  # is the merge a weighted mean of the shared factors? (DP)
+    # why secure aggregation cannot run this method's merge ("" = it can: the merge is a
+    # weighted mean of what the clients send, at one rank, so the sum is all it needs)
+    secagg_refusal: ClassVar[str] = "its merge is not a weighted sum of what the clients send"
     # robust merges (fedlora.aggregation.robust) that make sense with this method: krum picks
     # whom the method merges; median / trimmed-mean replace the merge by a re-factored delta W
     robust_rules: ClassVar[frozenset[str]] = frozenset({"krum"})
@@ -140,6 +143,8 @@ class Method:
                 f"averaging the factors, so the Gaussian mechanism's noise would not bound "
                 f"what a client adds; use one of {names(lambda m: m.linear)}")
         self.check_defences(settings)
+        if fed.secure_aggregation:
+            self.check_secure_aggregation(settings)
         if fed.server_optimizer != "none" and not self.server_optimizer_ok:
             raise SettingsError(
                 f"setting 'server-optimizer': {fed.server_optimizer} acts on the global factors "
@@ -201,6 +206,38 @@ class Method:
                 f"clients needs at least {needed} replies per round, but a round may be merged "
                 f"with {have} (min-replies, or min-train-nodes when it is 0); raise min-replies "
                 f"(and min-train-nodes) to {needed} or lower robust-f")
+
+    def check_secure_aggregation(self, settings: Settings) -> None:
+        """secure-aggregation=true: the server sees only the sum, so the merge must be a
+        weighted sum of what the clients send, and nothing may need one client's update."""
+        fed, defence, default = settings.federation, settings.defence, DefenceSettings()
+        ranks = sorted(set(settings.lora.possible_ranks()))
+        why = [(bool(self.secagg_refusal), "strategy", f"strategy '{self.name}' cannot run "
+                f"under it: {self.secagg_refusal}; use one of "
+                f"{names(lambda m: not m.secagg_refusal)}"),
+               (len(ranks) > 1, "client-ranks", f"clients at ranks {ranks} send vectors of "
+                "different lengths; secure aggregation needs one rank (set client-ranks '')"),
+               (defence.robust != "none", "robust", f"{defence.robust} compares the clients' "
+                "updates with each other, and the server sees only their sum; set robust=none"),
+               (fed.max_update_norm > 0, "max-update-norm", "the server cannot measure one "
+                "update's norm, only the sum's; set max-update-norm=0 (secagg-clip bounds "
+                "each site's contribution instead)"),
+               (fed.clip_norm > 0 and fed.dp_clipping != "client", "dp-clipping", "the "
+                "server never sees one update to clip; set dp-clipping=client (each site "
+                "clips, and adds its share of the DP noise, before masking)"),
+               (defence.client_weights == "examples" and defence.max_weight_ratio not in
+                (0, default.max_weight_ratio), "max-weight-ratio", "the server never sees a "
+                "site's num-examples to cap it; secagg-max-weight caps each weight instead: "
+                "set max-weight-ratio=0"),
+               (defence.max_update_ratio not in (0, default.max_update_ratio),
+                "max-update-ratio", "the server cannot compare one update with the others; "
+                "set max-update-ratio=0"),
+               (defence.max_share not in (1, default.max_share), "max-share", "the server "
+                "never sees one site's weight to cut its share (each weighs at most 1 under "
+                "secagg-max-weight); set max-share=1")]
+        for refused, key, reason in why:
+            if refused:
+                raise SettingsError(f"setting '{key}': secure-aggregation=true, but {reason}")
 
     def proximal_mu(self, settings: Settings) -> float:
         """Weight of the FedProx proximal term in the clients' loss (proximal-mu)."""

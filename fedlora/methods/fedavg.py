@@ -38,6 +38,7 @@ class FedAvg(Method):
     robust_rules = frozenset({"krum", "median", "trimmed-mean"})
     summary = "FedIT: weighted mean of B and of A (same rank everywhere)"
     linear = True
+    secagg_refusal = ""
     peft_methods = frozenset({"*"})
 
     def combine(self, updates: list[ClientUpdate], previous: Factors, *, export_rank: int

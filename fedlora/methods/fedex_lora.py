@@ -32,6 +32,8 @@ class FedExLoRA(ResidualMethod):
     summary = "FedEx-LoRA: fedavg plus the exact residual folded into the base"
     exact = True
     server_optimizer_ok = False  # an optimiser step would break the residual's exactness
+    secagg_refusal = ("its residual is the mean of the clients' products B_i A_i, which "
+                      "needs each client's factors")
 
     def combine(self, updates: list[ClientUpdate], previous: Factors, *, export_rank: int
                 ) -> MergeResult:

@@ -41,6 +41,7 @@ class FedSALoRA(Method):
     robust_rules = frozenset({"krum", "median", "trimmed-mean"})
     summary = "FedSA-LoRA: share and average A only; each client keeps its own B"
     linear = True
+    secagg_refusal = ""
     shares = "A"
     personal = True
     exactness_defined = False

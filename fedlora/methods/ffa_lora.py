@@ -38,6 +38,7 @@ class FFALoRA(Method):
     name = "ffa-lora"
     summary = "FFA-LoRA: A frozen from a shared seed, only B trained and averaged (exact)"
     linear = True
+    secagg_refusal = ""
     exact = True
     heterogeneous = True
     shares = "B"

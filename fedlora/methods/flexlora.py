@@ -36,6 +36,8 @@ class FlexLoRA(Method):
     summary = "FlexLoRA: exact average of B_i A_i, re-factored by SVD at the global rank"
     heterogeneous = True
     server_optimizer_ok = False  # the global factors change basis every round
+    secagg_refusal = ("its merge is the SVD of the mean of the clients' products B_i A_i, "
+                      "which needs each client's factors")
 
     def combine(self, updates: list[ClientUpdate], previous: Factors, *, export_rank: int
                 ) -> MergeResult:

@@ -31,6 +31,7 @@ class FLoRA(ResidualMethod):
     heterogeneous = True
     fresh_adapter = True
     server_optimizer_ok = False  # there is no global adapter to move
+    secagg_refusal = "it stacks each client's factors side by side, so it needs each one"
 
     def combine(self, updates: list[ClientUpdate], previous: Factors, *, export_rank: int
                 ) -> MergeResult:

@@ -115,6 +115,9 @@ class HetLoRA(Method):
     summary = "HetLoRA: zero-pad to the largest rank, norm-weighted mean, optional rank pruning"
     heterogeneous = True
     Options = HetLoRAOptions
+    secagg_refusal = ("its default weights are the norms of each client's update, and its "
+                      "zero-padded factors of different ranks are not laid out for the "
+                      "secure sum yet")
     options: HetLoRAOptions
 
     def check_settings(self, settings: Settings) -> None:

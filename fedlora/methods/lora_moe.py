@@ -192,6 +192,8 @@ class LoraMoe(Method):
                "clients that trained it, the router over all")
     linear = True  # a weighted mean of what the clients sent: DP's noise bounds each client
     exactness_defined = False  # no low-rank global delta W: the experts are plain tensors
+    secagg_refusal = ("each expert is averaged over the clients that trained it; the "
+                      "per-expert counts are not laid out for the secure sum yet")
     peft_methods = frozenset({"lora-moe"})
     Options = MoeOptions
     options: MoeOptions

@@ -1,0 +1,213 @@
+"""Secure aggregation on a node: the stages of `fedlora.secagg.protocol` as Flower replies.
+
+The training reply carries the node's two public keys and a commitment to its self-mask
+seed instead of its factors; the quantised vector (`fedlora.secagg.vector`) and the secrets
+wait in the node's `context.state` (ConfigRecord `STATE`, ArrayRecord `VECTOR`) for the
+server's QUERY messages: share-keys (shares of the seed and of the mask key, sealed for each
+neighbour), collect-masked (open the neighbours' shares, reply the masked vector, once) and
+unmask (for each neighbour the server names, the seed share if it survived or the key share
+if it dropped, never both, once). Anything out of order, for another round, or asked twice is
+refused: the node replies an error and drops out of the round.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from torch import Tensor
+
+from fedlora import wire
+from fedlora.config import Settings
+from fedlora.secagg import protocol
+from fedlora.secagg.noise import noised_change, site_noise_std
+from fedlora.secagg.vector import Layout, Quantizer, bits_for
+
+STATE = "secagg-state"
+VECTOR = "secagg-vector"
+MASKED = "masked"  # ArrayRecord key of the masked vector in a collect-masked reply
+
+
+class ProtocolRefused(ValueError):
+    """A stage message this node will not answer (out of order, stale, or asked twice)."""
+
+
+def ints(record: ConfigRecord, key: str) -> list[int]:
+    """A list of integers of a record (ValueError, naming the key, for anything else)."""
+    value = record.get(key)
+    if not isinstance(value, list) or not all(type(v) is int for v in value):
+        raise ValueError(f"secure aggregation: {key!r} should be a list of integers")
+    return [int(v) for v in value]
+
+
+def blobs(record: ConfigRecord, key: str) -> list[bytes]:
+    """A list of byte strings of a record (ValueError, naming the key, for anything else)."""
+    value = record.get(key)
+    if not isinstance(value, list) or not all(isinstance(v, bytes) for v in value):
+        raise ValueError(f"secure aggregation: {key!r} should be a list of byte strings")
+    return [v for v in value if isinstance(v, bytes)]
+
+
+def blob(record: ConfigRecord, key: str) -> bytes:
+    """A byte string of a record (ValueError, naming the key, for anything else)."""
+    value = record.get(key)
+    if not isinstance(value, bytes):
+        raise ValueError(f"secure aggregation: {key!r} should be a byte string")
+    return value
+
+
+def integer(record: ConfigRecord, key: str) -> int:
+    """An integer of a record (ValueError, naming the key, for anything else)."""
+    value = record.get(key)
+    if type(value) is not int:
+        raise ValueError(f"secure aggregation: {key!r} should be an integer, got {value!r}")
+    return int(value)
+
+
+def settings_of(msg: Message) -> ConfigRecord | None:
+    """The secure-aggregation record of a server message (None: the round is not secure)."""
+    return msg.content.config_records.get(wire.SECAGG)
+
+
+def weight_ratio(num_examples: int, config: ConfigRecord) -> float:
+    """What this site weighs in the secure sum: 1 with equal weights, else
+    min(num-examples / max-weight, 1)."""
+    if config.get(wire.SECAGG_EQUAL):
+        return 1.0
+    return min(num_examples / max(integer(config, wire.SECAGG_MAX_WEIGHT), 1), 1.0)
+
+
+def with_noise(change: dict[str, Tensor], settings: Settings, rank: int,
+               config: ConfigRecord) -> dict[str, Tensor]:
+    """Distributed DP: this site's share of the Gaussian noise on its clipped change
+    (`fedlora.secagg.noise`), sized by the sites the server sampled and secagg-dropout, drawn
+    from a seed nobody else knows."""
+    fed = settings.federation
+    std = site_noise_std(fed.dp_noise_multiplier, fed.clip_norm,
+                         integer(config, wire.SECAGG_SITES), integer(config, wire.SECAGG_DROPOUT))
+    generator = torch.Generator().manual_seed(secrets.randbits(63))
+    return noised_change(change, std, settings.lora.scale(rank), generator)
+
+
+def train_reply(context: Context, config: ConfigRecord, server_round: int,
+                change: dict[str, Tensor], num_examples: int) -> tuple[ConfigRecord, int]:
+    """After training: quantise weight x `change` (what this node's shared tensors moved
+    from what it received) and keep it, with fresh keys and a fresh self-mask seed, in the
+    node's state; (the public part for the server, values the range clipped)."""
+    layout = Layout.of({k: tuple(v.shape) for k, v in change.items()})
+    vector = layout.flatten({k: v.detach().double().cpu().numpy() for k, v in change.items()},
+                            weight_ratio(num_examples, config))
+    clip = config.get(wire.SECAGG_CLIP)
+    if not isinstance(clip, float):
+        raise ValueError(f"secure aggregation: {wire.SECAGG_CLIP!r} should be a number")
+    quantizer = Quantizer(clip, bits_for(integer(config, wire.SECAGG_SITES)))
+    x, clipped = quantizer.quantize(vector, np.random.default_rng(secrets.randbits(128)))
+    c_key, s_key, seed = protocol.new_key(), protocol.new_key(), os.urandom(protocol.SEED_BYTES)
+    context.state[STATE] = ConfigRecord({
+        wire.SERVER_ROUND: server_round, "c": protocol.private_bytes(c_key),
+        "s": protocol.private_bytes(s_key), "seed": seed, "stage": "train"})
+    context.state[VECTOR] = ArrayRecord({"x": Array(x)})
+    return ConfigRecord({wire.SECAGG_C_KEY: protocol.public_bytes(c_key),
+                         wire.SECAGG_S_KEY: protocol.public_bytes(s_key),
+                         wire.SECAGG_COMMITMENT: protocol.commitment(seed)}), clipped
+
+
+def stage(msg: Message, context: Context) -> Message:
+    """Answer one of the server's secure-aggregation QUERY messages."""
+    config = settings_of(msg)
+    assert config is not None
+    name = str(config.get(wire.SECAGG_STAGE))
+    state = context.state.config_records.get(STATE)
+    server_round = config.get(wire.SERVER_ROUND)
+    if state is None or state[wire.SERVER_ROUND] != server_round:
+        raise ProtocolRefused(f"secure aggregation: stage {name!r} of round {server_round!r}, "
+                              f"but this node trained no round of it (state for round "
+                              f"{state[wire.SERVER_ROUND] if state else None!r})")
+    handlers = {"share-keys": ("train", share_keys), "collect-masked": ("share-keys", masked),
+                "unmask": ("collect-masked", unmask)}
+    if name not in handlers:
+        raise ProtocolRefused(f"secure aggregation: unknown stage {name!r}, expected one of "
+                              f"{sorted(handlers)}")
+    after, handler = handlers[name]
+    if state["stage"] != after:
+        raise ProtocolRefused(f"secure aggregation: stage {name!r} must follow {after!r}, but "
+                              f"this node's last stage was {state['stage']!r} (asked twice or "
+                              f"out of order: refused)")
+    content = handler(config, state, context)
+    state["stage"] = name
+    if name == "unmask":  # the round is over for this node: forget its secrets
+        del context.state[STATE]
+    return Message(content, reply_to=msg)
+
+
+def share_keys(config: ConfigRecord, state: ConfigRecord, context: Context) -> RecordDict:
+    """Shamir shares of the seed and of s's private key for the neighbours and this node,
+    each sealed for its holder; the neighbours' public keys are kept for the next stages."""
+    me, nodes = context.node_id, ints(config, wire.SECAGG_NODES)
+    c_keys, s_keys = blobs(config, wire.SECAGG_C_KEY), blobs(config, wire.SECAGG_S_KEY)
+    if me in nodes or len(set(nodes)) != len(nodes) or not len(nodes) == len(c_keys) == \
+            len(s_keys):
+        raise ProtocolRefused(f"secure aggregation: share-keys names neighbours {nodes} with "
+                              f"{len(c_keys)} and {len(s_keys)} keys; expected distinct nodes "
+                              f"other than this one ({me}), one key pair each")
+    shares = protocol.split_secrets(integer(state, wire.SERVER_ROUND), me, [*nodes, me],
+                                    blob(state, "seed"), blob(state, "s"),
+                                    integer(config, wire.SECAGG_THRESHOLD))
+    mine = shares.pop(me)
+    state.update({"nodes": nodes, "c-keys": c_keys, "s-keys": s_keys,
+                  "held-nodes": [me], "held-seeds": [mine.seed], "held-keys": [mine.key]})
+    own = blob(state, "c")
+    sealed = [protocol.seal(shares[n], own, key) for n, key in zip(nodes, c_keys)]
+    return RecordDict({wire.SECAGG: ConfigRecord({wire.SECAGG_NODES: nodes,
+                                                  wire.SECAGG_SEALED: sealed})})
+
+
+def masked(config: ConfigRecord, state: ConfigRecord, context: Context) -> RecordDict:
+    """Open the shares the neighbours sealed for this node (any that does not open, or is
+    for another round or pair, refuses the stage), then the masked vector, with pairwise
+    masks for exactly the neighbours whose shares arrived."""
+    me, server_round = context.node_id, integer(state, wire.SERVER_ROUND)
+    known = dict(zip(ints(state, "nodes"), zip(blobs(state, "c-keys"), blobs(state, "s-keys"))))
+    senders, sealed = ints(config, wire.SECAGG_NODES), blobs(config, wire.SECAGG_SEALED)
+    if len(senders) != len(sealed) or len(set(senders)) != len(senders) or \
+            not set(senders) <= set(known):
+        raise ProtocolRefused(f"secure aggregation: shares from {senders}, expected at most "
+                              f"one from each neighbour {sorted(known)}")
+    nodes, seeds, keys = (ints(state, "held-nodes"), blobs(state, "held-seeds"),
+                          blobs(state, "held-keys"))
+    own = blob(state, "c")
+    for sender, data in zip(senders, sealed):
+        share = protocol.open_share(data, own, known[sender][0], server_round, sender, me)
+        nodes.append(sender)
+        seeds.append(share.seed)
+        keys.append(share.key)
+    state.update({"held-nodes": nodes, "held-seeds": seeds, "held-keys": keys})
+    x = context.state.array_records[VECTOR]["x"].numpy()
+    y = protocol.masked(x, me, blob(state, "seed"), blob(state, "s"),
+                        {n: known[n][1] for n in senders})
+    del context.state[VECTOR]
+    return RecordDict({MASKED: ArrayRecord({MASKED: Array(y)})})
+
+
+def unmask(config: ConfigRecord, state: ConfigRecord, context: Context) -> RecordDict:
+    """For each node the server says survived, this node's share of its seed; for each it
+    says dropped, the share of its mask key; a node named in both lists, or this node among
+    the dropped, refuses the stage (the server would learn both secrets of one site)."""
+    survivors = ints(config, wire.SECAGG_SURVIVORS)
+    dropped = ints(config, wire.SECAGG_DROPPED)
+    both = sorted(set(survivors) & set(dropped)) + [context.node_id] * (
+        context.node_id in dropped)
+    if both:
+        raise ProtocolRefused(f"secure aggregation: unmask names node(s) {both} both as "
+                              f"survived and as dropped: refused")
+    held = {n: i for i, n in enumerate(ints(state, "held-nodes"))}
+    seed_shares, key_shares = blobs(state, "held-seeds"), blobs(state, "held-keys")
+    seeds = [n for n in survivors if n in held]
+    keys = [n for n in dropped if n in held]
+    return RecordDict({wire.SECAGG: ConfigRecord({
+        wire.SECAGG_SURVIVORS: seeds, wire.SECAGG_DROPPED: keys,
+        wire.SECAGG_SEED_SHARES: [seed_shares[held[n]] for n in seeds],
+        wire.SECAGG_KEY_SHARES: [key_shares[held[n]] for n in keys]})})
