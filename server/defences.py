@@ -105,20 +105,39 @@ NOOP_RTOL = 1e-6  # an update this small relative to the adapter received is a n
 
 
 def screen_updates(norms: Sequence[float], factor_norms: Sequence[float], ratio: float,
-                   still: float = 0.0, factor_still: float = 0.0) -> Screened:
+                   still: float = 0.0, factor_still: float = 0.0,
+                   group_norms: Sequence[Mapping[str, float]] = ()) -> Screened:
     """`screen_norms` on the delta-W change and on the factors' own change, together: a reply
     far out on either is dropped. The factor screen holds where a merge averages B and A
     apart (fedavg, hetlora): A = 1e30 with B = 0 moves delta W by nothing, and the mean of
-    the A's by 2e29."""
+    the A's by 2e29. `group_norms` (lora-moe: each reply's change per expert it trained,
+    `screen_groups`) drops a reply far out on any one group as well."""
     product = screen_norms(norms, ratio, still)
     factors = screen_norms(factor_norms, ratio, factor_still, "factor change")
     reasons = dict(product.dropped)
-    for i, reason in factors.dropped:
+    for i, reason in (*factors.dropped, *screen_groups(group_norms, ratio, factor_still)):
         reasons.setdefault(i, reason)
     return Screened(tuple(i for i in range(len(norms)) if i not in reasons),
                     tuple(sorted(reasons.items())),
                     {**product.figures,
                      M.FACTOR_NORM_MEDIAN: factors.figures[M.UPDATE_NORM_MEDIAN]})
+
+
+def screen_groups(group_norms: Sequence[Mapping[str, float]], ratio: float,
+                  still: float = 0.0) -> list[tuple[int, str]]:
+    """`screen_norms` group by group (lora-moe: each routed expert; the routers and shared
+    experts), each over the replies that trained that group only: a client that trains one
+    expert is measured against that expert's other trainers, not against the whole adapter's
+    change, where one expert moved 9 times as far as the others' would still pass.
+    Returns (index, reason) of every reply far out on some group (its first such group)."""
+    dropped: dict[int, str] = {}
+    for group in sorted({g for norms in group_norms for g in norms}):
+        trainers = [i for i, norms in enumerate(group_norms) if group in norms]
+        screened = screen_norms([group_norms[i][group] for i in trainers], ratio, still,
+                                f"{group} change")
+        for j, reason in screened.dropped:
+            dropped.setdefault(trainers[j], reason)
+    return sorted(dropped.items())
 
 
 def screen_norms(norms: Sequence[float], ratio: float, still: float = 0.0,

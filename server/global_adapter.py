@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fedlora.adapters.lora_moe import expert_of
 from fedlora.aggregation import ClientUpdate, Factors
 from fedlora.aggregation.base import Dense, MergeResult, dense_distance
 from fedlora.aggregation.exactness import exactness, truncation_loss
@@ -137,6 +138,23 @@ class GlobalAdapter:
         received, plain = self.received(self.rank), dense_distance(self.dense, {})
         return (math.hypot(change_norm(self.merged_part(received), {}), plain),
                 math.hypot(factor_distance(received, {}), plain))
+
+    def group_changes(self, update: ClientUpdate) -> dict[str, float]:
+        """lora-moe: ||T - T_ref|| of each routed expert this client trained ("expert 2") and
+        of the routers and shared experts together ("routers"), which the screens compare
+        among the clients that trained each; {} for an adapter without experts."""
+        if not any(expert_of(k) is not None for k in update.dense):
+            return {}
+        squares: dict[str, float] = {}
+        for key, tensor in update.dense.items():
+            expert = expert_of(key)
+            if expert is not None and update.experts is not None and \
+                    expert not in update.experts:
+                continue  # not trained by this client: not merged from it either
+            group = "routers" if expert is None else f"expert {expert}"
+            change = float((tensor.double() - self.dense[key].double()).square().sum())
+            squares[group] = squares.get(group, 0.0) + change
+        return {group: math.sqrt(total) for group, total in squares.items()}
 
     def distance(self, update: ClientUpdate) -> float:
         """The norm clipping bounds: ||(B - B_ref, A - A_ref, T - T_ref)||_2."""

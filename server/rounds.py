@@ -232,8 +232,9 @@ class RoundLoop:
             return
         product_still, factor_still = (defences.NOOP_RTOL * n
                                        for n in self.state.reference_norms())
+        groups = [self.state.group_changes(r.update) for r in record.replies]
         screened = defences.screen_updates(norms, factor_norms, self.rules.max_update_ratio,
-                                           product_still, factor_still)
+                                           product_still, factor_still, groups)
         for i, reason in reversed(screened.dropped):
             reply = record.replies.pop(i)
             self.failed(record, reply.row[M.NODE_ID], reason, dropped=True)

@@ -32,6 +32,7 @@ from fedlora.methods.lora_moe import NODE_EXPERT, REPLY_EXPERTS, average_experts
 from fedlora.models import load_model
 from fedlora.outputs import read_metrics, training_rounds
 from fedlora.train import LocalTraining
+from server import defences
 from server.global_adapter import GlobalAdapter
 
 MOE = {**RUN, "peft": "lora-moe", "strategy": "lora-moe", "moe-experts": 3, "moe-top-k": 2,
@@ -151,6 +152,48 @@ def test_a_dp_lora_moe_federation_reports_its_noise_and_privacy(tmp_path):
     assert [r["dp-noise-std"] for r in rows] == pytest.approx([z * c / 2] * 2)
     assert 0 < rows[0]["dp-epsilon"] < rows[1]["dp-epsilon"] < float("inf")
     assert all(n > 0 for r in rows for n in r["update-norms"])
+
+
+# ---- screening per expert --------------------------------------------------------------------
+
+def test_each_expert_is_screened_against_its_own_trainers():
+    """Every client trains every expert; one moves expert 2 by 15 where the others move it by
+    about 1. Its whole change is under 10x the lower median (it passes the update screen), but
+    expert 2's is 15x that expert's: the per-expert screen drops it, naming the expert."""
+    settings, method = load({**MOE, "moe-assign": "learned"})
+    state = GlobalAdapter(method, settings.lora, {}, 2, dense=moe_state([0.0] * 4))
+    honest = [moe_state([1.0, 1.0, v, 1.0]) for v in (0.9, 1.0, 1.1)]
+    hostile = moe_state([1.0, 1.0, 15.0, 1.0])
+    updates = [ClientUpdate({}, 1.0, d) for d in (*honest, hostile)]
+    groups = [state.group_changes(u) for u in updates]
+    assert groups[3] == pytest.approx({"expert 0": 1.0, "expert 1": 1.0, "expert 2": 15.0,
+                                       "routers": 1.0})
+    totals = [state.moved(u) for u in updates]
+    assert totals[3] < 10 * sorted(totals)[1]  # the whole-update screen lets it through
+    assert defences.screen_updates(totals, totals, 10.0).dropped == ()
+    screened = defences.screen_updates(totals, totals, 10.0, group_norms=groups)
+    assert [i for i, _ in screened.dropped] == [3]
+    assert "expert 2 change 15 is 15 times" in screened.dropped[0][1]
+
+
+def test_an_expert_a_client_did_not_train_is_not_held_against_it():
+    """moe-assign=client: a client's untrained experts are not merged from it, so they are not
+    screened either; an expert is judged among the clients that trained it."""
+    settings, method = load({**MOE, "moe-assign": "client"})
+    state = GlobalAdapter(method, settings.lora, {}, 2, dense=moe_state([0.0] * 4))
+    a = ClientUpdate({}, 1.0, moe_state([1.0, 99.0, 0.0, 1.0]), experts=frozenset({0}))
+    b = ClientUpdate({}, 1.0, moe_state([1.2, 0.0, 0.0, 1.0]), experts=frozenset({0}))
+    c = ClientUpdate({}, 1.0, moe_state([0.0, 30.0, 0.0, 1.0]), experts=frozenset({1}))
+    groups = [state.group_changes(u) for u in (a, b, c)]
+    assert groups[0] == pytest.approx({"expert 0": 1.0, "routers": 1.0})  # not its 99
+    assert groups[2] == pytest.approx({"expert 1": 30.0, "routers": 1.0})
+    assert defences.screen_groups(groups, 10.0) == []  # expert 1 has one trainer: its own scale
+
+
+def test_a_plain_adapter_has_no_groups():
+    settings, method = load({**RUN, "peft": "ia3"})
+    state = GlobalAdapter(method, settings.lora, {}, 2, dense={"m.ia3_l.weight": torch.ones(3)})
+    assert state.group_changes(ClientUpdate({}, 1.0, {"m.ia3_l.weight": torch.zeros(3)})) == {}
 
 
 # ---- settings ---------------------------------------------------------------------------------
