@@ -84,3 +84,19 @@ def test_audit_on_tiny_llama_reads_the_secret_from_the_reply_the_server_received
     assert reply["rank"] == 1 and reply["exposure"] == pytest.approx(math.log2(10))
     assert arm["views"]["reply"][0]["scores"] != arm["views"]["base"][0]["scores"]
     assert (out / "summary.md").read_text().startswith("| arm | base | reply | sum | final |")
+
+
+def test_cached_candidate_scores_equal_scoring_each_answer_whole(tiny_slot):
+    """The audit scores 10**digits answers with the shared prompt run once (cached); each
+    score equals choice_logliks' (prompt and answer as one sequence), the oracle."""
+    from fedlora.audit.run import candidate_scores
+    from fedlora.train.accuracy import question_prompt
+    from fedlora.train.choices import choice_logliks
+
+    model, tokenizer = tiny_slot.model, tiny_slot.tokenizer
+    canary = Canary("Ines Varga", "safe code", (4, 7))
+    fast = candidate_scores(model, tokenizer, canary, batch_size=32)
+    whole = choice_logliks(model, tokenizer, question_prompt(canary.record(), tokenizer),
+                           [canary.answer(c) for c in canary.candidates()])
+    assert len(fast) == 100
+    assert fast == pytest.approx(whole, abs=1e-3)

@@ -113,14 +113,62 @@ def reply_state(tap: ReplyTap, slot, rank: int) -> dict[str, torch.Tensor] | Non
     return state
 
 
-def candidate_scores(model, tokenizer, canary: Canary, batch_size: int = 50) -> list[float]:
-    """log P(answer with each candidate secret | the canary's question), every candidate."""
-    from fedlora.train.accuracy import question_prompt
-    from fedlora.train.choices import choice_logliks
+def common_prefix(rows: list[list[int]]) -> int:
+    """How many leading tokens every row shares (at most the shortest row's length - 1, so
+    each row keeps a token of its own)."""
+    shortest = min(len(r) for r in rows)
+    n = 0
+    while n < shortest - 1 and all(r[n] == rows[0][n] for r in rows):
+        n += 1
+    return n
 
-    prompt = question_prompt(canary.record(), tokenizer)
-    answers = [canary.answer(c) for c in canary.candidates()]
-    return choice_logliks(model, tokenizer, prompt, answers, batch_size=batch_size)
+
+def candidate_scores(model, tokenizer, canary: Canary, batch_size: int = 100) -> list[float]:
+    """log P(answer with each candidate secret | the canary's question), every candidate:
+    what `fedlora.train.choices.choice_logliks` computes (prompt and answer tokenized apart,
+    the answer's tokens summed), with the prompt and the answers' shared start run once and
+    kept in the model's cache, so each candidate costs only its last few tokens."""
+    import copy
+
+    import torch
+
+    from fedlora.train.accuracy import question_prompt
+    from fedlora.train.choices import pad_id, token_ids
+
+    prompt = token_ids(tokenizer, question_prompt(canary.record(), tokenizer))
+    answers = [token_ids(tokenizer, canary.answer(c)) for c in canary.candidates()]
+    common = common_prefix(answers)
+    prefix = prompt + answers[0][:common]
+    device = next(model.parameters()).device
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(input_ids=torch.tensor([prefix], device=device), use_cache=True)
+            logprobs = torch.log_softmax(out.logits[0].float(), dim=-1)
+            shared = sum(float(logprobs[len(prompt) - 1 + i, answers[0][i]]) for i in range(common))
+            first = logprobs[-1]  # predicts each candidate's first own token
+            scores: list[float] = []
+            for start in range(0, len(answers), batch_size):
+                rows = [a[common:] for a in answers[start:start + batch_size]]
+                width = max(len(r) for r in rows)
+                ids = torch.full((len(rows), width), pad_id(tokenizer), dtype=torch.long)
+                mask = torch.zeros((len(rows), len(prefix) + width), dtype=torch.long)
+                mask[:, :len(prefix)] = 1
+                for r, row in enumerate(rows):
+                    ids[r, :len(row)] = torch.tensor(row)
+                    mask[r, len(prefix):len(prefix) + len(row)] = 1
+                cache = copy.deepcopy(out.past_key_values)
+                cache.batch_repeat_interleave(len(rows))
+                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                               past_key_values=cache, use_cache=True).logits
+                step = torch.log_softmax(logits.float(), dim=-1)  # position t predicts t + 1
+                for r, row in enumerate(rows):
+                    scores.append(shared + float(first[row[0]]) + sum(
+                        float(step[r, t - 1, row[t]]) for t in range(1, len(row))))
+            return scores
+    finally:
+        model.train(training)
 
 
 def score_view(model, tokenizer, canaries: list[Canary]) -> list[dict]:

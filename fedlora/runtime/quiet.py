@@ -25,7 +25,7 @@ import warnings
 
 QUIET_ENV = "FEDLORA_QUIET"  # "1": hide the dependencies' noise (set by the fedlora command)
 LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "ray", "flwr",
-             "datasets", "huggingface_hub", "safetensors", "tokenizers", "gguf")
+             "datasets", "huggingface_hub", "safetensors", "tokenizers", "gguf", "opacus")
 # Inherited by every Python process of a run: categories that are never a user's concern
 PYTHONWARNINGS = ("ignore::DeprecationWarning,ignore::PendingDeprecationWarning,"
                   "ignore::FutureWarning")
