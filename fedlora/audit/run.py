@@ -306,8 +306,10 @@ def run_audit(plan: AuditPlan, out_dir: Path, progress=print) -> dict[str, Any]:
         shutil.rmtree(arm_dir, ignore_errors=True)
         results.append(audit_arm(plan, arm, data, held_out, canaries, arm_dir))
         row = summary_rows(results[-1:])[0]
+        accuracy = "n/a" if row["accuracy"] is None else f"{row['accuracy']:.3f}"
         progress(f"fedlora audit: arm {arm}: exposure " + ", ".join(
-            f"{v} {'masked' if row[v] is None else f'{row[v]:.2f} bits'}" for v in VIEWS))
+            f"{v} {'masked' if row[v] is None else f'{row[v]:.2f} bits'}" for v in VIEWS)
+            + f"; accuracy {accuracy}")
         # after every arm: a long audit stopped part way keeps what it measured
         report = write_report(plan, canaries, results, out_dir)
     return report
