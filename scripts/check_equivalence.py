@@ -56,7 +56,8 @@ def run_one(tree: Path, name: str, out_dir: Path) -> None:
         # this tree's grid module by its file (the older tree may not have it), whose apps
         # (clients.client_app, server.server_app) are imported from `tree`
         "spec = importlib.util.spec_from_file_location('inprocess', {grid!r})\n"
-        "grid = importlib.util.module_from_spec(spec); spec.loader.exec_module(grid)\n"
+        "grid = sys.modules['inprocess'] = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(grid)\n"
         "grid.run_inprocess({cfg!r}, 3)\n"
     ).format(tree=str(tree), grid=str(ROOT / "simulations" / "inprocess.py"),
              cfg={**BASE, **SCENARIOS[name], "output-dir": str(out_dir),
