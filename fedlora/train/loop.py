@@ -133,9 +133,6 @@ def train_local(model: torch.nn.Module, adapter: str, examples: list[dict], pad_
                                settings, device.type)
     mu = hooks.proximal_mu
     anchor = [p.detach().clone() for p in params] if mu > 0 else []
-    # The schedule spans the whole run: round r continues where round r-1 stopped.
-    total_steps = plan.num_rounds * settings.local_steps
-    first_step = (plan.server_round - 1) * settings.local_steps
     stream = batches(examples, settings.batch_size, plan.seed)
     model.train()
     losses: list[float] = []
@@ -148,9 +145,7 @@ def train_local(model: torch.nn.Module, adapter: str, examples: list[dict], pad_
                                     plan, hooks, anchor, dp, grads, losses, progress)
         return _finish(model, progress, losses, tokens, start, dp)
     for i in range(settings.local_steps):
-        for group in optimizer.param_groups:
-            group["lr"] = settings.lr * group["lr_scale"] * lr_factor(
-                first_step + i, total_steps, settings.warmup_steps, settings.lr_schedule)
+        schedule_lr(optimizer, settings, plan, i)
         # ---- gradient accumulation: grad_accum micro-batches make one optimizer step ----
         step_loss = 0.0
         for _ in range(settings.grad_accum):
@@ -171,13 +166,30 @@ def train_local(model: torch.nn.Module, adapter: str, examples: list[dict], pad_
                                                     for p, p0 in zip(params, anchor))
             (loss / settings.grad_accum).backward()
             step_loss += plain_loss / settings.grad_accum
-        if settings.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(params, optimizer, settings)
         losses.append(step_loss)
         progress.update(step_loss)
     return _finish(model, progress, losses, tokens, start)
+
+
+def schedule_lr(optimizer: torch.optim.Optimizer, settings: TrainSettings, plan: RoundPlan,
+                i: int) -> None:
+    """Every parameter group's learning rate for step `i` of this round. The schedule spans
+    the whole run: round r continues where round r-1 stopped."""
+    total_steps = plan.num_rounds * settings.local_steps
+    step = (plan.server_round - 1) * settings.local_steps + i
+    for group in optimizer.param_groups:
+        group["lr"] = settings.lr * group["lr_scale"] * lr_factor(
+            step, total_steps, settings.warmup_steps, settings.lr_schedule)
+
+
+def optimizer_step(params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+                   settings: TrainSettings) -> None:
+    """Clip the gradients to max-grad-norm (when set), step, and clear them."""
+    if settings.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def _finish(model: torch.nn.Module, progress: StepProgress, losses: list[float], tokens: int,
@@ -200,16 +212,12 @@ def _private_steps(model: torch.nn.Module, params: list[torch.nn.Parameter],
     `anchor`, the adapter the round started from) is added after the noise. Returns the
     tokens fed to the model."""
     device = params[0].device
-    total_steps = plan.num_rounds * settings.local_steps
-    first_step = (plan.server_round - 1) * settings.local_steps
     generator = secret_generator()
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16,
                                       enabled=settings.bf16)
     fed = 0
     for i in range(settings.local_steps):
-        for group in optimizer.param_groups:
-            group["lr"] = settings.lr * group["lr_scale"] * lr_factor(
-                first_step + i, total_steps, settings.warmup_steps, settings.lr_schedule)
+        schedule_lr(optimizer, settings, plan, i)
         loss, tokens, _ = private_step(model, params, examples, pad_id, dp,
                                        settings.batch_size, generator, grads, autocast,
                                        hooks.on_batch, hooks.auxiliary)
@@ -217,10 +225,7 @@ def _private_steps(model: torch.nn.Module, params: list[torch.nn.Parameter],
         for p, p0 in zip(params, anchor):  # FedProx: mu (theta - theta_start)
             assert p.grad is not None
             p.grad += hooks.proximal_mu * (p.detach() - p0)
-        if settings.max_grad_norm > 0:  # post-processing of the noisy gradient
-            torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(params, optimizer, settings)  # clipping: post-processing of the noise
         step_loss = loss if loss == loss else (losses[-1] if losses else 0.0)
         losses.append(step_loss)
         progress.update(step_loss)
