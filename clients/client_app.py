@@ -162,18 +162,19 @@ def node_settings(context: Context, task: str = MessageType.TRAIN) -> tuple[Sett
             f"peft={server_peft}; every node of a run trains the server's PEFT method, since "
             f"the server merges only tensors of that method: remove peft from this node's "
             f"config or join a run of peft={node_peft}")
-    if DP_SGD_BUDGET in context.node_config:  # the node's privacy budget is its own
+    if DP_SGD_BUDGET in node:  # the node's privacy budget is its own
+        defaults = all_keys()
         for key in DP_SGD_NODE_KEYS:
-            if key in run and key not in context.node_config and run[key] != all_keys()[key][0]:
+            if key in run and key not in node and run[key] != defaults[key][0]:
                 log.warning("ignored %s=%r from the run config: this node has its own "
                             "dp-sgd budget, at its own %s", key, run[key], key)
                 run.pop(key)
-        if not _true(run.get("dp-sgd", context.node_config.get("dp-sgd", False))):
-            raise Refused(
-                f"setting 'dp-sgd': this node has a record-level privacy budget "
-                f"({DP_SGD_BUDGET}={context.node_config[DP_SGD_BUDGET]}), but the run trains "
-                f"without dp-sgd; it trains only runs with dp-sgd=true")
     settings, method = load(run, node)
+    if DP_SGD_BUDGET in node and not settings.train.dp_sgd:
+        raise Refused(
+            f"setting 'dp-sgd': this node has a record-level privacy budget "
+            f"({DP_SGD_BUDGET}={node[DP_SGD_BUDGET]}), but the run trains "
+            f"without dp-sgd; it trains only runs with dp-sgd=true")
     if is_deployment_node(context):
         problems = limit_refusals(settings, node, evaluating=task == MessageType.EVALUATE)
         hub = hub_refusal(settings, run, node, tuple(BUILTINS))
@@ -190,11 +191,6 @@ def node_settings(context: Context, task: str = MessageType.TRAIN) -> tuple[Sett
             f"(attack={settings.attack.attack}); attacks exist for fedlora simulate only, and "
             f"a deployment node refuses them")
     return settings, method
-
-
-def _true(value: object) -> bool:
-    """A config's boolean (Flower gives a bool, a hand-written config may give "true")."""
-    return value is True or str(value).lower() == "true"
 
 
 def dp_sgd_plan(settings: Settings, examples: list[dict]) -> DpSgdPlan | None:
