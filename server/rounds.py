@@ -544,8 +544,8 @@ class RoundLoop:
 
     def update_problem(self, update: ClientUpdate, rank: int) -> str | None:
         """Why a well-formed update is still refused (its size), or None."""
-        norm = update_norm(update, self.state.dense)
-        if self.rules.max_update_norm and norm > self.rules.max_update_norm:
+        if self.rules.max_update_norm and (norm := update_norm(update, self.state.dense)) > \
+                self.rules.max_update_norm:  # computed only when bounded: it is not cheap
             return (f"update norm ||delta W||_F = {norm:.4g} is above max-update-norm="
                     f"{self.rules.max_update_norm:g}")
         if self.rules.client_clipping:
