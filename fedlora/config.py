@@ -421,6 +421,11 @@ class FederationSettings:
         "Drop a reply whose update ||delta W||_F (all modules) exceeds this (0 = no bound).")
     round_timeout: float = setting("round-timeout", 3600.0,
                                     "Seconds to wait for client replies in each phase.")
+    spill_above_mb: float = setting(
+        "spill-above-mb", 1024.0,
+        "When a round's replies are expected to exceed this many MB, the server writes each "
+        "to <output-dir>/.spill as it arrives and merges from there, so its memory does not "
+        "grow with the number of sites (0 = always, -1 = never; docs/scaling.md).")
     min_replies: int = setting(
         "min-replies", 0,
         "Valid training replies a round needs to be merged (0 = min-train-nodes); nodes that "
@@ -511,6 +516,8 @@ class FederationSettings:
                            ("min-available-nodes", self.min_available_nodes)):
             require(value >= 1, key, "an integer >= 1", value)
         require(self.round_timeout > 0, "round-timeout", "seconds > 0", self.round_timeout)
+        require(self.spill_above_mb >= 0 or self.spill_above_mb == -1, "spill-above-mb",
+                "MB >= 0, or -1 (never spill)", self.spill_above_mb)
         require(self.max_num_examples >= 1, "max-num-examples", "an integer >= 1",
                  self.max_num_examples)
         require(self.max_update_norm >= 0, "max-update-norm", "a number >= 0",

@@ -52,7 +52,11 @@ def from_array_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
     if sum(sizes) != data.size:
         raise ValueError(f"packed record: the index describes {sum(sizes)} values, the data "
                          f"holds {data.size}")
-    flat = torch.from_numpy(data.copy())
+    # Array.numpy() made a fresh array from the message's bytes: no second copy of a large
+    # reply (a read-only one, which torch cannot share, is copied)
+    owner = data if data.flags.owndata else data.base
+    fresh = data.flags.writeable and isinstance(owner, np.ndarray) and owner.flags.owndata
+    flat = torch.from_numpy(data if fresh else data.copy())
     return {k: part.reshape(shape) for (k, shape), part
             in zip(shapes.items(), torch.split(flat, sizes))}
 

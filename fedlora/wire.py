@@ -93,6 +93,7 @@ class M:
     EXACTNESS = "exactness"
     EXACTNESS_MAX_MODULE = "exactness-max-module"
     EXACTNESS_PER_MODULE = "exactness-per-module"
+    EXACTNESS_ESTIMATE = "exactness-estimate"  # "exact", or "sketch-64": estimated (large)
     TRUNCATION_LOSS = "truncation-loss"
     RESIDUAL_RANK = "residual-rank"
     RESIDUAL_DROPPED = "residual-dropped"

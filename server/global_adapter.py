@@ -18,8 +18,16 @@ import torch
 
 from fedlora.adapters.lora_moe import expert_of
 from fedlora.aggregation import ClientUpdate, Factors
-from fedlora.aggregation.base import Dense, MergeResult, dense_distance
-from fedlora.aggregation.exactness import exactness, truncation_loss
+from fedlora.aggregation.base import Dense, MergeResult, dense_distance, factor_shapes
+from fedlora.aggregation.exactness import (
+    EXACT_BUDGET,
+    SKETCH,
+    estimated_exactness,
+    exact_cost,
+    exactness,
+    sketch_sides,
+    truncation_loss,
+)
 from fedlora.aggregation.privacy import factor_distance
 from fedlora.aggregation.robust import change_norm, robust_merge, robust_shared_a
 from fedlora.aggregation.server_opt import ServerOptimizer
@@ -162,12 +170,16 @@ class GlobalAdapter:
                           dense_distance(update.dense, self.dense))
 
     # ---- one round ----------------------------------------------------------------------------
-    def update(self, updates: list[ClientUpdate], server_round: int = 0) -> dict:
+    def update(self, updates: list[ClientUpdate], server_round: int = 0,
+               sketches: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict:
         """Merge one round's updates into the global state: clipping, the method's merge (or
-        the robust one), DP noise (`server.defences`), the server optimiser, the figures."""
+        the robust one), DP noise (`server.defences`), the server optimiser, the figures.
+        `sketches`: each update's `sketch_sides`, made as it arrived (for the exactness
+        estimate of a large round; made here when None)."""
         self.method.check(updates)  # before clipping: clipping needs matching modules
         info: dict = {}
         if self.clip_norm:
+            sketches = None  # the clipped updates are not the ones sketched
             updates, clip_info = defences.clip(updates, [self.received(u.rank) for u in updates],
                                                self.dense, self.clip_norm,
                                                equal=bool(self.noise_multiplier))
@@ -180,7 +192,7 @@ class GlobalAdapter:
         if problem := defences.merge_problem(merged, dense):
             raise defences.MergeFailed(problem)  # before anything of the state changes
         self.step(merged, dense)
-        info.update(self.merge_figures(result, updates))
+        info.update(self.merge_figures(result, updates, sketches))
         info.update(self.add_residual(result))
         return info
 
@@ -212,12 +224,24 @@ class GlobalAdapter:
             dense = self.optimizer.step_dense(self.dense, dense) if dense else dense
         self.factors, self.dense = merged, {**self.dense, **dense}
 
-    def merge_figures(self, result: MergeResult, updates: list[ClientUpdate]) -> dict:
-        """How exactly the merge applied the updates, and what truncating to each client rank
-        loses (fedsa-lora has no global delta W to compare; a method without factors none)."""
+    def merge_figures(self, result: MergeResult, updates: list[ClientUpdate],
+                      sketches: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict:
+        """How exactly the merge applied the updates (estimated from sketches when the exact
+        figure would cost more than the merge: `sketched`), and what truncating to each
+        client rank loses (fedsa-lora has no global delta W to compare; a method without
+        factors none)."""
         info: dict = {}
         if self.method.exactness_defined and result.applied:
-            overall, per_module = exactness(result.applied, updates)
+            if self.sketched(updates, rank_of(result.applied)):
+                if sketches is None or len(sketches) != len(updates):
+                    sketches = [sketch_sides(u.factors) for u in updates]
+                overall, per_module = estimated_exactness(
+                    result.applied, list(updates[0].factors), sketches,
+                    [u.weight for u in updates])
+                info[M.EXACTNESS_ESTIMATE] = f"sketch-{SKETCH}"
+            else:
+                overall, per_module = exactness(result.applied, updates)
+                info[M.EXACTNESS_ESTIMATE] = "exact"
             info[M.EXACTNESS] = overall
             info[M.EXACTNESS_MAX_MODULE] = max(per_module.values(), default=0.0)
             info[M.EXACTNESS_PER_MODULE] = {short_name(m): v for m, v in per_module.items()}
@@ -225,6 +249,12 @@ class GlobalAdapter:
             info[M.TRUNCATION_LOSS] = {str(r): truncation_loss(self.factors, self.received(r))
                                        for r in sorted({u.rank for u in updates})}
         return info
+
+    def sketched(self, updates: list[ClientUpdate], applied_rank: int) -> bool:
+        """Whether the exactness figure of a merge of `updates` is estimated from sketches:
+        the exact one would cost more than `EXACT_BUDGET` (it grows as N^2)."""
+        layers = {m: (b[0], a[1]) for m, (b, a) in factor_shapes(updates[0].factors).items()}
+        return exact_cost(layers, [u.rank for u in updates], applied_rank) > EXACT_BUDGET
 
     def add_residual(self, result: MergeResult) -> dict:
         """Add the merge's residual to the frozen one (as the method keeps it); its figures."""

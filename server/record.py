@@ -9,6 +9,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from torch import Tensor
+
 from fedlora.aggregation import ClientUpdate
 from fedlora.wire import M
 
@@ -25,10 +27,16 @@ class Node:
 
 @dataclass
 class Reply:
-    """One accepted training reply: the update for the merge and its per-client row."""
+    """One accepted training reply: the update for the merge and its per-client row, and
+    the figures the screens and the exactness estimate need, computed once, as it arrived
+    (its factors may be on disk after that: `server.spill`)."""
 
     update: ClientUpdate
     row: dict[str, Any]
+    moved: float = math.nan  # GlobalAdapter.moved: its change of delta W (or A)
+    distance: float = math.nan  # GlobalAdapter.distance: its change of the factors
+    groups: dict[str, float] = field(default_factory=dict)  # lora-moe: per expert
+    sketch: tuple[Tensor, Tensor] | None = None  # exactness.sketch_sides of its factors
 
 
 @dataclass

@@ -20,10 +20,11 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from logging import ERROR, INFO, WARNING
-from typing import Any
+from pathlib import Path
+from typing import Any, cast
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -31,8 +32,9 @@ from flwr.common import log
 from flwr.serverapp import Grid
 
 from fedlora import wire
-from fedlora.aggregation import ClientUpdate
+from fedlora.aggregation import ClientUpdate, Factors
 from fedlora.aggregation.base import dense_distance
+from fedlora.aggregation.exactness import EXACT_BUDGET, exact_cost, sketch_sides
 from fedlora.aggregation.linalg import product_norm
 from fedlora.checkpoint import Checkpoint, write_checkpoint
 from fedlora.outputs import RunWriter
@@ -48,6 +50,9 @@ from server.privacy import PrivacyLedger
 from server.record import Node, Reply, RoundRecord, named, nodes_meta, nodes_of, weighted_mean
 from server.replies import per_message_pulls, pull_replies
 from server.secagg import SecAggFailed, SecAggRules, SecureRound
+from server.spill import RoundSpill
+
+SPILL_DIR = ".spill"  # under output-dir: the replies of the round being read (server.spill)
 
 
 class RoundFailed(RuntimeError):
@@ -77,6 +82,9 @@ class Rules:
     max_share: float = 1.0  # no reply's share of a merge above this (1 off)
     equal_weights: bool = False  # client-weights=equal: every accepted reply weighs 1
     initial_eval: bool = True  # evaluate the global model before round 1 (round 0)
+    # a round's replies go to disk as they arrive when more than this many MiB are expected
+    # (0: always; -1: never): the server's memory then does not grow with the sites
+    spill_above_mb: float = 1024.0
     secagg: SecAggRules | None = None  # secure-aggregation=true: the server sees only sums
 
     @property
@@ -125,6 +133,8 @@ class RoundLoop:
         self.keys: dict[int, str] = {}  # node ID -> the name of the key it registered with
         self.total_bytes = 0
         self.waited_for_all = False  # the first round of a process waits for every node
+        self.spill: RoundSpill | None = None  # where this attempt's replies go (or None)
+        self.sketching = False  # this attempt sketches each reply for the exactness estimate
 
     # ==== the loop ============================================================================
     def run(self, grid: Grid, first_round: int, num_rounds: int) -> None:
@@ -166,16 +176,27 @@ class RoundLoop:
         """One training phase and its merge, attempted until enough valid replies arrive."""
         failed: list[dict] = []
         for attempt in range(1, self.rules.attempts + 1):
-            record = RoundRecord(server_round)
-            nodes = self.sample(grid, server_round, self.rules.fraction_train,
-                                self.rules.min_train_nodes)
-            record.sampled = len(nodes)
-            self.learn_ranks(grid, nodes, record)
-            ranks = self.ranks()
-            ready = [n for n in nodes if n in ranks]
-            log(INFO, "round %d: sent training to %d nodes (ranks %s)", server_round, len(ready),
-                ",".join(str(ranks[n]) for n in ready))
-            secure: ClientUpdate | None = None  # the unmasked sum (secure aggregation)
+            record = self.attempt(grid, server_round, attempt, failed)
+            if record is not None:
+                return record
+        raise self.stop(server_round, failed)
+
+    def attempt(self, grid: Grid, server_round: int, attempt: int, failed: list[dict]
+                ) -> RoundRecord | None:
+        """One attempt at a round: train, read each reply as it arrives, screen, merge. The
+        merged round's record, or None after adding why it failed to `failed`. Replies
+        spilled to disk this attempt are removed at its end, whatever happens."""
+        record = RoundRecord(server_round)
+        nodes = self.sample(grid, server_round, self.rules.fraction_train,
+                            self.rules.min_train_nodes)
+        record.sampled = len(nodes)
+        self.learn_ranks(grid, nodes, record)
+        ranks = self.ranks()
+        ready = [n for n in nodes if n in ranks]
+        log(INFO, "round %d: sent training to %d nodes (ranks %s)", server_round, len(ready),
+            ",".join(str(ranks[n]) for n in ready))
+        secure: ClientUpdate | None = None  # the unmasked sum (secure aggregation)
+        try:
             if self.rules.secagg is not None:
                 try:
                     secure = SecureRound(self, self.rules.secagg, grid, server_round,
@@ -183,56 +204,101 @@ class RoundLoop:
                 except SecAggFailed as err:  # as a round with too few replies: retried
                     log(WARNING, "round %d: secure aggregation failed: %s", server_round, err)
                     failed.append({**record.attempt_summary(attempt), "secagg-error": str(err)})
-                    continue
+                    return None
                 screening = time.perf_counter()
             else:
-                replies, record.bytes_down = self.send(grid, ready, ranks, server_round,
-                                                       MessageType.TRAIN)
-                for node, msg in replies:
+                replies, record.bytes_down = self.send_streaming(grid, ready, ranks,
+                                                                 server_round, MessageType.TRAIN)
+                self.prepare(record, [ranks[n] for n in ready])
+                replied = set()
+                for node, msg in replies:  # each read (and maybe spilled) before the next
+                    replied.add(node)
                     self.read_train_reply(node, msg, record)
-                for node in sorted(set(ready) - {node for node, _ in replies}):
+                    del msg
+                for node in sorted(set(ready) - replied):
                     self.failed(record, node, f"no reply within round-timeout="
                                               f"{self.rules.timeout:g} s")
                 screening = time.perf_counter()
                 self.screen(record)
             record.train_failures = len(record.failures)
-            if len(record.replies) >= self.rules.replies_needed:
-                updates = [secure] if secure is not None else [r.update for r in record.replies]
-                seen = self.method.observe(  # before the merge: against what was received
-                    server_round, updates,
-                    [int(r.row[M.PARTITION_ID]) for r in record.replies], self.state.dense)
-                try:
-                    self.merge(server_round, record, secure)
-                except (defences.MergeFailed, torch.linalg.LinAlgError) as err:
-                    # the global adapter is unchanged: the attempt fails, it never ends the run
-                    log(WARNING, "round %d: the merge failed, nothing was merged: %s",
-                        server_round, err)
-                    failed.append({**record.attempt_summary(attempt), "merge-error": str(err)})
-                    continue
-                record.merge.update(seen)
-                for key, value in seen.items():  # e.g. lora-moe's clusters: partition -> expert
-                    log(INFO, "round %d: %s %s", server_round, key, value)
-                record.merge[M.MERGE_SECONDS] = time.perf_counter() - screening
-                record.failed_attempts = failed
-                return record
-            log(WARNING, "round %d: %d valid replies, fewer than min-replies=%d; the round is "
-                "not merged", server_round, len(record.replies), self.rules.replies_needed)
-            failed.append(record.attempt_summary(attempt))
-        raise self.stop(server_round, failed)
+            if len(record.replies) < self.rules.replies_needed:
+                log(WARNING, "round %d: %d valid replies, fewer than min-replies=%d; the round "
+                    "is not merged", server_round, len(record.replies),
+                    self.rules.replies_needed)
+                failed.append(record.attempt_summary(attempt))
+                return None
+            updates = [secure] if secure is not None else [r.update for r in record.replies]
+            seen = self.method.observe(  # before the merge: against what was received
+                server_round, updates,
+                [int(r.row[M.PARTITION_ID]) for r in record.replies], self.state.dense)
+            try:
+                self.merge(server_round, record, secure)
+            except (defences.MergeFailed, torch.linalg.LinAlgError) as err:
+                # the global adapter is unchanged: the attempt fails, it never ends the run
+                log(WARNING, "round %d: the merge failed, nothing was merged: %s",
+                    server_round, err)
+                failed.append({**record.attempt_summary(attempt), "merge-error": str(err)})
+                return None
+            record.merge.update(seen)
+            for key, value in seen.items():  # e.g. lora-moe's clusters: partition -> expert
+                log(INFO, "round %d: %s %s", server_round, key, value)
+            record.merge[M.MERGE_SECONDS] = time.perf_counter() - screening
+            record.failed_attempts = failed
+            return record
+        finally:
+            self.release()
+
+    # ---- a round's replies as they arrive -----------------------------------------------------
+    def prepare(self, record: RoundRecord, ranks: list[int]) -> None:
+        """Before a round's replies are read: whether the exactness figure will be estimated
+        (then each reply is sketched as it arrives), and whether replies go to disk (the
+        replies expected, at what was sent to each node, exceed spill-above-mb)."""
+        layers = {m: (d, k) for m, (d, k) in self.shapes.items()}
+        self.sketching = (self.method.exactness_defined and bool(layers) and
+                          exact_cost(layers, ranks, self.state.rank) > EXACT_BUDGET)
+        expected = sum(record.bytes_down.values())
+        if self.rules.spill_above_mb >= 0 and expected > self.rules.spill_above_mb * 2**20:
+            parent = None if self.writer is None else Path(self.writer.out_dir) / SPILL_DIR
+            self.spill = RoundSpill(parent, record.round)
+            log(INFO, "round %d: replies of about %.0f MB expected, above spill-above-mb=%g: "
+                "each goes to %s as it arrives", record.round, expected / 1e6,
+                self.rules.spill_above_mb, self.spill.dir)
+
+    def keep(self, reply: Reply) -> None:
+        """An accepted reply's screen figures (and sketch), computed once as it arrives;
+        then its factors go to disk when this round spills (`server.spill`)."""
+        update = reply.update
+        reply.moved = self.state.moved(update)
+        reply.distance = self.state.distance(update)
+        reply.groups = self.state.group_changes(update)
+        if self.sketching:
+            reply.sketch = sketch_sides(update.factors)
+        if self.spill is not None and update.factors:
+            # a read-only Mapping, not a dict: the merges only read factors module by module
+            reply.update = replace(update, factors=cast(Factors, self.spill.keep(update.factors)))
+
+    def release(self) -> None:
+        """Forget this attempt's spill folder (removing it) and sketching decision."""
+        if self.spill is not None:
+            self.spill.close()
+            parent = self.spill.dir.parent
+            if parent.name == SPILL_DIR and not any(parent.iterdir()):
+                parent.rmdir()
+        self.spill, self.sketching = None, False
 
     def screen(self, record: RoundRecord) -> None:
         """The round's default defences (`server.defences`): drop a reply whose update is far
         larger than the others' (max-update-ratio), then cut a weight far above the others'
         (max-weight-ratio). Both compare with the lower median of the round's accepted replies."""
-        norms = [self.state.moved(r.update) for r in record.replies]
-        factor_norms = [self.state.distance(r.update) for r in record.replies]
+        norms = [r.moved for r in record.replies]
+        factor_norms = [r.distance for r in record.replies]
         for reply, norm in zip(record.replies, norms):
             reply.row[M.UPDATE_NORM] = norm
         if not record.replies:
             return
         product_still, factor_still = (defences.NOOP_RTOL * n
                                        for n in self.state.reference_norms())
-        groups = [self.state.group_changes(r.update) for r in record.replies]
+        groups = [r.groups for r in record.replies]
         screened = defences.screen_updates(norms, factor_norms, self.rules.max_update_ratio,
                                            product_still, factor_still, groups)
         for i, reason in reversed(screened.dropped):
@@ -282,7 +348,9 @@ class RoundLoop:
         the one `secure` sum under secure aggregation); DP accounting when on."""
         chosen = self.krum(record) if self.state.robust.krum else record.replies
         updates = [secure] if secure is not None else [r.update for r in chosen]
-        record.merge = self.state.update(updates, server_round)
+        sketches = [r.sketch for r in chosen if r.sketch is not None]
+        record.merge = self.state.update(updates, server_round,
+                                         sketches if secure is None else None)
         record.merge[M.ROBUST] = self.state.robust.rule
         if self.ledger is not None:
             self.ledger.record()
@@ -433,12 +501,17 @@ class RoundLoop:
         """Send and wait for the replies (up to the round timeout); each reply with the node
         its message was sent to (a reply Flower makes for a node that died carries the
         SuperLink's id as its sender, not the node's)."""
+        return list(self.stream(grid, messages))
+
+    def stream(self, grid: Grid, messages: list[Message]) -> Iterator[tuple[int, Message]]:
+        """`exchange`, each (node, reply) handed on as it arrives."""
         if not messages:
-            return []
-        replies = send_and_receive(grid, messages, self.rules.timeout)
+            return
         sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
-        return [(sent_to.get(r.metadata.reply_to_message_id, r.metadata.src_node_id), r)
-                for r in replies]
+        for reply in stream_replies(grid, messages, self.rules.timeout):
+            yield sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id), \
+                reply
+            del reply  # not held while the next one is pulled
 
     def content(self, rank: int, server_round: int, extra: tuple = (),
                 records: dict[str, ConfigRecord] | None = None) -> RecordDict:
@@ -460,6 +533,15 @@ class RoundLoop:
     def send(self, grid: Grid, nodes: list[int], ranks: dict[int, int], server_round: int,
              message_type: str, records: dict[str, ConfigRecord] | None = None
              ) -> tuple[list[tuple[int, Message]], dict[int, int]]:
+        """`send_streaming`, the replies as a list."""
+        replies, sent = self.send_streaming(grid, nodes, ranks, server_round, message_type,
+                                            records)
+        return list(replies), sent
+
+    def send_streaming(self, grid: Grid, nodes: list[int], ranks: dict[int, int],
+                       server_round: int, message_type: str,
+                       records: dict[str, ConfigRecord] | None = None
+                       ) -> tuple[Iterator[tuple[int, Message]], dict[int, int]]:
         """One message per node with the content for its rank (built once per rank and shared,
         as Flower's FedAvg shares its RecordDict), with `records` added to every one;
         ((node, reply) pairs, bytes sent per node)."""
@@ -471,7 +553,7 @@ class RoundLoop:
                 for k, c in contents.items()}
         messages = [Message(contents[kind[n]], dst_node_id=n, message_type=message_type)
                     for n in nodes]
-        return self.exchange(grid, messages), {n: size[kind[n]] for n in nodes}
+        return self.stream(grid, messages), {n: size[kind[n]] for n in nodes}
 
     # ==== replies =============================================================================
     def read_train_reply(self, node: int, msg: Message, record: RoundRecord) -> None:
@@ -485,6 +567,7 @@ class RoundLoop:
             return
         assert reply is not None
         self.heard(node).rank = reply.row[M.LORA_RANK]
+        self.keep(reply)
         record.replies.append(reply)
 
     def check_reply(self, node: int, msg: Message) -> tuple[str | None, Reply | None]:
@@ -605,26 +688,35 @@ def _fmt(value: float | None) -> str:
 
 def send_and_receive(grid: Grid, messages: list[Message], timeout: float,
                      poll_s: float = pacing.REPLY_POLL_S) -> list[Message]:
+    """Every reply of `stream_replies`, as a list."""
+    return list(stream_replies(grid, messages, timeout, poll_s))
+
+
+def stream_replies(grid: Grid, messages: list[Message], timeout: float,
+                   poll_s: float = pacing.REPLY_POLL_S) -> Iterator[Message]:
     """Push `messages`, then pull their replies every `poll_s` seconds until all have come
-    or `timeout` seconds passed: Grid.send_and_receive, which over a SuperLink waits 3 s
-    between pulls (on average 1.5 s of every exchange), with fedlora's interval
-    (fedlora.runtime.pacing; the pulls go to the SuperLink beside the ServerApp, not over the
-    network). Over flwr 1.41's SuperLink grid each reply's arrays are pulled within what is
-    left of `timeout` (`server.replies`): a node that pushed its reply message but not its
-    arrays gets an error reply saying so, and never holds up the others. Any other grid
-    (Flower's in-memory one pulls every 0.1 s; the tests' own) answers through its own."""
+    or `timeout` seconds passed, handing each on as it comes (the server reads a reply before
+    it pulls the next, so it never holds more than one undecoded): Grid.send_and_receive,
+    which over a SuperLink waits 3 s between pulls (on average 1.5 s of every exchange), with
+    fedlora's interval (fedlora.runtime.pacing; the pulls go to the SuperLink beside the
+    ServerApp, not over the network). Over flwr 1.41's SuperLink grid each reply's arrays are
+    pulled within what is left of `timeout` (`server.replies`): a node that pushed its reply
+    message but not its arrays gets an error reply saying so, and never holds up the others.
+    Any other grid (Flower's in-memory one pulls every 0.1 s; the tests' own) answers through
+    its own."""
     if not pacing.over_superlink(grid):
-        return list(grid.send_and_receive(messages, timeout=timeout))
+        yield from grid.send_and_receive(messages, timeout=timeout)
+        return
     waiting = set(grid.push_messages(messages))
     if per_message_pulls(grid):
-        return pull_replies(grid, waiting, timeout, poll_s)
+        yield from pull_replies(grid, waiting, timeout, poll_s)
+        return
     deadline = time.monotonic() + timeout
-    replies: list[Message] = []
     while waiting:
         got = list(grid.pull_messages(waiting))
-        replies.extend(got)
         waiting -= {r.metadata.reply_to_message_id for r in got}
+        yield from got
+        del got
         if not waiting or time.monotonic() >= deadline:
             break
         time.sleep(poll_s)
-    return replies

@@ -112,7 +112,7 @@ def _rules(fed: FederationSettings, defence: DefenceSettings) -> Rules:
                  max_update_ratio=0.0 if fed.dp_noise_multiplier else defence.max_update_ratio,
                  max_weight_ratio=defence.max_weight_ratio, max_share=defence.max_share,
                  equal_weights=defence.client_weights == "equal",
-                 initial_eval=fed.initial_eval)
+                 initial_eval=fed.initial_eval, spill_above_mb=fed.spill_above_mb)
 
 
 def build_loop(settings: Settings, method: Method, shapes: Shapes, writer: RunWriter

@@ -185,5 +185,5 @@ def test_a_message_flower_could_not_push_is_not_asked_for():
     runtime = FakeRuntime()
     grid = superlink_grid(runtime)
     [sent] = grid.push_messages(train_messages()[:1])
-    replies = pull_replies(grid, {None, sent}, timeout=5.0, poll_s=0.01)
+    replies = list(pull_replies(grid, {None, sent}, timeout=5.0, poll_s=0.01))
     assert [r.metadata.reply_to_message_id for r in replies] == [sent]

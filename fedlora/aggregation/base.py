@@ -35,15 +35,24 @@ class ClientUpdate:
         if not self.weight > 0:
             raise ValueError(f"client weight must be > 0 (its number of examples), "
                              f"got {self.weight!r}")
-        for module, (b, a) in self.factors.items():
-            if b.dim() != 2 or a.dim() != 2 or b.shape[1] != a.shape[0]:
+        for module, (b, a) in factor_shapes(self.factors).items():
+            if len(b) != 2 or len(a) != 2 or b[1] != a[0]:
                 raise ValueError(f"module {module}: expected B (d x r) and A (r x k), got B "
-                                 f"{tuple(b.shape)} and A {tuple(a.shape)}")
+                                 f"{tuple(b)} and A {tuple(a)}")
 
     @property
     def rank(self) -> int:
         """Rank of the update: columns of B of its first module (all modules share it)."""
-        return next(iter(self.factors.values()))[0].shape[1] if self.factors else 0
+        return next(iter(factor_shapes(self.factors).values()))[0][1] if self.factors else 0
+
+
+def factor_shapes(factors: Factors) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+    """module -> (B's shape, A's shape). Factors kept on disk (`server.spill`) say theirs
+    through a `shapes()` method, without reading a tensor."""
+    shapes = getattr(factors, "shapes", None)
+    if callable(shapes):
+        return shapes()
+    return {m: (tuple(b.shape), tuple(a.shape)) for m, (b, a) in factors.items()}
 
 
 @dataclass
@@ -65,18 +74,19 @@ def check_updates(updates: list[ClientUpdate], name: str) -> None:
     if not updates:
         raise ValueError(f"{name} needs at least one client update, got none")
     check_dense(updates, name)
-    first = updates[0].factors
+    first = factor_shapes(updates[0].factors)
     for i, update in enumerate(updates[1:], start=1):
-        if update.factors.keys() != first.keys():
-            missing = sorted(first.keys() - update.factors.keys())[:3]
-            extra = sorted(update.factors.keys() - first.keys())[:3]
+        shapes = factor_shapes(update.factors)
+        if shapes.keys() != first.keys():
+            missing = sorted(first.keys() - shapes.keys())[:3]
+            extra = sorted(shapes.keys() - first.keys())[:3]
             raise ValueError(f"client {i} sent other modules than client 0 "
                              f"(missing {missing}, extra {extra})")
-        for module, (b, a) in update.factors.items():
+        for module, (b, a) in shapes.items():
             b0, a0 = first[module]
-            if (b.shape[0], a.shape[1]) != (b0.shape[0], a0.shape[1]):
-                raise ValueError(f"module {module}: client {i} has a {b.shape[0]} x {a.shape[1]} "
-                                 f"layer, client 0 a {b0.shape[0]} x {a0.shape[1]} one")
+            if (b[0], a[1]) != (b0[0], a0[1]):
+                raise ValueError(f"module {module}: client {i} has a {b[0]} x {a[1]} "
+                                 f"layer, client 0 a {b0[0]} x {a0[1]} one")
 
 
 def check_dense(updates: list[ClientUpdate], name: str) -> None:

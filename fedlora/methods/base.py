@@ -35,6 +35,7 @@ from fedlora.aggregation.base import (
     Factors,
     MergeResult,
     check_updates,
+    factor_shapes,
     to32,
 )
 from fedlora.aggregation.exactness import compress
@@ -368,11 +369,12 @@ def names(condition: Any = None) -> str:
 
 def check_same_rank(updates: list[ClientUpdate], name: str) -> None:
     """Every client uses client 0's rank, in every module."""
+    first = factor_shapes(updates[0].factors) if updates else {}
     for i, update in enumerate(updates):
-        for module, (b, _) in update.factors.items():
-            r0 = updates[0].factors[module][0].shape[1]
-            if b.shape[1] != r0:
+        for module, (b, _) in factor_shapes(update.factors).items():
+            r0 = first[module][0][1]
+            if b[1] != r0:
                 raise ValueError(
-                    f"{name} needs equal ranks: module {module} has rank {b.shape[1]} on "
+                    f"{name} needs equal ranks: module {module} has rank {b[1]} on "
                     f"client {i} but rank {r0} on client 0; use a rank-heterogeneous "
                     f"strategy instead ({names(lambda m: m.heterogeneous)})")

@@ -1,0 +1,215 @@
+"""A server whose memory does not grow with the number of sites (`server.spill`, replies read
+as they arrive) and whose exactness figure costs linear time in it (the sketch estimate of
+`fedlora.aggregation.exactness`)."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from types import SimpleNamespace
+
+import pytest
+import torch
+from fake_grid import run_inprocess
+from flwr.app import Message, MetricRecord, RecordDict
+from safetensors.torch import load_file
+
+from fedlora.adapters import flatten, shared_init
+from fedlora.aggregation import ClientUpdate
+from fedlora.aggregation.exactness import estimated_exactness, exactness, sketch_sides
+from fedlora.config import LoraSettings
+from fedlora.methods import get_method
+from fedlora.outputs import read_metrics, training_rounds
+from fedlora.records import to_array_record
+from server.global_adapter import GlobalAdapter
+from server.record import Node
+from server.rounds import RoundLoop, Rules
+from server.spill import RoundSpill, SpilledFactors, write_factors
+
+
+def random_factors(shapes: dict, rank: int, seed: int, scale: float = 0.1) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    return {m: (torch.randn(d, rank, generator=gen) * scale,
+                torch.randn(rank, k, generator=gen) * scale) for m, (d, k) in shapes.items()}
+
+
+SHAPES = {f"base_model.model.layers.{i}.q_proj": (48 + 8 * i, 40) for i in range(4)}
+
+
+# ---------------------------------------------------------------- spilled replies
+
+
+def test_spilled_factors_read_back_bitwise_and_say_their_shapes_unread(tmp_path):
+    factors = random_factors(SHAPES, 3, seed=1)
+    factors["base_model.model.layers.0.q_proj"] = tuple(  # float64 stays float64
+        t.double() for t in factors["base_model.model.layers.0.q_proj"])
+    spilled = write_factors(factors, tmp_path / "r.safetensors")
+    assert list(spilled) == list(factors) and len(spilled) == 4
+    assert spilled.shapes() == {m: (tuple(b.shape), tuple(a.shape))
+                                for m, (b, a) in factors.items()}
+    for module, (b, a) in factors.items():
+        got_b, got_a = spilled[module]
+        assert got_b.dtype == b.dtype and torch.equal(got_b, b) and torch.equal(got_a, a)
+    # a plain safetensors file: other tools read it too
+    on_disk = load_file(tmp_path / "r.safetensors")
+    assert torch.equal(on_disk["base_model.model.layers.2.q_proj|A"],
+                       factors["base_model.model.layers.2.q_proj"][1])
+    with pytest.raises(KeyError):
+        spilled["no.such.module"]
+
+
+def test_a_round_spill_folder_is_removed_with_its_replies(tmp_path):
+    spill = RoundSpill(tmp_path / ".spill", 3)
+    kept = spill.keep(random_factors(SHAPES, 2, seed=0))
+    assert kept.path.exists() and kept.path.parent.parent == tmp_path / ".spill"
+    spill.close()
+    assert not kept.path.parent.exists()
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "flexlora", "hetlora", "ffa-lora", "flora"])
+def test_a_merge_of_spilled_replies_equals_the_merge_in_memory_bitwise(tmp_path, strategy):
+    ranks = [2, 4, 3] if strategy in ("flexlora", "hetlora", "flora") else [4, 4, 4]
+    updates = [ClientUpdate(random_factors(SHAPES, r, seed=i), 10.0 + i)
+               for i, r in enumerate(ranks)]
+    spill = RoundSpill(tmp_path, 1)
+    on_disk = [ClientUpdate(spill.keep(u.factors), u.weight) for u in updates]  # type: ignore
+    assert all(isinstance(u.factors, SpilledFactors) for u in on_disk)
+
+    def merged(ups):
+        state = GlobalAdapter(method=get_method(strategy), lora=LoraSettings(rank=4),
+                              factors=shared_init(SHAPES, 4, seed=0), global_rank=4)
+        info = state.update(ups)
+        return state.export()[0], info
+
+    (memory, info_m), (disk, info_d) = merged(updates), merged(on_disk)
+    assert memory.keys() == disk.keys()
+    assert all(torch.equal(memory[k], disk[k]) for k in memory)
+    assert info_m.get("exactness") == info_d.get("exactness")
+
+
+def test_replies_are_read_one_at_a_time_never_all_held(tmp_path):
+    """The loop reads (and drops) each reply before it pulls the next: when the grid makes
+    reply k, no earlier reply message is alive. Collecting them first (as a list) fails."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # as Flower does
+    loop = _loop("fedavg", nodes=5, spill_above_mb=0, writer_dir=tmp_path)
+    made: list[weakref.ref] = []
+    alive_when_made: list[int] = []
+
+    class Grid:
+        def get_node_ids(self):
+            return [1, 2, 3, 4, 5]
+
+        def send_and_receive(self, messages, *, timeout=None):
+            for i, message in enumerate(messages):
+                message.metadata.__dict__["_message_id"] = f"m{i}"
+                gc.collect()
+                alive_when_made.append(sum(ref() is not None for ref in made))
+                reply = _reply_to(message, seed=i)
+                made.append(weakref.ref(reply))
+                yield reply
+                del reply
+
+    record = loop.train_round(Grid(), 1)
+    assert len(record.replies) == 5
+    assert alive_when_made == [0, 0, 0, 0, 0]
+    assert not (tmp_path / ".spill").exists()  # the round's spilled replies are gone
+
+
+def test_a_spilled_federation_gives_the_same_adapter_and_metrics(tmp_path):
+    """run_inprocess (the real ServerApp and ClientApp on tiny-llama): spilling every round
+    (spill-above-mb=0) changes nothing of the result, and leaves no file behind."""
+    base = {"model": "tiny-llama", "device": "cpu", "local-steps": 2, "lr": 0.01,
+            "dataset-size": 60, "fraction-evaluate": 0.0, "eval-accuracy": 0,
+            "num-server-rounds": 2, "min-available-nodes": 3, "min-train-nodes": 3}
+    for name, spill in (("memory", -1), ("disk", 0)):
+        run_inprocess({**base, "output-dir": str(tmp_path / name), "spill-above-mb": spill}, 3)
+    for name in ("memory", "disk"):
+        assert not (tmp_path / name / ".spill").exists()
+    lines = [training_rounds(read_metrics(tmp_path / n)) for n in ("memory", "disk")]
+    for a, b in zip(*lines):
+        assert (a["train-loss"], a["exactness"], a["update-norm-median"]) == \
+               (b["train-loss"], b["exactness"], b["update-norm-median"])
+    memory = load_file(tmp_path / "memory" / "rounds" / "2" / "adapter_model.safetensors")
+    disk = load_file(tmp_path / "disk" / "rounds" / "2" / "adapter_model.safetensors")
+    assert all(torch.equal(memory[k], disk[k]) for k in memory)
+
+
+# ---------------------------------------------------------------- the exactness estimate
+
+
+WIDE = {f"layers.{i}.proj": (512, 384 if i % 2 else 768) for i in range(12)}
+
+
+@pytest.mark.parametrize("spread", [0.5, 1.0, 2.0])
+def test_the_sketch_estimate_is_within_a_few_percent_of_the_exact_figure(spread):
+    gen = torch.Generator().manual_seed(int(spread * 10))
+    common = random_factors(WIDE, 8, seed=7)
+    updates = [ClientUpdate({m: (b + torch.randn(b.shape, generator=gen) * 0.1 * spread,
+                                 a + torch.randn(a.shape, generator=gen) * 0.05 * spread)
+                             for m, (b, a) in common.items()}, 10.0 + i) for i in range(6)]
+    p = [u.weight / sum(v.weight for v in updates) for u in updates]
+    fedavg = {m: (sum(w * u.factors[m][0] for w, u in zip(p, updates)),
+                  sum(w * u.factors[m][1] for w, u in zip(p, updates))) for m in WIDE}
+    exact, per_module = exactness(fedavg, updates)
+    estimate, per_estimate = estimated_exactness(
+        fedavg, list(WIDE), [sketch_sides(u.factors) for u in updates],
+        [u.weight for u in updates])
+    assert exact > 0.01  # fedavg is not exact: there is something to estimate
+    assert abs(estimate / exact - 1) < 0.05
+    assert max(abs(per_estimate[m] / per_module[m] - 1) for m in WIDE) < 0.3
+    # an exact merge (the stacked factors) reads as exact, to float32 rounding
+    stacked = {m: (torch.cat([w * u.factors[m][0] for w, u in zip(p, updates)], dim=1),
+                   torch.cat([u.factors[m][1] for u in updates])) for m in WIDE}
+    assert estimated_exactness(stacked, list(WIDE), [sketch_sides(u.factors) for u in updates],
+                               [u.weight for u in updates])[0] < 1e-5
+
+
+def test_a_large_round_estimates_exactness_and_says_so(monkeypatch):
+    import server.global_adapter as global_adapter
+
+    updates = [ClientUpdate(random_factors(SHAPES, 4, seed=i), 10.0) for i in range(3)]
+    state = GlobalAdapter(method=get_method("fedavg"), lora=LoraSettings(rank=4),
+                          factors=shared_init(SHAPES, 4, seed=0), global_rank=4)
+    exact = state.update(updates)
+    assert exact["exactness-estimate"] == "exact"
+    monkeypatch.setattr(global_adapter, "EXACT_BUDGET", 0)
+    state = GlobalAdapter(method=get_method("fedavg"), lora=LoraSettings(rank=4),
+                          factors=shared_init(SHAPES, 4, seed=0), global_rank=4)
+    estimated = state.update(updates)
+    assert estimated["exactness-estimate"] == "sketch-64"
+    assert estimated["exactness"] != exact["exactness"]
+    assert abs(estimated["exactness"] / exact["exactness"] - 1) < 0.25
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _loop(strategy: str, nodes: int, spill_above_mb: float, writer_dir=None) -> RoundLoop:
+    state = GlobalAdapter(method=get_method(strategy), lora=LoraSettings(rank=4),
+                          factors=shared_init(SHAPES, 4, seed=0), global_rank=4)
+    writer = SimpleNamespace(out_dir=str(writer_dir)) if writer_dir is not None else None
+    loop = RoundLoop(state, SHAPES, Rules(timeout=10.0, min_train_nodes=nodes,
+                                          min_available_nodes=nodes,
+                                          spill_above_mb=spill_above_mb), writer=writer)
+    loop.nodes = {n: Node(n, rank=4) for n in range(1, nodes + 1)}
+    return loop
+
+
+def _reply_to(message: Message, seed: int) -> Message:
+    state = flatten(random_factors(SHAPES, 4, seed=seed, scale=0.01))
+    metrics = MetricRecord({"num-examples": 10, "lora-rank": 4, "partition-id": seed})
+    reply = Message(RecordDict({"arrays": to_array_record(state),
+                                "metrics": metrics}), reply_to=message)
+    reply.metadata.__dict__["_src_node_id"] = message.metadata.dst_node_id
+    return reply
+
+
+def test_spill_above_mb_is_a_setting_with_a_clear_error():
+    from fedlora.config import Settings, SettingsError, all_keys
+
+    default, help_text = all_keys()["spill-above-mb"]
+    assert default == 1024.0 and "memory" in help_text
+    with pytest.raises(SettingsError, match="spill-above-mb"):
+        Settings.from_config({"spill-above-mb": -5})
