@@ -94,6 +94,83 @@ def test_what_cannot_be_split_across_processes_is_refused_with_the_fix(extra, wo
     assert refusal(Settings.from_config({}), LocalTraining(keep=lambda n: True), 2)
 
 
+# ---- fedlora client --devices / --shard ----
+
+def client_args(*flags: str):
+    import argparse
+
+    from fedlora.cli.client import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(["--server", "127.0.0.1:1", "--insecure", "--name", "a", *flags])
+
+
+def test_fedlora_client_puts_devices_and_shard_in_the_node_config():
+    from fedlora.cli.client import node_config
+
+    assert node_config(client_args("--devices", "cpu:2"))["devices"] == "cpu:2"
+    assert "devices" not in node_config(client_args())  # the default: auto
+    assert node_config(client_args("--devices", "auto", "--shard"))["shard"] is True
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--devices", "0,0"], "a device is listed twice"),
+    (["--devices", "two"], "expected auto, a count N, a list of CUDA devices"),
+    (["--devices", "cpu:2", "--shard"], "'shard': expected false with devices=cpu:N"),
+    (["--devices", str(torch.cuda.device_count() + 2)],
+     f"but {torch.cuda.device_count()} CUDA device(s) are visible"),
+])
+def test_fedlora_client_refuses_bad_devices_at_once(flags, words):
+    from fedlora.cli.client import node_config
+
+    with pytest.raises(ValueError, match="setting 'devices'|setting 'shard'") as err:
+        node_config(client_args(*flags))
+    assert words in str(err.value)
+
+
+def test_a_node_with_two_cpu_processes_replies_the_adapter_of_one_process():
+    """The whole path: a deployment node's train message with devices=cpu:2 (the ClientApp
+    starts its replica pool) against devices=1, over the in-process grid."""
+    from fake_grid import run_inprocess
+
+    from fedlora.train.distributed import close_pool
+
+    def reply_of(devices: str, out) -> tuple[dict, dict]:
+        got: dict = {}
+
+        def keep(msg, reply):
+            if msg.metadata.message_type == "train":
+                assert not reply.has_error(), reply.error.reason
+                got["arrays"] = {k: v.numpy() for k, v in
+                                 reply.content.array_records["arrays"].items()}
+                got["metrics"] = dict(reply.content.metric_records["metrics"])
+            return reply
+
+        run_inprocess({**RUN, "output-dir": str(out)}, 1, hook=keep,
+                      node_config=lambda pid: {"node-name": "site-a", "devices": devices})
+        return got["arrays"], got["metrics"]
+
+    import tempfile
+    with tempfile.TemporaryDirectory() as out:
+        try:
+            two, two_metrics = reply_of("cpu:2", out + "/two")
+        finally:
+            close_pool()
+        one, one_metrics = reply_of("1", out + "/one")
+    assert two.keys() == one.keys() and two
+    assert max(float(abs(two[k] - one[k]).max()) for k in one) <= TOLERANCE
+    assert two_metrics["train-tokens"] == one_metrics["train-tokens"]
+    assert two_metrics["train-loss"] == pytest.approx(one_metrics["train-loss"], abs=1e-5)
+
+
+RUN = {"model": "tiny-llama", "device": "cpu", "lora-rank": 4, "lora-dropout": 0.0,
+       "local-steps": 3, "batch-size": 5, "lr": 0.01, "dataset-size": 60,
+       "fraction-evaluate": 0.0, "eval-accuracy": 0, "num-server-rounds": 1,
+       "min-available-nodes": 1, "min-train-nodes": 1, "min-evaluate-nodes": 1,
+       "wire-dtype": "float32"}
+
+
 # ---- W processes == 1 process ----
 
 def settings_for(**extra) -> Settings:

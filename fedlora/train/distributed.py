@@ -103,7 +103,7 @@ class DataParallel:
             n = g.numel()
             p.grad = flat[offset:offset + n].view_as(g).to(g.dtype)
             offset += n
-        sums = torch.tensor(figures, dtype=torch.float64)
+        sums = torch.tensor(figures, dtype=torch.float64, device=flat.device)  # nccl: on CUDA
         dist.all_reduce(sums)
         return sums.tolist()
 
@@ -281,6 +281,8 @@ class ReplicaPool:
         replicas; rank 0's TrainResult. Any failure closes the pool and raises."""
         from fedlora.train.loop import train_local
 
+        if self.devices[0] != "cpu":  # the current CUDA device is per thread
+            torch.cuda.set_device(self.devices[0])
         try:
             for inbox in self.inboxes:
                 inbox.put(job)
@@ -313,6 +315,41 @@ class ReplicaPool:
         self.procs = []
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def node_devices(model: ModelSettings, deployment: bool) -> list[str]:
+    """The devices of a node's training processes (`fedlora.devices.resolve`): one entry with
+    `shard` (the loader splits the model) and for a simulated client (`deployment` False),
+    where devices=auto is one process and a spec of several processes is refused."""
+    from fedlora.devices import resolve
+
+    devices = resolve(model.devices, model.device, torch.cuda.device_count())
+    if model.shard:
+        if len(devices) < 2 or not all(d.startswith("cuda:") for d in devices):
+            raise ValueError(f"setting 'shard': splits a model across two or more CUDA "
+                             f"devices, but devices={model.devices!r} gives {devices}; list "
+                             f"them (devices=0,1) or drop shard")
+        return [devices[0]]
+    if len(devices) > 1 and not deployment:
+        if model.devices.strip() == "auto":
+            return [model.device]
+        raise ValueError(f"setting 'devices': {model.devices!r} starts several processes per "
+                         f"client, which only a `fedlora client` node does; a simulation "
+                         f"places each virtual client on one device (devices=auto or 1)")
+    return devices
+
+
+def train_parallel(devices: list[str], slot: Any, settings: Settings, examples: list[dict],
+                   plan: Any, hooks: Any, residual: dict | None, desc: str) -> Any:
+    """Train `slot` (rank 0's model, on devices[0], holding the starting adapter) with this
+    process's replica pool for `devices`; rank 0's TrainResult."""
+    problem = refusal(settings, hooks, len(devices))
+    if problem:
+        raise ValueError(problem)
+    job = ReplicaJob(settings.model, settings.lora, settings.train, residual,
+                     adapter_parameters(slot.model, slot.adapter), examples,
+                     slot.tokenizer.pad_token_id, plan, hooks.proximal_mu, desc)
+    return pool_for(devices).train(job, slot, hooks)
 
 
 _POOL: ReplicaPool | None = None
