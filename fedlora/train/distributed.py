@@ -52,6 +52,7 @@ RENDEZVOUS_TIMEOUT_S = 120  # replicas import torch and fedlora, then join
 COLLECTIVE_TIMEOUT_S = 600  # one optimizer step of the slowest process
 READY_TIMEOUT_S = 3600  # a replica loads (and may quantize) its base before the first task
 POLL_S = 0.5
+ORPHAN_CHECK_S = 5.0  # an idle replica checks this often that rank 0 still runs
 
 
 def rank_slice(items: Sequence[T], world: int, rank: int) -> list[T]:
@@ -190,9 +191,14 @@ def _replica_main(rank: int, devices: list[str], port: int, inbox: Any, outbox: 
         from fedlora.adapters import Workspace
         from fedlora.train.loop import train_local
 
-        workspace = Workspace()
+        workspace, parent = Workspace(), os.getppid()
         while True:
-            job = inbox.get()
+            try:
+                job = inbox.get(timeout=ORPHAN_CHECK_S)
+            except queue.Empty:
+                if os.getppid() != parent:  # rank 0 is gone (killed): do not hold the device
+                    break
+                continue
             if job is None:
                 break
             job = replace(job, model=replace(job.model, device=device, devices="1"))
