@@ -271,3 +271,46 @@ def test_a_failing_replica_fails_the_task_and_the_pool_is_closed(pool):
     with pytest.raises(RuntimeError, match="replica 1 \\(cpu\\) failed(.|\\n)*lacks"):
         made.train(bad, slot, LocalTraining())
     assert not made.procs and not torch.distributed.is_initialized()
+
+
+def test_a_replica_whose_node_process_was_killed_exits(tmp_path):
+    """The node's process (rank 0) killed outright: its idle replica notices within
+    ORPHAN_CHECK_S and exits instead of holding its device."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from fedlora.train.distributed import ORPHAN_CHECK_S
+
+    script = ("import time; from fedlora.train.distributed import ReplicaPool; "
+              "pool = ReplicaPool(['cpu', 'cpu']); print(pool.procs[0].pid, flush=True); "
+              "time.sleep(600)")
+    node = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    replica = None
+    try:
+        replica = int(node.stdout.readline())  # type: ignore[union-attr]
+        node.kill()
+        node.wait()
+        deadline = time.monotonic() + ORPHAN_CHECK_S + 20
+        while time.monotonic() < deadline and running(replica):
+            time.sleep(0.5)
+        assert not running(replica)
+    finally:
+        if node.poll() is None:
+            node.kill()
+            node.wait()
+        if replica is not None and running(replica):
+            os.kill(replica, signal.SIGKILL)
+
+
+def running(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
