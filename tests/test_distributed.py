@@ -129,6 +129,7 @@ def test_fedlora_client_refuses_bad_devices_at_once(flags, words):
     assert words in str(err.value)
 
 
+@pytest.mark.slow  # starts replica processes of its own (~25 s)
 def test_a_node_with_two_cpu_processes_replies_the_adapter_of_one_process():
     """The whole path: a deployment node's train message with devices=cpu:2 (the ClientApp
     starts its replica pool) against devices=1, over the in-process grid."""
@@ -273,6 +274,7 @@ def test_a_failing_replica_fails_the_task_and_the_pool_is_closed(pool):
     assert not made.procs and not torch.distributed.is_initialized()
 
 
+@pytest.mark.slow  # starts replica processes of its own (~25 s)
 def test_a_replica_whose_node_process_was_killed_exits(tmp_path):
     """The node's process (rank 0) killed outright: its idle replica notices within
     ORPHAN_CHECK_S and exits instead of holding its device."""
