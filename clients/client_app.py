@@ -80,6 +80,7 @@ from fedlora.seeds import derive_seed
 from fedlora.train import evaluate, train_local
 from fedlora.train.accuracy import exact_match, generation_batch
 from fedlora.train.choices import multiple_choice
+from fedlora.train.distributed import node_devices, refusal, train_parallel
 from fedlora.train.dp_sgd import DpSgdPlan, plan_dp_sgd
 from fedlora.train.loop import RoundPlan
 
@@ -109,6 +110,8 @@ class Job:
     start: dict[str, Tensor]  # the adapter the client starts from (PEFT scale)
     store: PersonalStore  # where the client keeps factors that never leave it
     guarded: bool = False  # a deployment node: its failures reach the server only generically
+    devices: tuple[str, ...] = ("cpu",)  # of its training processes (data parallel: several)
+    residual: dict | None = None  # the frozen residual adapter's factors, when one is sent
 
     @property
     def seed(self) -> int:
@@ -299,6 +302,12 @@ def prepare(msg: Message, context: Context) -> Job:
     settings, method = node_settings(context, msg.metadata.message_type)
     resolve_device(settings.model.device)  # fail early and clearly on a missing GPU
     guarded = is_deployment_node(context)
+    try:
+        devices = node_devices(settings.model, guarded)
+    except ValueError as err:  # the node's devices against its settings: said as is
+        raise Refused(str(err)) from None
+    if len(devices) > 1:  # data parallel: this process is rank 0, on the first device
+        settings = replace(settings, model=replace(settings.model, device=devices[0]))
     name = settings.model.name
     if guarded and "model" not in context.node_config and name not in BUILTINS and \
             Path(name).expanduser().exists():  # fails as a hub id that is not there does
@@ -308,14 +317,16 @@ def prepare(msg: Message, context: Context) -> Job:
     lora = replace(settings.lora, rank=rank)
     slot = WORKSPACE.get(settings.model, lora, settings.train)
     residual = msg.content.array_records.get(wire.RESIDUAL)
-    set_residual(slot, lora, unflatten(from_array_record(residual)) if residual else None)
+    factors = unflatten(from_array_record(residual)) if residual else None
+    set_residual(slot, lora, factors)
     pid, n = partition(context)
     server_round = config_int(msg, wire.SERVER_ROUND)
     store = personal_store(settings.federation.personal_dir, context, pid, server_round,
                            evaluating=msg.metadata.message_type == MessageType.EVALUATE)
     start = method.client_start(received_state(msg, slot, rank), store)
     slot.peft.set_state(slot.model, slot.adapter, {k: v.float() for k, v in start.items()})
-    return Job(settings, method, slot, pid, n, rank, server_round, start, store, guarded)
+    return Job(settings, method, slot, pid, n, rank, server_round, start, store, guarded,
+               tuple(devices), factors)
 
 
 def clip_reply(job: Job, state: dict[str, Tensor], rank: int) -> dict[str, Tensor]:
@@ -398,9 +409,18 @@ def train(msg: Message, context: Context) -> Message:
             replace(local, proximal_mu=job.method.proximal_mu(settings)))
         plan = RoundPlan(job.server_round, settings.federation.num_rounds, job.seed)
         private = dp_sgd_plan(settings, hooks.examples or train_set)  # refused over budget
-        result = train_local(slot.model, slot.adapter, train_set, slot.tokenizer.pad_token_id,
-                             settings.train, plan, hooks,
-                             desc=f"client {pid} round {job.server_round}")
+        desc = f"client {pid} round {job.server_round}"
+        if len(job.devices) > 1:  # one process per device (fedlora.train.distributed)
+            problem = refusal(settings, hooks, len(job.devices))
+            if problem:
+                raise Refused(problem)
+            result = train_parallel(list(job.devices), slot, settings,
+                                    hooks.examples or train_set, plan, hooks, job.residual,
+                                    desc)
+        else:
+            result = train_local(slot.model, slot.adapter, train_set,
+                                 slot.tokenizer.pad_token_id, settings.train, plan, hooks,
+                                 desc=desc)
     state, rank = job.method.client_finish(slot.peft.get_state(slot.model, slot.adapter), job.rank,
                                            settings, job.store)
     state = clip_reply(job, state, rank)

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import MISSING, Field, dataclass, field, fields
 from typing import Any, Self
 
+from fedlora.devices import DeviceSpecError, check_spec
 from fedlora.seeds import derive_seed
 
 
@@ -148,6 +149,15 @@ class ModelSettings:
         "dtype of 4-bit matmuls: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, "
         "float16.")
     device: str = setting("device", "auto", "auto (CUDA if available), cpu, cuda or cuda:N.")
+    devices: str = setting(
+        "devices", "auto",
+        "A fedlora client node's processes: auto (one per visible CUDA device when there are "
+        "several, else one on `device`), a count N, a CUDA list (0,1) or cpu:N; several "
+        "train data parallel (docs/deployment.md). In simulation: one process.")
+    shard: bool = setting(
+        "shard", False,
+        "Split one copy of the base across the `devices` (device_map=balanced, one process) "
+        "for a base larger than one device, instead of one copy per device.")
 
     def __post_init__(self) -> None:
         require(bool(self.name.strip()), "model", "a model name or path", self.name)
@@ -156,6 +166,12 @@ class ModelSettings:
         ok = self.device in ("auto", "cpu", "cuda") or (
             self.device.startswith("cuda:") and self.device[5:].isdigit())
         require(ok, "device", "auto, cpu, cuda or cuda:N", self.device)
+        try:
+            check_spec(self.devices)
+        except DeviceSpecError as err:
+            raise SettingsError(str(err)) from None
+        require(not (self.shard and self.devices.strip().startswith("cpu:")), "shard",
+                "false with devices=cpu:N (a model is split across CUDA devices only)", True)
 
 
 @dataclass

@@ -2,7 +2,8 @@
 # The CUDA path, checked on a GPU machine in under 8 minutes:
 #   1. the `gpu` tests (tests/test_gpu.py): a QLoRA step on an NF4 + double-quantised base,
 #      bf16 autocast, paged 8-bit AdamW, the pre-quantized cache loaded onto CUDA, and a base
-#      model that stays on the GPU across rounds (one load, one allocation);
+#      model that stays on the GPU across rounds (one load, one allocation); with two or more
+#      GPUs also tests/test_distributed_gpu.py (data parallel over nccl, a sharded 4-bit base);
 #   2. benchmarks/trainer_throughput.py on CUDA: fedlora's train_local against a plain PEFT +
 #      bitsandbytes loop, tokens/s and peak GPU memory, with a 4-bit base and with a bf16 one.
 #   3. benchmarks/qlora_memory.py on CUDA: one client's whole peak (weights included) with a
@@ -38,7 +39,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 status=0
 echo "gpu-check: 1/3 the gpu tests" >&2
-timeout 150 "$py" -m pytest -m gpu tests/test_gpu.py -v -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.txt"
+timeout 150 "$py" -m pytest -m gpu tests/test_gpu.py tests/test_distributed_gpu.py -v -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 model="${GPU_CHECK_MODEL:-}"

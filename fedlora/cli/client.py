@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 
 # flag -> node-config key
 NODE_FLAGS = {"data_path": "data-path", "rank": "lora-rank", "quantization": "quantization",
-              "device": "device", "batch_size": "batch-size", "local_steps": "local-steps",
+              "device": "device", "devices": "devices", "shard": "shard",
+              "batch_size": "batch-size", "local_steps": "local-steps",
               "partition_id": "partition-id", "num_partitions": "num-partitions",
               "dp_sgd_epsilon": "dp-sgd-epsilon", "dp_sgd_delta": "dp-sgd-delta",
               "max_local_steps": "limit-local-steps", "max_length": "limit-max-length",
@@ -68,6 +69,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization", choices=["none", "8bit", "4bit"],
                    help="quantize this node's frozen base (4bit = QLoRA)")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--devices", metavar="SPEC",
+                   help="this node's training processes: auto (default: one per visible GPU "
+                        "when there are several, data parallel), a count N, a GPU list 0,1, "
+                        "or cpu:N processes on the CPU")
+    p.add_argument("--shard", action="store_const", const=True,
+                   help="split one copy of the base across the --devices GPUs (one process), "
+                        "for a base larger than one GPU")
     p.add_argument("--batch-size", type=int, help="examples per micro-batch on this node")
     p.add_argument("--local-steps", type=int, help="optimizer steps per round on this node")
     p.add_argument("--partition-id", type=int,
@@ -130,9 +138,23 @@ def node_config(args: argparse.Namespace) -> dict:
     if args.require_secure_aggregation:
         config["require-secure-aggregation"] = True
     config["node-name"] = args.name or socket.gethostname()
-    load_settings({}, config)  # validates every key and value
+    settings = load_settings({}, config)  # validates every key and value
     check_limits(config)
+    check_devices(settings.model.devices, settings.model.device)
     return config
+
+
+def check_devices(spec: str, device: str) -> None:
+    """Refuse a --devices list or count that names GPUs this machine does not show (torch
+    is imported only for such a spec)."""
+    text = spec.strip()
+    if text == "auto" or text.startswith("cpu:") or text == "1":
+        return
+    import torch
+
+    from fedlora.devices import resolve
+
+    resolve(spec, device, torch.cuda.device_count())
 
 
 def supernode_flags(args: argparse.Namespace, config: dict) -> list[str]:

@@ -10,6 +10,7 @@ from fedlora.models.builtin import quiet_progress
 from fedlora.models.quantization import bnb_config
 from fedlora.models.source import ModelLoadError, ModelSource, resolve_source
 
+SHARD_FILL = 0.9
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -30,6 +31,25 @@ def resolve_dtype(compute_dtype: str, device: str) -> torch.dtype:
     return DTYPES[compute_dtype]
 
 
+def placement(settings: ModelSettings, device: str) -> dict:
+    """from_pretrained's placement: the whole model on `device`, or with `shard` split
+    evenly (accelerate's device_map="balanced") across the CUDA devices of `devices`, each
+    filled to at most SHARD_FILL of its memory (the rest is for activations)."""
+    if not settings.shard:
+        return {"device_map": {"": device}}
+    from fedlora.devices import resolve
+
+    devices = resolve(settings.devices, settings.device, torch.cuda.device_count())
+    if len(devices) < 2 or not all(d.startswith("cuda:") for d in devices):
+        raise ModelLoadError(f"shard=true splits the model across two or more CUDA devices, "
+                             f"but devices={settings.devices!r} gives {devices} here; list "
+                             f"them (--devices 0,1) or drop --shard")
+    indices = [int(d[5:]) for d in devices]
+    memory = {i: int(torch.cuda.get_device_properties(i).total_memory * SHARD_FILL)
+              for i in indices}
+    return {"device_map": "balanced", "max_memory": memory}
+
+
 def load_tokenizer(source: ModelSource):
     """The model's tokenizer, with a pad token (eos when the model defines none)."""
     from transformers import AutoTokenizer
@@ -47,7 +67,7 @@ def load_model(settings: ModelSettings, source: ModelSource | None = None):
     source = source or resolve_source(settings.name)
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.compute_dtype, device)
-    kwargs = {"dtype": dtype, "device_map": {"": device}}
+    kwargs = {"dtype": dtype, **placement(settings, device)}
     quant = bnb_config(settings.quantization, dtype)
     path, save_as = source.path, None
     if quant is not None:

@@ -12,6 +12,7 @@ import torch
 from fedlora.config import TrainSettings
 from fedlora.data import collate
 from fedlora.models.quantization import paged_adamw_8bit
+from fedlora.train.distributed import DataParallel, labelled_tokens
 from fedlora.train.dp_sgd import (
     DpSgdPlan,
     PerExampleGradients,
@@ -104,7 +105,8 @@ def batches(examples: list[dict], batch_size: int, seed: int):
 
 def train_local(model: torch.nn.Module, adapter: str, examples: list[dict], pad_id: int,
                 settings: TrainSettings, plan: RoundPlan = RoundPlan(),
-                hooks: LocalTraining = PLAIN, desc: str = "train") -> TrainResult:
+                hooks: LocalTraining = PLAIN, desc: str = "train",
+                parallel: DataParallel | None = None) -> TrainResult:
     """Train the active adapter for `settings.local_steps` optimizer steps and report losses.
 
     `plan` places the round in the run's learning-rate schedule and seeds its draws; `hooks`
@@ -117,6 +119,11 @@ def train_local(model: torch.nn.Module, adapter: str, examples: list[dict], pad_
     its forward pass (they may carry fields beyond the tokens, which collate ignores);
     `hooks.examples`, when given, replace `examples`.
 
+    With `parallel` this process is one of a node's data-parallel group
+    (`fedlora.train.distributed`): it trains its slice of each micro-batch, its loss the
+    slice's share of the micro-batch mean, and the step's gradients are summed over the
+    group before the optimizer steps; the reported losses and tokens are the group's.
+
     With `settings.dp_sgd` each step is a DP-SGD step instead (`fedlora.train.dp_sgd`): a
     Poisson sample of expected size batch-size x grad-accum, run in micro-batches of at most
     batch-size, per-example gradients clipped, summed and noised; a step's loss is the mean
@@ -127,7 +134,7 @@ def train_local(model: torch.nn.Module, adapter: str, examples: list[dict], pad_
     if not examples:
         raise ValueError("this client has no training examples")
     device = next(model.parameters()).device
-    torch.manual_seed(plan.seed)  # LoRA dropout draws
+    torch.manual_seed(plan.seed + (parallel.rank if parallel else 0))  # LoRA dropout draws
     params = trainable_parameters(model, adapter, hooks.keep)
     optimizer = make_optimizer(param_groups(model, params, settings.lora_plus_ratio, hooks),
                                settings, device.type)
@@ -139,6 +146,8 @@ def train_local(model: torch.nn.Module, adapter: str, examples: list[dict], pad_
     tokens, start = 0, time.perf_counter()
     progress = StepProgress(settings.local_steps, desc)
     if settings.dp_sgd:
+        if parallel is not None:
+            raise ValueError("dp-sgd trains in one process: run the node with --devices 1")
         dp = plan_dp_sgd(settings, plan.num_rounds, len(examples))
         with PerExampleGradients(model, params, hooks.per_example) as grads:
             tokens = _private_steps(model, params, optimizer, examples, pad_id, settings,
@@ -147,25 +156,45 @@ def train_local(model: torch.nn.Module, adapter: str, examples: list[dict], pad_
     for i in range(settings.local_steps):
         schedule_lr(optimizer, settings, plan, i)
         # ---- gradient accumulation: grad_accum micro-batches make one optimizer step ----
-        step_loss = 0.0
+        step_loss, step_tokens = 0.0, 0
         for _ in range(settings.grad_accum):
             examples_now = next(stream)
+            if parallel is not None:  # this process's slice; the loss over the whole batch's
+                whole = labelled_tokens(examples_now)  # labelled tokens
+                examples_now = parallel.mine(examples_now)
+                if not examples_now:
+                    continue
             if hooks.on_batch is not None:  # e.g. routing each example to its own expert
                 hooks.on_batch(examples_now)
             batch = {k: v.to(device) for k, v in collate(examples_now, pad_id).items()}
-            tokens += int(batch["attention_mask"].sum())
+            step_tokens += int(batch["attention_mask"].sum())
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.bf16):
                 # response tokens only (-100: prompt, pad), LM head in chunks (loss.py)
-                loss, _ = response_loss(model, batch)
+                loss, count = response_loss(model, batch)
+            if parallel is not None:  # this slice's share of the whole batch's mean loss
+                if not count:
+                    continue
+                loss = loss * (count / whole)
             plain_loss = loss.item()
             extra = hooks.auxiliary() if hooks.auxiliary is not None else None
+            if extra is not None and parallel is not None:
+                raise ValueError("an auxiliary loss term (lora-moe's balance) is not a sum "
+                                 "over examples: train it with --devices 1")
             if extra is not None:  # e.g. the experts' load balance, from this forward pass
                 loss = loss + extra
-            if anchor:  # FedProx: stay near the global adapter this round started from
+            if anchor and parallel is None:
+                # FedProx: stay near the global adapter this round started from
                 loss = loss + mu / 2 * sum(((p - p0) ** 2).sum()
                                                     for p, p0 in zip(params, anchor))
             (loss / settings.grad_accum).backward()
             step_loss += plain_loss / settings.grad_accum
+        if anchor and parallel is not None and parallel.rank == 0:  # FedProx, once per group
+            proximal = torch.stack([((p - p0) ** 2).sum() for p, p0 in zip(params, anchor)])
+            (mu / 2 * proximal.sum()).backward()
+        if parallel is not None:  # the group's gradients, loss and tokens, summed
+            step_loss, group_tokens = parallel.sync(params, step_loss, step_tokens)
+            step_tokens = int(group_tokens)
+        tokens += step_tokens
         optimizer_step(params, optimizer, settings)
         losses.append(step_loss)
         progress.update(step_loss)

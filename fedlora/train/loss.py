@@ -48,8 +48,10 @@ def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.
 
 def _chunk_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor
                 ) -> torch.Tensor:
-    """Summed fp32 cross-entropy of one chunk of positions."""
-    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+    """Summed fp32 cross-entropy of one chunk of positions (on the head's device: a model
+    split across devices may keep its head apart from the last layer)."""
+    logits = head(hidden).float()
+    return F.cross_entropy(logits, targets.to(logits.device), reduction="sum")
 
 
 def response_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor],
@@ -67,6 +69,7 @@ def response_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor],
     # dropped again
     inputs, skip = prompted(model, batch["input_ids"], batch["attention_mask"])
     hidden = decoder(**inputs).last_hidden_state[:, skip:]
+    keep, targets = keep.to(hidden.device), targets.to(hidden.device)  # a split model's
     chosen, wanted = hidden[:, :-1][keep], targets[keep]
     if count == 0:  # as the model's own loss: nothing to learn from (0, with a graph)
         return hidden.sum() * 0.0, 0
@@ -74,6 +77,7 @@ def response_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor],
     grad = torch.is_grad_enabled()
     for start in range(0, count, chunk_tokens):
         h, y = chosen[start:start + chunk_tokens], wanted[start:start + chunk_tokens]
-        total = total + (checkpoint(_chunk_loss, head, h, y, use_reentrant=False) if grad
-                         else _chunk_loss(head, h, y))
+        part = (checkpoint(_chunk_loss, head, h, y, use_reentrant=False) if grad
+                else _chunk_loss(head, h, y))
+        total = total + part.to(total.device)
     return total / count, count
