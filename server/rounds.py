@@ -507,10 +507,12 @@ class RoundLoop:
         """`exchange`, each (node, reply) handed on as it arrives."""
         if not messages:
             return
-        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+        sent_to: dict[str, int] = {}  # message id -> node, read once the grid gave the ids
         for reply in stream_replies(grid, messages, self.rules.timeout):
-            yield sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id), \
-                reply
+            answered = reply.metadata.reply_to_message_id
+            if answered not in sent_to:
+                sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+            yield sent_to.get(answered, reply.metadata.src_node_id), reply
             del reply  # not held while the next one is pulled
 
     def content(self, rank: int, server_round: int, extra: tuple = (),

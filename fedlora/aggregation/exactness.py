@@ -103,7 +103,7 @@ def _hash(module: str, side: str, size: int, width: int) -> tuple[Tensor, Tensor
     """The bucket (0..width-1) and sign of each of `size` rows of one side of a layer."""
     gen = torch.Generator().manual_seed(derive_seed(SKETCH_SEED, module, side))
     buckets = torch.randint(0, width, (size,), generator=gen)
-    signs = torch.randint(0, 2, (size,), generator=gen).to(torch.float64) * 2 - 1
+    signs = torch.randint(0, 2, (size,), generator=gen).to(torch.float32) * 2 - 1
     return buckets, signs
 
 
@@ -115,11 +115,9 @@ def sketch_sides(factors: Factors, width: int = SKETCH) -> tuple[Tensor, Tensor]
     for module, (b, a) in factors.items():
         rows, row_signs = _hash(module, "d", b.shape[0], width)
         cols, col_signs = _hash(module, "k", a.shape[1], width)
-        b64, a64 = b.double(), a.double()
-        left.append(torch.zeros(width, b.shape[1], dtype=torch.float64)
-                    .index_add_(0, rows, b64 * row_signs[:, None]).float())
-        right.append(torch.zeros(a.shape[0], width, dtype=torch.float64)
-                     .index_add_(1, cols, a64 * col_signs[None, :]).float())
+        b, a = b.float(), a.float()  # float32 sums: the estimate is not finer than that
+        left.append(torch.zeros(width, b.shape[1]).index_add_(0, rows, b * row_signs[:, None]))
+        right.append(torch.zeros(a.shape[0], width).index_add_(1, cols, a * col_signs[None, :]))
     return torch.stack(left), torch.stack(right)
 
 
