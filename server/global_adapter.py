@@ -28,6 +28,7 @@ from fedlora.aggregation.exactness import (
     sketch_sides,
     truncation_loss,
 )
+from fedlora.aggregation.linalg import difference_norm, product_norm
 from fedlora.aggregation.privacy import factor_distance
 from fedlora.aggregation.robust import change_norm, robust_merge, robust_shared_a
 from fedlora.aggregation.server_opt import ServerOptimizer
@@ -131,6 +132,26 @@ class GlobalAdapter:
         return math.hypot(change_norm(self.merged_part(update.factors),
                                       self.merged_part(self.received(update.rank))),
                           dense_distance(update.dense, self.dense))
+
+    def figures(self, update: ClientUpdate) -> tuple[float, float]:
+        """(`moved`, `distance`) of an update, equal to theirs, in one pass over its layers:
+        each layer's factors and the received ones are converted to float64 once."""
+        if self.method.shares == "A":
+            return self.moved(update), self.distance(update)
+        received = self.received(update.rank)
+        change = moved = 0.0
+        for module, (b, a) in update.factors.items():
+            b, a = b.double(), a.double()
+            if module in received:
+                b_ref, a_ref = (t.double() for t in received[module])
+                change += difference_norm(b, a, b_ref, a_ref) ** 2
+                moved += float((b - b_ref).square().sum())
+                moved += float((a - a_ref).square().sum())
+            else:
+                change += product_norm(b, a) ** 2
+                moved += float(b.square().sum()) + float(a.square().sum())
+        plain = dense_distance(update.dense, self.dense)
+        return math.hypot(math.sqrt(change), plain), math.hypot(math.sqrt(moved), plain)
 
     def merged_part(self, factors: Factors) -> Factors:
         """What the merge reads of a set of factors, as factors whose product the screens

@@ -268,8 +268,7 @@ class RoundLoop:
         """An accepted reply's screen figures (and sketch), computed once as it arrives;
         then its factors go to disk when this round spills (`server.spill`)."""
         update = reply.update
-        reply.moved = self.state.moved(update)
-        reply.distance = self.state.distance(update)
+        reply.moved, reply.distance = self.state.figures(update)
         reply.groups = self.state.group_changes(update)
         if self.sketching:
             reply.sketch = sketch_sides(update.factors)

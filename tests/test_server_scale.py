@@ -241,3 +241,11 @@ def test_flexlora_of_a_large_round_keeps_the_exact_svd_to_float32_rounding(monke
         assert float((got - want).norm() / want.norm()) < 1e-4
     # what the truncation drops: from the 10 next components only, a lower bound
     assert 0 < fast.info["dropped"] <= exact.info["dropped"] * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "fedsa-lora", "flora"])
+def test_a_replys_figures_in_one_pass_equal_the_screens_own(strategy):
+    state = GlobalAdapter(method=get_method(strategy), lora=LoraSettings(rank=4),
+                          factors=random_factors(SHAPES, 4, seed=5), global_rank=4)
+    update = ClientUpdate(random_factors(SHAPES, 4, seed=6), 10.0)
+    assert state.figures(update) == (state.moved(update), state.distance(update))
