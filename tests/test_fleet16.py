@@ -139,12 +139,16 @@ def test_sixteen_nodes_every_round_completes_and_three_killed_mid_round_lose_not
         hosts.kill_host(name)
     assert server.wait(timeout=600) == 0, log.read_text()[-3000:]
     rows = training_rounds(read_metrics(out))
-    assert [row["round"] for row in rows] == [1, 2, 3]
-    for row in rows[:2]:  # every round completes with every node
-        assert row["clients-replied"] == 16 and row["failures"] == []
-        assert sorted(c["node-name"] for c in row["clients"]) == NODES
-    cut = rows[2]  # nothing lost: the 13 replies merged, the 3 dead nodes named
-    assert cut["clients-replied"] == 13
+    assert [row["round"] for row in rows] == [1, 2, 3]  # every round completed, once
+    assert all(row["failed-attempts"] == [] for row in rows)
+    for row in rows:  # each node merged or named with its reason: nothing lost unsaid
+        merged = [c["node-name"] for c in row["clients"]]
+        failed = [f["node-name"] for f in row["failures"]]
+        assert sorted(merged + failed) == NODES, row
+    # rounds 1 and 2: every node. On a machine loaded far beyond this test the SuperLink can
+    # lose a reply (SQLite "database is locked", docs/benchmarks.md): this fails, naming it
+    assert [row["clients-replied"] for row in rows[:2]] == [16, 16], rows[:2]
+    cut = rows[2]  # round 3: the 13 living nodes merged, the 3 dead ones named
     assert sorted(c["node-name"] for c in cut["clients"]) == NODES[:13]
     assert sorted(f["node-name"] for f in cut["failures"]) == KILLED
     # given up on by the round timeout, or by the SuperLink once their heartbeats stopped

@@ -109,7 +109,7 @@ def simulate_argv(line: str) -> list[str]:
 DOC_COMMANDS = [pytest.param(line, id=f"{path.name}:{line[:60]}")
                 for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
                 for line in documented(path, "fedlora simulate") if "--help" not in line]
-SCALING_COMMANDS = [line for line in documented(ROOT / "docs/scaling.md", "fedlora simulate")]
+SCALING_COMMANDS = documented(ROOT / "docs/scaling.md", "fedlora simulate")
 
 
 def checked(argv: list[str], tmp_path: Path) -> tuple[dict, int]:
