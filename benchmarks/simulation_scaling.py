@@ -48,6 +48,9 @@ def parse_args():
     p.add_argument("--local-steps", type=int, default=2, help="steps per client per round")
     p.add_argument("--records-per-client", type=int, default=20,
                    help="dataset-size is this times the number of clients")
+    p.add_argument("--dataset", default="builtin:arithmetic",
+                   help="the federation's data: 20 x 512 records need a task with that many "
+                        "distinct questions (builtin:units, the run default, has 3,600)")
     p.add_argument("--run-config", default="batch-size=2 max-length=64 eval-examples=4",
                    help="extra settings shared by every run")
     p.add_argument("--interval", type=float, default=0.2, help="memory sampling period (s)")
@@ -157,8 +160,8 @@ def simulate_command(args, n: int, out: Path) -> list[str]:
                   f"dataset-size={args.records_per_client * n} {args.run_config}")
     return [sys.executable, "-m", "fedlora.cli.main", "simulate", "--model", args.model,
             "--num-clients", str(n), "--rounds", str(args.rounds), "--local-steps",
-            str(args.local_steps), "--output-dir", str(out), "--overwrite",
-            "--run-config", run_config]
+            str(args.local_steps), "--dataset", args.dataset, "--output-dir", str(out),
+            "--overwrite", "--run-config", run_config]
 
 
 def run_one(args, n: int, out: Path) -> dict:

@@ -118,6 +118,7 @@ class Worker:
         client, retries = runtime_client(task)
         message = context = reply = heartbeat = None
         status, details, code = SubStatus.FAILED, "ClientApp task failed", 1
+        stale = False
         try:
             heartbeat = HeartbeatSender(task_heartbeat(client))
             heartbeat.start()
@@ -127,7 +128,12 @@ class Worker:
                 # keep the next run's tasks waiting for the model.
                 message, context, run, fab, identity = pull_task_input(client)
             except Exception as exc:
-                log.exception("could not pull the task's input from the SuperNode")
+                if stale_token(exc):
+                    log.warning("the SuperNode no longer honours this task's token (it gave "
+                                "up waiting for it and starts the task again): skipped")
+                    stale = True
+                else:
+                    log.exception("could not pull the task's input from the SuperNode")
                 details = f"{type(exc)}:<'{exc}'>"
                 return code
             with self.lock:
@@ -153,8 +159,15 @@ class Worker:
                         status, details, code = SubStatus.FAILED, "reply not pushed", 1
         finally:
             retries.max_tries = 1  # as flwr-clientapp on exit: never block on the last push
-            runtime.push_task_output(client=client, context=context, sub_status=status,
-                                     details=details)
+            try:
+                if not stale:  # nothing to report under a token the SuperNode dropped
+                    runtime.push_task_output(client=client, context=context,
+                                             sub_status=status, details=details)
+            except Exception as exc:  # the token went stale while the task ran
+                if not stale_token(exc):
+                    raise
+                log.warning("the SuperNode no longer honours this task's token: its "
+                            "output is dropped")
             if heartbeat is not None:
                 heartbeat.stop()
             client.close()
@@ -215,6 +228,7 @@ def runtime_client(task: Task) -> tuple[Any, Any]:
     from flwr.supercore.runtime import RuntimeHttpClient
 
     retries = make_simple_http_retry_invoker()
+    retries.should_giveup = stale_token_ends_the_task(retries.should_giveup)
     client = RuntimeHttpClient.from_server_address(
         server_address=task.address, insecure=task.insecure,
         root_certificates=task.certificates,
@@ -222,6 +236,25 @@ def runtime_client(task: Task) -> tuple[Any, Any]:
                       RuntimeTokenHttpInterceptor(task.token)],
         retry_invoker=retries)
     return client, retries
+
+
+def stale_token(exc: BaseException) -> bool:
+    """Whether `exc` is the SuperNode's 401 for a task token it no longer honours."""
+    import httpx
+
+    return isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code == 401
+
+
+def stale_token_ends_the_task(should_giveup: Any) -> Any:
+    """Flower's retry policy, except for a 401: the SuperNode no longer honours this task's
+    token (it gave up waiting for the task, as when the hand-off waited in the socket's backlog
+    while the worker imported torch on a loaded machine, and runs it again with a new token).
+    Flower's policy then SIGINTs its own process, which here would end the worker with every
+    task it holds and its loaded model; this one gives up on the request, which ends only this
+    task."""
+    def giveup(exc: Exception) -> bool:
+        return True if stale_token(exc) else bool(should_giveup(exc))
+    return giveup
 
 
 def task_heartbeat(client: Any) -> Any:
@@ -238,6 +271,8 @@ def task_heartbeat(client: Any) -> Any:
         except httpx.HTTPStatusError as err:
             if err.response.status_code in (503, 504):
                 return False
+            if stale_token(err):  # the task's pulls and pushes fail and end it
+                return True
             raise
         if not res.success:
             log.warning("the SuperNode no longer knows the task being run (its run was "

@@ -136,3 +136,27 @@ def test_relative_data_paths_are_read_from_where_the_command_runs(tmp_path, monk
         build_config(missing)
     assert main(["simulate", "--dataset", "data/y.jsonl", "--output-dir", "out2"]) == 2
     assert not (tmp_path / "out2").exists()
+
+
+def test_fedlora_client_checks_its_node_config_apart_and_never_imports_torch():
+    """`fedlora client` supervises its node for as long as it runs: the settings' checks run
+    in a child process, so the supervisor stays without torch (400 MB resident per node)."""
+    code = ("import sys\n"
+            "from fedlora.cli import client, main\n"
+            "args = main.build_parser().parse_args(['client', '--server', '127.0.0.1:1', "
+            "'--insecure', '--rank', '4', '--name', 'site-a'])\n"
+            "config = client.node_config(args, check=False)\n"
+            "client.check_apart(config)\n"
+            "print(config['lora-rank'], 'torch' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["4", "False"]
+
+
+def test_a_bad_node_config_checked_apart_says_what_to_change():
+    from fedlora.cli.client import check_apart
+
+    with pytest.raises(ValueError, match="^setting 'lora-rank': expected an integer >= 1, "
+                                         "got 0$"):
+        check_apart({"lora-rank": 0, "node-name": "site-a"})

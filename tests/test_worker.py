@@ -175,3 +175,45 @@ def test_one_worker_per_node_serves_every_round_survives_errors_and_is_restarted
     assert len(re.findall(r"error id [0-9a-f]{8}: the \w+ task failed", broken)) >= 3
     assert "not valid JSON" in broken  # the details stay in the node's log
     assert wait_gone() == []
+
+
+def test_a_task_whose_token_the_supernode_dropped_ends_alone_and_not_the_worker():
+    """A hand-off that waited in the socket's backlog longer than the SuperNode kept its token
+    (the worker was still importing torch on a loaded machine): every runtime call answers
+    401. Flower's retry policy would SIGINT its own process, ending the resident worker and
+    every task it holds; here the task ends with code 1 and nothing is signalled."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from clients.worker import Worker
+
+    asked = []
+
+    class Refuse(BaseHTTPRequestHandler):
+        def do_POST(self):
+            asked.append(self.path)
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            body = b'{"code": 1008, "message": "Runtime task-token authentication failed."}'
+            self.send_response(401)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    signals: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: signals.append(signum))
+    try:
+        code = Worker().handle(["--runtime-api-address",
+                                f"127.0.0.1:{server.server_address[1]}", "--token", "stale",
+                                "--insecure"])
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        server.shutdown()
+        server.server_close()
+    assert code == 1 and signals == []
+    assert "/v1/runtime/pull-task-input" in asked
+    assert "/v1/runtime/push-task-output" not in asked  # nothing to report under a stale token

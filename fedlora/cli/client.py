@@ -9,9 +9,12 @@ node only. Several nodes can run on one machine: each gets its own local port.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import shlex
 import socket
 import ssl
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -119,11 +122,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "Flower's own is 3): raise it for a federation of hundreds of nodes")
 
 
-def node_config(args: argparse.Namespace) -> dict:
-    """The node config from the flags, validated like a run config (clear errors, exit 2)."""
-    from fedlora.methods import load_settings
-    from fedlora.node_rules import check_limits
-
+def node_config(args: argparse.Namespace, check: bool = True) -> dict:
+    """The node config from the flags, validated like a run config (clear errors, exit 2;
+    `check=False`: not yet, see `check_apart`)."""
     config = parse_run_config(args.node_config)
     for flag, key in NODE_FLAGS.items():
         if getattr(args, flag) is not None:
@@ -138,10 +139,20 @@ def node_config(args: argparse.Namespace) -> dict:
     if args.require_secure_aggregation:
         config["require-secure-aggregation"] = True
     config["node-name"] = args.name or socket.gethostname()
-    settings = load_settings({}, config)  # validates every key and value
+    if check:
+        check_node_config(config)
+    return config
+
+
+def check_node_config(config: dict) -> None:
+    """Every key and value of a node config, and its ceilings (a ValueError that says what
+    to change)."""
+    from fedlora.methods import load_settings
+    from fedlora.node_rules import check_limits
+
+    settings = load_settings({}, config)
     check_limits(config)
     check_devices(settings.model.devices, settings.model.device)
-    return config
 
 
 def check_devices(spec: str, device: str) -> None:
@@ -155,6 +166,35 @@ def check_devices(spec: str, device: str) -> None:
     from fedlora.devices import resolve
 
     resolve(spec, device, torch.cuda.device_count())
+
+
+CHECK_CHILD = """
+import json, sys
+from fedlora.cli.client import check_node_config
+try:
+    check_node_config(json.loads(sys.argv[1]))
+except (ValueError, KeyError, FileNotFoundError) as err:
+    print(err.args[0] if isinstance(err, KeyError) and err.args else err)
+    sys.exit(2)
+"""
+
+
+def check_apart(config: dict) -> None:
+    """`check_node_config` in a child process: the checks import torch (400 MB resident),
+    which `fedlora client`, the node's supervisor for as long as it runs, never needs (16
+    nodes on one machine: 6.4 GB). The same message and exit code when they fail."""
+    import fedlora
+
+    source = str(Path(fedlora.__file__).resolve().parents[1])  # this very fedlora
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [source, *filter(None, [os.environ.get("PYTHONPATH")])])}
+    proc = subprocess.run([sys.executable, "-c", CHECK_CHILD, json.dumps(config)],
+                          capture_output=True, text=True, env=env)
+    if proc.returncode == 2:  # the message on stdout (stderr: what imports may print)
+        raise ValueError(proc.stdout.strip())
+    if proc.returncode != 0:
+        raise RuntimeError(f"checking the node config failed (exit {proc.returncode}): "
+                           f"{proc.stderr.strip()[-2000:]}")
 
 
 def supernode_flags(args: argparse.Namespace, config: dict) -> list[str]:
@@ -224,7 +264,8 @@ def probe_server(address: str, ca: Path | None, timeout: float = 5.0) -> str | N
 
 def run(args: argparse.Namespace) -> int:
     """Check the node's settings and data, then run the SuperNode until it ends."""
-    config = node_config(args)
+    config = node_config(args, check=False)
+    check_apart(config)
     flags = supernode_flags(args, config)
     if not 0.05 <= args.poll_interval <= 60:
         raise ValueError(f"--poll-interval {args.poll_interval}: expected seconds between "

@@ -87,15 +87,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def model_load_error(err: Exception) -> bool:
+    """Whether `err` is fedlora.models' ModelLoadError, without importing fedlora.models
+    (torch) into a command that never loaded a model: `fedlora client` stays a light
+    process for as long as its node runs."""
+    models = sys.modules.get("fedlora.models")
+    return models is not None and isinstance(err, models.ModelLoadError)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, run the sub-command, turn user errors into one clear line."""
     args = build_parser().parse_args(argv)
     quiet(verbose=args.verbose)
-    from fedlora.models import ModelLoadError
-
     try:
         return args.func(args)
-    except (*USER_ERRORS, ModelLoadError) as err:
+    except Exception as err:
+        if not isinstance(err, USER_ERRORS) and not model_load_error(err):
+            raise
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"fedlora: error: {msg}", file=sys.stderr)
         return 2
