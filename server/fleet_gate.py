@@ -465,6 +465,9 @@ class FleetGate:
                 self.note(source, f"refused {method} {path} from {peer}: {refusal.detail}")
                 await _answer(send, refusal.status, refusal.detail, (CLOSE,))
             return
+        if reply.status_code == 500:
+            await self.failed(reply, send, method, path, peer)
+            return
         try:
             out = [(k, v) for k, v in reply.headers.raw if k.lower() not in HOP_HEADERS]
             await send({"type": "http.response.start", "status": reply.status_code,
@@ -474,6 +477,31 @@ class FleetGate:
             await send({"type": "http.response.body", "body": b""})
         finally:
             await reply.aclose()
+
+
+    async def failed(self, reply: httpx.Response, send: Send, method: str, path: str,
+                     peer: str) -> None:
+        """Answer a SuperLink 500 whose body says its database was locked (Flower's SQLite
+        state under load: a 5 s busy timeout) with 503 and Retry-After, which a Flower
+        SuperNode retries (it gives up on a 500: the message would be lost); nothing was
+        written, so the retry is safe. Any other 500 is passed on unchanged (its body, small,
+        read here)."""
+        body = await reply.aread()
+        await reply.aclose()
+        if BUSY in body.lower():
+            self.note("superlink", f"the SuperLink's database was locked for {method} {path} "
+                                   f"from {peer}: answered 503, the node retries")
+            await _answer(send, 503, "fedlora server: the SuperLink was busy (its database "
+                                     "was locked); retry", ((b"retry-after", b"1"),))
+            return
+        out = [(k, v) for k, v in reply.headers.raw
+               if k.lower() not in HOP_HEADERS and k.lower() != b"content-length"]
+        await send({"type": "http.response.start", "status": 500,
+                    "headers": [*out, (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+BUSY = b"database is locked"  # what a SuperLink's 500 says when SQLite timed out
 
 
 def gate_protocol(gate: FleetGate) -> type[asyncio.Protocol]:

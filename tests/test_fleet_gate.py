@@ -125,6 +125,13 @@ class Recorder(BaseHTTPRequestHandler):
             return
         body = self.rfile.read(length)
         self.seen.append(("POST", self.path, dict(self.headers), body))
+        if error := self.headers.get("x-test-error"):  # a SuperLink that failed
+            answer = error.encode()
+            self.send_response(500)
+            self.send_header("content-length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+            return
         answer = b"upstream:" + body[::-1]
         self.send_response(200)
         self.send_header("content-type", "application/protobuf")
@@ -454,3 +461,15 @@ def test_at_shutdown_the_gate_logs_its_busiest_source_second(gate):
     [line] = [x for x in log.splitlines() if "served" in x]
     served, busiest = re.search(r"served (\d+) requests; .* sent (\d+) within", line).groups()
     assert served == "3" and 1 <= int(busiest) <= 3 and "source, 127.0.0.1," in line
+
+
+def test_a_superlink_busy_database_is_answered_503_to_retry_other_500s_pass(gate):
+    """Flower's SuperLink answers 500 'database is locked' under load, and a SuperNode drops
+    a message on a 500; the gate turns exactly that one into 503 + Retry-After (retried)."""
+    base, proc = gate
+    status, headers, body = post(f"{base}/v1/fleet/push-messages", b"x",
+                                 {"x-test-error": "sqlite3.OperationalError: database is locked"})
+    assert status == 503 and headers["retry-after"] == "1" and b"busy" in body
+    status, _, body = post(f"{base}/v1/fleet/push-messages", b"x",
+                           {"x-test-error": "KeyError: run 7"})
+    assert (status, body) == (500, b"KeyError: run 7")
