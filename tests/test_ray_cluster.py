@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_multihost import Hosts, netns_unavailable
+from netns_hosts import Hosts, netns_unavailable
 
 from fedlora.outputs import read_metrics, training_rounds
 
