@@ -253,9 +253,8 @@ class RoundLoop:
         """Before a round's replies are read: whether the exactness figure will be estimated
         (then each reply is sketched as it arrives), and whether replies go to disk (the
         replies expected, at what was sent to each node, exceed spill-above-mb)."""
-        layers = {m: (d, k) for m, (d, k) in self.shapes.items()}
-        self.sketching = (self.method.exactness_defined and bool(layers) and
-                          exact_cost(layers, ranks, self.state.rank) > EXACT_BUDGET)
+        self.sketching = (self.method.exactness_defined and bool(self.shapes) and
+                          exact_cost(self.shapes, ranks, self.state.rank) > EXACT_BUDGET)
         expected = sum(record.bytes_down.values())
         if self.rules.spill_above_mb >= 0 and expected > self.rules.spill_above_mb * 2**20:
             parent = None if self.writer is None else Path(self.writer.out_dir) / SPILL_DIR
