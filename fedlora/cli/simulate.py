@@ -12,6 +12,7 @@ from typing import Any
 from fedlora.cli.runconfig import SOURCE_KEYS, absolute_source, load_scenario, parse_run_config
 from fedlora.config import Settings
 
+DEFAULT_OUTPUT_DIR = "fedlora-output"
 SCENARIOS = Path(__file__).resolve().parents[2] / "simulations" / "scenarios"
 
 # flag -> run-config key; a flag left unset keeps the scenario's or the default value
@@ -62,8 +63,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wire-dtype", choices=["float32", "float16"],
                    help="dtype of factors on the wire (float16 halves traffic)")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--output-dir", default="fedlora-output",
-                   help="where metrics.jsonl, rounds/<n>/ and final/ go (default fedlora-output)")
+    p.add_argument("--output-dir",
+                   help="where metrics.jsonl, rounds/<n>/ and final/ go (default: the output-dir "
+                        "of --scenario / --run-config, else fedlora-output)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the results of an earlier run in --output-dir")
     p.add_argument("--resume", metavar="OUTPUT_DIR", type=Path,
@@ -133,7 +135,8 @@ def build_config(args: argparse.Namespace, clients_flag: str = "num_clients"
     if num_clients < 1:
         flag = "--" + clients_flag.replace("_", "-")
         raise ValueError(f"{flag}: expected an integer >= 1, got {num_clients}")
-    config["output-dir"] = str(Path(args.output_dir).resolve())
+    out_dir = args.output_dir or config.get("output-dir") or DEFAULT_OUTPUT_DIR
+    config["output-dir"] = str(Path(out_dir).expanduser().resolve())
     # the server reads server-eval-data; in a simulation the clients read the dataset too
     simulated = clients_flag == "num_clients"
     for key in SOURCE_KEYS if simulated else ("server-eval-data",):
