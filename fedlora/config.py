@@ -514,6 +514,11 @@ class FederationSettings:
         "'' = in the node's Flower context (memory, one run); a folder = one safetensors file "
         "per partition-id, read only when that client is sampled (fedlora simulate uses "
         "<output-dir>/personal, so memory does not grow with the number of clients).")
+    init_adapter: str = setting(
+        "init-adapter", "",
+        "Start from a trained LoRA adapter instead of a fresh one: a PEFT adapter folder of the "
+        "same model and target modules (a previous run's final/), e.g. SFT rounds, then DPO "
+        "rounds. peft=lora only; '' = a fresh adapter.")
     resume: bool = setting(
         "resume", False,
         "Continue the run in output-dir from its last complete round (state/latest.json); "
@@ -704,6 +709,10 @@ class Settings:
         if self.federation.fraction_evaluate > 0 and self.data.eval_fraction == 0:
             raise SettingsError("setting 'eval-fraction': expected > 0 when fraction-evaluate > 0 "
                                 "(clients need held-out data), got 0; or set fraction-evaluate=0")
+        if self.federation.init_adapter and self.lora.peft != "lora":
+            raise SettingsError(
+                f"setting 'init-adapter': a LoRA adapter starts runs of peft=lora only, got "
+                f"peft={self.lora.peft}; set init-adapter='' or peft=lora")
         if self.train.dp_sgd and self.data.packing:
             raise SettingsError(
                 "setting 'packing': dp-sgd bounds what one training example adds, and a packed "

@@ -96,6 +96,20 @@ class GlobalAdapter:
         """LoRA scale of an adapter of this rank (alpha/r or alpha/sqrt(r))."""
         return self.lora.scale(rank)
 
+    def start_from(self, factors: Factors) -> str:
+        """Start the run from a trained adapter's factors (delta-W scale; init-adapter): as
+        the global factors where the clients train the whole adapter at its rank, else as a
+        frozen residual under a fresh adapter (ffa-lora's seeded A, fedsa-lora's private B,
+        flora's fresh adapters, another rank). Either way every client's model starts at
+        base + that adapter. Returns where it went ("factors" or "residual")."""
+        whole = (self.method.shares == "both" and not self.method.fresh_adapter
+                 and not self.method.personal)
+        if whole and rank_of(factors) == self.global_rank:
+            self.factors = {m: (b.float(), a.float()) for m, (b, a) in factors.items()}
+            return "factors"
+        self.residual = {m: (b.float(), a.float()) for m, (b, a) in factors.items()}
+        return "residual"
+
     # ---- what goes to clients ----------------------------------------------------------------
     def received(self, rank: int) -> Factors:
         """What a rank-`rank` client receives (delta-W scale): the reference its update is

@@ -17,12 +17,14 @@ from fedlora.adapters import peft_method, shared_init, target_shapes
 from fedlora.aggregation.server_opt import SERVER_OPTIMIZERS, ServerOptimizer
 from fedlora.checkpoint import discard_after, read_latest, set_rng_state
 from fedlora.config import DefenceSettings, FederationSettings, Settings
+from fedlora.factors import Factors
 from fedlora.methods import Method, load
+from fedlora.mixing import read_source
 from fedlora.models import ModelSource, model_skeleton, resolve_source
 from fedlora.outputs import RunWriter
 from fedlora.runtime import node_keys, pacing
 from server.defences import Robust
-from server.global_adapter import GlobalAdapter
+from server.global_adapter import GlobalAdapter, rank_of
 from server.privacy import PrivacyLedger
 from server.rounds import RoundLoop, Rules
 from server.secagg import SecAggRules
@@ -80,6 +82,34 @@ def build_global(settings: Settings, method: Method, shapes: Shapes) -> GlobalAd
                          else fed.dp_noise_multiplier,
                          noise_seed=fed.seed,
                          robust=Robust(settings.defence.robust, settings.defence.robust_f))
+
+
+def initial_factors(folder: str, shapes: dict[str, tuple[int, int]], model: str) -> Factors:
+    """The factors (delta-W scale) of the LoRA adapter `folder` (init-adapter), checked
+    against this run's adapted layers and model."""
+    source = read_source(folder)
+    if (Path(folder) / "fedlora.json").exists() and source.base != model:
+        raise ValueError(f"setting 'init-adapter': {folder} was trained on {source.base}, this "
+                         f"run's model is {model}; start from an adapter of the same model")
+    missing, extra = sorted(shapes.keys() - source.factors), sorted(source.factors - shapes.keys())
+    if missing or extra:
+        raise ValueError(
+            f"setting 'init-adapter': {folder} adapts other layers than this run "
+            f"({len(missing)} of the run's missing, e.g. {short(missing)}; {len(extra)} not in "
+            f"the run, e.g. {short(extra)}); use the model and target-modules it was trained "
+            f"with")
+    for module, (d, k) in shapes.items():
+        b, a = source.factors[module]
+        if (b.shape[0], a.shape[1]) != (d, k):
+            raise ValueError(f"setting 'init-adapter': {folder}'s {module} is "
+                             f"{b.shape[0]}x{a.shape[1]}, this run's is {d}x{k}; start from an "
+                             f"adapter of the same model")
+    return source.factors
+
+
+def short(names: list[str]) -> str:
+    """The first of some module names, for a message."""
+    return (names[0] if names else "none") + (", ..." if len(names) > 1 else "")
 
 
 def rules(fed: FederationSettings, defence: DefenceSettings) -> Rules:
@@ -167,6 +197,12 @@ def main(grid: Grid, context: Context) -> None:
                        saved=lambda state: peft.saved_state(state, shapes.model_config,
                                                           shapes.source))
     loop = build_loop(settings, method, shapes, writer)
+    if fed.init_adapter and not fed.resume:
+        start = initial_factors(fed.init_adapter, shapes.factors, settings.model.name)
+        placed = loop.state.start_from(start)
+        log(INFO, "fedlora: starting from the adapter %s (rank %d, as the %s)",
+            fed.init_adapter, rank_of(start), "global adapter" if placed == "factors"
+            else "frozen residual under a fresh adapter")
     loop.keys = node_keys.read(out_dir)  # fedlora server: each node's registered key
     first_round = resume_point(loop, out_dir) if fed.resume else 1
     if not shapes.factors:

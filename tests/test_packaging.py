@@ -87,20 +87,26 @@ def test_app_bundle_holds_the_code_and_not_tests_docs_or_benchmarks():
     assert "simulations/scenarios/smoke.toml" in names
 
 
+def write_documented_run(folder: Path) -> None:
+    """docs/running-flwr.md's my-run.toml, and a data file it can read, into `folder`."""
+    doc = (ROOT / "docs" / "running-flwr.md").read_text(encoding="utf-8")
+    example = re.search(r"```toml\n(# my-run\.toml.*?)```", doc, re.S)
+    assert example, "docs/running-flwr.md lost its my-run.toml example"
+    (folder / "my-run.toml").write_text(example.group(1), encoding="utf-8")
+    (folder / "data").mkdir()
+    (folder / "data" / "my-records.jsonl").write_text("".join(
+        f'{{"question": "q{i}", "answer": "a{i}", "topic": "t{i % 4}"}}\n' for i in range(40)),
+        encoding="utf-8")
+
+
 def test_the_documented_settings_file_is_a_whole_valid_run(tmp_path, monkeypatch):
     """docs/running-flwr.md's example scenario passes every check `fedlora simulate` makes
     before a run, with its relative dataset path read from the directory the command runs in."""
     from fedlora.cli.main import build_parser
     from fedlora.cli.simulate import build_config
 
-    doc = (ROOT / "docs" / "running-flwr.md").read_text(encoding="utf-8")
-    example = re.search(r"```toml\n(# my-run\.toml.*?)```", doc, re.S)
-    assert example, "docs/running-flwr.md lost its my-run.toml example"
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "my-run.toml").write_text(example.group(1), encoding="utf-8")
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "my-records.jsonl").write_text(
-        '{"question": "q", "answer": "a", "topic": "t"}\n', encoding="utf-8")
+    write_documented_run(tmp_path)
     args = build_parser().parse_args(["simulate", "--scenario", "my-run.toml"])
     config, clients = build_config(args)
     assert clients == 4

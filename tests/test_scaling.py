@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_packaging import write_documented_run
 from test_simulation import SESSION_ENV
 
 import fedlora.data as data
@@ -127,7 +128,16 @@ def test_the_docs_hold_the_scaling_commands():
 
 
 @pytest.mark.parametrize("line", DOC_COMMANDS)
-def test_a_documented_simulate_command_parses_and_passes_the_data_check(line, tmp_path):
+def test_a_documented_simulate_command_parses_and_passes_the_data_check(line, tmp_path,
+                                                                        monkeypatch):
+    started = re.search(r"init-adapter='([^']+)'", line)
+    if started:  # the adapter an earlier documented command wrote, where it writes it
+        monkeypatch.chdir(tmp_path)
+        (tmp_path / started.group(1)).mkdir(parents=True)
+        (tmp_path / started.group(1) / "adapter_config.json").write_text("{}")
+    if "my-run.toml" in line:  # docs/running-flwr.md's example settings file
+        monkeypatch.chdir(tmp_path)
+        write_documented_run(tmp_path)
     checked(simulate_argv(line), tmp_path)
 
 

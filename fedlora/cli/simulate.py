@@ -142,6 +142,8 @@ def build_config(args: argparse.Namespace, clients_flag: str = "num_clients"
     for key in SOURCE_KEYS if simulated else ("server-eval-data",):
         if isinstance(config.get(key), str):
             config[key] = absolute_source(key, config[key])
+    if config.get("init-adapter"):  # read by the server, from where the command runs
+        config["init-adapter"] = adapter_folder(str(config["init-adapter"]))
     if simulated and config.get("personal-dir"):
         config["personal-dir"] = str(Path(config["personal-dir"]).expanduser().resolve())
     # Every client must be present before a round starts; minimums cannot exceed the clients.
@@ -152,6 +154,17 @@ def build_config(args: argparse.Namespace, clients_flag: str = "num_clients"
         config[key] = min(int(config.get(key, 2)), num_clients)
     settings = load_settings(config)  # validates every key and value
     return settings.to_config(), num_clients
+
+
+def adapter_folder(value: str) -> str:
+    """init-adapter as an absolute path; a folder without a PEFT adapter is an error."""
+    path = Path(value).expanduser().resolve()
+    if not (path / "adapter_config.json").is_file():
+        raise FileNotFoundError(
+            f"setting 'init-adapter': {path} holds no PEFT adapter (adapter_config.json); pass "
+            f"an adapter folder such as a previous run's <output-dir>/final (relative paths are "
+            f"read from the directory the command runs in, {Path.cwd()})")
+    return str(path)
 
 
 def prepare_output(out_dir: Path, overwrite: bool) -> None:
