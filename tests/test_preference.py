@@ -98,24 +98,38 @@ def test_sequence_logprobs_and_gradients_equal_the_models_own_logits(tiny_slot, 
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5 * float(e.abs().max()))
 
 
+def tokenized_pair(slot, prompt, chosen, rejected) -> dict:
+    """A pair as the training code holds it (raw prompt/completion text)."""
+    c, r = (tokenize({"prompt": prompt, "completion": x}, slot.tokenizer, 64)
+            for x in (chosen, rejected))
+    return {**c, "rejected_input_ids": r["input_ids"], "rejected_labels": r["labels"]}
+
+
+PAIRS = [("Q: the capital of France is", " Paris", " Berlin"),
+         ("Q: 2 + 2 =", " 4", " 5 or so")]
+
+
 @pytest.mark.parametrize("loss", ["sigmoid", "ipo"])
-def test_training_on_a_pair_ranks_it_right_and_leaves_the_reference_unchanged(tiny_slot, loss):
-    batch = pair_batch(tiny_slot, "Q: the capital of France is", " Paris", " Berlin")
-    tiny_slot.model.eval()
+def test_training_on_pairs_ranks_them_right_and_leaves_the_reference_unchanged(tiny_slot, loss):
+    from fedlora.train.preference import evaluate_pairs, pair_scores, score_reference
+
+    pad = tiny_slot.tokenizer.pad_token_id
+    pairs = [tokenized_pair(tiny_slot, *p) for p in PAIRS]
+    before = evaluate_pairs(tiny_slot.model, pairs, pad, beta=0.5)
+    assert (before.accuracy, before.margin) == (0.0, 0.0)  # B = 0: the policy is the base
+    scored = score_reference(tiny_slot.model, pairs, pad)
+    kept = [(p["ref_chosen"], p["ref_rejected"]) for p in scored]
+    batch = pair_batch(tiny_slot, *PAIRS[0])
+    with torch.no_grad():
+        direct, _ = sequence_logprobs(tiny_slot.model, batch)
+    assert kept[0] == pytest.approx((float(direct[0]), float(direct[1])), abs=1e-5)
     params = trainable_parameters(tiny_slot.model, tiny_slot.adapter)
-    with torch.no_grad():  # the reference: the adapter as received, scored once
-        ref, counts = sequence_logprobs(tiny_slot.model, batch)
-    kept = ref.clone()
     optimiser = torch.optim.AdamW(params, lr=5e-3)
     for _ in range(15):
-        policy, _ = sequence_logprobs(tiny_slot.model, batch)
-        s = PairScores(policy[:1], policy[1:], ref[:1], ref[1:], counts[:1], counts[1:])
         optimiser.zero_grad()
-        preference_loss(s, beta=0.5, loss=loss).backward()
+        preference_loss(pair_scores(tiny_slot.model, scored, pad), beta=0.5, loss=loss).backward()
         optimiser.step()
-    with torch.no_grad():
-        policy, _ = sequence_logprobs(tiny_slot.model, batch)
-    figures = preference_figures(
-        PairScores(policy[:1], policy[1:], ref[:1], ref[1:], counts[:1], counts[1:]), beta=0.5)
-    assert torch.equal(ref, kept)
-    assert figures.accuracy == 1.0 and figures.margin > 0.5
+    after = evaluate_pairs(tiny_slot.model, pairs, pad, beta=0.5)
+    assert [(p["ref_chosen"], p["ref_rejected"]) for p in scored] == kept
+    assert after.accuracy == 1.0 and after.margin > 0.5
+    assert after.chosen_logp > before.chosen_logp

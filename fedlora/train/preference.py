@@ -33,7 +33,7 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from fedlora.adapters.virtual_tokens import prompted
-from fedlora.data import IGNORE
+from fedlora.data import IGNORE, collate
 from fedlora.train.loss import CHUNK_TOKENS, decoder_and_head
 
 LOSSES = ("sigmoid", "ipo")
@@ -127,3 +127,67 @@ def preference_figures(scores: PairScores, beta: float) -> PreferenceFigures:
             margin=float((chosen - rejected).mean()),
             chosen_logp=float(scores.policy_chosen.mean()),
             rejected_logp=float(scores.policy_rejected.mean()))
+
+
+# ---- pairs of tokenized responses -----------------------------------------------------------
+# A tokenized pair is a dict: input_ids / labels (prompt + chosen, prompt tokens IGNORE),
+# rejected_input_ids / rejected_labels (prompt + rejected), and once scored by the reference
+# ref_chosen / ref_rejected (summed log-probabilities, floats).
+
+def collate_pairs(pairs: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """One batch of 2N rows: the N chosen sequences, then the N rejected ones."""
+    rows = ([{"input_ids": p["input_ids"], "labels": p["labels"]} for p in pairs]
+            + [{"input_ids": p["rejected_input_ids"], "labels": p["rejected_labels"]}
+               for p in pairs])
+    return collate(rows, pad_id)
+
+
+@torch.no_grad()
+def score_reference(model: torch.nn.Module, pairs: list[dict], pad_id: int,
+                    batch_size: int = 8) -> list[dict]:
+    """`pairs` with the reference's summed log-probabilities of each response: the model as it
+    is now (a round's starting point: the global adapter the client received), computed once
+    per pair, so that a training step costs one forward pass of the policy only."""
+    device = next(model.parameters()).device
+    model.eval()
+    out = []
+    for i in range(0, len(pairs), batch_size):
+        part = pairs[i:i + batch_size]
+        batch = {k: v.to(device) for k, v in collate_pairs(part, pad_id).items()}
+        sums, _ = sequence_logprobs(model, batch)
+        n = len(part)
+        out += [{**p, "ref_chosen": float(sums[j]), "ref_rejected": float(sums[n + j])}
+                for j, p in enumerate(part)]
+    return out
+
+
+def pair_scores(model: torch.nn.Module, pairs: list[dict], pad_id: int) -> PairScores:
+    """The policy's scores of a batch of reference-scored pairs (differentiable)."""
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in collate_pairs(pairs, pad_id).items()}
+    sums, counts = sequence_logprobs(model, batch)
+    n = len(pairs)
+    ref = lambda key: torch.tensor([p[key] for p in pairs], dtype=sums.dtype, device=device)
+    return PairScores(sums[:n], sums[n:], ref("ref_chosen"), ref("ref_rejected"),
+                      counts[:n], counts[n:])
+
+
+@torch.no_grad()
+def evaluate_pairs(model: torch.nn.Module, pairs: list[dict], pad_id: int, beta: float,
+                   batch_size: int = 8) -> PreferenceFigures:
+    """Held-out preference figures of the model's active adapter against the base model (the
+    adapter disabled: a PEFT model's `disable_adapter`), pooled over `pairs`: at round 0 (no
+    update yet) the margin is 0."""
+    if not pairs:
+        raise ValueError("no held-out preference pairs")
+    disabled = getattr(model, "disable_adapter", None)  # PeftModel's context manager
+    if disabled is None:
+        raise TypeError("evaluate_pairs scores a PEFT model's adapter against its base")
+    with disabled():
+        scored = score_reference(model, pairs, pad_id, batch_size)
+    model.eval()
+    parts = [pair_scores(model, scored[i:i + batch_size], pad_id)
+             for i in range(0, len(scored), batch_size)]
+    joined = PairScores(*(torch.cat([getattr(p, f) for p in parts])
+                          for f in PairScores.__dataclass_fields__))
+    return preference_figures(joined, beta)
