@@ -1,0 +1,112 @@
+"""Preference records (objective=dpo): every form TRL's preference datasets use, in the file
+formats fedlora reads, refused with file:line when malformed; pairs tokenized with a shared
+prompt and labels on the responses only."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fedlora.config import ModelSettings
+from fedlora.data.preference import bigbench_pairs, load_pairs, tokenize_pair
+from fedlora.models import load_model
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+def test_text_chat_and_implicit_prompt_forms_load(tmp_path):
+    text = load_pairs(write_jsonl(tmp_path / "t.jsonl", [
+        {"prompt": "2+2=", "chosen": "4", "rejected": "5", "topic": "math"}]))
+    assert text == [{"prompt": "2+2=", "chosen": "4", "rejected": "5", "topic": "math",
+                     "chat": False}]
+    user = [{"role": "user", "content": "2+2?"}]
+    chat = load_pairs(write_jsonl(tmp_path / "c.jsonl", [
+        {"prompt": user, "chosen": [{"role": "assistant", "content": "4"}],
+         "rejected": [{"role": "assistant", "content": "5"}]}]))
+    implicit = load_pairs(write_jsonl(tmp_path / "i.jsonl", [
+        {"chosen": user + [{"role": "assistant", "content": "4"}],
+         "rejected": user + [{"role": "assistant", "content": "5"}]}]))
+    assert chat == implicit
+    assert chat[0]["prompt"] == user and chat[0]["chat"] is True
+    assert chat[0]["rejected"] == [{"role": "assistant", "content": "5"}]
+
+
+def test_csv_with_a_field_map(tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_text("question,good,bad\nCapital of France?,Paris,Berlin\n", encoding="utf-8")
+    pairs = load_pairs(str(path), {"prompt": "question", "chosen": "good", "rejected": "bad"})
+    assert (pairs[0]["prompt"], pairs[0]["chosen"], pairs[0]["rejected"]) == (
+        "Capital of France?", "Paris", "Berlin")
+
+
+@pytest.mark.parametrize("row,message", [
+    ({"prompt": "p", "chosen": "a"}, r"t\.jsonl:2: a preference record needs prompt .* found "
+                                     r"fields \['chosen', 'prompt'\]"),
+    ({"prompt": "p", "chosen": "a", "rejected": "a"}, r"t\.jsonl:2: 'chosen' and 'rejected' "
+                                                      r"are the same response"),
+    ({"chosen": "a", "rejected": "b"}, r"t\.jsonl:2: text responses need a text 'prompt'"),
+    ({"prompt": [{"role": "user", "content": "q"}],
+      "chosen": [{"role": "user", "content": "a"}],
+      "rejected": [{"role": "assistant", "content": "b"}]},
+     r"t\.jsonl:2: 'chosen' must end with an assistant message, got one from 'user'"),
+    ({"prompt": "p", "chosen": 3.5, "rejected": [{"x": 1}]},
+     r"t\.jsonl:2: 'chosen' must be text or a non-empty list of \{role, content\}"),
+])
+def test_malformed_pairs_are_refused_with_file_and_line(tmp_path, row, message):
+    path = write_jsonl(tmp_path / "t.jsonl", [{"prompt": "ok", "chosen": "a", "rejected": "b"},
+                                              row])
+    with pytest.raises(ValueError, match=message):
+        load_pairs(path)
+
+
+def test_bigbench_multiple_choice_becomes_pairs_and_generative_is_refused():
+    records = [{"instruction": "Q: 1+1?", "output": "2", "targets": ["2"], "task": "t",
+                "choices": ["1", "2", "3"]},
+               {"instruction": "Q: yes?", "output": "yes", "targets": ["yes", "no"],
+                "task": "t", "choices": ["yes", "no"]}]  # every choice right: no pair
+    pairs = bigbench_pairs(records, seed=0)
+    assert len(pairs) == 1 and pairs[0]["chosen"][0]["content"] == "2"
+    assert pairs[0]["rejected"][0]["content"] in ("1", "3")
+    assert pairs == bigbench_pairs(records, seed=0)  # seeded
+    with pytest.raises(ValueError, match="generative .* need multiple-choice tasks"):
+        bigbench_pairs([{"instruction": "q", "output": "a", "targets": ["a"], "task": "g"}], 0)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """tiny-llama's tokenizer (it has no chat template: the plain template renders chat)."""
+    return load_model(ModelSettings(name="tiny-llama", device="cpu"))[1]
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_a_pair_shares_its_prompt_and_labels_only_the_responses(tokenizer, chat):
+    if chat:
+        pair = {"prompt": [{"role": "user", "content": "Capital of France?"}],
+                "chosen": [{"role": "assistant", "content": "Paris"}],
+                "rejected": [{"role": "assistant", "content": "Berlin, I think"}], "chat": True}
+    else:
+        pair = {"prompt": "Capital of France? ", "chosen": "Paris", "rejected": "Berlin, I think",
+                "chat": False}
+    out = tokenize_pair(pair, tokenizer, max_length=256)
+    n = out["labels"].count(-100)
+    assert n == out["rejected_labels"].count(-100) > 0
+    assert out["input_ids"][:n] == out["rejected_input_ids"][:n]  # one prompt
+    said = lambda ids, labels: tokenizer.decode([t for t, lab in zip(ids, labels) if lab != -100])
+    assert "Paris" in said(out["input_ids"], out["labels"])
+    assert "Berlin, I think" in said(out["rejected_input_ids"], out["rejected_labels"])
+    assert "France" not in said(out["input_ids"], out["labels"])
+
+
+def test_a_long_prompt_is_cut_so_that_the_longer_response_fits(tokenizer):
+    pair = {"prompt": "word " * 200, "chosen": "yes", "rejected": "no, and a long reason " * 3,
+            "chat": False}
+    out = tokenize_pair(pair, tokenizer, max_length=64)
+    assert len(out["rejected_input_ids"]) <= 64 and len(out["input_ids"]) <= 64
+    rejected = [t for t, lab in zip(out["rejected_input_ids"], out["rejected_labels"])
+                if lab != -100]
+    assert tokenizer.decode(rejected).startswith("no, and a long reason")
+    assert out["labels"].count(-100) == out["rejected_labels"].count(-100)
