@@ -10,7 +10,9 @@ each fill in their part before `fedlora.train.train_local` runs:
   figures for the reply (`metrics`);
 - the PEFT method: a term added to the loss (`auxiliary`), each parameter's learning rate as a
   multiple of lr (`lr_scale`), which parameters are a LoRA B (`b_parts`, for LoRA+) and how
-  dp-sgd gets its per-example gradients (`per_example`).
+  dp-sgd gets its per-example gradients (`per_example`);
+- the objective (`fedlora.train.preference` for objective=dpo): the loss of a micro-batch in
+  place of the language-model loss (`batch_loss`) and what its mean is over (`units`).
 """
 
 from __future__ import annotations
@@ -37,6 +39,11 @@ class LocalTraining:
     lr_scale: Callable[[str], float] | None = None  # a parameter's lr, as a multiple of lr
     b_parts: tuple[str, ...] = ("lora_B",)  # name parts of the B factors (LoRA+ rate)
     per_example: str = "opacus"  # dp-sgd: "opacus" hooks, or "one-by-one" backward passes
+    # ---- from the objective ----
+    # (model, micro-batch examples) -> (the batch's mean loss, the units it is a mean over);
+    # None: the language-model loss over the response tokens
+    batch_loss: Callable[[torch.nn.Module, list[dict]], tuple[torch.Tensor, int]] | None = None
+    units: Callable[[list[dict]], int] | None = None  # a micro-batch's units (data parallel)
 
     def is_b(self, name: str) -> bool:
         """Is parameter `name` a B factor (trained at lora-plus-ratio times A's rate)?"""

@@ -160,17 +160,19 @@ def train_local(model: torch.nn.Module, adapter: str, examples: list[dict], pad_
         for _ in range(settings.grad_accum):
             examples_now = next(stream)
             if parallel is not None:  # this process's slice; the loss over the whole batch's
-                whole = labelled_tokens(examples_now)  # labelled tokens
+                whole = (hooks.units or labelled_tokens)(examples_now)  # labelled tokens
                 examples_now = parallel.mine(examples_now)
                 if not examples_now:
                     continue
             if hooks.on_batch is not None:  # e.g. routing each example to its own expert
                 hooks.on_batch(examples_now)
-            batch = {k: v.to(device) for k, v in collate(examples_now, pad_id).items()}
-            step_tokens += int(batch["attention_mask"].sum())
+            step_tokens += fed_tokens(examples_now)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.bf16):
-                # response tokens only (-100: prompt, pad), LM head in chunks (loss.py)
-                loss, count = response_loss(model, batch)
+                if hooks.batch_loss is not None:  # another objective (DPO's pairs)
+                    loss, count = hooks.batch_loss(model, examples_now)
+                else:  # response tokens only (-100: prompt, pad), LM head in chunks (loss.py)
+                    batch = {k: v.to(device) for k, v in collate(examples_now, pad_id).items()}
+                    loss, count = response_loss(model, batch)
             if parallel is not None:  # this slice's share of the whole batch's mean loss
                 if not count:
                     continue
@@ -199,6 +201,11 @@ def train_local(model: torch.nn.Module, adapter: str, examples: list[dict], pad_
         losses.append(step_loss)
         progress.update(step_loss)
     return _finish(model, progress, losses, tokens, start)
+
+
+def fed_tokens(examples: list[dict]) -> int:
+    """Tokens a micro-batch feeds the model (no padding; both responses of a pair)."""
+    return sum(len(e["input_ids"]) + len(e.get("rejected_input_ids", ())) for e in examples)
 
 
 def schedule_lr(optimizer: torch.optim.Optimizer, settings: TrainSettings, plan: RoundPlan,

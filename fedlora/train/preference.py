@@ -191,3 +191,11 @@ def evaluate_pairs(model: torch.nn.Module, pairs: list[dict], pad_id: int, beta:
     joined = PairScores(*(torch.cat([getattr(p, f) for p in parts])
                           for f in PairScores.__dataclass_fields__))
     return preference_figures(joined, beta)
+
+
+def dpo_batch_loss(beta: float, loss: str, pad_id: int):
+    """The `LocalTraining.batch_loss` of objective=dpo: a micro-batch of reference-scored pairs
+    -> (its mean preference loss, the pairs it is a mean over)."""
+    def batch_loss(model: torch.nn.Module, pairs: list[dict]) -> tuple[torch.Tensor, int]:
+        return preference_loss(pair_scores(model, pairs, pad_id), beta, loss), len(pairs)
+    return batch_loss
