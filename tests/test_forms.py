@@ -247,3 +247,20 @@ def test_two_clients_continue_pretraining_on_their_text(tmp_path):
     before, after = rows[0], training_rounds(rows)[0]
     assert after["clients-replied"] == 2 and after["clients-failed"] == 0
     assert after["eval-loss"] < before["eval-loss"] - 0.1
+
+
+@pytest.mark.parametrize("train_on,turns", [("all-assistant", 2), ("last-assistant", 1)])
+def test_eval_loss_scores_the_turns_training_trains(train_on, turns, tmp_path, tiny_slot):
+    """A client's held-out examples of a two-answer conversation carry the labels its
+    training examples do, under either train-on."""
+    from clients.client_app import client_data
+    from fedlora.config import Settings
+
+    path = tmp_path / "chats.jsonl"
+    path.write_text("".join(json.dumps(CHAT) + "\n" for _ in range(4)))
+    s = Settings.from_config({"model": "tiny-llama", "device": "cpu", "dataset": str(path),
+                              "eval-fraction": 0.5, "train-on": train_on})
+    train, held_out, _, _ = client_data(s, tiny_slot, 0, 1)
+    assert len(train) == len(held_out) == 2
+    for example in train + held_out:
+        assert len(trained_runs(tiny_slot.tokenizer, example)) == turns
