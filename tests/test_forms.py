@@ -264,3 +264,18 @@ def test_eval_loss_scores_the_turns_training_trains(train_on, turns, tmp_path, t
     assert len(train) == len(held_out) == 2
     for example in train + held_out:
         assert len(trained_runs(tiny_slot.tokenizer, example)) == turns
+
+
+def test_the_continued_pretraining_corpus_holds_out_each_tasks_last_documents(tmp_path):
+    from simulations.experiments.continued_pretraining import corpus, parse_args
+
+    for task in ("alpha", "beta"):
+        (tmp_path / f"{task}.json").write_text(json.dumps({"examples": [
+            {"input": f"{task} question {i}", "target": "x"} for i in range(10)]}))
+    args = parse_args(["--bigbench-dir", str(tmp_path), "--inputs-per-doc", "2",
+                       "--output-dir", str(tmp_path / "out")])
+    train, held_out = corpus(args)
+    assert held_out == [{"text": f"{t} question 8\n\n{t} question 9", "task": t}
+                        for t in ("alpha", "beta")]
+    assert len(train) == 8 and {d["task"] for d in train} == {"alpha", "beta"}
+    assert not {d["text"] for d in train} & {d["text"] for d in held_out}
