@@ -256,7 +256,8 @@ def client_data(settings: Settings, slot: Slot, pid: int, n: int, guarded: bool 
             examples = pack_with(slot.tokenizer, examples, length)
         # eval stays unpacked: its loss per example does not depend on the packing setting
         DATA[key] = (examples, tokenize_records(held_out, slot.tokenizer, length,
-                                                truncation=cut), held_out, train)
+                                                truncation=cut, train_on=settings.data.train_on),
+                     held_out, train)
         if len(DATA) > DATA_CACHE_SIZE:
             DATA.popitem(last=False)
     DATA.move_to_end(key)
@@ -274,7 +275,8 @@ def read_split(settings: Settings, slot: Slot, pid: int, n: int, guarded: bool
                              f"a run config may not name paths on a node")
     length, cut = settings.train.max_length, settings.train.truncation
     train, held_out = client_records(data, pid, n, settings.federation.seed)
-    examples = tokenize_records(train, slot.tokenizer, length, truncation=cut)
+    examples = tokenize_records(train, slot.tokenizer, length, truncation=cut,
+                                train_on=data.train_on)
     warning = check_answers(examples, f"client {pid}", length, cut)  # raises when none
     if warning:
         log.warning(warning)

@@ -118,7 +118,9 @@ BIGBENCH_PREFIX = "bigbench:"  # read by fedlora.data.bigbench
 
 # Record fields a loader understands (see fedlora/data/loaders.py); field-map renames to these.
 RECORD_FIELDS = ("instruction", "input", "output", "prompt", "completion", "messages",
-                 "conversations")
+                 "conversations", "text")
+CHAT_ROLES = ("user", "assistant", "system")  # what roles-map renames ShareGPT roles to
+TRAIN_ON = ("all-assistant", "last-assistant")  # which assistant turns a conversation trains
 
 
 def parse_field_map(spec: str) -> dict[str, str]:
@@ -131,6 +133,19 @@ def parse_field_map(spec: str) -> dict[str, str]:
                  "one of " + ", ".join(RECORD_FIELDS) + " (e.g. instruction=question,"
                  "output=answer)", spec)
         mapping[ours] = theirs
+    return mapping
+
+
+def parse_roles_map(spec: str) -> dict[str, str]:
+    """'bot=assistant,person=user' -> {'bot': 'assistant', 'person': 'user'}: ShareGPT `from`
+    names (yours) as chat roles (ours)."""
+    mapping: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        theirs, _, ours = (x.strip() for x in part.partition("="))
+        require(ours in CHAT_ROLES and bool(theirs) and theirs not in mapping, "roles-map",
+                 "comma-separated <your role>=<ours> pairs, each of yours once, with <ours> "
+                 "one of " + ", ".join(CHAT_ROLES) + " (e.g. bot=assistant,person=user)", spec)
+        mapping[theirs] = ours
     return mapping
 
 
@@ -382,13 +397,23 @@ class DataSettings:
         "field-map", "",
         "Rename your record fields to ours: comma-separated <ours>=<yours>, e.g. "
         "instruction=question,output=answer (ours: " + ", ".join(RECORD_FIELDS) + ").")
+    roles_map: str = setting(
+        "roles-map", "",
+        "Name ShareGPT roles: comma-separated <yours>=<ours>, e.g. bot=assistant,person=user "
+        "(ours: " + ", ".join(CHAT_ROLES) + "), merged over the built-in human/gpt/system.")
     data_split: str = setting(
         "data-split", "train",
         "Split to read from a save_to_disk DatasetDict folder or an hf: hub dataset.")
+    train_on: str = setting(
+        "train-on", "all-assistant",
+        "Which assistant turns of a conversation are targets: all-assistant (as TRL) or "
+        "last-assistant (earlier turns are context); a turn with \"weight\": 0 is context "
+        "either way. Evaluation scores the same tokens.")
     packing: bool = setting(
         "packing", False,
         "Concatenate tokenized training examples (an EOS between them) into sequences of "
-        "max-length tokens; prompt tokens stay out of the loss. Eval examples stay unpacked.")
+        "max-length tokens; prompt tokens stay out of the loss, and position ids restart at "
+        "every example so that none attends to another. Eval examples stay unpacked.")
 
     def __post_init__(self) -> None:
         require(bool(self.dataset.strip()), "dataset", "builtin:<task> or a file path",
@@ -400,12 +425,18 @@ class DataSettings:
         require(self.dirichlet_alpha > 0, "dirichlet-alpha", "a number > 0",
                  self.dirichlet_alpha)
         parse_field_map(self.field_map)
+        parse_roles_map(self.roles_map)
         require(bool(self.data_split.strip()), "data-split", "a split name such as train",
                  self.data_split)
+        one_of("train-on", self.train_on, TRAIN_ON)
 
     def field_mapping(self) -> dict[str, str]:
         """field-map as {our field: your field}."""
         return parse_field_map(self.field_map)
+
+    def roles_mapping(self) -> dict[str, str]:
+        """roles-map as {your ShareGPT role: our chat role}."""
+        return parse_roles_map(self.roles_map)
 
 
 @dataclass

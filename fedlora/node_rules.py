@@ -5,8 +5,8 @@ The server of a deployment is not trusted with a site's records. Whoever writes 
 exist on it. A node started by `fedlora client` therefore (`clients.client_app` applies these
 rules; they are pure functions of the run config, the node config and an exception):
 
-* takes `field-map` and `data-split` (how it reads its records) from its own config whenever it
-  names its own data (`data-path`), like the paths in `NODE_PATH_KEYS`;
+* takes `field-map`, `roles-map` and `data-split` (how it reads its records) from its own
+  config whenever it names its own data (`data-path`), like the paths in `NODE_PATH_KEYS`;
 * refuses a run-config `dataset` of `hf:<id>` or a `model` that is, or looks like, a path on
   the node, with one message whether such a path exists or not (`source_refusal`);
 * refuses a run config above one of its ceilings (`limit_refusals`, `NODE_LIMIT_KEYS`);
@@ -26,7 +26,7 @@ from typing import Any
 from fedlora.config import HUB_PREFIX, NODE_LIMIT_KEYS, Settings, SettingsError
 
 # How a node reads its own data: with `data-path` in its node config, from there only.
-NODE_DATA_KEYS = ("field-map", "data-split")
+NODE_DATA_KEYS = ("field-map", "roles-map", "data-split")
 
 
 class Refused(SettingsError):

@@ -37,7 +37,7 @@ def check_data(settings: Settings, num_clients: int) -> int:
     """Load the dataset once and check it can be split over the clients; returns its size."""
     data = settings.data
     records = load_records(data.dataset, data.dataset_size, settings.federation.seed,
-                           data.field_mapping(), data.data_split)
+                           data.field_mapping(), data.data_split, data.roles_mapping())
     if len(records) < num_clients:
         raise SettingsError(f"setting 'dataset': {len(records)} examples cannot be split over "
                             f"{num_clients} clients; add data or use fewer clients")
@@ -51,7 +51,8 @@ def check_answers_fit(settings: Settings, source: ModelSource, num_clients: int)
     for pid in range(num_clients):
         records, _ = client_records(settings.data, pid, num_clients, settings.federation.seed)
         examples = tokenize_records(records, tokenizer, train.max_length,
-                                    truncation=train.truncation)
+                                    truncation=train.truncation,
+                                    train_on=settings.data.train_on)
         try:
             warning = check_answers(examples, f"client {pid}", train.max_length,
                                     train.truncation)

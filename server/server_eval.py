@@ -24,7 +24,7 @@ def held_out_records(settings: Settings, num_partitions: int) -> list[dict]:
     data, fed = settings.data, settings.federation
     if settings.train.server_eval_data:
         records = load_source(settings.train.server_eval_data, data.field_mapping(),
-                              data.data_split)
+                              data.data_split, data.roles_mapping())
     elif data.data_path:
         raise ValueError("setting 'server-eval': the nodes read their own data-path, so the "
                          "server has no held-out split of theirs; set server-eval-data to a "
@@ -58,7 +58,8 @@ class ServerEvaluator:
         slot.peft.set_state(slot.model, slot.adapter, {k: v.float() for k, v in state.items()})
         if self.examples is None:
             self.examples = tokenize_records(self.records, slot.tokenizer, s.train.max_length,
-                                             truncation=s.train.truncation)
+                                             truncation=s.train.truncation,
+                                             train_on=s.data.train_on)
         loss = evaluate(slot.model, self.examples, slot.tokenizer.pad_token_id,
                         batch_size=s.train.batch_size)
         accuracy, _ = exact_match(slot.model, slot.tokenizer, self.records, s.data.dataset,

@@ -322,7 +322,7 @@ def test_chat_template_masks_the_prompt_token_by_token(tok):
     assert ex["labels"] == [IGNORE] * len(prompt_ids) + answer_ids
 
 
-def test_a_custom_chat_template_is_used_and_only_the_last_answer_is_trained():
+def test_a_custom_chat_template_is_used_and_last_assistant_trains_the_last_answer_only():
     t = byte_tokenizer()
     t.chat_template = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n"
                        "{% endfor %}{% if add_generation_prompt %}[assistant] {% endif %}")
@@ -330,9 +330,12 @@ def test_a_custom_chat_template_is_used_and_only_the_last_answer_is_trained():
                                   {"from": "human", "value": "1+1?"},
                                   {"from": "gpt", "value": "2"}]}
     [record] = load_source_rows([sharegpt])
-    prompt, answer = split_by_label(tokenize(record, t, 256))
+    prompt, answer = split_by_label(tokenize(record, t, 256, train_on="last-assistant"))
     assert t.decode(prompt) == "[user] hi\n[assistant] yo\n[user] 1+1?\n[assistant] "
     assert t.decode(answer) == "2\n"
+    prompt, answer = split_by_label(tokenize(record, t, 256))  # all-assistant, the default
+    assert t.decode(prompt) == "[user] hi\n[assistant] [user] 1+1?\n[assistant] "
+    assert t.decode(answer) == "yo\n2\n"
 
 
 def load_source_rows(rows):
@@ -378,8 +381,10 @@ def test_packing_separates_with_eos_only_when_an_example_does_not_end_with_it(pl
     eos = plain.eos_token_id
     examples = [{"input_ids": [5, 6, eos], "labels": [IGNORE, 6, eos]},
                 {"input_ids": [7, 8], "labels": [IGNORE, 8]}]
-    assert pack(examples, 3, eos) == [{"input_ids": [5, 6, eos], "labels": [IGNORE, 6, eos]},
-                                      {"input_ids": [7, 8, eos], "labels": [IGNORE, 8, IGNORE]}]
+    assert pack(examples, 3, eos) == [{"input_ids": [5, 6, eos], "labels": [IGNORE, 6, eos],
+                                       "position_ids": [0, 1, 2]},
+                                      {"input_ids": [7, 8, eos], "labels": [IGNORE, 8, IGNORE],
+                                       "position_ids": [0, 1, 2]}]
 
 
 def test_packing_drops_sequences_with_nothing_to_predict():
@@ -389,8 +394,10 @@ def test_packing_drops_sequences_with_nothing_to_predict():
     # never predicted after the shift) -> nothing left
     assert pack(examples, 4, 9) == []
     # with 5: [1,1,1,1,1] is dropped, [1,9,2,3,9] predicts 3 and stays
+    # positions restart where the second example starts (and the first, cut, counts from 0)
     assert pack(examples, 5, 9) == [{"input_ids": [1, 9, 2, 3, 9],
-                                     "labels": [IGNORE, IGNORE, IGNORE, 3, IGNORE]}]
+                                     "labels": [IGNORE, IGNORE, IGNORE, 3, IGNORE],
+                                     "position_ids": [0, 1, 0, 1, 2]}]
 
 
 def test_packing_off_is_plain_tokenization_and_needs_an_eos_when_on(tok):

@@ -138,16 +138,20 @@ def test_a_public_reason_names_the_kind_and_error_id_but_no_text_of_the_exceptio
 # ---- node_settings on a deployment node ----
 
 def test_a_node_with_its_own_data_reads_it_with_its_own_field_map_and_split(caplog):
-    run = {"field-map": "messages=instruction", "data-split": "secret"}
+    run = {"field-map": "messages=instruction", "data-split": "secret",
+           "roles-map": "bot=assistant"}
     with caplog.at_level("WARNING", logger="fedlora.client"):
         own = node_settings(context(run, **{"data-path": "/d.jsonl",
-                                            "field-map": "output=answer"}))[0]
+                                            "field-map": "output=answer",
+                                            "roles-map": "robot=assistant"}))[0]
         bare = node_settings(context(run, **{"data-path": "/d.jsonl"}))[0]
     assert (own.data.field_map, own.data.data_split) == ("output=answer", "train")
-    assert (bare.data.field_map, bare.data.data_split) == ("", "train")
+    assert own.data.roles_map == "robot=assistant"
+    assert (bare.data.field_map, bare.data.data_split, bare.data.roles_map) == ("", "train", "")
     warnings = [r.getMessage() for r in caplog.records]
     assert any("ignored field-map='messages=instruction'" in w for w in warnings)
     assert any("ignored data-split='secret'" in w for w in warnings)
+    assert any("ignored roles-map='bot=assistant'" in w for w in warnings)
     # without data of its own, the node reads the run's dataset the run's way
     assert node_settings(context(run))[0].data.field_map == "messages=instruction"
 

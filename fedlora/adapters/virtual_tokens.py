@@ -68,11 +68,19 @@ def runner(model: torch.nn.Module) -> Any:
     return model.get_base_model() if virtual_kind(model) else model  # type: ignore[operator]
 
 
-def prompted(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
-             ) -> tuple[dict[str, Any], int]:
+def prompted(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+             position_ids: torch.Tensor | None = None) -> tuple[dict[str, Any], int]:
     """(keyword arguments for `runner(model)` or its decoder, positions to drop from its
-    outputs): the input ids themselves when there are no virtual tokens."""
+    outputs): the input ids themselves when there are no virtual tokens. With `position_ids`
+    (packed examples, `fedlora.data.format.pack`) the attention mask is left out and no cache
+    made: transformers then keeps apart the spans whose positions restart; a model with
+    virtual tokens cannot take them (`fedlora.data.format.unpacked` first)."""
     kind = virtual_kind(model)
+    if position_ids is not None:
+        if kind is not None:
+            raise ValueError("packed examples (position_ids) cannot go through virtual "
+                             "tokens; unpack the batch first (fedlora.data.format.unpacked)")
+        return {"input_ids": input_ids, "position_ids": position_ids, "use_cache": False}, 0
     if kind is None:
         return {"input_ids": input_ids, "attention_mask": attention_mask}, 0
     batch = input_ids.shape[0]

@@ -38,14 +38,14 @@ __all__ = ["BIGBENCH_PREFIX", "IGNORE", "PARTITIONERS", "SCORERS", "TASKS", "bui
 
 
 def load_records(dataset: str, size: int, seed: int, field_map: dict[str, str] | None = None,
-                 split: str = "train") -> list[dict]:
+                 split: str = "train", roles_map: dict[str, str] | None = None) -> list[dict]:
     """All records of a dataset setting: `builtin:<task>`, `bigbench:<file or folder>` (no
     field map or split: a BIG-bench task is one list of examples), or a file, folder or hf: id."""
     if dataset.startswith("builtin:"):
         return builtin_task(dataset.split(":", 1)[1], size, seed)
     if dataset.startswith(BIGBENCH_PREFIX):
         return load_bigbench(dataset[len(BIGBENCH_PREFIX):])
-    return load_source(dataset, field_map, split)
+    return load_source(dataset, field_map, split, roles_map)
 
 
 def train_eval_split(records: list[dict], eval_fraction: float, seed: int):
@@ -72,7 +72,8 @@ def client_records(settings: DataSettings, partition_id: int, num_partitions: in
                    seed: int) -> tuple[list[dict], list[dict]]:
     """This client's (train, eval) records: its own data-path, or its share of `dataset`."""
     if settings.data_path:
-        records = load_source(settings.data_path, settings.field_mapping(), settings.data_split)
+        records = load_source(settings.data_path, settings.field_mapping(), settings.data_split,
+                              settings.roles_mapping())
     else:
         everything, parts = partition_dataset(settings, num_partitions, seed)
         records = [everything[i] for i in parts[partition_id]]
@@ -90,12 +91,13 @@ def partition_dataset(settings: DataSettings, num_partitions: int,
     materialised anyway. The returned lists are shared: read them, do not modify them.
     """
     key = (source_version(settings.dataset), settings.dataset_size, seed, settings.field_map,
-           settings.data_split, settings.partitioner, settings.partition_field,
+           settings.roles_map, settings.data_split, settings.partitioner, settings.partition_field,
            settings.dirichlet_alpha, num_partitions)
     if _PARTITIONED.get("key") != key:
         _PARTITIONED.clear()  # drop the old dataset before loading the new one
         everything = load_records(settings.dataset, settings.dataset_size, seed,
-                                  settings.field_mapping(), settings.data_split)
+                                  settings.field_mapping(), settings.data_split,
+                                  settings.roles_mapping())
         labels = record_labels(everything, settings.partition_field, settings.partitioner)
         parts = PARTITIONERS[settings.partitioner](labels, num_partitions, seed,
                                                    settings.dirichlet_alpha)

@@ -6,8 +6,11 @@ record forms that `fedlora.data.format` tokenizes:
 
     instruction/output (input optional)   Alpaca
     prompt/completion                     raw text pair (no template), or two message lists
-    messages: [{role, content}, ...]      chat, ending with the assistant's answer
+    messages: [{role, content}, ...]      chat, ending with the assistant's answer; an
+                                          assistant turn with "weight": 0 is context only
     conversations: [{from, value}, ...]   ShareGPT; human/gpt/system -> user/assistant/system
+                                          (more names: the setting roles-map)
+    text                                  plain text (continued pre-training), nothing else
 
 Fields not used by the form (a category, a task name) are kept, so `partition-field` can
 split by them; a null in one of those fields counts as absent (tables mixing forms).
@@ -21,12 +24,12 @@ import json
 from pathlib import Path
 
 from fedlora.config import BIGBENCH_PREFIX, HUB_PREFIX, RECORD_FIELDS
-from fedlora.data.format import as_text
+from fedlora.data.format import as_text, is_text
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system"}
 FORMS = ("instruction/output (input optional), prompt/completion, messages "
-         "[{role, content}] or conversations [{from, value}]")
+         "[{role, content}], conversations [{from, value}] or text (plain text)")
 SOURCES = (".jsonl, .json, .csv, .tsv or .parquet file, a folder written by datasets' "
            "save_to_disk, hf:<owner/name>[:<config>], or bigbench:<BIG-bench task.json or "
            "folder of them>")
@@ -159,34 +162,63 @@ def parse_json(text: str, where: str) -> object:
 # ---- records: a raw row -> one of the record forms ----
 
 def chat_messages(messages: object, where: str, field: str = "messages",
-                  keys: tuple[str, str] = ("role", "content"), sharegpt: bool = False
-                  ) -> list[dict]:
-    """Checked [{role, content}] ending with the assistant's answer (ShareGPT: keys from/value,
-    roles renamed)."""
+                  keys: tuple[str, str] = ("role", "content"),
+                  roles: dict[str, str] | None = None) -> list[dict]:
+    """Checked [{role, content}] ending with the assistant's answer, an assistant turn's
+    "weight" (0 or 1) kept (ShareGPT: keys from/value, roles renamed by `roles`)."""
     role_key, content_key = keys
     ok = isinstance(messages, list) and messages and all(
         isinstance(m, dict) and {role_key, content_key} <= m.keys() for m in messages)
     if not ok or not isinstance(messages, list):
         raise ValueError(f"{where}: {field!r} must be a non-empty list of {{{role_key}, "
                          f"{content_key}}} objects, got {str(messages)[:80]}")
-    out = [{"role": sharegpt_role(m[role_key], where) if sharegpt else m[role_key],
-            "content": as_text(m[content_key], content_key, where)} for m in messages]
+    out = [{"role": sharegpt_role(m[role_key], where, roles) if roles else m[role_key],
+            "content": as_text(m[content_key], content_key, where),
+            **turn_weight(m, role_key, roles, where)} for m in messages]
     if out[-1]["role"] != "assistant":
         raise ValueError(f"{where}: {field!r} must end with the assistant's answer, but the "
                          f"last turn is from {messages[-1][role_key]!r}")
     return out
 
 
-def sharegpt_role(role: object, where: str) -> str:
-    """human/gpt/system (and user/assistant) as chat roles."""
-    if role not in SHAREGPT_ROLES:
+def turn_weight(message: dict, role_key: str, roles: dict[str, str] | None, where: str
+                ) -> dict:
+    """{"weight": 0 or 1} of an assistant turn that has one (0: context, not a target), else
+    {}; a weight elsewhere or of another value is refused."""
+    if message.get("weight") is None:
+        return {}
+    role = message[role_key]
+    role = roles.get(role, role) if roles else role
+    if role != "assistant" or message["weight"] not in (0, 1) or isinstance(message["weight"],
+                                                                            bool):
+        raise ValueError(f"{where}: a turn's \"weight\" must be 0 (context) or 1 (trained), "
+                         f"and only an assistant turn has one; got weight "
+                         f"{message['weight']!r} on a {role!r} turn")
+    return {"weight": int(message["weight"])}
+
+
+def sharegpt_role(role: object, where: str, roles: dict[str, str] = SHAREGPT_ROLES) -> str:
+    """human/gpt/system (and user/assistant, and the names of roles-map) as chat roles."""
+    if role not in roles:
         raise ValueError(f"{where}: ShareGPT turn from {role!r}; expected one of "
-                         f"{sorted(SHAREGPT_ROLES)}")
-    return SHAREGPT_ROLES[role]
+                         f"{sorted(roles)}, or name yours with the setting roles-map, e.g. "
+                         f"roles-map=\"bot=assistant,person=user\"")
+    return roles[str(role)]
 
 
-def to_record(row: object, field_map: dict[str, str], where: str) -> dict:
-    """A raw row renamed by `field_map` ({ours: yours}) and checked as one record form."""
+def text_record(rec: dict, where: str) -> dict:
+    """A text record (continued pre-training), its text non-empty."""
+    text = as_text(rec["text"], "text", where)
+    if not text.strip():
+        raise ValueError(f"{where}: field 'text' is empty; a text record needs text to learn "
+                         f"from (drop the record, or fill it)")
+    return {**rec, "text": text}
+
+
+def to_record(row: object, field_map: dict[str, str], where: str,
+              roles_map: dict[str, str] | None = None) -> dict:
+    """A raw row renamed by `field_map` ({ours: yours}) and checked as one record form
+    (ShareGPT roles: the built-in names, and `roles_map` {yours: ours} over them)."""
     if not isinstance(row, dict):
         raise ValueError(f"{where}: expected a record object, got {type(row).__name__}")
     rec = {**row, **{ours: row[yours] for ours, yours in field_map.items() if yours in row}}
@@ -197,7 +229,7 @@ def to_record(row: object, field_map: dict[str, str], where: str) -> dict:
     if "conversations" in rec:
         rest = {k: v for k, v in rec.items() if k != "conversations"}
         turns = chat_messages(rec["conversations"], where, "conversations", ("from", "value"),
-                              sharegpt=True)
+                              {**SHAREGPT_ROLES, **(roles_map or {})})
         return {**rest, "messages": turns}
     if "instruction" in rec and "output" in rec:
         return {**rec, "instruction": as_text(rec["instruction"], "instruction", where),
@@ -205,11 +237,14 @@ def to_record(row: object, field_map: dict[str, str], where: str) -> dict:
                 "output": as_text(rec["output"], "output", where)}
     if "prompt" in rec and "completion" in rec:
         return prompt_completion(rec, where)
+    if is_text(rec):
+        return text_record(rec, where)
     mapped = f" after field-map {field_map}" if field_map else ""
     found = sorted(map(str, rec))
     raise ValueError(f"{where}: expected fields {FORMS}, found {found}{mapped}; "
                      f"rename yours with the setting field-map, e.g. "
-                     f"field-map=\"instruction=question,output=answer\"")
+                     f"field-map=\"instruction=question,output=answer\", or "
+                     f"field-map=\"text=body\" for plain text to learn whole")
 
 
 def prompt_completion(rec: dict, where: str) -> dict:
@@ -222,23 +257,25 @@ def prompt_completion(rec: dict, where: str) -> dict:
             "completion": as_text(rec["completion"], "completion", where)}
 
 
-def to_records(rows: Rows, field_map: dict[str, str] | None, source: str) -> list[dict]:
+def to_records(rows: Rows, field_map: dict[str, str] | None, source: str,
+               roles_map: dict[str, str] | None = None) -> list[dict]:
     """Every row as a checked record; a source without any is an error."""
-    records = [to_record(row, field_map or {}, where) for where, row in rows]
+    records = [to_record(row, field_map or {}, where, roles_map) for where, row in rows]
     if not records:
         raise ValueError(f"{source} holds no records; expected records with fields {FORMS}")
     return records
 
 
 def load_source(source: str, field_map: dict[str, str] | None = None,
-                split: str = "train") -> list[dict]:
+                split: str = "train", roles_map: dict[str, str] | None = None) -> list[dict]:
     """All records of a file, save_to_disk folder or hf: hub id, renamed and checked (or of a
-    bigbench: task file or folder, where `field_map` and `split` do not apply)."""
+    bigbench: task file or folder, where `field_map`, `split` and `roles_map` do not
+    apply)."""
     if source.startswith(BIGBENCH_PREFIX):
         from fedlora.data.bigbench import load_bigbench  # it reads files with this module
 
         return load_bigbench(source[len(BIGBENCH_PREFIX):])
-    return to_records(read_rows(source, split), field_map, source)
+    return to_records(read_rows(source, split), field_map, source, roles_map)
 
 
 def load_jsonl(path: str | Path, field_map: dict[str, str] | None = None) -> list[dict]:

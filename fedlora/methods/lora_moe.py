@@ -136,10 +136,10 @@ def field_values(settings: Settings, field: str) -> list[str]:
                          f"`dataset`; this node reads its own data-path={data.data_path!r}: use "
                          f"moe-assign=client or cluster on nodes with their own data")
     key = (source_version(data.dataset), data.dataset_size, seed, repr(data.field_map),
-           data.data_split, field)
+           data.data_split, data.roles_map, field)
     if key not in _FIELD_VALUES:
         records = load_records(data.dataset, data.dataset_size, seed, data.field_mapping(),
-                               data.data_split)
+                               data.data_split, data.roles_mapping())
         missing = next((r for r in records if field not in r), None)
         if missing is not None:
             raise ValueError(f"setting 'moe-field': moe-assign=field reads field {field!r}, but "

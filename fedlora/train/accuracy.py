@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fedlora.data import score_answer, to_messages
-from fedlora.data.format import is_raw
+from fedlora.data.format import is_raw, is_text
 from fedlora.data.tasks import family_of
 from fedlora.inference import chat_prompt, generate
 
@@ -106,7 +106,9 @@ def question_prompt(record: dict, tokenizer) -> str:
 def exact_match(model: torch.nn.Module, tokenizer, records: list[dict], task_name: str | None,
                 max_new_tokens: int = 32, batch_size: int = 16
                 ) -> tuple[Accuracy, list[str]]:
-    """(counts per family, the generated answers) of `records` under greedy decoding."""
+    """(counts per family, the generated answers) of `records` under greedy decoding; text
+    records (continued pre-training: no answer) are skipped."""
+    records = [r for r in records if not is_text(r)]
     prompts = [question_prompt(r, tokenizer) for r in records]
     answers = generate(model, tokenizer, prompts, max_new_tokens, batch_size=batch_size)
     acc = Accuracy()

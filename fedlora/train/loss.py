@@ -21,8 +21,9 @@ import torch
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from fedlora.adapters.virtual_tokens import prompted
+from fedlora.adapters.virtual_tokens import prompted, virtual_kind
 from fedlora.data import IGNORE
+from fedlora.data.format import unpacked
 
 CHUNK_TOKENS = 512  # positions per LM-head chunk: 512 x 49k x 4 bytes = 100 MB of fp32 logits
 HEAD_EXTRAS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
@@ -56,18 +57,26 @@ def _chunk_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tens
 
 def response_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor],
                   chunk_tokens: int = CHUNK_TOKENS) -> tuple[torch.Tensor, int]:
-    """(mean next-token loss over the labelled tokens of `batch`, how many there were)."""
+    """(mean next-token loss over the labelled tokens of `batch`, how many there were).
+    A packed batch (`position_ids`) keeps its examples apart: by the restarting positions,
+    or, for a model with virtual tokens (which go in front of every example), by giving each
+    example a row of its own."""
+    if "position_ids" in batch and virtual_kind(model):
+        batch = unpacked(batch)
     labels = batch["labels"]
     targets = labels[:, 1:]  # position t predicts token t+1
     keep = targets != IGNORE
     count = int(keep.sum())
     parts = decoder_and_head(model)
     if parts is None:
+        if "position_ids" in batch:  # no padding mask: the restarts keep examples apart
+            batch = {k: v for k, v in batch.items() if k != "attention_mask"}
         return model(**batch).loss, count
     decoder, head = parts
     # virtual tokens (a soft prompt, or prefixes as a cache) go first; their positions are
     # dropped again
-    inputs, skip = prompted(model, batch["input_ids"], batch["attention_mask"])
+    inputs, skip = prompted(model, batch["input_ids"], batch["attention_mask"],
+                            batch.get("position_ids"))
     hidden = decoder(**inputs).last_hidden_state[:, skip:]
     keep, targets = keep.to(hidden.device), targets.to(hidden.device)  # a split model's
     chosen, wanted = hidden[:, :-1][keep], targets[keep]
