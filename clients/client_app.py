@@ -61,7 +61,8 @@ from fedlora.adapters import (
 from fedlora.aggregation.privacy import clip_state
 from fedlora.attacks import attack_state, claimed
 from fedlora.config import HUB_PREFIX, NODE_PATH_KEYS, Settings, SettingsError, all_keys
-from fedlora.data import check_answers, client_records, pack_with, tokenize_records
+from fedlora.data import check_answers, client_records, pack_with
+from fedlora.data.preference import for_objective, tokenize_for
 from fedlora.methods import Method, PersonalStore, load
 from fedlora.models import resolve_device
 from fedlora.models.builtin import BUILTINS
@@ -83,6 +84,7 @@ from fedlora.train.choices import multiple_choice
 from fedlora.train.distributed import node_devices, refusal, train_parallel
 from fedlora.train.dp_sgd import DpSgdPlan, plan_dp_sgd
 from fedlora.train.loop import RoundPlan
+from fedlora.train.preference import dpo_training, evaluate_pairs, figures_metrics
 
 app = ClientApp()
 WORKSPACE = Workspace()
@@ -255,9 +257,9 @@ def client_data(settings: Settings, slot: Slot, pid: int, n: int, guarded: bool 
         if settings.data.packing:
             examples = pack_with(slot.tokenizer, examples, length)
         # eval stays unpacked: its loss per example does not depend on the packing setting
-        DATA[key] = (examples, tokenize_records(held_out, slot.tokenizer, length,
-                                                truncation=cut, train_on=settings.data.train_on),
-                     held_out, train)
+        held = tokenize_for(held_out, slot.tokenizer, settings.train.objective, length, cut,
+                            settings.data.train_on)
+        DATA[key] = (examples, held, held_out, train)
         if len(DATA) > DATA_CACHE_SIZE:
             DATA.popitem(last=False)
     DATA.move_to_end(key)
@@ -275,12 +277,21 @@ def read_split(settings: Settings, slot: Slot, pid: int, n: int, guarded: bool
                              f"a run config may not name paths on a node")
     length, cut = settings.train.max_length, settings.train.truncation
     train, held_out = client_records(data, pid, n, settings.federation.seed)
-    examples = tokenize_records(train, slot.tokenizer, length, truncation=cut,
-                                train_on=data.train_on)
+    # objective=dpo: preference pairs (BIG-bench multiple choice made into pairs)
+    objective, source = settings.train.objective, data.data_path or data.dataset
+    seed = settings.federation.seed + pid
+    train, held_out = (for_objective(train, objective, seed, source),
+                       for_objective(held_out, objective, seed, source))
+    examples = tokenize_for(train, slot.tokenizer, objective, length, cut, data.train_on)
     warning = check_answers(examples, f"client {pid}", length, cut)  # raises when none
     if warning:
         log.warning(warning)
     return train, held_out, examples
+
+
+def is_dpo(settings: Settings) -> bool:
+    """Does this run train on preference pairs (objective=dpo)?"""
+    return settings.train.objective == "dpo"
 
 
 def config_int(msg: Message, key: str) -> int:
@@ -410,6 +421,9 @@ def train(msg: Message, context: Context) -> Message:
             slot.model, slot.adapter, settings.lora,
             replace(local, proximal_mu=job.method.proximal_mu(settings)))
         plan = RoundPlan(job.server_round, settings.federation.num_rounds, job.seed)
+        if is_dpo(settings):  # the reference: the adapter this round starts from
+            hooks = dpo_training(slot.model, hooks, train_set, slot.tokenizer.pad_token_id,
+                                 settings.train, plan.seed)
         private = dp_sgd_plan(settings, hooks.examples or train_set)  # refused over budget
         desc = f"client {pid} round {job.server_round}"
         if len(job.devices) > 1:  # one process per device (fedlora.train.distributed)
@@ -482,7 +496,11 @@ def evaluate_global(msg: Message, context: Context) -> Message:
                       batch_size=settings.train.batch_size)
     metrics = MetricRecord({wire.NUM_EXAMPLES: result.examples, wire.PARTITION_ID: job.partition_id,
                             wire.EVAL_LOSS: result.loss, wire.EVAL_TOKENS: result.tokens})
-    if settings.train.eval_accuracy and records:
+    if is_dpo(settings):  # eval-loss: of the chosen responses; and the preference figures
+        figures = evaluate_pairs(slot.model, held_out, slot.tokenizer.pad_token_id,
+                                 settings.train.dpo_beta, settings.train.batch_size)
+        metrics.update(figures_metrics(figures, len(held_out)))
+    elif settings.train.eval_accuracy and records:
         scored = records[: settings.train.eval_accuracy]
         accuracy, _ = exact_match(slot.model, slot.tokenizer, scored, settings.data.dataset,
                                   settings.train.max_new_tokens, generation_batch(settings))

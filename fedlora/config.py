@@ -255,6 +255,10 @@ class LoraSettings:
         return rng.choices(pool, weights=weights)[0]
 
 
+OBJECTIVES = ("sft", "dpo")
+DPO_LOSSES = ("sigmoid", "ipo")
+
+
 @dataclass
 class TrainSettings:
     """Local training on a client."""
@@ -325,6 +329,15 @@ class TrainSettings:
         "(fedlora client --dp-sgd-epsilon) is its budget, which the run config cannot change.")
     dp_sgd_delta: float = setting("dp-sgd-delta", 1e-5,
                                   "dp-sgd: delta of each site's (epsilon, delta).")
+    objective: str = setting(
+        "objective", "sft",
+        "What local training optimises: sft (next-token loss on the answers) or dpo "
+        "(preference pairs {prompt, chosen, rejected}: DPO against the adapter each round "
+        "starts from; docs/alignment.md).")
+    dpo_beta: float = setting("dpo-beta", 0.1,
+                              "dpo: beta, how far the policy may move from the reference.")
+    dpo_loss: str = setting("dpo-loss", "sigmoid",
+                            "dpo: sigmoid (DPO, Rafailov et al. 2023) or ipo (Azar et al. 2023).")
 
     def __post_init__(self) -> None:
         for key, value in (("local-steps", self.local_steps), ("batch-size", self.batch_size),
@@ -353,6 +366,14 @@ class TrainSettings:
                 self.dp_sgd_epsilon)
         require(0 < self.dp_sgd_delta < 1, "dp-sgd-delta", "a number in (0, 1)",
                 self.dp_sgd_delta)
+        one_of("objective", self.objective, OBJECTIVES)
+        require(self.dpo_beta > 0, "dpo-beta", "a number > 0", self.dpo_beta)
+        one_of("dpo-loss", self.dpo_loss, DPO_LOSSES)
+        if self.objective == "dpo" and self.dp_sgd:
+            raise SettingsError(
+                "setting 'dp-sgd': dp-sgd bounds what one record adds through per-example "
+                "gradients, and a DPO step's unit is a pair of sequences; dp-sgd with "
+                "objective=dpo is not supported (use dp-noise-multiplier, client-level DP)")
         if self.dp_sgd and self.gradient_checkpointing:
             raise SettingsError(
                 "setting 'gradient-checkpointing': dp-sgd's per-example gradient hooks see "
@@ -744,6 +765,13 @@ class Settings:
             raise SettingsError(
                 f"setting 'init-adapter': a LoRA adapter starts runs of peft=lora only, got "
                 f"peft={self.lora.peft}; set init-adapter='' or peft=lora")
+        if self.train.objective == "dpo" and self.train.server_eval:
+            raise SettingsError("setting 'server-eval': the server scores answers of sft "
+                                "records; with objective=dpo the nodes report the held-out "
+                                "preference figures; set server-eval=0")
+        if self.train.objective == "dpo" and self.data.packing:
+            raise SettingsError("setting 'packing': a DPO example is a pair of sequences that "
+                                "share a prompt; set packing=false with objective=dpo")
         if self.train.dp_sgd and self.data.packing:
             raise SettingsError(
                 "setting 'packing': dp-sgd bounds what one training example adds, and a packed "

@@ -6,7 +6,8 @@ import logging
 
 from fedlora.adapters import check_target_modules
 from fedlora.config import Settings, SettingsError
-from fedlora.data import check_answers, client_records, load_records, tokenize_records
+from fedlora.data import check_answers, client_records, load_records
+from fedlora.data.preference import for_objective, tokenize_for
 from fedlora.models import (
     ModelSource,
     load_tokenizer,
@@ -50,9 +51,13 @@ def check_answers_fit(settings: Settings, source: ModelSource, num_clients: int)
     tokenizer, train = load_tokenizer(source), settings.train
     for pid in range(num_clients):
         records, _ = client_records(settings.data, pid, num_clients, settings.federation.seed)
-        examples = tokenize_records(records, tokenizer, train.max_length,
-                                    truncation=train.truncation,
-                                    train_on=settings.data.train_on)
+        try:  # objective=dpo: pairs; sft: no pairs
+            records = for_objective(records, train.objective, settings.federation.seed + pid,
+                                    settings.data.dataset)
+        except ValueError as err:
+            raise SettingsError(f"setting 'objective': {err}") from None
+        examples = tokenize_for(records, tokenizer, train.objective, train.max_length,
+                                train.truncation, settings.data.train_on)
         try:
             warning = check_answers(examples, f"client {pid}", train.max_length,
                                     train.truncation)

@@ -63,6 +63,13 @@ TRAIN_SECONDS = "train-seconds"
 EVAL_LOSS = "eval-loss"
 EVAL_TOKENS = "eval-tokens"
 DP_SGD_EPSILON = "dp-sgd-epsilon"  # dp-sgd: the node's epsilon spent so far in the run
+# objective=dpo: held-out preference figures of the global adapter against the base model
+PREF_PAIRS = "pref-pairs"
+PREF_ACCURACY = "pref-accuracy"  # share of pairs whose chosen reward is above the rejected's
+PREF_MARGIN = "pref-margin"  # mean chosen reward - rejected reward (beta x log-ratios)
+CHOSEN_LOGP = "chosen-logp"  # mean summed log-probability of the chosen responses
+REJECTED_LOGP = "rejected-logp"
+PREFERENCE = (PREF_ACCURACY, PREF_MARGIN, CHOSEN_LOGP, REJECTED_LOGP)  # pooled by pairs
 
 
 class M:
@@ -112,6 +119,11 @@ class M:
     ROBUST = "robust"  # the robust merge of the round (none, median, trimmed-mean, krum)
     MERGE_SECONDS = "merge-seconds"  # the server's screens and merge of the round
     SERVER_EVAL_LOSS = "server-eval-loss"
+    PREF_PAIRS = PREF_PAIRS
+    PREF_ACCURACY = PREF_ACCURACY
+    PREF_MARGIN = PREF_MARGIN
+    CHOSEN_LOGP = CHOSEN_LOGP
+    REJECTED_LOGP = REJECTED_LOGP
     SERVER_ACCURACY = "server-accuracy"
     # per-client fields inside CLIENTS
     NODE_ID = "node-id"

@@ -171,6 +171,7 @@ class RoundLoop:
         log(INFO, "round 0 (before training): eval-loss %s accuracy %s, %d evaluated, %.1f s",
             _fmt(entry.get(M.EVAL_LOSS)), _fmt(entry.get(M.ACCURACY)),
             entry.get(M.EVAL_CLIENTS, 0), entry[M.SECONDS])
+        log_preference(0, entry)
 
     def train_round(self, grid: Grid, server_round: int) -> RoundRecord:
         """One training phase and its merge, attempted until enough valid replies arrive."""
@@ -382,6 +383,7 @@ class RoundLoop:
             _fmt(entry.get(M.EVAL_LOSS)), _fmt(entry.get(M.EXACTNESS)),
             entry[M.CLIENTS_REPLIED], entry[M.CLIENTS_FAILED], entry[M.BYTES_UP] / 1e6,
             entry[M.BYTES_DOWN] / 1e6, entry[M.SECONDS])
+        log_preference(server_round, entry)
 
     def stop(self, server_round: int, attempts: list[dict]) -> RoundFailed:
         """Log why the run stops; the RoundFailed to raise."""
@@ -661,6 +663,12 @@ class RoundLoop:
             if pooled.total:
                 out.update(pooled.metrics())
                 out[f"client-{pooled.name}"] = per_client  # client-accuracy, ...
+        pairs = [r for r in rows if r.get(wire.PREF_PAIRS, 0) > 0]  # objective=dpo
+        if pairs:
+            weights = [float(r[wire.PREF_PAIRS]) for r in pairs]
+            out[M.PREF_PAIRS] = int(sum(weights))
+            out.update({key: weighted_mean([float(r[key]) for r in pairs], weights)
+                        for key in wire.PREFERENCE})
         return out
 
     # ==== checkpoint and resume ===============================================================
@@ -680,6 +688,15 @@ class RoundLoop:
         self.total_bytes = int(checkpoint.meta["bytes-total"])
         if self.ledger is not None:
             self.ledger.record(int(checkpoint.meta.get("dp-releases", 0)))
+
+
+def log_preference(server_round: int, entry: dict) -> None:
+    """objective=dpo: the round's held-out preference figures, when the nodes sent them."""
+    if M.PREF_PAIRS in entry:
+        log(INFO, "round %d: preference accuracy %s margin %s (log-prob chosen %s, rejected "
+            "%s; %d held-out pairs)", server_round, _fmt(entry.get(M.PREF_ACCURACY)),
+            _fmt(entry.get(M.PREF_MARGIN)), _fmt(entry.get(M.CHOSEN_LOGP)),
+            _fmt(entry.get(M.REJECTED_LOGP)), entry[M.PREF_PAIRS])
 
 
 def _fmt(value: float | None) -> str:

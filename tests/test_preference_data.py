@@ -9,7 +9,8 @@ import json
 import pytest
 
 from fedlora.config import ModelSettings
-from fedlora.data.preference import bigbench_pairs, load_pairs, tokenize_pair
+from fedlora.data import load_source
+from fedlora.data.preference import as_pairs, bigbench_pairs, refuse_pairs, tokenize_pair
 from fedlora.models import load_model
 
 
@@ -19,15 +20,15 @@ def write_jsonl(path, rows):
 
 
 def test_text_chat_and_implicit_prompt_forms_load(tmp_path):
-    text = load_pairs(write_jsonl(tmp_path / "t.jsonl", [
+    text = load_source(write_jsonl(tmp_path / "t.jsonl", [
         {"prompt": "2+2=", "chosen": "4", "rejected": "5", "topic": "math"}]))
     assert text == [{"prompt": "2+2=", "chosen": "4", "rejected": "5", "topic": "math",
                      "chat": False}]
     user = [{"role": "user", "content": "2+2?"}]
-    chat = load_pairs(write_jsonl(tmp_path / "c.jsonl", [
+    chat = load_source(write_jsonl(tmp_path / "c.jsonl", [
         {"prompt": user, "chosen": [{"role": "assistant", "content": "4"}],
          "rejected": [{"role": "assistant", "content": "5"}]}]))
-    implicit = load_pairs(write_jsonl(tmp_path / "i.jsonl", [
+    implicit = load_source(write_jsonl(tmp_path / "i.jsonl", [
         {"chosen": user + [{"role": "assistant", "content": "4"}],
          "rejected": user + [{"role": "assistant", "content": "5"}]}]))
     assert chat == implicit
@@ -38,14 +39,12 @@ def test_text_chat_and_implicit_prompt_forms_load(tmp_path):
 def test_csv_with_a_field_map(tmp_path):
     path = tmp_path / "p.csv"
     path.write_text("question,good,bad\nCapital of France?,Paris,Berlin\n", encoding="utf-8")
-    pairs = load_pairs(str(path), {"prompt": "question", "chosen": "good", "rejected": "bad"})
+    pairs = load_source(str(path), {"prompt": "question", "chosen": "good", "rejected": "bad"})
     assert (pairs[0]["prompt"], pairs[0]["chosen"], pairs[0]["rejected"]) == (
         "Capital of France?", "Paris", "Berlin")
 
 
 @pytest.mark.parametrize("row,message", [
-    ({"prompt": "p", "chosen": "a"}, r"t\.jsonl:2: a preference record needs prompt .* found "
-                                     r"fields \['chosen', 'prompt'\]"),
     ({"prompt": "p", "chosen": "a", "rejected": "a"}, r"t\.jsonl:2: 'chosen' and 'rejected' "
                                                       r"are the same response"),
     ({"chosen": "a", "rejected": "b"}, r"t\.jsonl:2: text responses need a text 'prompt'"),
@@ -60,7 +59,20 @@ def test_malformed_pairs_are_refused_with_file_and_line(tmp_path, row, message):
     path = write_jsonl(tmp_path / "t.jsonl", [{"prompt": "ok", "chosen": "a", "rejected": "b"},
                                               row])
     with pytest.raises(ValueError, match=message):
-        load_pairs(path)
+        load_source(path)
+
+
+def test_dpo_refuses_sft_records_and_sft_refuses_pairs(tmp_path):
+    sft = [{"instruction": "q", "output": "a", "input": ""}]
+    with pytest.raises(ValueError, match=r"data\.jsonl: objective=dpo trains on preference "
+                                         r"records .* the fields \['input', 'instruction', "
+                                         r"'output'\]; set objective=sft"):
+        as_pairs(sft, 0, "data.jsonl")
+    pairs = load_source(write_jsonl(tmp_path / "p.jsonl",
+                                    [{"prompt": "p", "chosen": "a", "rejected": "b"}]))
+    assert as_pairs(pairs, 0, "p.jsonl") == pairs
+    with pytest.raises(ValueError, match="p.jsonl holds preference records .* objective=dpo"):
+        refuse_pairs(pairs, "p.jsonl")
 
 
 def test_bigbench_multiple_choice_becomes_pairs_and_generative_is_refused():

@@ -113,6 +113,11 @@ DOC_COMMANDS = [pytest.param(line, id=f"{path.name}:{line[:60]}")
 SCALING_COMMANDS = documented(ROOT / "docs/scaling.md", "fedlora simulate")
 
 
+# files of a user's own that documented commands read (docs/alignment.md), one record each
+USER_FILES = {"my-pairs.jsonl": {"prompt": "2+2=", "chosen": "4", "rejected": "5"},
+              "my-answers.jsonl": {"prompt": "2+2=", "completion": "4"}}
+
+
 def checked(argv: list[str], tmp_path: Path) -> tuple[dict, int]:
     """Parse `fedlora ARGV` as the command line does and run the data check on its settings;
     (run config, clients)."""
@@ -138,6 +143,10 @@ def test_a_documented_simulate_command_parses_and_passes_the_data_check(line, tm
     if "my-run.toml" in line:  # docs/running-flwr.md's example settings file
         monkeypatch.chdir(tmp_path)
         write_documented_run(tmp_path)
+    for name, row in USER_FILES.items():  # a user's own file a documented command names
+        if name in line:
+            monkeypatch.chdir(tmp_path)
+            (tmp_path / name).write_text((json.dumps(row) + "\n") * 20, encoding="utf-8")
     checked(simulate_argv(line), tmp_path)
 
 

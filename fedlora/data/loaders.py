@@ -224,6 +224,10 @@ def to_record(row: object, field_map: dict[str, str], where: str,
     rec = {**row, **{ours: row[yours] for ours, yours in field_map.items() if yours in row}}
     # a null field is an absent one (Parquet/datasets fill the columns of other record forms)
     rec = {k: v for k, v in rec.items() if not (k in RECORD_FIELDS and v is None)}
+    if "chosen" in rec and "rejected" in rec:  # a preference pair (objective=dpo)
+        from fedlora.data.preference import to_pair
+
+        return to_pair(rec, where)
     if "messages" in rec:
         return {**rec, "messages": chat_messages(rec["messages"], where)}
     if "conversations" in rec:

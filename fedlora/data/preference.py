@@ -10,7 +10,8 @@ The forms are TRL's preference datasets':
     chosen / rejected as whole conversations   implicit prompt: the turns they share are the
     (no prompt)                                prompt, the rest of each is its response
 
-in every file format fedlora reads (`fedlora.data.loaders`), with `field-map` renaming fields
+in every file format fedlora reads (`fedlora.data.loaders` reads a record with `chosen` and
+`rejected` as a pair), with `field-map` renaming fields
 (`field-map="prompt=question,chosen=good,rejected=bad"`). A BIG-bench multiple-choice task
 becomes pairs too (`bigbench_pairs`): the right choice is chosen, a wrong one (seeded) rejected.
 Only the response tokens are scored; the two responses share the prompt's tokens, cut from the
@@ -21,8 +22,7 @@ from __future__ import annotations
 
 import random
 
-from fedlora.data.format import IGNORE, as_text, fit, prompt_and_response
-from fedlora.data.loaders import read_rows
+from fedlora.data.format import IGNORE, as_text, fit, prompt_and_response, tokenize_records
 
 PAIR_FIELDS = ("prompt (text or messages), chosen and rejected (text, or assistant messages), "
                "or chosen and rejected as whole conversations sharing their first turns")
@@ -38,17 +38,9 @@ def _messages(value: object, where: str, field: str) -> list[dict]:
             for m in value]
 
 
-def to_pair(row: object, field_map: dict[str, str], where: str) -> dict:
-    """A raw row renamed by `field_map` ({ours: yours}) and checked as a preference pair:
-    {prompt, chosen, rejected} with text values, or with message lists (`chat`: True)."""
-    if not isinstance(row, dict):
-        raise ValueError(f"{where}: expected a record object, got {type(row).__name__}")
-    rec = {**row, **{ours: row[yours] for ours, yours in field_map.items() if yours in row}}
-    if "chosen" not in rec or "rejected" not in rec:
-        mapped = f" after field-map {field_map}" if field_map else ""
-        raise ValueError(f"{where}: a preference record needs {PAIR_FIELDS}; found fields "
-                         f"{sorted(map(str, rec))}{mapped}; rename yours with field-map, e.g. "
-                         f"field-map=\"prompt=question,chosen=good,rejected=bad\"")
+def to_pair(rec: dict, where: str) -> dict:
+    """A record (renamed by field-map) with `chosen` and `rejected`, checked as a preference
+    pair: {prompt, chosen, rejected} as text, or as message lists (`chat`: True)."""
     rest = {k: v for k, v in rec.items() if k not in ("prompt", "chosen", "rejected")}
     chosen, rejected = rec["chosen"], rec["rejected"]
     if isinstance(chosen, str) and isinstance(rejected, str):
@@ -77,29 +69,41 @@ def to_pair(row: object, field_map: dict[str, str], where: str) -> dict:
     return pair
 
 
-def load_pairs(source: str, field_map: dict[str, str] | None = None,
-               split: str = "train", seed: int = 0) -> list[dict]:
-    """Every preference pair of a file, folder or hf: id (or of a bigbench: multiple-choice
-    task, made into pairs by `bigbench_pairs`)."""
-    from fedlora.config import BIGBENCH_PREFIX
+def is_pair(record: dict) -> bool:
+    """Is this record a preference pair (loaded by `to_pair`)?"""
+    return "chosen" in record and "rejected" in record
 
-    if source.startswith(BIGBENCH_PREFIX):
-        from fedlora.data.bigbench import load_bigbench
 
-        return bigbench_pairs(load_bigbench(source[len(BIGBENCH_PREFIX):]), seed, source)
-    pairs = [to_pair(row, field_map or {}, where) for where, row in read_rows(source, split)]
-    if not pairs:
-        raise ValueError(f"{source} holds no records; expected preference records with "
-                         f"{PAIR_FIELDS}")
-    return pairs
+def as_pairs(records: list[dict], seed: int, source: str) -> list[dict]:
+    """objective=dpo's records: preference pairs as they are, BIG-bench multiple-choice
+    examples made into pairs (`bigbench_pairs`); any other record is refused."""
+    other = next((r for r in records if not is_pair(r) and "choices" not in r), None)
+    if other is not None:
+        raise ValueError(f"{source}: objective=dpo trains on preference records with "
+                         f"{PAIR_FIELDS} (or BIG-bench multiple-choice tasks); a record has "
+                         f"the fields {sorted(map(str, other))}; set objective=sft for it, or "
+                         f"rename fields with field-map")
+    return bigbench_pairs(records, seed, source)
+
+
+def refuse_pairs(records: list[dict], source: str) -> None:
+    """objective=sft: a preference pair has no one answer to learn; say so."""
+    if any(is_pair(r) for r in records):
+        raise ValueError(f"{source} holds preference records (chosen, rejected): train them "
+                         f"with objective=dpo, or give sft records one answer each")
 
 
 def bigbench_pairs(records: list[dict], seed: int, source: str = "bigbench") -> list[dict]:
     """BIG-bench multiple-choice records as pairs: the prompt (with its listed choices), the
-    right choice as chosen, one wrong choice drawn with `seed` as rejected (task kept)."""
+    right choice as chosen, one wrong choice drawn with `seed` as rejected (task kept); a
+    record that is a pair already stays as it is, one whose every choice is right is left
+    out."""
     rng = random.Random(seed)
     pairs = []
     for i, rec in enumerate(records):
+        if is_pair(rec):
+            pairs.append(rec)
+            continue
         if "choices" not in rec:
             raise ValueError(f"{source}: example {i} of task {rec.get('task')!r} is generative "
                              f"(no target_scores); preference pairs need multiple-choice tasks")
@@ -136,3 +140,21 @@ def tokenize_pair(pair: dict, tokenizer, max_length: int, truncation: str = "lef
         out[prefix + "input_ids"] = (prompt_ids + responses[key])[:max_length]
         out[prefix + "labels"] = ([IGNORE] * len(prompt_ids) + responses[key])[:max_length]
     return out
+
+
+def for_objective(records: list[dict], objective: str, seed: int, source: str) -> list[dict]:
+    """`records` as `objective` trains on them: pairs for dpo (`as_pairs`); for sft the
+    records as they are, preference pairs refused."""
+    if objective == "dpo":
+        return as_pairs(records, seed, source)
+    refuse_pairs(records, source)
+    return records
+
+
+def tokenize_for(records: list[dict], tokenizer, objective: str, max_length: int,
+                 truncation: str = "left", train_on: str = "all-assistant") -> list[dict]:
+    """`for_objective`'s records tokenized: pairs by `tokenize_pair`, others as sft trains."""
+    if objective == "dpo":
+        return [tokenize_pair(r, tokenizer, max_length, truncation) for r in records]
+    return tokenize_records(records, tokenizer, max_length, truncation=truncation,
+                            train_on=train_on)

@@ -117,6 +117,9 @@ def refusal(settings: Settings, hooks: Any, world: int) -> str | None:
     if settings.train.dp_sgd:
         return (f"dp-sgd with {world} processes: its Poisson sampling and per-example clipping "
                 f"are defined over one process's step; {fix}")
+    if settings.train.objective == "dpo":
+        return (f"objective=dpo with {world} processes: the pairs' reference scores are not "
+                f"yet shared with replica processes; {fix}")
     if settings.lora.peft == "lora-moe":
         return (f"peft=lora-moe with {world} processes: its load-balance term is not a sum over "
                 f"examples, so slices do not add up to the one-process loss; {fix}")

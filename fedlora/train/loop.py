@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
@@ -37,6 +38,7 @@ class RoundPlan:
 
 
 PLAIN = LocalTraining()
+T = TypeVar("T")
 
 
 @dataclass
@@ -93,7 +95,7 @@ def make_optimizer(groups: list[dict] | list[torch.nn.Parameter], settings: Trai
     return torch.optim.AdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay)
 
 
-def batches(examples: list[dict], batch_size: int, seed: int):
+def batches(examples: Sequence[T], batch_size: int, seed: int) -> Iterator[list[T]]:
     """Endless seeded shuffled micro-batches; a new permutation each pass over the data."""
     rng = random.Random(seed)
     while True:

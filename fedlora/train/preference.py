@@ -26,17 +26,19 @@ model, and fedlora's round loop (an adapter received, trained, sent back) is its
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from fedlora.adapters.virtual_tokens import prompted
+from fedlora.config import DPO_LOSSES, TrainSettings
 from fedlora.data import IGNORE, collate
+from fedlora.train.hooks import LocalTraining
 from fedlora.train.loss import CHUNK_TOKENS, decoder_and_head
 
-LOSSES = ("sigmoid", "ipo")
+LOSSES = DPO_LOSSES  # dpo-loss; the settings check the name
 
 
 def _chunk_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor
@@ -199,3 +201,37 @@ def dpo_batch_loss(beta: float, loss: str, pad_id: int):
     def batch_loss(model: torch.nn.Module, pairs: list[dict]) -> tuple[torch.Tensor, int]:
         return preference_loss(pair_scores(model, pairs, pad_id), beta, loss), len(pairs)
     return batch_loss
+
+
+def with_reference(model: torch.nn.Module, pairs: list[dict], pad_id: int,
+                   train: TrainSettings, seed: int) -> list[dict]:
+    """`pairs` with the reference scores on every pair this round's steps will draw (the
+    seeded order `fedlora.train.loop.batches` follows), scored once by the model as it is
+    now: the adapter the round starts from."""
+    from fedlora.train.loop import batches
+
+    order = batches(list(range(len(pairs))), train.batch_size, seed)
+    used = sorted({i for _ in range(train.local_steps * train.grad_accum) for i in next(order)})
+    scored = score_reference(model, [pairs[i] for i in used], pad_id, train.batch_size)
+    out = list(pairs)
+    for i, pair in zip(used, scored):
+        out[i] = pair
+    return out
+
+
+def dpo_training(model: torch.nn.Module, hooks: LocalTraining, pairs: list[dict], pad_id: int,
+                 train: TrainSettings, seed: int) -> LocalTraining:
+    """`hooks` for a round of objective=dpo: the pairs with their reference scores, and the
+    preference loss in place of the next-token loss."""
+    return replace(hooks, examples=with_reference(model, hooks.examples or pairs, pad_id, train,
+                                                  seed),
+                   batch_loss=dpo_batch_loss(train.dpo_beta, train.dpo_loss, pad_id), units=len)
+
+
+def figures_metrics(figures: PreferenceFigures, pairs: int) -> dict[str, float | int]:
+    """A node's evaluation metrics of `figures` over `pairs` held-out pairs (wire keys)."""
+    from fedlora import wire
+
+    return {wire.PREF_PAIRS: pairs, wire.PREF_ACCURACY: figures.accuracy,
+            wire.PREF_MARGIN: figures.margin, wire.CHOSEN_LOGP: figures.chosen_logp,
+            wire.REJECTED_LOGP: figures.rejected_logp}

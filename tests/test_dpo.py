@@ -1,0 +1,92 @@
+"""objective=dpo: federated preference optimisation on the sites' own pairs. A federation of
+tiny-llama clients learns to prefer the chosen responses (the held-out margin grows from 0),
+with both losses, on a 4-bit base, and after SFT rounds (init-adapter); wrong record forms and
+unsupported combinations are refused with the reason."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+from fake_grid import run_inprocess
+
+from fedlora.config import SettingsError
+from fedlora.methods import load
+from fedlora.outputs import read_metrics, training_rounds
+
+
+def write_pairs(path, n: int = 120, seed: int = 0) -> str:
+    """Arithmetic questions: the right sum is chosen, a refusal rejected (a preference that
+    generalises to held-out questions)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(1, 50), rng.randint(1, 50)
+        rows.append({"prompt": f"Q: what is {a} + {b}?\nA:", "chosen": f" {a + b}",
+                     "rejected": " I cannot say."})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+RUN = {"model": "tiny-llama", "device": "cpu", "objective": "dpo", "local-steps": 6,
+       "lr": 0.01, "lora-rank": 4, "eval-examples": 16, "num-server-rounds": 2,
+       "batch-size": 4, "dpo-beta": 0.5, "max-length": 64}
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "ipo"])
+def test_a_dpo_federation_grows_the_held_out_preference_margin(tmp_path, loss):
+    data = write_pairs(tmp_path / "pairs.jsonl")
+    run_inprocess({**RUN, "dpo-loss": loss, "dataset": data, "output-dir": str(tmp_path)}, 2)
+    rows = read_metrics(tmp_path)
+    start, trained = rows[0], training_rounds(rows)
+    assert start["round"] == 0 and start["pref-margin"] == pytest.approx(0.0, abs=1e-6)
+    assert start["pref-pairs"] > 0
+    assert [r["clients-replied"] for r in trained] == [2, 2]
+    margins = [r["pref-margin"] for r in trained]
+    assert margins[0] > 0 and margins[1] > margins[0]
+    assert trained[-1]["pref-accuracy"] >= 0.9
+    assert trained[-1]["rejected-logp"] < start["rejected-logp"]
+
+
+def test_dpo_on_a_4bit_base(tmp_path):
+    data = write_pairs(tmp_path / "pairs.jsonl")
+    run_inprocess({**RUN, "quantization": "4bit", "num-server-rounds": 1, "dataset": data,
+                   "output-dir": str(tmp_path)}, 2)
+    trained = training_rounds(read_metrics(tmp_path))
+    assert trained[0]["clients-replied"] == 2 and trained[0]["pref-margin"] > 0
+
+
+def test_sft_rounds_then_dpo_rounds(tmp_path):
+    data = write_pairs(tmp_path / "pairs.jsonl")
+    sft = tmp_path / "sft.jsonl"  # the chosen answers as demonstrations
+    sft.write_text("".join(json.dumps({"prompt": r["prompt"], "completion": r["chosen"]}) + "\n"
+                           for r in map(json.loads, open(data, encoding="utf-8"))),
+                   encoding="utf-8")
+    run_inprocess({**RUN, "objective": "sft", "num-server-rounds": 1, "dataset": str(sft),
+                   "eval-accuracy": 0, "output-dir": str(tmp_path / "a")}, 2)
+    run_inprocess({**RUN, "num-server-rounds": 1, "dataset": data,
+                   "init-adapter": str(tmp_path / "a" / "final"),
+                   "output-dir": str(tmp_path / "b")}, 2)
+    sft_end, rows = read_metrics(tmp_path / "a")[-1], read_metrics(tmp_path / "b")
+    # DPO's round 0 is the SFT adapter (its eval loss is of the chosen responses, which the
+    # SFT run's eval loss scored), and DPO moves the preference beyond where SFT left it
+    assert rows[0]["eval-loss"] == pytest.approx(sft_end["eval-loss"], rel=1e-5)
+    assert rows[-1]["pref-margin"] > rows[0]["pref-margin"] + 0.1
+
+
+def test_record_forms_and_combinations_are_refused_with_the_reason(tmp_path):
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text(json.dumps({"instruction": "q", "output": "a"}) + "\n" * 1, encoding="utf-8")
+    from fedlora.data.preference import for_objective
+
+    with pytest.raises(ValueError, match="objective=dpo trains on preference records"):
+        for_objective([{"instruction": "q", "output": "a", "input": ""}], "dpo", 0, str(sft))
+    with pytest.raises(ValueError, match="holds preference records .* objective=dpo"):
+        for_objective([{"prompt": "p", "chosen": "a", "rejected": "b", "chat": False}], "sft",
+                      0, "pairs.jsonl")
+    for extra, key in (({"dp-sgd": True}, "dp-sgd"), ({"packing": True}, "packing"),
+                       ({"server-eval": 4}, "server-eval"), ({"dpo-beta": 0}, "dpo-beta"),
+                       ({"dpo-loss": "hinge"}, "dpo-loss"), ({"objective": "ppo"}, "objective")):
+        with pytest.raises(SettingsError, match=f"setting '{key}'"):
+            load({**RUN, **extra})
