@@ -40,6 +40,7 @@ TENSORBOARD_DIR = "tensorboard"
 MLFLOW_DIR = "mlruns"
 MLFLOW_DB = "mlflow.db"
 WANDB_DIR = "wandb"
+TRACKER_DIRS = (TENSORBOARD_DIR, MLFLOW_DIR, WANDB_DIR)  # under output-dir
 EXPERIMENT = "fedlora"  # the MLflow experiment and the W&B project
 ROUND_AXIS = "round"  # the step of a round's scalars
 STEP_AXIS = "train-step"  # the step of the clients' per-step loss

@@ -131,6 +131,32 @@ def test_a_missing_package_names_the_pip_command_before_the_run(monkeypatch, tmp
     assert not (tmp_path / "metrics.jsonl").exists()  # refused before round 1
 
 
+def test_simulate_and_server_refuse_a_missing_tracker_package_before_starting(monkeypatch,
+                                                                             tmp_path):
+    from fedlora.cli.main import build_parser
+    from fedlora.cli.simulate import build_config
+
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    for command in (["simulate"], ["server", "--min-nodes", "2"]):
+        args = build_parser().parse_args([*command, "--model", "tiny-llama", "--tracker",
+                                          "wandb", "--output-dir", str(tmp_path)])
+        with pytest.raises(ImportError, match="tracker=wandb needs the wandb package"):
+            build_config(args, "num_clients" if command == ["simulate"] else "min_nodes")
+    args = build_parser().parse_args(["simulate", "--tracker", "tensorboard,mlfow"])
+    with pytest.raises(SettingsError, match="'mlfow' is not a tracker"):
+        build_config(args)
+
+
+def test_overwrite_removes_an_earlier_runs_tracker_files(tmp_path):
+    from fedlora.cli.simulate import prepare_output
+
+    for name in ("metrics.jsonl", "tensorboard/events", "mlruns/mlflow.db", "wandb/run"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("earlier run")
+    prepare_output(tmp_path, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_thin_keeps_first_and_last_and_at_most_the_limit():
     assert thin([1.0, 2.0, 3.0], 5) == ([1, 2, 3], [1.0, 2.0, 3.0])
     values = [float(i) for i in range(1000)]
