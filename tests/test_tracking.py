@@ -182,3 +182,33 @@ def test_round_scalars_are_the_finite_numbers_of_a_line():
             "clients": [{"train-loss": 2.0}]}
     assert round_scalars(line) == {"eval-loss": 1.5, "bytes-total": 1200.0,
                                    "client-accuracy/0": 0.5}
+
+
+def test_report_plots_the_per_step_loss_of_a_tracked_run(tracked_run, tmp_path):
+    from fedlora.report import write_report
+    from fedlora.report.runs import step_loss_series
+
+    series = step_loss_series(read_metrics(tracked_run))
+    _, points = expected(tracked_run)
+    assert {f"client-{c}/train-loss": list(zip(*xy)) for c, xy in series.items()} == points
+    written = write_report([tracked_run], tmp_path)
+    assert tmp_path / "step-loss.png" in written
+    assert (tmp_path / "step-loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert "![step-loss](step-loss.png)" in (tmp_path / "report.md").read_text()
+
+
+def test_report_plots_accuracy_against_cumulative_mb_sent(tmp_path):
+    from fedlora.report import write_report
+    from fedlora.report.runs import traffic_series
+
+    rows = [{"round": 0, "accuracy": 0.1, "bytes-total": 0},
+            {"round": 1, "accuracy": 0.4, "bytes-total": 2_500_000},
+            {"round": 2, "accuracy": None, "bytes-total": 5_000_000},  # nobody evaluated
+            {"round": 3, "accuracy": 0.6, "bytes-total": 7_500_000}]
+    assert traffic_series(rows, "accuracy") == ([0.0, 2.5, 7.5], [0.1, 0.4, 0.6])
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    written = write_report([run])
+    assert run / "report" / "accuracy-traffic.png" in written
+    assert not (run / "report" / "step-loss.png").exists()  # no per-step loss: no plot
