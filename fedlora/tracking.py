@@ -24,6 +24,7 @@ import importlib
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -220,10 +221,12 @@ class MLflow(Backend):
 
 class WandB(Backend):
     """An offline W&B run under <output-dir>/wandb: never the network (`wandb sync` uploads
-    it later). Round scalars are plotted against `round`, the per-step loss against
-    `train-step` (W&B's own step only grows, so each is a custom x axis)."""
+    it later; wandb-core's error reports off unless WANDB_ERROR_REPORTING says otherwise).
+    Round scalars are plotted against `round`, the per-step loss against `train-step` (W&B's
+    own step only grows, so each is a custom x axis)."""
 
     def start(self, run_name: str, config: dict[str, Any], out_dir: Path) -> None:
+        os.environ.setdefault("WANDB_ERROR_REPORTING", "false")  # wandb-core: no Sentry
         import wandb
 
         self.defined: set[str] = set()
