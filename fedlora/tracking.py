@@ -47,6 +47,7 @@ ROUND_AXIS = "round"  # the step of a round's scalars
 STEP_AXIS = "train-step"  # the step of the clients' per-step loss
 # their loggers chatter at INFO (MLflow's "Creating initial MLflow database tables...")
 LOGGERS = ("mlflow", "alembic", "wandb")
+CLIENT_PREFIX = "client-"  # a per-client dict of a metrics line: client-accuracy, ...
 
 
 def names(spec: str) -> tuple[str, ...]:
@@ -118,12 +119,13 @@ def finite(value: Any) -> float | None:
 
 def round_scalars(entry: dict[str, Any]) -> dict[str, float]:
     """The scalars of one metrics.jsonl line: every finite top-level number but the round,
-    and each entry of a per-client dict {client: number} (client-accuracy) as `key/client`."""
+    and each entry of a per-client dict {client: number} (client-accuracy) as `key/client`
+    (not exactness-per-module and other dicts: hundreds of charts on a large model)."""
     out: dict[str, float] = {}
     for key, value in entry.items():
         if key == M.ROUND:
             continue
-        if isinstance(value, dict):
+        if isinstance(value, dict) and key.startswith(CLIENT_PREFIX):
             for sub, v in value.items():
                 if (number := finite(v)) is not None:
                     out[f"{key}/{sub}"] = number

@@ -176,9 +176,22 @@ def test_checked_steps_refuses_what_thin_never_makes():
     assert checked_steps(list(range(1, 300)), [0.0] * 299, 300) is None  # too many
 
 
+def test_a_malformed_per_step_loss_is_left_out_of_the_row_not_the_reply():
+    from flwr.app import MetricRecord
+
+    from server.rounds import step_fields
+
+    good = {"train-steps": 3, "train-loss-at": [1, 2, 3], "train-loss-steps": [3.0, 2.0, 1.0]}
+    assert step_fields(MetricRecord(good)) == good
+    bad = MetricRecord({**good, "train-loss-steps": [3.0, math.inf, 1.0]})
+    assert step_fields(bad) == {"train-steps": 3}
+    assert step_fields(MetricRecord({"train-loss-at": [1], "train-loss-steps": [1.0]})) == {}
+
+
 def test_round_scalars_are_the_finite_numbers_of_a_line():
     line = {"round": 3, "eval-loss": 1.5, "accuracy": None, "robust": "none", "merged": True,
             "bytes-total": 1200, "client-accuracy": {"0": 0.5, "1": None},
+            "exactness-per-module": {"layers.0.q_proj": 0.1},
             "clients": [{"train-loss": 2.0}]}
     assert round_scalars(line) == {"eval-loss": 1.5, "bytes-total": 1200.0,
                                    "client-accuracy/0": 0.5}

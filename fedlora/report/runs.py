@@ -13,12 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedlora.outputs import METRICS
-from fedlora.tracking import client_name, step_losses
+from fedlora.tracking import CLIENT_PREFIX, client_name, step_losses
 from fedlora.wire import M
 
 ACCURACY = M.ACCURACY
 FAMILY_PREFIX = M.ACCURACY + "/"
-CLIENT_PREFIX = "client-"  # a dict {partition-id: value} per round, e.g. client-accuracy
 
 
 @dataclass
