@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,7 @@ ROUND_AXIS = "round"  # the step of a round's scalars
 STEP_AXIS = "train-step"  # the step of the clients' per-step loss
 # their loggers chatter at INFO (MLflow's "Creating initial MLflow database tables...")
 LOGGERS = ("mlflow", "alembic", "wandb")
+log = logging.getLogger("fedlora.tracking")
 CLIENT_PREFIX = "client-"  # a per-client dict of a metrics line: client-accuracy, ...
 
 
@@ -160,6 +162,8 @@ def step_losses(entry: dict[str, Any]) -> dict[str, tuple[list[int], list[float]
 class Backend:
     """One tracking library (the subclasses); `Tracker` drives them."""
 
+    name = ""
+
     def start(self, run_name: str, config: dict[str, Any], out_dir: Path) -> None:
         raise NotImplementedError
 
@@ -172,6 +176,8 @@ class Backend:
 
 class TensorBoard(Backend):
     """Event files under <output-dir>/tensorboard (torch's SummaryWriter)."""
+
+    name = "tensorboard"
 
     def start(self, run_name: str, config: dict[str, Any], out_dir: Path) -> None:
         from torch.utils.tensorboard import SummaryWriter
@@ -191,6 +197,8 @@ class TensorBoard(Backend):
 class MLflow(Backend):
     """A run of experiment `fedlora` in the SQLite store <output-dir>/mlruns/mlflow.db (no
     server; MLflow 3 refuses a new file store)."""
+
+    name = "mlflow"
 
     def start(self, run_name: str, config: dict[str, Any], out_dir: Path) -> None:
         from mlflow.entities import Param
@@ -227,6 +235,8 @@ class WandB(Backend):
     Round scalars are plotted against `round`, the per-step loss against `train-step` (W&B's
     own step only grows, so each is a custom x axis)."""
 
+    name = "wandb"
+
     def start(self, run_name: str, config: dict[str, Any], out_dir: Path) -> None:
         os.environ.setdefault("WANDB_ERROR_REPORTING", "false")  # wandb-core: no Sentry
         import wandb
@@ -251,8 +261,7 @@ class WandB(Backend):
         self.run.finish()
 
 
-BACKENDS: dict[str, type[Backend]] = {"tensorboard": TensorBoard, "mlflow": MLflow,
-                                      "wandb": WandB}
+BACKENDS: dict[str, type[Backend]] = {b.name: b for b in (TensorBoard, MLflow, WandB)}
 
 
 def tracking_uri(out_dir: str | Path) -> str:
@@ -281,8 +290,18 @@ class Tracker:
 
     def log(self, scalars: dict[str, float], step: int, axis: str = ROUND_AXIS) -> None:
         if scalars:
-            for backend in self.backends:
-                backend.log(scalars, step, axis)
+            for backend in list(self.backends):
+                self.guarded(backend, backend.log, scalars, step, axis)
+
+    def guarded(self, backend: Backend, call: Callable[..., None], *args: Any) -> None:
+        """call(*args); a backend that fails is dropped with a warning, and the run goes on
+        (metrics.jsonl, written first, has every round)."""
+        try:
+            call(*args)
+        except Exception as err:
+            log.warning("fedlora: tracker %s failed (%s: %s); the run goes on without it, "
+                        "metrics.jsonl has every round", backend.name, type(err).__name__, err)
+            self.backends.remove(backend)
 
     def log_line(self, entry: dict[str, Any]) -> None:
         """One metrics.jsonl line: its scalars at step = round, each client's per-step loss
@@ -298,5 +317,5 @@ class Tracker:
             self.log(by_step[step], step, STEP_AXIS)
 
     def finish(self) -> None:
-        for backend in self.backends:
-            backend.finish()
+        for backend in list(self.backends):
+            self.guarded(backend, backend.finish)

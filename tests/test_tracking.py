@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from fake_grid import run_inprocess
 
-from fedlora.config import Settings, SettingsError
+from fedlora.config import TRACKERS, Settings, SettingsError
 from fedlora.outputs import read_metrics, training_rounds
 from fedlora.tracking import (
     MLFLOW_DIR,
@@ -155,6 +155,39 @@ def test_overwrite_removes_an_earlier_runs_tracker_files(tmp_path):
         (tmp_path / name).write_text("earlier run")
     prepare_output(tmp_path, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_failing_tracker_is_dropped_with_a_warning_and_the_others_go_on(caplog):
+    from fedlora.tracking import BACKENDS, Backend
+
+    assert sorted(BACKENDS) == sorted(TRACKERS)
+    logged: list[tuple[dict, int, str]] = []
+
+    class Broken(Backend):
+        name = "broken"
+
+        def log(self, scalars, step, axis):
+            raise OSError("disk full")
+
+    class Kept(Backend):
+        name = "kept"
+
+        def log(self, scalars, step, axis):
+            logged.append((scalars, step, axis))
+
+        def finish(self):
+            logged.append(({}, -1, "finished"))
+
+    tracker = Tracker()
+    tracker.backends = [Broken(), Kept()]
+    tracker.log_line({"round": 1, "eval-loss": 2.0})
+    tracker.log_line({"round": 2, "eval-loss": 1.0})
+    tracker.finish()
+    assert logged == [({"eval-loss": 2.0}, 1, "round"), ({"eval-loss": 1.0}, 2, "round"),
+                      ({}, -1, "finished")]
+    assert [type(b) for b in tracker.backends] == [Kept]
+    [warning] = [r.getMessage() for r in caplog.records if r.name == "fedlora.tracking"]
+    assert "tracker broken failed (OSError: disk full)" in warning
 
 
 def test_thin_keeps_first_and_last_and_at_most_the_limit():
