@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -221,7 +222,9 @@ class MLflow(Backend):
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        metrics = [Metric(k, v, now, step) for k, v in scalars.items()]
+        # MLflow's names: letters, digits, _ - . space : / (a node may name itself otherwise)
+        metrics = [Metric(re.sub(r"[^\w\-. :/]", "_", k), v, now, step)
+                   for k, v in scalars.items()]
         for i in range(0, len(metrics), 1000):  # MLflow takes 1000 metrics per batch
             self.client.log_batch(self.run_id, metrics=metrics[i:i + 1000])
 
