@@ -78,6 +78,7 @@ from fedlora.node_rules import (
 )
 from fedlora.records import from_array_record, to_array_record
 from fedlora.seeds import derive_seed
+from fedlora.tracking import thin
 from fedlora.train import evaluate, train_local
 from fedlora.train.accuracy import exact_match, generation_batch
 from fedlora.train.choices import multiple_choice
@@ -461,8 +462,10 @@ def train(msg: Message, context: Context) -> Message:
             change = secagg.with_noise(change, settings, rank, secure)
         content[wire.SECAGG], clipped = secagg.train_reply(context, secure, job.server_round,
                                                            change, num_examples)
+    at, step_losses = thin(result.step_losses, wire.MAX_STEP_LOSSES)  # the trackers' curve
     losses = {wire.TRAIN_LOSS: result.loss, wire.TRAIN_LOSS_FIRST: result.first_loss,
-              wire.TRAIN_LOSS_LAST: result.last_loss}
+              wire.TRAIN_LOSS_LAST: result.last_loss, wire.TRAIN_LOSS_STEPS: step_losses,
+              wire.TRAIN_LOSS_AT: at}
     if private is not None:  # the losses are not privatised: they stay in the node's log
         log.info("client %d round %d: train loss %.4f (dp-sgd: not sent)", pid,
                  job.server_round, result.loss)

@@ -85,6 +85,8 @@ DP_CLIPPING = ("server", "client")
 ROBUST_RULES = ("none", "median", "trimmed-mean", "krum")
 CLIENT_WEIGHTS = ("examples", "equal")
 ATTACKS = ("none", "scale", "sign-flip", "noise", "constant", "inflate-examples")
+# The experiment trackers of fedlora.tracking (`tracker`: any of them, comma-separated)
+TRACKERS = ("tensorboard", "mlflow", "wandb")
 
 
 def parse_client_ranks(spec: str) -> tuple[str, tuple[int, ...]]:
@@ -575,8 +577,16 @@ class FederationSettings:
         "resume", False,
         "Continue the run in output-dir from its last complete round (state/latest.json); "
         "`fedlora server --resume DIR` and `fedlora simulate --resume DIR` set it.")
+    tracker: str = setting(
+        "tracker", "",
+        "Experiment trackers the server logs each round and the clients' per-step loss to: "
+        "tensorboard, mlflow, wandb, several comma-separated ('' = none); files under "
+        "output-dir (tensorboard/, mlruns/, wandb/ offline). pip install 'fedlora[tracking]'.")
 
     def __post_init__(self) -> None:
+        from fedlora.tracking import names
+
+        names(self.tracker)  # a SettingsError naming the trackers when one is unknown
         require(self.num_rounds >= 1, "num-server-rounds", "an integer >= 1", self.num_rounds)
         require(bool(self.strategy.strip()), "strategy", "a method name (fedlora settings "
                 "lists them)", self.strategy)

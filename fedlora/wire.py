@@ -58,6 +58,11 @@ TRAIN_LOSS = "train-loss"
 TRAIN_LOSS_FIRST = "train-loss-first"
 TRAIN_LOSS_LAST = "train-loss-last"
 TRAIN_STEPS = "train-steps"
+# the loss of each local step (at most MAX_STEP_LOSSES, thinned evenly) and the 1-based local
+# step of each value: the trackers' and the report's per-step loss
+TRAIN_LOSS_STEPS = "train-loss-steps"
+TRAIN_LOSS_AT = "train-loss-at"
+MAX_STEP_LOSSES = 256
 TRAIN_TOKENS = "train-tokens"
 TRAIN_SECONDS = "train-seconds"
 EVAL_LOSS = "eval-loss"
@@ -80,6 +85,9 @@ class M:
     TRAIN_LOSS = TRAIN_LOSS
     TRAIN_TOKENS = TRAIN_TOKENS  # per client (inside CLIENTS), as the node reported them
     TRAIN_SECONDS = TRAIN_SECONDS
+    TRAIN_STEPS = TRAIN_STEPS  # per client: its local steps this round
+    TRAIN_LOSS_STEPS = TRAIN_LOSS_STEPS  # per client: [loss] of (some of) its local steps
+    TRAIN_LOSS_AT = TRAIN_LOSS_AT  # per client: [local step, 1-based] of each of those
     EVAL_LOSS = EVAL_LOSS
     EVAL_PERPLEXITY = "eval-perplexity"
     EVAL_CLIENTS = "eval-clients"

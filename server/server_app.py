@@ -23,6 +23,7 @@ from fedlora.mixing import read_source
 from fedlora.models import ModelSource, model_skeleton, resolve_source
 from fedlora.outputs import RunWriter
 from fedlora.runtime import node_keys, pacing
+from fedlora.tracking import Tracker
 from server.defences import Robust
 from server.global_adapter import GlobalAdapter, rank_of
 from server.privacy import PrivacyLedger
@@ -185,6 +186,7 @@ def main(grid: Grid, context: Context) -> None:
     """Run `num-server-rounds` rounds (from the last checkpoint with `resume`) and write
     everything under output-dir."""
     settings, method = load(context.run_config)
+    tracker = Tracker(settings.federation.tracker)  # a missing package: an error before round 1
     pacing.pace_serverapp()
     fed = settings.federation
     started = time.perf_counter()
@@ -216,7 +218,12 @@ def main(grid: Grid, context: Context) -> None:
             settings.lora.peft, fed.strategy,
             settings.global_rank, ",".join(map(str, sorted(set(settings.lora.possible_ranks())))),
             len(shapes.factors), first_round, fed.num_rounds, out_dir)
-    loop.run(grid, first_round, fed.num_rounds)
+    tracker.start(out_dir.name, writer.run_info["settings"], out_dir)
+    loop.tracker = tracker
+    try:
+        loop.run(grid, first_round, fed.num_rounds)
+    finally:
+        tracker.finish()
     state, rank = loop.state.export()
     path = writer.write_final(state, rank)
     log(INFO, "fedlora: final adapter written to %s (%.1f s)", path, time.perf_counter() - started)

@@ -60,16 +60,16 @@ def test_every_simulation_flag_reaches_the_run_config(tmp_path, capsys):
         "--client-ranks", "4,8", "--model", "tiny-llama", "--quantization", "4bit",
         "--rank", "4", "--local-steps", "3", "--seed", "7", "--dataset", "builtin:units",
         "--wire-dtype", "float16", "--device", "cpu", "--output-dir", str(tmp_path),
-        "--run-config", "lr=0.5 num-server-rounds=9"])
+        "--tracker", "tensorboard", "--run-config", "lr=0.5 num-server-rounds=9"])
     config, clients = build_config(args)
     assert clients == 3 and config["min-available-nodes"] == 3
     assert {k: config[k] for k in ("num-server-rounds", "strategy", "client-ranks", "model",
                                    "quantization", "lora-rank", "local-steps", "seed",
-                                   "dataset", "wire-dtype", "device", "lr")} == {
+                                   "dataset", "wire-dtype", "device", "tracker", "lr")} == {
         "num-server-rounds": 5, "strategy": "flexlora", "client-ranks": "4,8",
         "model": "tiny-llama", "quantization": "4bit", "lora-rank": 4, "local-steps": 3,
         "seed": 7, "dataset": "builtin:units", "wire-dtype": "float16", "device": "cpu",
-        "lr": 0.5}
+        "tracker": "tensorboard", "lr": 0.5}
     assert config["output-dir"] == str(tmp_path.resolve())
     proc = run_cli("simulate", "--help")
     assert proc.returncode == 0

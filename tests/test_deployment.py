@@ -230,7 +230,8 @@ def main(grid, context):
     with Path(REPORT).open("a") as fh:
         fh.write(json.dumps({"config": dict(context.run_config), "replies": [
             r.error.reason if r.has_error() else "trained" if all(
-                isinstance(v, (int, float)) for v in r.content.metric_records["metrics"].values()
+                isinstance(x, (int, float)) for v in r.content.metric_records["metrics"].values()
+                for x in (v if isinstance(v, list) else [v])  # per-step losses: a list
             ) else "metrics with text" for r in replies]}) + "\\n")
 """
 

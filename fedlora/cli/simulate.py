@@ -19,7 +19,8 @@ SCENARIOS = Path(__file__).resolve().parents[2] / "simulations" / "scenarios"
 FLAG_KEYS = {"rounds": "num-server-rounds", "strategy": "strategy", "model": "model",
              "quantization": "quantization", "rank": "lora-rank", "local_steps": "local-steps",
              "seed": "seed", "dataset": "dataset", "wire_dtype": "wire-dtype",
-             "device": "device", "client_ranks": "client-ranks", "peft": "peft"}
+             "device": "device", "client_ranks": "client-ranks", "peft": "peft",
+             "tracker": "tracker"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -63,6 +64,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wire-dtype", choices=["float32", "float16"],
                    help="dtype of factors on the wire (float16 halves traffic)")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--tracker", metavar="NAMES",
+                   help="experiment trackers: tensorboard, mlflow, wandb, comma-separated "
+                        "(files under --output-dir; pip install 'fedlora[tracking]')")
     p.add_argument("--output-dir",
                    help="where metrics.jsonl, rounds/<n>/ and final/ go (default: the output-dir "
                         "of --scenario / --run-config, else fedlora-output)")
@@ -103,6 +107,9 @@ def resumed_config(args: argparse.Namespace, clients_flag: str) -> tuple[dict[st
     num_clients = int(config["min-available-nodes"]) if nodes is None else nodes
     config["min-available-nodes"] = num_clients
     settings = load_settings(config)
+    from fedlora.tracking import require
+
+    require(settings.federation.tracker)
     return settings.to_config(), num_clients
 
 
@@ -153,6 +160,9 @@ def build_config(args: argparse.Namespace, clients_flag: str = "num_clients"
     for key in ("min-train-nodes", "min-evaluate-nodes"):
         config[key] = min(int(config.get(key, 2)), num_clients)
     settings = load_settings(config)  # validates every key and value
+    from fedlora.tracking import require
+
+    require(settings.federation.tracker)  # a missing tracker package, before anything starts
     return settings.to_config(), num_clients
 
 
@@ -170,6 +180,7 @@ def adapter_folder(value: str) -> str:
 def prepare_output(out_dir: Path, overwrite: bool) -> None:
     """Refuse to mix two runs in one folder unless --overwrite is given."""
     from fedlora.outputs import METRICS
+    from fedlora.tracking import TRACKER_DIRS
 
     if (out_dir / METRICS).exists() or (out_dir / "final").exists():
         if not overwrite:
@@ -177,7 +188,7 @@ def prepare_output(out_dir: Path, overwrite: bool) -> None:
                                   f"pass --overwrite to replace it or choose another --output-dir")
         for name in (METRICS, "run.json"):
             (out_dir / name).unlink(missing_ok=True)
-        for name in ("rounds", "final", "state"):
+        for name in ("rounds", "final", "state", *TRACKER_DIRS):
             shutil.rmtree(out_dir / name, ignore_errors=True)
     shutil.rmtree(out_dir / PERSONAL_DIR, ignore_errors=True)  # never another run's private B
 

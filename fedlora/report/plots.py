@@ -21,6 +21,8 @@ from fedlora.report.runs import (
     client_metrics,
     cumulative,
     series,
+    step_loss_series,
+    traffic_series,
     update_norms,
 )
 from fedlora.wire import M
@@ -109,6 +111,37 @@ def plot_bytes(runs: list[Run]) -> Figure | None:
     return fig
 
 
+def plot_accuracy_traffic(runs: list[Run]) -> Figure | None:
+    """Accuracy against the cumulative MB sent (bytes-total: the training rounds' factors,
+    up and down), so runs that send less (float16, a lower rank) compare at equal traffic."""
+    fig, (ax,) = figure()
+    drawn = False
+    for i, run in enumerate(runs):
+        mb, values = traffic_series(run.rows, ACCURACY)
+        if mb:
+            ax.plot(mb, values, "-o", color=f"C{i}", label=run.label, markersize=4)
+            drawn = True
+    ax.set_ylim(-0.02, 1.02)
+    finish(ax, "accuracy against traffic", "accuracy")
+    ax.set_xlabel("MB sent, cumulative (bytes-total: training, up + down)")
+    return fig if drawn else None
+
+
+def plot_step_loss(runs: list[Run]) -> Figure | None:
+    """Each client's training loss at every local step it reported, one panel per run; the
+    x axis runs over the rounds: (round - 1) x train-steps + local step."""
+    pairs = [(run, losses) for run in runs if (losses := step_loss_series(run.rows))]
+    if not pairs:
+        return None
+    fig, axes = figure(len(pairs))
+    for ax, (run, losses) in zip(axes, pairs):
+        for name in sorted(losses, key=client_order):
+            ax.plot(*losses[name], "-", label=f"client {name}", linewidth=1)
+        finish(ax, f"training loss per local step: {run.label}", "loss")
+        ax.set_xlabel("local step (all rounds)")
+    return fig
+
+
 def client_order(name: str) -> tuple[int, int | str]:
     """Numeric client ids in numeric order, others after them."""
     return (0, int(name)) if re.fullmatch(r"-?\d+", name) else (1, name)
@@ -160,7 +193,8 @@ def all_plots(runs: list[Run]) -> dict[str, Callable[[list[Run]], Figure | None]
     plots = {"loss": plot_loss, "accuracy": plot_accuracy,
              "perplexity": plot_single(M.EVAL_PERPLEXITY, "eval perplexity per round"),
              "exactness": plot_single(M.EXACTNESS, "exactness per round (0 = exact merge)"),
-             "bytes": plot_bytes, "update-norms": plot_update_norms}
+             "bytes": plot_bytes, "update-norms": plot_update_norms,
+             "step-loss": plot_step_loss, "accuracy-traffic": plot_accuracy_traffic}
     metrics = sorted({m for run in runs for m in client_metrics(run.rows)})
     plots.update({f"clients-{m.replace('/', '-')}": plot_clients(m) for m in metrics})
     return plots

@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedlora.outputs import METRICS
+from fedlora.tracking import CLIENT_PREFIX, client_name, step_losses
 from fedlora.wire import M
 
 ACCURACY = M.ACCURACY
 FAMILY_PREFIX = M.ACCURACY + "/"
-CLIENT_PREFIX = "client-"  # a dict {partition-id: value} per round, e.g. client-accuracy
 
 
 @dataclass
@@ -135,11 +135,28 @@ def client_metrics(rows: list[dict]) -> dict[str, dict[str, tuple[list[int], lis
 
 def client_label(entry: dict) -> str:
     """How a client row or failure is named in plots: its node name, else its partition id,
-    else its node id."""
-    if entry.get(M.NODE_NAME):
-        return str(entry[M.NODE_NAME])
-    pid = entry.get(M.PARTITION_ID, -1)
-    return str(pid if pid is not None and pid >= 0 else entry.get(M.NODE_ID))
+    else its node id (as the trackers name it)."""
+    return client_name(entry)
+
+
+def step_loss_series(rows: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
+    """{client: (global steps, losses)} of the per-step training loss the clients reported
+    (`train-loss-steps`), over all rounds: step (round - 1) x train-steps + local step."""
+    out: dict[str, tuple[list[int], list[float]]] = {}
+    for r in rows:
+        for client, (steps, losses) in step_losses(r).items():
+            xs, ys = out.setdefault(client, ([], []))
+            xs.extend(steps)
+            ys.extend(losses)
+    return out
+
+
+def traffic_series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
+    """(cumulative MB sent: bytes-total, the training rounds' up and down; `key`) of the
+    rounds where both are finite."""
+    points = [(finite(r.get(M.BYTES_TOTAL)), finite(r.get(key))) for r in rows]
+    kept = [(b / 1e6, v) for b, v in points if b is not None and v is not None]
+    return [b for b, _ in kept], [v for _, v in kept]
 
 
 def update_norms(rows: list[dict]) -> dict[str, list[tuple[int, float, bool]]]:

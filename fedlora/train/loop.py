@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import torch
@@ -52,6 +52,7 @@ class TrainResult:
     tokens: int  # tokens fed to the model (prompt + response, no padding)
     seconds: float
     dp_sgd: DpSgdPlan | None = None  # dp-sgd: the plan each step followed
+    step_losses: list[float] = field(default_factory=list)  # each optimizer step's loss
 
 
 def trainable_parameters(model: torch.nn.Module, adapter: str,
@@ -237,7 +238,8 @@ def _finish(model: torch.nn.Module, progress: StepProgress, losses: list[float],
     model.eval()
     return TrainResult(loss=sum(losses) / len(losses), first_loss=losses[0],
                        last_loss=losses[-1], steps=len(losses), tokens=tokens,
-                       seconds=time.perf_counter() - start, dp_sgd=dp)
+                       seconds=time.perf_counter() - start, dp_sgd=dp,
+                       step_losses=list(losses))
 
 
 def _private_steps(model: torch.nn.Module, params: list[torch.nn.Parameter],
