@@ -76,7 +76,9 @@ class M:
     EVAL_LOSS = EVAL_LOSS
     EVAL_PERPLEXITY = "eval-perplexity"
     EVAL_CLIENTS = "eval-clients"
-    EVAL_FAILED = "eval-failed"
+    EVAL_FAILED = "eval-failed"  # how many nodes failed to evaluate (len of EVAL_FAILURES)
+    EVAL_FAILURES = "eval-failures"  # [{node-id, node-name, reason}]; node-name "server":
+    # the server's own evaluation (server-eval) failed
     CLIENTS = "clients"  # per client: node-id, partition-id, lora-rank, num-examples, ...
     CLIENTS_SAMPLED = "clients-sampled"
     CLIENTS_REPLIED = "clients-replied"

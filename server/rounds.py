@@ -52,6 +52,7 @@ from server.replies import per_message_pulls, pull_replies
 from server.secagg import SecAggFailed, SecAggRules, SecureRound
 from server.spill import RoundSpill
 
+SERVER_NODE = 0  # the node id an evaluation failure of the server's own (server-eval) names
 SPILL_DIR = ".spill"  # under output-dir: the replies of the round being read (server.spill)
 
 
@@ -155,7 +156,12 @@ class RoundLoop:
         if self.rules.fraction_evaluate > 0:
             self.evaluate(grid, server_round, record)
         if self.evaluator is not None:
-            record.server_eval = self.evaluator(*self.state.export())
+            try:
+                record.server_eval = self.evaluator(*self.state.export())
+            except Exception as err:  # a named failure of the round, never the end of the run
+                log(WARNING, "round %d: the server's evaluation (server-eval) failed: %s: %s",
+                    server_round, type(err).__name__, err)
+                record.eval_fail(SERVER_NODE, f"{type(err).__name__}: {err}", "server")
 
     def evaluate_initial(self, grid: Grid) -> None:
         """Round 0: the global model before any training (the base model: B is zero) evaluated
@@ -367,8 +373,21 @@ class RoundLoop:
             ranks = {n: self.state.rank for n in nodes}
         ready = [n for n in nodes if n in ranks]
         replies, sent = self.send(grid, ready, ranks, server_round, MessageType.EVALUATE)
+        for node, msg in replies:
+            if problem := evaluate_problem(msg):
+                self.eval_failed(record, node, problem)
+        for node in sorted(set(ready) - {n for n, _ in replies}):
+            self.eval_failed(record, node, f"no evaluation reply within round-timeout="
+                                           f"{self.rules.timeout:g} s")
         record.evaluation = {M.BYTES_DOWN_EVAL: sum(sent.values()),
-                             **self.read_evaluate_replies([r for _, r in replies])}
+                             **self.read_evaluate_replies([r for _, r in replies]),
+                             M.EVAL_FAILED: len(record.eval_failures)}
+
+    def eval_failed(self, record: RoundRecord, node: int, reason: str) -> None:
+        """Record and log that `node` failed to evaluate this round, naming it as `failed`
+        names a node that failed to train (metrics.jsonl: eval-failures)."""
+        log(WARNING, "round %d: %s failed to evaluate: %s", record.round, self.who(node), reason)
+        record.eval_fail(node, reason, self.label(node))
 
     def finish(self, server_round: int, record: RoundRecord) -> None:
         """Write rounds/<n>/, the metrics line, then the round's checkpoint."""
@@ -642,15 +661,14 @@ class RoundLoop:
         """Token-weighted mean eval loss over the nodes that evaluated; exact-match accuracy
         pooled over their answers (overall, per family, and per client), and the same for the
         most likely choice of multiple-choice records (choice-accuracy)."""
-        errors = [m for m in replies if m.has_error()]
-        rows = [metrics_of(m) for m in replies if not m.has_error()]
-        rows = [r for r in rows if r is not None and r.get(wire.EVAL_TOKENS, 0) > 0]
+        failed = [m for m in replies if evaluate_problem(m)]
+        rows = [metrics_of(m) for m in replies if not evaluate_problem(m)]
         loss = weighted_mean([float(r[wire.EVAL_LOSS]) for r in rows],
                              [float(r[wire.EVAL_TOKENS]) for r in rows])
         out: dict[str, Any] = {
             M.EVAL_LOSS: loss,
             M.EVAL_PERPLEXITY: math.exp(min(loss, 50.0)) if rows else math.nan,
-            M.EVAL_CLIENTS: len(rows), M.EVAL_FAILED: len(errors)}
+            M.EVAL_CLIENTS: len(rows), M.EVAL_FAILED: len(failed)}
         for kind in ("", "choice"):  # generated exact match; most likely choice
             pooled, per_client = Accuracy(kind=kind), {}
             for row in rows:
@@ -680,6 +698,21 @@ class RoundLoop:
         self.total_bytes = int(checkpoint.meta["bytes-total"])
         if self.ledger is not None:
             self.ledger.record(int(checkpoint.meta.get("dp-releases", 0)))
+
+
+def evaluate_problem(msg: Message) -> str | None:
+    """Why an evaluation reply counts for nothing (its error, or no loss over any token), or
+    None when it is a usable one."""
+    if msg.has_error():
+        return str(msg.error.reason)
+    metrics = metrics_of(msg)
+    if metrics is None:
+        return "the evaluation reply has no MetricRecord"
+    tokens, loss = number(metrics, wire.EVAL_TOKENS), number(metrics, wire.EVAL_LOSS)
+    if not tokens > 0 or not math.isfinite(loss):
+        return (f"the evaluation reply has no loss over any held-out token (eval-tokens "
+                f"{metrics.get(wire.EVAL_TOKENS)!r}, eval-loss {metrics.get(wire.EVAL_LOSS)!r})")
+    return None
 
 
 def _fmt(value: float | None) -> str:

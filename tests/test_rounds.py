@@ -237,3 +237,47 @@ def test_a_median_run_killed_and_resumed_is_bit_equal_to_the_uninterrupted_one(t
     a = load_file(str(straight / "final" / "adapter_model.safetensors"))
     b = load_file(str(resumed / "final" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_evaluation_that_raises_is_a_named_failure_in_metrics_table_and_exit_code(
+        tmp_path, monkeypatch):
+    """A client whose evaluation raises is named, with the reason, in metrics.jsonl's
+    eval-failures of every evaluated round (round 0 too), in the end-of-run table, and the
+    run's exit code is the documented degraded one; the other clients' evaluation counts."""
+    import clients.client_app as client_app
+    from fedlora.cli.simulate import EXIT_DEGRADED, exit_code, summary_table
+
+    real = client_app.evaluate
+
+    def evaluate(model, examples, pad_id, batch_size=8):
+        if evaluating[-1] == 1:
+            raise RuntimeError("scorer broke on record 2")
+        return real(model, examples, pad_id, batch_size)
+
+    evaluating = [-1]
+    real_prepare = client_app.prepare
+
+    def prepare(msg, context):
+        evaluating.append(int(context.node_config["partition-id"]))
+        return real_prepare(msg, context)
+
+    monkeypatch.setattr(client_app, "evaluate", evaluate)
+    monkeypatch.setattr(client_app, "prepare", prepare)
+    run_inprocess(config(tmp_path, **{"fraction-evaluate": 1.0, "min-evaluate-nodes": 3,
+                                      "num-server-rounds": 1}), 3)
+    rows = read_metrics(tmp_path)
+    for row in rows:  # round 0 and round 1
+        assert row["eval-failures"] == [
+            {"node-id": 1001, "reason": "RuntimeError: scorer broke on record 2"}]
+        assert row["eval-failed"] == 1 and row["eval-clients"] == 2
+        assert row["eval-loss"] > 0
+    table = summary_table(tmp_path)
+    header = table.splitlines()[0].split()
+    column = header.index("eval-failed")
+    assert [line.split()[column] for line in table.splitlines()[1:3]] == ["1", "1"]
+    assert "perplexity" in header and "accuracy" not in header  # eval-accuracy=0
+    assert "round 1: node 1001: RuntimeError: scorer broke on record 2" in table
+    assert exit_code(0, True, rows) == EXIT_DEGRADED == 3
+    clean = [{**row, "eval-failures": []} for row in rows]
+    assert exit_code(0, True, clean) == 0
+    assert exit_code(0, False, rows) == 1 and exit_code(7, True, rows) == 7

@@ -6,10 +6,15 @@ from pathlib import Path
 
 from fedlora.report.plots import all_plots
 from fedlora.report.runs import Run, load_run, load_runs
-from fedlora.report.tables import before_after, round_table, summary_markdown
+from fedlora.report.tables import (
+    before_after,
+    evaluation_failures,
+    round_table,
+    summary_markdown,
+)
 
-__all__ = ["Run", "before_after", "load_run", "load_runs", "round_table", "summary_markdown",
-           "write_report"]
+__all__ = ["Run", "before_after", "evaluation_failures", "load_run", "load_runs", "round_table",
+           "summary_markdown", "write_report"]
 
 REPORT_MD = "report.md"
 
@@ -35,13 +40,16 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path | None = None) 
 
 
 def markdown(runs: list[Run], images: list[Path]) -> str:
-    """report.md: the summary table, where each run lives, then every plot."""
+    """report.md: the summary table, where each run lives, each run's base model against its
+    federated adapter and its evaluation failures, then every plot."""
     parts = ["# fedlora report", "", summary_markdown(runs), ""]
     parts += [f"- `{run.name}`: {run.path.resolve()}" for run in runs] + [""]
     for run in runs:
         if table := before_after(run.rows):
             parts += [f"## base model and federated adapter: `{run.name}`", "", "```", table,
                       "```", ""]
+        if failures := evaluation_failures(run.rows):
+            parts += [f"## evaluation failures: `{run.name}`", "", "```", failures, "```", ""]
     for image in images:
         parts += [f"## {image.stem}", "", f"![{image.stem}]({image.name})", ""]
     return "\n".join(parts)
