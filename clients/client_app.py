@@ -78,7 +78,7 @@ from fedlora.node_rules import (
 from fedlora.records import from_array_record, to_array_record
 from fedlora.seeds import derive_seed
 from fedlora.train import evaluate, train_local
-from fedlora.train.accuracy import exact_match, generation_batch
+from fedlora.train.accuracy import exact_match, generation_batch, scored_records
 from fedlora.train.choices import multiple_choice
 from fedlora.train.distributed import node_devices, refusal, train_parallel
 from fedlora.train.dp_sgd import DpSgdPlan, plan_dp_sgd
@@ -469,7 +469,8 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate_global(msg: Message, context: Context) -> Message:
     """Held-out loss of the received global adapter on this client's eval split (a
     personalised method's node: its own model), and exact-match accuracy of greedy answers
-    on eval-accuracy of those examples, counted per task family."""
+    on eval-accuracy of those examples that name their scorer (exact-match=auto; all: every
+    one), counted per task family."""
     job = prepare(msg, context)
     settings, slot = job.settings, job.slot
     _, held_out, records, _ = client_data(settings, slot, job.partition_id,
@@ -480,8 +481,9 @@ def evaluate_global(msg: Message, context: Context) -> Message:
                       batch_size=settings.train.batch_size)
     metrics = MetricRecord({wire.NUM_EXAMPLES: result.examples, wire.PARTITION_ID: job.partition_id,
                             wire.EVAL_LOSS: result.loss, wire.EVAL_TOKENS: result.tokens})
-    if settings.train.eval_accuracy and records:
-        scored = records[: settings.train.eval_accuracy]
+    scored = scored_records(records, settings.data.dataset, settings.train.exact_match,
+                            settings.train.eval_accuracy)
+    if scored:
         accuracy, _ = exact_match(slot.model, slot.tokenizer, scored, settings.data.dataset,
                                   settings.train.max_new_tokens, generation_batch(settings))
         metrics.update(accuracy.counts())

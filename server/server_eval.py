@@ -3,7 +3,8 @@ held-out set the clients never train on, with one base model loaded in the Serve
 
 The held-out set is `server-eval-data` when given, else the union of the simulated clients'
 held-out splits of `dataset` (shuffled with the seed, so every task family is represented);
-`server-eval` examples of it give the eval loss and exact-match accuracy per family.
+`server-eval` examples of it give the eval loss, and those that name their scorer (all of them
+with exact-match=all) exact-match accuracy per family.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from fedlora.adapters import Workspace, set_residual
 from fedlora.config import Settings
 from fedlora.data import client_records, load_source, tokenize_records
 from fedlora.train import evaluate
-from fedlora.train.accuracy import exact_match, generation_batch
+from fedlora.train.accuracy import exact_match, generation_batch, scored_records
 from fedlora.train.choices import multiple_choice
 
 
@@ -61,7 +62,9 @@ class ServerEvaluator:
                                              truncation=s.train.truncation)
         loss = evaluate(slot.model, self.examples, slot.tokenizer.pad_token_id,
                         batch_size=s.train.batch_size)
-        accuracy, _ = exact_match(slot.model, slot.tokenizer, self.records, s.data.dataset,
+        scored = scored_records(self.records, s.data.dataset, s.train.exact_match,
+                                len(self.records))
+        accuracy, _ = exact_match(slot.model, slot.tokenizer, scored, s.data.dataset,
                                   s.train.max_new_tokens, generation_batch(s))
         choice = multiple_choice(slot.model, slot.tokenizer, self.records, generation_batch(s))
         out = {"server-eval-loss": loss.loss, "server-eval-examples": len(self.records)}

@@ -101,3 +101,28 @@ def test_the_experiment_keeps_every_scored_answer_with_its_score(tmp_path):
     right = sum(a["correct"] for a in result["answers"])
     assert result["accuracy"] == right / 5
 
+
+
+def test_exact_match_by_default_answers_only_records_that_name_their_scorer():
+    """exact-match=auto: a built-in task's records (by the dataset's name or their task),
+    BIG-bench targets and a record with a scorer field are answered; a user's open-ended
+    record is not, unless exact-match=all."""
+    from fedlora.data import score_answer
+    from fedlora.train.accuracy import names_scorer, scored_records
+
+    mine = [{"instruction": f"Write a poem about {w}.", "output": "..."} for w in "abc"]
+    sums = builtin_task("arithmetic", 4, seed=1)
+    bigbench = {"input": "2+2?", "output": "4", "targets": ["4", "four"], "task": "bb"}
+    flagged = {"instruction": "Compute 2 + 3.", "output": "5", "scorer": "arithmetic"}
+    assert scored_records(mine, "data.jsonl", "auto", 32) == []
+    assert scored_records(mine, "data.jsonl", "all", 2) == mine[:2]
+    assert scored_records(sums, "builtin:arithmetic", "auto", 3) == sums[:3]
+    assert scored_records(sums, "data.jsonl", "auto", 32) == sums  # each record's own task
+    assert scored_records([*mine, bigbench, flagged], "data.jsonl", "auto", 32) == [
+        bigbench, flagged]
+    assert scored_records(sums, "builtin:arithmetic", "auto", 0) == []
+    assert not names_scorer(None, mine[0]) and names_scorer(None, flagged)
+    assert score_answer("data.jsonl", " 5.0", flagged)  # the named scorer: numbers
+    assert not score_answer("data.jsonl", " 5.0", {**flagged, "scorer": ""})  # equality
+    with pytest.raises(ValueError, match="exact-match: expected one of auto, all, got 'some'"):
+        scored_records(sums, None, "some", 3)

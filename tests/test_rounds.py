@@ -281,3 +281,25 @@ def test_an_evaluation_that_raises_is_a_named_failure_in_metrics_table_and_exit_
     clean = [{**row, "eval-failures": []} for row in rows]
     assert exit_code(0, True, clean) == 0
     assert exit_code(0, False, rows) == 1 and exit_code(7, True, rows) == 7
+
+
+def test_accuracy_is_scored_for_builtin_tasks_only_by_default(tmp_path):
+    """A user's jsonl without a scorer gets eval loss and perplexity, no accuracy (its
+    exact matches would read 0.000 -> 0.000); builtin:arithmetic names its scorer and is
+    answered at the default eval-accuracy."""
+    data = tmp_path / "mine.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"Describe the number {i}.",
+                                        "output": f"{i} is a number between {i - 1} and "
+                                                  f"{i + 1}."}) + "\n" for i in range(60)))
+    evaluating = {"fraction-evaluate": 1.0, "min-evaluate-nodes": 2, "num-server-rounds": 1,
+                  "initial-eval": False, "min-available-nodes": 2, "eval-examples": 4,
+                  "max-new-tokens": 4}
+    del_accuracy = {k: v for k, v in BASE.items() if k != "eval-accuracy"}
+    for name, dataset in (("mine", str(data)), ("sums", "builtin:arithmetic")):
+        run_inprocess({**del_accuracy, **evaluating, "dataset": dataset,
+                       "output-dir": str(tmp_path / name)}, 2)
+    [mine] = read_metrics(tmp_path / "mine")
+    assert "accuracy" not in mine and "client-accuracy" not in mine
+    assert mine["eval-perplexity"] > 1 and mine["eval-clients"] == 2
+    [sums] = read_metrics(tmp_path / "sums")
+    assert 0 <= sums["accuracy"] <= 1 and set(sums["client-accuracy"]) == {"0", "1"}

@@ -1,5 +1,11 @@
 """Generation-based exact-match accuracy, per task family.
 
+Only records that name their scorer are answered by default (`exact-match=auto`,
+`scored_records`): a built-in task's (its family by the dataset's or the record's `task`),
+BIG-bench's (a `targets` list) and a record with a `scorer` field; open-ended data of one's
+own has no answer a trimmed equality would match, so it gets eval loss and perplexity only,
+unless `exact-match=all`.
+
 A record's prompt (every message but the answer, formatted exactly as training formats it) is
 given to the model, the greedy continuation is scored by the record's family scorer
 (`fedlora.data.score_answer`: numbers as numbers, JSON as parsed JSON, ...) or by trimmed
@@ -13,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fedlora.config import EXACT_MATCH
 from fedlora.data import score_answer, to_messages
 from fedlora.data.format import is_raw
 from fedlora.data.tasks import family_of
@@ -134,3 +141,22 @@ def record_task(record: dict) -> str:
     """The family of a record without a built-in scorer: its BIG-bench task (records with
     `targets`, fedlora.data.bigbench), else OTHER."""
     return str(record.get("task") or OTHER) if "targets" in record else OTHER
+
+
+def names_scorer(task_name: str | None, record: dict) -> bool:
+    """Whether a record names how its answer is scored: a built-in family (by `task_name`
+    or its `task`), BIG-bench `targets`, or a `scorer` field."""
+    return (family_of(task_name, record) is not None or isinstance(record.get("targets"), list)
+            or bool(record.get("scorer")))
+
+
+def scored_records(records: list[dict], task_name: str | None, mode: str, limit: int
+                   ) -> list[dict]:
+    """The first `limit` (0: none) of `records` answered for exact match: with
+    exact-match=auto those that name their scorer (`names_scorer`), with all every one."""
+    if mode not in EXACT_MATCH:
+        raise ValueError(f"exact-match: expected one of {', '.join(EXACT_MATCH)}, got {mode!r}")
+    if limit <= 0:
+        return []
+    chosen = records if mode == "all" else [r for r in records if names_scorer(task_name, r)]
+    return chosen[:limit]
