@@ -477,15 +477,17 @@ def evaluate_global(msg: Message, context: Context) -> Message:
                                           job.num_partitions, job.guarded)
     if settings.train.eval_examples:
         held_out = held_out[: settings.train.eval_examples]
+    desc = f"client {job.partition_id} round {job.server_round}: evaluating"
     result = evaluate(slot.model, held_out, slot.tokenizer.pad_token_id,
-                      batch_size=settings.train.batch_size)
+                      batch_size=settings.train.batch_size, desc=desc)
     metrics = MetricRecord({wire.NUM_EXAMPLES: result.examples, wire.PARTITION_ID: job.partition_id,
                             wire.EVAL_LOSS: result.loss, wire.EVAL_TOKENS: result.tokens})
     scored = scored_records(records, settings.data.dataset, settings.train.exact_match,
                             settings.train.eval_accuracy)
     if scored:
         accuracy, _ = exact_match(slot.model, slot.tokenizer, scored, settings.data.dataset,
-                                  settings.train.max_new_tokens, generation_batch(settings))
+                                  settings.train.max_new_tokens, generation_batch(settings),
+                                  desc)
         metrics.update(accuracy.counts())
         # multiple-choice records (BIG-bench) also by their most likely choice
         metrics.update(multiple_choice(slot.model, slot.tokenizer, scored,

@@ -42,6 +42,7 @@ from fedlora.records import factor_bytes, from_array_record, to_array_record
 from fedlora.runtime import pacing
 from fedlora.seeds import derive_seed
 from fedlora.train.accuracy import Accuracy
+from fedlora.train.progress import run_eta
 from fedlora.validation import expected_shapes, reply_problem
 from fedlora.wire import M
 from server import defences
@@ -142,14 +143,19 @@ class RoundLoop:
         """Rounds first_round..num_rounds: train and merge (retried or stopped when too few
         valid replies arrive), evaluate, write the round and its checkpoint. A run that starts
         at round 1 first evaluates the global model before training (round 0)."""
+        started, durations = time.perf_counter(), []
         if first_round == 1 and self.rules.initial_eval:
             self.evaluate_initial(grid)
         for server_round in range(first_round, num_rounds + 1):
             log(INFO, "")
             log(INFO, "[ROUND %d/%d]", server_round, num_rounds)
+            began = time.perf_counter()
             record = self.train_round(grid, server_round)
             self.evaluate_global(grid, server_round, record)
             self.finish(server_round, record)
+            durations.append(time.perf_counter() - began)
+            log(INFO, "%s", run_eta(server_round, num_rounds, time.perf_counter() - started,
+                                    durations))
 
     def evaluate_global(self, grid: Grid, server_round: int, record: RoundRecord) -> None:
         """The global model on the nodes (fraction-evaluate) and on the server (server-eval)."""
@@ -245,6 +251,8 @@ class RoundLoop:
                     server_round, err)
                 failed.append({**record.attempt_summary(attempt), "merge-error": str(err)})
                 return None
+            log(INFO, "round %d: merged %d updates in %.1f s (screens and merge)",
+                server_round, len(updates), time.perf_counter() - screening)
             record.merge.update(seen)
             for key, value in seen.items():  # e.g. lora-moe's clusters: partition -> expert
                 log(INFO, "round %d: %s %s", server_round, key, value)
@@ -372,7 +380,12 @@ class RoundLoop:
         else:
             ranks = {n: self.state.rank for n in nodes}
         ready = [n for n in nodes if n in ranks]
+        log(INFO, "round %d: sent evaluation to %d nodes (each answers its held-out "
+            "questions; the nodes print their progress)", server_round, len(ready))
+        began = time.perf_counter()
         replies, sent = self.send(grid, ready, ranks, server_round, MessageType.EVALUATE)
+        log(INFO, "round %d: %d evaluation replies in %.1f s", server_round, len(replies),
+            time.perf_counter() - began)
         for node, msg in replies:
             if problem := evaluate_problem(msg):
                 self.eval_failed(record, node, problem)

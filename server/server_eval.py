@@ -61,11 +61,11 @@ class ServerEvaluator:
             self.examples = tokenize_records(self.records, slot.tokenizer, s.train.max_length,
                                              truncation=s.train.truncation)
         loss = evaluate(slot.model, self.examples, slot.tokenizer.pad_token_id,
-                        batch_size=s.train.batch_size)
+                        batch_size=s.train.batch_size, desc="server-eval")
         scored = scored_records(self.records, s.data.dataset, s.train.exact_match,
                                 len(self.records))
         accuracy, _ = exact_match(slot.model, slot.tokenizer, scored, s.data.dataset,
-                                  s.train.max_new_tokens, generation_batch(s))
+                                  s.train.max_new_tokens, generation_batch(s), "server-eval")
         choice = multiple_choice(slot.model, slot.tokenizer, self.records, generation_batch(s))
         out = {"server-eval-loss": loss.loss, "server-eval-examples": len(self.records)}
         out.update({f"server-{k}": v for k, v in accuracy.metrics().items()})

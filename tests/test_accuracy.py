@@ -14,7 +14,7 @@ def test_exact_match_counts_right_answers_per_family(monkeypatch, tiny_slot):
     records = builtin_task("suite", 12, seed=3)
     seen = {}
 
-    def fake_generate(model, tokenizer, prompts, max_new_tokens, batch_size):
+    def fake_generate(model, tokenizer, prompts, max_new_tokens, batch_size, progress):
         seen["prompts"] = prompts
         # the right answer for even records, a wrong one for odd records
         return [r["output"] if i % 2 == 0 else "no idea" for i, r in enumerate(records)]

@@ -240,7 +240,7 @@ def test_a_median_run_killed_and_resumed_is_bit_equal_to_the_uninterrupted_one(t
 
 
 def test_an_evaluation_that_raises_is_a_named_failure_in_metrics_table_and_exit_code(
-        tmp_path, monkeypatch):
+        tmp_path, monkeypatch, caplog):
     """A client whose evaluation raises is named, with the reason, in metrics.jsonl's
     eval-failures of every evaluated round (round 0 too), in the end-of-run table, and the
     run's exit code is the documented degraded one; the other clients' evaluation counts."""
@@ -249,10 +249,10 @@ def test_an_evaluation_that_raises_is_a_named_failure_in_metrics_table_and_exit_
 
     real = client_app.evaluate
 
-    def evaluate(model, examples, pad_id, batch_size=8):
+    def evaluate(model, examples, pad_id, batch_size=8, desc="evaluating"):
         if evaluating[-1] == 1:
             raise RuntimeError("scorer broke on record 2")
-        return real(model, examples, pad_id, batch_size)
+        return real(model, examples, pad_id, batch_size, desc)
 
     evaluating = [-1]
     real_prepare = client_app.prepare
@@ -266,6 +266,9 @@ def test_an_evaluation_that_raises_is_a_named_failure_in_metrics_table_and_exit_
     run_inprocess(config(tmp_path, **{"fraction-evaluate": 1.0, "min-evaluate-nodes": 3,
                                       "num-server-rounds": 1}), 3)
     rows = read_metrics(tmp_path)
+    assert "round 1: node 1001 failed to evaluate: RuntimeError: scorer broke" in caplog.text
+    assert "round 0: sent evaluation to 3 nodes" in caplog.text  # progress, and the ETA:
+    assert "round 1/1 done in" in caplog.text and "that was the last round" in caplog.text
     for row in rows:  # round 0 and round 1
         assert row["eval-failures"] == [
             {"node-id": 1001, "reason": "RuntimeError: scorer broke on record 2"}]

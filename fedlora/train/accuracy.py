@@ -24,6 +24,7 @@ from fedlora.data import score_answer, to_messages
 from fedlora.data.format import is_raw
 from fedlora.data.tasks import family_of
 from fedlora.inference import chat_prompt, generate
+from fedlora.train.progress import Ticker
 
 OTHER = "other"  # records of data without a task family
 MAX_COUNT = 1_000_000  # more answers than a node can score in a round: a broken reply
@@ -111,11 +112,13 @@ def question_prompt(record: dict, tokenizer) -> str:
 
 @torch.no_grad()
 def exact_match(model: torch.nn.Module, tokenizer, records: list[dict], task_name: str | None,
-                max_new_tokens: int = 32, batch_size: int = 16
+                max_new_tokens: int = 32, batch_size: int = 16, desc: str = "evaluating"
                 ) -> tuple[Accuracy, list[str]]:
-    """(counts per family, the generated answers) of `records` under greedy decoding."""
+    """(counts per family, the generated answers) of `records` under greedy decoding (a
+    progress line '<desc>: 16/32 answers, 12 s' at most every 10 s)."""
     prompts = [question_prompt(r, tokenizer) for r in records]
-    answers = generate(model, tokenizer, prompts, max_new_tokens, batch_size=batch_size)
+    answers = generate(model, tokenizer, prompts, max_new_tokens, batch_size=batch_size,
+                       progress=Ticker(desc, len(prompts), "answers").update)
     acc = Accuracy()
     for entry in scored_answers(records, answers, task_name):
         acc.add(entry["family"], entry["correct"])
