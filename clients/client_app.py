@@ -78,7 +78,12 @@ from fedlora.node_rules import (
 from fedlora.records import from_array_record, to_array_record
 from fedlora.seeds import derive_seed
 from fedlora.train import evaluate, train_local
-from fedlora.train.accuracy import exact_match, generation_batch, scored_records
+from fedlora.train.accuracy import (
+    exact_match,
+    generation_batch,
+    samples_columns,
+    scored_records,
+)
 from fedlora.train.choices import multiple_choice
 from fedlora.train.distributed import node_devices, refusal, train_parallel
 from fedlora.train.dp_sgd import DpSgdPlan, plan_dp_sgd
@@ -470,7 +475,8 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     """Held-out loss of the received global adapter on this client's eval split (a
     personalised method's node: its own model), and exact-match accuracy of greedy answers
     on eval-accuracy of those examples that name their scorer (exact-match=auto; all: every
-    one), counted per task family."""
+    one), counted per task family; a simulated client also sends its first answers of each
+    family (`fedlora.train.accuracy.sample_answers`) for the report."""
     job = prepare(msg, context)
     settings, slot = job.settings, job.slot
     _, held_out, records, _ = client_data(settings, slot, job.partition_id,
@@ -482,6 +488,7 @@ def evaluate_global(msg: Message, context: Context) -> Message:
                       batch_size=settings.train.batch_size, desc=desc)
     metrics = MetricRecord({wire.NUM_EXAMPLES: result.examples, wire.PARTITION_ID: job.partition_id,
                             wire.EVAL_LOSS: result.loss, wire.EVAL_TOKENS: result.tokens})
+    content: dict = {}
     scored = scored_records(records, settings.data.dataset, settings.train.exact_match,
                             settings.train.eval_accuracy)
     if scored:
@@ -489,7 +496,9 @@ def evaluate_global(msg: Message, context: Context) -> Message:
                                   settings.train.max_new_tokens, generation_batch(settings),
                                   desc)
         metrics.update(accuracy.counts())
+        if not job.guarded and accuracy.samples:  # a deployment node keeps its questions
+            content[wire.SAMPLES] = ConfigRecord(samples_columns(accuracy.samples))
         # multiple-choice records (BIG-bench) also by their most likely choice
         metrics.update(multiple_choice(slot.model, slot.tokenizer, scored,
                                        generation_batch(settings)).counts())
-    return Message(RecordDict({wire.METRICS: metrics}), reply_to=msg)
+    return Message(RecordDict({wire.METRICS: metrics, **content}), reply_to=msg)

@@ -41,7 +41,7 @@ from fedlora.outputs import RunWriter
 from fedlora.records import factor_bytes, from_array_record, to_array_record
 from fedlora.runtime import pacing
 from fedlora.seeds import derive_seed
-from fedlora.train.accuracy import Accuracy
+from fedlora.train.accuracy import Accuracy, first_per_family, samples_of
 from fedlora.train.progress import run_eta
 from fedlora.validation import expected_shapes, reply_problem
 from fedlora.wire import M
@@ -692,6 +692,8 @@ class RoundLoop:
             if pooled.total:
                 out.update(pooled.metrics())
                 out[f"client-{pooled.name}"] = per_client  # client-accuracy, ...
+        if samples := pooled_samples(replies):
+            out[M.SAMPLES] = samples
         return out
 
     # ==== checkpoint and resume ===============================================================
@@ -711,6 +713,19 @@ class RoundLoop:
         self.total_bytes = int(checkpoint.meta["bytes-total"])
         if self.ledger is not None:
             self.ledger.record(int(checkpoint.meta.get("dp-releases", 0)))
+
+
+def pooled_samples(replies: list[Message]) -> list[dict]:
+    """The first SAMPLES_PER_FAMILY answers of each family over the usable evaluation
+    replies, in partition order (simulated clients send some: `wire.SAMPLES`)."""
+    entries = []
+    for msg in replies:
+        if evaluate_problem(msg):
+            continue
+        if (columns := msg.content.config_records.get(wire.SAMPLES)) is not None:
+            pid = number(metrics_of(msg), wire.PARTITION_ID)
+            entries += samples_of(columns, int(pid) if math.isfinite(pid) else -1)
+    return first_per_family(sorted(entries, key=lambda s: s["partition-id"]))
 
 
 def evaluate_problem(msg: Message) -> str | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import replace
+from typing import Any
 
 from fedlora.adapters import Workspace, set_residual
 from fedlora.config import Settings
@@ -18,6 +19,7 @@ from fedlora.data import client_records, load_source, tokenize_records
 from fedlora.train import evaluate
 from fedlora.train.accuracy import exact_match, generation_batch, scored_records
 from fedlora.train.choices import multiple_choice
+from fedlora.wire import M
 
 
 def held_out_records(settings: Settings, num_partitions: int) -> list[dict]:
@@ -67,8 +69,11 @@ class ServerEvaluator:
         accuracy, _ = exact_match(slot.model, slot.tokenizer, scored, s.data.dataset,
                                   s.train.max_new_tokens, generation_batch(s), "server-eval")
         choice = multiple_choice(slot.model, slot.tokenizer, self.records, generation_batch(s))
-        out = {"server-eval-loss": loss.loss, "server-eval-examples": len(self.records)}
+        out: dict[str, Any] = {"server-eval-loss": loss.loss,
+                               "server-eval-examples": len(self.records)}
         out.update({f"server-{k}": v for k, v in accuracy.metrics().items()})
+        if accuracy.samples:
+            out[M.SERVER_SAMPLES] = accuracy.samples
         if choice.total:  # multiple-choice records: server-choice-accuracy
             out.update({f"server-{k}": v for k, v in choice.metrics().items()})
         return out

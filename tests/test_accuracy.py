@@ -126,3 +126,23 @@ def test_exact_match_by_default_answers_only_records_that_name_their_scorer():
     assert not score_answer("data.jsonl", " 5.0", {**flagged, "scorer": ""})  # equality
     with pytest.raises(ValueError, match="exact-match: expected one of auto, all, got 'some'"):
         scored_records(sums, None, "some", 3)
+
+
+def test_sample_answers_keep_the_first_of_each_family_and_distrust_what_a_node_sends():
+    from fedlora.train.accuracy import SAMPLE_CHARS, sample_answers, samples_columns, samples_of
+
+    entries = [{"family": f, "question": f"q{i}", "expected": "1", "answer": "x" * 999,
+                "correct": i % 2 == 0} for i, f in enumerate("aabaaab")]
+    kept = sample_answers(entries, per_family=2)
+    assert [(s["family"], s["question"]) for s in kept] == [("a", "q0"), ("a", "q1"),
+                                                            ("b", "q2"), ("b", "q6")]
+    assert len(kept[0]["answer"]) == SAMPLE_CHARS and kept[0]["correct"] is True
+    columns = samples_columns(kept)
+    assert samples_of(columns, 4) == [{**s, "partition-id": 4} for s in kept]
+    assert samples_of(columns, 4, per_family=1) == [{**kept[0], "partition-id": 4},
+                                                     {**kept[2], "partition-id": 4}]
+    for broken in ({**columns, "answer": columns["answer"][:-1]},  # ragged
+                   {**columns, "correct": [1, 0, 1, 0]},  # not booleans
+                   {**columns, "question": [b"q0", "q1", "q2", "q6"]},  # not text
+                   {k: v for k, v in columns.items() if k != "expected"}):  # a field missing
+        assert samples_of(broken, 4) == []

@@ -171,13 +171,13 @@ def prepare_output(out_dir: Path, overwrite: bool) -> None:
 
 def summary_table(out_dir: Path) -> str:
     """The per-round table printed at the end of a run (accuracy when the run reports it),
-    then the base model (round 0) against the federated adapter."""
+    then the base model (round 0) against the federated adapter, and a few of their answers."""
     from fedlora.outputs import read_metrics
-    from fedlora.report import before_after, round_table
+    from fedlora.report import before_after, round_table, sample_answers
 
     rows = read_metrics(out_dir)
-    comparison = before_after(rows)
-    return round_table(rows) + (f"\n\n{comparison}" if comparison else "")
+    parts = [round_table(rows), before_after(rows), sample_answers(rows)]
+    return "\n\n".join(p for p in parts if p)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -10,11 +10,12 @@ from fedlora.report.tables import (
     before_after,
     evaluation_failures,
     round_table,
+    sample_answers,
     summary_markdown,
 )
 
 __all__ = ["Run", "before_after", "evaluation_failures", "load_run", "load_runs", "round_table",
-           "summary_markdown", "write_report"]
+           "sample_answers", "summary_markdown", "write_report"]
 
 REPORT_MD = "report.md"
 
@@ -41,13 +42,16 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path | None = None) 
 
 def markdown(runs: list[Run], images: list[Path]) -> str:
     """report.md: the summary table, where each run lives, each run's base model against its
-    federated adapter and its evaluation failures, then every plot."""
+    federated adapter, a few of their answers and its evaluation failures, then every plot."""
     parts = ["# fedlora report", "", summary_markdown(runs), ""]
     parts += [f"- `{run.name}`: {run.path.resolve()}" for run in runs] + [""]
     for run in runs:
         if table := before_after(run.rows):
             parts += [f"## base model and federated adapter: `{run.name}`", "", "```", table,
                       "```", ""]
+        if samples := sample_answers(run.rows):
+            parts += [f"## sample answers, base and federated: `{run.name}`", "", "```",
+                      samples, "```", ""]
         if failures := evaluation_failures(run.rows):
             parts += [f"## evaluation failures: `{run.name}`", "", "```", failures, "```", ""]
     for image in images:

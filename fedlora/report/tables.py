@@ -88,6 +88,44 @@ def before_after(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def sample_answers(rows: list[dict]) -> str:
+    """A few held-out questions with the base model's answer (round 0) and the federated
+    adapter's (the last round that kept answers): the clients' samples, else server-eval's;
+    '' when round 0 or a later round kept none. Questions are matched by client and text."""
+    before = base_row(rows)
+    for key, where in ((M.SAMPLES, "client"), (M.SERVER_SAMPLES, "server-eval")):
+        later = [r for r in rows if r.get(M.ROUND, 0) > 0 and r.get(key)]
+        if not before.get(key) or not later:
+            continue
+        after = later[-1]
+        answered = {(s.get(M.PARTITION_ID), s["question"]): s for s in after[key]}
+        lines = [f"sample answers ({where} held-out questions): base = round 0, federated = "
+                 f"round {after[M.ROUND]}"]
+        for old in before[key]:
+            new = answered.get((old.get(M.PARTITION_ID), old["question"]))
+            if new is None:
+                continue
+            origin = (f", client {old[M.PARTITION_ID]}" if old.get(M.PARTITION_ID) is not None
+                      else "")
+            lines += ["", f"[{old['family']}{origin}] {_one_line(old['question'])}",
+                      f"  expected:   {_one_line(old['expected'])}",
+                      f"  base:       {_one_line(old['answer'])}  ({_verdict(old)})",
+                      f"  federated:  {_one_line(new['answer'])}  ({_verdict(new)})"]
+        if len(lines) > 1:
+            return "\n".join(lines)
+    return ""
+
+
+def _one_line(text: str, width: int = 160) -> str:
+    """`text` on one line, cut to `width` characters."""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= width else flat[:width - 3] + "..."
+
+
+def _verdict(sample: dict) -> str:
+    return "right" if sample.get("correct") else "wrong"
+
+
 def _client_order(client: str) -> tuple[int, str]:
     """Partition ids in numeric order."""
     return (int(client), "") if client.lstrip("-").isdigit() else (1 << 30, client)

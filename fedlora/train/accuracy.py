@@ -16,6 +16,7 @@ equality for data without a family. Counts per family travel as metrics
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -25,6 +26,7 @@ from fedlora.data.format import is_raw
 from fedlora.data.tasks import family_of
 from fedlora.inference import chat_prompt, generate
 from fedlora.train.progress import Ticker
+from fedlora.wire import SAMPLE_FIELDS
 
 OTHER = "other"  # records of data without a task family
 MAX_COUNT = 1_000_000  # more answers than a node can score in a round: a broken reply
@@ -38,6 +40,8 @@ class Accuracy:
     correct: dict[str, int] = field(default_factory=dict)
     total: dict[str, int] = field(default_factory=dict)
     kind: str = ""
+    # exact_match's first answers per family (`sample_answers`), for the report
+    samples: list[dict] = field(default_factory=list, compare=False, repr=False)
 
     @property
     def name(self) -> str:
@@ -114,14 +118,14 @@ def question_prompt(record: dict, tokenizer) -> str:
 def exact_match(model: torch.nn.Module, tokenizer, records: list[dict], task_name: str | None,
                 max_new_tokens: int = 32, batch_size: int = 16, desc: str = "evaluating"
                 ) -> tuple[Accuracy, list[str]]:
-    """(counts per family, the generated answers) of `records` under greedy decoding (a
-    progress line '<desc>: 16/32 answers, 12 s' at most every 10 s)."""
+    """(counts per family, the generated answers) of `records` under greedy decoding."""
     prompts = [question_prompt(r, tokenizer) for r in records]
     answers = generate(model, tokenizer, prompts, max_new_tokens, batch_size=batch_size,
                        progress=Ticker(desc, len(prompts), "answers").update)
     acc = Accuracy()
-    for entry in scored_answers(records, answers, task_name):
+    for entry in (entries := scored_answers(records, answers, task_name)):
         acc.add(entry["family"], entry["correct"])
+    acc.samples = sample_answers(entries)
     return acc, answers
 
 
@@ -163,3 +167,51 @@ def scored_records(records: list[dict], task_name: str | None, mode: str, limit:
         return []
     chosen = records if mode == "all" else [r for r in records if names_scorer(task_name, r)]
     return chosen[:limit]
+
+
+SAMPLES_PER_FAMILY = 3  # answers kept per family for the report (base against federated)
+SAMPLE_CHARS = 400  # of each question, expected answer and answer kept
+
+
+def first_per_family(entries: list[dict], per_family: int = SAMPLES_PER_FAMILY
+                     ) -> list[dict]:
+    """The first `per_family` entries of each family (their `family`), in their order."""
+    kept: list[dict] = []
+    count: dict[str, int] = {}
+    for entry in entries:
+        family = str(entry["family"])
+        if count.get(family, 0) < per_family:
+            count[family] = count.get(family, 0) + 1
+            kept.append(entry)
+    return kept
+
+
+def sample_answers(entries: list[dict], per_family: int = SAMPLES_PER_FAMILY) -> list[dict]:
+    """The first `per_family` of `scored_answers` entries of each family, in their order,
+    each text cut to SAMPLE_CHARS: {family, question, expected, answer, correct}."""
+    return [{"family": str(e["family"]), **{k: str(e[k])[:SAMPLE_CHARS]
+                                            for k in ("question", "expected", "answer")},
+             "correct": bool(e["correct"])} for e in first_per_family(entries, per_family)]
+
+
+def samples_columns(samples: list[dict]) -> dict[str, Any]:
+    """`sample_answers` as columns, one list per field (what a Flower ConfigRecord holds)."""
+    columns: dict[str, list] = {f: [str(s[f]) for s in samples] for f in SAMPLE_FIELDS}
+    columns["correct"] = [bool(s["correct"]) for s in samples]
+    return columns
+
+
+def samples_of(columns, partition_id: int, per_family: int = SAMPLES_PER_FAMILY) -> list[dict]:
+    """The inverse of `samples_columns` for what a node sent, tagged with its partition id:
+    only when every column is a list of the same length of strings (correct: booleans),
+    at most `per_family` per family and each text cut to SAMPLE_CHARS; else []."""
+    lists = [columns.get(f) for f in (*SAMPLE_FIELDS, "correct")]
+    if not all(isinstance(v, list) for v in lists) or len({len(v) for v in lists}) != 1:
+        return []
+    *texts, correct = lists
+    if not all(isinstance(x, str) for v in texts for x in v) or \
+            not all(isinstance(x, bool) for x in correct):
+        return []
+    entries = [{**dict(zip(SAMPLE_FIELDS, row[:-1])), "correct": row[-1]}
+               for row in zip(*texts, correct)]
+    return [{**s, "partition-id": partition_id} for s in sample_answers(entries, per_family)]
