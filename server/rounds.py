@@ -730,14 +730,15 @@ def pooled_samples(replies: list[Message]) -> list[dict]:
 
 def evaluate_problem(msg: Message) -> str | None:
     """Why an evaluation reply counts for nothing (its error, or no loss over any token), or
-    None when it is a usable one."""
+    None when it is a usable one (a loss of inf or NaN is one: a model that diverged)."""
     if msg.has_error():
         return str(msg.error.reason)
     metrics = metrics_of(msg)
     if metrics is None:
         return "the evaluation reply has no MetricRecord"
-    tokens, loss = number(metrics, wire.EVAL_TOKENS), number(metrics, wire.EVAL_LOSS)
-    if not tokens > 0 or not math.isfinite(loss):
+    loss = metrics.get(wire.EVAL_LOSS)
+    numeric = isinstance(loss, (int, float)) and not isinstance(loss, bool)
+    if not number(metrics, wire.EVAL_TOKENS) > 0 or not numeric:
         return (f"the evaluation reply has no loss over any held-out token (eval-tokens "
                 f"{metrics.get(wire.EVAL_TOKENS)!r}, eval-loss {metrics.get(wire.EVAL_LOSS)!r})")
     return None

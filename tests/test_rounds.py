@@ -327,3 +327,28 @@ def test_accuracy_is_scored_for_builtin_tasks_only_by_default(tmp_path):
     assert mine["eval-perplexity"] > 1 and mine["eval-clients"] == 2
     [sums] = read_metrics(tmp_path / "sums")
     assert 0 <= sums["accuracy"] <= 1 and set(sums["client-accuracy"]) == {"0", "1"}
+
+
+def test_an_evaluation_reply_without_a_loss_over_any_token_is_a_failure(monkeypatch):
+    """What the server names as a failed evaluation: an error reply, no metrics, no tokens
+    or no loss; a diverged model's inf or NaN loss is an evaluation, not a failure."""
+    from flwr.app import MetricRecord, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedlora import wire
+    from server.rounds import evaluate_problem
+
+    for key, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):  # as a ServerApp
+        monkeypatch.setattr(TaskIdentity, key, value)
+
+    def reply(**metrics):
+        content = RecordDict({wire.METRICS: MetricRecord(metrics)} if metrics else {})
+        return Message(content, dst_node_id=1, message_type="evaluate")
+
+    assert evaluate_problem(reply(**{"eval-loss": 2.5, "eval-tokens": 40})) is None
+    assert evaluate_problem(reply(**{"eval-loss": float("nan"), "eval-tokens": 40})) is None
+    assert evaluate_problem(reply()) == "the evaluation reply has no MetricRecord"
+    assert evaluate_problem(reply(**{"eval-loss": 2.5, "eval-tokens": 0})) == (
+        "the evaluation reply has no loss over any held-out token (eval-tokens 0, "
+        "eval-loss 2.5)")
+    assert "eval-loss None" in evaluate_problem(reply(**{"eval-tokens": 3}))
