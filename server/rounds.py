@@ -42,7 +42,7 @@ from fedlora.records import factor_bytes, from_array_record, to_array_record
 from fedlora.runtime import pacing
 from fedlora.seeds import derive_seed
 from fedlora.train.accuracy import Accuracy, first_per_family, samples_of
-from fedlora.train.progress import run_eta
+from fedlora.train.progress import Ticker, run_eta
 from fedlora.validation import expected_shapes, reply_problem
 from fedlora.wire import M
 from server import defences
@@ -533,12 +533,16 @@ class RoundLoop:
         SuperLink's id as its sender, not the node's)."""
         return list(self.stream(grid, messages))
 
-    def stream(self, grid: Grid, messages: list[Message]) -> Iterator[tuple[int, Message]]:
-        """`exchange`, each (node, reply) handed on as it arrives."""
+    def stream(self, grid: Grid, messages: list[Message], desc: str | None = None
+               ) -> Iterator[tuple[int, Message]]:
+        """`exchange`, each (node, reply) handed on as it arrives; with `desc`, a line
+        '<desc>: 3/8 replies, 30 s' in the log every 30 s while they come."""
         if not messages:
             return
         sent_to: dict[str, int] = {}  # message id -> node, read once the grid gave the ids
-        for reply in stream_replies(grid, messages, self.rules.timeout):
+        progress = None if desc is None else Ticker(desc, len(messages), "replies", every=30.0,
+                                                    say=lambda line: log(INFO, "%s", line)).update
+        for reply in stream_replies(grid, messages, self.rules.timeout, progress=progress):
             answered = reply.metadata.reply_to_message_id
             if answered not in sent_to:
                 sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
@@ -585,7 +589,8 @@ class RoundLoop:
                 for k, c in contents.items()}
         messages = [Message(contents[kind[n]], dst_node_id=n, message_type=message_type)
                     for n in nodes]
-        return self.stream(grid, messages), {n: size[kind[n]] for n in nodes}
+        desc = f"round {server_round}: waiting for {message_type} replies"
+        return self.stream(grid, messages, desc), {n: size[kind[n]] for n in nodes}
 
     # ==== replies =============================================================================
     def read_train_reply(self, node: int, msg: Message, record: RoundRecord) -> None:
@@ -755,7 +760,8 @@ def send_and_receive(grid: Grid, messages: list[Message], timeout: float,
 
 
 def stream_replies(grid: Grid, messages: list[Message], timeout: float,
-                   poll_s: float = pacing.REPLY_POLL_S) -> Iterator[Message]:
+                   poll_s: float = pacing.REPLY_POLL_S,
+                   progress: Callable[[int], object] | None = None) -> Iterator[Message]:
     """Push `messages`, then pull their replies every `poll_s` seconds until all have come
     or `timeout` seconds passed, handing each on as it comes (the server reads a reply before
     it pulls the next, so it never holds more than one undecoded): Grid.send_and_receive,
@@ -765,20 +771,22 @@ def stream_replies(grid: Grid, messages: list[Message], timeout: float,
     pulled within what is left of `timeout` (`server.replies`): a node that pushed its reply
     message but not its arrays gets an error reply saying so, and never holds up the others.
     Any other grid (Flower's in-memory one pulls every 0.1 s; the tests' own) answers through
-    its own."""
+    its own. Over a SuperLink `progress` is told how many replies came after each pull."""
     if not pacing.over_superlink(grid):
         yield from grid.send_and_receive(messages, timeout=timeout)
         return
     waiting = set(grid.push_messages(messages))
     if per_message_pulls(grid):
-        yield from pull_replies(grid, waiting, timeout, poll_s)
+        yield from pull_replies(grid, waiting, timeout, poll_s, progress)
         return
-    deadline = time.monotonic() + timeout
+    deadline, pushed = time.monotonic() + timeout, len(waiting)
     while waiting:
         got = list(grid.pull_messages(waiting))
         waiting -= {r.metadata.reply_to_message_id for r in got}
         yield from got
         del got
+        if progress is not None:
+            progress(pushed - len(waiting))
         if not waiting or time.monotonic() >= deadline:
             break
         time.sleep(poll_s)

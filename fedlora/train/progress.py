@@ -43,13 +43,15 @@ class StepProgress:
 
 
 class Ticker:
-    """Progress of a long step without a bar: `update(done)` prints '<desc>: <done>/<total>
-    <unit>, <seconds> s' to stderr at most once every `every` seconds (the first after
-    `every` seconds, so a short step prints nothing); `clock` is injectable for tests."""
+    """Progress of a long step without a bar: `update(done)` says '<desc>: <done>/<total>
+    <unit>, <seconds> s' at most once every `every` seconds (the first after `every` seconds,
+    so a short step says nothing), by `say` (default: a line on stderr); `clock` is
+    injectable for tests."""
 
     def __init__(self, desc: str, total: int, unit: str, every: float = 10.0,
-                 clock=time.monotonic) -> None:
+                 clock=time.monotonic, say=None) -> None:
         self.desc, self.total, self.unit, self.every, self.clock = desc, total, unit, every, clock
+        self.say = say or (lambda line: print(line, file=sys.stderr, flush=True))
         self.start = self.last = clock()
 
     def update(self, done: int) -> str | None:
@@ -60,7 +62,7 @@ class Ticker:
             return None
         self.last = now
         line = f"{self.desc}: {done}/{self.total} {self.unit}, {now - self.start:.0f} s"
-        print(line, file=sys.stderr, flush=True)
+        self.say(line)
         return line
 
 
