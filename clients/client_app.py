@@ -80,7 +80,12 @@ from fedlora.records import from_array_record, to_array_record
 from fedlora.seeds import derive_seed
 from fedlora.tracking import thin
 from fedlora.train import evaluate, train_local
-from fedlora.train.accuracy import exact_match, generation_batch
+from fedlora.train.accuracy import (
+    exact_match,
+    generation_batch,
+    samples_columns,
+    scored_records,
+)
 from fedlora.train.choices import multiple_choice
 from fedlora.train.distributed import node_devices, refusal, train_parallel
 from fedlora.train.dp_sgd import DpSgdPlan, plan_dp_sgd
@@ -488,27 +493,35 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate_global(msg: Message, context: Context) -> Message:
     """Held-out loss of the received global adapter on this client's eval split (a
     personalised method's node: its own model), and exact-match accuracy of greedy answers
-    on eval-accuracy of those examples, counted per task family."""
+    on eval-accuracy of those examples that name their scorer (exact-match=auto; all: every
+    one), counted per task family; a simulated client also sends its first answers of each
+    family (`fedlora.train.accuracy.sample_answers`) for the report."""
     job = prepare(msg, context)
     settings, slot = job.settings, job.slot
     _, held_out, records, _ = client_data(settings, slot, job.partition_id,
                                           job.num_partitions, job.guarded)
     if settings.train.eval_examples:
         held_out = held_out[: settings.train.eval_examples]
+    desc = f"client {job.partition_id} round {job.server_round}: evaluating"
     result = evaluate(slot.model, held_out, slot.tokenizer.pad_token_id,
-                      batch_size=settings.train.batch_size)
+                      batch_size=settings.train.batch_size, desc=desc)
     metrics = MetricRecord({wire.NUM_EXAMPLES: result.examples, wire.PARTITION_ID: job.partition_id,
                             wire.EVAL_LOSS: result.loss, wire.EVAL_TOKENS: result.tokens})
+    content: dict = {}
+    scored = [] if is_dpo(settings) else scored_records(
+        records, settings.data.dataset, settings.train.exact_match, settings.train.eval_accuracy)
     if is_dpo(settings):  # eval-loss: of the chosen responses; and the preference figures
         figures = evaluate_pairs(slot.model, held_out, slot.tokenizer.pad_token_id,
                                  settings.train.dpo_beta, settings.train.batch_size)
         metrics.update(figures_metrics(figures, len(held_out)))
-    elif settings.train.eval_accuracy and records:
-        scored = records[: settings.train.eval_accuracy]
+    elif scored:
         accuracy, _ = exact_match(slot.model, slot.tokenizer, scored, settings.data.dataset,
-                                  settings.train.max_new_tokens, generation_batch(settings))
+                                  settings.train.max_new_tokens, generation_batch(settings),
+                                  desc)
         metrics.update(accuracy.counts())
+        if not job.guarded and accuracy.samples:  # a deployment node keeps its questions
+            content[wire.SAMPLES] = ConfigRecord(samples_columns(accuracy.samples))
         # multiple-choice records (BIG-bench) also by their most likely choice
         metrics.update(multiple_choice(slot.model, slot.tokenizer, scored,
                                        generation_batch(settings)).counts())
-    return Message(RecordDict({wire.METRICS: metrics}), reply_to=msg)
+    return Message(RecordDict({wire.METRICS: metrics, **content}), reply_to=msg)

@@ -80,6 +80,7 @@ RANK_DISTRIBUTIONS = ("uniform", "heavy-tail")
 # The server optimisers of fedlora.aggregation.server_opt (a test keeps the two in step).
 SERVER_OPTIMIZERS = ("fedadagrad", "fedadam", "fedavgm", "fedyogi", "none")
 ROUND_FAILURES = ("retry", "stop")
+EXACT_MATCH = ("auto", "all")  # which held-out records are answered (fedlora.train.accuracy)
 DP_CLIPPING = ("server", "client")
 # The robust merges of fedlora.aggregation.robust and the attacks of fedlora.attacks
 ROBUST_RULES = ("none", "median", "trimmed-mean", "krum")
@@ -298,7 +299,14 @@ class TrainSettings:
     eval_accuracy: int = setting(
         "eval-accuracy", 32,
         "Held-out examples per client answered by greedy generation and scored by exact match "
-        "each evaluation (accuracy, and accuracy/<family> for built-in tasks; 0 = off).")
+        "each evaluation (accuracy, and accuracy/<family> for built-in tasks; 0 = off); "
+        "which examples: exact-match.")
+    exact_match: str = setting(
+        "exact-match", "auto",
+        "Which held-out examples eval-accuracy answers: auto (only those that name their "
+        "scorer: built-in tasks, BIG-bench targets, records with a scorer field; other data "
+        "gets eval loss and perplexity only) or all (every example; exact trimmed equality "
+        "where no scorer is named).")
     max_new_tokens: int = setting("max-new-tokens", 24,
                                    "Tokens generated per answer when scoring accuracy.")
     server_eval: int = setting(
@@ -358,6 +366,7 @@ class TrainSettings:
         require(self.eval_examples >= 0, "eval-examples", "an integer >= 0", self.eval_examples)
         require(self.proximal_mu >= 0, "proximal-mu", "a number >= 0", self.proximal_mu)
         require(self.eval_accuracy >= 0, "eval-accuracy", "an integer >= 0", self.eval_accuracy)
+        one_of("exact-match", self.exact_match, EXACT_MATCH)
         require(self.max_new_tokens >= 1, "max-new-tokens", "an integer >= 1",
                  self.max_new_tokens)
         require(self.server_eval >= 0, "server-eval", "an integer >= 0", self.server_eval)

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import torch
 
@@ -41,12 +42,14 @@ def left_padding(tokenizer):
 
 @torch.no_grad()
 def generate(model: torch.nn.Module, tokenizer, prompts: list[str], max_new_tokens: int = 64,
-             temperature: float = 0.0, batch_size: int = 8) -> list[str]:
+             temperature: float = 0.0, batch_size: int = 8,
+             progress: Callable[[int], object] | None = None) -> list[str]:
     """The text each prompt continues with (prompt and special tokens removed).
 
     `prompts` are complete model inputs (see `user_prompt`); they are tokenized without
     added special tokens, as training does. temperature 0 is greedy decoding (deterministic),
     above 0 sampling. Generation stops at the tokenizer's EOS token or after max_new_tokens.
+    `progress` is called with the number of prompts answered before each batch.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens: expected an integer >= 1, got {max_new_tokens}")
@@ -62,6 +65,8 @@ def generate(model: torch.nn.Module, tokenizer, prompts: list[str], max_new_toke
     model.eval()
     texts: list[str] = []
     for i in range(0, len(prompts), batch_size):
+        if progress is not None:
+            progress(i)
         with left_padding(tokenizer):
             batch = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True,
                               add_special_tokens=False).to(device)

@@ -20,6 +20,10 @@ NODE = "node"  # ConfigRecord of a query reply: the node's name (a `fedlora clie
 ARRAYS = "arrays"
 RESIDUAL = "residual"
 METRICS = "metrics"
+# ConfigRecord of a simulated client's evaluation reply: a few of its answers (lists of the
+# SAMPLE_FIELDS, one entry per answer); a deployment node never sends its questions
+SAMPLES = "samples"
+SAMPLE_FIELDS = ("family", "question", "expected", "answer")
 
 # ---- the server's config record ---------------------------------------------------------
 SERVER_ROUND = "server-round"
@@ -91,7 +95,9 @@ class M:
     EVAL_LOSS = EVAL_LOSS
     EVAL_PERPLEXITY = "eval-perplexity"
     EVAL_CLIENTS = "eval-clients"
-    EVAL_FAILED = "eval-failed"
+    EVAL_FAILED = "eval-failed"  # how many nodes failed to evaluate (of EVAL_FAILURES)
+    EVAL_FAILURES = "eval-failures"  # [{node-id, node-name, reason}]; node-name "server":
+    # the server's own evaluation (server-eval) failed
     CLIENTS = "clients"  # per client: node-id, partition-id, lora-rank, num-examples, ...
     CLIENTS_SAMPLED = "clients-sampled"
     CLIENTS_REPLIED = "clients-replied"
@@ -133,6 +139,10 @@ class M:
     CHOSEN_LOGP = CHOSEN_LOGP
     REJECTED_LOGP = REJECTED_LOGP
     SERVER_ACCURACY = "server-accuracy"
+    # a few answers: [{family, question, expected, answer, correct, partition-id}], the first
+    # SAMPLES_PER_FAMILY of each family (simulated clients' evaluation; server-eval's)
+    SAMPLES = "sample-answers"
+    SERVER_SAMPLES = "server-sample-answers"
     # per-client fields inside CLIENTS
     NODE_ID = "node-id"
     NODE_DECLARED_NAME = "node-declared-name"  # what a node called itself, when not its key's

@@ -56,10 +56,14 @@ class RoundRecord:
     privacy: dict[str, Any] = field(default_factory=dict)  # dp-epsilon, ...
     failed_attempts: list[dict] = field(default_factory=list)
     evaluation: dict[str, Any] = field(default_factory=dict)  # eval-loss, accuracy, ...
+    eval_failures: list[dict] = field(default_factory=list)  # {node-id, node-name, reason}
     server_eval: dict[str, Any] = field(default_factory=dict)
 
     def fail(self, node: int, reason: str, name: str | None = None) -> None:
         self.failures.append(named(node, reason, name))
+
+    def eval_fail(self, node: int, reason: str, name: str | None = None) -> None:
+        self.eval_failures.append(named(node, reason, name))
 
     def attempt_summary(self, attempt: int) -> dict:
         return {"attempt": attempt, "replied": len(self.replies), M.FAILURES: self.failures}
@@ -67,7 +71,8 @@ class RoundRecord:
     def initial_line(self, bytes_before: int) -> dict[str, Any]:
         """The metrics.jsonl line of round 0: evaluation only (no training, nothing merged)."""
         return nulls({M.ROUND: self.round, M.FAILURES: self.failures, **self.evaluation,
-                      **self.server_eval, M.SECONDS: time.perf_counter() - self.started,
+                      **self.server_eval, M.EVAL_FAILURES: self.eval_failures,
+                      M.SECONDS: time.perf_counter() - self.started,
                       M.BYTES_TOTAL: bytes_before})
 
     def line(self, bytes_before: int) -> dict[str, Any]:
@@ -85,7 +90,7 @@ class RoundRecord:
                                         [r[M.NUM_EXAMPLES] for r in rows]),
             **self.screen, M.DOWN_WEIGHTED: self.down_weighted,
             **self.merge, **self.privacy, M.FAILED_ATTEMPTS: self.failed_attempts,
-            **self.evaluation, **self.server_eval,
+            **self.evaluation, **self.server_eval, M.EVAL_FAILURES: self.eval_failures,
             M.SECONDS: time.perf_counter() - self.started,
             M.BYTES_TOTAL: bytes_before + down + up}
         return nulls(entry)

@@ -18,7 +18,7 @@ internals, used only where `per_message_pulls` holds; any other grid or flwr kee
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from flwr.app import Message
@@ -48,21 +48,27 @@ def arrays_missing(timeout: float, detail: str | None = None) -> str:
 
 
 def pull_replies(grid: Any, waiting: set[str], timeout: float,
-                 poll_s: float = pacing.REPLY_POLL_S) -> Iterator[Message]:
+                 poll_s: float = pacing.REPLY_POLL_S,
+                 progress: Callable[[int], object] | None = None) -> Iterator[Message]:
     """The replies to the messages `waiting` (their ids), pulled every `poll_s` seconds until
     all came or `timeout` seconds passed; after the deadline one last pull takes what arrived
     meanwhile. Each reply's parts are pulled with what is left of the deadline (at least one
     try each) and handed on before the next reply's are pulled (the server holds one reply's
     parts at a time): a reply whose parts did not all arrive comes back as an error reply
-    (`arrays_missing`) from its node. `grid`: flwr 1.41's HttpGrid (`per_message_pulls`)."""
+    (`arrays_missing`) from its node. `grid`: flwr 1.41's HttpGrid (`per_message_pulls`).
+    `progress` is told how many replies came so far after each pull."""
     deadline = time.monotonic() + timeout
     waiting = {i for i in waiting if i}  # None: a message Flower could not push
+    came = 0
     while waiting:
         last = time.monotonic() >= deadline
         for head, tree in _heads(grid, waiting):
             waiting.discard(head.metadata.reply_to_message_id)
             left = max(0.0, deadline - time.monotonic())
+            came += 1
             yield _complete(grid, head, tree, left, timeout)
+        if progress is not None:
+            progress(came)
         if last:
             break
         if waiting:

@@ -42,7 +42,8 @@ from fedlora.records import factor_bytes, from_array_record, to_array_record
 from fedlora.runtime import pacing
 from fedlora.seeds import derive_seed
 from fedlora.tracking import Tracker, checked_steps
-from fedlora.train.accuracy import Accuracy
+from fedlora.train.accuracy import Accuracy, first_per_family, samples_of
+from fedlora.train.progress import Ticker, run_eta
 from fedlora.validation import expected_shapes, reply_problem
 from fedlora.wire import M
 from server import defences
@@ -53,6 +54,7 @@ from server.replies import per_message_pulls, pull_replies
 from server.secagg import SecAggFailed, SecAggRules, SecureRound
 from server.spill import RoundSpill
 
+SERVER_NODE = 0  # the node id an evaluation failure of the server's own (server-eval) names
 SPILL_DIR = ".spill"  # under output-dir: the replies of the round being read (server.spill)
 
 
@@ -157,21 +159,31 @@ class RoundLoop:
         """Rounds first_round..num_rounds: train and merge (retried or stopped when too few
         valid replies arrive), evaluate, write the round and its checkpoint. A run that starts
         at round 1 first evaluates the global model before training (round 0)."""
+        started, durations = time.perf_counter(), []
         if first_round == 1 and self.rules.initial_eval:
             self.evaluate_initial(grid)
         for server_round in range(first_round, num_rounds + 1):
             log(INFO, "")
             log(INFO, "[ROUND %d/%d]", server_round, num_rounds)
+            began = time.perf_counter()
             record = self.train_round(grid, server_round)
             self.evaluate_global(grid, server_round, record)
             self.finish(server_round, record)
+            durations.append(time.perf_counter() - began)
+            log(INFO, "%s", run_eta(server_round, num_rounds, time.perf_counter() - started,
+                                    durations))
 
     def evaluate_global(self, grid: Grid, server_round: int, record: RoundRecord) -> None:
         """The global model on the nodes (fraction-evaluate) and on the server (server-eval)."""
         if self.rules.fraction_evaluate > 0:
             self.evaluate(grid, server_round, record)
         if self.evaluator is not None:
-            record.server_eval = self.evaluator(*self.state.export())
+            try:
+                record.server_eval = self.evaluator(*self.state.export())
+            except Exception as err:  # a named failure of the round, never the end of the run
+                log(WARNING, "round %d: the server's evaluation (server-eval) failed: %s: %s",
+                    server_round, type(err).__name__, err)
+                record.eval_fail(SERVER_NODE, f"{type(err).__name__}: {err}", "server")
 
     def evaluate_initial(self, grid: Grid) -> None:
         """Round 0: the global model before any training (the base model: B is zero) evaluated
@@ -257,6 +269,8 @@ class RoundLoop:
                     server_round, err)
                 failed.append({**record.attempt_summary(attempt), "merge-error": str(err)})
                 return None
+            log(INFO, "round %d: merged %d updates in %.1f s (screens and merge)",
+                server_round, len(updates), time.perf_counter() - screening)
             record.merge.update(seen)
             for key, value in seen.items():  # e.g. lora-moe's clusters: partition -> expert
                 log(INFO, "round %d: %s %s", server_round, key, value)
@@ -384,9 +398,27 @@ class RoundLoop:
         else:
             ranks = {n: self.state.rank for n in nodes}
         ready = [n for n in nodes if n in ranks]
+        log(INFO, "round %d: sent evaluation to %d nodes (each answers its held-out "
+            "questions; the nodes print their progress)", server_round, len(ready))
+        began = time.perf_counter()
         replies, sent = self.send(grid, ready, ranks, server_round, MessageType.EVALUATE)
+        log(INFO, "round %d: %d evaluation replies in %.1f s", server_round, len(replies),
+            time.perf_counter() - began)
+        for node, msg in replies:
+            if problem := evaluate_problem(msg):
+                self.eval_failed(record, node, problem)
+        for node in sorted(set(ready) - {n for n, _ in replies}):
+            self.eval_failed(record, node, f"no evaluation reply within round-timeout="
+                                           f"{self.rules.timeout:g} s")
         record.evaluation = {M.BYTES_DOWN_EVAL: sum(sent.values()),
-                             **self.read_evaluate_replies([r for _, r in replies])}
+                             **self.read_evaluate_replies([r for _, r in replies]),
+                             M.EVAL_FAILED: len(record.eval_failures)}
+
+    def eval_failed(self, record: RoundRecord, node: int, reason: str) -> None:
+        """Record and log that `node` failed to evaluate this round, naming it as `failed`
+        names a node that failed to train (metrics.jsonl: eval-failures)."""
+        log(WARNING, "round %d: %s failed to evaluate: %s", record.round, self.who(node), reason)
+        record.eval_fail(node, reason, self.label(node))
 
     def finish(self, server_round: int, record: RoundRecord) -> None:
         """Write rounds/<n>/, the metrics line, then the round's checkpoint."""
@@ -521,12 +553,16 @@ class RoundLoop:
         SuperLink's id as its sender, not the node's)."""
         return list(self.stream(grid, messages))
 
-    def stream(self, grid: Grid, messages: list[Message]) -> Iterator[tuple[int, Message]]:
-        """`exchange`, each (node, reply) handed on as it arrives."""
+    def stream(self, grid: Grid, messages: list[Message], desc: str | None = None
+               ) -> Iterator[tuple[int, Message]]:
+        """`exchange`, each (node, reply) handed on as it arrives; with `desc`, a line
+        '<desc>: 3/8 replies, 30 s' in the log every 30 s while they come."""
         if not messages:
             return
         sent_to: dict[str, int] = {}  # message id -> node, read once the grid gave the ids
-        for reply in stream_replies(grid, messages, self.rules.timeout):
+        progress = None if desc is None else Ticker(desc, len(messages), "replies", every=30.0,
+                                                    say=lambda line: log(INFO, "%s", line)).update
+        for reply in stream_replies(grid, messages, self.rules.timeout, progress=progress):
             answered = reply.metadata.reply_to_message_id
             if answered not in sent_to:
                 sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
@@ -573,7 +609,8 @@ class RoundLoop:
                 for k, c in contents.items()}
         messages = [Message(contents[kind[n]], dst_node_id=n, message_type=message_type)
                     for n in nodes]
-        return self.stream(grid, messages), {n: size[kind[n]] for n in nodes}
+        desc = f"round {server_round}: waiting for {message_type} replies"
+        return self.stream(grid, messages, desc), {n: size[kind[n]] for n in nodes}
 
     # ==== replies =============================================================================
     def read_train_reply(self, node: int, msg: Message, record: RoundRecord) -> None:
@@ -662,15 +699,14 @@ class RoundLoop:
         """Token-weighted mean eval loss over the nodes that evaluated; exact-match accuracy
         pooled over their answers (overall, per family, and per client), and the same for the
         most likely choice of multiple-choice records (choice-accuracy)."""
-        errors = [m for m in replies if m.has_error()]
-        rows = [metrics_of(m) for m in replies if not m.has_error()]
-        rows = [r for r in rows if r is not None and r.get(wire.EVAL_TOKENS, 0) > 0]
+        failed = [m for m in replies if evaluate_problem(m)]
+        rows = [metrics_of(m) for m in replies if not evaluate_problem(m)]
         loss = weighted_mean([float(r[wire.EVAL_LOSS]) for r in rows],
                              [float(r[wire.EVAL_TOKENS]) for r in rows])
         out: dict[str, Any] = {
             M.EVAL_LOSS: loss,
             M.EVAL_PERPLEXITY: math.exp(min(loss, 50.0)) if rows else math.nan,
-            M.EVAL_CLIENTS: len(rows), M.EVAL_FAILED: len(errors)}
+            M.EVAL_CLIENTS: len(rows), M.EVAL_FAILED: len(failed)}
         for kind in ("", "choice"):  # generated exact match; most likely choice
             pooled, per_client = Accuracy(kind=kind), {}
             for row in rows:
@@ -687,6 +723,8 @@ class RoundLoop:
             out[M.PREF_PAIRS] = int(sum(weights))
             out.update({key: weighted_mean([float(r[key]) for r in pairs], weights)
                         for key in wire.PREFERENCE})
+        if samples := pooled_samples(replies):
+            out[M.SAMPLES] = samples
         return out
 
     # ==== checkpoint and resume ===============================================================
@@ -717,6 +755,35 @@ def log_preference(server_round: int, entry: dict) -> None:
             _fmt(entry.get(M.REJECTED_LOGP)), entry[M.PREF_PAIRS])
 
 
+def pooled_samples(replies: list[Message]) -> list[dict]:
+    """The first SAMPLES_PER_FAMILY answers of each family over the usable evaluation
+    replies, in partition order (simulated clients send some: `wire.SAMPLES`)."""
+    entries = []
+    for msg in replies:
+        if evaluate_problem(msg):
+            continue
+        if (columns := msg.content.config_records.get(wire.SAMPLES)) is not None:
+            pid = number(metrics_of(msg), wire.PARTITION_ID)
+            entries += samples_of(columns, int(pid) if math.isfinite(pid) else -1)
+    return first_per_family(sorted(entries, key=lambda s: s["partition-id"]))
+
+
+def evaluate_problem(msg: Message) -> str | None:
+    """Why an evaluation reply counts for nothing (its error, or no loss over any token), or
+    None when it is a usable one (a loss of inf or NaN is one: a model that diverged)."""
+    if msg.has_error():
+        return str(msg.error.reason)
+    metrics = metrics_of(msg)
+    if metrics is None:
+        return "the evaluation reply has no MetricRecord"
+    loss = metrics.get(wire.EVAL_LOSS)
+    numeric = isinstance(loss, (int, float)) and not isinstance(loss, bool)
+    if not number(metrics, wire.EVAL_TOKENS) > 0 or not numeric:
+        return (f"the evaluation reply has no loss over any held-out token (eval-tokens "
+                f"{metrics.get(wire.EVAL_TOKENS)!r}, eval-loss {metrics.get(wire.EVAL_LOSS)!r})")
+    return None
+
+
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4g}"
 
@@ -728,7 +795,8 @@ def send_and_receive(grid: Grid, messages: list[Message], timeout: float,
 
 
 def stream_replies(grid: Grid, messages: list[Message], timeout: float,
-                   poll_s: float = pacing.REPLY_POLL_S) -> Iterator[Message]:
+                   poll_s: float = pacing.REPLY_POLL_S,
+                   progress: Callable[[int], object] | None = None) -> Iterator[Message]:
     """Push `messages`, then pull their replies every `poll_s` seconds until all have come
     or `timeout` seconds passed, handing each on as it comes (the server reads a reply before
     it pulls the next, so it never holds more than one undecoded): Grid.send_and_receive,
@@ -738,20 +806,22 @@ def stream_replies(grid: Grid, messages: list[Message], timeout: float,
     pulled within what is left of `timeout` (`server.replies`): a node that pushed its reply
     message but not its arrays gets an error reply saying so, and never holds up the others.
     Any other grid (Flower's in-memory one pulls every 0.1 s; the tests' own) answers through
-    its own."""
+    its own. Over a SuperLink `progress` is told how many replies came after each pull."""
     if not pacing.over_superlink(grid):
         yield from grid.send_and_receive(messages, timeout=timeout)
         return
     waiting = set(grid.push_messages(messages))
     if per_message_pulls(grid):
-        yield from pull_replies(grid, waiting, timeout, poll_s)
+        yield from pull_replies(grid, waiting, timeout, poll_s, progress)
         return
-    deadline = time.monotonic() + timeout
+    deadline, pushed = time.monotonic() + timeout, len(waiting)
     while waiting:
         got = list(grid.pull_messages(waiting))
         waiting -= {r.metadata.reply_to_message_id for r in got}
         yield from got
         del got
+        if progress is not None:
+            progress(pushed - len(waiting))
         if not waiting or time.monotonic() >= deadline:
             break
         time.sleep(poll_s)

@@ -3,20 +3,23 @@ held-out set the clients never train on, with one base model loaded in the Serve
 
 The held-out set is `server-eval-data` when given, else the union of the simulated clients'
 held-out splits of `dataset` (shuffled with the seed, so every task family is represented);
-`server-eval` examples of it give the eval loss and exact-match accuracy per family.
+`server-eval` examples of it give the eval loss, and those that name their scorer (all of them
+with exact-match=all) exact-match accuracy per family.
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import replace
+from typing import Any
 
 from fedlora.adapters import Workspace, set_residual
 from fedlora.config import Settings
 from fedlora.data import client_records, load_source, tokenize_records
 from fedlora.train import evaluate
-from fedlora.train.accuracy import exact_match, generation_batch
+from fedlora.train.accuracy import exact_match, generation_batch, scored_records
 from fedlora.train.choices import multiple_choice
+from fedlora.wire import M
 
 
 def held_out_records(settings: Settings, num_partitions: int) -> list[dict]:
@@ -61,12 +64,17 @@ class ServerEvaluator:
                                              truncation=s.train.truncation,
                                              train_on=s.data.train_on)
         loss = evaluate(slot.model, self.examples, slot.tokenizer.pad_token_id,
-                        batch_size=s.train.batch_size)
-        accuracy, _ = exact_match(slot.model, slot.tokenizer, self.records, s.data.dataset,
-                                  s.train.max_new_tokens, generation_batch(s))
+                        batch_size=s.train.batch_size, desc="server-eval")
+        scored = scored_records(self.records, s.data.dataset, s.train.exact_match,
+                                len(self.records))
+        accuracy, _ = exact_match(slot.model, slot.tokenizer, scored, s.data.dataset,
+                                  s.train.max_new_tokens, generation_batch(s), "server-eval")
         choice = multiple_choice(slot.model, slot.tokenizer, self.records, generation_batch(s))
-        out = {"server-eval-loss": loss.loss, "server-eval-examples": len(self.records)}
+        out: dict[str, Any] = {"server-eval-loss": loss.loss,
+                               "server-eval-examples": len(self.records)}
         out.update({f"server-{k}": v for k, v in accuracy.metrics().items()})
+        if accuracy.samples:
+            out[M.SERVER_SAMPLES] = accuracy.samples
         if choice.total:  # multiple-choice records: server-choice-accuracy
             out.update({f"server-{k}": v for k, v in choice.metrics().items()})
         return out

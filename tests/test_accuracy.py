@@ -14,7 +14,7 @@ def test_exact_match_counts_right_answers_per_family(monkeypatch, tiny_slot):
     records = builtin_task("suite", 12, seed=3)
     seen = {}
 
-    def fake_generate(model, tokenizer, prompts, max_new_tokens, batch_size):
+    def fake_generate(model, tokenizer, prompts, max_new_tokens, batch_size, progress):
         seen["prompts"] = prompts
         # the right answer for even records, a wrong one for odd records
         return [r["output"] if i % 2 == 0 else "no idea" for i, r in enumerate(records)]
@@ -101,3 +101,48 @@ def test_the_experiment_keeps_every_scored_answer_with_its_score(tmp_path):
     right = sum(a["correct"] for a in result["answers"])
     assert result["accuracy"] == right / 5
 
+
+
+def test_exact_match_by_default_answers_only_records_that_name_their_scorer():
+    """exact-match=auto: a built-in task's records (by the dataset's name or their task),
+    BIG-bench targets and a record with a scorer field are answered; a user's open-ended
+    record is not, unless exact-match=all."""
+    from fedlora.data import score_answer
+    from fedlora.train.accuracy import names_scorer, scored_records
+
+    mine = [{"instruction": f"Write a poem about {w}.", "output": "..."} for w in "abc"]
+    sums = builtin_task("arithmetic", 4, seed=1)
+    bigbench = {"input": "2+2?", "output": "4", "targets": ["4", "four"], "task": "bb"}
+    flagged = {"instruction": "Compute 2 + 3.", "output": "5", "scorer": "arithmetic"}
+    assert scored_records(mine, "data.jsonl", "auto", 32) == []
+    assert scored_records(mine, "data.jsonl", "all", 2) == mine[:2]
+    assert scored_records(sums, "builtin:arithmetic", "auto", 3) == sums[:3]
+    assert scored_records(sums, "data.jsonl", "auto", 32) == sums  # each record's own task
+    assert scored_records([*mine, bigbench, flagged], "data.jsonl", "auto", 32) == [
+        bigbench, flagged]
+    assert scored_records(sums, "builtin:arithmetic", "auto", 0) == []
+    assert not names_scorer(None, mine[0]) and names_scorer(None, flagged)
+    assert score_answer("data.jsonl", " 5.0", flagged)  # the named scorer: numbers
+    assert not score_answer("data.jsonl", " 5.0", {**flagged, "scorer": ""})  # equality
+    with pytest.raises(ValueError, match="exact-match: expected one of auto, all, got 'some'"):
+        scored_records(sums, None, "some", 3)
+
+
+def test_sample_answers_keep_the_first_of_each_family_and_distrust_what_a_node_sends():
+    from fedlora.train.accuracy import SAMPLE_CHARS, sample_answers, samples_columns, samples_of
+
+    entries = [{"family": f, "question": f"q{i}", "expected": "1", "answer": "x" * 999,
+                "correct": i % 2 == 0} for i, f in enumerate("aabaaab")]
+    kept = sample_answers(entries, per_family=2)
+    assert [(s["family"], s["question"]) for s in kept] == [("a", "q0"), ("a", "q1"),
+                                                            ("b", "q2"), ("b", "q6")]
+    assert len(kept[0]["answer"]) == SAMPLE_CHARS and kept[0]["correct"] is True
+    columns = samples_columns(kept)
+    assert samples_of(columns, 4) == [{**s, "partition-id": 4} for s in kept]
+    assert samples_of(columns, 4, per_family=1) == [{**kept[0], "partition-id": 4},
+                                                     {**kept[2], "partition-id": 4}]
+    for broken in ({**columns, "answer": columns["answer"][:-1]},  # ragged
+                   {**columns, "correct": [1, 0, 1, 0]},  # not booleans
+                   {**columns, "question": [b"q0", "q1", "q2", "q6"]},  # not text
+                   {k: v for k, v in columns.items() if k != "expected"}):  # a field missing
+        assert samples_of(broken, 4) == []

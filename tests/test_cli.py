@@ -86,7 +86,9 @@ def test_settings_lists_every_key(capsys):
     assert "lora-rank" in out and "wire-dtype" in out and "num-server-rounds" in out
 
 
-def test_export_writes_a_merged_model_equal_to_base_plus_adapter(tmp_path):
+def test_export_writes_a_merged_model_equal_to_base_plus_adapter(tmp_path, capsys):
+    import re
+
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -103,6 +105,9 @@ def test_export_writes_a_merged_model_equal_to_base_plus_adapter(tmp_path):
                  extra={"model": "tiny-llama"})
     assert main(["export", "--adapter", str(tmp_path / "adapter"),
                  "--output-dir", str(tmp_path / "merged")]) == 0
+    said = capsys.readouterr()  # a start line, and the merge's seconds when done
+    assert "fedlora: merging" in said.err
+    assert re.search(r"merged model: \S+ in \d+\.\d s", said.out)
     ids = torch.tensor([[5, 6, 7, 8]])
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")(input_ids=ids).logits
     base, _, _ = load_model(ModelSettings(name="tiny-llama", device="cpu"))

@@ -135,9 +135,14 @@ def test_a_peft_method_in_a_deployment_and_a_node_of_another_method_refused(meth
                     *(["--node-config", 'peft="lora"'] if i == 2 else [])],
                    tmp_path / f"node{i}.log") for i in range(3)]
     try:
-        assert server.wait(timeout=600) == 0, (tmp_path / "server.log").read_text()[-3000:]
+        # finished, degraded: the refusing node also fails every evaluation (EXIT_DEGRADED)
+        assert server.wait(timeout=600) == 3, (tmp_path / "server.log").read_text()[-3000:]
     finally:
         stop([server, *nodes])
+    for row in read_metrics(out):  # round 0 too
+        [refused] = row["eval-failures"]
+        assert f"configured for peft=lora, but the run trains peft={method}" in (
+            refused["reason"])
     rows = training_rounds(read_metrics(out))
     for row in rows:
         assert sorted(c["node-name"] for c in row["clients"]) == ["site-0", "site-1"]

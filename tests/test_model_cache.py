@@ -81,3 +81,25 @@ def test_a_gguf_conversion_has_no_gguf_quantization_config_and_loads_in_4bit():
     model, _, _ = load_model(ModelSettings(name="smollm2-135m", quantization="4bit",
                                            device="cpu"))
     assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+
+
+def test_a_gguf_conversion_says_when_it_starts_and_how_long_it_took(tmp_path, monkeypatch,
+                                                                    capsys):
+    """The conversion of the default model takes a while: a line when it starts and one with
+    its seconds when done (transformers' GGUF reader replaced by tiny-llama's folder)."""
+    import re
+
+    import transformers
+
+    from fedlora.models.builtin import convert_gguf, tiny_llama_dir
+
+    folder = tiny_llama_dir()
+    for cls in (transformers.AutoModelForCausalLM, transformers.AutoTokenizer):
+        load = cls.from_pretrained
+        monkeypatch.setattr(cls, "from_pretrained",
+                            lambda _, gguf_file, _load=load, **kw: _load(folder, **kw))
+    convert_gguf(tmp_path / "Model.Q4_1.gguf", tmp_path / "out")
+    assert (tmp_path / "out" / "config.json").exists()
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("fedlora: converting Model.Q4_1.gguf to a model folder (once")
+    assert re.fullmatch(r"fedlora: converted Model\.Q4_1\.gguf in \d+\.\d s", err[-1])

@@ -187,3 +187,14 @@ def test_a_message_flower_could_not_push_is_not_asked_for():
     [sent] = grid.push_messages(train_messages()[:1])
     replies = list(pull_replies(grid, {None, sent}, timeout=5.0, poll_s=0.01))
     assert [r.metadata.reply_to_message_id for r in replies] == [sent]
+
+
+def test_pulling_tells_progress_how_many_replies_came_after_each_pull():
+    """The round loop's 'waiting for train replies: 2/3 replies, 30 s' lines count these."""
+    runtime = FakeRuntime()
+    grid = superlink_grid(runtime)
+    sent = grid.push_messages(train_messages())
+    seen: list[int] = []
+    replies = list(pull_replies(grid, set(sent), timeout=5.0, poll_s=0.01,
+                                progress=seen.append))
+    assert len(replies) == len(NODES) and seen[-1] == len(NODES) and seen == sorted(seen)

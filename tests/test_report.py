@@ -154,3 +154,27 @@ def test_before_after_compares_round_0_with_the_last_round(tmp_path):
     lines = round_table(rows).splitlines()
     assert lines[1].split()[:4] == ["0", "n/a", "4.000", "0.050"]
     assert series(load_run(run).rows, "accuracy")[0] == [0, 1, 2, 3]  # plots start at round 0
+
+
+def test_sample_answers_show_the_base_and_the_federated_answer_of_the_same_questions(tmp_path):
+    def samples(answers, right):
+        return [{"family": "units", "question": f"Convert {i} km to m.", "expected": f"{i}000",
+                 "answer": a, "correct": r, "partition-id": 0}
+                for i, (a, r) in enumerate(zip(answers, right), start=1)]
+
+    rows = [{**base_round(), "sample-answers": samples(["1 km is\nfar", "2"], [False, False])},
+            *rounds(2, 3.0)]
+    rows[-1]["sample-answers"] = samples(["1000", "200"], [True, False])
+    from fedlora.report import sample_answers
+
+    assert sample_answers(rows).splitlines() == [
+        "sample answers (client held-out questions): base = round 0, federated = round 2", "",
+        "[units, client 0] Convert 1 km to m.", "  expected:   1000",
+        "  base:       1 km is far  (wrong)", "  federated:  1000  (right)", "",
+        "[units, client 0] Convert 2 km to m.", "  expected:   2000",
+        "  base:       2  (wrong)", "  federated:  200  (wrong)"]
+    assert sample_answers(rows[1:]) == ""  # no round 0: nothing to compare
+    run = write_run(tmp_path / "r", "fedavg", rows)
+    write_report([run])
+    md = (run / "report" / "report.md").read_text()
+    assert "## sample answers, base and federated: `r`" in md and "federated:  1000" in md

@@ -59,6 +59,18 @@ def test_a_fresh_run_evaluates_the_base_model_as_round_0(tmp_path):
     assert 0 <= base["accuracy"] <= 1 and set(base["client-accuracy"]) == {"0", "1", "2"}
     assert "clients" not in base and "train-loss" not in base and base["bytes-total"] == 0
     assert base["eval-loss"] != trained["eval-loss"]  # round 1 trained the adapter
+    # the first 3 answers of each family (builtin:units: one), of the same questions before
+    # and after, client by client, for the report
+    for row in (base, trained):
+        assert [s["family"] for s in row["sample-answers"]] == ["units"] * 3
+        assert [s["partition-id"] for s in row["sample-answers"]] == [0, 0, 0]
+    assert [(s["partition-id"], s["question"]) for s in base["sample-answers"]] == [
+        (s["partition-id"], s["question"]) for s in trained["sample-answers"]]
+    from fedlora.cli.simulate import summary_table
+    first = base["sample-answers"][0]
+    table = summary_table(tmp_path / "on")
+    assert "sample answers (client held-out questions): base = round 0, federated = round 1" \
+        in table and f"  base:       {' '.join(first['answer'].split())}" in table
     assert sorted(p.name for p in (tmp_path / "on" / "rounds").iterdir()) == ["1"]
     run_inprocess(config(tmp_path / "off", **evaluating, **{"initial-eval": False}), 3)
     assert [r["round"] for r in read_metrics(tmp_path / "off")] == [1]
@@ -237,3 +249,106 @@ def test_a_median_run_killed_and_resumed_is_bit_equal_to_the_uninterrupted_one(t
     a = load_file(str(straight / "final" / "adapter_model.safetensors"))
     b = load_file(str(resumed / "final" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_evaluation_that_raises_is_a_named_failure_in_metrics_table_and_exit_code(
+        tmp_path, monkeypatch, caplog):
+    """A client whose evaluation raises is named, with the reason, in metrics.jsonl's
+    eval-failures of every evaluated round (round 0 too), in the end-of-run table, and the
+    run's exit code is the documented degraded one; the other clients' evaluation counts.
+    A server-eval that raises is named the same way (node 0, "server") and ends nothing."""
+    import clients.client_app as client_app
+    from fedlora.cli.simulate import EXIT_DEGRADED, exit_code, summary_table
+    from server.server_eval import ServerEvaluator
+
+    real = client_app.evaluate
+
+    def evaluate(model, examples, pad_id, batch_size=8, desc="evaluating"):
+        if evaluating[-1] == 1:
+            raise RuntimeError("scorer broke on record 2")
+        return real(model, examples, pad_id, batch_size, desc)
+
+    evaluating = [-1]
+    real_prepare = client_app.prepare
+
+    def prepare(msg, context):
+        evaluating.append(int(context.node_config["partition-id"]))
+        return real_prepare(msg, context)
+
+    def server_eval(self, state, rank):
+        raise MemoryError("no room for a second model")
+
+    monkeypatch.setattr(client_app, "evaluate", evaluate)
+    monkeypatch.setattr(client_app, "prepare", prepare)
+    monkeypatch.setattr(ServerEvaluator, "__call__", server_eval)
+    run_inprocess(config(tmp_path, **{"fraction-evaluate": 1.0, "min-evaluate-nodes": 3,
+                                      "num-server-rounds": 1, "server-eval": 4}), 3)
+    rows = read_metrics(tmp_path)
+    assert "round 1: node 1001 failed to evaluate: RuntimeError: scorer broke" in caplog.text
+    assert "round 0: sent evaluation to 3 nodes" in caplog.text  # progress, and the ETA:
+    assert "round 1/1 done in" in caplog.text and "that was the last round" in caplog.text
+    for row in rows:  # round 0 and round 1
+        assert row["eval-failures"] == [
+            {"node-id": 1001, "reason": "RuntimeError: scorer broke on record 2"},
+            {"node-id": 0, "node-name": "server",
+             "reason": "MemoryError: no room for a second model"}]
+        assert row["eval-failed"] == 1 and row["eval-clients"] == 2
+        assert row["eval-loss"] > 0
+    table = summary_table(tmp_path)
+    header = table.splitlines()[0].split()
+    column = header.index("eval-failed")
+    assert [line.split()[column] for line in table.splitlines()[1:3]] == ["2", "2"]
+    assert "round 0: the server (server-eval): MemoryError: no room" in table
+    assert "perplexity" in header and "accuracy" not in header  # eval-accuracy=0
+    assert "round 1: node 1001: RuntimeError: scorer broke on record 2" in table
+    assert exit_code(0, True, rows) == EXIT_DEGRADED == 3
+    clean = [{**row, "eval-failures": []} for row in rows]
+    assert exit_code(0, True, clean) == 0
+    assert exit_code(0, False, rows) == 1 and exit_code(7, True, rows) == 7
+
+
+def test_accuracy_is_scored_for_builtin_tasks_only_by_default(tmp_path):
+    """A user's jsonl without a scorer gets eval loss and perplexity, no accuracy (its
+    exact matches would read 0.000 -> 0.000); builtin:arithmetic names its scorer and is
+    answered at the default eval-accuracy."""
+    data = tmp_path / "mine.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"Describe the number {i}.",
+                                        "output": f"{i} is a number between {i - 1} and "
+                                                  f"{i + 1}."}) + "\n" for i in range(60)))
+    evaluating = {"fraction-evaluate": 1.0, "min-evaluate-nodes": 2, "num-server-rounds": 1,
+                  "initial-eval": False, "min-available-nodes": 2, "eval-examples": 4,
+                  "max-new-tokens": 4}
+    del_accuracy = {k: v for k, v in BASE.items() if k != "eval-accuracy"}
+    for name, dataset in (("mine", str(data)), ("sums", "builtin:arithmetic")):
+        run_inprocess({**del_accuracy, **evaluating, "dataset": dataset,
+                       "output-dir": str(tmp_path / name)}, 2)
+    [mine] = read_metrics(tmp_path / "mine")
+    assert "accuracy" not in mine and "client-accuracy" not in mine
+    assert mine["eval-perplexity"] > 1 and mine["eval-clients"] == 2
+    [sums] = read_metrics(tmp_path / "sums")
+    assert 0 <= sums["accuracy"] <= 1 and set(sums["client-accuracy"]) == {"0", "1"}
+
+
+def test_an_evaluation_reply_without_a_loss_over_any_token_is_a_failure(monkeypatch):
+    """What the server names as a failed evaluation: an error reply, no metrics, no tokens
+    or no loss; a diverged model's inf or NaN loss is an evaluation, not a failure."""
+    from flwr.app import MetricRecord, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedlora import wire
+    from server.rounds import evaluate_problem
+
+    for key, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):  # as a ServerApp
+        monkeypatch.setattr(TaskIdentity, key, value)
+
+    def reply(**metrics):
+        content = RecordDict({wire.METRICS: MetricRecord(metrics)} if metrics else {})
+        return Message(content, dst_node_id=1, message_type="evaluate")
+
+    assert evaluate_problem(reply(**{"eval-loss": 2.5, "eval-tokens": 40})) is None
+    assert evaluate_problem(reply(**{"eval-loss": float("nan"), "eval-tokens": 40})) is None
+    assert evaluate_problem(reply()) == "the evaluation reply has no MetricRecord"
+    assert evaluate_problem(reply(**{"eval-loss": 2.5, "eval-tokens": 0})) == (
+        "the evaluation reply has no loss over any held-out token (eval-tokens 0, "
+        "eval-loss 2.5)")
+    assert "eval-loss None" in evaluate_problem(reply(**{"eval-tokens": 3}))

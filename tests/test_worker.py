@@ -151,11 +151,15 @@ def test_one_worker_per_node_serves_every_round_survives_errors_and_is_restarted
         wait_for(lambda: "round 1: train-loss" in log.read_text(), server, log)
         first_worker = int(READY.search(logs[0].read_text()).group(1))
         os.kill(first_worker, signal.SIGKILL)
-        assert server.wait(timeout=600) == 0, log.read_text()[-3000:]
+        # finished, degraded: the broken site failed every evaluation (EXIT_DEGRADED)
+        assert server.wait(timeout=600) == 3, log.read_text()[-3000:]
     finally:
         stop([server, *nodes])
     rows = read_metrics(out)
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
+    assert len(rows[0]["eval-failures"]) == 1  # round 0: before any node gave its name
+    for row in rows[1:]:  # each evaluation failure is named, with the generic reason
+        assert [f.get("node-name") for f in row["eval-failures"]].count("broken-site") == 1
     assert rows[-1]["clients-replied"] == 2  # node 0's new worker answered the last round
     for row in training_rounds(rows):  # round 0 only evaluates: it counts eval-failed
         assert [f["node-name"] for f in row["failures"]].count("broken-site") >= 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 
@@ -69,11 +70,13 @@ def run(args: argparse.Namespace) -> int:
     from fedlora.models import load_model
 
     name = base_model_name(adapter, args.model)
-    print(f"fedlora: merging {adapter} into {name!r} ...", file=sys.stderr)
+    print(f"fedlora: merging {adapter} into {name!r} ...", file=sys.stderr, flush=True)
+    began = time.perf_counter()
     base, tokenizer, _ = load_model(ModelSettings(name=name, device="cpu",
                                                   compute_dtype="float32"))
     merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
     merged.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    print(f"merged model: {out}  (load with AutoModelForCausalLM.from_pretrained)")
+    print(f"merged model: {out} in {time.perf_counter() - began:.1f} s  (load with "
+          f"AutoModelForCausalLM.from_pretrained)")
     return 0

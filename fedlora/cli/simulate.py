@@ -35,6 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="GPU share per virtual client (default 1 when CUDA is visible, else 0)")
 
 
+# the run finished and wrote its final adapter, but some evaluation failed (exit codes:
+# 0 finished, 1 failed, 2 bad input before anything started, 3 finished but degraded)
+EXIT_DEGRADED = 3
 PERSONAL_DIR = "personal"  # fedsa-lora's private factors of simulated clients, one file each
 
 
@@ -195,13 +198,13 @@ def prepare_output(out_dir: Path, overwrite: bool) -> None:
 
 def summary_table(out_dir: Path) -> str:
     """The per-round table printed at the end of a run (accuracy when the run reports it),
-    then the base model (round 0) against the federated adapter."""
+    then the base model (round 0) against the federated adapter, and a few of their answers."""
     from fedlora.outputs import read_metrics
-    from fedlora.report import before_after, round_table
+    from fedlora.report import before_after, round_table, sample_answers
 
     rows = read_metrics(out_dir)
-    comparison = before_after(rows)
-    return round_table(rows) + (f"\n\n{comparison}" if comparison else "")
+    parts = [round_table(rows), before_after(rows), sample_answers(rows)]
+    return "\n\n".join(p for p in parts if p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -236,13 +239,33 @@ def run(args: argparse.Namespace) -> int:
     return report_result(out_dir, code, "simulation")
 
 
+def exit_code(code: int, finished: bool, rows: list[dict]) -> int:
+    """The exit code of a run: its processes' `code` (1 when that is 0 but no final adapter
+    was written) when it did not finish; EXIT_DEGRADED when it finished but some round
+    records an evaluation failure (metrics.jsonl `eval-failures`); else 0."""
+    from fedlora.wire import M
+
+    if code != 0 or not finished:
+        return code or 1
+    return EXIT_DEGRADED if any(r.get(M.EVAL_FAILURES) for r in rows) else 0
+
+
 def report_result(out_dir: Path, code: int, what: str) -> int:
-    """Print the summary of a finished run, or say where to look; returns the exit code."""
-    if code != 0 or not (out_dir / "final" / "adapter_model.safetensors").exists():
+    """Print the summary of a finished run, or say where to look; returns the exit code
+    (`exit_code`)."""
+    from fedlora.outputs import read_metrics
+
+    finished = (out_dir / "final" / "adapter_model.safetensors").exists()
+    if code != 0 or not finished:
         print(f"fedlora: the {what} failed (exit code {code}); see the output above and "
               f"{out_dir / 'superlink.log'}", file=sys.stderr)
-        return code or 1
+        return exit_code(code, finished, [])
     print(summary_table(out_dir))
     print(f"\nfinal adapter: {out_dir / 'final'}  (load with PeftModel.from_pretrained)")
     print(f"plots and a summary: fedlora report {out_dir}")
-    return 0
+    result = exit_code(code, finished, read_metrics(out_dir))
+    if result == EXIT_DEGRADED:
+        print(f"fedlora: the {what} finished, degraded: some evaluations failed (listed "
+              f"above; metrics.jsonl eval-failures); exit code {EXIT_DEGRADED}",
+              file=sys.stderr)
+    return result

@@ -12,6 +12,8 @@ import fcntl
 import importlib.util
 import os
 import shutil
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -108,10 +110,14 @@ def smollm2_gguf_path() -> Path:
 
 
 def convert_gguf(gguf_file: Path, folder: Path) -> None:
-    """Dequantize a GGUF checkpoint into a safetensors model folder (slow once, fast after)."""
+    """Dequantize a GGUF checkpoint into a safetensors model folder (slow once, fast after),
+    saying so on stderr when it starts and how long it took when done."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    began = time.perf_counter()
+    print(f"fedlora: converting {gguf_file.name} to a model folder (once; later runs use the "
+          f"cached copy in {cache_root() / 'models'}) ...", file=sys.stderr, flush=True)
     kwargs = {"gguf_file": gguf_file.name}
     tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, **kwargs)
     loaded = AutoModelForCausalLM.from_pretrained(gguf_file.parent, dtype=torch.float32, **kwargs)
@@ -124,6 +130,8 @@ def convert_gguf(gguf_file: Path, folder: Path) -> None:
     fresh.load_state_dict(loaded.state_dict())
     fresh.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    print(f"fedlora: converted {gguf_file.name} in {time.perf_counter() - began:.1f} s",
+          file=sys.stderr, flush=True)
 
 
 def tiny_llama_dir() -> Path:

@@ -6,10 +6,16 @@ from pathlib import Path
 
 from fedlora.report.plots import all_plots
 from fedlora.report.runs import Run, load_run, load_runs
-from fedlora.report.tables import before_after, round_table, summary_markdown
+from fedlora.report.tables import (
+    before_after,
+    evaluation_failures,
+    round_table,
+    sample_answers,
+    summary_markdown,
+)
 
-__all__ = ["Run", "before_after", "load_run", "load_runs", "round_table", "summary_markdown",
-           "write_report"]
+__all__ = ["Run", "before_after", "evaluation_failures", "load_run", "load_runs", "round_table",
+           "sample_answers", "summary_markdown", "write_report"]
 
 REPORT_MD = "report.md"
 
@@ -35,13 +41,19 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path | None = None) 
 
 
 def markdown(runs: list[Run], images: list[Path]) -> str:
-    """report.md: the summary table, where each run lives, then every plot."""
+    """report.md: the summary table, where each run lives, each run's base model against its
+    federated adapter, a few of their answers and its evaluation failures, then every plot."""
     parts = ["# fedlora report", "", summary_markdown(runs), ""]
     parts += [f"- `{run.name}`: {run.path.resolve()}" for run in runs] + [""]
     for run in runs:
         if table := before_after(run.rows):
             parts += [f"## base model and federated adapter: `{run.name}`", "", "```", table,
                       "```", ""]
+        if samples := sample_answers(run.rows):
+            parts += [f"## sample answers, base and federated: `{run.name}`", "", "```",
+                      samples, "```", ""]
+        if failures := evaluation_failures(run.rows):
+            parts += [f"## evaluation failures: `{run.name}`", "", "```", failures, "```", ""]
     for image in images:
         parts += [f"## {image.stem}", "", f"![{image.stem}]({image.name})", ""]
     return "\n".join(parts)

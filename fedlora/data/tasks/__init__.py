@@ -71,8 +71,9 @@ def builtin_task(name: str, n: int, seed: int) -> list[Record]:
 
 def family_of(name: str | None, record: Record | None = None) -> str | None:
     """The family whose scorer applies: from a task name (`builtin:units`, `units`, an
-    arithmetic operation), else from the record's `task`; None when neither is a family."""
-    for candidate in (name, (record or {}).get("task")):
+    arithmetic operation), else from the record's `task`, else its `scorer` field; None when
+    none is a family."""
+    for candidate in (name, (record or {}).get("task"), (record or {}).get("scorer")):
         candidate = (candidate or "").removeprefix("builtin:")
         if candidate in SCORERS:
             return candidate
