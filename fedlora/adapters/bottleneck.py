@@ -47,7 +47,7 @@ from fedlora.adapters.base import (
     register_tuner,
 )
 from fedlora.adapters.lora import check_target_modules
-from fedlora.config import ALL_LINEAR, LoraSettings, require, setting
+from fedlora.config import LoraSettings, require, setting
 from fedlora.seeds import INIT_MIX, derive_seed
 
 PREFIX = "bottleneck_"  # PEFT's prefix of the method: parameter names bottleneck_down/_up
@@ -211,14 +211,13 @@ class Bottleneck(PeftMethod):
     Options = BottleneckOptions
 
     def config(self, lora: LoraSettings, base_id: str | None = None) -> BottleneckConfig:
-        targets = lora.modules()
-        default = targets == list(ALL_LINEAR)  # all-linear: Houlsby's places for the architecture
+        # all-linear: Houlsby's places for the architecture
         return BottleneckConfig(bottleneck_size=options_of(lora, BottleneckOptions).size,
-                                target_modules=None if default else targets,
+                                target_modules=None if lora.all_linear else lora.modules(),
                                 task_type="CAUSAL_LM", base_model_name_or_path=base_id)
 
     def add(self, model: torch.nn.Module, lora: LoraSettings, adapter: str) -> PeftModel:
-        if lora.modules() != list(ALL_LINEAR):  # a clear error for a name the model lacks
+        if not lora.all_linear:  # a clear error for a name the model lacks
             check_target_modules(model, lora.modules())
         return super().add(model, lora, adapter)
 

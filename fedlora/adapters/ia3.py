@@ -13,7 +13,7 @@ import torch
 from peft import IA3Config
 
 from fedlora.adapters.base import LORA_ONLY, PeftMethod, register_peft
-from fedlora.config import ALL_LINEAR, LoraSettings
+from fedlora.config import LoraSettings
 
 # modules whose *input* IA3 rescales (PEFT's feedforward_modules); the others: their output
 FEEDFORWARD = ("gate_proj", "up_proj", "down_proj", "fc1", "fc2", "w1", "w2", "w3")
@@ -31,7 +31,7 @@ class IA3(PeftMethod):
 
     def config(self, lora: LoraSettings, base_id: str | None = None) -> IA3Config:
         targets = lora.modules()
-        if targets == list(ALL_LINEAR):  # the default: PEFT's choice per architecture
+        if lora.all_linear:  # the default: PEFT's choice per architecture
             return IA3Config(task_type="CAUSAL_LM", base_model_name_or_path=base_id)
         return IA3Config(target_modules=targets,
                          feedforward_modules=[t for t in targets if t in FEEDFORWARD],

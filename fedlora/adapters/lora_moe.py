@@ -61,7 +61,7 @@ from fedlora.adapters.base import (
     register_tuner,
 )
 from fedlora.adapters.lora import check_target_modules
-from fedlora.config import LoraSettings, require, setting
+from fedlora.config import ALL_LINEAR, LoraSettings, require, setting
 from fedlora.seeds import INIT_MIX, derive_seed
 
 PREFIX = "moe_"  # PEFT's prefix of the method: parameters moe_A, moe_B, moe_router
@@ -386,7 +386,8 @@ class LoraMoe(PeftMethod):
         return LoraMoeConfig(expert_ranks=moe.ranks(lora.rank),
                              shared_ranks=[lora.rank] * moe.shared, top_k=moe.top_k,
                              lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                             target_modules=lora.modules(), task_type="CAUSAL_LM",
+                             target_modules=ALL_LINEAR if lora.all_linear else lora.modules(),
+                             task_type="CAUSAL_LM",
                              base_model_name_or_path=base_id)
 
     def add(self, model: torch.nn.Module, lora: LoraSettings, adapter: str) -> PeftModel:
