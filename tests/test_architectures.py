@@ -16,16 +16,18 @@ from fedlora.adapters import (
     add_lora,
     check_target_modules,
     linear_module_names,
+    peft_method,
     target_names,
     target_shapes,
 )
 from fedlora.config import LoraSettings
+from fedlora.methods import load_settings
 from fedlora.models import model_skeleton, resolve_source
 from fedlora.outputs import read_metrics, training_rounds
 
 RUN = {"device": "cpu", "num-server-rounds": 1, "local-steps": 3, "lr": 0.05,
        "dataset-size": 40, "eval-examples": 8, "fraction-evaluate": 0.0,
-       "min-available-nodes": 2, "lora-rank": 4}
+       "min-available-nodes": 2}
 # the layers all-linear adapts, by short name: every linear layer but the output head
 LINEAR = {"opt": ["fc1", "fc2", "k_proj", "out_proj", "q_proj", "v_proj"],
           "gpt2": ["c_attn", "c_fc", "c_proj"],
@@ -76,7 +78,8 @@ def test_a_name_the_model_lacks_lists_the_names_it_has(tiny_dirs):
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_two_clients_federate_all_linear_and_the_adapter_loads_in_peft(arch, tiny_dirs,
                                                                        tmp_path):
-    run_inprocess({**RUN, "model": str(tiny_dirs[arch]), "output-dir": str(tmp_path)}, 2)
+    run_inprocess({**RUN, "model": str(tiny_dirs[arch]), "lora-rank": 4,
+                   "output-dir": str(tmp_path)}, 2)
     assert [r["clients-replied"] for r in training_rounds(read_metrics(tmp_path))] == [2]
     saved = load_file(tmp_path / "final" / "adapter_model.safetensors")
     assert {k.split(".lora_")[0].rsplit(".", 1)[-1] for k in saved} == set(LINEAR[arch])
@@ -87,3 +90,50 @@ def test_two_clients_federate_all_linear_and_the_adapter_loads_in_peft(arch, tin
                                        str(tmp_path / "final"))
     tuned = loaded(input_ids=IDS).logits
     assert tuned.shape == plain.shape and not torch.allclose(tuned, plain, atol=1e-5)
+
+
+def test_dora_on_gpt2_conv1d_reads_the_norms_of_output_rows(tiny_dirs):
+    """GPT-2's Conv1D stores W transposed: DoRA's magnitude starts at ||W0|| per output row
+    (PEFT's own), so every offset fedlora sends starts at zero, square layers included."""
+    from fedlora.adapters.dora import WIRE_SUFFIX
+
+    dora = peft_method("dora")
+    model = dora.add(AutoModelForCausalLM.from_pretrained(tiny_dirs["gpt2"]),
+                     LoraSettings(rank=4, peft="dora"), "default")
+    offsets = {k: v for k, v in dora.get_state(model, "default").items()
+               if k.endswith(WIRE_SUFFIX)}
+    assert len(offsets) == 8 and all(v.abs().max() < 1e-5 for v in offsets.values())
+
+
+@pytest.mark.parametrize("method,options", [("dora", {"lora-rank": 4}),
+                                            ("adapter", {"adapter-size": 8})])
+def test_methods_fedlora_builds_itself_federate_on_gpt2_conv1d(method, options, tiny_dirs,
+                                                               tmp_path):
+    run_inprocess({**RUN, "model": str(tiny_dirs["gpt2"]), "peft": method, **options,
+                   "output-dir": str(tmp_path)}, 2)
+    assert [r["clients-replied"] for r in training_rounds(read_metrics(tmp_path))] == [2]
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dirs["gpt2"]),
+                                       str(tmp_path / "final"))
+    assert loaded(input_ids=IDS).logits.shape == (1, IDS.shape[1], 320)
+
+
+def test_lora_moe_experts_on_gpt2_conv1d_take_its_in_and_out_widths(tiny_dirs):
+    """c_attn: Conv1D(nf=96, nx=32), its weight stored (32, 96): each expert's A is (r, 32),
+    its B (96, r), and the adapted model runs."""
+    moe = peft_method("lora-moe")
+    lora = load_settings({"peft": "lora-moe", "lora-rank": 2}, {}).lora
+    model = moe.add(AutoModelForCausalLM.from_pretrained(tiny_dirs["gpt2"]), lora, "default")
+    state = moe.get_state(model, "default")
+    layer = "base_model.model.transformer.h.0.attn.c_attn"
+    assert tuple(state[f"{layer}.moe_A.0.weight"].shape) == (2, 32)
+    assert tuple(state[f"{layer}.moe_B.0.weight"].shape) == (96, 2)
+    assert tuple(state[f"{layer}.moe_router.weight"].shape)[1] == 32
+    assert model(input_ids=IDS).logits.shape == (1, IDS.shape[1], 320)
+
+
+def test_ia3_without_peft_places_for_the_architecture_lists_the_linear_modules(tiny_dirs):
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs["phi3"])
+    with pytest.raises(ValueError, match=r"peft=ia3 has no default places for model type "
+                                         r"'phi3'.*\['down_proj', 'gate_up_proj', 'o_proj', "
+                                         r"'qkv_proj'\]"):
+        peft_method("ia3").add(model, LoraSettings(peft="ia3"), "default")

@@ -35,6 +35,7 @@ from peft import PeftConfig, PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from torch.nn import functional as F
+from transformers.pytorch_utils import Conv1D
 
 from fedlora.adapters.base import (
     LORA_ONLY,
@@ -57,6 +58,9 @@ HOULSBY_TARGETS = ["o_proj", "down_proj"]
 DEFAULT_TARGETS = {model_type: HOULSBY_TARGETS for model_type in (
     "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2",
     "granite", "smollm3")}
+# ... and on other architectures, by their names (GPT-2 calls both projections c_proj)
+DEFAULT_TARGETS |= {"opt": ["out_proj", "fc2"], "gpt2": ["c_proj"],
+                    "gpt_neox": ["dense", "dense_4h_to_h"], "falcon": ["dense", "dense_4h_to_h"]}
 
 
 BOTTLENECK = add_peft_type("BOTTLENECK")
@@ -106,7 +110,9 @@ class BottleneckLayer(nn.Module, BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters = []
         self._active_adapter = adapter_name
-        out_features = getattr(self.get_base_layer(), "out_features", None)
+        base = self.get_base_layer()  # GPT-2's Conv1D names its output width nf
+        out_features = base.nf if isinstance(base, Conv1D) else getattr(base, "out_features",
+                                                                         None)
         if not isinstance(out_features, int):
             raise TypeError(f"a bottleneck adapter wraps a linear layer (one with out_features), "
                             f"got {type(self.get_base_layer()).__name__}; choose linear "

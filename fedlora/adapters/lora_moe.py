@@ -50,6 +50,7 @@ import torch
 from peft import PeftConfig, PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from fedlora.adapters.base import (
     LayerTuner,
@@ -177,6 +178,8 @@ class LoraMoeLayer(nn.Module, BaseTunerLayer):
         self._active_adapter = adapter_name
         base = self.get_base_layer()
         k, d = getattr(base, "in_features", None), getattr(base, "out_features", None)
+        if isinstance(base, Conv1D):  # GPT-2's linear layer (its weight stored (k, d))
+            k, d = base.nx, base.nf
         if not isinstance(k, int) or not isinstance(d, int):
             raise TypeError(f"LoRA experts wrap a linear layer, got {type(base).__name__}; "
                             f"choose linear target_modules")
