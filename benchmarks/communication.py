@@ -41,10 +41,9 @@ def parse_args():
 
 def target_shapes(model, targets: list[str]) -> list[tuple[int, int]]:
     """(in_features, out_features) of every linear layer LoRA will adapt."""
-    import torch
+    from fedlora.adapters import target_shapes as shapes_of
 
-    return [(m.in_features, m.out_features) for name, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets]
+    return [(k, d) for d, k in shapes_of(model, targets).values()]
 
 
 def param_bytes(model) -> tuple[int, int]:

@@ -94,7 +94,8 @@ def plain_trainer(settings, pad_id: int):
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
     lora = settings.lora
     config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                        target_modules=lora.modules(), task_type="CAUSAL_LM")
+                        target_modules="all-linear" if lora.all_linear else lora.modules(),
+                        task_type="CAUSAL_LM")
     model = get_peft_model(base, config)
 
     def train(examples, steps, seed):

@@ -71,9 +71,9 @@ TRUNCATIONS = ("left", "right")
 OPTIMIZERS = ("adamw", "paged-adamw-8bit")
 WIRE_DTYPES = ("float32", "float16")
 PARTITIONERS = ("iid", "dirichlet", "by-field", "quantity-skew")
-# "all-linear" expands to every linear projection of the attention and MLP blocks of a
-# Llama-style decoder (the architecture of both built-in models and of most open LLMs).
-ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# target-modules=all-linear: every linear layer of the model except its output head, resolved
+# from the model itself as PEFT's own all-linear does (any architecture: Llama, OPT, GPT-2, ...)
+ALL_LINEAR = "all-linear"
 # Ranks that the named client-rank distributions draw from (FlexLoRA's rank settings).
 RANK_POOL = (4, 8, 16, 32, 64)
 RANK_DISTRIBUTIONS = ("uniform", "heavy-tail")
@@ -208,7 +208,8 @@ class LoraSettings:
     dropout: float = setting("lora-dropout", 0.05, "Dropout on the LoRA input, in [0, 1).")
     target_modules: str = setting(
         "target-modules", "all-linear",
-        "Comma-separated module names to adapt, or all-linear (" + ",".join(ALL_LINEAR) + ").")
+        "Comma-separated module names to adapt, or all-linear (every linear layer of the model "
+        "but its output head, on any architecture, as PEFT's all-linear).")
     use_rslora: bool = setting("use-rslora", False, "Scale by alpha/sqrt(r) instead of alpha/r.")
     client_ranks: str = setting(
         "client-ranks", "",
@@ -229,10 +230,16 @@ class LoraSettings:
         require(bool(self.modules()), "target-modules", "at least one module name",
                  self.target_modules)
 
+    @property
+    def all_linear(self) -> bool:
+        """Whether target-modules is all-linear (resolved from the model, not from a list)."""
+        return self.target_modules.strip().lower() == ALL_LINEAR
+
     def modules(self) -> list[str]:
-        """Target module names, with all-linear expanded."""
-        if self.target_modules.strip() == "all-linear":
-            return list(ALL_LINEAR)
+        """Target module names as given; all-linear stays the one name ALL_LINEAR, which
+        `fedlora.adapters.target_names` resolves from the model."""
+        if self.all_linear:
+            return [ALL_LINEAR]
         return [m.strip() for m in self.target_modules.split(",") if m.strip()]
 
     def scale(self, rank: int) -> float:

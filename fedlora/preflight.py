@@ -6,8 +6,13 @@ import logging
 
 from fedlora.adapters import check_target_modules
 from fedlora.config import Settings, SettingsError
-from fedlora.data import check_answers, client_records, load_records
-from fedlora.data.preference import for_objective, tokenize_for
+from fedlora.data import (
+    check_answers,
+    client_records,
+    load_records,
+    load_source,
+)
+from fedlora.data.preference import for_objective, is_pair, tokenize_for
 from fedlora.models import (
     ModelSource,
     load_tokenizer,
@@ -65,6 +70,33 @@ def check_answers_fit(settings: Settings, source: ModelSource, num_clients: int)
             raise SettingsError(f"setting 'max-length': {err}") from None
         if warning:
             log.warning(warning)
+
+
+def check_node_data(settings: Settings, model_named: bool) -> str | None:
+    """A node's own data (data-path), checked when `fedlora client` starts: its records load
+    in a known form with the fields it needs (else a ValueError naming file:line), and, when
+    the node names its model (`model_named`: the run's model is not known yet), some answer
+    tokens survive truncation to max-length (else a SettingsError). Returns a warning or None."""
+    data, train = settings.data, settings.train
+    try:
+        records = load_source(data.data_path, data.field_mapping(), data.data_split,
+                              data.roles_mapping())
+        # the run's objective is not known yet: preference pairs are DPO's, others SFT's
+        objective = "dpo" if any(is_pair(r) for r in records) else "sft"
+        records = for_objective(records, objective, settings.federation.seed, data.data_path)
+    except ValueError as err:  # file:line and what was expected, from the loader
+        raise ValueError(f"--data-path: {err}") from None
+    if not model_named:
+        return None
+    tokenizer = load_tokenizer(resolve_source(settings.model.name))  # no weights
+    examples = tokenize_for(records, tokenizer, objective, train.max_length, train.truncation,
+                            data.train_on)
+    try:
+        return check_answers(examples, f"--data-path {data.data_path}", train.max_length,
+                             train.truncation)
+    except ValueError as err:
+        raise SettingsError(f"setting 'max-length': {err} (this node's own: --node-config "
+                            f"\"max-length=N\")") from None
 
 
 def preflight(settings: Settings, num_clients: int) -> ModelSource:

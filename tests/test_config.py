@@ -76,9 +76,9 @@ def test_a_method_option_needs_the_methods_list_of_options():
     assert load_settings(s.to_config()) == s
 
 
-def test_all_linear_expands_to_attention_and_mlp_projections():
-    assert Settings().lora.modules() == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                         "up_proj", "down_proj"]
+def test_all_linear_is_kept_for_the_model_to_resolve_and_names_are_split():
+    assert Settings().lora.modules() == ["all-linear"] and Settings().lora.all_linear
+    assert Settings.from_config({"target-modules": " All-Linear "}).lora.all_linear
     assert Settings.from_config({"target-modules": "q_proj, v_proj"}).lora.modules() == [
         "q_proj", "v_proj"]
 

@@ -36,6 +36,7 @@ from fedlora.adapters.lora import (
     save_adapter,
     set_lora_state,
     shared_init,
+    target_names,
     target_shapes,
 )
 from fedlora.adapters.workspace import RESIDUAL, Slot, Workspace, set_residual
@@ -54,5 +55,6 @@ __all__ = ["A_SUFFIX", "B_SUFFIX", "PEFT_METHODS", "PeftMethod", "PeftOptions", 
            "Workspace", "add_lora", "check_target_modules", "flatten", "from_peft",
            "get_lora_state", "linear_module_names", "lora_config", "module_shapes", "option_keys",
            "options_of", "peft_method", "peft_names", "register_peft", "save_adapter",
-           "set_lora_state", "set_residual", "shared_init", "shared_keys", "target_shapes",
+           "set_lora_state", "set_residual", "shared_init", "shared_keys", "target_names",
+           "target_shapes",
            "to_peft", "unflatten"]

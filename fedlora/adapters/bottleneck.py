@@ -35,6 +35,7 @@ from peft import PeftConfig, PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from torch.nn import functional as F
+from transformers.pytorch_utils import Conv1D
 
 from fedlora.adapters.base import (
     LORA_ONLY,
@@ -47,7 +48,7 @@ from fedlora.adapters.base import (
     register_tuner,
 )
 from fedlora.adapters.lora import check_target_modules
-from fedlora.config import ALL_LINEAR, LoraSettings, require, setting
+from fedlora.config import LoraSettings, require, setting
 from fedlora.seeds import INIT_MIX, derive_seed
 
 PREFIX = "bottleneck_"  # PEFT's prefix of the method: parameter names bottleneck_down/_up
@@ -57,6 +58,9 @@ HOULSBY_TARGETS = ["o_proj", "down_proj"]
 DEFAULT_TARGETS = {model_type: HOULSBY_TARGETS for model_type in (
     "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2",
     "granite", "smollm3")}
+# ... and on other architectures, by their names (GPT-2 calls both projections c_proj)
+DEFAULT_TARGETS |= {"opt": ["out_proj", "fc2"], "gpt2": ["c_proj"],
+                    "gpt_neox": ["dense", "dense_4h_to_h"], "falcon": ["dense", "dense_4h_to_h"]}
 
 
 BOTTLENECK = add_peft_type("BOTTLENECK")
@@ -106,7 +110,9 @@ class BottleneckLayer(nn.Module, BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters = []
         self._active_adapter = adapter_name
-        out_features = getattr(self.get_base_layer(), "out_features", None)
+        base = self.get_base_layer()  # GPT-2's Conv1D names its output width nf
+        out_features = base.nf if isinstance(base, Conv1D) else getattr(base, "out_features",
+                                                                         None)
         if not isinstance(out_features, int):
             raise TypeError(f"a bottleneck adapter wraps a linear layer (one with out_features), "
                             f"got {type(self.get_base_layer()).__name__}; choose linear "
@@ -211,14 +217,13 @@ class Bottleneck(PeftMethod):
     Options = BottleneckOptions
 
     def config(self, lora: LoraSettings, base_id: str | None = None) -> BottleneckConfig:
-        targets = lora.modules()
-        default = targets == list(ALL_LINEAR)  # all-linear: Houlsby's places for the architecture
+        # all-linear: Houlsby's places for the architecture
         return BottleneckConfig(bottleneck_size=options_of(lora, BottleneckOptions).size,
-                                target_modules=None if default else targets,
+                                target_modules=None if lora.all_linear else lora.modules(),
                                 task_type="CAUSAL_LM", base_model_name_or_path=base_id)
 
     def add(self, model: torch.nn.Module, lora: LoraSettings, adapter: str) -> PeftModel:
-        if lora.modules() != list(ALL_LINEAR):  # a clear error for a name the model lacks
+        if not lora.all_linear:  # a clear error for a name the model lacks
             check_target_modules(model, lora.modules())
         return super().add(model, lora, adapter)
 

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from peft import LoraConfig, PeftModel, set_peft_model_state_dict
 from peft.utils.integrations import dequantize_module_weight
+from transformers.pytorch_utils import Conv1D
 
 from fedlora.adapters.base import check_state, register_peft
 from fedlora.adapters.lora import Lora, lora_config, target_shapes
@@ -111,9 +112,11 @@ def _convert(state: dict[str, torch.Tensor], old: str, new: str, value: Any
     return out
 
 
-def row_norms(weight: torch.Tensor) -> torch.Tensor:
-    """||W||_2 of each output row (d,), in float32, as PEFT's DoRA computes its magnitude."""
-    return torch.linalg.norm(weight.float(), dim=1)
+def row_norms(weight: torch.Tensor, layer: torch.nn.Module | None = None) -> torch.Tensor:
+    """||W||_2 of each output row (d,), in float32, as PEFT's DoRA computes its magnitude
+    (the weight of a Conv1D `layer`, GPT-2's, is stored transposed: (k, d))."""
+    rows = weight.T if isinstance(layer, Conv1D) else weight
+    return torch.linalg.norm(rows.float(), dim=1)
 
 
 def base_norms(model: PeftModel) -> dict[str, torch.Tensor]:
@@ -123,8 +126,8 @@ def base_norms(model: PeftModel) -> dict[str, torch.Tensor]:
     for name, module in model.named_modules():
         if hasattr(module, "lora_magnitude_vector") and hasattr(module, "base_layer"):
             with torch.no_grad():
-                weight = dequantize_module_weight(module.get_base_layer())
-                out[name] = row_norms(weight).cpu()
+                base = module.get_base_layer()
+                out[name] = row_norms(dequantize_module_weight(base), base).cpu()
     return out
 
 
@@ -140,7 +143,7 @@ def file_norms(path: str, modules: tuple[str, ...]) -> dict[str, torch.Tensor]:
         model = AutoModelForCausalLM.from_pretrained(path, dtype="auto")
     layers = dict(model.named_modules())
     try:
-        return {m: row_norms(layers[m.removeprefix("base_model.model.")].weight.detach())
-                for m in modules}
+        named = {m: layers[m.removeprefix("base_model.model.")] for m in modules}
+        return {m: row_norms(layer.weight.detach(), layer) for m, layer in named.items()}
     finally:
         del model, layers

@@ -20,10 +20,11 @@ from peft import (
 )
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import save_file
+from transformers.pytorch_utils import Conv1D
 
 from fedlora.adapters.base import PEFT_METHODS, PeftMethod, register_peft
 from fedlora.aggregation.base import Factors
-from fedlora.config import LoraSettings
+from fedlora.config import ALL_LINEAR, LoraSettings
 from fedlora.seeds import INIT_MIX, derive_seed
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -32,8 +33,10 @@ SAFETENSORS_NAME = "adapter_model.safetensors"
 def lora_config(settings: LoraSettings, base_id: str | None = None) -> LoraConfig:
     """The PEFT LoraConfig for these settings."""
     alpha: Any = settings.alpha  # PEFT annotates lora_alpha as int; a float works and is kept
+    # all-linear goes to PEFT as its own shorthand: PEFT resolves it on whatever base it meets
+    targets: Any = ALL_LINEAR if settings.all_linear else settings.modules()
     return LoraConfig(r=settings.rank, lora_alpha=alpha, lora_dropout=settings.dropout,
-                      target_modules=settings.modules(), use_rslora=settings.use_rslora,
+                      target_modules=targets, use_rslora=settings.use_rslora,
                       task_type="CAUSAL_LM", base_model_name_or_path=base_id)
 
 
@@ -58,30 +61,58 @@ class Lora(PeftMethod):
 LORA = PEFT_METHODS["lora"]
 
 
-def linear_module_names(model: torch.nn.Module) -> list[str]:
-    """Short names (last path component) of the model's linear layers, sorted. A layer that
-    a PEFT method already wraps counts as the layer it wraps; the method's own sub-layers
-    (LoRA's A and B, an expert, a router, the wrapped base layer) do not count."""
-    names: set[str] = set()
+def linear_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """{full name: layer} of the model's linear layers, by PEFT's all-linear rule: every
+    nn.Linear (bitsandbytes' 4-bit and 8-bit layers are ones) and transformers' Conv1D (GPT-2),
+    and every PEFT layer wrapping one, but not the output head nor a PEFT layer's own parts
+    (LoRA's A and B, an expert, a router, the wrapped base layer)."""
+    head_of = getattr(model, "get_output_embeddings", None)
+    head = head_of() if callable(head_of) else None
+    layers: dict[str, torch.nn.Module] = {}
     wrapped: list[str] = []
     for name, module in model.named_modules():
-        if any(name.startswith(w) for w in wrapped):  # inside a wrapped layer
+        if module is head or any(name.startswith(w) for w in wrapped):
             continue
         if isinstance(module, BaseTunerLayer):
             wrapped.append(name + ".")
-            names.add(name.rsplit(".", 1)[-1])
-        elif isinstance(module, torch.nn.Linear) or type(module).__name__.startswith("Linear"):
-            names.add(name.rsplit(".", 1)[-1])
-    return sorted(names - {"lm_head"})
+            if "Linear" in type(module).__name__ or isinstance(
+                    module.get_base_layer(), (torch.nn.Linear, Conv1D)):
+                layers[name] = model.get_submodule(name)  # the same object, typed as a Module
+        elif isinstance(module, (torch.nn.Linear, Conv1D)):
+            layers[name] = module
+    return layers
+
+
+def linear_module_names(model: torch.nn.Module) -> list[str]:
+    """Short names (last path component) of the model's linear layers (`linear_layers`),
+    sorted: what target-modules may name."""
+    return sorted({name.rsplit(".", 1)[-1] for name in linear_layers(model)} - {"lm_head"})
+
+
+def target_names(model: torch.nn.Module, targets: list[str]) -> list[str]:
+    """Full names of the layers that `targets` (short names, or [ALL_LINEAR]) adapt in
+    `model`, in the model's order; a ValueError names a target the model lacks."""
+    check_target_modules(model, targets)
+    layers = linear_layers(model)
+    if targets == [ALL_LINEAR]:
+        return list(layers)
+    return [name for name in layers if name.rsplit(".", 1)[-1] in targets]
 
 
 def check_target_modules(model: torch.nn.Module, targets: list[str]) -> None:
-    """Raise a ValueError naming any target module the model does not have."""
+    """Raise a ValueError naming any target module the model does not have (with
+    all-linear: a model without linear layers)."""
     available = linear_module_names(model)
+    if targets == [ALL_LINEAR]:
+        if not available:
+            raise ValueError(f"setting 'target-modules': all-linear found no linear layer in "
+                             f"the model ({type(model).__name__}); name its modules instead")
+        return
     missing = [t for t in targets if t not in available]
     if missing:
-        raise ValueError(f"setting 'target-modules': {missing} not found in the model; its "
-                         f"linear modules are {available} (or use all-linear)")
+        raise ValueError(f"setting 'target-modules': {missing} not found in the model "
+                         f"({type(model).__name__}); its linear modules are {available}: name "
+                         f"some of them, or use all-linear for every one")
 
 
 def add_lora(model: torch.nn.Module, settings: LoraSettings,
@@ -112,10 +143,19 @@ def target_shapes(model: torch.nn.Module, targets: list[str]) -> dict[str, tuple
 
     Works on a meta-device skeleton, so the server never loads base weights to learn shapes.
     """
-    check_target_modules(model, targets)
-    return {f"base_model.model.{name}": (m.out_features, m.in_features)
-            for name, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets}
+    layers = linear_layers(model)
+    return {f"base_model.model.{name}": layer_shape(layers[name])
+            for name in target_names(model, targets)}
+
+
+def layer_shape(layer: torch.nn.Module) -> tuple[int, int]:
+    """(d, k) = (out, in) of a linear layer: LoRA's B is (d, r) and A (r, k). A Conv1D
+    (GPT-2) stores its weight transposed, (k, d), and names them nf = d, nx = k."""
+    base = layer.get_base_layer() if isinstance(layer, BaseTunerLayer) else layer
+    if isinstance(base, Conv1D):
+        return int(base.nf), int(base.nx)
+    linear: Any = base  # an nn.Linear (bitsandbytes' layers are ones)
+    return int(linear.out_features), int(linear.in_features)
 
 
 def shared_init(shapes: dict[str, tuple[int, int]], rank: int, seed: int) -> Factors:

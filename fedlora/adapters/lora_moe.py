@@ -50,6 +50,7 @@ import torch
 from peft import PeftConfig, PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from fedlora.adapters.base import (
     LayerTuner,
@@ -61,7 +62,7 @@ from fedlora.adapters.base import (
     register_tuner,
 )
 from fedlora.adapters.lora import check_target_modules
-from fedlora.config import LoraSettings, require, setting
+from fedlora.config import ALL_LINEAR, LoraSettings, require, setting
 from fedlora.seeds import INIT_MIX, derive_seed
 
 PREFIX = "moe_"  # PEFT's prefix of the method: parameters moe_A, moe_B, moe_router
@@ -177,6 +178,8 @@ class LoraMoeLayer(nn.Module, BaseTunerLayer):
         self._active_adapter = adapter_name
         base = self.get_base_layer()
         k, d = getattr(base, "in_features", None), getattr(base, "out_features", None)
+        if isinstance(base, Conv1D):  # GPT-2's linear layer (its weight stored (k, d))
+            k, d = base.nx, base.nf
         if not isinstance(k, int) or not isinstance(d, int):
             raise TypeError(f"LoRA experts wrap a linear layer, got {type(base).__name__}; "
                             f"choose linear target_modules")
@@ -386,7 +389,8 @@ class LoraMoe(PeftMethod):
         return LoraMoeConfig(expert_ranks=moe.ranks(lora.rank),
                              shared_ranks=[lora.rank] * moe.shared, top_k=moe.top_k,
                              lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                             target_modules=lora.modules(), task_type="CAUSAL_LM",
+                             target_modules=ALL_LINEAR if lora.all_linear else lora.modules(),
+                             task_type="CAUSAL_LM",
                              base_model_name_or_path=base_id)
 
     def add(self, model: torch.nn.Module, lora: LoraSettings, adapter: str) -> PeftModel:

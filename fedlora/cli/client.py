@@ -144,15 +144,19 @@ def node_config(args: argparse.Namespace, check: bool = True) -> dict:
     return config
 
 
-def check_node_config(config: dict) -> None:
-    """Every key and value of a node config, and its ceilings (a ValueError that says what
-    to change)."""
+def check_node_config(config: dict) -> str | None:
+    """Every key and value of a node config, its ceilings and its own data (a ValueError
+    that says what to change); returns a warning about the data, or None."""
     from fedlora.methods import load_settings
     from fedlora.node_rules import check_limits
+    from fedlora.preflight import check_node_data
 
     settings = load_settings({}, config)
     check_limits(config)
     check_devices(settings.model.devices, settings.model.device)
+    if not settings.data.data_path:
+        return None
+    return check_node_data(settings, model_named="model" in config)
 
 
 def check_devices(spec: str, device: str) -> None:
@@ -171,18 +175,21 @@ def check_devices(spec: str, device: str) -> None:
 CHECK_CHILD = """
 import json, sys
 from fedlora.cli.client import check_node_config
+from fedlora.models import ModelLoadError
 try:
-    check_node_config(json.loads(sys.argv[1]))
-except (ValueError, KeyError, FileNotFoundError) as err:
+    warning = check_node_config(json.loads(sys.argv[1]))
+except (ValueError, KeyError, FileNotFoundError, ModelLoadError) as err:
     print(err.args[0] if isinstance(err, KeyError) and err.args else err)
     sys.exit(2)
+print(warning or "")
 """
 
 
 def check_apart(config: dict) -> None:
     """`check_node_config` in a child process: the checks import torch (400 MB resident),
     which `fedlora client`, the node's supervisor for as long as it runs, never needs (16
-    nodes on one machine: 6.4 GB). The same message and exit code when they fail."""
+    nodes on one machine: 6.4 GB). The same message and exit code when they fail; a warning
+    about the node's data is printed to stderr."""
     import fedlora
 
     source = str(Path(fedlora.__file__).resolve().parents[1])  # this very fedlora
@@ -195,6 +202,8 @@ def check_apart(config: dict) -> None:
     if proc.returncode != 0:
         raise RuntimeError(f"checking the node config failed (exit {proc.returncode}): "
                            f"{proc.stderr.strip()[-2000:]}")
+    if proc.stdout.strip():
+        print(f"fedlora: warning: {proc.stdout.strip()}", file=sys.stderr)
 
 
 def supernode_flags(args: argparse.Namespace, config: dict) -> list[str]:

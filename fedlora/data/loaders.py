@@ -103,21 +103,30 @@ def read_saved(folder: Path, split: str) -> Rows:
     return [(f"{folder} ({split}) row {i}", row) for i, row in enumerate(data.to_list())]
 
 
+class HubUnreachable(ConnectionError, ValueError):
+    """The hub could not be reached for a dataset (offline, HF_HUB_OFFLINE=1, no network).
+    A ConnectionError, and a ValueError so that the CLIs report it as a user error: one
+    line, exit 2, no traceback."""
+
+
 def read_hub(spec: str, split: str) -> Rows:
     """A Hugging Face hub dataset `<owner/name>[:<config>]` (online, or already cached)."""
     import datasets
+    import httpx
+    from huggingface_hub.errors import LocalEntryNotFoundError
 
     name, _, config = spec.partition(":")
     try:
         data = datasets.load_dataset(name, config or None, split=split)
-    except ConnectionError:  # offline mode raises it too
-        raise ConnectionError(
-            f"could not reach the Hugging Face hub for dataset {name}; download it where you "
-            f"are online (datasets.load_dataset(...).save_to_disk(folder)) and pass the "
-            f"save_to_disk folder or a file") from None
     except datasets.exceptions.DatasetNotFoundError:
         raise ValueError(f"the Hugging Face hub has no dataset {name} (or it is gated or "
                          f"private); check the id, or pass a local file or folder") from None
+    # offline mode raises a ConnectionError; a network that fails in other ways, the others
+    except (ConnectionError, TimeoutError, LocalEntryNotFoundError, httpx.TransportError):
+        raise HubUnreachable(
+            f"could not reach the Hugging Face hub for dataset {name}; download it where you "
+            f"are online (datasets.load_dataset(...).save_to_disk(folder)) and pass the "
+            f"save_to_disk folder or a file") from None
     return [(f"hf:{spec} ({split}) row {i}", row) for i, row in enumerate(data.to_list())]
 
 
