@@ -279,3 +279,20 @@ def test_the_continued_pretraining_corpus_holds_out_each_tasks_last_documents(tm
                         for t in ("alpha", "beta")]
     assert len(train) == 8 and {d["task"] for d in train} == {"alpha", "beta"}
     assert not {d["text"] for d in train} & {d["text"] for d in held_out}
+
+
+def test_local_only_sites_hold_the_tasks_the_federation_gives_them(tmp_path):
+    from fedlora.config import DataSettings
+    from fedlora.data import partition_dataset
+    from simulations.experiments.continued_pretraining import site_shares
+
+    train = [{"text": f"{t} {i}", "task": t} for t in ("a", "b", "c") for i in range(4)]
+    data_file = tmp_path / "train.jsonl"
+    data_file.write_text("".join(json.dumps(d) + "\n" for d in train))
+    args = type("Args", (), {"clients": 2, "seed": 0})()
+    shares = site_shares(args, train)
+    settings = DataSettings(dataset=str(data_file), partitioner="by-field",
+                            partition_field="task")
+    records, parts = partition_dataset(settings, 2, seed=0)
+    assert shares == [[records[i] for i in part] for part in parts]
+    assert sorted(len(s) for s in shares) == [4, 8]

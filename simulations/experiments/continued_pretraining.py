@@ -16,7 +16,11 @@ held-out documents, fedlora.train.evaluate, and its perplexity):
 - base:      the pretrained model, no adapter;
 - federated: `--rounds` rounds of FedAvg, `--local-steps` steps per site per round, packed
              text (`packing=true`, examples kept apart), through the real ServerApp and
-             ClientApp in one process (simulations.inprocess), its final adapter scored.
+             ClientApp in one process (simulations.inprocess), its final adapter scored;
+- local:     each site alone on its own share (the same by-field split), for the same
+             `--rounds` x `--local-steps` steps; each site's adapter is scored on the whole
+             held-out set, and the arm is their token-weighted mean (what a site gets
+             without the federation), with each site's own figure kept.
 
 Results go to <output-dir>/results.json (the arguments, each arm's loss and perplexity, the
 federation's per-round metrics) and the corpus to <output-dir>/corpus/. `--short` is a smoke
@@ -142,6 +146,39 @@ def federate(args: argparse.Namespace, train_file: Path, out: Path) -> list[dict
     return read_metrics(out)
 
 
+def site_shares(args: argparse.Namespace, train: list[dict]) -> list[list[dict]]:
+    """Each site's training documents under the federation's by-field split of `task`."""
+    from fedlora.data.partition import by_field_partition
+
+    parts = by_field_partition([d["task"] for d in train], args.clients, args.seed)
+    return [[train[i] for i in part] for part in parts]
+
+
+def local_only(args: argparse.Namespace, train: list[dict], held_out: list[dict],
+               out: Path) -> dict:
+    """Every site trained alone (one node, its own share, the federation's steps), scored on
+    the whole held-out set; the token-weighted mean over the sites, and each site's."""
+    from simulations.inprocess import run_inprocess
+
+    sites = []
+    for pid, share in enumerate(site_shares(args, train)):
+        folder = out / "local" / f"site-{pid}"
+        write_jsonl(folder / "train.jsonl", share)
+        run_inprocess({"model": args.model, "device": args.device,
+                       "dataset": str(folder / "train.jsonl"), "packing": True,
+                       "eval-fraction": 0.05, "max-length": args.max_length,
+                       "batch-size": args.batch_size, "lora-rank": args.lora_rank,
+                       "lr": args.lr, "local-steps": args.local_steps,
+                       "num-server-rounds": args.rounds, "min-available-nodes": 1,
+                       "min-train-nodes": 1, "min-evaluate-nodes": 1, "initial-eval": False,
+                       "seed": args.seed, "output-dir": str(folder)}, 1)
+        sites.append({"tasks": sorted({d["task"] for d in share}),
+                      **held_out_loss(args, folder / "final", held_out)})
+    tokens = sum(s["tokens"] for s in sites)
+    loss = sum(s["loss"] * s["tokens"] for s in sites) / tokens
+    return {"loss": loss, "perplexity": math.exp(loss), "tokens": tokens, "sites": sites}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = Path(args.output_dir)
@@ -154,12 +191,15 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"base": held_out_loss(args, None, held_out)}
     rows = federate(args, out / "corpus" / "train.jsonl", out / "federated")
     results["federated"] = held_out_loss(args, out / "federated" / "final", held_out)
+    results["local"] = local_only(args, train, held_out, out)
     seconds = time.perf_counter() - started
     for arm, r in results.items():
         print(f"{arm:10s} held-out loss {r['loss']:.4f}  perplexity {r['perplexity']:.2f}")
     drop = results["base"]["loss"] - results["federated"]["loss"]
-    print(f"federated continued pre-training lowers held-out loss by {drop:.4f} "
-          f"(perplexity x{math.exp(-drop):.3f}); {seconds:.0f} s")
+    gain = results["local"]["loss"] - results["federated"]["loss"]
+    print(f"federated continued pre-training lowers held-out loss by {drop:.4f} against the "
+          f"base (perplexity x{math.exp(-drop):.3f}) and by {gain:.4f} against local-only "
+          f"(x{math.exp(-gain):.3f}); {seconds:.0f} s")
     (out / "results.json").write_text(json.dumps(
         {"args": vars(args), "results": results, "seconds": seconds,
          "documents": {"train": len(train), "held-out": len(held_out)}, "rounds": rows},
