@@ -90,3 +90,30 @@ def test_record_forms_and_combinations_are_refused_with_the_reason(tmp_path):
                        ({"dpo-loss": "hinge"}, "dpo-loss"), ({"objective": "ppo"}, "objective")):
         with pytest.raises(SettingsError, match=f"setting '{key}'"):
             load({**RUN, **extra})
+
+
+def test_the_preference_experiment_runs_every_arm_and_keeps_every_scored_answer(tmp_path):
+    """simulations/experiments/preference_bigbench.py --short on two tiny multiple-choice
+    tasks of our own (the shared BIG-bench data is for experiments, not tests)."""
+    from simulations.experiments.preference_bigbench import ARMS, main
+
+    for task in ("alpha", "beta"):
+        (tmp_path / f"{task}.json").write_text(json.dumps({"name": task, "examples": [
+            {"input": f"{task} {i} + {i}?", "target_scores": {str(2 * i): 1, str(i): 0,
+                                                              "no": 0}}
+            for i in range(14)]}))
+    mmlu = tmp_path / "mmlu.json"
+    mmlu.write_text(json.dumps([{"instruction": "Pick.", "input": f"Q{i}\nA. a\nB. b\nC. c\nD. d",
+                                 "output": "The answer is: B. b", "class": "x"}
+                                for i in range(3)]))
+    out = tmp_path / "out"
+    assert main(["--short", "--bigbench-dir", str(tmp_path), "--tasks", "alpha,beta",
+                 "--mmlu", str(mmlu), "--output-dir", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    seed = results["results"]["0"]
+    assert set(seed) == set(ARMS)
+    assert len(seed["local"]["runs"]) == 2  # one adapter per site
+    answers = seed["dpo"]["runs"][0]["choices"]["answers"]
+    assert len(answers) == 16 and all(len(a["logliks"]) == 3 for a in answers)
+    assert len(seed["base"]["runs"][0]["mmlu"]["answers"]) == 3
+    assert "| sft-dpo |" in (out / "results.md").read_text()

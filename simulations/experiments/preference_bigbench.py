@@ -1,0 +1,252 @@
+"""What does federated DPO buy over supervised fine-tuning? BIG-bench multiple choice as
+preference data, one task per site, scored by multiple-choice accuracy.
+
+    python -m simulations.experiments.preference_bigbench --output-dir results/preference
+    python -m simulations.experiments.preference_bigbench --short --output-dir /tmp/pref
+
+Data: each `--tasks` file of `--bigbench-dir` (multiple-choice BIG-bench tasks) is one site's.
+Per task, the last `--test-per-task` questions are the held-out test (never trained); of the
+rest, at most `--train-per-task`. A question becomes an SFT record (its right answer) or a
+preference pair (the right choice as chosen, a wrong one drawn with the seed as rejected:
+`fedlora.data.preference.bigbench_pairs`).
+
+Arms, each through the real ServerApp and ClientApp in one process (simulations.inprocess),
+`--rounds` x `--local-steps` per site, per seed:
+
+- base:     the pretrained model;
+- sft:      FedAvg, objective=sft on the right answers;
+- dpo:      FedAvg, objective=dpo on the pairs;
+- sft-dpo:  the sft arm's adapter, then as many DPO rounds from it (init-adapter);
+- local:    each site alone, objective=dpo on its own pairs (its adapter scored on every
+            task: what a site gets without the federation; each site's figure kept);
+- central:  one node holding every site's pairs, objective=dpo, the sites' steps together.
+
+Scoring: every test question's choices by their log-likelihood after the prompt (as BIG-bench
+scores multiple choice, `fedlora.train.choices`), accuracy overall and per task; and MMLU
+(`--mmlu`, the first `--mmlu-limit` questions; `simulations.experiments.general_knowledge`)
+to show general knowledge is kept. Every scored answer, with its log-likelihoods, goes to
+<output-dir>/results.json (rewritten after each arm), and a table to results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+TASKS = ("cs_algorithms__valid_parentheses", "date_understanding", "multiemo__all_sentence_en",
+         "sports_understanding")
+ARMS = ("base", "sft", "dpo", "sft-dpo", "local", "central")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--bigbench-dir", default="../shared/data/bigbench")
+    p.add_argument("--tasks", default=",".join(TASKS),
+                   help="multiple-choice task files (names without .json), one per site")
+    p.add_argument("--train-per-task", type=int, default=200)
+    p.add_argument("--test-per-task", type=int, default=50)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--local-steps", type=int, default=10)
+    p.add_argument("--seeds", default="0,1")
+    p.add_argument("--run-config", default="lr=5e-4 batch-size=4 max-length=192 lora-rank=8 "
+                                           "dpo-beta=0.1", help="settings shared by every arm")
+    p.add_argument("--mmlu", type=Path, default=Path("../shared/data/mmlu_subset_1444.json"))
+    p.add_argument("--mmlu-limit", type=int, default=200, help="0 = skip MMLU")
+    p.add_argument("--arms", default=",".join(ARMS))
+    p.add_argument("--output-dir", type=Path, required=True)
+    p.add_argument("--short", action="store_true",
+                   help="smoke run: tiny-llama, 2 tasks, 1 round of 2 steps, one seed")
+    args = p.parse_args(argv)
+    if args.short:
+        args.model, args.rounds, args.local_steps, args.seeds = "tiny-llama", 1, 2, "0"
+        args.train_per_task, args.test_per_task = 16, 8
+        if args.tasks == ",".join(TASKS):
+            args.tasks = "sports_understanding,date_understanding"
+        args.mmlu_limit = min(args.mmlu_limit, 8)
+    unknown = sorted(set(args.arms.split(",")) - set(ARMS))
+    if unknown:
+        p.error(f"--arms: unknown {','.join(unknown)}; known: {','.join(ARMS)}")
+    return args
+
+
+def task_split(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
+    """(training questions, test questions) of every task, multiple choice only."""
+    from fedlora.data.bigbench import load_bigbench
+
+    train, test = [], []
+    for name in args.tasks.split(","):
+        path = Path(args.bigbench_dir) / f"{name}.json"
+        if not path.is_file():
+            raise SystemExit(f"--tasks: {path} does not exist")
+        records = [r for r in load_bigbench(str(path)) if r.get("choices")]
+        if len(records) <= args.test_per_task:
+            raise SystemExit(f"{name}: {len(records)} multiple-choice questions, not more than "
+                             f"--test-per-task={args.test_per_task}")
+        test += records[-args.test_per_task:]
+        train += records[:-args.test_per_task][:args.train_per_task]
+    return train, test
+
+
+def write_jsonl(path: Path, records: list[dict]) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return str(path)
+
+
+def sft_records(questions: list[dict]) -> list[dict]:
+    """The questions as instruction/output records (their right answer), task kept."""
+    return [{"instruction": q["instruction"], "output": q["output"], "task": q["task"]}
+            for q in questions]
+
+
+def run(config: dict, nodes: int, out: Path) -> Path:
+    """One federation in this process; its final adapter."""
+    from simulations.inprocess import run_inprocess
+
+    run_inprocess({**config, "output-dir": str(out), "min-available-nodes": nodes,
+                   "min-train-nodes": nodes, "min-evaluate-nodes": nodes}, nodes)
+    return out / "final"
+
+
+def score_choices(model, tokenizer, test: list[dict]) -> dict:
+    """Accuracy (overall, per task) of the most likely choice, and every answer."""
+    from fedlora.data import to_messages
+    from fedlora.inference import chat_prompt
+    from fedlora.train.choices import best_choice, pad_id, row_logliks, targets_of, token_ids
+
+    rows = []
+    for q in test:
+        prompt = token_ids(tokenizer, chat_prompt(to_messages(q)[:-1], tokenizer))
+        rows += [(prompt, token_ids(tokenizer, c)) for c in q["choices"]]
+    scores, start, answers = row_logliks(model, rows, pad_id(tokenizer), 16), 0, []
+    for q in test:
+        logliks = scores[start:start + len(q["choices"])]
+        start += len(q["choices"])
+        pick = q["choices"][best_choice(logliks)]
+        answers.append({"task": q["task"], "question": q["instruction"][-200:],
+                        "expected": targets_of(q), "answer": pick,
+                        "correct": pick in targets_of(q), "logliks": logliks})
+    tasks: dict[str, list[bool]] = {}
+    for a in answers:
+        tasks.setdefault(a["task"], []).append(a["correct"])
+    return {"accuracy": statistics.mean(a["correct"] for a in answers),
+            "per-task": {t: statistics.mean(v) for t, v in sorted(tasks.items())},
+            "answers": answers}
+
+
+def score(args: argparse.Namespace, adapter: Path | None, test: list[dict],
+          mmlu: list[dict]) -> dict:
+    """An adapter (None: the base model) on the test questions and on MMLU."""
+    from peft import PeftModel
+
+    from fedlora.config import ModelSettings
+    from fedlora.models import load_model
+    from simulations.experiments.general_knowledge import score_model
+
+    model, tokenizer, _ = load_model(ModelSettings(name=args.model, device="cpu"))
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, str(adapter))
+    model.eval()
+    out = {"adapter": str(adapter) if adapter else None,
+           "choices": score_choices(model, tokenizer, test)}
+    if mmlu:
+        out["mmlu"] = score_model(model, tokenizer, mmlu, 16)
+    return out
+
+
+def arm_adapters(arm: str, args: argparse.Namespace, base: dict, sites: list[list[dict]],
+                 files: dict[str, str], out: Path) -> list[Path | None]:
+    """Train `arm` (seed in `base`); its adapters (one, or one per site for local)."""
+    steps, rounds = args.local_steps, args.rounds
+    fed = {**base, "partitioner": "by-field", "partition-field": "task"}
+    if arm == "base":
+        return [None]
+    if arm == "sft":
+        return [run({**fed, "dataset": files["sft"], "objective": "sft"}, len(sites),
+                    out / "sft")]
+    if arm == "dpo":
+        return [run({**fed, "dataset": files["pairs"], "objective": "dpo"}, len(sites),
+                    out / "dpo")]
+    if arm == "sft-dpo":
+        first = out / "sft" / "final"
+        if not first.is_dir():
+            first = run({**fed, "dataset": files["sft"], "objective": "sft"}, len(sites),
+                        out / "sft")
+        return [run({**fed, "dataset": files["pairs"], "objective": "dpo",
+                     "init-adapter": str(first)}, len(sites), out / "sft-dpo")]
+    if arm == "local":
+        return [run({**base, "dataset": write_jsonl(out / "local" / f"site-{i}.jsonl", pairs),
+                     "objective": "dpo"}, 1, out / "local" / f"site-{i}")
+                for i, pairs in enumerate(sites)]
+    # central: every site's pairs on one node, the sites' steps together
+    return [run({**base, "dataset": files["pairs"], "objective": "dpo",
+                 "local-steps": steps * len(sites), "num-server-rounds": rounds}, 1,
+                out / "central")]
+
+
+def mean_of(results: list[dict], key: str) -> float:
+    return statistics.mean(r[key]["accuracy"] for r in results)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from fedlora.cli.runconfig import parse_run_config
+    from fedlora.data.preference import bigbench_pairs
+    from simulations.experiments.general_knowledge import load_mmlu
+
+    train, test = task_split(args)
+    mmlu = load_mmlu(args.mmlu)[:args.mmlu_limit] if args.mmlu_limit else []
+    results: dict = {}
+    started = time.perf_counter()
+    for seed in map(int, args.seeds.split(",")):
+        out = args.output_dir / f"seed-{seed}"
+        pairs = [{k: v for k, v in p.items() if k != "chat"}
+                 for p in bigbench_pairs(train, seed)]
+        files = {"sft": write_jsonl(out / "sft.jsonl", sft_records(train)),
+                 "pairs": write_jsonl(out / "pairs.jsonl", pairs)}
+        sites = [[p for p in pairs if p["task"] == t] for t in sorted({p["task"] for p in pairs})]
+        base = {**parse_run_config(args.run_config), "model": args.model, "device": "cpu",
+                "seed": seed, "local-steps": args.local_steps,
+                "num-server-rounds": args.rounds, "eval-fraction": 0.1, "eval-examples": 16,
+                "eval-accuracy": 0, "initial-eval": False}
+        results[seed] = {}
+        for arm in args.arms.split(","):
+            began = time.perf_counter()
+            scored = [score(args, a, test, mmlu)
+                      for a in arm_adapters(arm, args, base, sites, files, out)]
+            entry: dict = {"choice-accuracy": mean_of(scored, "choices"), "runs": scored}
+            if mmlu:
+                entry["mmlu-accuracy"] = mean_of(scored, "mmlu")
+            entry["seconds"] = time.perf_counter() - began
+            results[seed][arm] = entry
+            print(f"seed {seed} {arm:8s} choice accuracy {entry['choice-accuracy']:.3f}"
+                  + (f"  MMLU {entry['mmlu-accuracy']:.3f}" if mmlu else "")
+                  + f"  ({entry['seconds']:.0f} s)", file=sys.stderr, flush=True)
+            args.output_dir.mkdir(parents=True, exist_ok=True)
+            (args.output_dir / "results.json").write_text(json.dumps(
+                {"args": {k: str(v) for k, v in vars(args).items()},
+                 "questions": {"train": len(train), "test": len(test), "mmlu": len(mmlu)},
+                 "results": results}, indent=1) + "\n")
+    lines = [f"{len(test)} test questions of {args.tasks} (multiple choice, most likely "
+             f"choice); MMLU {len(mmlu)} questions; {args.model}, {args.rounds} rounds x "
+             f"{args.local_steps} steps; mean over seeds {args.seeds}", "",
+             "| arm | choice accuracy | MMLU |", "|---|---:|---:|"]
+    for arm in args.arms.split(","):
+        runs = [results[s][arm] for s in results]
+        mm = statistics.mean(r["mmlu-accuracy"] for r in runs) if mmlu else float("nan")
+        lines.append(f"| {arm} | {statistics.mean(r['choice-accuracy'] for r in runs):.3f} | "
+                     f"{mm:.3f} |")
+    (args.output_dir / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"{time.perf_counter() - started:.0f} s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
