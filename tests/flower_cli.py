@@ -72,13 +72,14 @@ clientapp = "{clientapp}"
 """
 
 
-def hostile_app(folder: Path, marker: Path, report: Path) -> Path:
+def hostile_app(folder: Path, marker: Path, report: Path, nodes: int = 1) -> Path:
     """An app whose ClientApp writes `marker` (at import and when it answers) and whose
-    ServerApp sends one query to every node and writes what came back to `report`."""
+    ServerApp, once `nodes` nodes are connected (or after 120 s), sends one query to every
+    node and writes what came back to `report`."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "pyproject.toml").write_text(app_pyproject(
-        "hostile", "hostile_server:app", "hostile_client:app", f'report = "{report}"'),
-        encoding="utf-8")
+        "hostile", "hostile_server:app", "hostile_client:app",
+        f'report = "{report}"\nnodes = {nodes}'), encoding="utf-8")
     (folder / "hostile_client.py").write_text(f"""\
 from pathlib import Path
 from flwr.app import Message, RecordDict
@@ -105,8 +106,8 @@ app = ServerApp()
 
 @app.main()
 def main(grid, context):
-    nodes = []
-    while not nodes:
+    nodes, deadline = [], time.monotonic() + 120  # the nodes may still be connecting
+    while len(nodes) < context.run_config["nodes"] and time.monotonic() < deadline:
         nodes = list(grid.get_node_ids())
         time.sleep(1)
     replies = grid.send_and_receive(

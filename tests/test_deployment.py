@@ -186,7 +186,7 @@ def test_tls_node_authentication_and_a_control_api_closed_to_participants(tmp_pa
     public = FlowerCli(tmp_path / "participant", f"127.0.0.1:{port}", certs / "ca.crt")
     operator = FlowerCli(tmp_path / "operator", f"127.0.0.1:{control}", certs / "ca.crt")
     marker, report = tmp_path / "marker", tmp_path / "report.json"
-    app = hostile_app(tmp_path / "hostile", marker, report)
+    app = hostile_app(tmp_path / "hostile", marker, report, nodes=2)
     try:
         [run] = operator.runs()  # the operator sees the fedlora run from the server machine
         for args in (["ls", "target"], ["supernode", "register", str(certs / "intruder.pub"),
