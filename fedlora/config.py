@@ -121,7 +121,7 @@ BIGBENCH_PREFIX = "bigbench:"  # read by fedlora.data.bigbench
 
 # Record fields a loader understands (see fedlora/data/loaders.py); field-map renames to these.
 RECORD_FIELDS = ("instruction", "input", "output", "prompt", "completion", "messages",
-                 "conversations", "text")
+                 "conversations", "text", "chosen", "rejected")  # chosen, rejected: objective=dpo
 CHAT_ROLES = ("user", "assistant", "system")  # what roles-map renames ShareGPT roles to
 TRAIN_ON = ("all-assistant", "last-assistant")  # which assistant turns a conversation trains
 

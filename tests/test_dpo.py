@@ -47,6 +47,10 @@ def test_a_dpo_federation_grows_the_held_out_preference_margin(tmp_path, loss):
     assert margins[0] > 0 and margins[1] > margins[0]
     assert trained[-1]["pref-accuracy"] >= 0.9
     assert trained[-1]["rejected-logp"] < start["rejected-logp"]
+    from fedlora.report.tables import before_after
+
+    table = before_after(rows)  # the end-of-run table compares the preference figures too
+    assert "pref-margin" in table and "pref-accuracy" in table
 
 
 def test_dpo_on_a_4bit_base(tmp_path):

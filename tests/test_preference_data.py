@@ -39,7 +39,10 @@ def test_text_chat_and_implicit_prompt_forms_load(tmp_path):
 def test_csv_with_a_field_map(tmp_path):
     path = tmp_path / "p.csv"
     path.write_text("question,good,bad\nCapital of France?,Paris,Berlin\n", encoding="utf-8")
-    pairs = load_source(str(path), {"prompt": "question", "chosen": "good", "rejected": "bad"})
+    from fedlora.config import parse_field_map
+
+    mapping = parse_field_map("prompt=question,chosen=good,rejected=bad")  # as the setting
+    pairs = load_source(str(path), mapping)
     assert (pairs[0]["prompt"], pairs[0]["chosen"], pairs[0]["rejected"]) == (
         "Capital of France?", "Paris", "Berlin")
 

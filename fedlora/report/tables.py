@@ -72,6 +72,9 @@ def before_after(rows: list[dict]) -> str:
     keys += families if len(families) > 1 else []
     keys += [M.EVAL_LOSS]
     keys += [M.EVAL_PERPLEXITY] * (M.EVAL_PERPLEXITY in before or M.EVAL_PERPLEXITY in after)
+    # objective=dpo: the held-out preference figures against the base model
+    keys += [k for k in (M.PREF_ACCURACY, M.PREF_MARGIN, M.CHOSEN_LOGP, M.REJECTED_LOGP)
+             if k in before or k in after]
     federated = f"federated (round {after[M.ROUND]})"
     lines = [f"{'':22}  {'base (round 0)':>14}  {federated:>20}  {'change':>8}"]
 
