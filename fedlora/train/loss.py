@@ -17,6 +17,8 @@ that do not expose decoder and head the usual way go through the model's own los
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 import torch
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
@@ -73,20 +75,37 @@ def response_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor],
             batch = {k: v for k, v in batch.items() if k != "attention_mask"}
         return model(**batch).loss, count
     decoder, head = parts
-    # virtual tokens (a soft prompt, or prefixes as a cache) go first; their positions are
-    # dropped again
+    hidden, keep, chosen, wanted = labelled_hidden(model, decoder, batch, targets, keep)
+    if count == 0:  # as the model's own loss: nothing to learn from (0, with a graph)
+        return hidden.sum() * 0.0, 0
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for _, part in head_chunks(_chunk_loss, head, chosen, wanted, chunk_tokens):
+        total = total + part.to(total.device)
+    return total / count, count
+
+
+def labelled_hidden(model: torch.nn.Module, decoder: torch.nn.Module,
+                    batch: dict[str, torch.Tensor], targets: torch.Tensor, keep: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One decoder pass over `batch`: (its hidden states, `keep` on their device, the hidden
+    states of the positions `keep` marks (those whose next token is labelled), their target
+    tokens). Virtual tokens (a soft prompt, or prefixes as a cache) go first; their positions
+    are dropped again."""
     inputs, skip = prompted(model, batch["input_ids"], batch["attention_mask"],
                             batch.get("position_ids"))
     hidden = decoder(**inputs).last_hidden_state[:, skip:]
     keep, targets = keep.to(hidden.device), targets.to(hidden.device)  # a split model's
-    chosen, wanted = hidden[:, :-1][keep], targets[keep]
-    if count == 0:  # as the model's own loss: nothing to learn from (0, with a graph)
-        return hidden.sum() * 0.0, 0
-    total = hidden.new_zeros((), dtype=torch.float32)
+    return hidden, keep, hidden[:, :-1][keep], targets[keep]
+
+
+def head_chunks(fn: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor],
+                head: torch.nn.Module, chosen: torch.Tensor, wanted: torch.Tensor,
+                chunk_tokens: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """(start, fn(head, hidden, targets)) of each `chunk_tokens` positions in turn; with
+    gradients on, a chunk is recomputed in the backward pass (activation checkpointing), so
+    at most one chunk's logits exist at once."""
     grad = torch.is_grad_enabled()
-    for start in range(0, count, chunk_tokens):
+    for start in range(0, wanted.shape[0], chunk_tokens):
         h, y = chosen[start:start + chunk_tokens], wanted[start:start + chunk_tokens]
-        part = (checkpoint(_chunk_loss, head, h, y, use_reentrant=False) if grad
-                else _chunk_loss(head, h, y))
-        total = total + part.to(total.device)
-    return total / count, count
+        yield start, (checkpoint(fn, head, h, y, use_reentrant=False) if grad
+                      else fn(head, h, y))

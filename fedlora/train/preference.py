@@ -30,15 +30,11 @@ from dataclasses import dataclass, replace
 
 import torch
 from torch.nn import functional as F
-from torch.utils.checkpoint import checkpoint
 
-from fedlora.adapters.virtual_tokens import prompted
 from fedlora.config import DPO_LOSSES, TrainSettings
 from fedlora.data import IGNORE, collate
 from fedlora.train.hooks import LocalTraining
-from fedlora.train.loss import CHUNK_TOKENS, decoder_and_head
-
-LOSSES = DPO_LOSSES  # dpo-loss; the settings check the name
+from fedlora.train.loss import CHUNK_TOKENS, decoder_and_head, head_chunks, labelled_hidden
 
 
 def _chunk_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor
@@ -63,17 +59,10 @@ def sequence_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor],
                               targets.clamp(min=0).to(logits.device).unsqueeze(-1)).squeeze(-1)
         return (picked * keep.to(picked.device)).sum(dim=1), counts
     decoder, head = parts
-    inputs, skip = prompted(model, batch["input_ids"], batch["attention_mask"])
-    hidden = decoder(**inputs).last_hidden_state[:, skip:]
-    keep, targets = keep.to(hidden.device), targets.to(hidden.device)
+    hidden, keep, chosen, wanted = labelled_hidden(model, decoder, batch, targets, keep)
     rows = keep.nonzero()[:, 0]  # the row of every labelled position, in order
-    chosen, wanted = hidden[:, :-1][keep], targets[keep]
     sums = hidden.new_zeros(keep.shape[0], dtype=torch.float32)
-    grad = torch.is_grad_enabled()
-    for start in range(0, int(rows.numel()), chunk_tokens):
-        h, y = chosen[start:start + chunk_tokens], wanted[start:start + chunk_tokens]
-        part = (checkpoint(_chunk_logprobs, head, h, y, use_reentrant=False) if grad
-                else _chunk_logprobs(head, h, y))
+    for start, part in head_chunks(_chunk_logprobs, head, chosen, wanted, chunk_tokens):
         sums = sums.index_add(0, rows[start:start + chunk_tokens].to(sums.device),
                               part.to(sums.device))
     return sums, counts.to(sums.device)
@@ -116,7 +105,7 @@ def preference_loss(scores: PairScores, beta: float, loss: str = "sigmoid") -> t
         h = ((scores.policy_chosen - scores.ref_chosen) / chosen_n
              - (scores.policy_rejected - scores.ref_rejected) / rejected_n)
         return ((h - 1.0 / (2.0 * beta)) ** 2).mean()
-    raise ValueError(f"dpo-loss: expected one of {', '.join(LOSSES)}, got {loss!r}")
+    raise ValueError(f"dpo-loss: expected one of {', '.join(DPO_LOSSES)}, got {loss!r}")
 
 
 def preference_figures(scores: PairScores, beta: float) -> PreferenceFigures:
