@@ -8,12 +8,11 @@ load.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedlora.outputs import METRICS
-from fedlora.tracking import CLIENT_PREFIX, client_name, step_losses
+from fedlora.tracking import CLIENT_PREFIX, client_name, finite, step_losses
 from fedlora.wire import M
 
 ACCURACY = M.ACCURACY
@@ -38,13 +37,6 @@ class Run:
     def strategy(self) -> str:
         """The merging strategy from run.json, or '?' when run.json is absent."""
         return str(self.info.get("settings", {}).get("strategy", "?"))
-
-
-def finite(value) -> float | None:
-    """`value` as a float, or None when it is missing, not a number or NaN/inf."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value) if math.isfinite(value) else None
 
 
 def load_run(path: str | Path) -> Run:
