@@ -699,14 +699,14 @@ class RoundLoop:
         """Token-weighted mean eval loss over the nodes that evaluated; exact-match accuracy
         pooled over their answers (overall, per family, and per client), and the same for the
         most likely choice of multiple-choice records (choice-accuracy)."""
-        failed = [m for m in replies if evaluate_problem(m)]
-        rows = [metrics_of(m) for m in replies if not evaluate_problem(m)]
+        usable = [m for m in replies if not evaluate_problem(m)]
+        rows = [metrics_of(m) for m in usable]
         loss = weighted_mean([float(r[wire.EVAL_LOSS]) for r in rows],
                              [float(r[wire.EVAL_TOKENS]) for r in rows])
         out: dict[str, Any] = {
             M.EVAL_LOSS: loss,
             M.EVAL_PERPLEXITY: math.exp(min(loss, 50.0)) if rows else math.nan,
-            M.EVAL_CLIENTS: len(rows), M.EVAL_FAILED: len(failed)}
+            M.EVAL_CLIENTS: len(rows), M.EVAL_FAILED: len(replies) - len(usable)}
         for kind in ("", "choice"):  # generated exact match; most likely choice
             pooled, per_client = Accuracy(kind=kind), {}
             for row in rows:
@@ -723,7 +723,7 @@ class RoundLoop:
             out[M.PREF_PAIRS] = int(sum(weights))
             out.update({key: weighted_mean([float(r[key]) for r in pairs], weights)
                         for key in wire.PREFERENCE})
-        if samples := pooled_samples(replies):
+        if samples := pooled_samples(usable):
             out[M.SAMPLES] = samples
         return out
 
@@ -755,13 +755,12 @@ def log_preference(server_round: int, entry: dict) -> None:
             _fmt(entry.get(M.REJECTED_LOGP)), entry[M.PREF_PAIRS])
 
 
-def pooled_samples(replies: list[Message]) -> list[dict]:
+def pooled_samples(usable: list[Message]) -> list[dict]:
     """The first SAMPLES_PER_FAMILY answers of each family over the usable evaluation
-    replies, in partition order (simulated clients send some: `wire.SAMPLES`)."""
+    replies (`evaluate_problem` found none), in partition order (simulated clients send
+    some: `wire.SAMPLES`)."""
     entries = []
-    for msg in replies:
-        if evaluate_problem(msg):
-            continue
+    for msg in usable:
         if (columns := msg.content.config_records.get(wire.SAMPLES)) is not None:
             pid = number(metrics_of(msg), wire.PARTITION_ID)
             entries += samples_of(columns, int(pid) if math.isfinite(pid) else -1)
