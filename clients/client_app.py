@@ -508,13 +508,12 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     metrics = MetricRecord({wire.NUM_EXAMPLES: result.examples, wire.PARTITION_ID: job.partition_id,
                             wire.EVAL_LOSS: result.loss, wire.EVAL_TOKENS: result.tokens})
     content: dict = {}
-    scored = [] if is_dpo(settings) else scored_records(
-        records, settings.data.dataset, settings.train.exact_match, settings.train.eval_accuracy)
     if is_dpo(settings):  # eval-loss: of the chosen responses; and the preference figures
         figures = evaluate_pairs(slot.model, held_out, slot.tokenizer.pad_token_id,
                                  settings.train.dpo_beta, settings.train.batch_size)
         metrics.update(figures_metrics(figures, len(held_out)))
-    elif scored:
+    elif scored := scored_records(records, settings.data.dataset, settings.train.exact_match,
+                                  settings.train.eval_accuracy):
         accuracy, _ = exact_match(slot.model, slot.tokenizer, scored, settings.data.dataset,
                                   settings.train.max_new_tokens, generation_batch(settings),
                                   desc)
