@@ -387,11 +387,6 @@ class TrainSettings:
         one_of("objective", self.objective, OBJECTIVES)
         require(self.dpo_beta > 0, "dpo-beta", "a number > 0", self.dpo_beta)
         one_of("dpo-loss", self.dpo_loss, DPO_LOSSES)
-        if self.objective == "dpo" and self.dp_sgd:
-            raise SettingsError(
-                "setting 'dp-sgd': dp-sgd bounds what one record adds through per-example "
-                "gradients, and a DPO step's unit is a pair of sequences; dp-sgd with "
-                "objective=dpo is not supported (use dp-noise-multiplier, client-level DP)")
         if self.dp_sgd and self.gradient_checkpointing:
             raise SettingsError(
                 "setting 'gradient-checkpointing': dp-sgd's per-example gradient hooks see "
@@ -791,10 +786,6 @@ class Settings:
             raise SettingsError(
                 f"setting 'init-adapter': a LoRA adapter starts runs of peft=lora only, got "
                 f"peft={self.lora.peft}; set init-adapter='' or peft=lora")
-        if self.train.objective == "dpo" and self.train.server_eval:
-            raise SettingsError("setting 'server-eval': the server scores answers of sft "
-                                "records; with objective=dpo the nodes report the held-out "
-                                "preference figures; set server-eval=0")
         if self.train.objective == "dpo" and self.data.packing:
             raise SettingsError("setting 'packing': a DPO example is a pair of sequences that "
                                 "share a prompt; set packing=false with objective=dpo")

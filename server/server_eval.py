@@ -4,7 +4,11 @@ held-out set the clients never train on, with one base model loaded in the Serve
 The held-out set is `server-eval-data` when given, else the union of the simulated clients'
 held-out splits of `dataset` (shuffled with the seed, so every task family is represented);
 `server-eval` examples of it give the eval loss, and those that name their scorer (all of them
-with exact-match=all) exact-match accuracy per family.
+with exact-match=all) exact-match accuracy per family. With objective=dpo the held-out records
+are preference pairs: the eval loss is of the chosen responses, and the preference figures of
+the global adapter against the base model (`fedlora.train.preference.evaluate_pairs`, as the
+nodes report them) are `server-pref-accuracy`, `server-pref-margin`, `server-chosen-logp`,
+`server-rejected-logp` over `server-pref-pairs`.
 """
 
 from __future__ import annotations
@@ -15,10 +19,12 @@ from typing import Any
 
 from fedlora.adapters import Workspace, set_residual
 from fedlora.config import Settings
-from fedlora.data import client_records, load_source, tokenize_records
+from fedlora.data import client_records, load_source
+from fedlora.data.preference import for_objective, tokenize_for
 from fedlora.train import evaluate
 from fedlora.train.accuracy import exact_match, generation_batch, scored_records
 from fedlora.train.choices import multiple_choice
+from fedlora.train.preference import evaluate_pairs, figures_metrics
 from fedlora.wire import M
 
 
@@ -38,7 +44,9 @@ def held_out_records(settings: Settings, num_partitions: int) -> list[dict]:
         random.Random(fed.seed).shuffle(records)
     if not records:
         raise ValueError("setting 'server-eval': the server's held-out set is empty")
-    return records[: settings.train.server_eval]
+    source = settings.train.server_eval_data or data.dataset
+    return for_objective(records, settings.train.objective, fed.seed,
+                         source)[: settings.train.server_eval]
 
 
 class ServerEvaluator:
@@ -60,11 +68,17 @@ class ServerEvaluator:
         set_residual(slot, lora, None)  # export() already folds the residual into `state`
         slot.peft.set_state(slot.model, slot.adapter, {k: v.float() for k, v in state.items()})
         if self.examples is None:
-            self.examples = tokenize_records(self.records, slot.tokenizer, s.train.max_length,
-                                             truncation=s.train.truncation,
-                                             train_on=s.data.train_on)
+            self.examples = tokenize_for(self.records, slot.tokenizer, s.train.objective,
+                                         s.train.max_length, s.train.truncation,
+                                         s.data.train_on)
         loss = evaluate(slot.model, self.examples, slot.tokenizer.pad_token_id,
                         batch_size=s.train.batch_size, desc="server-eval")
+        if s.train.objective == "dpo":  # pairs: the preference figures against the base
+            figures = evaluate_pairs(slot.model, self.examples, slot.tokenizer.pad_token_id,
+                                     s.train.dpo_beta, s.train.batch_size)
+            return {"server-eval-loss": loss.loss, "server-eval-examples": len(self.records),
+                    **{f"server-{k}": v
+                       for k, v in figures_metrics(figures, len(self.examples)).items()}}
         scored = scored_records(self.records, s.data.dataset, s.train.exact_match,
                                 len(self.records))
         accuracy, _ = exact_match(slot.model, slot.tokenizer, scored, s.data.dataset,

@@ -249,6 +249,53 @@ def test_two_gloo_processes_train_the_adapter_one_process_trains(pool, mu):
     assert result.first_loss == pytest.approx(single.first_loss, abs=1e-5)
 
 
+def tiny_pairs(slot) -> list[dict]:
+    """Ten preference pairs of the default task's questions: the right answer chosen, another
+    question's answer rejected."""
+    from fedlora.data.preference import to_pair, tokenize_pair
+
+    records, _ = client_records(Settings.from_config({"dataset-size": 60}).data, 0, 1, seed=0)
+    return [tokenize_pair(to_pair({"prompt": r["instruction"], "chosen": r["output"],
+                                   "rejected": records[i + 1]["output"]}, f"pair {i}"),
+                          slot.tokenizer, 64)
+            for i, r in enumerate(records[:10])]
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "ipo"])
+def test_two_gloo_processes_train_the_dpo_adapter_one_process_trains(pool, loss):
+    """objective=dpo: rank 0's reference scores travel with the job, each slice's preference
+    loss is its share of the micro-batch's mean over pairs."""
+    from fedlora.train.preference import dpo_training
+
+    settings = settings_for(**{"objective": "dpo", "dpo-loss": loss, "dpo-beta": 0.5})
+    start = started(settings)
+    plan = RoundPlan(1, 3, seed=7)
+    slot = fresh_slot(settings, start)
+    pairs = tiny_pairs(slot)
+    pad = slot.tokenizer.pad_token_id
+    hooks = dpo_training(slot.model, LocalTraining(), pairs, pad, settings.train, plan.seed)
+    assert all("ref_chosen" in p for p in hooks.examples)
+    alone_slot = fresh_slot(settings, start)
+    single = train_local(alone_slot.model, alone_slot.adapter, pairs, pad, settings.train, plan,
+                         hooks)
+    alone = adapter_parameters(alone_slot.model, alone_slot.adapter)
+    job = ReplicaJob(settings.model, settings.lora, settings.train, None, start,
+                     hooks.examples, pad, plan, 0.0, "dpo")
+    result = pool.train(job, slot, slot.peft.training_hooks(slot.model, slot.adapter,
+                                                            settings.lora, hooks))
+    together = adapter_parameters(slot.model, slot.adapter)
+    assert max_diff(together, start) > 1e-3  # it trained
+    assert max_diff(together, alone) <= TOLERANCE
+    assert result.loss == pytest.approx(single.loss, abs=1e-5)
+    # without the replica's share (rank 0's slices alone) the adapter is far from it
+    halves_slot = fresh_slot(settings, start)
+    train_local(halves_slot.model, halves_slot.adapter, pairs, pad,
+                settings_for(**{"objective": "dpo", "dpo-loss": loss, "dpo-beta": 0.5,
+                                "batch-size": 3}).train, plan, hooks)
+    assert max_diff(adapter_parameters(halves_slot.model, halves_slot.adapter),
+                    alone) > 100 * TOLERANCE
+
+
 def test_the_tolerance_tells_a_missing_gradient_sum():
     """Rank 0 without the other slices (what it trains when gradients are not summed) ends
     far outside the tolerance: the test above can fail."""

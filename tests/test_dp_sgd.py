@@ -99,6 +99,65 @@ def test_clipped_per_example_gradients_equal_a_hand_computation(peft):
         torch.testing.assert_close(p.grad, want, rtol=1e-4, atol=1e-7)
 
 
+def tiny_pairs(slot) -> list[dict]:
+    """Five reference-scored preference pairs (the reference: the model as it is)."""
+    from fedlora.data.preference import to_pair, tokenize_pair
+    from fedlora.train.preference import score_reference
+
+    pairs = [tokenize_pair(to_pair({"prompt": f"Q: {a} + {a}?\nA:", "chosen": f" {2 * a}",
+                                    "rejected": " I cannot say" + "." * a}, "pair"),
+                           slot.tokenizer, 48) for a in range(1, 6)]
+    return score_reference(slot.model, pairs, slot.tokenizer.pad_token_id)
+
+
+@pytest.mark.parametrize("peft", COVERED)
+def test_objective_dpo_clips_each_pairs_gradient_as_one_example(peft):
+    """dp-sgd with objective=dpo: the unit is a pair. One step's gradient (noise 0, rate 1,
+    micro-batches of 2 pairs) is each pair's own DPO-loss gradient (both of its sequences)
+    clipped to C, summed, over the expected batch."""
+    from fedlora.train.preference import dpo_unit_losses, pair_losses, pair_scores
+
+    settings, slot, params, _ = tiny(peft)
+    pad = slot.tokenizer.pad_token_id
+    pairs = tiny_pairs(slot)
+    slot.model.train()
+    own = [torch.autograd.grad(pair_losses(pair_scores(slot.model, [pair], pad), 0.5)[0], params,
+                               allow_unused=True) for pair in pairs]
+    own = [[torch.zeros_like(p) if g is None else g for g, p in zip(gs, params)] for gs in own]
+    norms = [math.sqrt(sum(float((g.double() ** 2).sum()) for g in gs)) for gs in own]
+    clip = sorted(norms)[2]
+    assert min(norms) < clip < max(norms)
+    expected = [sum(min(1.0, clip / (n + 1e-6)) * gs[i] for gs, n in zip(own, norms)) / 8
+                for i in range(len(params))]
+    plan = type(plan_dp_sgd(settings.train, 1, 8))(
+        clip=clip, noise_multiplier=0.0, sample_rate=1.0, expected_batch=8, steps=1,
+        delta=1e-5, target_epsilon=math.inf)
+    with PerExampleGradients(slot.model, params, peft_method(peft).dp_sgd) as grads:
+        _, tokens, sampled = private_step(slot.model, params, pairs, pad, plan, 2,
+                                          secret_generator(), grads, nullcontext,
+                                          unit_losses=dpo_unit_losses(0.5, "sigmoid", pad))
+    assert sampled == len(pairs)
+    assert tokens == sum(len(p["input_ids"]) + len(p["rejected_input_ids"]) for p in pairs)
+    for p, want in zip(params, expected):
+        assert p.grad is not None
+        torch.testing.assert_close(p.grad, want, rtol=1e-4, atol=1e-7)
+
+
+def test_a_dpo_federation_with_dp_sgd_spends_its_budget_per_pair(tmp_path):
+    """objective=dpo and dp-sgd in one run: each site's epsilon per round (its pairs are the
+    records the accountant counts) and the preference figures in metrics.jsonl."""
+    from test_dpo import RUN, write_pairs
+
+    data = write_pairs(tmp_path / "pairs.jsonl", n=80)
+    run_inprocess({**RUN, "dataset": data, "dp-sgd": True, "dp-sgd-epsilon": 8.0,
+                   "output-dir": str(tmp_path)}, 2)
+    rounds = training_rounds(read_metrics(tmp_path))
+    spent = [{c["partition-id"]: c["dp-sgd-epsilon"] for c in r["clients"]} for r in rounds]
+    assert [sorted(s) for s in spent] == [[0, 1], [0, 1]]
+    assert all(0 < spent[0][pid] < spent[1][pid] <= 8.0 for pid in (0, 1))
+    assert all("pref-margin" in r and r["pref-pairs"] > 0 for r in rounds)
+
+
 def test_clip_per_example_scales_only_the_examples_above_the_norm():
     grads = [torch.tensor([[3.0, 0.0], [0.3, 0.0]]), torch.tensor([[4.0], [0.4]])]
     summed, norms = clip_per_example(grads, clip=1.0)

@@ -61,6 +61,23 @@ def test_dpo_on_a_4bit_base(tmp_path):
     assert trained[0]["clients-replied"] == 2 and trained[0]["pref-margin"] > 0
 
 
+def test_the_server_scores_held_out_pairs_with_server_eval(tmp_path):
+    """server-eval with objective=dpo: the server's own held-out pairs (a file the nodes never
+    train on) get the preference figures against the base model, margin 0 at round 0."""
+    data = write_pairs(tmp_path / "pairs.jsonl")
+    held = write_pairs(tmp_path / "held.jsonl", n=12, seed=5)
+    run_inprocess({**RUN, "num-server-rounds": 1, "dataset": data, "fraction-evaluate": 0.0,
+                   "server-eval": 10, "server-eval-data": held,
+                   "output-dir": str(tmp_path)}, 2)
+    rows = read_metrics(tmp_path)
+    start, end = rows[0], training_rounds(rows)[-1]
+    assert start["server-pref-pairs"] == end["server-pref-pairs"] == 10
+    assert start["server-pref-margin"] == pytest.approx(0.0, abs=1e-6)
+    assert end["server-pref-margin"] > 0 and end["server-pref-accuracy"] > 0.5
+    assert end["server-eval-loss"] > 0
+    assert "pref-margin" not in end  # no node evaluated
+
+
 def test_sft_rounds_then_dpo_rounds(tmp_path):
     data = write_pairs(tmp_path / "pairs.jsonl")
     sft = tmp_path / "sft.jsonl"  # the chosen answers as demonstrations
@@ -89,8 +106,8 @@ def test_record_forms_and_combinations_are_refused_with_the_reason(tmp_path):
     with pytest.raises(ValueError, match="holds preference records .* objective=dpo"):
         for_objective([{"prompt": "p", "chosen": "a", "rejected": "b", "chat": False}], "sft",
                       0, "pairs.jsonl")
-    for extra, key in (({"dp-sgd": True}, "dp-sgd"), ({"packing": True}, "packing"),
-                       ({"server-eval": 4}, "server-eval"), ({"dpo-beta": 0}, "dpo-beta"),
+    for extra, key in (({"packing": True}, "packing"),
+                       ({"dpo-beta": 0}, "dpo-beta"),
                        ({"dpo-loss": "hinge"}, "dpo-loss"), ({"objective": "ppo"}, "objective")):
         with pytest.raises(SettingsError, match=f"setting '{key}'"):
             load({**RUN, **extra})
@@ -121,3 +138,27 @@ def test_the_preference_experiment_runs_every_arm_and_keeps_every_scored_answer(
     assert len(answers) == 16 and all(len(a["logliks"]) == 3 for a in answers)
     assert len(seed["base"]["runs"][0]["mmlu"]["answers"]) == 3
     assert "| sft-dpo |" in (out / "results.md").read_text()
+
+
+def test_the_preference_experiment_reports_seeds_run_apart_together_and_resumes(tmp_path):
+    """Seeds run by separate processes into one --output-dir are reported together, and
+    --resume keeps the arms a seed already has (no training: a stored seed file)."""
+    from simulations.experiments.preference_bigbench import main
+
+    out = tmp_path / "out"
+    for seed, acc in ((0, 0.5), (1, 0.7)):
+        (out / f"seed-{seed}").mkdir(parents=True)
+        (out / f"seed-{seed}" / "results.json").write_text(json.dumps({
+            "args": {"tasks": "a,b", "model": "m", "rounds": "2", "local_steps": "10"},
+            "questions": {"train": 4, "test": 2, "mmlu": 0}, "seed": seed,
+            "arms": {"base": {"choice-accuracy": acc, "runs": []}}}))
+    assert main(["--report-only", "--arms", "base", "--output-dir", str(out)]) == 0
+    table = (out / "results.md").read_text()
+    assert "| base | 0.600 | 0.500 / 0.700 | - |" in table
+    assert set(json.loads((out / "results.json").read_text())["results"]) == {"0", "1"}
+    for task in ("a", "b"):
+        (tmp_path / f"{task}.json").write_text(json.dumps({"name": task, "examples": [
+            {"input": f"{i}?", "target_scores": {"yes": 1, "no": 0}} for i in range(10)]}))
+    with pytest.raises(SystemExit, match="other arguments"):
+        main(["--resume", "--short", "--bigbench-dir", str(tmp_path), "--tasks", "a,b",
+              "--mmlu-limit", "0", "--arms", "base", "--output-dir", str(out)])

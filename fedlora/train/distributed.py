@@ -16,6 +16,11 @@ device, each with its own copy of the base) train one adapter together:
   the single-process update up to float summation order (tests/test_distributed.py: max abs
   difference <= 1e-5 after several steps).
 
+objective=dpo splits each micro-batch by pairs: rank 0 scores the round's pairs with the
+reference once (`fedlora.train.preference.with_reference`) and sends them, scores included,
+with the job; each slice's preference loss is its share of the micro-batch's mean over pairs
+(`LocalTraining.units`).
+
 LoRA dropout is drawn per process (rank i seeds with seed + i): with lora-dropout > 0 the
 update is distributed as the single-process one, not equal to it. dp-sgd (per-example
 clipping, Poisson sampling of the whole step) and lora-moe (its balance term is not a sum over
@@ -117,9 +122,6 @@ def refusal(settings: Settings, hooks: Any, world: int) -> str | None:
     if settings.train.dp_sgd:
         return (f"dp-sgd with {world} processes: its Poisson sampling and per-example clipping "
                 f"are defined over one process's step; {fix}")
-    if settings.train.objective == "dpo":
-        return (f"objective=dpo with {world} processes: the pairs' reference scores are not "
-                f"yet shared with replica processes; {fix}")
     if settings.lora.peft == "lora-moe":
         return (f"peft=lora-moe with {world} processes: its load-balance term is not a sum over "
                 f"examples, so slices do not add up to the one-process loss; {fix}")
@@ -175,6 +177,11 @@ def _prepare(job: ReplicaJob, workspace: Any) -> tuple[Any, Any]:
             named[name].copy_(value)
     hooks = slot.peft.training_hooks(slot.model, slot.adapter, job.lora,
                                      LocalTraining(proximal_mu=job.proximal_mu))
+    if job.train.objective == "dpo":  # the pairs arrive scored by rank 0's reference
+        from fedlora.train.preference import dpo_batch_loss
+
+        hooks = replace(hooks, batch_loss=dpo_batch_loss(job.train.dpo_beta, job.train.dpo_loss,
+                                                         job.pad_id), units=len)
     return slot, hooks
 
 

@@ -10,7 +10,9 @@ With dp-sgd on, one optimizer step of `fedlora.train.train_local` is:
 2. per-example gradients of the trainable parameters (Opacus' `GradSampleHooks` on the
    adapter's modules: the frozen base, 4-bit or not, gets no hooks), each example's loss
    being the mean next-token loss over its own response tokens, so that no example's
-   gradient depends on another's;
+   gradient depends on another's (objective=dpo: an example is a preference pair, its loss
+   the pair's DPO loss against reference scores of that pair alone, its gradient the sum of
+   its chosen and rejected rows');
 3. each example's gradient, all trainable parameters together, clipped to L2 norm
    dp-sgd-clip = C (`clip_per_example`), summed over the logical batch;
 4. Gaussian noise N(0, (sigma C)^2) on every coordinate of the sum (`add_noise`, from a
@@ -248,10 +250,12 @@ class PerExampleGradients:
                 if name in module.__dict__:
                     delattr(module, name)
 
-    def take(self, batch_size: int) -> list[torch.Tensor]:
+    def take(self, batch_size: int, rows: int = 1) -> list[torch.Tensor]:
         """Each parameter's per-example gradients (batch_size, *shape) of the last backward
         pass (zeros for a parameter it did not reach); raises when a parameter got a
-        gradient but no per-example one."""
+        gradient but no per-example one. With `rows` > 1 an example is that many rows of the
+        forward pass, laid out row block by row block (`collate_pairs`: the chosen rows, then
+        the rejected ones), and its gradient is the sum of its rows'."""
         out = []
         for p in self.params:
             if self.how == "one-by-one":
@@ -268,12 +272,14 @@ class PerExampleGradients:
                         f"per-example one (Opacus has no hook on its module); mark the PEFT "
                         f"method dp_sgd = 'one-by-one'")
                 p.grad_sample = None  # type: ignore[attr-defined]
-                if gs is not None and gs.shape[0] != batch_size:
+                if gs is not None and gs.shape[0] != batch_size * rows:
                     raise RuntimeError(
                         f"dp-sgd: a parameter of shape {tuple(p.shape)} got {gs.shape[0]} "
-                        f"per-example gradients for {batch_size} examples: its module does "
+                        f"per-row gradients for {batch_size * rows} rows: its module does "
                         f"not see the examples along its first dimension (an adapted LM "
                         f"head sees tokens); leave it out of target-modules")
+                if gs is not None and rows > 1:
+                    gs = gs.reshape(rows, batch_size, *gs.shape[1:]).sum(dim=0)
             out.append(gs if gs is not None else p.new_zeros((batch_size, *p.shape)))
             p.grad = None
         return out
@@ -283,13 +289,18 @@ def private_step(model: torch.nn.Module, params: list[torch.nn.Parameter],
                  examples: list[dict], pad_id: int, plan: DpSgdPlan, micro_batch: int,
                  generator: torch.Generator, grads: PerExampleGradients,
                  autocast: Callable[[], Any], on_batch: Callable[[list[dict]], None] | None
-                 = None, auxiliary: Callable[[], torch.Tensor | None] | None = None
+                 = None, auxiliary: Callable[[], torch.Tensor | None] | None = None,
+                 unit_losses: Callable[[torch.nn.Module, list[dict]],
+                                       tuple[torch.Tensor, int, int]] | None = None
                  ) -> tuple[float, int, int]:
     """One DP-SGD step: a Poisson sample of `examples`, per-example gradients clipped to
     `plan.clip`, summed, noised and divided by the expected batch; sets each parameter's
     `.grad`. `on_batch` is called with each micro-batch before its forward pass; a PEFT
     method's `auxiliary` loss term (a batch statistic, which clipping cannot bound) is
-    refused. Returns (mean loss over the sampled examples, NaN if none; tokens; examples)."""
+    refused. `unit_losses` replaces the per-sequence loss when an example is more than one
+    sequence (objective=dpo: a pair, `LocalTraining.unit_losses`); a pair's gradient, clipped
+    as one, is then the sum of its rows'. Returns (mean loss over the sampled examples, NaN
+    if none; tokens; examples)."""
     device = params[0].device
     chosen = poisson_sample(len(examples), plan.sample_rate, generator)
     summed = [torch.zeros(p.shape, device=device, dtype=torch.float32) for p in params]
@@ -299,10 +310,14 @@ def private_step(model: torch.nn.Module, params: list[torch.nn.Parameter],
     for micro in _chunks([examples[i] for i in chosen], grads.micro_batch(micro_batch)):
         if on_batch is not None:
             on_batch(micro)
-        batch = {k: v.to(device) for k, v in collate(micro, pad_id).items()}
-        tokens += int(batch["attention_mask"].sum())
         with autocast():
-            losses = example_losses(model, batch)
+            if unit_losses is not None:
+                losses, rows, fed = unit_losses(model, micro)
+            else:
+                batch = {k: v.to(device) for k, v in collate(micro, pad_id).items()}
+                losses, rows, fed = example_losses(model, batch), 1, int(
+                    batch["attention_mask"].sum())
+        tokens += fed
         if auxiliary is not None and auxiliary() is not None:
             raise ValueError("dp-sgd: the PEFT method adds a loss term over the whole "
                              "micro-batch, which per-example clipping does not bound")
@@ -310,7 +325,7 @@ def private_step(model: torch.nn.Module, params: list[torch.nn.Parameter],
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             losses.sum().backward()
         loss_sum += float(losses.detach().sum())
-        clipped, _ = clip_per_example(grads.take(len(micro)), plan.clip)
+        clipped, _ = clip_per_example(grads.take(len(micro), rows), plan.clip)
         summed = [s + c.to(device) for s, c in zip(summed, clipped)]
     noisy = add_noise(summed, plan.noise_multiplier * plan.clip, generator)
     for p, g in zip(params, noisy):

@@ -12,7 +12,8 @@ each fill in their part before `fedlora.train.train_local` runs:
   multiple of lr (`lr_scale`), which parameters are a LoRA B (`b_parts`, for LoRA+) and how
   dp-sgd gets its per-example gradients (`per_example`);
 - the objective (`fedlora.train.preference` for objective=dpo): the loss of a micro-batch in
-  place of the language-model loss (`batch_loss`) and what its mean is over (`units`).
+  place of the language-model loss (`batch_loss`), what its mean is over (`units`) and
+  dp-sgd's unit of privacy when it is not one sequence (`unit_losses`: a pair).
 """
 
 from __future__ import annotations
@@ -44,6 +45,10 @@ class LocalTraining:
     # None: the language-model loss over the response tokens
     batch_loss: Callable[[torch.nn.Module, list[dict]], tuple[torch.Tensor, int]] | None = None
     units: Callable[[list[dict]], int] | None = None  # a micro-batch's units (data parallel)
+    # dp-sgd's unit instead of one tokenized example (DPO: a pair): (model, micro-batch) ->
+    # (each unit's loss, rows of the forward pass per unit, tokens fed)
+    unit_losses: Callable[[torch.nn.Module, list[dict]], tuple[torch.Tensor, int, int]] | None \
+        = None
 
     def is_b(self, name: str) -> bool:
         """Is parameter `name` a B factor (trained at lora-plus-ratio times A's rate)?"""

@@ -260,7 +260,7 @@ def _private_steps(model: torch.nn.Module, params: list[torch.nn.Parameter],
         schedule_lr(optimizer, settings, plan, i)
         loss, tokens, _ = private_step(model, params, examples, pad_id, dp,
                                        settings.batch_size, generator, grads, autocast,
-                                       hooks.on_batch, hooks.auxiliary)
+                                       hooks.on_batch, hooks.auxiliary, hooks.unit_losses)
         fed += tokens
         for p, p0 in zip(params, anchor):  # FedProx: mu (theta - theta_start)
             assert p.grad is not None

@@ -93,18 +93,23 @@ class PreferenceFigures:
 
 def preference_loss(scores: PairScores, beta: float, loss: str = "sigmoid") -> torch.Tensor:
     """The mean loss over the pairs (differentiable in the policy's log-probabilities)."""
+    return pair_losses(scores, beta, loss).mean()
+
+
+def pair_losses(scores: PairScores, beta: float, loss: str = "sigmoid") -> torch.Tensor:
+    """Each pair's loss, shape (pairs,): a pair's depends on its own scores only."""
     if beta <= 0:
         raise ValueError(f"dpo-beta: expected a number > 0, got {beta}")
     if loss == "sigmoid":
         h = ((scores.policy_chosen - scores.ref_chosen)
              - (scores.policy_rejected - scores.ref_rejected))
-        return -F.logsigmoid(beta * h).mean()
+        return -F.logsigmoid(beta * h)
     if loss == "ipo":
         chosen_n = scores.chosen_tokens.clamp(min=1)
         rejected_n = scores.rejected_tokens.clamp(min=1)
         h = ((scores.policy_chosen - scores.ref_chosen) / chosen_n
              - (scores.policy_rejected - scores.ref_rejected) / rejected_n)
-        return ((h - 1.0 / (2.0 * beta)) ** 2).mean()
+        return (h - 1.0 / (2.0 * beta)) ** 2
     raise ValueError(f"dpo-loss: expected one of {', '.join(DPO_LOSSES)}, got {loss!r}")
 
 
@@ -192,13 +197,26 @@ def dpo_batch_loss(beta: float, loss: str, pad_id: int):
     return batch_loss
 
 
+def dpo_unit_losses(beta: float, loss: str, pad_id: int):
+    """dp-sgd's unit of objective=dpo (`LocalTraining.unit_losses`): a micro-batch of
+    reference-scored pairs -> (each pair's loss, 2 rows per pair: the chosen rows, then the
+    rejected ones, as `collate_pairs` lays them out; tokens fed)."""
+    def unit_losses(model: torch.nn.Module, pairs: list[dict]) -> tuple[torch.Tensor, int, int]:
+        tokens = sum(len(p["input_ids"]) + len(p["rejected_input_ids"]) for p in pairs)
+        return pair_losses(pair_scores(model, pairs, pad_id), beta, loss), 2, tokens
+    return unit_losses
+
+
 def with_reference(model: torch.nn.Module, pairs: list[dict], pad_id: int,
                    train: TrainSettings, seed: int) -> list[dict]:
     """`pairs` with the reference scores on every pair this round's steps will draw (the
-    seeded order `fedlora.train.loop.batches` follows), scored once by the model as it is
-    now: the adapter the round starts from."""
+    seeded order `fedlora.train.loop.batches` follows; with dp-sgd, whose Poisson sampling
+    may draw any pair, every pair), scored once by the model as it is now: the adapter the
+    round starts from."""
     from fedlora.train.loop import batches
 
+    if train.dp_sgd:
+        return score_reference(model, pairs, pad_id, train.batch_size)
     order = batches(list(range(len(pairs))), train.batch_size, seed)
     used = sorted({i for _ in range(train.local_steps * train.grad_accum) for i in next(order)})
     scored = score_reference(model, [pairs[i] for i in used], pad_id, train.batch_size)
@@ -214,7 +232,8 @@ def dpo_training(model: torch.nn.Module, hooks: LocalTraining, pairs: list[dict]
     preference loss in place of the next-token loss."""
     return replace(hooks, examples=with_reference(model, hooks.examples or pairs, pad_id, train,
                                                   seed),
-                   batch_loss=dpo_batch_loss(train.dpo_beta, train.dpo_loss, pad_id), units=len)
+                   batch_loss=dpo_batch_loss(train.dpo_beta, train.dpo_loss, pad_id), units=len,
+                   unit_losses=dpo_unit_losses(train.dpo_beta, train.dpo_loss, pad_id))
 
 
 def figures_metrics(figures: PreferenceFigures, pairs: int) -> dict[str, float | int]:

@@ -25,7 +25,10 @@ Scoring: every test question's choices by their log-likelihood after the prompt 
 scores multiple choice, `fedlora.train.choices`), accuracy overall and per task; and MMLU
 (`--mmlu`, the first `--mmlu-limit` questions; `simulations.experiments.general_knowledge`)
 to show general knowledge is kept. Every scored answer, with its log-likelihoods, goes to
-<output-dir>/results.json (rewritten after each arm), and a table to results.md.
+<output-dir>/seed-N/results.json (rewritten after each arm; `--resume` keeps the arms done), and
+all seeds together to <output-dir>/results.json and a table to results.md. Seeds can run as
+separate processes into one --output-dir (`--seeds 0` and `--seeds 1` side by side, one thread
+each); the last to finish, or `--report-only`, reports them all.
 """
 
 from __future__ import annotations
@@ -60,6 +63,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mmlu-limit", type=int, default=200, help="0 = skip MMLU")
     p.add_argument("--arms", default=",".join(ARMS))
     p.add_argument("--output-dir", type=Path, required=True)
+    p.add_argument("--resume", action="store_true",
+                   help="keep the arms a seed already has in <output-dir>/seed-N/results.json")
+    p.add_argument("--report-only", action="store_true",
+                   help="only rebuild results.json and results.md from the seeds' files (seeds "
+                        "run by separate processes into one --output-dir)")
     p.add_argument("--short", action="store_true",
                    help="smoke run: tiny-llama, 2 tasks, 1 round of 2 steps, one seed")
     args = p.parse_args(argv)
@@ -194,18 +202,67 @@ def mean_of(results: list[dict], key: str) -> float:
     return statistics.mean(r[key]["accuracy"] for r in results)
 
 
+def seed_file(output_dir: Path, seed: int) -> Path:
+    return output_dir / f"seed-{seed}" / "results.json"
+
+
+def report(output_dir: Path, arms: list[str]) -> str:
+    """results.json (every seed's arms) and results.md (the table) from each seed's file, so
+    seeds run by separate processes into one --output-dir are reported together."""
+    seeds = {}
+    for path in sorted(output_dir.glob("seed-*/results.json")):
+        done = json.loads(path.read_text())
+        seeds[str(done["seed"])] = done
+    if not seeds:
+        raise SystemExit(f"{output_dir}: no seed-*/results.json to report")
+    first = next(iter(seeds.values()))
+    (output_dir / "results.json").write_text(json.dumps(
+        {"args": first["args"], "questions": first["questions"],
+         "results": {s: d["arms"] for s, d in seeds.items()}}, indent=1) + "\n")
+    q, a = first["questions"], first["args"]
+    names = ", ".join(sorted(seeds))
+    lines = [f"{q['test']} test questions of {a['tasks']} (multiple choice, most likely "
+             f"choice); MMLU {q['mmlu']} questions; {a['model']}, {a['rounds']} rounds x "
+             f"{a['local_steps']} steps; seeds {names}", "",
+             "| arm | choice accuracy, mean | per seed | MMLU, mean |", "|---|---:|---|---:|"]
+    for arm in arms:
+        runs = [d["arms"][arm] for d in seeds.values() if arm in d["arms"]]
+        if not runs:
+            continue
+        acc = [r["choice-accuracy"] for r in runs]
+        mm = [r["mmlu-accuracy"] for r in runs if "mmlu-accuracy" in r]
+        lines.append(f"| {arm} | {statistics.mean(acc):.3f} | "
+                     + " / ".join(f"{x:.3f}" for x in acc)
+                     + (f" | {statistics.mean(mm):.3f} |" if mm else " | - |"))
+    text = "\n".join(lines) + "\n"
+    (output_dir / "results.md").write_text(text)
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    arms = args.arms.split(",")
+    if args.report_only:
+        print(report(args.output_dir, arms), end="")
+        return 0
     from fedlora.cli.runconfig import parse_run_config
     from fedlora.data.preference import bigbench_pairs
     from simulations.experiments.general_knowledge import load_mmlu
 
     train, test = task_split(args)
     mmlu = load_mmlu(args.mmlu)[:args.mmlu_limit] if args.mmlu_limit else []
-    results: dict = {}
     started = time.perf_counter()
+    shown = {k: str(v) for k, v in vars(args).items() if k not in ("seeds", "resume")}
+    questions = {"train": len(train), "test": len(test), "mmlu": len(mmlu)}
     for seed in map(int, args.seeds.split(",")):
         out = args.output_dir / f"seed-{seed}"
+        done: dict = {}
+        if args.resume and seed_file(args.output_dir, seed).is_file():
+            kept = json.loads(seed_file(args.output_dir, seed).read_text())
+            if kept["args"] != shown or kept["questions"] != questions:
+                raise SystemExit(f"--resume: {seed_file(args.output_dir, seed)} was made with "
+                                 "other arguments; use another --output-dir or drop --resume")
+            done = kept["arms"]
         pairs = [{k: v for k, v in p.items() if k != "chat"}
                  for p in bigbench_pairs(train, seed)]
         files = {"sft": write_jsonl(out / "sft.jsonl", sft_records(train)),
@@ -215,8 +272,11 @@ def main(argv: list[str] | None = None) -> int:
                 "seed": seed, "local-steps": args.local_steps,
                 "num-server-rounds": args.rounds, "eval-fraction": 0.1, "eval-examples": 16,
                 "eval-accuracy": 0, "initial-eval": False}
-        results[seed] = {}
-        for arm in args.arms.split(","):
+        for arm in arms:
+            if arm in done:
+                print(f"seed {seed} {arm:8s} kept from {seed_file(args.output_dir, seed)}",
+                      file=sys.stderr, flush=True)
+                continue
             began = time.perf_counter()
             scored = [score(args, a, test, mmlu)
                       for a in arm_adapters(arm, args, base, sites, files, out)]
@@ -224,26 +284,14 @@ def main(argv: list[str] | None = None) -> int:
             if mmlu:
                 entry["mmlu-accuracy"] = mean_of(scored, "mmlu")
             entry["seconds"] = time.perf_counter() - began
-            results[seed][arm] = entry
+            done[arm] = entry
             print(f"seed {seed} {arm:8s} choice accuracy {entry['choice-accuracy']:.3f}"
                   + (f"  MMLU {entry['mmlu-accuracy']:.3f}" if mmlu else "")
                   + f"  ({entry['seconds']:.0f} s)", file=sys.stderr, flush=True)
-            args.output_dir.mkdir(parents=True, exist_ok=True)
-            (args.output_dir / "results.json").write_text(json.dumps(
-                {"args": {k: str(v) for k, v in vars(args).items()},
-                 "questions": {"train": len(train), "test": len(test), "mmlu": len(mmlu)},
-                 "results": results}, indent=1) + "\n")
-    lines = [f"{len(test)} test questions of {args.tasks} (multiple choice, most likely "
-             f"choice); MMLU {len(mmlu)} questions; {args.model}, {args.rounds} rounds x "
-             f"{args.local_steps} steps; mean over seeds {args.seeds}", "",
-             "| arm | choice accuracy | MMLU |", "|---|---:|---:|"]
-    for arm in args.arms.split(","):
-        runs = [results[s][arm] for s in results]
-        mm = statistics.mean(r["mmlu-accuracy"] for r in runs) if mmlu else float("nan")
-        lines.append(f"| {arm} | {statistics.mean(r['choice-accuracy'] for r in runs):.3f} | "
-                     f"{mm:.3f} |")
-    (args.output_dir / "results.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+            seed_file(args.output_dir, seed).write_text(json.dumps(
+                {"args": shown, "questions": questions, "seed": seed, "arms": done},
+                indent=1) + "\n")
+    print(report(args.output_dir, arms), end="")
     print(f"{time.perf_counter() - started:.0f} s", file=sys.stderr)
     return 0
 
