@@ -36,6 +36,33 @@ def test_text_chat_and_implicit_prompt_forms_load(tmp_path):
     assert chat[0]["rejected"] == [{"role": "assistant", "content": "5"}]
 
 
+def test_hh_rlhf_text_pairs_take_the_text_they_share_as_the_prompt(tmp_path):
+    """Anthropic's HH-RLHF form: chosen and rejected are whole dialogues as text, no prompt;
+    the prompt is what they share, cut to a word boundary (the shared word 'I' stays in it)."""
+    dialogue = "\n\nHuman: Is 7 greater than 3?\n\nAssistant:"
+    pairs = load_source(write_jsonl(tmp_path / "hh.jsonl", [
+        {"chosen": dialogue + " I think yes.", "rejected": dialogue + " I doubt it."},
+        {"chosen": "Q:2+2=4", "rejected": "Q:2+2=5"}]))
+    assert pairs[0] == {"prompt": dialogue + " I", "chosen": " think yes.",
+                        "rejected": " doubt it.", "chat": False}
+    assert (pairs[1]["prompt"], pairs[1]["chosen"], pairs[1]["rejected"]) == ("Q:2+2=", "4", "5")
+
+
+def test_ultrafeedback_form_a_text_prompt_with_whole_conversations(tmp_path):
+    """HuggingFaceH4/ultrafeedback_binarized: a text prompt, and chosen / rejected as whole
+    conversations whose first turn is that prompt: the shared turns are the prompt (not the
+    prompt twice); with assistant messages only, the text prompt is the user's turn."""
+    user = [{"role": "user", "content": "Is 7 greater than 3?"}]
+    yes, no = ([{"role": "assistant", "content": a}] for a in ("Yes.", "No."))
+    whole, responses = (load_source(write_jsonl(tmp_path / name, [row])) for name, row in (
+        ("uf.jsonl", {"prompt": user[0]["content"], "chosen": user + yes, "rejected": user + no,
+                      "score_chosen": 8.0, "score_rejected": 2.0}),
+        ("r.jsonl", {"prompt": user[0]["content"], "chosen": yes, "rejected": no})))
+    assert whole[0]["prompt"] == responses[0]["prompt"] == user
+    assert whole[0]["chosen"] == responses[0]["chosen"] == yes
+    assert whole[0]["score_chosen"] == 8.0 and whole[0]["chat"] is True
+
+
 def test_csv_with_a_field_map(tmp_path):
     path = tmp_path / "p.csv"
     path.write_text("question,good,bad\nCapital of France?,Paris,Berlin\n", encoding="utf-8")
@@ -50,7 +77,8 @@ def test_csv_with_a_field_map(tmp_path):
 @pytest.mark.parametrize("row,message", [
     ({"prompt": "p", "chosen": "a", "rejected": "a"}, r"t\.jsonl:2: 'chosen' and 'rejected' "
                                                       r"are the same response"),
-    ({"chosen": "a", "rejected": "b"}, r"t\.jsonl:2: text responses need a text 'prompt'"),
+    ({"chosen": "a", "rejected": "b"}, r"t\.jsonl:2: text responses need a text 'prompt' "
+                                       r"field, or chosen and rejected that begin with"),
     ({"prompt": [{"role": "user", "content": "q"}],
       "chosen": [{"role": "user", "content": "a"}],
       "rejected": [{"role": "assistant", "content": "b"}]},

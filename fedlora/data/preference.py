@@ -8,7 +8,9 @@ The forms are TRL's preference datasets':
     prompt as messages, chosen / rejected as   chat: the tokenizer's chat template renders the
     assistant messages                         prompt and each response
     chosen / rejected as whole conversations   implicit prompt: the turns they share are the
-    (no prompt)                                prompt, the rest of each is its response
+    (no prompt, or a text prompt)              prompt, the rest of each is its response
+    chosen / rejected as text (no prompt)      implicit prompt: the text they begin with, to a
+                                               word boundary (HH-RLHF)
 
 in every file format fedlora reads (`fedlora.data.loaders` reads a record with `chosen` and
 `rejected` as a pair), with `field-map` renaming fields
@@ -25,7 +27,8 @@ import random
 from fedlora.data.format import IGNORE, as_text, fit, prompt_and_response, tokenize_records
 
 PAIR_FIELDS = ("prompt (text or messages), chosen and rejected (text, or assistant messages), "
-               "or chosen and rejected as whole conversations sharing their first turns")
+               "or chosen and rejected as whole conversations sharing their first turns, or "
+               "as texts beginning with the same prompt")
 
 
 def _messages(value: object, where: str, field: str) -> list[dict]:
@@ -38,26 +41,58 @@ def _messages(value: object, where: str, field: str) -> list[dict]:
             for m in value]
 
 
+def shared_text(chosen: str, rejected: str) -> int:
+    """Where an implicit text prompt ends: after the characters both responses begin with,
+    cut back to a word boundary so that each response starts at a whole word, the one space
+    before it included (" Paris"), as TRL's `extract_prompt` keeps it; a shared beginning
+    without whitespace is cut where the responses differ. 0: they share nothing."""
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    cut = n
+    while cut > 0 and not chosen[cut - 1].isspace():
+        cut -= 1
+    if cut == 0:
+        return n
+    return cut - 1 if chosen[cut - 1] == " " and cut > 1 else cut
+
+
 def to_pair(rec: dict, where: str) -> dict:
     """A record (renamed by field-map) with `chosen` and `rejected`, checked as a preference
-    pair: {prompt, chosen, rejected} as text, or as message lists (`chat`: True)."""
+    pair: {prompt, chosen, rejected} as text, or as message lists (`chat`: True).
+
+    Without a prompt, what the two responses share is the prompt: their first turns (chat) or
+    the text they begin with (text, as Anthropic's HH-RLHF: "\n\nHuman: ...\n\nAssistant:").
+    A text prompt with whole conversations as responses (HuggingFaceH4's
+    ultrafeedback_binarized: the user turn is in both) takes the turns they share as the
+    prompt; with assistant messages only, the text is the user's message."""
     rest = {k: v for k, v in rec.items() if k not in ("prompt", "chosen", "rejected")}
     chosen, rejected = rec["chosen"], rec["rejected"]
+    prompt_value = rec.get("prompt")
     if isinstance(chosen, str) and isinstance(rejected, str):
-        if "prompt" not in rec or not isinstance(rec["prompt"], str):
+        if prompt_value is None:  # implicit prompt: the text both responses begin with
+            cut = shared_text(chosen, rejected)
+            if cut == 0:
+                raise ValueError(f"{where}: text responses need a text 'prompt' field, or "
+                                 f"chosen and rejected that begin with the same prompt text "
+                                 f"(these share nothing: {chosen[:30]!r} / {rejected[:30]!r})")
+            prompt_value, chosen, rejected = chosen[:cut], chosen[cut:], rejected[cut:]
+        if not isinstance(prompt_value, str):
             raise ValueError(f"{where}: text responses need a text 'prompt' field, got "
-                             f"{str(rec.get('prompt'))[:60]}")
-        pair = {**rest, "prompt": rec["prompt"], "chosen": chosen, "rejected": rejected,
+                             f"{str(prompt_value)[:60]}")
+        pair = {**rest, "prompt": prompt_value, "chosen": chosen, "rejected": rejected,
                 "chat": False}
     else:
         good, bad = _messages(chosen, where, "chosen"), _messages(rejected, where, "rejected")
-        if "prompt" in rec:
-            prompt = _messages(rec["prompt"], where, "prompt")
-        else:  # implicit prompt: the turns both conversations share
-            shared = 0
-            while shared < min(len(good), len(bad)) - 1 and good[shared] == bad[shared]:
-                shared += 1
+        shared = 0  # the turns both conversations begin with
+        while shared < min(len(good), len(bad)) - 1 and good[shared] == bad[shared]:
+            shared += 1
+        if prompt_value is None or (isinstance(prompt_value, str) and shared):
             prompt, good, bad = good[:shared], good[shared:], bad[shared:]
+        elif isinstance(prompt_value, str):  # responses only: the text is the user's turn
+            prompt = [{"role": "user", "content": prompt_value}]
+        else:
+            prompt = _messages(prompt_value, where, "prompt")
         for field, turns in (("chosen", good), ("rejected", bad)):
             if turns[-1]["role"] != "assistant":
                 raise ValueError(f"{where}: {field!r} must end with an assistant message, "
