@@ -157,6 +157,38 @@ def test_a_peft_method_in_a_deployment_and_a_node_of_another_method_refused(meth
 
 
 @pytest.mark.slow
+def test_dpo_in_a_deployment_on_the_nodes_own_pairs_one_node_with_two_processes(tmp_path):
+    """objective=dpo across real nodes: each reads its own preference pairs (--data-path);
+    site-0 trains with two data-parallel processes (--devices cpu:2). The held-out margin
+    grows from 0 and the final adapter loads."""
+    from test_dpo import write_pairs
+
+    port, out = free_port(), tmp_path / "out"
+    server = start(["server", "--address", f"127.0.0.1:{port}", "--min-nodes", "2",
+                    "--output-dir", str(out), "--model", "tiny-llama", "--rounds", "2",
+                    "--local-steps", "4", "--run-config",
+                    "objective=dpo dpo-beta=0.5 lr=0.01 lora-rank=4 batch-size=4 "
+                    "max-length=64 eval-examples=12"], tmp_path / "server.log")
+    nodes = [start(["client", "--server", f"127.0.0.1:{port}", "--insecure", "--name",
+                    f"site-{i}", "--data-path",
+                    write_pairs(tmp_path / f"pairs-{i}.jsonl", n=60, seed=i),
+                    *(["--devices", "cpu:2"] if i == 0 else [])], tmp_path / f"node{i}.log")
+             for i in range(2)]
+    try:
+        assert server.wait(timeout=600) == 0, (tmp_path / "server.log").read_text()[-3000:]
+    finally:
+        stop([server, *nodes])
+    rows = read_metrics(out)
+    assert rows[0]["pref-margin"] == pytest.approx(0.0, abs=1e-6) and rows[0]["pref-pairs"] > 0
+    trained = training_rounds(rows)
+    assert [r["clients-replied"] for r in trained] == [2, 2]
+    assert 0 < trained[0]["pref-margin"] < trained[1]["pref-margin"]
+    assert "data parallel: 2 processes" in (tmp_path / "node0.log").read_text()
+    final_adapter_loads(out)
+    assert wait_gone() == []
+
+
+@pytest.mark.slow
 def test_tls_node_authentication_and_a_control_api_closed_to_participants(tmp_path):
     """TLS and node authentication refuse an unregistered node; on the public address the
     Flower CLI can neither list, submit nor stop runs nor register a key; on the server
