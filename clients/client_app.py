@@ -465,6 +465,8 @@ def train(msg: Message, context: Context) -> Message:
         change = {k: v.float() - job.start[k].float() for k, v in shared.items()}
         if settings.federation.dp_noise_multiplier:  # distributed DP: before masking
             change = secagg.with_noise(change, settings, rank, secure)
+        if (global_rank := secagg.padded_rank(secure)) is not None:  # hetlora's whole factors
+            change = secagg.padded(job.start, change, settings.lora.scale(rank), global_rank)
         content[wire.SECAGG], clipped = secagg.train_reply(context, secure, job.server_round,
                                                            change, num_examples)
     at, step_losses = thin(result.step_losses, wire.MAX_STEP_LOSSES)  # the trackers' curve

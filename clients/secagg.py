@@ -22,6 +22,7 @@ from torch import Tensor
 
 from fedlora import wire
 from fedlora.config import Settings
+from fedlora.factors import flatten, from_peft, is_factor
 from fedlora.secagg import protocol
 from fedlora.secagg.noise import noised_change, site_noise_std
 from fedlora.secagg.vector import Layout, Quantizer, bits_for
@@ -90,6 +91,32 @@ def with_noise(change: dict[str, Tensor], settings: Settings, rank: int,
                          integer(config, wire.SECAGG_SITES), integer(config, wire.SECAGG_DROPOUT))
     generator = torch.Generator().manual_seed(secrets.randbits(63))
     return noised_change(change, std, settings.lora.scale(rank), generator)
+
+
+def padded_rank(config: ConfigRecord) -> int | None:
+    """The global rank a padded method's site lays its factors out at (None: the site sends
+    its change at its own rank)."""
+    value = config.get(wire.SECAGG_RANK)
+    return None if value is None else integer(config, wire.SECAGG_RANK)
+
+
+def padded(start: dict[str, Tensor], change: dict[str, Tensor], scale: float,
+           global_rank: int) -> dict[str, Tensor]:
+    """What a site of a padded method (hetlora) adds to the secure sum: its whole factors
+    after training (`start` + `change`, PEFT scale at its own rank) in delta-W scale,
+    zero-padded to `global_rank`; its plain tensors' change as they are."""
+    after = {k: start[k].float() + v for k, v in change.items() if is_factor(k)}
+    out = {k: v for k, v in change.items() if not is_factor(k)}
+    for module, (b, a) in from_peft(after, scale).items():
+        rank = b.shape[1]
+        if rank > global_rank:
+            raise ValueError(f"secure aggregation: this site's rank {rank} is above the "
+                             f"global rank {global_rank} it is asked to pad to")
+        big_b = b.new_zeros(b.shape[0], global_rank)
+        big_a = a.new_zeros(global_rank, a.shape[1])
+        big_b[:, :rank], big_a[:rank] = b, a
+        out.update(flatten({module: (big_b, big_a)}))
+    return out
 
 
 def train_reply(context: Context, config: ConfigRecord, server_round: int,

@@ -39,6 +39,7 @@ SECAGG_CLIP = "clip"
 SECAGG_MAX_WEIGHT = "max-weight"
 SECAGG_EQUAL = "equal-weights"
 SECAGG_DROPOUT = "dropout"  # secagg-dropout: sizes each site's share of the DP noise
+SECAGG_RANK = "padded-rank"  # a padded method (hetlora): each site's factors at this rank
 SECAGG_C_KEY = "c-key"  # public keys (X9.62) of a site, or of its neighbours (lists)
 SECAGG_S_KEY = "s-key"
 SECAGG_COMMITMENT = "commitment"  # SHA-256 of the site's self-mask seed

@@ -14,7 +14,10 @@
 
 The result is one `ClientUpdate`: what the clients received plus the weighted mean change
 (sum / sum of weights), with the sum of the weights as its weight, so the method's linear
-merge of it is the merge of the individual updates (up to the quantisation error). A node
+merge of it is the merge of the individual updates (up to the quantisation error). A padded
+method's sites (hetlora: ranks differ) send their whole factors zero-padded to the global
+rank instead, in delta-W scale, so the sum is the numerator of the zero-padded weighted mean
+and the update is that mean (at the global rank). A node
 that fails a stage is recorded as failed with its reason; a round whose survivors are too
 few, or whose secrets cannot be rebuilt, fails as a round with too few replies does.
 """
@@ -34,6 +37,7 @@ from flwr.serverapp import Grid
 from clients.secagg import MASKED, blob, blobs, ints
 from fedlora import wire
 from fedlora.aggregation import ClientUpdate
+from fedlora.factors import flatten, is_factor, unflatten
 from fedlora.records import factor_bytes
 from fedlora.secagg import protocol
 from fedlora.secagg.vector import Layout, Quantizer, bits_for
@@ -95,11 +99,14 @@ class SecureRound:
     def run(self, nodes: list[int], ranks: dict[int, int]) -> ClientUpdate:
         """The round's aggregate update; the contributing sites become the record's replies,
         the rest its failures. SecAggFailed when the sum cannot be unmasked."""
-        rank = ranks[nodes[0]] if nodes else 0
+        padded = self.loop.method.secagg_padded
+        rank = self.loop.state.rank if padded else ranks[nodes[0]] if nodes else 0
         shared = self.loop.method.shared(self.loop.state.payload(rank))
+        if padded:  # hetlora: whole factors at the global rank (delta-W scale), dense changes
+            shared = {**self.loop.state.dense, **flatten(self.loop.state.factors)}
         layout = Layout.of({k: tuple(v.shape) for k, v in shared.items()})
         quantizer = Quantizer(self.rules.clip, bits_for(max(len(nodes), 1)))
-        sites = self.train(nodes, ranks)
+        sites = self.train(nodes, ranks, rank if padded else None)
         graph = self.share_keys(sites)
         total = self.collect_masked(sites, graph, layout.size)
         plain = self.unmask(sites, graph, total)
@@ -117,9 +124,15 @@ class SecureRound:
             raise SecAggFailed(f"the weights sum to {weight:g}, expected a number in (0, "
                                f"{len(survivors)}] (each site weighs at most 1): a site sent "
                                f"a vector it did not quantise as the protocol says")
-        state = {k: v + torch.from_numpy(change[k] / weight).to(v.dtype)
-                 for k, v in shared.items()}
-        update = self.loop.state.to_update(state, rank, weight)
+        if padded:  # the weighted mean of the padded factors; the dense tensors' change
+            mean = {k: torch.from_numpy(change[k] / weight).float() for k in shared}
+            dense = {k: v + mean[k].to(v.dtype) for k, v in self.loop.state.dense.items()}
+            update = ClientUpdate(unflatten({k: v for k, v in mean.items() if is_factor(k)}),
+                                  weight, dense)
+        else:
+            state = {k: v + torch.from_numpy(change[k] / weight).to(v.dtype)
+                     for k, v in shared.items()}
+            update = self.loop.state.to_update(state, rank, weight)
         self.record.replies = [Reply(update, s.row) for s in survivors]
         log(INFO, "round %d: secure sum of %d sites (weights sum to %.4g)", self.round,
             len(survivors), weight)
@@ -154,13 +167,16 @@ class SecureRound:
         return ConfigRecord({wire.SECAGG_STAGE: stage, wire.SERVER_ROUND: self.round,
                              **values})
 
-    def train(self, nodes: list[int], ranks: dict[int, int]) -> dict[int, Site]:
-        """Stage 1: training; the sites whose reply carries two curve points and a commitment."""
+    def train(self, nodes: list[int], ranks: dict[int, int], padded_rank: int | None = None
+              ) -> dict[int, Site]:
+        """Stage 1: training; the sites whose reply carries two curve points and a commitment
+        (with `padded_rank`, each site lays its whole factors out at that rank)."""
+        padding = {} if padded_rank is None else {wire.SECAGG_RANK: padded_rank}
         extra = {wire.SECAGG: self.config(
             "train", **{wire.SECAGG_SITES: len(nodes), wire.SECAGG_CLIP: self.rules.clip,
                         wire.SECAGG_MAX_WEIGHT: self.rules.max_weight,
                         wire.SECAGG_EQUAL: self.rules.equal_weights,
-                        wire.SECAGG_DROPOUT: self.rules.dropout})}
+                        wire.SECAGG_DROPOUT: self.rules.dropout, **padding})}
         replies, self.record.bytes_down = self.loop.send(self.grid, nodes, ranks, self.round,
                                                          MessageType.TRAIN, extra)
         sites: dict[int, Site] = {}

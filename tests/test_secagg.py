@@ -198,7 +198,9 @@ SECURE = {"secure-aggregation": True, "model": "tiny-llama"}
     ({"strategy": "flexlora"}, "strategy", "SVD"),
     ({"strategy": "flora"}, "strategy", "stacks each client's factors"),
     ({"strategy": "fedex-lora"}, "strategy", "residual"),
-    ({"strategy": "hetlora"}, "strategy", "norms of each client's update"),
+    ({"strategy": "hetlora"}, "hetlora-weighting", "norm weights are each client's own"),
+    ({"strategy": "hetlora", "hetlora-weighting": "examples", "hetlora-prune": 0.5},
+     "hetlora-prune", "tells the server the rank"),
     ({"strategy": "lora-moe", "peft": "lora-moe"}, "strategy", "per-expert counts"),
     ({"robust": "median", "min-replies": 3}, "robust", "sees only their sum"),
     ({"robust": "krum", "min-replies": 4}, "robust", "sees only their sum"),
@@ -209,7 +211,8 @@ SECURE = {"secure-aggregation": True, "model": "tiny-llama"}
     ({"max-share": 0.3}, "max-share", "never sees one site's weight"),
     ({"clip-norm": 1.0}, "dp-clipping", "never sees one update to clip"),
     ({"clip-norm": 1.0, "dp-noise-multiplier": 1.0}, "dp-clipping", "set dp-clipping=client"),
-    ({"strategy": "ffa-lora", "client-ranks": "4,8"}, "client-ranks", "one rank"),
+    ({"strategy": "ffa-lora", "client-ranks": "4,8"}, "client-ranks", "pad their factors "
+                                                                     "to the global rank"),
 ])
 def test_every_unsupported_combination_is_refused_with_its_reason(extra, key, reason):
     with pytest.raises(SettingsError, match=f"setting '{key}': secure-aggregation=true") as err:
@@ -217,9 +220,12 @@ def test_every_unsupported_combination_is_refused_with_its_reason(extra, key, re
     assert reason in str(err.value)
 
 
-@pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "ffa-lora", "fedsa-lora"])
+@pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "ffa-lora", "fedsa-lora",
+                                      "hetlora"])
 def test_supported_strategies_load_with_the_default_screens(strategy):
-    settings, method = load({**SECURE, "strategy": strategy})
+    extra = {"hetlora-weighting": "examples", "client-ranks": "4,8"} if strategy == "hetlora" \
+        else {}
+    settings, method = load({**SECURE, "strategy": strategy, **extra})
     assert settings.federation.secure_aggregation and method.secagg_refusal == ""
 
 

@@ -73,6 +73,8 @@ def silent_at(stage: str, *nodes: int, attempts: int = 1):
     {"strategy": "fedsa-lora"},
     {"strategy": "fedavg", "peft": "dora"},
     {"strategy": "fedavg", "peft": "ia3"},
+    # sites of three ranks: each sends its whole factors zero-padded to the global rank
+    {"strategy": "hetlora", "client-ranks": "2,4,8", "hetlora-weighting": "examples"},
 ])
 def test_secure_merge_equals_the_plain_merge(tmp_path, extra):
     replies: list[Message] = []

@@ -96,6 +96,9 @@ class Method:
     # why secure aggregation cannot run this method's merge ("" = it can: the merge is a
     # weighted mean of what the clients send, at one rank, so the sum is all it needs)
     secagg_refusal: ClassVar[str] = "its merge is not a weighted sum of what the clients send"
+    # under secure aggregation each site sends its whole factors zero-padded to the global
+    # rank (delta-W scale) instead of its change: sites of different ranks add up (hetlora)
+    secagg_padded: ClassVar[bool] = False
     # robust merges (fedlora.aggregation.robust) that make sense with this method: krum picks
     # whom the method merges; median / trimmed-mean replace the merge by a re-factored delta W
     robust_rules: ClassVar[frozenset[str]] = frozenset({"krum"})
@@ -216,8 +219,11 @@ class Method:
         why = [(bool(self.secagg_refusal), "strategy", f"strategy '{self.name}' cannot run "
                 f"under it: {self.secagg_refusal}; use one of "
                 f"{names(lambda m: not m.secagg_refusal)}"),
-               (len(ranks) > 1, "client-ranks", f"clients at ranks {ranks} send vectors of "
-                "different lengths; secure aggregation needs one rank (set client-ranks '')"),
+               (len(ranks) > 1 and not self.secagg_padded, "client-ranks", f"clients at "
+                f"ranks {ranks} send vectors of different lengths; secure aggregation needs "
+                f"one rank (set client-ranks ''), or a strategy whose sites pad their factors "
+                f"to the global rank ({names(lambda m: m.secagg_padded)})"),
+               *self.secagg_option_problems(),
                (defence.robust != "none", "robust", f"{defence.robust} compares the clients' "
                 "updates with each other, and the server sees only their sum; set robust=none"),
                (fed.max_update_norm > 0, "max-update-norm", "the server cannot measure one "
@@ -239,6 +245,10 @@ class Method:
         for refused, key, reason in why:
             if refused:
                 raise SettingsError(f"setting '{key}': secure-aggregation=true, but {reason}")
+
+    def secagg_option_problems(self) -> list[tuple[bool, str, str]]:
+        """(refused, key, reason) of this method's own options under secure aggregation."""
+        return []
 
     def proximal_mu(self, settings: Settings) -> float:
         """Weight of the FedProx proximal term in the clients' loss (proximal-mu)."""

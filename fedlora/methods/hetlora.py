@@ -9,6 +9,10 @@ The global rank is the largest client rank, or `export_rank` if larger; a client
 receives the first r_j components (the default payload). Not exact: factor averaging, padding
 and truncation.
 
+Under secure aggregation (hetlora-weighting=examples, no pruning) each site sends its whole
+factors zero-padded to the global rank, in delta-W scale (`secagg_padded`), so the secure sum
+is the numerator of `padded_sum` and the weights' sum its denominator.
+
 Client side (option `hetlora-prune` = gamma > 0): after training, a client drops trailing rank
 components that contribute little (`pruned_rank`) and replies at the smaller rank, which the
 server then keeps for that node (`reply_rank`).
@@ -115,10 +119,20 @@ class HetLoRA(Method):
     summary = "HetLoRA: zero-pad to the largest rank, norm-weighted mean, optional rank pruning"
     heterogeneous = True
     Options = HetLoRAOptions
-    secagg_refusal = ("its default weights are the norms of each client's update, and its "
-                      "zero-padded factors of different ranks are not laid out for the "
-                      "secure sum yet")
+    secagg_refusal = ""
+    secagg_padded = True  # each site's factors, zero-padded to the global rank, in the sum
     options: HetLoRAOptions
+
+    def secagg_option_problems(self) -> list[tuple[bool, str, str]]:
+        """The norm weights are each update's own norm, which the server must not see (and
+        which is not bounded, so it cannot be quantised); a pruned rank would tell the
+        server about the update."""
+        return [(self.options.weighting == "norm", "hetlora-weighting", "hetlora's norm "
+                 "weights are each client's own ||B_i A_i||_F, which the server would have to "
+                 "see; set hetlora-weighting=examples (each site then weighs as under "
+                 "fedavg: min(num-examples / secagg-max-weight, 1))"),
+                (self.options.prune > 0, "hetlora-prune", "a site that prunes its rank tells "
+                 "the server the rank its update needs; set hetlora-prune=0")]
 
     def check_settings(self, settings: Settings) -> None:
         """A node that prunes changes its update after client-side clipping."""
