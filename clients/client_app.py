@@ -467,8 +467,12 @@ def train(msg: Message, context: Context) -> Message:
             change = secagg.with_noise(change, settings, rank, secure)
         if (global_rank := secagg.padded_rank(secure)) is not None:  # hetlora's whole factors
             change = secagg.padded(job.start, change, settings.lora.scale(rank), global_rank)
-        content[wire.SECAGG], clipped = secagg.train_reply(context, secure, job.server_round,
-                                                           change, num_examples)
+        grouped = job.method.secagg_grouped  # lora-moe: each expert over its trainers
+        experts = job.method.trained_experts(pid, settings.lora, hooks.metrics) if grouped \
+            else None
+        content[wire.SECAGG], clipped = secagg.train_reply(
+            context, secure, job.server_round, change, num_examples,
+            job.method.secagg_group if grouped else None, job.method.secagg_trained(experts))
     at, step_losses = thin(result.step_losses, wire.MAX_STEP_LOSSES)  # the trackers' curve
     losses = {wire.TRAIN_LOSS: result.loss, wire.TRAIN_LOSS_FIRST: result.first_loss,
               wire.TRAIN_LOSS_LAST: result.last_loss, wire.TRAIN_LOSS_STEPS: step_losses,

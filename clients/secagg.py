@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Callable, Collection
 
 import numpy as np
 import torch
@@ -120,17 +121,22 @@ def padded(start: dict[str, Tensor], change: dict[str, Tensor], scale: float,
 
 
 def train_reply(context: Context, config: ConfigRecord, server_round: int,
-                change: dict[str, Tensor], num_examples: int) -> tuple[ConfigRecord, int]:
+                change: dict[str, Tensor], num_examples: int,
+                group: Callable[[str], str] | None = None,
+                trained: Collection[str] | None = None) -> tuple[ConfigRecord, int]:
     """After training: quantise weight x `change` (what this node's shared tensors moved
     from what it received) and keep it, with fresh keys and a fresh self-mask seed, in the
-    node's state; (the public part for the server, values the range clipped)."""
-    layout = Layout.of({k: tuple(v.shape) for k, v in change.items()})
+    node's state; (the public part for the server, values the range clipped). With weight
+    groups (`group` of each key: lora-moe's experts), the site's weight goes to the groups it
+    `trained` (None: all) and 0, with zero tensors, to the others."""
+    layout = Layout.of({k: tuple(v.shape) for k, v in change.items()}, group)
     vector = layout.flatten({k: v.detach().double().cpu().numpy() for k, v in change.items()},
-                            weight_ratio(num_examples, config))
+                            weight_ratio(num_examples, config), trained)
     clip = config.get(wire.SECAGG_CLIP)
     if not isinstance(clip, float):
         raise ValueError(f"secure aggregation: {wire.SECAGG_CLIP!r} should be a number")
-    quantizer = Quantizer(clip, bits_for(integer(config, wire.SECAGG_SITES)))
+    quantizer = Quantizer(clip, bits_for(integer(config, wire.SECAGG_SITES)),
+                          len(layout.groups))
     x, clipped = quantizer.quantize(vector, np.random.default_rng(secrets.randbits(128)))
     c_key, s_key, seed = protocol.new_key(), protocol.new_key(), os.urandom(protocol.SEED_BYTES)
     context.state[STATE] = ConfigRecord({

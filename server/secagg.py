@@ -25,7 +25,7 @@ few, or whose secrets cannot be rebuilt, fails as a round with too few replies d
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from logging import INFO
+from logging import INFO, WARNING
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -85,6 +85,7 @@ class Site:
     row: dict[str, Any]
     sealed: dict[int, bytes] = field(default_factory=dict)  # holder -> share sealed for it
     masked: np.ndarray | None = None
+    experts: frozenset[int] | None = None  # lora-moe: the experts it says it trained
 
 
 class SecureRound:
@@ -104,8 +105,10 @@ class SecureRound:
         shared = self.loop.method.shared(self.loop.state.payload(rank))
         if padded:  # hetlora: whole factors at the global rank (delta-W scale), dense changes
             shared = {**self.loop.state.dense, **flatten(self.loop.state.factors)}
-        layout = Layout.of({k: tuple(v.shape) for k, v in shared.items()})
-        quantizer = Quantizer(self.rules.clip, bits_for(max(len(nodes), 1)))
+        method = self.loop.method
+        layout = Layout.of({k: tuple(v.shape) for k, v in shared.items()},
+                           method.secagg_group if method.secagg_grouped else None)
+        quantizer = Quantizer(self.rules.clip, bits_for(max(len(nodes), 1)), len(layout.groups))
         sites = self.train(nodes, ranks, rank if padded else None)
         graph = self.share_keys(sites)
         total = self.collect_masked(sites, graph, layout.size)
@@ -118,12 +121,23 @@ class SecureRound:
                                f"noise than dp-noise-multiplier promises")
         for site in survivors:
             site.row[M.BYTES_UP] = self.up.get(site.node, 0)
-        change, weight = layout.split(quantizer.dequantize(plain))
+        self.warn_alone(survivors)
+        change, weights = layout.split(quantizer.dequantize(plain))
         slack = len(survivors) / quantizer.levels  # the rounding of each site's weight
-        if not 0 < weight <= len(survivors) + slack:
-            raise SecAggFailed(f"the weights sum to {weight:g}, expected a number in (0, "
-                               f"{len(survivors)}] (each site weighs at most 1): a site sent "
-                               f"a vector it did not quantise as the protocol says")
+        for group, summed in weights.items():  # lora-moe: an expert nobody trained sums to 0
+            if not -slack <= summed <= len(survivors) + slack:
+                raise SecAggFailed(f"the weights of {group} sum to {summed:g}, expected a "
+                                   f"number in [0, {len(survivors)}] (each site weighs at most "
+                                   f"1): a site sent a vector it did not quantise as the "
+                                   f"protocol says")
+        weight = max(weights.values())  # the group every site puts its weight in
+        if not weight > slack:
+            raise SecAggFailed(f"the weights sum to {weight:g}: no site put its weight in the "
+                               f"sum")
+        groups = layout.key_groups()
+        for key in change:  # each group's mean over the sites that put their weight in it
+            summed = weights[groups[key]]
+            change[key] = change[key] / summed * weight if summed > slack else change[key] * 0
         if padded:  # the weighted mean of the padded factors; the dense tensors' change
             mean = {k: torch.from_numpy(change[k] / weight).float() for k in shared}
             dense = {k: v + mean[k].to(v.dtype) for k, v in self.loop.state.dense.items()}
@@ -224,7 +238,15 @@ class SecureRound:
             wire.SECAGG_CLIPPED: int(metrics.get(wire.SECAGG_CLIPPED, 0))}
         if (name := self.loop.label(node)) is not None:
             row[M.NODE_NAME] = name
-        return None, Site(node, c_key, s_key, commitment, row)
+        experts = None
+        if self.loop.method.secagg_grouped:  # by its assignment, or the list its reply gives
+            try:
+                experts = self.loop.method.trained_experts(
+                    self.loop.partition(node, row[M.PARTITION_ID]), self.loop.state.lora,
+                    metrics)
+            except ValueError as err:
+                return str(err), None
+        return None, Site(node, c_key, s_key, commitment, row, experts=experts)
 
     def share_keys(self, sites: dict[int, Site]) -> dict[int, list[int]]:
         """Stage 2: the neighbour graph over the trained sites; each site's sealed shares."""
@@ -325,6 +347,18 @@ class SecureRound:
                                {n: [p for p in graph[n] if p in sites] for n in lost})
 
     # ---- helpers ------------------------------------------------------------------------------
+    def warn_alone(self, survivors: list[Site]) -> None:
+        """lora-moe: an expert in the sum of one site is that site's update; say so."""
+        trainers: dict[int, list[int]] = {}
+        for site in survivors:
+            for expert in site.experts or ():
+                trainers.setdefault(expert, []).append(site.node)
+        for expert, nodes in sorted(trainers.items()):
+            if len(nodes) == 1:
+                log(WARNING, "round %d: expert %d was trained by one site only (%s): its "
+                    "secure sum is that site's update, which the server now reads", self.round,
+                    expert, self.loop.who(nodes[0]))
+
     def rebuild(self, node: int, shares: list[bytes], holders: int, what: str) -> bytes:
         t = protocol.threshold(holders, self.rules.dropout)
         if len(shares) < t:

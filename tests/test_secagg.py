@@ -162,6 +162,35 @@ def test_a_forged_replayed_or_redirected_share_is_refused():
     assert p.open_share(sealed, sites.c[b], sites.cp[a], ROUND, a, b) == share
 
 
+def test_weight_groups_give_each_group_the_mean_over_the_sites_in_it():
+    """lora-moe's experts: site 0 trains expert-0, site 1 expert-1, both the shared group; each
+    group's sum over its own weights is that group's weighted mean, and a site's vector puts
+    nothing (tensor nor weight) in a group it did not train."""
+    group = lambda key: key.split("/")[0]
+    layout = Layout.of({"expert-0/w": (2,), "expert-1/w": (2,), "shared/r": (3,)}, group)
+    assert layout.groups == ("expert-0", "expert-1", "shared") and layout.size == 10
+    q = Quantizer(1.0, bits_for(2), len(layout.groups))
+    rng = np.random.default_rng(0)
+    sites = [({"expert-0/w": np.array([0.2, -0.1]), "expert-1/w": np.array([0.5, 0.5]),
+               "shared/r": np.array([0.1, 0.2, 0.3])}, 0.25, {"expert-0", "shared"}),
+             ({"expert-0/w": np.array([0.9, 0.9]), "expert-1/w": np.array([-0.4, 0.3]),
+               "shared/r": np.array([-0.3, 0.0, 0.1])}, 0.75, {"expert-1", "shared"})]
+    total = np.zeros(layout.size, dtype=np.uint32)
+    for values, w, trained in sites:
+        vector = layout.flatten(values, w, trained)
+        untrained = "expert-1" if "expert-0" in trained else "expert-0"
+        assert vector[layout.groups.index(untrained) - 3] == 0.0  # its weight entry
+        total += q.quantize(vector, rng)[0]
+    got, weights = layout.split(q.dequantize(total))
+    step = 2 / q.levels
+    assert weights == pytest.approx({"expert-0": 0.25, "expert-1": 0.75, "shared": 1.0},
+                                    abs=step)
+    np.testing.assert_allclose(got["expert-0/w"] / weights["expert-0"], [0.2, -0.1], atol=1e-6)
+    np.testing.assert_allclose(got["expert-1/w"] / weights["expert-1"], [-0.4, 0.3], atol=1e-6)
+    np.testing.assert_allclose(got["shared/r"], [0.25 * 0.1 - 0.75 * 0.3, 0.25 * 0.2,
+                                                 0.25 * 0.3 + 0.75 * 0.1], atol=1e-6)
+
+
 def test_quantised_sum_is_the_plain_sum_within_the_stated_error():
     rng = np.random.default_rng(0)
     n, clip = 10, 0.5
@@ -176,9 +205,9 @@ def test_quantised_sum_is_the_plain_sum_within_the_stated_error():
         x, clipped = q.quantize(layout.flatten(update, w), rng)
         assert clipped == 0
         total += x
-    got, weight = layout.split(q.dequantize(total))
+    got, summed = layout.split(q.dequantize(total))
     bound = n * clip / q.levels  # per entry
-    assert abs(weight - weights.sum()) <= n / q.levels
+    assert abs(summed["all"] - weights.sum()) <= n / q.levels
     for key in got:
         plain = sum(w * u[key] for u, w in zip(updates, weights))
         assert np.abs(got[key] - plain).max() <= bound
@@ -201,7 +230,11 @@ SECURE = {"secure-aggregation": True, "model": "tiny-llama"}
     ({"strategy": "hetlora"}, "hetlora-weighting", "norm weights are each client's own"),
     ({"strategy": "hetlora", "hetlora-weighting": "examples", "hetlora-prune": 0.5},
      "hetlora-prune", "tells the server the rank"),
-    ({"strategy": "lora-moe", "peft": "lora-moe"}, "strategy", "per-expert counts"),
+    ({"strategy": "lora-moe", "peft": "lora-moe", "moe-assign": "cluster"}, "moe-assign",
+     "by their own updates"),
+    ({"strategy": "lora-moe", "peft": "lora-moe", "moe-assign": "client", "clip-norm": 1.0,
+      "dp-clipping": "client", "dp-noise-multiplier": 1.0}, "dp-noise-multiplier",
+     "each expert's trainers"),
     ({"robust": "median", "min-replies": 3}, "robust", "sees only their sum"),
     ({"robust": "krum", "min-replies": 4}, "robust", "sees only their sum"),
     ({"robust": "trimmed-mean", "min-replies": 3}, "robust", "sees only their sum"),

@@ -75,6 +75,12 @@ def silent_at(stage: str, *nodes: int, attempts: int = 1):
     {"strategy": "fedavg", "peft": "ia3"},
     # sites of three ranks: each sends its whole factors zero-padded to the global rank
     {"strategy": "hetlora", "client-ranks": "2,4,8", "hetlora-weighting": "examples"},
+    # each expert over its trainers (per-expert weight groups): client assigns 3 sites to 2
+    # experts (expert 0 twice), learned trains every expert everywhere
+    {"strategy": "lora-moe", "peft": "lora-moe", "moe-experts": 2, "moe-top-k": 1,
+     "moe-assign": "client", "lora-rank": 2},
+    {"strategy": "lora-moe", "peft": "lora-moe", "moe-experts": 2, "moe-top-k": 1,
+     "moe-assign": "learned", "lora-rank": 2},
 ])
 def test_secure_merge_equals_the_plain_merge(tmp_path, extra):
     replies: list[Message] = []
@@ -200,3 +206,16 @@ def test_distributed_dp_noise_and_epsilon_match_the_central_mechanism(tmp_path):
     central = PrivacyLedger(z, 1e-5, BASE["min-available-nodes"])
     central.record()
     assert line["dp-epsilon"] == pytest.approx(central.epsilon())
+
+
+def test_an_expert_in_the_sum_of_one_site_is_named_in_the_log(tmp_path, caplog):
+    """lora-moe, moe-assign=client, 3 sites and 2 experts: expert 1 has one trainer, so its
+    secure sum is that site's update; the server says so."""
+    import logging
+
+    moe = {"strategy": "lora-moe", "peft": "lora-moe", "moe-experts": 2, "moe-top-k": 1,
+           "moe-assign": "client", "lora-rank": 2}
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        run_inprocess(config(tmp_path, **moe, **SECURE), 3)
+    alone = [r.getMessage() for r in caplog.records if "trained by one site" in r.getMessage()]
+    assert len(alone) == 1 and "expert 1 was trained by one site only" in alone[0]

@@ -223,7 +223,7 @@ class Method:
                 f"ranks {ranks} send vectors of different lengths; secure aggregation needs "
                 f"one rank (set client-ranks ''), or a strategy whose sites pad their factors "
                 f"to the global rank ({names(lambda m: m.secagg_padded)})"),
-               *self.secagg_option_problems(),
+               *self.secagg_option_problems(settings),
                (defence.robust != "none", "robust", f"{defence.robust} compares the clients' "
                 "updates with each other, and the server sees only their sum; set robust=none"),
                (fed.max_update_norm > 0, "max-update-norm", "the server cannot measure one "
@@ -246,7 +246,19 @@ class Method:
             if refused:
                 raise SettingsError(f"setting '{key}': secure-aggregation=true, but {reason}")
 
-    def secagg_option_problems(self) -> list[tuple[bool, str, str]]:
+    secagg_grouped: ClassVar[bool] = False  # weight groups in the secure sum (`secagg_group`)
+
+    def secagg_group(self, key: str) -> str:
+        """The weight group of wire tensor `key` in the secure sum: tensors of a group are
+        averaged over the sites that put their weight in it (one group unless the method
+        averages some tensors over fewer sites: lora-moe's experts)."""
+        return "all"
+
+    def secagg_trained(self, experts: frozenset[int] | None) -> frozenset[str] | None:
+        """The groups a site that trained `experts` contributes to (None: every group)."""
+        return None
+
+    def secagg_option_problems(self, settings: Settings) -> list[tuple[bool, str, str]]:
         """(refused, key, reason) of this method's own options under secure aggregation."""
         return []
 

@@ -123,7 +123,7 @@ class HetLoRA(Method):
     secagg_padded = True  # each site's factors, zero-padded to the global rank, in the sum
     options: HetLoRAOptions
 
-    def secagg_option_problems(self) -> list[tuple[bool, str, str]]:
+    def secagg_option_problems(self, settings: Settings) -> list[tuple[bool, str, str]]:
         """The norm weights are each update's own norm, which the server must not see (and
         which is not bounded, so it cannot be quantised); a pruned rank would tell the
         server about the update."""

@@ -192,8 +192,8 @@ class LoraMoe(Method):
                "clients that trained it, the router over all")
     linear = True  # a weighted mean of what the clients sent: DP's noise bounds each client
     exactness_defined = False  # no low-rank global delta W: the experts are plain tensors
-    secagg_refusal = ("each expert is averaged over the clients that trained it; the "
-                      "per-expert counts are not laid out for the secure sum yet")
+    secagg_refusal = ""
+    secagg_grouped = True  # each expert over its trainers: a weight group per expert
     peft_methods = frozenset({"lora-moe"})
     Options = MoeOptions
     options: MoeOptions
@@ -228,6 +228,26 @@ class LoraMoe(Method):
     def __init__(self, options: MethodOptions | None = None) -> None:
         super().__init__(options)
         self.clusters: dict[int, int] = {}  # cluster: partition id -> the expert it owns
+
+    def secagg_group(self, key: str) -> str:
+        """Under secure aggregation each expert is a weight group (its trainers' weights sum
+        in it), the routers and shared experts another (every site)."""
+        expert = expert_of(key)
+        return "shared" if expert is None else f"expert-{expert}"
+
+    def secagg_trained(self, experts: frozenset[int] | None) -> frozenset[str] | None:
+        return None if experts is None else frozenset(
+            {"shared", *(f"expert-{e}" for e in experts)})
+
+    def secagg_option_problems(self, settings: Settings) -> list[tuple[bool, str, str]]:
+        """cluster reads each site's update; per-expert DP noise would need each expert's
+        trainer count before masking."""
+        return [(self.options.assign == "cluster", "moe-assign", "moe-assign=cluster groups "
+                 "the sites by their own updates, which the server never sees; use "
+                 "moe-assign=learned, client or field"),
+                (settings.federation.dp_noise_multiplier > 0, "dp-noise-multiplier",
+                 "lora-moe's DP noise is sized by each expert's trainers, which a site would "
+                 "have to know before masking; not supported yet: set dp-noise-multiplier=0")]
 
     def owned_expert(self, partition_id: int, lora: LoraSettings,
                      config: Mapping[str, Any] | None = None) -> int | None:
