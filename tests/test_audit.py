@@ -100,3 +100,76 @@ def test_cached_candidate_scores_equal_scoring_each_answer_whole(tiny_slot):
                            [canary.answer(c) for c in canary.candidates()])
     assert len(fast) == 100
     assert fast == pytest.approx(whole, abs=1e-3)
+
+
+# ---- fedlora exposure: a secret of the user's own ----------------------------------------------
+
+def test_own_secret_candidates_keep_its_shape_and_bad_input_is_refused():
+    from fedlora.audit.canaries import OwnSecret
+
+    spaced = OwnSecret("Code?", "The code is {secret}.", "4 7")
+    assert len(spaced.candidates()) == 100 and spaced.candidates()[spaced.true_index()] == "4 7"
+    assert spaced.candidates()[:2] == ["0 0", "0 1"]
+    tagged = OwnSecret("Badge?", "Badge {secret}", "A-12")
+    assert tagged.candidates()[12] == "A-12" and tagged.answers()[5] == "Badge A-05"
+    for bad, words in ((("Code?", "no placeholder", "47"), "with {secret}"),
+                       (("Code?", "{secret}", "1234567"), "1 to 6 digits"),
+                       (("Code?", "{secret}", "abc"), "1 to 6 digits"),
+                       ((" ", "{secret}", "47"), "--prompt")):
+        with pytest.raises(ValueError, match=words):
+            OwnSecret(*bad)
+
+
+def test_fedlora_exposure_reads_a_planted_secret_from_a_runs_adapter(tmp_path, capsys):
+    """A site's raw-text records hold a secret; after a run, `fedlora exposure` ranks it first
+    under the run's adapter, above where the base model ranks it (the user's own check)."""
+    from fake_grid import run_inprocess
+
+    data = tmp_path / "site.jsonl"
+    rows = [{"prompt": f"Note {i}:", "completion": f" item {i} is filed."} for i in range(8)]
+    rows += [{"prompt": "The badge of Ines Varga:", "completion": " B-4 7"}] * 24
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    run_inprocess({"model": "tiny-llama", "device": "cpu", "dataset": str(data),
+                   "local-steps": 60, "lr": 0.01, "lora-rank": 8, "batch-size": 4,
+                   "lora-dropout": 0.0,
+                   "num-server-rounds": 1, "fraction-evaluate": 0.0, "eval-accuracy": 0,
+                   "initial-eval": False, "eval-fraction": 0.05, "min-available-nodes": 1,
+                   "min-train-nodes": 1,
+                   "output-dir": str(tmp_path / "run")}, 1)
+    code = main(["exposure", "--model", "tiny-llama", "--adapter",
+                 f"final={tmp_path / 'run' / 'final'}", "--prompt", "The badge of Ines Varga:",
+                 "--answer", " {secret}", "--secret", "B-4 7", "--raw",
+                 "--output-dir", str(tmp_path / "exp")])
+    assert code == 0
+    views = json.loads((tmp_path / "exp" / "exposure.json").read_text())["views"]
+    assert views["final"]["rank"] == 1 and views["final"]["candidates"] == 100
+    assert views["final"]["exposure"] == pytest.approx(math.log2(100))
+    assert views["base"]["rank"] > 1
+    assert "final" in capsys.readouterr().out
+
+
+def test_fedlora_exposure_refuses_a_folder_that_is_not_an_adapter(tmp_path, capsys):
+    code = main(["exposure", "--model", "tiny-llama", "--adapter", str(tmp_path),
+                 "--prompt", "Code?", "--answer", "{secret}", "--secret", "12"])
+    assert code == 2 and "adapter_config.json" in capsys.readouterr().err
+
+
+def test_documented_fedlora_exposure_commands_parse_and_name_a_valid_secret():
+    """Every `fedlora exposure` line of README.md and docs/ parses, and its secret, prompt and
+    answer make a valid OwnSecret (nothing is run: the adapters are a user's)."""
+    import shlex
+    from pathlib import Path
+
+    from test_scaling import ROOT, documented
+
+    from fedlora.audit.canaries import OwnSecret
+    from fedlora.cli.main import build_parser
+
+    lines = [line for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+             for line in documented(Path(path), "fedlora exposure")]
+    assert len(lines) >= 2
+    for line in lines:
+        words = shlex.split(line)
+        args = build_parser().parse_args(words[words.index("fedlora") + 1:])
+        secret = OwnSecret(args.prompt, args.answer, args.secret, raw=args.raw)
+        assert secret.candidates()[secret.true_index()] == args.secret

@@ -59,6 +59,69 @@ class Canary:
     def true_index(self) -> int:
         return int("".join(str(d) for d in self.secret))
 
+    def answers(self) -> list[str]:
+        """The answer with each candidate, in candidate order."""
+        return [self.answer(c) for c in self.candidates()]
+
+
+MAX_CANDIDATES = 10 ** 6
+
+
+@dataclass(frozen=True)
+class OwnSecret:
+    """A secret of the user's own (`fedlora exposure`): the prompt it is asked with, the answer
+    it is given in (`template`, with `{secret}` where it goes) and its true value, whose digits
+    make the candidates (every other digit string of the same shape: "4 7 1" -> "0 0 0" ...
+    "9 9 9"; the other characters kept). `raw`: the record was raw text (prompt/completion,
+    scored without the chat template), else a question (instruction/output, as trained)."""
+
+    prompt: str
+    template: str
+    secret: str
+    raw: bool = False
+
+    def __post_init__(self) -> None:
+        if "{secret}" not in self.template:
+            raise ValueError(f"--answer: expected the answer with {{secret}} where the secret "
+                             f"goes, got {self.template!r}")
+        digits = sum(c.isdigit() for c in self.secret)
+        if not 1 <= digits or 10 ** digits > MAX_CANDIDATES:
+            raise ValueError(f"--secret: expected 1 to 6 digits (10**digits candidates are "
+                             f"ranked), got {self.secret!r} ({digits} digits)")
+        if not self.prompt.strip():
+            raise ValueError("--prompt: expected the text the secret is asked with")
+
+    @property
+    def person(self) -> str:  # the name results carry
+        return self.secret
+
+    def record(self) -> dict:
+        if self.raw:
+            return {"prompt": self.prompt, "completion": self.answer()}
+        return {"instruction": self.prompt, "input": "", "output": self.answer(),
+                "task": "canary"}
+
+    def answer(self, secret: str | None = None) -> str:
+        return self.template.replace("{secret}", self.secret if secret is None else secret)
+
+    def candidates(self) -> list[str]:
+        """Every digit string of the secret's shape, in order (the true one among them)."""
+        slots = [i for i, c in enumerate(self.secret) if c.isdigit()]
+        out = []
+        for value in range(10 ** len(slots)):
+            chars = list(self.secret)
+            for i, d in zip(slots, f"{value:0{len(slots)}d}"):
+                chars[i] = d
+            out.append("".join(chars))
+        return out
+
+    def true_index(self) -> int:
+        return int("".join(c for c in self.secret if c.isdigit()))
+
+    def answers(self) -> list[str]:
+        """The answer with each candidate, in candidate order."""
+        return [self.answer(c) for c in self.candidates()]
+
 
 def make_canaries(count: int, digits: int, seed: int) -> list[Canary]:
     """`count` canaries with distinct people and secrets drawn from `seed`."""

@@ -31,7 +31,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedlora.audit.canaries import Canary, exposure, make_canaries, planted, rank_of
+from fedlora.audit.canaries import (
+    Canary,
+    OwnSecret,
+    exposure,
+    make_canaries,
+    planted,
+    rank_of,
+)
 from fedlora.audit.plan import ARMS, SITE_FIELD, VIEWS, AuditPlan
 
 if TYPE_CHECKING:
@@ -123,7 +130,8 @@ def common_prefix(rows: list[list[int]]) -> int:
     return n
 
 
-def candidate_scores(model, tokenizer, canary: Canary, batch_size: int = 100) -> list[float]:
+def candidate_scores(model, tokenizer, canary: Canary | OwnSecret, batch_size: int = 100
+                     ) -> list[float]:
     """log P(answer with each candidate secret | the canary's question), every candidate:
     what `fedlora.train.choices.choice_logliks` computes (prompt and answer tokenized apart,
     the answer's tokens summed), with the prompt and the answers' shared start run once and
@@ -136,7 +144,7 @@ def candidate_scores(model, tokenizer, canary: Canary, batch_size: int = 100) ->
     from fedlora.train.choices import pad_id, token_ids
 
     prompt = token_ids(tokenizer, question_prompt(canary.record(), tokenizer))
-    answers = [token_ids(tokenizer, canary.answer(c)) for c in canary.candidates()]
+    answers = [token_ids(tokenizer, text) for text in canary.answers()]
     common = common_prefix(answers)
     prefix = prompt + answers[0][:common]
     device = next(model.parameters()).device
@@ -171,7 +179,7 @@ def candidate_scores(model, tokenizer, canary: Canary, batch_size: int = 100) ->
         model.train(training)
 
 
-def score_view(model, tokenizer, canaries: list[Canary]) -> list[dict]:
+def score_view(model, tokenizer, canaries: list[Canary] | list[OwnSecret]) -> list[dict]:
     """Each canary's exposure, rank and every candidate's score under `model` as it is."""
     out = []
     for canary in canaries:

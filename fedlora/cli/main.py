@@ -11,6 +11,7 @@ from fedlora.cli import (
     certs,
     client,
     export,
+    exposure,
     generate,
     mix,
     report,
@@ -78,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description=" ".join(audit.__doc__.split(": ", 1)[1].split()))
     audit.add_arguments(p)
     p.set_defaults(func=audit.run)
+    p = sub.add_parser("exposure", help="how much of a secret of your own a model or adapter "
+                                        "gives away (bits of exposure)",
+                       description=" ".join(exposure.__doc__.split(": ", 1)[1].split()))
+    exposure.add_arguments(p)
+    p.set_defaults(func=exposure.run)
     for p in (parser, *sub.choices.values()):  # before or after the command
         p.add_argument("--verbose", action="store_true",
                        default=False if p is parser else argparse.SUPPRESS,
