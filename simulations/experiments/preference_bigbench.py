@@ -18,7 +18,8 @@ Arms, each through the real ServerApp and ClientApp in one process (simulations.
 - dpo:      FedAvg, objective=dpo on the pairs;
 - sft-dpo:  the sft arm's adapter, then as many DPO rounds from it (init-adapter);
 - local:    each site alone, objective=dpo on its own pairs (its adapter scored on every
-            task: what a site gets without the federation; each site's figure kept);
+            task: what a site gets without the federation; each site's figure kept; not on
+            MMLU, which is there for the adapters a federation shares);
 - central:  one node holding every site's pairs, objective=dpo, the sites' steps together.
 
 Scoring: every test question's choices by their log-likelihood after the prompt (as BIG-bench
@@ -278,15 +279,16 @@ def main(argv: list[str] | None = None) -> int:
                       file=sys.stderr, flush=True)
                 continue
             began = time.perf_counter()
-            scored = [score(args, a, test, mmlu)
+            general = mmlu if arm != "local" else []  # MMLU: the federation's adapters
+            scored = [score(args, a, test, general)
                       for a in arm_adapters(arm, args, base, sites, files, out)]
             entry: dict = {"choice-accuracy": mean_of(scored, "choices"), "runs": scored}
-            if mmlu:
+            if general:
                 entry["mmlu-accuracy"] = mean_of(scored, "mmlu")
             entry["seconds"] = time.perf_counter() - began
             done[arm] = entry
             print(f"seed {seed} {arm:8s} choice accuracy {entry['choice-accuracy']:.3f}"
-                  + (f"  MMLU {entry['mmlu-accuracy']:.3f}" if mmlu else "")
+                  + (f"  MMLU {entry['mmlu-accuracy']:.3f}" if general else "")
                   + f"  ({entry['seconds']:.0f} s)", file=sys.stderr, flush=True)
             seed_file(args.output_dir, seed).write_text(json.dumps(
                 {"args": shown, "questions": questions, "seed": seed, "arms": done},
