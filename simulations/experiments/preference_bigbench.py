@@ -235,9 +235,52 @@ def report(output_dir: Path, arms: list[str]) -> str:
         lines.append(f"| {arm} | {statistics.mean(acc):.3f} | "
                      + " / ".join(f"{x:.3f}" for x in acc)
                      + (f" | {statistics.mean(mm):.3f} |" if mm else " | - |"))
+    lines += per_task(seeds, arms) + held_out_pairs(output_dir, seeds, arms)
     text = "\n".join(lines) + "\n"
     (output_dir / "results.md").write_text(text)
     return text
+
+
+def per_task(seeds: dict, arms: list[str]) -> list[str]:
+    """Choice accuracy per task and arm (mean over seeds and, for local, over the sites)."""
+    cells: dict[str, dict[str, list[float]]] = {}
+    for arm in arms:
+        for done in seeds.values():
+            for run in done["arms"].get(arm, {}).get("runs", []):
+                for task, acc in run["choices"]["per-task"].items():
+                    cells.setdefault(arm, {}).setdefault(task, []).append(acc)
+    tasks = sorted({t for by_task in cells.values() for t in by_task})
+    if not tasks:
+        return []
+    out = ["", "Per task (mean over seeds; local: over the sites too):", "",
+           "| arm | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
+    for arm, by_task in cells.items():
+        out.append(f"| {arm} | " + " | ".join(
+            f"{statistics.mean(by_task[t]):.3f}" if t in by_task else "-" for t in tasks) + " |")
+    return out
+
+
+def held_out_pairs(output_dir: Path, seeds: dict, arms: list[str]) -> list[str]:
+    """Each DPO federation's held-out preference figures after its last round (the nodes'
+    evaluation, metrics.jsonl), mean over seeds."""
+    rows = []
+    for arm in (a for a in arms if a in ("dpo", "sft-dpo", "central")):
+        last = []
+        for seed in seeds:
+            metrics = output_dir / f"seed-{seed}" / arm / "metrics.jsonl"
+            lines = metrics.read_text().splitlines() if metrics.is_file() else []
+            scored = [json.loads(x) for x in lines if "pref-margin" in json.loads(x)]
+            if scored:
+                last.append(scored[-1])
+        if last:
+            rows.append(f"| {arm} | {statistics.mean(r['pref-accuracy'] for r in last):.3f} | "
+                        f"{statistics.mean(r['pref-margin'] for r in last):.3f} | "
+                        f"{statistics.mean(r['pref-pairs'] for r in last):.0f} |")
+    if not rows:
+        return []
+    return ["", "Held-out pairs of the sites' own tasks after the last round (the nodes' "
+            "evaluation; accuracy: chosen reward above rejected; margin in beta units):", "",
+            "| arm | preference accuracy | margin | pairs |", "|---|---:|---:|---:|", *rows]
 
 
 def main(argv: list[str] | None = None) -> int:
