@@ -88,6 +88,30 @@ class Site:
     experts: frozenset[int] | None = None  # lora-moe: the experts it says it trained
 
 
+def group_means(layout: Layout, total: np.ndarray, sites: int, slack: float
+                ) -> tuple[dict[str, torch.Tensor], float]:
+    """(each tensor's weighted mean over the sites that put their weight in its group, the
+    weights' sum of the group every site is in) from the dequantised sum of `sites`
+    vectors; a group nobody trained (lora-moe's expert) has a mean of 0. `slack`: the
+    rounding of the weights. A weight sum outside [0, sites] means a site did not quantise
+    as the protocol says: SecAggFailed."""
+    change, weights = layout.split(total)
+    for group, summed in weights.items():
+        if not -slack <= summed <= sites + slack:
+            raise SecAggFailed(f"the weights of {group} sum to {summed:g}, expected a number in "
+                               f"[0, {sites}] (each site weighs at most 1): a site sent a "
+                               f"vector it did not quantise as the protocol says")
+    weight = max(weights.values())
+    if not weight > slack:
+        raise SecAggFailed(f"the weights sum to {weight:g}: no site put its weight in the sum")
+    groups = layout.key_groups()
+    mean = {}
+    for key, value in change.items():
+        summed = weights[groups[key]]
+        mean[key] = torch.from_numpy(value / summed if summed > slack else value * 0).float()
+    return mean, weight
+
+
 class SecureRound:
     """One attempt at a round under secure aggregation, driven through `loop`'s exchanges."""
 
@@ -100,12 +124,12 @@ class SecureRound:
     def run(self, nodes: list[int], ranks: dict[int, int]) -> ClientUpdate:
         """The round's aggregate update; the contributing sites become the record's replies,
         the rest its failures. SecAggFailed when the sum cannot be unmasked."""
-        padded = self.loop.method.secagg_padded
-        rank = self.loop.state.rank if padded else ranks[nodes[0]] if nodes else 0
-        shared = self.loop.method.shared(self.loop.state.payload(rank))
-        if padded:  # hetlora: whole factors at the global rank (delta-W scale), dense changes
-            shared = {**self.loop.state.dense, **flatten(self.loop.state.factors)}
         method = self.loop.method
+        padded = method.secagg_padded  # hetlora: whole factors at the global rank
+        rank = self.loop.state.rank if padded else ranks[nodes[0]] if nodes else 0
+        shared = method.shared(self.loop.state.payload(rank))
+        if padded:  # delta-W scale factors (every site pads to the global rank), dense changes
+            shared = {**self.loop.state.dense, **flatten(self.loop.state.factors)}
         layout = Layout.of({k: tuple(v.shape) for k, v in shared.items()},
                            method.secagg_group if method.secagg_grouped else None)
         quantizer = Quantizer(self.rules.clip, bits_for(max(len(nodes), 1)), len(layout.groups))
@@ -122,30 +146,14 @@ class SecureRound:
         for site in survivors:
             site.row[M.BYTES_UP] = self.up.get(site.node, 0)
         self.warn_alone(survivors)
-        change, weights = layout.split(quantizer.dequantize(plain))
-        slack = len(survivors) / quantizer.levels  # the rounding of each site's weight
-        for group, summed in weights.items():  # lora-moe: an expert nobody trained sums to 0
-            if not -slack <= summed <= len(survivors) + slack:
-                raise SecAggFailed(f"the weights of {group} sum to {summed:g}, expected a "
-                                   f"number in [0, {len(survivors)}] (each site weighs at most "
-                                   f"1): a site sent a vector it did not quantise as the "
-                                   f"protocol says")
-        weight = max(weights.values())  # the group every site puts its weight in
-        if not weight > slack:
-            raise SecAggFailed(f"the weights sum to {weight:g}: no site put its weight in the "
-                               f"sum")
-        groups = layout.key_groups()
-        for key in change:  # each group's mean over the sites that put their weight in it
-            summed = weights[groups[key]]
-            change[key] = change[key] / summed * weight if summed > slack else change[key] * 0
+        mean, weight = group_means(layout, quantizer.dequantize(plain), len(survivors),
+                                   len(survivors) / quantizer.levels)
         if padded:  # the weighted mean of the padded factors; the dense tensors' change
-            mean = {k: torch.from_numpy(change[k] / weight).float() for k in shared}
             dense = {k: v + mean[k].to(v.dtype) for k, v in self.loop.state.dense.items()}
             update = ClientUpdate(unflatten({k: v for k, v in mean.items() if is_factor(k)}),
                                   weight, dense)
         else:
-            state = {k: v + torch.from_numpy(change[k] / weight).to(v.dtype)
-                     for k, v in shared.items()}
+            state = {k: v + mean[k].to(v.dtype) for k, v in shared.items()}
             update = self.loop.state.to_update(state, rank, weight)
         self.record.replies = [Reply(update, s.row) for s in survivors]
         log(INFO, "round %d: secure sum of %d sites (weights sum to %.4g)", self.round,
