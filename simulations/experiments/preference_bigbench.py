@@ -254,6 +254,12 @@ def per_task(seeds: dict, arms: list[str]) -> list[str]:
         return []
     out = ["", "Per task (mean over seeds; local: over the sites too):", "",
            "| arm | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
+    own: dict[str, list[float]] = {}  # local: site i (sorted tasks) on its own task i
+    for done in seeds.values():
+        for task, run in zip(tasks, done["arms"].get("local", {}).get("runs", [])):
+            own.setdefault(task, []).append(run["choices"]["per-task"][task])
+    if own:
+        cells["local, each site on its own task"] = own
     for arm, by_task in cells.items():
         out.append(f"| {arm} | " + " | ".join(
             f"{statistics.mean(by_task[t]):.3f}" if t in by_task else "-" for t in tasks) + " |")
