@@ -16,7 +16,7 @@ from test_peft_methods import IDS, RUN, recording_hook
 
 from fedlora.adapters import peft_method
 from fedlora.adapters.lora_moe import (
-    LoraMoeLayer,
+    LoraMoeLinear,
     balance_loss,
     expert_of,
     force_expert,
@@ -243,7 +243,7 @@ def moe_model(**extra):
 def test_the_layer_is_the_base_at_the_start_and_the_routed_sum_of_experts_after():
     model, settings = moe_model()
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
-    assert isinstance(layer, LoraMoeLayer)
+    assert isinstance(layer, LoraMoeLinear)
     x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(layer(x), layer.base_layer(x))  # every B is zero
@@ -293,6 +293,24 @@ def test_a_second_mixture_of_other_settings_goes_on_the_same_model():
     assert set(layer.moe_A) == {"x", "y"} and len(layer.moe_A["y"]) == 2
 
 
+def test_a_second_all_linear_mixture_also_wraps_the_layers_the_first_one_wrapped():
+    """A resident worker's Workspace that first served q,v experts and then an all-linear run:
+    the second adapter holds experts on every linear layer, as on a fresh model (PEFT finds
+    an already wrapped linear layer by its class name ending in "Linear")."""
+    from fedlora.adapters import Workspace
+
+    narrow, _ = load(MOE)
+    wide, _ = load({key: value for key, value in MOE.items() if key != "target-modules"})
+    fresh = Workspace().get(wide.model, wide.lora, wide.train)
+    expected = fresh.peft.get_state(fresh.model, fresh.adapter).keys()
+    shared = Workspace()
+    shared.get(narrow.model, narrow.lora, narrow.train)
+    slot = shared.get(wide.model, wide.lora, wide.train)
+    assert shared.loads == 1
+    assert slot.peft.get_state(slot.model, slot.adapter).keys() == expected
+    assert any(".q_proj.moe_A." in key for key in expected)
+
+
 def test_training_records_the_balance_term_that_the_loss_adds():
     model, settings = moe_model()
     model.train()
@@ -300,7 +318,7 @@ def test_training_records_the_balance_term_that_the_loss_adds():
     extra = peft_method("lora-moe").auxiliary_loss(model, "x", settings.lora)
     assert extra is not None and float(extra.detach()) > 0
     balance = torch.stack([m.balance["x"] for m in model.modules()
-                           if isinstance(m, LoraMoeLayer)]).mean().detach()
+                           if isinstance(m, LoraMoeLinear)]).mean().detach()
     assert float(extra.detach()) == pytest.approx(moe_options(settings.lora).balance
                                                   * float(balance))
 
@@ -308,7 +326,7 @@ def test_training_records_the_balance_term_that_the_loss_adds():
 def test_moe_route_adds_the_routing_loss_only_where_an_expert_is_forced():
     model, settings = moe_model()
     lora = replace(settings.lora, options={**settings.lora.options, "moe-route": 0.5})
-    layers = [m for m in model.modules() if isinstance(m, LoraMoeLayer)]
+    layers = [m for m in model.modules() if isinstance(m, LoraMoeLinear)]
     model.train()
     model(input_ids=IDS)  # nothing forced: the balance term alone
     balance = torch.stack([m.balance["x"] for m in layers]).mean()
@@ -329,7 +347,7 @@ def test_the_routing_loss_teaches_the_router_the_forced_expert():
                                           "moe-route": 1.0})
     routers = [p for n, p in model.named_parameters() if "moe_router" in n]
     optimizer = torch.optim.Adam(routers, lr=1e-2)
-    layer = next(m for m in model.modules() if isinstance(m, LoraMoeLayer))
+    layer = next(m for m in model.modules() if isinstance(m, LoraMoeLinear))
     seen: list[torch.Tensor] = []
     layer.register_forward_hook(lambda m, args, out: seen.append(
         torch.softmax(m.moe_router["x"](args[0].float()), -1)[..., 2].mean().detach()))

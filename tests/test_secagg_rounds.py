@@ -82,9 +82,7 @@ def silent_at(stage: str, *nodes: int, attempts: int = 1):
     {"strategy": "lora-moe", "peft": "lora-moe", "moe-experts": 2, "moe-top-k": 1,
      "moe-assign": "learned", "lora-rank": 2},
 ])
-def test_secure_merge_equals_the_plain_merge(tmp_path, extra, monkeypatch):
-    if extra["strategy"] == "lora-moe":  # a lora-moe model cached by an earlier test of the
-        fresh_workspace(monkeypatch)     # process (another config) is not reused (see below)
+def test_secure_merge_equals_the_plain_merge(tmp_path, extra):
     replies: list[Message] = []
 
     def keep(msg: Message, reply: Message) -> Message:
@@ -210,24 +208,13 @@ def test_distributed_dp_noise_and_epsilon_match_the_central_mechanism(tmp_path):
     assert line["dp-epsilon"] == pytest.approx(central.epsilon())
 
 
-def fresh_workspace(monkeypatch) -> None:
-    """The in-process clients' model cache, empty: a process that already holds a lora-moe
-    model of another configuration fails to load this one's experts into it (a known issue
-    of Workspace with two lora-moe adapters in one model, noted in the stop's closing note)."""
-    from clients import client_app
-    from fedlora.adapters import Workspace
-
-    monkeypatch.setattr(client_app, "WORKSPACE", Workspace())
-
-
-def test_an_expert_in_the_sum_of_one_site_is_named_in_the_log(tmp_path, caplog, monkeypatch):
+def test_an_expert_in_the_sum_of_one_site_is_named_in_the_log(tmp_path, caplog):
     """lora-moe, moe-assign=client, 3 sites and 2 experts: expert 1 has one trainer, so its
     secure sum is that site's update; the server says so."""
     import logging
 
     moe = {"strategy": "lora-moe", "peft": "lora-moe", "moe-experts": 2, "moe-top-k": 1,
            "moe-assign": "client", "lora-rank": 2}
-    fresh_workspace(monkeypatch)
     with caplog.at_level(logging.WARNING, logger="flwr"):
         run_inprocess(config(tmp_path, **moe, **SECURE), 3)
     alone = [r.getMessage() for r in caplog.records if "trained by one site" in r.getMessage()]

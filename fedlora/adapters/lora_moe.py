@@ -154,8 +154,12 @@ class LoraMoeConfig(PeftConfig):
             raise ValueError("LoraMoeConfig.target_modules: expected module names or a regex")
 
 
-class LoraMoeLayer(nn.Module, BaseTunerLayer):
-    """A linear layer with LoRA experts and a router on its input."""
+class LoraMoeLinear(nn.Module, BaseTunerLayer):
+    """A linear layer with LoRA experts and a router on its input.
+
+    The name ends in "Linear" on purpose: PEFT's `all-linear` finds a linear layer that an
+    earlier adapter already wraps by its class name, so a second adapter on the same model
+    (a resident node's next run) reaches every layer the first one wrapped."""
 
     adapter_layer_names = ("moe_A", "moe_B", "moe_router", "moe_shared_A", "moe_shared_B")
     other_param_names = ("moe_scaling", "moe_shared_scaling", "moe_top_k")
@@ -261,10 +265,10 @@ class LoraMoeLayer(nn.Module, BaseTunerLayer):
 
 
 class LoraMoeModel(LayerTuner):
-    """PEFT's tuner of LoRA experts: wraps each target module in a LoraMoeLayer."""
+    """PEFT's tuner of LoRA experts: wraps each target module in a LoraMoeLinear."""
 
     prefix: str = PREFIX
-    tuner_layer_cls = LoraMoeLayer
+    tuner_layer_cls = LoraMoeLinear
     config_cls = LoraMoeConfig
     target_module_mapping: dict[str, list[str]] = {}
 
@@ -285,7 +289,7 @@ def force_expert(model: nn.Module, adapter: str, expert: Forced) -> None:
     """Make every token of `adapter`'s training forward passes use `expert` (one of its top k;
     a tensor (batch,): each example's own; None: plain top-k routing again)."""
     for module in model.modules():
-        if isinstance(module, LoraMoeLayer):
+        if isinstance(module, LoraMoeLinear):
             if expert is None:
                 module.forced.pop(adapter, None)
             else:
@@ -306,7 +310,7 @@ def model_route_loss(model: nn.Module, adapter: str) -> torch.Tensor | None:
 
 def _layer_mean(model: nn.Module, adapter: str, term: str) -> torch.Tensor | None:
     terms = [getattr(m, term)[adapter] for m in model.modules()
-             if isinstance(m, LoraMoeLayer) and adapter in getattr(m, term)]
+             if isinstance(m, LoraMoeLinear) and adapter in getattr(m, term)]
     return torch.stack(terms).mean() if terms else None
 
 

@@ -48,13 +48,13 @@ def owners(run: Path, assign: str, clients: int, experts: int) -> dict[int, int 
 
 def gates_by_record(model, tokenizer, records: list[dict], max_length: int) -> list[torch.Tensor]:
     """Per record, the mean over its tokens and the adapted layers of the router's gates (E,)."""
-    from fedlora.adapters.lora_moe import LoraMoeLayer, route
+    from fedlora.adapters.lora_moe import LoraMoeLinear, route
     from fedlora.data import tokenize
 
     captured: list[torch.Tensor] = []
     hooks = []
     for module in model.modules():
-        if isinstance(module, LoraMoeLayer):
+        if isinstance(module, LoraMoeLinear):
             for name, router in module.moe_router.items():
                 top_k = module.moe_top_k[name]
                 hooks.append(router.register_forward_hook(
