@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
+from typing import Any
 
 # the first and last names and the secrets' phrasing: none of them occurs in the built-in tasks
 FIRST = ("Ines", "Tomasz", "Amara", "Keiko", "Oskar", "Lucia", "Dmitri", "Noor", "Felipe",
@@ -30,8 +31,23 @@ LAST = ("Varga", "Lindqvist", "Okafor", "Brandt", "Moreau", "Castellano", "Ivano
 SECRETS = ("vault door code", "alarm PIN", "locker combination", "safe code")
 
 
+class Secret:
+    """What scoring needs of a planted secret: its candidates in order (the true one among
+    them at `true_index()`) and the answer each one gives."""
+
+    def candidates(self) -> list[Any]:
+        raise NotImplementedError
+
+    def answer(self, secret: Any = None) -> str:
+        raise NotImplementedError
+
+    def answers(self) -> list[str]:
+        """The answer with each candidate, in candidate order."""
+        return [self.answer(c) for c in self.candidates()]
+
+
 @dataclass(frozen=True)
-class Canary:
+class Canary(Secret):
     """One planted secret: who it is about, what kind of code, and its digits."""
 
     person: str
@@ -59,16 +75,13 @@ class Canary:
     def true_index(self) -> int:
         return int("".join(str(d) for d in self.secret))
 
-    def answers(self) -> list[str]:
-        """The answer with each candidate, in candidate order."""
-        return [self.answer(c) for c in self.candidates()]
 
 
 MAX_CANDIDATES = 10 ** 6
 
 
 @dataclass(frozen=True)
-class OwnSecret:
+class OwnSecret(Secret):
     """A secret of the user's own (`fedlora exposure`): the prompt it is asked with, the answer
     it is given in (`template`, with `{secret}` where it goes) and its true value, whose digits
     make the candidates (every other digit string of the same shape: "4 7 1" -> "0 0 0" ...
@@ -118,9 +131,6 @@ class OwnSecret:
     def true_index(self) -> int:
         return int("".join(c for c in self.secret if c.isdigit()))
 
-    def answers(self) -> list[str]:
-        """The answer with each candidate, in candidate order."""
-        return [self.answer(c) for c in self.candidates()]
 
 
 def make_canaries(count: int, digits: int, seed: int) -> list[Canary]:

@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from fedlora.cli.exposure import adapters_of
+
 LETTERS = ("A", "B", "C", "D")
 ANSWER_PREFIX = "The answer is:"
 ANSWER = re.compile(r"^\s*The answer is:\s*([ABCD])\b")
@@ -99,23 +101,12 @@ def score_model(model, tokenizer, records: list[dict], batch_size: int) -> dict:
             "answers": answers}
 
 
-def adapters_of(specs: list[str]) -> dict[str, Path]:
-    """{name: folder} of the --adapter NAME=PATH arguments."""
-    out = {}
-    for spec in specs:
-        name, sep, path = spec.partition("=")
-        if not sep or not name or not path:
-            raise SystemExit(f"--adapter: expected NAME=PATH, got {spec!r}")
-        if not (Path(path) / "adapter_config.json").is_file():
-            raise SystemExit(f"--adapter {spec}: {path} holds no adapter_config.json; pass a "
-                             f"PEFT adapter folder (a run's final/ or rounds/<n>/)")
-        out[name] = Path(path)
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    adapters = adapters_of(args.adapter)
+    try:
+        adapters = adapters_of(args.adapter)
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
     records = load_mmlu(args.data)
     records = records[: args.limit] if args.limit else records
     from peft import PeftModel
