@@ -32,6 +32,7 @@ from fedlora.aggregation.robust import (
     outliers,
     squared_distances,
 )
+from fedlora.validation import all_finite
 from fedlora.wire import M
 
 
@@ -85,9 +86,9 @@ def first_non_finite(factors: Factors, dense: Dense) -> tuple[str, str] | None:
     """(module or wire key, "B", "A" or "") of the first tensor with an inf or NaN, or None."""
     for module, (b, a) in factors.items():
         for part, tensor in (("B", b), ("A", a)):
-            if not bool(torch.isfinite(tensor).all()):
+            if not all_finite(tensor):
                 return module, part
-    return next(((key, "") for key, v in dense.items() if not bool(torch.isfinite(v).all())),
+    return next(((key, "") for key, v in dense.items() if not all_finite(v)),
                 None)
 
 

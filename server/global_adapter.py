@@ -28,7 +28,12 @@ from fedlora.aggregation.exactness import (
     sketch_sides,
     truncation_loss,
 )
-from fedlora.aggregation.linalg import difference_norm, product_norm
+from fedlora.aggregation.linalg import (
+    change_norm_squared,
+    difference_norm,
+    product_norm,
+    squared_norm,
+)
 from fedlora.aggregation.privacy import factor_distance
 from fedlora.aggregation.robust import change_norm, robust_merge, robust_shared_a
 from fedlora.aggregation.server_opt import ServerOptimizer
@@ -80,10 +85,11 @@ class GlobalAdapter:
     # The payload at each rank, built once per version of `factors` (cleared when it changes)
     _received: dict[int, Factors] = field(default_factory=dict, repr=False)  # delta-W scale
     _peft: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
+    _grams: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
 
     def __setattr__(self, name: str, value: object) -> None:
         if name in ("factors", "dense"):  # a new global adapter: payloads rebuilt on demand
-            for cache in ("_received", "_peft"):
+            for cache in ("_received", "_peft", "_grams"):
                 self.__dict__.setdefault(cache, {}).clear()
         super().__setattr__(name, value)
 
@@ -117,6 +123,13 @@ class GlobalAdapter:
         if rank not in self._received:
             self._received[rank] = self.method.payload(self.factors, rank)
         return self._received[rank]
+
+    def received_grams(self, rank: int) -> dict[str, torch.Tensor]:
+        """B_ref^T B_ref of every module a rank-`rank` client receives (r x r), computed
+        once per version of `factors`: each reply's `figures` reuses them."""
+        if rank not in self._grams:
+            self._grams[rank] = {m: b.T @ b for m, (b, _) in self.received(rank).items()}
+        return self._grams[rank]
 
     def payload(self, rank: int) -> dict[str, torch.Tensor]:
         """Global adapter for a client of `rank`, in PEFT's scale, wire keys (maybe empty)."""
@@ -152,18 +165,22 @@ class GlobalAdapter:
         each layer's factors and the received ones are converted to float64 once."""
         if self.method.shares == "A":
             return self.moved(update), self.distance(update)
-        received = self.received(update.rank)
+        received, grams = self.received(update.rank), self.received_grams(update.rank)
         change = moved = 0.0
         for module, (b, a) in update.factors.items():
-            b, a = b.double(), a.double()
             if module in received:
-                b_ref, a_ref = (t.double() for t in received[module])
-                change += difference_norm(b, a, b_ref, a_ref) ** 2
-                moved += float((b - b_ref).square().sum())
-                moved += float((a - a_ref).square().sum())
+                b_ref, a_ref = received[module]
+                db, da = b - b_ref, a - a_ref  # exact in float32 where the change is small
+                terms = (change_norm_squared(db, a, b_ref, da, grams[module]),
+                         squared_norm(db) + squared_norm(da))
+                if not all(map(math.isfinite, terms)):  # a change beyond float32's range
+                    b, a, b_ref, a_ref = (t.double() for t in (b, a, b_ref, a_ref))
+                    terms = (difference_norm(b, a, b_ref, a_ref) ** 2,
+                             squared_norm(b - b_ref) + squared_norm(a - a_ref))
+                change, moved = change + terms[0], moved + terms[1]
             else:
                 change += product_norm(b, a) ** 2
-                moved += float(b.square().sum()) + float(a.square().sum())
+                moved += squared_norm(b) + squared_norm(a)
         plain = dense_distance(update.dense, self.dense)
         return math.hypot(math.sqrt(change), plain), math.hypot(math.sqrt(moved), plain)
 

@@ -8,6 +8,7 @@ import torch
 from fedlora.aggregation import SERVER_OPTIMIZERS, ClientUpdate
 from fedlora.aggregation.exactness import compress, exactness, truncation_loss
 from fedlora.aggregation.linalg import (
+    change_norm_squared,
     difference_norm,
     pad_rank,
     product_norm,
@@ -280,6 +281,36 @@ def test_small_linalg_helpers():
     assert pb.shape == (2, 3) and pa.shape == (3, 2) and torch.equal(pb @ pa, t([[3, 4], [6, 8]]))
     tb, ta = truncate_rank(pb, pa, 1)
     assert torch.equal(tb, t([[1.0], [2.0]])) and torch.equal(ta, t([[3.0, 4.0]]))
+
+
+@pytest.mark.parametrize("step", [1e-1, 1e-4])
+def test_the_change_norm_from_the_factor_changes_equals_the_dense_one(step):
+    """float32 factors of a 300 x 200 layer at rank 6, moved by `step`: the difference form
+    gives the float64 dense ||B A - B_ref A_ref||^2 to 1e-5 relative even when the change is
+    10^4 times smaller than the product (the direct float32 form loses it to cancellation),
+    and exactly 0 for a reply that did not move."""
+    gen = torch.Generator().manual_seed(0)
+    b_ref, a_ref = torch.randn(300, 6, generator=gen), torch.randn(6, 200, generator=gen)
+    b = b_ref + step * torch.randn(300, 6, generator=gen)
+    a = a_ref + step * torch.randn(6, 200, generator=gen)
+    dense = float((b.double() @ a.double() - b_ref.double() @ a_ref.double()).square().sum())
+    got = change_norm_squared(b - b_ref, a, b_ref, a - a_ref)
+    assert got == pytest.approx(dense, rel=1e-5)
+    assert change_norm_squared(b - b_ref, a, b_ref, a - a_ref, b_ref.T @ b_ref) == got
+    direct = difference_norm(b, a, b_ref, a_ref) ** 2  # the same inputs, float32 Gram blocks
+    if step < 1e-3:
+        assert abs(direct - dense) > 100 * abs(got - dense)
+    assert change_norm_squared(torch.zeros_like(b), a_ref, b_ref, torch.zeros_like(a)) == 0.0
+
+
+def test_all_finite_is_isfinite_all_also_where_the_sum_overflows():
+    from fedlora.validation import all_finite
+
+    big = torch.full((4,), 3e38)  # finite entries whose sum overflows
+    cases = [torch.ones(5), big, torch.tensor([1.0, math.inf]), torch.tensor([math.nan, 1.0]),
+             torch.tensor([math.inf, -math.inf]), torch.tensor([-math.inf])]
+    assert [all_finite(c) for c in cases] == [bool(torch.isfinite(c).all()) for c in cases] \
+        == [True, True, False, False, False, False]
 
 
 def test_truncate_svd_pads_when_the_product_has_fewer_singular_values():

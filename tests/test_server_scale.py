@@ -5,6 +5,7 @@ as they arrive) and whose exactness figure costs linear time in it (the sketch e
 from __future__ import annotations
 
 import gc
+import math
 import weakref
 from types import SimpleNamespace
 
@@ -248,4 +249,12 @@ def test_a_replys_figures_in_one_pass_equal_the_screens_own(strategy):
     state = GlobalAdapter(method=get_method(strategy), lora=LoraSettings(rank=4),
                           factors=random_factors(SHAPES, 4, seed=5), global_rank=4)
     update = ClientUpdate(random_factors(SHAPES, 4, seed=6), 10.0)
-    assert state.figures(update) == (state.moved(update), state.distance(update))
+    assert state.figures(update) == pytest.approx((state.moved(update), state.distance(update)),
+                                                  rel=1e-5)
+    # a change beyond float32's range (B - B_ref and the Gram blocks overflow) is measured in
+    # float64, as the screens' own figures measure it
+    huge = {m: (b.sign() * 3e38, a * 1e19) for m, (b, a) in update.factors.items()}
+    huge_update = ClientUpdate(huge, 10.0)
+    assert all(math.isfinite(f) for f in state.figures(huge_update))
+    assert state.figures(huge_update) == pytest.approx(
+        (state.moved(huge_update), state.distance(huge_update)), rel=1e-5)
