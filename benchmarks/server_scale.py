@@ -123,7 +123,7 @@ class SyntheticGrid:
             yield self.replies.make(message, message.metadata.dst_node_id)
 
 
-def run_server(strategy: str, shape: str, sites: int) -> dict:
+def run_server(strategy: str, shape: str, sites: int, spill_mb: float = 1024.0) -> dict:
     """One round of the production round loop; this process's figures."""
     import torch
 
@@ -145,11 +145,15 @@ def run_server(strategy: str, shape: str, sites: int) -> dict:
     # a global adapter that is not zero (B = 0 is the first round only)
     state.factors = {m: (torch.randn(b.shape) * 1e-3, a) for m, (b, a) in state.factors.items()}
     loop = RoundLoop(state, layer_shapes, Rules(timeout=60.0, min_train_nodes=sites,
-                                                min_available_nodes=sites), writer=None)
+                                                min_available_nodes=sites,
+                                                spill_above_mb=spill_mb), writer=None)
     nodes = list(range(1, sites + 1))
     loop.nodes = {n: Node(n, rank=r) for n, r in zip(nodes, ranks)}
     replies = Replies()
     grid = SyntheticGrid(nodes, replies)
+    # what a ServerApp process has imported before its first round (its grid is Flower's
+    # HttpGrid; the round loop asks whether the grid is one): not a cost of the round
+    import flwr.superlink.grid.http_grid  # noqa: F401
     before = common.rss_mib()
     start = time.perf_counter()
     record = loop.train_round(grid, 1)
@@ -206,13 +210,15 @@ def child(args: argparse.Namespace) -> None:
     common.quiet_libraries()
     # what Flower tells a ServerApp process before its main runs (messages need a run id)
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    run = run_baseline if args.role == "baseline" else run_server
-    print(json.dumps(run(args.strategy, args.shape, args.n)))
+    if args.role == "baseline":
+        print(json.dumps(run_baseline(args.strategy, args.shape, args.n)))
+    else:
+        print(json.dumps(run_server(args.strategy, args.shape, args.n, args.spill_above_mb)))
 
 
-def measure(role: str, strategy: str, shape: str, sites: int) -> dict:
+def measure(role: str, strategy: str, shape: str, sites: int, spill_mb: float) -> dict:
     cmd = [sys.executable, __file__, "--child", role, "--strategy", strategy, "--shape", shape,
-           "--n", str(sites)]
+           "--n", str(sites), "--spill-above-mb", str(spill_mb)]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     if done.returncode != 0:
@@ -226,6 +232,9 @@ def main() -> None:
     parser.add_argument("--sites", type=int, nargs="+", default=[8, 32, 64])
     parser.add_argument("--strategies", nargs="+",
                         default=["fedavg", "hetlora", "ffa-lora", "fedsa-lora", "flexlora"])
+    parser.add_argument("--spill-above-mb", type=float, default=1024.0,
+                        help="the server's spill-above-mb (default 1024, the run config's "
+                             "default: a 7B round spills; -1 keeps every reply in memory)")
     parser.add_argument("--child", choices=["server", "baseline"], help=argparse.SUPPRESS,
                         dest="role")
     parser.add_argument("--strategy", help=argparse.SUPPRESS)
@@ -241,8 +250,8 @@ def main() -> None:
     rows = []
     for strategy in args.strategies:
         for sites in args.sites:
-            base = measure("baseline", strategy, args.shape, sites)
-            ours = measure("server", strategy, args.shape, sites)
+            base = measure("baseline", strategy, args.shape, sites, args.spill_above_mb)
+            ours = measure("server", strategy, args.shape, sites, args.spill_above_mb)
             if "error" in ours or "error" in base:
                 rows.append([strategy, sites, ours.get("error", ""), base.get("error", ""),
                              "", "", "", "", ""])
