@@ -10,12 +10,14 @@ either way nothing is unpickled (arrays are `.npy` buffers, the index is JSON).
 
 from __future__ import annotations
 
+import io
 import json
 import math
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
+from flwr.common.constant import SType
 
 WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 PACKED = {"data", "index"}  # the keys of a packed record
@@ -33,9 +35,34 @@ def to_array_record(state: dict[str, torch.Tensor], wire_dtype: str = "float32")
                         "data": Array(data.numpy())})
 
 
+def npy_array(array: Array) -> np.ndarray:
+    """What `Array.numpy()` returns (np.load of its .npy bytes, never unpickling), made with
+    one copy of the data: np.load from a byte stream copies each 256 KiB twice, which took
+    about 0.14 s of the server's 0.5 s per 7B-shaped reply. An object dtype or a Fortran-order
+    array is left to np.load (which refuses the first)."""
+    if array.stype != SType.NUMPY:
+        return array.numpy()  # Flower's own TypeError
+    data = array.data
+    stream = io.BytesIO(data[:65536 + 16])  # the header (numpy caps it at 64 KiB)
+    version = np.lib.format.read_magic(stream)
+    read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                   (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+    if read_header is None:
+        return array.numpy()
+    shape, fortran_order, dtype = read_header(stream)
+    if fortran_order or dtype.hasobject:
+        return array.numpy()
+    count = math.prod(shape)
+    if stream.tell() + count * dtype.itemsize != len(data):
+        raise ValueError(f"array data: the .npy header describes {count} values of {dtype}, "
+                         f"the buffer holds {len(data) - stream.tell()} bytes after it")
+    flat = np.frombuffer(data, dtype=dtype, count=count, offset=stream.tell())
+    return flat.reshape(shape).copy()
+
+
 def from_array_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
     """ArrayRecord -> tensors keyed and typed as sent; ValueError on a malformed packed one."""
-    arrays = {k: arr.numpy() for k, arr in record.items()}
+    arrays = {k: npy_array(arr) for k, arr in record.items()}
     if set(arrays) != PACKED:
         return {k: torch.from_numpy(a.copy()) for k, a in arrays.items()}
     index, data = arrays["index"], arrays["data"]

@@ -1,5 +1,7 @@
 """Wire format: factors only, fp16 halves the bytes, counted bytes match the theory."""
 
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -61,3 +63,30 @@ def test_a_malformed_packed_record_is_refused(index, data, message):
                           "data": Array(data)})
     with pytest.raises(ValueError, match=message):
         from_array_record(record)
+
+
+@pytest.mark.parametrize("array", [np.arange(12, dtype=np.float32).reshape(3, 4),
+                                   np.ones(5, np.float16), np.zeros(0, np.float32),
+                                   np.array(3.5), np.arange(6.0).reshape(2, 3).T],
+                         ids=["float32", "float16", "empty", "scalar", "fortran-order"])
+def test_reading_an_array_with_one_copy_gives_what_np_load_gives(array):
+    from fedlora.records import npy_array
+
+    wire = Array(array)
+    got, want = npy_array(wire), wire.numpy()
+    assert got.dtype == want.dtype and got.shape == want.shape and np.array_equal(got, want)
+    assert got.flags.writeable  # torch shares it without a copy or a warning
+
+
+def test_an_array_whose_header_and_data_disagree_is_refused():
+    from fedlora.records import npy_array
+
+    wire = Array(np.arange(8, dtype=np.float32))
+    short = Array(dtype=wire.dtype, shape=wire.shape, stype=wire.stype, data=wire.data[:-4])
+    with pytest.raises(ValueError, match="header describes 8 values of float32"):
+        npy_array(short)
+    buffer = io.BytesIO()  # a hostile sender's pickled array (Flower never makes one)
+    np.save(buffer, np.array([{"x": 1}], dtype=object), allow_pickle=True)
+    pickled = Array(dtype="object", shape=(1,), stype=wire.stype, data=buffer.getvalue())
+    with pytest.raises(ValueError, match="allow_pickle"):  # left to np.load, which refuses
+        npy_array(pickled)
