@@ -161,8 +161,9 @@ class GlobalAdapter:
                           dense_distance(update.dense, self.dense))
 
     def figures(self, update: ClientUpdate) -> tuple[float, float]:
-        """(`moved`, `distance`) of an update, equal to theirs, in one pass over its layers:
-        each layer's factors and the received ones are converted to float64 once."""
+        """(`moved`, `distance`) of an update, theirs to 1e-5, in one pass over its layers:
+        each layer's change in float32 (`change_norm_squared`; float64 where float32's range
+        or mixed dtypes call for it)."""
         if self.method.shares == "A":
             return self.moved(update), self.distance(update)
         received, grams = self.received(update.rank), self.received_grams(update.rank)
@@ -170,15 +171,18 @@ class GlobalAdapter:
         for module, (b, a) in update.factors.items():
             if module in received:
                 b_ref, a_ref = received[module]
-                db, da = b - b_ref, a - a_ref  # exact in float32 where the change is small
-                terms = (change_norm_squared(db, a, b_ref, da, grams[module]),
-                         squared_norm(db) + squared_norm(da))
-                if not all(map(math.isfinite, terms)):  # a change beyond float32's range
+                terms = (math.inf, math.inf)
+                if len({b.dtype, a.dtype, b_ref.dtype, a_ref.dtype}) == 1:
+                    db, da = b - b_ref, a - a_ref  # exact in float32 where the change is small
+                    terms = (change_norm_squared(db, a, b_ref, da, grams[module]),
+                             squared_norm(db) + squared_norm(da))
+                if not all(map(math.isfinite, terms)):  # beyond float32's range, mixed dtypes
                     b, a, b_ref, a_ref = (t.double() for t in (b, a, b_ref, a_ref))
                     terms = (difference_norm(b, a, b_ref, a_ref) ** 2,
                              squared_norm(b - b_ref) + squared_norm(a - a_ref))
                 change, moved = change + terms[0], moved + terms[1]
             else:
+                b, a = b.double(), a.double()
                 change += product_norm(b, a) ** 2
                 moved += squared_norm(b) + squared_norm(a)
         plain = dense_distance(update.dense, self.dense)

@@ -258,3 +258,7 @@ def test_a_replys_figures_in_one_pass_equal_the_screens_own(strategy):
     assert all(math.isfinite(f) for f in state.figures(huge_update))
     assert state.figures(huge_update) == pytest.approx(
         (state.moved(huge_update), state.distance(huge_update)), rel=1e-5)
+    wide = ClientUpdate({m: (b.double(), a.double()) for m, (b, a) in update.factors.items()},
+                        10.0)  # float64 factors against float32 received ones
+    assert state.figures(wide) == pytest.approx((state.moved(wide), state.distance(wide)),
+                                                rel=1e-5)
