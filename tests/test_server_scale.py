@@ -262,3 +262,39 @@ def test_a_replys_figures_in_one_pass_equal_the_screens_own(strategy):
                         10.0)  # float64 factors against float32 received ones
     assert state.figures(wide) == pytest.approx((state.moved(wide), state.distance(wide)),
                                                 rel=1e-5)
+
+
+@pytest.mark.slow
+def test_the_documented_server_scale_commands_run_at_a_small_size(tmp_path):
+    """Each `benchmarks/server_scale.py` command of docs/benchmarks.md, run as written but on
+    the 2-layer shape at 2 sites: it exits 0 and prints a row per strategy, with figures from
+    the server and the running sum (in memory where the command says -1)."""
+    import json
+    import re
+    import shlex
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    text = (root / "docs" / "benchmarks.md").read_text()
+    lines = [line.strip() for block in re.findall(r"```bash\n(.*?)```", text, re.S)
+             for line in block.splitlines() if "benchmarks/server_scale.py" in line]
+    assert len(lines) >= 3
+    for line in lines:
+        words = shlex.split(line)[2:]
+        if "--sites" in words:  # the sites list: 2 instead
+            i = words.index("--sites") + 1
+            while i < len(words) and not words[i].startswith("--"):
+                del words[i]
+            words.insert(i, "2")
+        done = subprocess.run([sys.executable, str(root / "benchmarks" / "server_scale.py"),
+                               *words, "--shape", "small"], capture_output=True, text=True,
+                              cwd=root, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        rows = [json.loads(out) for out in done.stdout.splitlines() if out.startswith("{")]
+        strategies = words[words.index("--strategies") + 1:]
+        strategies = strategies[:next((i for i, w in enumerate(strategies)
+                                       if w.startswith("--")), len(strategies))]
+        assert [r["strategy"] for r in rows] == strategies
+        assert all(r["server"]["seconds"] > 0 and r["running-sum"]["seconds"] > 0 for r in rows)
