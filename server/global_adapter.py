@@ -171,12 +171,13 @@ class GlobalAdapter:
         for module, (b, a) in update.factors.items():
             if module in received:
                 b_ref, a_ref = received[module]
-                terms = (math.inf, math.inf)
+                terms = None
                 if len({b.dtype, a.dtype, b_ref.dtype, a_ref.dtype}) == 1:
                     db, da = b - b_ref, a - a_ref  # exact in float32 where the change is small
                     terms = (change_norm_squared(db, a, b_ref, da, grams[module]),
                              squared_norm(db) + squared_norm(da))
-                if not all(map(math.isfinite, terms)):  # beyond float32's range, mixed dtypes
+                if terms is None or not all(map(math.isfinite, terms)):  # mixed dtypes, or
+                    # a change beyond float32's range: measured in float64, as `moved` does
                     b, a, b_ref, a_ref = (t.double() for t in (b, a, b_ref, a_ref))
                     terms = (difference_norm(b, a, b_ref, a_ref) ** 2,
                              squared_norm(b - b_ref) + squared_norm(a - a_ref))

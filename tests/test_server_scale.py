@@ -270,16 +270,15 @@ def test_the_documented_server_scale_commands_run_at_a_small_size(tmp_path):
     the 2-layer shape at 2 sites: it exits 0 and prints a row per strategy, with figures from
     the server and the running sum (in memory where the command says -1)."""
     import json
-    import re
     import shlex
     import subprocess
     import sys
     from pathlib import Path
 
+    from test_scaling import documented
+
     root = Path(__file__).resolve().parent.parent
-    text = (root / "docs" / "benchmarks.md").read_text()
-    lines = [line.strip() for block in re.findall(r"```bash\n(.*?)```", text, re.S)
-             for line in block.splitlines() if "benchmarks/server_scale.py" in line]
+    lines = documented(root / "docs" / "benchmarks.md", "benchmarks/server_scale.py")
     assert len(lines) >= 3
     for line in lines:
         words = shlex.split(line)[2:]

@@ -155,12 +155,10 @@ def difference_norm(b1: Tensor, a1: Tensor, b2: Tensor, a2: Tensor) -> float:
 
 
 def squared_norm(t: Tensor) -> float:
-    """||t||^2 of any tensor, in its own dtype by one dot product (no squared copy)."""
+    """||t||^2 of any tensor, in its own dtype by one dot product (no squared copy); inf
+    where that overflows the dtype."""
     flat = t.reshape(-1)
-    value = float(torch.dot(flat, flat))
-    if not math.isfinite(value) and flat.dtype != torch.float64:  # beyond float32's range
-        return float(torch.dot(flat.double(), flat.double()))
-    return value
+    return float(torch.dot(flat, flat))
 
 
 def change_norm_squared(db: Tensor, a: Tensor, b_ref: Tensor, da: Tensor,
@@ -173,14 +171,13 @@ def change_norm_squared(db: Tensor, a: Tensor, b_ref: Tensor, da: Tensor,
     (r x r Gram blocks; `ref_gram` = B_ref^T B_ref when the caller has it). Every term is
     of the size of the change, not of the factors, so there is no cancellation between
     large terms and the factors' own dtype (float32) is precise enough: a reply that did
-    not move gives exactly 0. The blocks are summed in float64, and factors whose blocks
-    overflow float32 (entries near 1e19 and above) are measured again in float64."""
+    not move gives exactly 0. The blocks are summed in float64; factors whose blocks
+    overflow their dtype (float32 entries near 1e19 and above) give inf or NaN, and the
+    caller measures them again in float64."""
     gram = b_ref.T @ b_ref if ref_gram is None else ref_gram
     terms = float(((db.T @ db).double() * (a @ a.T).double()).sum()
                   + (gram.double() * (da @ da.T).double()).sum()
                   + 2 * ((db.T @ b_ref).double() * (a @ da.T).double()).sum())
-    if not math.isfinite(terms) and db.dtype != torch.float64:
-        return change_norm_squared(db.double(), a.double(), b_ref.double(), da.double())
     return max(terms, 0.0)  # the cross term can leave a tiny negative (inf or NaN: kept)
 
 

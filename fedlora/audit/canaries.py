@@ -76,7 +76,6 @@ class Canary(Secret):
         return int("".join(str(d) for d in self.secret))
 
 
-
 MAX_CANDIDATES = 10 ** 6
 
 
@@ -130,7 +129,6 @@ class OwnSecret(Secret):
 
     def true_index(self) -> int:
         return int("".join(c for c in self.secret if c.isdigit()))
-
 
 
 def make_canaries(count: int, digits: int, seed: int) -> list[Canary]:
