@@ -4,10 +4,20 @@ The training reply carries the node's two public keys and a commitment to its se
 seed instead of its factors; the quantised vector (`fedlora.secagg.vector`) and the secrets
 wait in the node's `context.state` (ConfigRecord `STATE`, ArrayRecord `VECTOR`) for the
 server's QUERY messages: share-keys (shares of the seed and of the mask key, sealed for each
-neighbour), collect-masked (open the neighbours' shares, reply the masked vector, once) and
-unmask (for each neighbour the server names, the seed share if it survived or the key share
-if it dropped, never both, once). Anything out of order, for another round, or asked twice is
+neighbour), collect-masked (open the neighbours' shares, reply the masked vector, once),
+consistency (when every site signs: sign the survivors the server names, once) and unmask
+(for each neighbour the server names, the seed share if it survived or the key share if it
+dropped, never both, once). Anything out of order, for another round, or asked twice is
 refused: the node replies an error and drops out of the round.
+
+A server may be hostile, so a node also refuses what only a hostile server asks for: no
+neighbour (a sum of one), a threshold of half its holders or fewer, an unmask that names
+fewer survivors among its holders than the threshold (an honest round cannot finish then;
+a lying one could isolate a site). With `secagg-signing-key` (`fedlora client --auth-key`)
+it signs its keys, and with `secagg-peers` it takes a neighbour's keys only when signed by a
+distinct key of that list (`fedlora.secagg.signing`): no keys of the server's own; and it
+unmasks only for the survivors it signed at consistency, signed by the threshold of its
+holders: one set of survivors for every site.
 """
 
 from __future__ import annotations
@@ -15,6 +25,7 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Callable, Collection
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,13 +35,15 @@ from torch import Tensor
 from fedlora import wire
 from fedlora.config import Settings
 from fedlora.factors import flatten, from_peft, is_factor
-from fedlora.secagg import protocol
+from fedlora.secagg import protocol, signing
 from fedlora.secagg.noise import noised_change, site_noise_std
 from fedlora.secagg.vector import Layout, Quantizer, bits_for
 
 STATE = "secagg-state"
 VECTOR = "secagg-vector"
 MASKED = "masked"  # ArrayRecord key of the masked vector in a collect-masked reply
+SIGNING_KEY = "secagg-signing-key"  # node config: the key this node signs its keys with
+PEERS = "secagg-peers"  # node config: the peers' public keys it accepts neighbours' keys from
 
 
 class ProtocolRefused(ValueError):
@@ -139,13 +152,20 @@ def train_reply(context: Context, config: ConfigRecord, server_round: int,
                           len(layout.groups))
     x, clipped = quantizer.quantize(vector, np.random.default_rng(secrets.randbits(128)))
     c_key, s_key, seed = protocol.new_key(), protocol.new_key(), os.urandom(protocol.SEED_BYTES)
+    public: dict[str, Any] = {wire.SECAGG_C_KEY: protocol.public_bytes(c_key),
+                              wire.SECAGG_S_KEY: protocol.public_bytes(s_key),
+                              wire.SECAGG_COMMITMENT: protocol.commitment(seed)}
+    if (path := context.node_config.get(SIGNING_KEY)) is not None:  # fedlora client --auth-key
+        public[wire.SECAGG_SIGNER], public[wire.SECAGG_SIGNATURE] = signing.sign(
+            signing.load_signing_key(str(path)),
+            signing.statement(context.run_id, server_round, context.node_id,
+                              public[wire.SECAGG_C_KEY], public[wire.SECAGG_S_KEY]))
     context.state[STATE] = ConfigRecord({
         wire.SERVER_ROUND: server_round, "c": protocol.private_bytes(c_key),
-        "s": protocol.private_bytes(s_key), "seed": seed, "stage": "train"})
+        "s": protocol.private_bytes(s_key), "seed": seed, "stage": "train",
+        "signer": public.get(wire.SECAGG_SIGNER, b"")})
     context.state[VECTOR] = ArrayRecord({"x": Array(x)})
-    return ConfigRecord({wire.SECAGG_C_KEY: protocol.public_bytes(c_key),
-                         wire.SECAGG_S_KEY: protocol.public_bytes(s_key),
-                         wire.SECAGG_COMMITMENT: protocol.commitment(seed)}), clipped
+    return ConfigRecord(public), clipped
 
 
 def stage(msg: Message, context: Context) -> Message:
@@ -159,16 +179,18 @@ def stage(msg: Message, context: Context) -> Message:
         raise ProtocolRefused(f"secure aggregation: stage {name!r} of round {server_round!r}, "
                               f"but this node trained no round of it (state for round "
                               f"{state[wire.SERVER_ROUND] if state else None!r})")
-    handlers = {"share-keys": ("train", share_keys), "collect-masked": ("share-keys", masked),
-                "unmask": ("collect-masked", unmask)}
+    handlers = {"share-keys": (("train",), share_keys),
+                "collect-masked": (("share-keys",), masked),
+                "consistency": (("collect-masked",), consistency),
+                "unmask": (("collect-masked", "consistency"), unmask)}
     if name not in handlers:
         raise ProtocolRefused(f"secure aggregation: unknown stage {name!r}, expected one of "
                               f"{sorted(handlers)}")
     after, handler = handlers[name]
-    if state["stage"] != after:
-        raise ProtocolRefused(f"secure aggregation: stage {name!r} must follow {after!r}, but "
-                              f"this node's last stage was {state['stage']!r} (asked twice or "
-                              f"out of order: refused)")
+    if state["stage"] not in after:
+        raise ProtocolRefused(f"secure aggregation: stage {name!r} must follow "
+                              f"{' or '.join(map(repr, after))}, but this node's last stage "
+                              f"was {state['stage']!r} (asked twice or out of order: refused)")
     content = handler(config, state, context)
     state["stage"] = name
     if name == "unmask":  # the round is over for this node: forget its secrets
@@ -186,11 +208,34 @@ def share_keys(config: ConfigRecord, state: ConfigRecord, context: Context) -> R
         raise ProtocolRefused(f"secure aggregation: share-keys names neighbours {nodes} with "
                               f"{len(c_keys)} and {len(s_keys)} keys; expected distinct nodes "
                               f"other than this one ({me}), one key pair each")
+    if not nodes:
+        raise ProtocolRefused("secure aggregation: share-keys names no neighbour, so the sum "
+                              "would be this node's update alone: refused")
+    t, floor = integer(config, wire.SECAGG_THRESHOLD), (len(nodes) + 1) // 2 + 1
+    if not floor <= t <= len(nodes) + 1:
+        raise ProtocolRefused(f"secure aggregation: share-keys asks for a threshold of {t} "
+                              f"shares among {len(nodes) + 1} holders; expected {floor} to "
+                              f"{len(nodes) + 1} (more than half, or a server could collect "
+                              f"both secrets of one site): refused")
+    if (peers := context.node_config.get(PEERS)) is not None:  # fedlora client --secagg-peers
+        signers = blobs(config, wire.SECAGG_SIGNER) if wire.SECAGG_SIGNER in config else []
+        signatures = blobs(config, wire.SECAGG_SIGNATURE) \
+            if wire.SECAGG_SIGNATURE in config else []
+        if not len(signers) == len(signatures) == len(nodes):
+            signers = signatures = [b""] * len(nodes)
+        try:
+            signing.check_neighbours(
+                signing.load_peers(str(peers)), blob(state, "signer"), context.run_id,
+                integer(state, wire.SERVER_ROUND),
+                [signing.SignedKeys(*keys) for keys in zip(nodes, c_keys, s_keys, signers,
+                                                           signatures)])
+        except signing.SignatureRefused as err:
+            raise ProtocolRefused(str(err)) from None
+        state["signers"] = signers  # to check their signatures of the survivors at unmask
     shares = protocol.split_secrets(integer(state, wire.SERVER_ROUND), me, [*nodes, me],
-                                    blob(state, "seed"), blob(state, "s"),
-                                    integer(config, wire.SECAGG_THRESHOLD))
+                                    blob(state, "seed"), blob(state, "s"), t)
     mine = shares.pop(me)
-    state.update({"nodes": nodes, "c-keys": c_keys, "s-keys": s_keys,
+    state.update({"nodes": nodes, "c-keys": c_keys, "s-keys": s_keys, "threshold": t,
                   "held-nodes": [me], "held-seeds": [mine.seed], "held-keys": [mine.key]})
     own = blob(state, "c")
     sealed = [protocol.seal(shares[n], own, key) for n, key in zip(nodes, c_keys)]
@@ -225,6 +270,52 @@ def masked(config: ConfigRecord, state: ConfigRecord, context: Context) -> Recor
     return RecordDict({MASKED: ArrayRecord({MASKED: Array(y)})})
 
 
+def consistency(config: ConfigRecord, state: ConfigRecord, context: Context) -> RecordDict:
+    """Sign the set of survivors the server names (this node among them), once; a node with
+    a peers list then unmasks only for this same set."""
+    me, survivors = context.node_id, ints(config, wire.SECAGG_SURVIVORS)
+    if me not in survivors or len(set(survivors)) != len(survivors):
+        raise ProtocolRefused(f"secure aggregation: consistency names survivors {survivors}; "
+                              f"expected distinct nodes, this one ({me}) among them")
+    if (path := context.node_config.get(SIGNING_KEY)) is None:
+        raise ProtocolRefused("secure aggregation: consistency asks this node to sign the "
+                              "survivors, but it has no key to sign with (fedlora client "
+                              "--auth-key)")
+    _, signature = signing.sign(signing.load_signing_key(str(path)), signing.survivors_statement(
+        context.run_id, integer(state, wire.SERVER_ROUND), survivors))
+    state["signed"] = sorted(survivors)
+    return RecordDict({wire.SECAGG: ConfigRecord({wire.SECAGG_SIGNATURE: signature})})
+
+
+def consistent_refusal(config: ConfigRecord, state: ConfigRecord, context: Context,
+                       survivors: list[int], dropped: list[int]) -> str | None:
+    """Why a node with a peers list refuses this unmask (None: it does not): it must have
+    signed the survivors, the server must name that same set to it, and at least the
+    threshold of its holders must have signed that set."""
+    if state["stage"] != "consistency":
+        return ("this node has a peers list and unmasks only after it signed the survivors "
+                "(the consistency stage), which the server skipped")
+    signed = ints(state, "signed")
+    claimed = ints(config, wire.SECAGG_SIGNED) if wire.SECAGG_SIGNED in config else []
+    sigs = blobs(config, wire.SECAGG_SIGNATURE) if wire.SECAGG_SIGNATURE in config else []
+    holders = {context.node_id, *ints(state, "nodes")}
+    if sorted(claimed) != signed or len(sigs) != len(claimed) or \
+            set(survivors) != set(signed) & holders or set(dropped) & set(signed):
+        return (f"the survivors of this unmask ({sorted(survivors)} of its holders, signed "
+                f"set {sorted(claimed)}) are not the set this node signed ({signed})")
+    signers = dict(zip(ints(state, "nodes"), blobs(state, "signers")))
+    signers[context.node_id] = blob(state, "signer")
+    statement = signing.survivors_statement(context.run_id, integer(state, wire.SERVER_ROUND),
+                                            signed)
+    valid = [n for n, sig in zip(claimed, sigs)
+             if n in signers and signing.valid(signers[n], sig, statement)]
+    t = integer(state, "threshold")
+    if len(valid) < t:
+        return (f"{len(valid)} of this node's holders signed the survivors ({sorted(valid)}), "
+                f"{t} needed: the server may have named other survivors to other sites")
+    return None
+
+
 def unmask(config: ConfigRecord, state: ConfigRecord, context: Context) -> RecordDict:
     """For each node the server says survived, this node's share of its seed; for each it
     says dropped, the share of its mask key; a node named in both lists, or this node among
@@ -236,6 +327,21 @@ def unmask(config: ConfigRecord, state: ConfigRecord, context: Context) -> Recor
     if both:
         raise ProtocolRefused(f"secure aggregation: unmask names node(s) {both} both as "
                               f"survived and as dropped: refused")
+    # Each survivor's seed needs t shares from its holders that survived: a server naming
+    # fewer than t survivors among this node's own holders (this node among them) is asking
+    # for secrets no honest round needs, e.g. to isolate one site by calling the rest dropped.
+    holders = {context.node_id, *ints(state, "nodes")}
+    named = sorted(set(survivors) & holders)
+    t = integer(state, "threshold")
+    if context.node_id not in survivors or len(named) < t:
+        among = "among them" if context.node_id in survivors else "not among them"
+        raise ProtocolRefused(f"secure aggregation: unmask names {len(named)} survivor(s) "
+                              f"among this node's {len(holders)} holders ({named}), this node "
+                              f"{among}; an honest round has this node and at least the "
+                              f"threshold {t} there: refused")
+    if context.node_config.get(PEERS) is not None and \
+            (why := consistent_refusal(config, state, context, survivors, dropped)):
+        raise ProtocolRefused(f"secure aggregation: {why}: refused")
     held = {n: i for i, n in enumerate(ints(state, "held-nodes"))}
     seed_shares, key_shares = blobs(state, "held-seeds"), blobs(state, "held-keys")
     seeds = [n for n in survivors if n in held]

@@ -3,10 +3,15 @@
 1. train (MessageType.TRAIN): the global adapter as always, plus the round's secure
    aggregation settings; a node trains, keeps its quantised weighted change
    (`fedlora.secagg.vector`) and replies two public keys and a commitment to its seed.
-2. share-keys (QUERY): each node gets its neighbours' public keys (`protocol.neighbours`)
-   and the threshold; it replies its Shamir shares sealed for each neighbour.
+2. share-keys (QUERY): each node gets its neighbours' public keys (`protocol.neighbours`),
+   with the signatures their nodes made of them (`fedlora.secagg.signing`; b"" where a node
+   signs nothing), and the threshold; it replies its Shamir shares sealed for each neighbour.
 3. collect-masked (QUERY): each node gets the sealed shares addressed to it and replies its
    masked vector; the server adds the vectors up mod 2^32.
+   When every survivor signed its keys (`fedlora client --auth-key`), consistency (QUERY):
+   each survivor signs the set of survivors, and unmask carries those signatures; a node
+   with a peers list unmasks only for the set it signed, signed by the threshold of its
+   holders.
 4. unmask (QUERY): each node is told which of its neighbours survived (whose masked vector
    arrived) and which dropped after sharing; it replies the matching shares. The server
    rebuilds every survivor's seed (checked against its commitment) and every dropped
@@ -83,6 +88,8 @@ class Site:
     s_key: bytes
     commitment: bytes
     row: dict[str, Any]
+    signer: bytes = b""  # the public key that signed c_key and s_key (b"": unsigned)
+    signature: bytes = b""
     sealed: dict[int, bytes] = field(default_factory=dict)  # holder -> share sealed for it
     masked: np.ndarray | None = None
     experts: frozenset[int] | None = None  # lora-moe: the experts it says it trained
@@ -136,7 +143,8 @@ class SecureRound:
         sites = self.train(nodes, ranks, rank if padded else None)
         graph = self.share_keys(sites)
         total = self.collect_masked(sites, graph, layout.size)
-        plain = self.unmask(sites, graph, total)
+        signed = self.consistency(sites)
+        plain = self.unmask(sites, graph, total, signed)
         survivors = [s for s in sites.values() if s.masked is not None]
         if self.rules.noised and len(survivors) < len(nodes) - self.rules.dropout:
             raise SecAggFailed(f"{len(survivors)} of {len(nodes)} sampled sites are in the sum; "
@@ -228,6 +236,8 @@ class SecureRound:
             c_key, s_key = blob(keys, wire.SECAGG_C_KEY), blob(keys, wire.SECAGG_S_KEY)
             protocol.load_public(c_key), protocol.load_public(s_key)
             commitment = blob(keys, wire.SECAGG_COMMITMENT)
+            signed = (blob(keys, wire.SECAGG_SIGNER), blob(keys, wire.SECAGG_SIGNATURE)) \
+                if wire.SECAGG_SIGNER in keys else (b"", b"")
         except ValueError as err:
             return f"secure aggregation: unreadable public keys ({err})", None
         from server.rounds import number, step_fields  # (server.rounds imports this module)
@@ -254,7 +264,7 @@ class SecureRound:
                     metrics)
             except ValueError as err:
                 return str(err), None
-        return None, Site(node, c_key, s_key, commitment, row, experts=experts)
+        return None, Site(node, c_key, s_key, commitment, row, *signed, experts=experts)
 
     def share_keys(self, sites: dict[int, Site]) -> dict[int, list[int]]:
         """Stage 2: the neighbour graph over the trained sites; each site's sealed shares."""
@@ -266,7 +276,9 @@ class SecureRound:
             messages[node] = RecordDict({wire.SECAGG: self.config(
                 "share-keys", **{wire.SECAGG_NODES: peers, wire.SECAGG_THRESHOLD: t,
                                  wire.SECAGG_C_KEY: [sites[p].c_key for p in peers],
-                                 wire.SECAGG_S_KEY: [sites[p].s_key for p in peers]})})
+                                 wire.SECAGG_S_KEY: [sites[p].s_key for p in peers],
+                                 wire.SECAGG_SIGNER: [sites[p].signer for p in peers],
+                                 wire.SECAGG_SIGNATURE: [sites[p].signature for p in peers]})})
         for node, reply in self.exchange(messages, "share-keys").items():
             answer = reply.content.config_records.get(wire.SECAGG) or ConfigRecord()
             try:
@@ -307,16 +319,38 @@ class SecureRound:
             total += y
         return total
 
+    def consistency(self, sites: dict[int, Site]) -> dict[int, bytes] | None:
+        """Stage 3b, when every survivor signed its keys: each survivor signs the set of
+        survivors (one set for all: Bell et al.'s consistency check); their signatures
+        (None: a site signs nothing, and the stage is skipped)."""
+        survived = sorted(n for n, s in sites.items() if s.masked is not None)
+        if not survived or not all(sites[n].signer for n in survived):
+            return None
+        messages = {n: RecordDict({wire.SECAGG: self.config(
+            "consistency", **{wire.SECAGG_SURVIVORS: survived})}) for n in survived}
+        signatures = {}
+        for node, reply in self.exchange(messages, "consistency").items():
+            answer = reply.content.config_records.get(wire.SECAGG) or ConfigRecord()
+            signature = answer.get(wire.SECAGG_SIGNATURE)
+            if isinstance(signature, bytes):
+                signatures[node] = signature
+        return signatures
+
     def unmask(self, sites: dict[int, Site], graph: dict[int, list[int]],
-               total: np.ndarray) -> np.ndarray:
+               total: np.ndarray, signed: dict[int, bytes] | None = None) -> np.ndarray:
         """Stage 4: the shares that rebuild the survivors' seeds and the dropped sites' mask
-        keys; the sum of the survivors' quantised vectors."""
+        keys (with `signed`, each site also gets the survivors' signatures of their set);
+        the sum of the survivors' quantised vectors."""
         survived = {n for n, s in sites.items() if s.masked is not None}
         self.enough(survived, "sent their masked vectors")
         dropped = set(sites) - survived
+        proof = {} if signed is None else {
+            wire.SECAGG_SIGNED: sorted(survived),
+            wire.SECAGG_SIGNATURE: [signed.get(n, b"") for n in sorted(survived)]}
         messages = {n: RecordDict({wire.SECAGG: self.config("unmask", **{
             wire.SECAGG_SURVIVORS: [p for p in [*graph[n], n] if p in survived],
-            wire.SECAGG_DROPPED: [p for p in graph[n] if p in dropped]})}) for n in survived}
+            wire.SECAGG_DROPPED: [p for p in graph[n] if p in dropped], **proof})})
+            for n in survived}
         seeds: dict[int, list[bytes]] = {n: [] for n in survived}
         keys: dict[int, list[bytes]] = {n: [] for n in dropped}
         for node, reply in self.exchange(messages, "unmask").items():

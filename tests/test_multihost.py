@@ -201,7 +201,9 @@ def test_secure_aggregation_across_hosts_equals_the_plain_simulation(host_procs,
                                                                     tmp_path):
     """secure-aggregation=true between real SuperNodes on separate hosts: the server never
     gets a site's factors, and the merged adapter equals the plain simulation's up to the
-    quantisation error; a site that requires secure aggregation takes part."""
+    quantisation error; a site that requires secure aggregation takes part. Both sites sign
+    their keys with their node keys and accept only keys signed by the other's listed key
+    (--secagg-peers): an unsigned or unlisted key would refuse the round."""
     settings = ["--model", "tiny-llama", "--rounds", "2", "--local-steps", "2", "--strategy",
                 "fedavg", "--run-config",
                 "lr=0.01 dataset-size=120 fraction-evaluate=0.0 client-weights=equal"]
@@ -214,9 +216,11 @@ def test_secure_aggregation_across_hosts_equals_the_plain_simulation(host_procs,
     secure = [*settings[:-1], settings[-1] + " secure-aggregation=true"]
     server = hosts.fedlora("server", server_args(certs, out, "--min-nodes", "2", *secure), log)
     wait_for(says(log, "registered SuperNode key", 2), server, log)
+    peers = tmp_path / "consortium.pub"  # the sites' keys, not the intruder's
+    peers.write_bytes((certs / "site-a.pub").read_bytes() + (certs / "site-b.pub").read_bytes())
     for i, name in enumerate(("site-a", "site-b")):
         hosts.fedlora(name, client_args(certs, name, "--partition-id", str(i),
-                                        "--num-partitions", "2",
+                                        "--num-partitions", "2", "--secagg-peers", str(peers),
                                         *(["--require-secure-aggregation"] if i == 0 else [])),
                       tmp_path / f"{name}.log")
     assert server.wait(timeout=600) == 0, log.read_text()[-3000:]

@@ -118,6 +118,36 @@ def test_a_site_dropping_after_its_masked_vector_arrived_is_recovered(tmp_path):
     assert line["clients-replied"] == 3  # its vector is in the sum
 
 
+@pytest.mark.parametrize("silent", [(), (1001,)])
+def test_signed_keys_and_survivors_in_the_round_loop(tmp_path, silent):
+    """Every node signs with its node key and accepts only its peers' keys
+    (fedlora.secagg.signing): the round runs the consistency stage, and its merge equals the
+    plain one; a site silent at consistency is still in the sum (the others' signatures
+    reach the threshold)."""
+    from clients.secagg import PEERS, SIGNING_KEY
+    from fedlora.cli.certs import make_node_key
+
+    for pid in range(3):
+        make_node_key(tmp_path, f"site{pid}")
+    peers = tmp_path / "peers.txt"
+    peers.write_bytes(b"".join((tmp_path / f"site{pid}.pub").read_bytes() for pid in range(3)))
+    stages: list[tuple[int, str | None]] = []
+
+    def hook(msg: Message, reply: Message) -> Message | None:
+        stages.append((msg.metadata.dst_node_id, stage_of(msg)))
+        return None if msg.metadata.dst_node_id in silent and \
+            stage_of(msg) == "consistency" else reply
+
+    run_inprocess(config(tmp_path / "plain"), 3)
+    run_inprocess(config(tmp_path / "secure", **SECURE), 3, hook=hook, node_config=lambda pid: {
+        SIGNING_KEY: str(tmp_path / f"site{pid}"), PEERS: str(peers)})
+    assert sorted(n for n, stage in stages if stage == "consistency") == [1000, 1001, 1002]
+    assert sorted(n for n, stage in stages if stage == "unmask") == [1000, 1001, 1002]
+    assert_close(final(tmp_path / "secure"), final(tmp_path / "plain"), 3)
+    [line] = training_rounds(read_metrics(tmp_path / "secure"))
+    assert line["clients-replied"] == 3
+
+
 def test_more_drops_than_secagg_dropout_fail_the_attempt_and_the_round_is_retried(tmp_path):
     run_inprocess(config(tmp_path / "plain"), 3)
     run_inprocess(config(tmp_path / "secure", **SECURE, **{"secagg-dropout": 1}), 3,

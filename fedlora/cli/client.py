@@ -109,6 +109,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--require-secure-aggregation", action="store_true",
                    help="refuse a run without secure aggregation (secure-aggregation=true): "
                         "this node's update never reaches the server in the clear")
+    p.add_argument("--secagg-peers", type=Path, metavar="PATH",
+                   help="the other sites' public keys (a folder of .pub files from `fedlora "
+                        "certs`, or one file of OpenSSH public key lines): under secure "
+                        "aggregation, accept a neighbour's keys only when signed by a distinct "
+                        "key of this list, so the server cannot put keys or sites of its own "
+                        "in the sum (needs --auth-key, with which this node signs its own)")
     p.add_argument("--node-config", default="", metavar='"KEY=VALUE ..."',
                    help="any other per-node setting (`fedlora settings` lists the keys)")
     p.add_argument("--port", type=int, default=0,
@@ -138,10 +144,33 @@ def node_config(args: argparse.Namespace, check: bool = True) -> dict:
         raise ValueError("--dp-sgd-delta is the delta of a budget: pass --dp-sgd-epsilon too")
     if args.require_secure_aggregation:
         config["require-secure-aggregation"] = True
+    config.update(secagg_keys(args))
     config["node-name"] = args.name or socket.gethostname()
     if check:
         check_node_config(config)
     return config
+
+
+def secagg_keys(args: argparse.Namespace) -> dict[str, str]:
+    """The node-config keys for signing secure-aggregation keys: the node's --auth-key (it
+    signs with the key it authenticates with) and --secagg-peers, both checked to load."""
+    from fedlora.secagg.signing import load_peers, load_signing_key
+
+    if args.secagg_peers is not None and args.auth_key is None:
+        raise ValueError("--secagg-peers needs --auth-key: the other sites accept this node's "
+                         "secure-aggregation keys only when it signs them with its own key")
+    keys = {}
+    if args.auth_key is not None:
+        if not args.auth_key.is_file():
+            raise FileNotFoundError(f"--auth-key: {args.auth_key} does not exist")
+        load_signing_key(args.auth_key)
+        keys["secagg-signing-key"] = str(args.auth_key.resolve())
+    if args.secagg_peers is not None:
+        if not args.secagg_peers.exists():
+            raise FileNotFoundError(f"--secagg-peers: {args.secagg_peers} does not exist")
+        load_peers(args.secagg_peers)
+        keys["secagg-peers"] = str(args.secagg_peers.resolve())
+    return keys
 
 
 def check_node_config(config: dict) -> str | None:
