@@ -123,7 +123,8 @@ class SyntheticGrid:
             yield self.replies.make(message, message.metadata.dst_node_id)
 
 
-def run_server(strategy: str, shape: str, sites: int, spill_mb: float = 1024.0) -> dict:
+def run_server(strategy: str, shape: str, sites: int, spill_mb: float = 1024.0,
+               clip_norm: float = 0.0) -> dict:
     """One round of the production round loop; this process's figures."""
     import torch
 
@@ -141,7 +142,7 @@ def run_server(strategy: str, shape: str, sites: int, spill_mb: float = 1024.0) 
     layer_shapes = shapes(shape)
     state = GlobalAdapter(method=get_method(strategy), lora=LoraSettings(rank=global_rank),
                           factors=shared_init(layer_shapes, global_rank, seed=0),
-                          global_rank=global_rank, robust=Robust("none"))
+                          global_rank=global_rank, robust=Robust("none"), clip_norm=clip_norm)
     # a global adapter that is not zero (B = 0 is the first round only)
     state.factors = {m: (torch.randn(b.shape) * 1e-3, a) for m, (b, a) in state.factors.items()}
     loop = RoundLoop(state, layer_shapes, Rules(timeout=60.0, min_train_nodes=sites,
@@ -161,7 +162,8 @@ def run_server(strategy: str, shape: str, sites: int, spill_mb: float = 1024.0) 
     assert len(record.replies) == sites, record.failures
     return {"peak_mib": common.peak_rss_mib(), "start_mib": before, "seconds": seconds,
             "exactness": record.merge.get("exactness"),
-            "estimate": record.merge.get("exactness-estimate", "exact")}
+            "estimate": record.merge.get("exactness-estimate", "exact"),
+            "clipped": record.merge.get("clients-clipped")}
 
 
 def run_baseline(strategy: str, shape: str, sites: int) -> dict:
@@ -213,12 +215,14 @@ def child(args: argparse.Namespace) -> None:
     if args.role == "baseline":
         print(json.dumps(run_baseline(args.strategy, args.shape, args.n)))
     else:
-        print(json.dumps(run_server(args.strategy, args.shape, args.n, args.spill_above_mb)))
+        print(json.dumps(run_server(args.strategy, args.shape, args.n, args.spill_above_mb,
+                                    args.clip_norm)))
 
 
-def measure(role: str, strategy: str, shape: str, sites: int, spill_mb: float) -> dict:
+def measure(role: str, strategy: str, shape: str, sites: int, spill_mb: float,
+            clip_norm: float = 0.0) -> dict:
     cmd = [sys.executable, __file__, "--child", role, "--strategy", strategy, "--shape", shape,
-           "--n", str(sites), "--spill-above-mb", str(spill_mb)]
+           "--n", str(sites), "--spill-above-mb", str(spill_mb), "--clip-norm", str(clip_norm)]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     if done.returncode != 0:
@@ -235,6 +239,9 @@ def main() -> None:
     parser.add_argument("--spill-above-mb", type=float, default=1024.0,
                         help="the server's spill-above-mb (default 1024, the run config's "
                              "default: a 7B round spills; -1 keeps every reply in memory)")
+    parser.add_argument("--clip-norm", type=float, default=0.0,
+                        help="the server's clip-norm (default 0: off; the synthetic "
+                             "updates' norms are far above 0.01, which clips every reply)")
     parser.add_argument("--child", choices=["server", "baseline"], help=argparse.SUPPRESS,
                         dest="role")
     parser.add_argument("--strategy", help=argparse.SUPPRESS)
@@ -251,7 +258,8 @@ def main() -> None:
     for strategy in args.strategies:
         for sites in args.sites:
             base = measure("baseline", strategy, args.shape, sites, args.spill_above_mb)
-            ours = measure("server", strategy, args.shape, sites, args.spill_above_mb)
+            ours = measure("server", strategy, args.shape, sites, args.spill_above_mb,
+                           args.clip_norm)
             if "error" in ours or "error" in base:
                 rows.append([strategy, sites, ours.get("error", ""), base.get("error", ""),
                              "", "", "", "", ""])

@@ -88,6 +88,42 @@ def test_a_merge_of_spilled_replies_equals_the_merge_in_memory_bitwise(tmp_path,
     assert info_m.get("exactness") == info_d.get("exactness")
 
 
+def test_clipping_spilled_replies_holds_no_clipped_copy_and_merges_as_in_memory(tmp_path):
+    """clip-norm over replies on disk: each clipped reply is clipped module by module as the
+    merge reads it (no clipped copy of a whole reply in memory), and the merge is bitwise the
+    in-memory one."""
+    from fedlora.aggregation.privacy import ClippedFactors
+    from fedlora.wire import M
+    from server import defences
+
+    updates = [ClientUpdate(random_factors(SHAPES, 4, seed=i, scale=0.5), 10.0 + i)
+               for i in range(3)]
+    spill = RoundSpill(tmp_path, 1)
+    on_disk = [ClientUpdate(spill.keep(u.factors), u.weight) for u in updates]  # type: ignore
+    received = [shared_init(SHAPES, 4, seed=0)] * 3
+    memory, info_m = defences.clip(updates, received, {}, 0.5, equal=False)
+    disk, info_d = defences.clip(on_disk, received, {}, 0.5, equal=False)
+    assert info_m[M.CLIENTS_CLIPPED] == info_d[M.CLIENTS_CLIPPED] == 3
+    assert all(isinstance(u.factors, ClippedFactors) for u in disk)
+    assert all(isinstance(u.factors, dict) for u in memory)
+    for m_update, d_update in zip(memory, disk):
+        assert d_update.factors.shapes() == {  # type: ignore[attr-defined]
+            m: (tuple(b.shape), tuple(a.shape)) for m, (b, a) in m_update.factors.items()}
+        for module, (b, a) in m_update.factors.items():
+            assert torch.equal(d_update.factors[module][0], b)
+            assert torch.equal(d_update.factors[module][1], a)
+
+    def merged(ups):
+        state = GlobalAdapter(method=get_method("fedavg"), lora=LoraSettings(rank=4),
+                              factors=shared_init(SHAPES, 4, seed=0), global_rank=4,
+                              clip_norm=0.5)
+        state.update(ups)
+        return state.export()[0]
+
+    a, b = merged(updates), merged(on_disk)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_replies_are_read_one_at_a_time_never_all_held(tmp_path):
     """The loop reads (and drops) each reply before it pulls the next: when the grid makes
     reply k, no earlier reply message is alive. Collecting them first (as a list) fails."""

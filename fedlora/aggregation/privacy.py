@@ -21,11 +21,13 @@ received ones, so they add nothing to the norm.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from typing import cast
 
 import torch
+from torch import Tensor
 
-from fedlora.aggregation.base import Dense, Factors, dense_distance
+from fedlora.aggregation.base import Dense, Factors, dense_distance, factor_shapes
 from fedlora.factors import dense_part, from_peft, to_peft
 
 
@@ -41,6 +43,34 @@ def factor_distance(factors: Factors, reference: Factors) -> float:
         else:
             total += float(b.double().square().sum()) + float(a.double().square().sum())
     return math.sqrt(total)
+
+
+def moved_towards(pair: tuple[Tensor, Tensor], reference: tuple[Tensor, Tensor],
+                  scale: float) -> tuple[Tensor, Tensor]:
+    """(B_ref + scale (B - B_ref), A_ref + scale (A - A_ref))."""
+    (b, a), (b_ref, a_ref) = pair, reference
+    return b_ref + scale * (b - b_ref), a_ref + scale * (a - a_ref)
+
+
+class ClippedFactors(Mapping[str, tuple[Tensor, Tensor]]):
+    """Factors kept elsewhere (on disk: `server.spill`) clipped module by module as they are
+    read, so that clipping a round of spilled replies holds no clipped copy of any of them."""
+
+    def __init__(self, factors: Factors, reference: Factors, scale: float) -> None:
+        self.factors, self.reference, self.scale = factors, reference, scale
+
+    def __getitem__(self, module: str) -> tuple[Tensor, Tensor]:
+        return moved_towards(self.factors[module], self.reference[module], self.scale)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.factors)
+
+    def __len__(self) -> int:
+        return len(self.factors)
+
+    def shapes(self) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+        """Each module's (B's shape, A's shape), without reading a tensor."""
+        return factor_shapes(self.factors)
 
 
 def clip_update(factors: Factors, reference: Factors, clip_norm: float
@@ -62,10 +92,11 @@ def clip_all(factors: Factors, dense: Dense, reference: Factors, dense_reference
     scale = min(1.0, clip_norm / norm) if norm > 0 else 1.0
     if scale == 1.0:
         return factors, dense, norm, 1.0
-    clipped = {}
-    for module, (b, a) in factors.items():
-        b_ref, a_ref = reference[module]
-        clipped[module] = (b_ref + scale * (b - b_ref), a_ref + scale * (a - a_ref))
+    clipped: Factors
+    if isinstance(factors, dict):
+        clipped = {m: moved_towards(pair, reference[m], scale) for m, pair in factors.items()}
+    else:  # factors read from disk (server.spill): clipped as each module is read
+        clipped = cast(Factors, ClippedFactors(factors, reference, scale))
     tensors = {k: dense_reference[k] + scale * (t - dense_reference[k]) for k, t in dense.items()}
     return clipped, tensors, norm, scale
 
