@@ -1,7 +1,7 @@
 """Secure aggregation's cost: bytes per client and seconds per round, secure vs plain.
 
 One training round of the real round loop (`server.rounds.RoundLoop.train_round`) over an
-in-memory grid (tests/fake_grid.py: every message serialised to protobuf and back, as the
+in-memory grid (simulations/inprocess.py: every message serialised to protobuf and back, as the
 SuperLink does), 10 sites, fedavg, for each adapter shape, once with the plain protocol and
 once with secure-aggregation=true, in one run. The sites run fedlora's own client code for
 secure aggregation (`clients.secagg`) and the plain reply (`fedlora.records`); their
@@ -10,6 +10,10 @@ and the merge's, not training's. The sites run one after another in this process
 seconds are every site's protocol work plus the server's: a bound on the extra wall time of
 a round whose sites run in parallel. Each protocol runs --repeats times, alternating, after
 one warm-up round; the table shows the median.
+
+A third arm, signed, is the secure protocol with every site signing its keys and the
+survivors with its node key and checking its peers' (`fedlora client --auth-key
+--secagg-peers`: fedlora.secagg.signing), which adds the consistency stage.
 
 Bytes per client: what one site sends (bytes-up: factors, or keys + sealed shares + masked
 vector + unmask shares) and receives (bytes-down: the global adapter, plus the neighbours'
@@ -26,7 +30,6 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # fake_grid
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -99,11 +102,14 @@ def site_app(rank: int):
     return app
 
 
-def one_round(name: str, sites: int, secure: bool) -> dict:
-    """One round of the loop: seconds, and bytes per site up and down (means)."""
-    from fake_grid import SERVER_NODE, FakeGrid, node_contexts
+def one_round(name: str, sites: int, secure: bool, keys: Path | None = None) -> dict:
+    """One round of the loop: seconds, and bytes per site up and down (means). With `keys`
+    (a folder of site<i> node keys and peers.txt): every site signs its keys with its node
+    key and accepts only its peers' (`fedlora client --auth-key --secagg-peers`), so the
+    round also signs and checks the survivors (the consistency stage)."""
     from flwr.supercore.task_identity import TaskIdentity
 
+    from clients import secagg
     from fedlora.adapters import shared_init
     from fedlora.config import LoraSettings
     from fedlora.methods import get_method
@@ -111,6 +117,8 @@ def one_round(name: str, sites: int, secure: bool) -> dict:
     from server.global_adapter import GlobalAdapter
     from server.rounds import RoundLoop, Rules
     from server.secagg import SecAggRules
+    from simulations.inprocess import SERVER_NODE, node_contexts
+    from simulations.inprocess import InProcessGrid as FakeGrid
 
     shapes, rank = module_shapes(name)
     lora = LoraSettings(rank=rank)
@@ -121,7 +129,9 @@ def one_round(name: str, sites: int, secure: bool) -> dict:
     with tempfile.TemporaryDirectory() as out:
         writer = RunWriter(out, None, {})  # type: ignore[arg-type]  # never writes a round
         loop = RoundLoop(state, shapes, rules, writer)
-        grid = FakeGrid(site_app(rank), node_contexts({}, sites))
+        signed = None if keys is None else (lambda pid: {
+            secagg.SIGNING_KEY: str(keys / f"site{pid}"), secagg.PEERS: str(keys / "peers.txt")})
+        grid = FakeGrid(site_app(rank), node_contexts({}, sites, signed))
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, SERVER_NODE, 1
         loop.learn_ranks(grid, list(grid.contexts), record=_record())
         start = time.perf_counter()
@@ -144,24 +154,44 @@ def main() -> None:
     common.quiet_libraries()
     print(f"# secure aggregation vs plain, {args.sites} sites, fedavg, one round\n")
     print(common.machine())
-    rows = []
+    with tempfile.TemporaryDirectory(prefix="secagg-keys-") as folder:
+        rows = measure(args, Path(folder))
+    common.print_table(["adapter", "up plain", "up secure", "up ratio", "up ratio signed",
+                        "down plain", "down secure", "down ratio", "down ratio signed",
+                        "s plain", "s secure", "extra s", "s signed"], rows,
+                       title=f"bytes per client per round and seconds per round "
+                             f"({args.sites} sites, one process; signed: every site signs "
+                             f"its keys and the survivors, --auth-key --secagg-peers)")
+
+
+def measure(args, keys: Path) -> list[list[str]]:
+    """The table's rows: each shape's three arms, --repeats rounds each, alternating."""
+    from fedlora.cli.certs import make_node_key
+
+    for pid in range(args.sites):
+        make_node_key(keys, f"site{pid}")
+    (keys / "peers.txt").write_bytes(b"".join((keys / f"site{pid}.pub").read_bytes()
+                                              for pid in range(args.sites)))
     one_round(args.shapes[0], 2, secure=True)  # warm-up: imports, first allocations
+    arms = {"plain": {"secure": False}, "secure": {"secure": True},
+            "signed": {"secure": True, "keys": keys}}
+    rows = []
     for name in args.shapes:
-        runs: dict[bool, list[dict]] = {False: [], True: []}
+        runs: dict[str, list[dict]] = {arm: [] for arm in arms}
         for _ in range(args.repeats):
-            for kind in runs:
-                runs[kind].append(one_round(name, args.sites, secure=kind))
-        plain, secure = ({**r[0], "seconds": common.median(x["seconds"] for x in r)}
-                         for r in (runs[False], runs[True]))
+            for arm, options in arms.items():
+                runs[arm].append(one_round(name, args.sites, **options))
+        plain, secure, signed = ({**r[0], "seconds": common.median(x["seconds"] for x in r)}
+                                 for r in runs.values())
         rows.append([LABELS[name], common.fmt_bytes(plain["up"]),
                      common.fmt_bytes(secure["up"]), f"{secure['up'] / plain['up']:.3f}x",
+                     f"{signed['up'] / plain['up']:.3f}x",
                      common.fmt_bytes(plain["down"]), common.fmt_bytes(secure["down"]),
-                     f"{secure['down'] / plain['down']:.3f}x", f"{plain['seconds']:.2f}",
-                     f"{secure['seconds']:.2f}", f"{secure['seconds'] - plain['seconds']:+.2f}"])
-    common.print_table(["adapter", "up plain", "up secure", "up ratio", "down plain",
-                        "down secure", "down ratio", "s plain", "s secure", "extra s"], rows,
-                       title=f"bytes per client per round and seconds per round "
-                             f"({args.sites} sites, one process)")
+                     f"{secure['down'] / plain['down']:.3f}x",
+                     f"{signed['down'] / plain['down']:.3f}x", f"{plain['seconds']:.2f}",
+                     f"{secure['seconds']:.2f}", f"{secure['seconds'] - plain['seconds']:+.2f}",
+                     f"{signed['seconds']:.2f}"])
+    return rows
 
 
 if __name__ == "__main__":
