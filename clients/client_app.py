@@ -416,6 +416,9 @@ def query(msg: Message, context: Context) -> Message:
 @guarded
 def train(msg: Message, context: Context) -> Message:
     """Train the received global adapter on local data; reply with factors and metrics."""
+    if (secure := secagg.settings_of(msg)) is not None and \
+            (problem := secagg.size_refusal(secure, context.node_config)):
+        raise Refused(problem)  # before any work: the sum would be too small for this node
     job = prepare(msg, context)
     settings, slot, pid = job.settings, job.slot, job.partition_id
     train_set, _, _, records = client_data(settings, slot, pid, job.num_partitions,

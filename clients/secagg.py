@@ -17,14 +17,15 @@ a lying one could isolate a site). With `secagg-signing-key` (`fedlora client --
 it signs its keys, and with `secagg-peers` it takes a neighbour's keys only when signed by a
 distinct key of that list (`fedlora.secagg.signing`): no keys of the server's own; and it
 unmasks only for the survivors it signed at consistency, signed by the threshold of its
-holders: one set of survivors for every site.
+holders: one set of survivors for every site. With `secagg-min-sites` it trains only for a
+round that sampled that many sites and signs no smaller set of survivors.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import numpy as np
@@ -44,6 +45,7 @@ VECTOR = "secagg-vector"
 MASKED = "masked"  # ArrayRecord key of the masked vector in a collect-masked reply
 SIGNING_KEY = "secagg-signing-key"  # node config: the key this node signs its keys with
 PEERS = "secagg-peers"  # node config: the peers' public keys it accepts neighbours' keys from
+MIN_SITES = "secagg-min-sites"  # node config: the fewest sites of a sum this node takes part in
 
 
 class ProtocolRefused(ValueError):
@@ -85,6 +87,19 @@ def integer(record: ConfigRecord, key: str) -> int:
 def settings_of(msg: Message) -> ConfigRecord | None:
     """The secure-aggregation record of a server message (None: the round is not secure)."""
     return msg.content.config_records.get(wire.SECAGG)
+
+
+def size_refusal(config: ConfigRecord, node_config: Mapping[str, Any]) -> str | None:
+    """Why this node will not train for a secure sum of the sites the server says it sampled
+    (None: it will): fewer than its `secagg-min-sites`. Fixed words and numbers only (sent to
+    the server as they are)."""
+    least = node_config.get(MIN_SITES)
+    sites = integer(config, wire.SECAGG_SITES)
+    if least is None or sites >= int(least):
+        return None
+    return (f"setting 'secure-aggregation': this node takes part only in sums of at least "
+            f"{int(least)} sites (fedlora client --secagg-min-sites), and the server sampled "
+            f"{sites} for this round; sample at least {int(least)} (min-train-nodes)")
 
 
 def weight_ratio(num_examples: int, config: ConfigRecord) -> float:
@@ -277,6 +292,10 @@ def consistency(config: ConfigRecord, state: ConfigRecord, context: Context) -> 
     if me not in survivors or len(set(survivors)) != len(survivors):
         raise ProtocolRefused(f"secure aggregation: consistency names survivors {survivors}; "
                               f"expected distinct nodes, this one ({me}) among them")
+    least = int(context.node_config.get(MIN_SITES, 0))
+    if len(survivors) < least:
+        raise ProtocolRefused(f"secure aggregation: consistency names {len(survivors)} "
+                              f"survivors, fewer than this node's secagg-min-sites={least}")
     if (path := context.node_config.get(SIGNING_KEY)) is None:
         raise ProtocolRefused("secure aggregation: consistency asks this node to sign the "
                               "survivors, but it has no key to sign with (fedlora client "

@@ -736,10 +736,10 @@ NODE_LIMIT_KEYS = {"limit-local-steps": "--max-local-steps", "limit-max-length":
                    "limit-examples": "--max-examples", "allow-hub-downloads": "--no-hub-downloads"}
 # Keys of a node_config that are not settings: Flower's own (simulation), the name that
 # `fedlora client` gives its node (which also marks a deployment node), whether it requires secure
-# aggregation, the key it signs its secure-aggregation keys with and the peers' keys it accepts
-# (fedlora.secagg.signing), and its ceilings.
+# aggregation, the key it signs its secure-aggregation keys with, the peers' keys it accepts
+# (fedlora.secagg.signing) and the fewest sites of a secure sum it joins, and its ceilings.
 NODE_KEYS = ("partition-id", "num-partitions", "node-name", "require-secure-aggregation",
-             "secagg-signing-key", "secagg-peers", *NODE_LIMIT_KEYS)
+             "secagg-signing-key", "secagg-peers", "secagg-min-sites", *NODE_LIMIT_KEYS)
 # Settings that name a file or folder on a node: a deployment node takes them from its own
 # node config only, never from the run config (the server does not choose a node's files).
 NODE_PATH_KEYS = ("data-path", "personal-dir")

@@ -148,6 +148,21 @@ def test_signed_keys_and_survivors_in_the_round_loop(tmp_path, silent):
     assert line["clients-replied"] == 3
 
 
+def test_a_node_with_a_larger_minimum_sum_refuses_the_round_before_training(tmp_path):
+    """Node 1000 joins only sums of 4 or more sites (secagg-min-sites); the server sampled 3:
+    it refuses with the reason, untrained, and the other two are summed."""
+    from clients.secagg import MIN_SITES
+
+    run_inprocess(config(tmp_path / "secure", **SECURE), 3,
+                  node_config=lambda pid: {MIN_SITES: 4} if pid == 0 else {})
+    [line] = training_rounds(read_metrics(tmp_path / "secure"))
+    assert line["clients-replied"] == 2
+    [failure] = line["failures"]
+    assert failure["node-id"] == 1000
+    assert "only in sums of at least 4 sites" in failure["reason"]
+    assert "sampled 3" in failure["reason"]
+
+
 def test_more_drops_than_secagg_dropout_fail_the_attempt_and_the_round_is_retried(tmp_path):
     run_inprocess(config(tmp_path / "plain"), 3)
     run_inprocess(config(tmp_path / "secure", **SECURE, **{"secagg-dropout": 1}), 3,

@@ -233,6 +233,10 @@ def test_fedlora_client_passes_its_auth_key_and_peers_to_the_node(keys, tmp_path
     assert config[secagg.PEERS] == str((keys / "peers.txt").resolve())
     with pytest.raises(ValueError, match="--secagg-peers needs --auth-key"):
         node_config(parser.parse_args([*base, "--secagg-peers", str(keys / "peers.txt")]))
+    assert node_config(parser.parse_args([*base, "--secagg-min-sites", "3"]))[
+        secagg.MIN_SITES] == 3
+    with pytest.raises(ValueError, match="--secagg-min-sites 1: expected 2 or more"):
+        node_config(parser.parse_args([*base, "--secagg-min-sites", "1"]))
     with pytest.raises(FileNotFoundError, match="--secagg-peers: .*missing does not exist"):
         node_config(parser.parse_args([*base, "--auth-key", str(keys / "site11"),
                                        "--secagg-peers", str(tmp_path / "missing")]))
@@ -259,3 +263,19 @@ def test_a_server_that_names_different_survivors_to_different_sites_is_refused(k
     fleet.through_masking()
     with pytest.raises(secagg.ProtocolRefused, match="the server skipped"):
         fleet.unmask(11, everyone, [])
+
+
+def test_a_node_joins_no_sum_smaller_than_its_minimum(keys):
+    """secagg-min-sites (fedlora client --secagg-min-sites): the node refuses to train for
+    a round that sampled fewer sites, and to sign a smaller set of survivors."""
+    train = ConfigRecord({wire.SECAGG_SITES: 4})
+    assert secagg.size_refusal(train, {}) is None
+    assert secagg.size_refusal(train, {secagg.MIN_SITES: 4}) is None
+    reason = secagg.size_refusal(train, {secagg.MIN_SITES: 5})
+    assert reason is not None and "at least 5 sites" in reason and "sampled 4" in reason
+    fleet = Fleet(keys)
+    fleet.ctx[11].node_config[secagg.MIN_SITES] = 4
+    fleet.through_masking()
+    with pytest.raises(secagg.ProtocolRefused, match="fewer than this node's secagg-min-sites=4"):
+        fleet.sign(11, [11, 12, 13])
+    assert fleet.sign(12, [11, 12, 13])  # a node without a minimum signs it

@@ -115,6 +115,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "aggregation, accept a neighbour's keys only when signed by a distinct "
                         "key of this list, so the server cannot put keys or sites of its own "
                         "in the sum (needs --auth-key, with which this node signs its own)")
+    p.add_argument("--secagg-min-sites", type=int, metavar="N",
+                   help="under secure aggregation, train only for a round that sampled at "
+                        "least N sites (this one included), and, with --secagg-peers, unmask "
+                        "only a sum of at least N signed survivors (default: 2, a sum of one "
+                        "site is always refused)")
     p.add_argument("--node-config", default="", metavar='"KEY=VALUE ..."',
                    help="any other per-node setting (`fedlora settings` lists the keys)")
     p.add_argument("--port", type=int, default=0,
@@ -151,15 +156,21 @@ def node_config(args: argparse.Namespace, check: bool = True) -> dict:
     return config
 
 
-def secagg_keys(args: argparse.Namespace) -> dict[str, str]:
-    """The node-config keys for signing secure-aggregation keys: the node's --auth-key (it
-    signs with the key it authenticates with) and --secagg-peers, both checked to load."""
+def secagg_keys(args: argparse.Namespace) -> dict[str, str | int]:
+    """The node-config keys of secure aggregation: the key it signs its keys with (its
+    --auth-key, the key it authenticates with), --secagg-peers (both checked to load) and
+    --secagg-min-sites."""
     from fedlora.secagg.signing import load_peers, load_signing_key
 
+    if args.secagg_min_sites is not None and args.secagg_min_sites < 2:
+        raise ValueError(f"--secagg-min-sites {args.secagg_min_sites}: expected 2 or more "
+                         f"(a secure sum of one site is its update)")
     if args.secagg_peers is not None and args.auth_key is None:
         raise ValueError("--secagg-peers needs --auth-key: the other sites accept this node's "
                          "secure-aggregation keys only when it signs them with its own key")
-    keys = {}
+    keys: dict[str, str | int] = {}
+    if args.secagg_min_sites is not None:
+        keys["secagg-min-sites"] = args.secagg_min_sites
     if args.auth_key is not None:
         if not args.auth_key.is_file():
             raise FileNotFoundError(f"--auth-key: {args.auth_key} does not exist")
