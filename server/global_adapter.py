@@ -26,7 +26,7 @@ from fedlora.aggregation.exactness import (
     exact_cost,
     exactness,
     sketch_sides,
-    truncation_loss,
+    truncation_losses,
 )
 from fedlora.aggregation.linalg import (
     change_norm_squared,
@@ -303,8 +303,9 @@ class GlobalAdapter:
             info[M.EXACTNESS_MAX_MODULE] = max(per_module.values(), default=0.0)
             info[M.EXACTNESS_PER_MODULE] = {short_name(m): v for m, v in per_module.items()}
         if self.method.heterogeneous and self.factors:
-            info[M.TRUNCATION_LOSS] = {str(r): truncation_loss(self.factors, self.received(r))
-                                       for r in sorted({u.rank for u in updates})}
+            losses = truncation_losses(self.factors, {r: self.received(r) for r in
+                                                      sorted({u.rank for u in updates})})
+            info[M.TRUNCATION_LOSS] = {str(r): loss for r, loss in losses.items()}
         return info
 
     def sketched(self, updates: list[ClientUpdate], applied_rank: int) -> bool:

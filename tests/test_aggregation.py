@@ -334,6 +334,27 @@ def test_truncation_loss_of_a_diagonal_global():
     assert truncation_loss(g, get_method("hetlora").payload(g, 2)) == 0.0
 
 
+@pytest.mark.parametrize("strategy", ["hetlora", "flexlora"])
+def test_truncation_losses_of_all_ranks_at_once_equal_the_dense_oracle(strategy):
+    """One pass for every client rank (the global factors' Grams made once) gives each
+    rank's relative ||B A - P_B P_A|| / ||B A|| of the dense products."""
+    from fedlora.aggregation.exactness import truncation_losses
+
+    gen = torch.Generator().manual_seed(3)
+    g = {f"m{i}": (torch.randn(20 + i, 6, generator=gen), torch.randn(6, 14, generator=gen))
+         for i in range(3)}
+    method = get_method(strategy)
+    payloads = {r: method.payload(g, r) for r in (1, 3, 6)}
+    losses = truncation_losses(g, payloads)
+    for r, payload in payloads.items():
+        lost = sum(float((b.double() @ a.double() - payload[m][0].double()
+                          @ payload[m][1].double()).square().sum()) for m, (b, a) in g.items())
+        total = sum(float((b.double() @ a.double()).square().sum()) for b, a in g.values())
+        assert losses[r] == pytest.approx(math.sqrt(lost / total), rel=1e-9, abs=1e-7)
+        assert losses[r] == truncation_loss(g, payload)
+    assert losses[1] > losses[3] > 0
+
+
 def test_compress_drops_the_smallest_direction_and_leaves_small_modules_alone():
     small = (t([[1.0], [0.0]]), t([[2.0, 0.0]]))
     out, dropped = compress({"big": (torch.eye(2), t([[3.0, 0.0], [0.0, 4.0]])), "small": small}, 1)

@@ -61,13 +61,27 @@ def exactness(applied: Factors, updates: list[ClientUpdate]) -> tuple[float, dic
 def truncation_loss(global_factors: Factors, payload: Factors) -> float:
     """Relative Frobenius norm lost when a client receives `payload` instead of the global
     factors (the payload at its rank, cut from them)."""
-    nums = dens = 0.0
+    return truncation_losses(global_factors, {0: payload})[0]
+
+
+def truncation_losses(global_factors: Factors, payloads: dict[int, Factors]
+                      ) -> dict[int, float]:
+    """`truncation_loss` of each payload (rank -> what a client of that rank receives), with
+    the global factors' float64 copies and Gram matrices made once per module for all ranks:
+    ||B A - P_B P_A||^2 = ||B A||^2 - 2 <B A, P_B P_A> + ||P_B P_A||^2, each from r x r Gram
+    blocks, summed in `difference_norm`'s order (the same figures)."""
+    nums = dict.fromkeys(payloads, 0.0)
+    dens = 0.0
     for module, (b, a) in global_factors.items():
         b, a = b.double(), a.double()
-        pb, pa = payload[module]
-        nums += difference_norm(b, a, pb.double(), pa.double()) ** 2
-        dens += product_norm(b, a) ** 2
-    return ratio(math.sqrt(nums), math.sqrt(dens))
+        own = ((b.T @ b) * (a @ a.T)).sum()
+        for rank, payload in payloads.items():
+            pb, pa = (t.double() for t in payload[module])
+            squared = float(own + ((pb.T @ pb) * (pa @ pa.T)).sum()
+                            - 2 * ((b.T @ pb) * (a @ pa.T)).sum())
+            nums[rank] += max(squared, 0.0)
+        dens += math.sqrt(max(float(own), 0.0)) ** 2
+    return {rank: ratio(math.sqrt(num), math.sqrt(dens)) for rank, num in nums.items()}
 
 
 def compress(factors: Factors, budget: int) -> tuple[Factors, float]:
