@@ -30,9 +30,24 @@ def to_array_record(state: dict[str, torch.Tensor], wire_dtype: str = "float32")
     dtype = WIRE_DTYPES[wire_dtype]
     keys = sorted(state)
     index = json.dumps([[k, list(state[k].shape)] for k in keys]).encode()
-    data = torch.cat([state[k].detach().to(dtype).reshape(-1).cpu() for k in keys])
+    parts = [state[k].detach().to(dtype).reshape(-1).cpu().contiguous() for k in keys]
     return ArrayRecord({"index": Array(np.frombuffer(index, dtype=np.uint8).copy()),
-                        "data": Array(data.numpy())})
+                        "data": npy_concatenation([p.numpy() for p in parts])})
+
+
+def npy_concatenation(parts: list[np.ndarray]) -> Array:
+    """The Array of the 1-d concatenation of `parts` (contiguous, one dtype), its .npy bytes
+    byte for byte what `Array(np.concatenate(parts))` holds, made with one copy of the data:
+    np.save into a byte stream copies a large array three or four times (about 1.6 s of a
+    1.9 s 7B-shaped reply or payload on this machine)."""
+    dtype = parts[0].dtype
+    count = sum(p.size for p in parts)
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {
+        "descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+        "shape": (count,)})
+    data = b"".join([header.getvalue(), *(p.data.cast("B") for p in parts)])
+    return Array(dtype=str(dtype), shape=(count,), stype=SType.NUMPY, data=data)
 
 
 def npy_array(array: Array) -> np.ndarray:

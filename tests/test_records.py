@@ -78,6 +78,22 @@ def test_reading_an_array_with_one_copy_gives_what_np_load_gives(array):
     assert got.flags.writeable  # torch shares it without a copy or a warning
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("sizes", [[3, 4, 0, 5], [0], [2 ** 16 + 3]])
+def test_a_packed_concatenation_is_byte_for_byte_what_numpy_saves(dtype, sizes):
+    """to_array_record's data array, made with one copy, is the .npy bytes Flower's own
+    Array(np.concatenate(...)) holds (np.save), and reads back with np.load."""
+    from fedlora.records import npy_concatenation
+
+    rng = np.random.default_rng(0)
+    parts = [rng.standard_normal(n).astype(dtype) for n in sizes]
+    ours, flowers = npy_concatenation(parts), Array(np.concatenate(parts))
+    assert (ours.dtype, ours.shape, ours.stype) == (flowers.dtype, flowers.shape,
+                                                    flowers.stype)
+    assert ours.data == flowers.data
+    assert np.array_equal(ours.numpy(), np.concatenate(parts))
+
+
 def test_an_array_whose_header_and_data_disagree_is_refused():
     from fedlora.records import npy_array
 

@@ -130,4 +130,8 @@ def run(args: argparse.Namespace) -> int:
         make_node_key(args.out, name)
         print(f"node {name}: private key {args.out}/{name} (to that node only), public key "
               f"{args.out}/{name}.pub (to the server's --authorized-keys)")
+    if args.nodes:
+        print("secure aggregation against a server that deviates: give every site all the "
+              "sites' .pub files and start each with `fedlora client --auth-key <its key> "
+              "--secagg-peers <those files>` (docs/privacy-secagg.md)")
     return 0
