@@ -27,7 +27,13 @@ import torch
 from torch import Tensor
 
 from fedlora.aggregation.base import ClientUpdate, Factors, normalised_weights, raw_pairs, to32
-from fedlora.aggregation.linalg import difference_norm, product_norm, stack, truncate_svd
+from fedlora.aggregation.linalg import (
+    difference_norm,
+    product_inner,
+    product_norm,
+    stack,
+    truncate_svd,
+)
 from fedlora.seeds import derive_seed
 
 ZERO = 1e-12  # a numerator at most this large over a zero denominator counts as 0/0
@@ -69,18 +75,18 @@ def truncation_losses(global_factors: Factors, payloads: dict[int, Factors]
     """`truncation_loss` of each payload (rank -> what a client of that rank receives), with
     the global factors' float64 copies and Gram matrices made once per module for all ranks:
     ||B A - P_B P_A||^2 = ||B A||^2 - 2 <B A, P_B P_A> + ||P_B P_A||^2, each from r x r Gram
-    blocks, summed in `difference_norm`'s order (the same figures)."""
+    blocks (`product_inner`, as `difference_norm` sums them)."""
     nums = dict.fromkeys(payloads, 0.0)
     dens = 0.0
     for module, (b, a) in global_factors.items():
         b, a = b.double(), a.double()
-        own = ((b.T @ b) * (a @ a.T)).sum()
+        own = product_inner(b, a, b, a)
         for rank, payload in payloads.items():
             pb, pa = (t.double() for t in payload[module])
-            squared = float(own + ((pb.T @ pb) * (pa @ pa.T)).sum()
-                            - 2 * ((b.T @ pb) * (a @ pa.T)).sum())
+            squared = float(own + product_inner(pb, pa, pb, pa)
+                            - 2 * product_inner(b, a, pb, pa))
             nums[rank] += max(squared, 0.0)
-        dens += math.sqrt(max(float(own), 0.0)) ** 2
+        dens += max(float(own), 0.0)
     return {rank: ratio(math.sqrt(num), math.sqrt(dens)) for rank, num in nums.items()}
 
 

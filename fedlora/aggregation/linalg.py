@@ -138,19 +138,24 @@ def truncate_svd(b: Tensor, a: Tensor, rank: int) -> tuple[Tensor, Tensor, float
     return b_r, a_r, float(s[rank:].square().sum().sqrt())
 
 
+def product_inner(b1: Tensor, a1: Tensor, b2: Tensor, a2: Tensor) -> Tensor:
+    """<B1 A1, B2 A2>_F = trace((B1^T B2)(A2 A1^T)) from r x r blocks, as a 0-d tensor: the
+    elementwise dot of B1^T B2 and A1 A2^T."""
+    return ((b1.T @ b2) * (a1 @ a2.T)).sum()
+
+
 def product_norm(b: Tensor, a: Tensor) -> float:
     """||B @ A||_F from the Gram matrices: sqrt(trace((B^T B)(A A^T)))."""
-    # Both Gram matrices are symmetric, so the trace of their product is their elementwise dot.
-    squared = float(((b.T @ b) * (a @ a.T)).sum())
+    squared = float(product_inner(b, a, b, a))
     return math.sqrt(max(squared, 0.0))  # rounding can leave a tiny negative
 
 
 def difference_norm(b1: Tensor, a1: Tensor, b2: Tensor, a2: Tensor) -> float:
     """||B1 A1 - B2 A2||_F, the product norm of [B1, -B2] [A1; A2] from its Gram blocks:
-    ||B1 A1||^2 - 2 <B1 A1, B2 A2> + ||B2 A2||^2 (<B1 A1, B2 A2> = trace((B1^T B2)(A2 A1^T))),
-    without the stacked copies and without the Gram's mirrored off-diagonal block."""
-    squared = float(((b1.T @ b1) * (a1 @ a1.T)).sum() + ((b2.T @ b2) * (a2 @ a2.T)).sum()
-                    - 2 * ((b1.T @ b2) * (a1 @ a2.T)).sum())
+    ||B1 A1||^2 - 2 <B1 A1, B2 A2> + ||B2 A2||^2, without the stacked copies and without the
+    Gram's mirrored off-diagonal block."""
+    squared = float(product_inner(b1, a1, b1, a1) + product_inner(b2, a2, b2, a2)
+                    - 2 * product_inner(b1, a1, b2, a2))
     return math.sqrt(max(squared, 0.0))  # rounding can leave a tiny negative
 
 
