@@ -635,7 +635,7 @@ class RoundLoop:
         record = next(iter(content.array_records.values()))
         metrics = metrics_of(msg)
         try:
-            state = from_array_record(record)
+            state = from_array_record(record, shared=True)  # views: never written
         except Exception as err:  # malformed arrays: drop, never crash the round
             return f"unreadable arrays ({err})", None
         known, declared = self.known(node).rank, metrics.get(wire.LORA_RANK)
