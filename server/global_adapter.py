@@ -18,7 +18,13 @@ import torch
 
 from fedlora.adapters.lora_moe import expert_of
 from fedlora.aggregation import ClientUpdate, Factors
-from fedlora.aggregation.base import Dense, MergeResult, dense_distance, factor_shapes
+from fedlora.aggregation.base import (
+    Dense,
+    MergeResult,
+    RunningSum,
+    dense_distance,
+    factor_shapes,
+)
 from fedlora.aggregation.exactness import (
     EXACT_BUDGET,
     SKETCH,
@@ -228,20 +234,23 @@ class GlobalAdapter:
 
     # ---- one round ----------------------------------------------------------------------------
     def update(self, updates: list[ClientUpdate], server_round: int = 0,
-               sketches: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict:
+               sketches: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+               folded: RunningSum | None = None) -> dict:
         """Merge one round's updates into the global state: clipping, the method's merge (or
         the robust one), DP noise (`server.defences`), the server optimiser, the figures.
         `sketches`: each update's `sketch_sides`, made as it arrived (for the exactness
-        estimate of a large round; made here when None)."""
+        estimate of a large round; made here when None). `folded`: the updates already
+        folded, in order, into the method's `running_sum` as they arrived (then the merge
+        does not read them again)."""
         self.method.check(updates)  # before clipping: clipping needs matching modules
         info: dict = {}
         if self.clip_norm:
-            sketches = None  # the clipped updates are not the ones sketched
+            sketches = folded = None  # the clipped updates are not the ones sketched
             updates, clip_info = defences.clip(updates, [self.received(u.rank) for u in updates],
                                                self.dense, self.clip_norm,
                                                equal=bool(self.noise_multiplier))
             info.update(clip_info)
-        result = self.combine(updates, server_round)
+        result = self.combine(updates, server_round, folded)
         merged, dense = result.global_factors, result.dense
         if self.noise_multiplier and (merged or dense):
             merged, dense, info[M.DP_NOISE_STD] = self.noised(merged, dense, updates,
@@ -253,10 +262,15 @@ class GlobalAdapter:
         info.update(self.add_residual(result))
         return info
 
-    def combine(self, updates: list[ClientUpdate], server_round: int) -> MergeResult:
-        """The method's merge, or the coordinate-wise median / trimmed mean (robust), whose
-        randomised re-factoring is seeded by the run's seed and the round (so a resumed run
-        merges as an uninterrupted one)."""
+    def combine(self, updates: list[ClientUpdate], server_round: int,
+                folded: RunningSum | None = None) -> MergeResult:
+        """The method's merge (from `folded` when it holds exactly these updates' weights, in
+        order), or the coordinate-wise median / trimmed mean (robust), whose randomised
+        re-factoring is seeded by the run's seed and the round (so a resumed run merges as
+        an uninterrupted one)."""
+        if folded is not None and not self.robust.replaces_merge and \
+                folded.weights == [u.weight for u in updates]:
+            return self.method.combine_sum(folded, updates, self.factors, export_rank=self.rank)
         if self.robust.replaces_merge and self.method.shares == "A":
             return robust_shared_a(updates, self.robust.rule, self.robust.f, self.factors)
         if self.robust.replaces_merge:

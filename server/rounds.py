@@ -33,7 +33,7 @@ from flwr.serverapp import Grid
 
 from fedlora import wire
 from fedlora.aggregation import ClientUpdate, Factors
-from fedlora.aggregation.base import dense_distance
+from fedlora.aggregation.base import RunningSum, dense_distance
 from fedlora.aggregation.exactness import EXACT_BUDGET, exact_cost, sketch_sides
 from fedlora.aggregation.linalg import product_norm
 from fedlora.checkpoint import Checkpoint, write_checkpoint
@@ -152,6 +152,9 @@ class RoundLoop:
         self.waited_for_all = False  # the first round of a process waits for every node
         self.spill: RoundSpill | None = None  # where this attempt's replies go (or None)
         self.sketching = False  # this attempt sketches each reply for the exactness estimate
+        # this attempt's replies folded as they arrive (the method's `running_sum`), or None
+        self.fold: RunningSum | None = None
+        self.folded: list[Reply] = []  # the replies in `fold`, in the order folded
         self.tracker = Tracker()  # the experiment trackers each metrics line goes to (none)
 
     # ==== the loop ============================================================================
@@ -283,10 +286,15 @@ class RoundLoop:
     # ---- a round's replies as they arrive -----------------------------------------------------
     def prepare(self, record: RoundRecord, ranks: list[int]) -> None:
         """Before a round's replies are read: whether the exactness figure will be estimated
-        (then each reply is sketched as it arrives), and whether replies go to disk (the
-        replies expected, at what was sent to each node, exceed spill-above-mb)."""
+        (then each reply is sketched as it arrives), whether each reply is folded into the
+        method's running sum as it arrives (a merge that is its mean, with no clipping or
+        robust rule in between), and whether replies go to disk (the replies expected, at
+        what was sent to each node, exceed spill-above-mb)."""
         self.sketching = (self.method.exactness_defined and bool(self.shapes) and
                           exact_cost(self.shapes, ranks, self.state.rank) > EXACT_BUDGET)
+        robust = self.state.robust
+        if not (self.state.clip_norm or robust.krum or robust.replaces_merge):
+            self.fold, self.folded = self.method.running_sum(self.state.rank), []
         expected = sum(record.bytes_down.values())
         if self.rules.spill_above_mb >= 0 and expected > self.rules.spill_above_mb * 2**20:
             parent = None if self.writer is None else Path(self.writer.out_dir) / SPILL_DIR
@@ -296,25 +304,31 @@ class RoundLoop:
                 self.rules.spill_above_mb, self.spill.dir)
 
     def keep(self, reply: Reply) -> None:
-        """An accepted reply's screen figures (and sketch), computed once as it arrives;
-        then its factors go to disk when this round spills (`server.spill`)."""
+        """An accepted reply's screen figures (and sketch), computed once as it arrives, and
+        the reply folded into the round's running sum with the weight it claims (the merge
+        uses the sum when the screens keep every folded reply at that weight; otherwise it
+        reads the kept replies again); then its factors go to disk when this round spills
+        (`server.spill`)."""
         update = reply.update
         reply.moved, reply.distance = self.state.figures(update)
         reply.groups = self.state.group_changes(update)
         if self.sketching:
             reply.sketch = sketch_sides(update.factors)
+        if self.fold is not None:
+            self.fold.add(update, 1.0 if self.rules.equal_weights else update.weight)
+            self.folded.append(reply)
         if self.spill is not None and update.factors:
             # a read-only Mapping, not a dict: the merges only read factors module by module
             reply.update = replace(update, factors=cast(Factors, self.spill.keep(update.factors)))
 
     def release(self) -> None:
-        """Forget this attempt's spill folder (removing it) and sketching decision."""
+        """Forget this attempt's spill folder (removing it), sketching decision and fold."""
         if self.spill is not None:
             self.spill.close()
             parent = self.spill.dir.parent
             if parent.name == SPILL_DIR and not any(parent.iterdir()):
                 parent.rmdir()
-        self.spill, self.sketching = None, False
+        self.spill, self.sketching, self.fold, self.folded = None, False, None, []
 
     def screen(self, record: RoundRecord) -> None:
         """The round's default defences (`server.defences`): drop a reply whose update is far
@@ -379,8 +393,12 @@ class RoundLoop:
         chosen = self.krum(record) if self.state.robust.krum else record.replies
         updates = [secure] if secure is not None else [r.update for r in chosen]
         sketches = [r.sketch for r in chosen if r.sketch is not None]
+        # the running sum holds exactly the chosen replies (none dropped, in order)?
+        whole = self.fold is not None and secure is None and \
+            list(map(id, chosen)) == list(map(id, self.folded))
         record.merge = self.state.update(updates, server_round,
-                                         sketches if secure is None else None)
+                                         sketches if secure is None else None,
+                                         self.fold if whole else None)
         record.merge[M.ROBUST] = self.state.robust.rule
         if self.ledger is not None:
             self.ledger.record()

@@ -9,7 +9,11 @@ from the file when asked. The merges work module by module, so a merge over spil
 holds one module of every reply at a time, plus its result.
 
 The file is a safetensors file (`<module>|B`, `<module>|A`, float32), written tensor by
-tensor (never built in memory first). Tensors are read with `os.pread` into a fresh buffer,
+tensor (never built in memory first). A round's files are written by one background thread
+while the server reads the next reply (at most `RoundSpill.PENDING` replies wait in memory
+for their write; a read waits for its file), so the disk's time overlaps the server's work;
+a round whose merge never reads them back (its running sum held every kept reply) removes
+them, maybe before they were written. Tensors are read with `os.pread` into a fresh buffer,
 not through a memory map: a mapped file's pages count in the server's resident memory as long
 as the file is mapped, which is what spilling is for avoiding. The folder of a round is
 removed when the round is merged or given up (`RoundSpill.close`).
@@ -22,7 +26,9 @@ import os
 import shutil
 import struct
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -36,15 +42,18 @@ TORCH = {v: k for k, v in DTYPES.items()}
 class SpilledFactors(Mapping[str, tuple[torch.Tensor, torch.Tensor]]):
     """One reply's factors in a safetensors file, read module by module."""
 
-    def __init__(self, path: Path, entries: dict[str, tuple[str, tuple[int, ...], int, int]]
-                 ) -> None:
+    def __init__(self, path: Path, entries: dict[str, tuple[str, tuple[int, ...], int, int]],
+                 written: Future | None = None) -> None:
         self.path = path
         self._entries = entries  # tensor key -> (dtype, shape, start, end) in the file
         self._modules = list(dict.fromkeys(k.rsplit("|", 1)[0] for k in entries))
+        self._written = written  # the background write of the file (None: written)
 
     def __getitem__(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
         if f"{module}|B" not in self._entries:
             raise KeyError(module)
+        if self._written is not None:
+            self._written.result()  # the file is complete (or its write's error is raised)
         fd = os.open(self.path, os.O_RDONLY)
         try:
             return self._read(fd, f"{module}|B"), self._read(fd, f"{module}|A")
@@ -77,6 +86,15 @@ class SpilledFactors(Mapping[str, tuple[torch.Tensor, torch.Tensor]]):
 def write_factors(factors: Factors, path: Path) -> SpilledFactors:
     """Write `factors` (float32 or float64 kept as they are) to a safetensors file at `path`,
     tensor by tensor; the mapping that reads them back."""
+    spilled, write = layout(factors, path)
+    write()
+    return spilled
+
+
+def layout(factors: Factors, path: Path, written: Future | None = None
+           ) -> tuple[SpilledFactors, Callable[[], None]]:
+    """The mapping that will read `factors` back from a safetensors file at `path` (waiting
+    for `written` before a read), and the function that writes the file."""
     entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
     tensors: list[torch.Tensor] = []
     offset = 0
@@ -92,20 +110,26 @@ def write_factors(factors: Factors, path: Path) -> SpilledFactors:
     header = json.dumps({k: {"dtype": d, "shape": list(s), "data_offsets": [b, e]}
                          for k, (d, s, b, e) in entries.items()}).encode()
     header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned
-    with open(path, "wb") as fh:
-        fh.write(struct.pack("<Q", len(header)))
-        fh.write(header)
-        for tensor in tensors:
-            array = tensor.detach().contiguous().numpy()
-            fh.write(memoryview(array).cast("B"))  # type: ignore[arg-type]
+
+    def write() -> None:
+        with open(path, "wb") as fh:
+            fh.write(struct.pack("<Q", len(header)))
+            fh.write(header)
+            for tensor in tensors:
+                array = tensor.detach().contiguous().numpy()
+                fh.write(memoryview(array).cast("B"))  # type: ignore[arg-type]
+
     start = 8 + len(header)
     return SpilledFactors(path, {k: (d, s, b + start, e + start)
-                                 for k, (d, s, b, e) in entries.items()})
+                                 for k, (d, s, b, e) in entries.items()}, written), write
 
 
 class RoundSpill:
     """The folder of one round attempt's spilled replies (under `parent`, or the system's
-    temporary folder when None); `close()` removes it with everything in it."""
+    temporary folder when None), written in the background; `close()` removes it with
+    everything in it."""
+
+    PENDING = 2  # replies at most waiting in memory for their write
 
     def __init__(self, parent: Path | None, server_round: int) -> None:
         if parent is not None:
@@ -113,12 +137,42 @@ class RoundSpill:
         self.dir = Path(tempfile.mkdtemp(prefix=f"round-{server_round}-",
                                          dir=None if parent is None else str(parent)))
         self._count = 0
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="spill")
+        self._pending: deque[Future] = deque()
+        self._written: list[Future] = []  # each file's completion, as its reader waits on it
 
     def keep(self, factors: Factors) -> SpilledFactors:
-        """`factors` written to this round's folder; the mapping that reads them back."""
+        """`factors` to be written to this round's folder (in the background, after the
+        replies before it); the mapping that reads them back. Waits while `PENDING` writes
+        are queued, and raises the error of a write that failed (a full disk)."""
+        while len(self._pending) >= self.PENDING:
+            self._pending.popleft().result()
         self._count += 1
-        return write_factors(factors, self.dir / f"reply-{self._count}.safetensors")
+        written: Future = Future()
+        spilled, write = layout(factors, self.dir / f"reply-{self._count}.safetensors",
+                                written)
+
+        def run() -> None:
+            try:
+                write()
+            except BaseException as err:
+                written.set_exception(err)
+                raise
+            written.set_result(None)
+
+        self._written.append(written)
+        self._pending.append(self._writer.submit(run))
+        return spilled
 
     def close(self) -> None:
+        """Drop the writes not started, wait for the one running, remove the folder."""
+        for pending in self._pending:
+            pending.cancel()
+        self._writer.shutdown(wait=True, cancel_futures=True)
+        for written in self._written:  # a reader of a dropped write fails, never waits
+            if not written.done():
+                written.set_exception(FileNotFoundError(f"{self.dir}: the round's spill "
+                                                        "was removed"))
+        self._pending.clear()
         shutil.rmtree(self.dir, ignore_errors=True)
 

@@ -213,15 +213,15 @@ def test_a_merge_that_fails_is_retried_and_never_ends_the_server(tmp_path, monke
     from fedlora.methods.fedavg import FedAvg
 
     calls: list[int] = []
-    original = FedAvg.combine
+    original = FedAvg.combine_sum  # the merge, from the running sum or from the list
 
-    def flaky(self, updates, previous, *, export_rank):
+    def flaky(self, total, updates, previous, *, export_rank):
         calls.append(len(calls))
         if len(calls) == 2:  # round 2's first merge
             raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
-        return original(self, updates, previous, export_rank=export_rank)
+        return original(self, total, updates, previous, export_rank=export_rank)
 
-    monkeypatch.setattr(FedAvg, "combine", flaky)
+    monkeypatch.setattr(FedAvg, "combine_sum", flaky)
     run_inprocess(config(tmp_path, **{"num-server-rounds": 3}), 3)
     rows = training_rounds(read_metrics(tmp_path))
     assert [r["round"] for r in rows] == [1, 2, 3] and len(calls) == 4

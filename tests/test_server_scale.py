@@ -61,10 +61,49 @@ def test_spilled_factors_read_back_bitwise_and_say_their_shapes_unread(tmp_path)
 
 def test_a_round_spill_folder_is_removed_with_its_replies(tmp_path):
     spill = RoundSpill(tmp_path / ".spill", 3)
-    kept = spill.keep(random_factors(SHAPES, 2, seed=0))
+    factors = random_factors(SHAPES, 2, seed=0)
+    kept = spill.keep(factors)
+    module = next(iter(factors))
+    assert torch.equal(kept[module][1], factors[module][1])  # a read waits for the write
     assert kept.path.exists() and kept.path.parent.parent == tmp_path / ".spill"
     spill.close()
     assert not kept.path.parent.exists()
+
+
+def test_spilled_replies_are_written_in_the_background_in_order_and_dropped_on_close(
+        tmp_path, monkeypatch):
+    """keep() returns before the file is written (a reader waits for it), at most PENDING
+    writes wait, and close() drops the writes not started: a reader of one then fails."""
+    import threading
+
+    import server.spill as spill_module
+
+    gate = threading.Event()
+    real = spill_module.layout
+
+    def slow_layout(factors, path, written=None):
+        spilled, write = real(factors, path, written)
+
+        def gated() -> None:
+            gate.wait(30)
+            write()
+        return spilled, gated
+
+    monkeypatch.setattr(spill_module, "layout", slow_layout)
+    spill = RoundSpill(tmp_path, 1)
+    all_factors = [random_factors(SHAPES, 2, seed=i) for i in range(2)]
+    kept = [spill.keep(f) for f in all_factors]
+    assert not any(k.path.exists() for k in kept)  # nothing written yet: the writer waits
+    gate.set()
+    module = next(iter(all_factors[1]))
+    assert torch.equal(kept[1][module][0], all_factors[1][module][0])
+    assert kept[0].path.exists()  # written in order
+    gate.clear()
+    more = [spill.keep(random_factors(SHAPES, 2, seed=9)) for _ in range(2)]
+    threading.Timer(0.5, gate.set).start()  # the running write finishes; the queued is dropped
+    spill.close()
+    with pytest.raises(FileNotFoundError):
+        more[-1][module]
 
 
 @pytest.mark.parametrize("strategy", ["fedavg", "flexlora", "hetlora", "ffa-lora", "flora"])
@@ -134,24 +173,84 @@ def test_replies_are_read_one_at_a_time_never_all_held(tmp_path):
     made: list[weakref.ref] = []
     alive_when_made: list[int] = []
 
-    class Grid:
-        def get_node_ids(self):
-            return [1, 2, 3, 4, 5]
+    def reply(i: int, message: Message) -> Message:
+        gc.collect()
+        alive_when_made.append(sum(ref() is not None for ref in made))
+        made.append(weakref.ref(made_now := _reply_to(message, seed=i)))
+        return made_now
 
-        def send_and_receive(self, messages, *, timeout=None):
-            for i, message in enumerate(messages):
-                message.metadata.__dict__["_message_id"] = f"m{i}"
-                gc.collect()
-                alive_when_made.append(sum(ref() is not None for ref in made))
-                reply = _reply_to(message, seed=i)
-                made.append(weakref.ref(reply))
-                yield reply
-                del reply
-
-    record = loop.train_round(Grid(), 1)
+    record = loop.train_round(_Grid(reply), 1)
     assert len(record.replies) == 5
     assert alive_when_made == [0, 0, 0, 0, 0]
     assert not (tmp_path / ".spill").exists()  # the round's spilled replies are gone
+
+
+@pytest.mark.parametrize("outlier", [False, True])
+@pytest.mark.parametrize("strategy", ["fedavg", "hetlora"])
+def test_a_round_folds_replies_as_they_arrive_and_reads_them_again_only_when_screened(
+        tmp_path, monkeypatch, outlier, strategy):
+    """fedavg's and hetlora's replies are folded into a running sum as they arrive: a round
+    that keeps every reply merges from the sum without reading the spill again, and gives the
+    bits of the merge over the replies; a round whose screen drops one (a reply 1,000x the others')
+    reads the kept replies back and merges them alone, again bit for bit. (Sketched
+    exactness, as a large round has it: the exact figure would read every reply.)"""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    import server.global_adapter as global_adapter
+    import server.rounds as rounds
+    import server.spill as spill_module
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    reads = []
+    real_getitem = spill_module.SpilledFactors.__getitem__
+
+    def patch():
+        monkeypatch.setattr(spill_module.SpilledFactors, "__getitem__",
+                            lambda self, m: reads.append(m) or real_getitem(self, m))
+        monkeypatch.setattr(rounds, "EXACT_BUDGET", 0)
+        monkeypatch.setattr(global_adapter, "EXACT_BUDGET", 0)
+
+    grid = _Grid(lambda i, message: _reply_to(
+        message, seed=i, scale=10.0 if outlier and i == 2 else 0.01))
+
+    def merged(fold: bool):
+        patch()
+        loop = _loop(strategy, nodes=5, spill_above_mb=0, writer_dir=tmp_path / str(fold))
+        loop.rules.min_replies = 4
+        if not fold:  # the loop folds nothing as replies arrive
+            prepare = loop.prepare
+            monkeypatch.setattr(loop, "prepare",
+                                lambda *a: (prepare(*a), setattr(loop, "fold", None)))
+        reads.clear()
+        record = loop.train_round(grid, 1)
+        monkeypatch.undo()
+        assert record.merge["exactness-estimate"] == "sketch-64"
+        return loop.state.factors, len(record.replies), len(reads)
+
+    (folded, kept, read), (listed, kept_listed, read_listed) = merged(True), merged(False)
+    assert kept == kept_listed == (4 if outlier else 5)
+    assert read_listed > 0  # without the fold the merge reads every kept reply back
+    assert read == (read_listed if outlier else 0)
+    assert all(torch.equal(folded[m][0], listed[m][0]) and
+               torch.equal(folded[m][1], listed[m][1]) for m in SHAPES)
+
+
+def test_a_running_sum_is_the_weighted_mean():
+    from fedlora.aggregation.base import RunningSum
+
+    updates = [ClientUpdate(random_factors(SHAPES, 4, seed=i), 10.0 + 7 * i,
+                            dense={"t": torch.full((3,), float(i))}) for i in range(4)]
+    total = RunningSum.of(updates)
+    factors, dense = total.mean(torch.float64)
+    w = torch.tensor([u.weight for u in updates], dtype=torch.float64)
+    p = w / w.sum()
+    for m in SHAPES:
+        for part in (0, 1):
+            oracle = sum(pi * u.factors[m][part].double() for pi, u in zip(p, updates))
+            assert torch.allclose(factors[m][part], oracle, rtol=1e-13, atol=1e-15)
+    assert torch.allclose(dense["t"], torch.full((3,), float((p * torch.arange(4.0)).sum()),
+                                                 dtype=torch.float64))
+    assert total.weights == [10.0, 17.0, 24.0, 31.0] and total.weight == 82.0
 
 
 def test_a_spilled_federation_gives_the_same_adapter_and_metrics(tmp_path):
@@ -234,8 +333,24 @@ def _loop(strategy: str, nodes: int, spill_above_mb: float, writer_dir=None) -> 
     return loop
 
 
-def _reply_to(message: Message, seed: int) -> Message:
-    state = flatten(random_factors(SHAPES, 4, seed=seed, scale=0.01))
+class _Grid:
+    """Five nodes; `reply(i, message)` makes the i-th reply when the loop pulls it (the
+    grid holds none of them)."""
+
+    def __init__(self, reply) -> None:
+        self.reply = reply
+
+    def get_node_ids(self):
+        return [1, 2, 3, 4, 5]
+
+    def send_and_receive(self, messages, *, timeout=None):
+        for i, message in enumerate(messages):
+            message.metadata.__dict__["_message_id"] = f"m{i}"
+            yield self.reply(i, message)
+
+
+def _reply_to(message: Message, seed: int, scale: float = 0.01) -> Message:
+    state = flatten(random_factors(SHAPES, 4, seed=seed, scale=scale))
     metrics = MetricRecord({"num-examples": 10, "lora-rank": 4, "partition-id": seed})
     reply = Message(RecordDict({"arrays": to_array_record(state),
                                 "metrics": metrics}), reply_to=message)

@@ -11,6 +11,7 @@ Conventions (every module of `fedlora.aggregation` and every merge follows them)
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -136,6 +137,89 @@ def weighted_sum(tensors: list[Tensor], weights: list[float]) -> Tensor:
     return sum((w * t for w, t in zip(weights, tensors)), torch.zeros_like(tensors[0]))
 
 
+def add_padded(total: tuple[Tensor, Tensor], pair: tuple[Tensor, Tensor], weight: float
+               ) -> None:
+    """total += weight * pair, the pair (rank r) into total's leading r columns of B and
+    rows of A (zero-padding without a padded copy), computed in total's dtype."""
+    r = pair[0].shape[1]
+    total[0][:, :r].add_(pair[0], alpha=weight)
+    total[1][:r].add_(pair[1], alpha=weight)
+
+
+class RunningSum:
+    """A weighted mean folded one update at a time: sum_i w_i B_i and sum_i w_i A_i of every
+    module (each pair zero-padded to `rank` when one is given) and sum_i w_i T_i of every
+    plain tensor, in float64, and the weights' sums; `mean()` divides.
+
+    `module_weights` (hetlora's norm weighting): each update's weight per module, from its
+    factors, instead of its one weight. The server folds each reply into one as it arrives
+    (`server.rounds`), so a round whose decisions keep every reply with the weight it was
+    folded with needs no second pass over the replies (on disk when the round spilled); the
+    merge over a list folds the list in the same order, so both give the same bits. Memory:
+    one float64 copy of one update."""
+
+    def __init__(self, rank: int | None = None,
+                 module_weights: Callable[[Factors], dict[str, float]] | None = None) -> None:
+        self.rank = rank
+        self.module_weights = module_weights
+        self.factors: dict[str, tuple[Tensor, Tensor]] = {}
+        self.dense: dict[str, Tensor] = {}
+        self.weight = 0.0
+        self.weights: list[float] = []  # each update's weight, as folded, in order
+        self.per_module: dict[str, list[float]] = {}  # with `module_weights`: module -> w_i
+
+    def empty(self) -> RunningSum:
+        """A running sum of the same kind with nothing folded in."""
+        return RunningSum(self.rank, self.module_weights)
+
+    def fold(self, updates: list[ClientUpdate], weights: list[float] | None = None
+             ) -> RunningSum:
+        """The updates folded into `empty()`, in order, each with its weight (`weights`, or
+        their own)."""
+        total = self.empty()
+        for i, update in enumerate(updates):
+            total.add(update, update.weight if weights is None else weights[i])
+        return total
+
+    @classmethod
+    def of(cls, updates: list[ClientUpdate], weights: list[float] | None = None
+           ) -> RunningSum:
+        """`RunningSum().fold(updates, weights)`."""
+        return cls().fold(updates, weights)
+
+    def add(self, update: ClientUpdate, weight: float) -> None:
+        """Fold one update in with `weight` (its factors read module by module)."""
+        own = None if self.module_weights is None else self.module_weights(update.factors)
+        for module, (b, a) in update.factors.items():
+            if module not in self.factors:
+                r = b.shape[1] if self.rank is None else self.rank
+                self.factors[module] = (torch.zeros(b.shape[0], r, dtype=torch.float64),
+                                        torch.zeros(r, a.shape[1], dtype=torch.float64))
+            w = weight if own is None else own[module]
+            add_padded(self.factors[module], (b, a), w)
+            if own is not None:
+                self.per_module.setdefault(module, []).append(w)
+        for key, tensor in update.dense.items():
+            if key not in self.dense:
+                self.dense[key] = torch.zeros(tensor.shape, dtype=torch.float64)
+            self.dense[key].add_(tensor, alpha=weight)
+        self.weight += weight
+        self.weights.append(weight)
+
+    def total(self, module: str) -> float:
+        """The sum of the weights `module` was folded with."""
+        return sum(self.per_module[module]) if self.module_weights else self.weight
+
+    def mean(self, dtype: torch.dtype = torch.float32) -> tuple[Factors, Dense]:
+        """(sum w_i B_i / sum w_i, the same of A) per module and the mean of every plain
+        tensor, as `dtype`. A module whose weights sum to 0 is left out."""
+        factors = {}
+        for module, (b, a) in self.factors.items():
+            if (w := self.total(module)) > 0:
+                factors[module] = ((b / w).to(dtype), (a / w).to(dtype))
+        return factors, {k: (t / self.weight).to(dtype) for k, t in self.dense.items()}
+
+
 def to32(b: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
     """A factor pair as float32."""
     return b.to(torch.float32), a.to(torch.float32)
@@ -144,12 +228,6 @@ def to32(b: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
 def factors32(factors: Factors) -> Factors:
     """Every factor pair as float32."""
     return {m: to32(b, a) for m, (b, a) in factors.items()}
-
-
-def average_dense(updates: list[ClientUpdate], p: list[float]) -> Dense:
-    """Key by key: sum p_i T_i of the clients' plain tensors (float64 inside, float32 out)."""
-    return {k: weighted_sum([u.dense[k].double() for u in updates], p).float()
-            for k in updates[0].dense}
 
 
 def dense_distance(dense: Dense, reference: Dense) -> float:

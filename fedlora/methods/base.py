@@ -34,6 +34,7 @@ from fedlora.aggregation.base import (
     Dense,
     Factors,
     MergeResult,
+    RunningSum,
     check_updates,
     factor_shapes,
     to32,
@@ -283,6 +284,18 @@ class Method:
     def combine(self, updates: list[ClientUpdate], previous: Factors, *, export_rank: int
                 ) -> MergeResult:
         """The merge itself, on checked updates (each method implements it)."""
+        raise NotImplementedError
+
+    def running_sum(self, rank: int) -> RunningSum | None:
+        """A fold the server adds each reply into as it arrives when this method's merge is
+        the mean of one (`combine_sum`), for a global adapter of `rank`; None: the merge
+        needs the updates themselves."""
+        return None
+
+    def combine_sum(self, total: RunningSum, updates: list[ClientUpdate], previous: Factors,
+                    *, export_rank: int) -> MergeResult:
+        """The merge of `updates` from `total` (`running_sum`, the same updates folded in
+        order with their weights): what `combine` returns, without reading the updates."""
         raise NotImplementedError
 
     def payload(self, global_factors: Factors, rank: int) -> Factors:

@@ -8,26 +8,21 @@ rank and modules. Clients start from the received adapter and reply with both fa
 
 from __future__ import annotations
 
+import torch
+
 from fedlora.aggregation.base import (
     ClientUpdate,
     Factors,
     MergeResult,
-    average_dense,
-    factors32,
+    RunningSum,
     normalised_weights,
-    pairs,
-    weighted_sum,
 )
 from fedlora.methods.base import Method, register
 
 
 def average_factors(updates: list[ClientUpdate], p: list[float]) -> Factors:
-    """Module by module: (sum p_i B_i, sum p_i A_i), in float64."""
-    merged: Factors = {}
-    for module in updates[0].factors:
-        bs, as_ = zip(*pairs(updates, module))
-        merged[module] = (weighted_sum(list(bs), p), weighted_sum(list(as_), p))
-    return merged
+    """(sum p_i B_i, sum p_i A_i) of every module, in float64."""
+    return RunningSum.of(updates, p).mean(torch.float64)[0]
 
 
 @register
@@ -43,9 +38,18 @@ class FedAvg(Method):
 
     def combine(self, updates: list[ClientUpdate], previous: Factors, *, export_rank: int
                 ) -> MergeResult:
-        """Weighted average of B and of A, module by module (and of every plain tensor of a
-        method without factors: FedAvg of IA3's vectors)."""
-        p = normalised_weights(updates)
-        merged = factors32(average_factors(updates, p))
+        """Weighted average of B and of A (and of every plain tensor of a method without
+        factors: FedAvg of IA3's vectors), folded update by update."""
+        return self.combine_sum(self.running_sum(export_rank).fold(updates), updates, previous,
+                                export_rank=export_rank)
+
+    def running_sum(self, rank: int) -> RunningSum:
+        """The merge is the mean of a running sum: the server folds replies as they arrive."""
+        return RunningSum()
+
+    def combine_sum(self, total: RunningSum, updates: list[ClientUpdate], previous: Factors,
+                    *, export_rank: int) -> MergeResult:
+        """The merge from `total`, the updates folded in order with their weights."""
+        merged, dense = total.mean()
         return MergeResult(global_factors=merged, residual={}, applied=merged,
-                           info={"weights": p}, dense=average_dense(updates, p))
+                           info={"weights": normalised_weights(updates)}, dense=dense)

@@ -21,7 +21,6 @@ server then keeps for that node (`reply_rank`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -32,6 +31,8 @@ from fedlora.aggregation.base import (
     ClientUpdate,
     Factors,
     MergeResult,
+    RunningSum,
+    add_padded,
     normalised_weights,
     raw_pairs,
 )
@@ -44,7 +45,6 @@ if TYPE_CHECKING:
     from fedlora.config import Settings
 
 log = logging.getLogger("fedlora.client")
-Weighting = Callable[[list[tuple[Tensor, Tensor]], list[float]], list[float]]
 
 
 def padded_sum(factors: list[tuple[Tensor, Tensor]], weights: list[float], rank: int
@@ -52,28 +52,19 @@ def padded_sum(factors: list[tuple[Tensor, Tensor]], weights: list[float], rank:
     """(sum_i w_i B_i, sum_i w_i A_i) with every pair zero-padded to `rank`: accumulated in
     float64 into the leading r_i columns / rows (no padded copies), returned as float32."""
     d, k = factors[0][0].shape[0], factors[0][1].shape[1]
-    b = torch.zeros(d, rank, dtype=torch.float64)
-    a = torch.zeros(rank, k, dtype=torch.float64)
-    for (bi, ai), w in zip(factors, weights):
-        r = bi.shape[1]
-        b[:, :r].add_(bi, alpha=w)  # computed in float64
-        a[:r].add_(ai, alpha=w)
-    return b.float(), a.float()
+    total = (torch.zeros(d, rank, dtype=torch.float64), torch.zeros(rank, k, dtype=torch.float64))
+    for pair, w in zip(factors, weights):
+        add_padded(total, pair, w)
+    return total[0].float(), total[1].float()
 
 
-def norm_weights(factors: list[tuple[Tensor, Tensor]], p: list[float]) -> list[float]:
-    """w_i = ||B_i A_i||_F / sum_j ||B_j A_j||_F (in float64); p_i when every norm is 0."""
-    norms = [product_norm(b.double(), a.double()) for b, a in factors]
-    total = sum(norms)
-    return [n / total for n in norms] if total > 0 else list(p)
+def module_norms(factors: Factors) -> dict[str, float]:
+    """||B A||_F of every module (in float64): the paper's weight of each client's update of
+    that module."""
+    return {m: product_norm(b.double(), a.double()) for m, (b, a) in factors.items()}
 
 
-def example_weights(factors: list[tuple[Tensor, Tensor]], p: list[float]) -> list[float]:
-    """w_i = p_i (number of examples)."""
-    return list(p)
-
-
-WEIGHTINGS: dict[str, Weighting] = {"norm": norm_weights, "examples": example_weights}
+WEIGHTINGS = ("norm", "examples")
 
 
 def pruned_rank(factors: Factors, gamma: float) -> int:
@@ -106,7 +97,7 @@ class HetLoRAOptions(MethodOptions):
         "smaller rank for the rest of the run.")
 
     def __post_init__(self) -> None:
-        one_of("hetlora-weighting", self.weighting, tuple(WEIGHTINGS))
+        one_of("hetlora-weighting", self.weighting, WEIGHTINGS)
         require(self.prune >= 0, "hetlora-prune", "a number >= 0", self.prune)
 
 
@@ -143,17 +134,35 @@ class HetLoRA(Method):
                                 "(hetlora-prune) changes the update after clipping; use "
                                 "dp-clipping=server or hetlora-prune=0")
 
+    def running_sum(self, rank: int) -> RunningSum:
+        """Zero-padded to `rank`; with norm weighting each module weighs ||B_i A_i||_F."""
+        return RunningSum(rank, module_norms if self.options.weighting == "norm" else None)
+
     def combine(self, updates: list[ClientUpdate], previous: Factors, *, export_rank: int
                 ) -> MergeResult:
         """Average the zero-padded factors with the chosen weights, module by module."""
-        p = normalised_weights(updates)
         rank = max(export_rank, max(u.rank for u in updates))
+        return self.combine_sum(self.running_sum(rank).fold(updates), updates, previous,
+                                export_rank=export_rank)
+
+    def combine_sum(self, total: RunningSum, updates: list[ClientUpdate], previous: Factors,
+                    *, export_rank: int) -> MergeResult:
+        """The weighted mean of `total`; a module whose norm weights are all 0 (no client
+        moved it) is averaged with the example weights instead, reading it from each update."""
+        p = normalised_weights(updates)
+        means, _ = total.mean()
         merged: Factors = {}
         used: dict[str, list[float]] = {}
-        for module in updates[0].factors:
-            factors = raw_pairs(updates, module)
-            used[module] = w = WEIGHTINGS[self.options.weighting](factors, p)
-            merged[module] = padded_sum(factors, w, rank)
+        for module in total.factors:
+            if module in means and self.options.weighting == "norm":
+                used[module] = [w / total.total(module) for w in total.per_module[module]]
+                merged[module] = means[module]
+            elif module in means:
+                used[module], merged[module] = p, means[module]
+            else:
+                assert total.rank is not None
+                used[module] = p
+                merged[module] = padded_sum(raw_pairs(updates, module), p, total.rank)
         return MergeResult(global_factors=merged, residual={}, applied=merged,
                            info={"weights": used, "weighting": self.options.weighting})
 
