@@ -294,7 +294,7 @@ class RoundLoop:
                           exact_cost(self.shapes, ranks, self.state.rank) > EXACT_BUDGET)
         robust = self.state.robust
         if not (self.state.clip_norm or robust.krum or robust.replaces_merge):
-            self.fold, self.folded = self.method.running_sum(self.state.rank), []
+            self.fold, self.folded = self.method.folds(self.state.rank), []
         expected = sum(record.bytes_down.values())
         if self.rules.spill_above_mb >= 0 and expected > self.rules.spill_above_mb * 2**20:
             parent = None if self.writer is None else Path(self.writer.out_dir) / SPILL_DIR

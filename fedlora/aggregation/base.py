@@ -127,50 +127,57 @@ def raw_pairs(updates: list[ClientUpdate], module: str) -> list[tuple[Tensor, Te
     return [u.factors[module] for u in updates]
 
 
-def pairs(updates: list[ClientUpdate], module: str) -> list[tuple[Tensor, Tensor]]:
-    """Every client's (B, A) of one module, in float64."""
-    return [(u.factors[module][0].double(), u.factors[module][1].double()) for u in updates]
-
-
 def weighted_sum(tensors: list[Tensor], weights: list[float]) -> Tensor:
     """sum_i w_i T_i."""
     return sum((w * t for w, t in zip(weights, tensors)), torch.zeros_like(tensors[0]))
 
 
-def add_padded(total: tuple[Tensor, Tensor], pair: tuple[Tensor, Tensor], weight: float
-               ) -> None:
+PARTS = {"both": (0, 1), "B": (0,), "A": (1,)}  # what a method shares -> the factors summed
+
+
+def add_padded(total: tuple[Tensor, Tensor], pair: tuple[Tensor, Tensor], weight: float,
+               parts: tuple[int, ...] = (0, 1)) -> None:
     """total += weight * pair, the pair (rank r) into total's leading r columns of B and
-    rows of A (zero-padding without a padded copy), computed in total's dtype."""
-    r = pair[0].shape[1]
-    total[0][:, :r].add_(pair[0], alpha=weight)
-    total[1][:r].add_(pair[1], alpha=weight)
+    rows of A (zero-padding without a padded copy), computed in total's dtype; only the
+    factors in `parts` (0: B, 1: A). ValueError when r is above total's rank."""
+    r, rank = pair[0].shape[1], total[0].shape[1] if 0 in parts else total[1].shape[0]
+    if r > rank:
+        raise ValueError(f"client rank {r} above the global rank {rank}; raise export-rank")
+    if 0 in parts:
+        total[0][:, :r].add_(pair[0], alpha=weight)
+    if 1 in parts:
+        total[1][:r].add_(pair[1], alpha=weight)
 
 
 class RunningSum:
     """A weighted mean folded one update at a time: sum_i w_i B_i and sum_i w_i A_i of every
     module (each pair zero-padded to `rank` when one is given) and sum_i w_i T_i of every
-    plain tensor, in float64, and the weights' sums; `mean()` divides.
+    plain tensor, in float64, and the weights' sums; `mean()` divides. `shares`: which
+    factors are summed ("both", "B" or "A", as the method shares them); a factor not summed
+    is an empty tensor.
 
-    `module_weights` (hetlora's norm weighting): each update's weight per module, from its
-    factors, instead of its one weight. The server folds each reply into one as it arrives
+    `module_weight` (hetlora's norm weighting): each update's weight of each module, from that
+    module's (B, A), instead of its one weight. The server folds each reply into one as it arrives
     (`server.rounds`), so a round whose decisions keep every reply with the weight it was
     folded with needs no second pass over the replies (on disk when the round spilled); the
     merge over a list folds the list in the same order, so both give the same bits. Memory:
     one float64 copy of one update."""
 
     def __init__(self, rank: int | None = None,
-                 module_weights: Callable[[Factors], dict[str, float]] | None = None) -> None:
+                 module_weight: Callable[[Tensor, Tensor], float] | None = None,
+                 shares: str = "both") -> None:
         self.rank = rank
-        self.module_weights = module_weights
+        self.module_weight = module_weight
+        self.shares = shares
         self.factors: dict[str, tuple[Tensor, Tensor]] = {}
         self.dense: dict[str, Tensor] = {}
         self.weight = 0.0
         self.weights: list[float] = []  # each update's weight, as folded, in order
-        self.per_module: dict[str, list[float]] = {}  # with `module_weights`: module -> w_i
+        self.per_module: dict[str, list[float]] = {}  # with `module_weight`: module -> w_i
 
     def empty(self) -> RunningSum:
         """A running sum of the same kind with nothing folded in."""
-        return RunningSum(self.rank, self.module_weights)
+        return RunningSum(self.rank, self.module_weight, self.shares)
 
     def fold(self, updates: list[ClientUpdate], weights: list[float] | None = None
              ) -> RunningSum:
@@ -189,15 +196,20 @@ class RunningSum:
 
     def add(self, update: ClientUpdate, weight: float) -> None:
         """Fold one update in with `weight` (its factors read module by module)."""
-        own = None if self.module_weights is None else self.module_weights(update.factors)
+        parts = PARTS[self.shares]
         for module, (b, a) in update.factors.items():
             if module not in self.factors:
                 r = b.shape[1] if self.rank is None else self.rank
-                self.factors[module] = (torch.zeros(b.shape[0], r, dtype=torch.float64),
-                                        torch.zeros(r, a.shape[1], dtype=torch.float64))
-            w = weight if own is None else own[module]
-            add_padded(self.factors[module], (b, a), w)
-            if own is not None:
+                shapes = ((b.shape[0], r), (r, a.shape[1]))
+                self.factors[module] = tuple(  # type: ignore[assignment]
+                    torch.zeros(shapes[i] if i in parts else (0,), dtype=torch.float64)
+                    for i in (0, 1))
+            w = weight if self.module_weight is None else self.module_weight(b, a)
+            try:
+                add_padded(self.factors[module], (b, a), w, parts)
+            except ValueError as err:
+                raise ValueError(f"module {module}: {err}") from None
+            if self.module_weight is not None:
                 self.per_module.setdefault(module, []).append(w)
         for key, tensor in update.dense.items():
             if key not in self.dense:
@@ -208,7 +220,7 @@ class RunningSum:
 
     def total(self, module: str) -> float:
         """The sum of the weights `module` was folded with."""
-        return sum(self.per_module[module]) if self.module_weights else self.weight
+        return sum(self.per_module[module]) if self.module_weight else self.weight
 
     def mean(self, dtype: torch.dtype = torch.float32) -> tuple[Factors, Dense]:
         """(sum w_i B_i / sum w_i, the same of A) per module and the mean of every plain

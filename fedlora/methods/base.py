@@ -298,6 +298,15 @@ class Method:
         order with their weights): what `combine` returns, without reading the updates."""
         raise NotImplementedError
 
+    def folds(self, rank: int) -> RunningSum | None:
+        """`running_sum(rank)` where the class that defines `combine` also defines
+        `combine_sum` (a subclass that overrides `combine` alone merges from its updates,
+        never from its parent's sum); else None."""
+        def owner(name: str) -> type:
+            return next(c for c in type(self).__mro__ if name in c.__dict__)
+
+        return self.running_sum(rank) if owner("combine") is owner("combine_sum") else None
+
     def payload(self, global_factors: Factors, rank: int) -> Factors:
         """What a client of `rank` receives: the global factors zero-padded or cut to `rank`."""
         return {m: to32(*truncate_rank(*pad_rank(b, a, rank), rank))

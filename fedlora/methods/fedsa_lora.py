@@ -20,10 +20,9 @@ from fedlora.aggregation.base import (
     ClientUpdate,
     Factors,
     MergeResult,
+    RunningSum,
     check_previous,
     normalised_weights,
-    pairs,
-    weighted_sum,
 )
 from fedlora.factors import shared_keys
 from fedlora.methods.base import Method, PersonalStore, register
@@ -46,21 +45,30 @@ class FedSALoRA(Method):
     personal = True
     exactness_defined = False
 
+    def running_sum(self, rank: int) -> RunningSum:
+        """The A_i (B is the previous one: not summed)."""
+        return RunningSum(shares="A")
+
     def combine(self, updates: list[ClientUpdate], previous: Factors, *, export_rank: int
                 ) -> MergeResult:
         """Average A; keep the previous B."""
+        return self.combine_sum(self.running_sum(export_rank).fold(updates), updates,
+                                previous, export_rank=export_rank)
+
+    def combine_sum(self, total: RunningSum, updates: list[ClientUpdate], previous: Factors,
+                    *, export_rank: int) -> MergeResult:
+        """The mean of the A_i with the previous B."""
         check_previous(previous, updates, self.name)
-        p = normalised_weights(updates)
+        means, _ = total.mean()
         merged: Factors = {}
-        for module in updates[0].factors:
+        for module, (_, a_bar) in means.items():
             b_prev = previous[module][0]
-            a_bar = weighted_sum([a for _, a in pairs(updates, module)], p)
             if b_prev.shape[1] != a_bar.shape[0]:
                 raise ValueError(f"fedsa-lora: module {module} has client rank {a_bar.shape[0]} "
                                  f"but global rank {b_prev.shape[1]}; they must be equal")
-            merged[module] = (b_prev.float(), a_bar.float())
+            merged[module] = (b_prev.float(), a_bar)
         return MergeResult(global_factors=merged, residual={}, applied=merged,
-                           info={"weights": p})
+                           info={"weights": normalised_weights(updates)})
 
     def client_start(self, state: dict[str, Tensor], store: PersonalStore
                      ) -> dict[str, Tensor]:

@@ -8,27 +8,15 @@ in the updates is ignored (the caller fills it in from the previous global adapt
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
-
 from fedlora.aggregation.base import (
     ClientUpdate,
     Factors,
     MergeResult,
+    RunningSum,
     check_previous,
     normalised_weights,
-    weighted_sum,
 )
 from fedlora.methods.base import Method, register
-
-
-def padded_b(update: ClientUpdate, module: str, rank: int) -> Tensor:
-    """A client's B in float64, zero-padded to the global rank."""
-    b = update.factors[module][0].double()
-    if b.shape[1] > rank:
-        raise ValueError(f"ffa-lora: module {module} has client rank {b.shape[1]} above the "
-                         f"global rank {rank}; raise export-rank")
-    return torch.cat([b, b.new_zeros(b.shape[0], rank - b.shape[1])], dim=1)
 
 
 @register
@@ -43,15 +31,26 @@ class FFALoRA(Method):
     heterogeneous = True
     shares = "B"
 
+    def running_sum(self, rank: int) -> RunningSum:
+        """The B_i zero-padded to `rank` (A is the previous one: not summed)."""
+        return RunningSum(rank, shares="B")
+
     def combine(self, updates: list[ClientUpdate], previous: Factors, *, export_rank: int
                 ) -> MergeResult:
         """Average the zero-padded B_i; keep the previous A."""
         check_previous(previous, updates, self.name)
-        p = normalised_weights(updates)
-        merged: Factors = {}
-        for module in updates[0].factors:
-            a_prev = previous[module][1]
-            bs = [padded_b(u, module, a_prev.shape[0]) for u in updates]
-            merged[module] = (weighted_sum(bs, p).float(), a_prev.float())
+        rank = next(iter(previous.values()))[1].shape[0]
+        try:
+            total = self.running_sum(rank).fold(updates)
+        except ValueError as err:
+            raise ValueError(f"ffa-lora: {err}") from None
+        return self.combine_sum(total, updates, previous, export_rank=export_rank)
+
+    def combine_sum(self, total: RunningSum, updates: list[ClientUpdate], previous: Factors,
+                    *, export_rank: int) -> MergeResult:
+        """The mean of the zero-padded B_i with the previous A."""
+        check_previous(previous, updates, self.name)
+        means, _ = total.mean()
+        merged = {m: (b, previous[m][1].float()) for m, (b, _) in means.items()}
         return MergeResult(global_factors=merged, residual={}, applied=merged,
-                           info={"weights": p})
+                           info={"weights": normalised_weights(updates)})

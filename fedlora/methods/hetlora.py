@@ -58,10 +58,10 @@ def padded_sum(factors: list[tuple[Tensor, Tensor]], weights: list[float], rank:
     return total[0].float(), total[1].float()
 
 
-def module_norms(factors: Factors) -> dict[str, float]:
-    """||B A||_F of every module (in float64): the paper's weight of each client's update of
-    that module."""
-    return {m: product_norm(b.double(), a.double()) for m, (b, a) in factors.items()}
+def module_norm(b: Tensor, a: Tensor) -> float:
+    """||B A||_F of one module (in float64): the paper's weight of a client's update of that
+    module."""
+    return product_norm(b.double(), a.double())
 
 
 WEIGHTINGS = ("norm", "examples")
@@ -136,7 +136,7 @@ class HetLoRA(Method):
 
     def running_sum(self, rank: int) -> RunningSum:
         """Zero-padded to `rank`; with norm weighting each module weighs ||B_i A_i||_F."""
-        return RunningSum(rank, module_norms if self.options.weighting == "norm" else None)
+        return RunningSum(rank, module_norm if self.options.weighting == "norm" else None)
 
     def combine(self, updates: list[ClientUpdate], previous: Factors, *, export_rank: int
                 ) -> MergeResult:
