@@ -39,7 +39,7 @@ class FFALoRA(Method):
                 ) -> MergeResult:
         """Average the zero-padded B_i; keep the previous A."""
         check_previous(previous, updates, self.name)
-        rank = next(iter(previous.values()))[1].shape[0]
+        rank = max((a.shape[0] for _, a in previous.values()), default=0)  # the global rank
         try:
             total = self.running_sum(rank).fold(updates)
         except ValueError as err:
