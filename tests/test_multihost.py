@@ -118,9 +118,13 @@ def test_ranks_a_closed_control_api_and_a_cut_link_across_hosts(host_procs, cert
     # back online, site-b takes part again (in the next round, or in the one after when that
     # was sent before its first heartbeat after the cut reached the server)
     assert {"site-a": 8, "site-b": 32} in ranks[cut + 1:]
-    assert [(f["node-name"], f["reason"]) for f in rows[cut]["failures"]] == [
-        ("site-b", "no reply within round-timeout=40 s")]
-    assert "(site-b) failed: no reply within round-timeout=40 s" in log.read_text()
+    # the cable came out before site-b's reply left, or between its reply message and its
+    # arrays (Flower pushes them one after the other): either way the round names site-b
+    [(name, reason)] = [(f["node-name"], f["reason"]) for f in rows[cut]["failures"]]
+    assert name == "site-b" and reason in (
+        "no reply within round-timeout=40 s",
+        "its reply message arrived but its arrays did not within round-timeout=40 s"), reason
+    assert f"(site-b) failed: {reason}" in log.read_text()
     assert json.loads((out / "final" / "adapter_config.json").read_text())["r"] == 32
     final_adapter_loads(out)
 
