@@ -37,8 +37,8 @@ class FFALoRA(Method):
 
     def combine(self, updates: list[ClientUpdate], previous: Factors, *, export_rank: int
                 ) -> MergeResult:
-        """Average the zero-padded B_i; keep the previous A."""
-        check_previous(previous, updates, self.name)
+        """Average the zero-padded B_i; keep the previous A (`combine_sum` checks that it
+        covers every module)."""
         rank = max((a.shape[0] for _, a in previous.values()), default=0)  # the global rank
         try:
             total = self.running_sum(rank).fold(updates)

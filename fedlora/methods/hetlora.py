@@ -155,7 +155,8 @@ class HetLoRA(Method):
         used: dict[str, list[float]] = {}
         for module in total.factors:
             if module in means and self.options.weighting == "norm":
-                used[module] = [w / total.total(module) for w in total.per_module[module]]
+                summed = total.total(module)  # once per module, not once per client
+                used[module] = [w / summed for w in total.per_module[module]]
                 merged[module] = means[module]
             elif module in means:
                 used[module], merged[module] = p, means[module]
