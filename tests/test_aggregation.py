@@ -10,6 +10,7 @@ from fedlora.aggregation.exactness import compress, exactness, truncation_loss
 from fedlora.aggregation.linalg import (
     change_norm_squared,
     difference_norm,
+    gram_product_norm,
     pad_rank,
     product_norm,
     stack,
@@ -281,6 +282,28 @@ def test_small_linalg_helpers():
     assert pb.shape == (2, 3) and pa.shape == (3, 2) and torch.equal(pb @ pa, t([[3, 4], [6, 8]]))
     tb, ta = truncate_rank(pb, pa, 1)
     assert torch.equal(tb, t([[1.0], [2.0]])) and torch.equal(ta, t([[3.0, 4.0]]))
+
+
+def test_a_product_norm_from_float32_grams_is_the_float64_one_and_falls_back_where_it_cancels():
+    """hetlora's weight ||B A||_F from float32 Gram blocks: the dense float64 norm to 1e-6 on a
+    7B-shaped layer; where the factors' terms cancel (a product 10^3 times smaller than its
+    factors, as a hostile reply may send) or overflow float32, the float64 figure instead."""
+    gen = torch.Generator().manual_seed(1)
+    b, a = torch.randn(4096, 16, generator=gen) * 1e-2, torch.randn(16, 11008, generator=gen)
+    dense = float((b.double() @ a.double()).norm())
+    assert gram_product_norm(b, a) == pytest.approx(dense, rel=1e-6)
+    column, row = torch.randn(300, 1, generator=gen), torch.randn(1, 200, generator=gen)
+    near_zero = (torch.cat([column, -column], 1) * 1e3,  # B A = 1e6 c (r - r'): small
+                 torch.cat([row, row + 1e-3 * torch.randn(1, 200, generator=gen)]) * 1e3)
+    want = float((near_zero[0].double() @ near_zero[1].double()).norm())
+    assert gram_product_norm(*near_zero) == pytest.approx(want, rel=1e-6)
+    float32_grams = float(((near_zero[0].T @ near_zero[0]).double()
+                           * (near_zero[1] @ near_zero[1].T).double()).sum())
+    assert abs(math.sqrt(max(float32_grams, 0.0)) - want) > 1e-3 * want  # what it avoids
+    huge = (torch.full((8, 2), 3e30), torch.full((2, 8), 1e10))
+    assert (huge[0].T @ huge[0]).isinf().all()  # float32 Gram blocks overflow
+    want = float((huge[0].double() @ huge[1].double()).norm())
+    assert gram_product_norm(*huge) == pytest.approx(want, rel=1e-9)
 
 
 @pytest.mark.parametrize("step", [1e-1, 1e-4])

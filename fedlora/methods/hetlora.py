@@ -36,7 +36,7 @@ from fedlora.aggregation.base import (
     normalised_weights,
     raw_pairs,
 )
-from fedlora.aggregation.linalg import product_norm, truncate_rank
+from fedlora.aggregation.linalg import gram_product_norm, truncate_rank
 from fedlora.config import SettingsError, one_of, require
 from fedlora.factors import from_peft, to_peft
 from fedlora.methods.base import Method, MethodOptions, PersonalStore, option, register
@@ -59,9 +59,9 @@ def padded_sum(factors: list[tuple[Tensor, Tensor]], weights: list[float], rank:
 
 
 def module_norm(b: Tensor, a: Tensor) -> float:
-    """||B A||_F of one module (in float64): the paper's weight of a client's update of that
-    module."""
-    return product_norm(b.double(), a.double())
+    """||B A||_F of one module: the paper's weight of a client's update of that module, from
+    Gram blocks in the factors' dtype (float64 where their terms cancel: `gram_product_norm`)."""
+    return gram_product_norm(b, a)
 
 
 WEIGHTINGS = ("norm", "examples")
