@@ -17,6 +17,10 @@ them, maybe before they were written. Tensors are read with `os.pread` into a fr
 not through a memory map: a mapped file's pages count in the server's resident memory as long
 as the file is mapped, which is what spilling is for avoiding. The folder of a round is
 removed when the round is merged or given up (`RoundSpill.close`).
+
+A write that fails with an OSError (a full disk, a folder gone) costs memory, not the round:
+that reply and every later one of the round stay in memory, as they would without spilling,
+and the server logs a warning once.
 """
 
 from __future__ import annotations
@@ -29,9 +33,11 @@ import tempfile
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from logging import WARNING
 from pathlib import Path
 
 import torch
+from flwr.common import log
 
 from fedlora.aggregation import Factors
 
@@ -48,12 +54,15 @@ class SpilledFactors(Mapping[str, tuple[torch.Tensor, torch.Tensor]]):
         self._entries = entries  # tensor key -> (dtype, shape, start, end) in the file
         self._modules = list(dict.fromkeys(k.rsplit("|", 1)[0] for k in entries))
         self._written = written  # the background write of the file (None: written)
+        self.memory: Factors | None = None  # the factors themselves, when the write failed
 
     def __getitem__(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
         if f"{module}|B" not in self._entries:
             raise KeyError(module)
         if self._written is not None:
             self._written.result()  # the file is complete (or its write's error is raised)
+        if self.memory is not None:
+            return self.memory[module]
         fd = os.open(self.path, os.O_RDONLY)
         try:
             return self._read(fd, f"{module}|B"), self._read(fd, f"{module}|A")
@@ -140,21 +149,36 @@ class RoundSpill:
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="spill")
         self._pending: deque[Future] = deque()
         self._written: list[Future] = []  # each file's completion, as its reader waits on it
+        self.failed: OSError | None = None  # the first write that failed: no more are tried
 
-    def keep(self, factors: Factors) -> SpilledFactors:
+    def keep(self, factors: Factors) -> Mapping[str, tuple[torch.Tensor, torch.Tensor]]:
         """`factors` to be written to this round's folder (in the background, after the
         replies before it); the mapping that reads them back. Waits while `PENDING` writes
-        are queued, and raises the error of a write that failed (a full disk)."""
+        are queued. Once a write has failed with an OSError, `factors` themselves (the round
+        goes on in memory); any other error of a write is raised."""
         while len(self._pending) >= self.PENDING:
             self._pending.popleft().result()
+        if self.failed is not None:
+            return factors
         self._count += 1
         written: Future = Future()
-        spilled, write = layout(factors, self.dir / f"reply-{self._count}.safetensors",
-                                written)
+        path = self.dir / f"reply-{self._count}.safetensors"
+        spilled, write = layout(factors, path, written)
 
         def run() -> None:
             try:
                 write()
+            except OSError as err:  # a full disk: this reply, and the round's next, in memory
+                spilled.memory = factors
+                path.unlink(missing_ok=True)
+                if self.failed is None:
+                    self.failed = err
+                    log(WARNING, "spill: writing a reply to %s failed (%s); this round keeps "
+                        "its replies in memory from here on (the server's memory now grows "
+                        "with them; free space there, or set spill-above-mb=-1 to hold "
+                        "them in memory from the start)", self.dir, err)
+                written.set_result(None)
+                return
             except BaseException as err:
                 written.set_exception(err)
                 raise

@@ -236,6 +236,65 @@ def test_a_round_folds_replies_as_they_arrive_and_reads_them_again_only_when_scr
                torch.equal(folded[m][1], listed[m][1]) for m in SHAPES)
 
 
+@pytest.mark.parametrize("outlier", [False, True])
+def test_a_full_disk_keeps_the_rounds_replies_in_memory_and_the_round_merges(
+        tmp_path, monkeypatch, outlier):
+    """A spill write that fails (ENOSPC from the second reply on) costs memory, not the round:
+    every reply stays readable, the round merges the bits of a round that never spilled,
+    with a screened outlier too (whose merge reads the replies again), the server warns once,
+    and no partial file is left."""
+    import errno
+    import logging
+
+    from flwr.supercore.task_identity import TaskIdentity
+
+    import server.spill as spill_module
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    real = spill_module.layout
+    tried = []
+
+    def full_disk(factors, path, written=None):
+        spilled, write = real(factors, path, written)
+
+        def failing() -> None:
+            tried.append(path.name)
+            if len(tried) > 1:
+                path.write_bytes(b"partial")
+                raise OSError(errno.ENOSPC, "No space left on device")
+            write()
+        return spilled, failing
+
+    grid = _Grid(lambda i, message: _reply_to(
+        message, seed=i, scale=10.0 if outlier and i == 2 else 0.01))
+
+    def merged(spill_above_mb: float, folder: str):
+        loop = _loop("fedavg", nodes=5, spill_above_mb=spill_above_mb,
+                     writer_dir=tmp_path / folder)
+        loop.rules.min_replies = 4
+        record = loop.train_round(grid, 1)
+        return loop.state.factors, len(record.replies)
+
+    warnings: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda r: warnings.append(r.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("flwr").addHandler(handler)
+    try:
+        monkeypatch.setattr(spill_module, "layout", full_disk)
+        spilled, kept = merged(0, "spilled")
+        monkeypatch.undo()
+    finally:
+        logging.getLogger("flwr").removeHandler(handler)
+    in_memory, kept_in_memory = merged(-1, "memory")
+    assert kept == kept_in_memory == (4 if outlier else 5)
+    assert tried == ["reply-1.safetensors", "reply-2.safetensors"]  # none tried after it
+    assert all(torch.equal(spilled[m][0], in_memory[m][0]) and
+               torch.equal(spilled[m][1], in_memory[m][1]) for m in SHAPES)
+    full = [w for w in warnings if "No space left on device" in w]
+    assert len(full) == 1 and "keeps its replies in memory" in full[0]
+    assert not (tmp_path / "spilled" / ".spill").exists()
+
+
 def test_a_subclass_that_overrides_combine_alone_never_merges_from_its_parents_sum():
     from fedlora.methods.fedavg import FedAvg
 
