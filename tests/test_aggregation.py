@@ -361,7 +361,7 @@ def test_truncation_loss_of_a_diagonal_global():
 def test_truncation_losses_of_all_ranks_at_once_equal_the_dense_oracle(strategy):
     """One pass for every client rank (the global factors' Grams made once) gives each
     rank's relative ||B A - P_B P_A|| / ||B A|| of the dense products."""
-    from fedlora.aggregation.exactness import truncation_losses
+    from fedlora.aggregation.exactness import leading, truncation_losses
 
     gen = torch.Generator().manual_seed(3)
     g = {f"m{i}": (torch.randn(20 + i, 6, generator=gen), torch.randn(6, 14, generator=gen))
@@ -376,6 +376,10 @@ def test_truncation_losses_of_all_ranks_at_once_equal_the_dense_oracle(strategy)
         assert losses[r] == pytest.approx(math.sqrt(lost / total), rel=1e-9, abs=1e-7)
         assert losses[r] == truncation_loss(g, payload)
     assert losses[1] > losses[3] > 0
+    assert all(leading(*payloads[r][m], *g[m]) for r in payloads for m in g)  # the Gram path
+    copied = {r: {m: (b.clone(), a.clone()) for m, (b, a) in p.items()}
+              for r, p in payloads.items()}  # not views: the general Gram blocks
+    assert truncation_losses(g, copied) == pytest.approx(losses, rel=1e-9, abs=1e-7)
 
 
 def test_compress_drops_the_smallest_direction_and_leaves_small_modules_alone():

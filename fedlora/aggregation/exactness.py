@@ -75,19 +75,38 @@ def truncation_losses(global_factors: Factors, payloads: dict[int, Factors]
     """`truncation_loss` of each payload (rank -> what a client of that rank receives), with
     the global factors' float64 copies and Gram matrices made once per module for all ranks:
     ||B A - P_B P_A||^2 = ||B A||^2 - 2 <B A, P_B P_A> + ||P_B P_A||^2, each from r x r Gram
-    blocks (`product_inner`, as `difference_norm` sums them)."""
+    blocks (`product_inner`, as `difference_norm` sums them). A payload that is the global's
+    first r components (views of its factors, as hetlora and flexlora send) takes all three
+    from the global's own Grams G_B = B^T B, G_A = A A^T: <G_B, G_A>, the sum of their first r
+    columns' products, and of their leading r x r blocks'."""
     nums = dict.fromkeys(payloads, 0.0)
     dens = 0.0
     for module, (b, a) in global_factors.items():
-        b, a = b.double(), a.double()
-        own = product_inner(b, a, b, a)
+        b64, a64 = b.double(), a.double()
+        gram_b, gram_a = b64.T @ b64, a64 @ a64.T
+        products = gram_b * gram_a
+        own = products.sum()
         for rank, payload in payloads.items():
-            pb, pa = (t.double() for t in payload[module])
-            squared = float(own + product_inner(pb, pa, pb, pa)
-                            - 2 * product_inner(b, a, pb, pa))
+            pb, pa = payload[module]
+            if leading(pb, pa, b, a):
+                r = pb.shape[1]
+                squared = float(own - 2 * products[:, :r].sum() + products[:r, :r].sum())
+            else:
+                pb, pa = pb.double(), pa.double()
+                squared = float(own + product_inner(pb, pa, pb, pa)
+                                - 2 * product_inner(b64, a64, pb, pa))
             nums[rank] += max(squared, 0.0)
         dens += max(float(own), 0.0)
     return {rank: ratio(math.sqrt(num), math.sqrt(dens)) for rank, num in nums.items()}
+
+
+def leading(pb: Tensor, pa: Tensor, b: Tensor, a: Tensor) -> bool:
+    """Whether (pb, pa) are views of the first columns of b and the first rows of a."""
+    return (pb.data_ptr() == b.data_ptr() and pa.data_ptr() == a.data_ptr()
+            and pb.dtype == b.dtype and pa.dtype == a.dtype
+            and pb.stride() == b.stride() and pa.stride() == a.stride()
+            and pb.shape[0] == b.shape[0] and pa.shape[1] == a.shape[1]
+            and pb.shape[1] == pa.shape[0] <= b.shape[1])
 
 
 def compress(factors: Factors, budget: int) -> tuple[Factors, float]:
