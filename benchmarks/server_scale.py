@@ -209,6 +209,8 @@ def run_baseline(strategy: str, shape: str, sites: int) -> dict:
 def child(args: argparse.Namespace) -> None:
     from flwr.supercore.task_identity import TaskIdentity
 
+    import server  # noqa: F401  (the server's allocator setting, for the baseline too)
+
     common.quiet_libraries()
     # what Flower tells a ServerApp process before its main runs (messages need a run id)
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1

@@ -71,14 +71,17 @@ class SpilledFactors(Mapping[str, tuple[torch.Tensor, torch.Tensor]]):
 
     def _read(self, fd: int, key: str) -> torch.Tensor:
         dtype, shape, start, end = self._entries[key]
-        buffer = bytearray(end - start)
-        view, done = memoryview(buffer), 0
-        while done < len(buffer):  # pread may return less than asked
+        tensor = torch.empty(shape, dtype=TORCH[dtype])  # torch's allocator (huge pages)
+        view, done = memoryview(tensor.numpy()).cast("B"), 0  # type: ignore[arg-type]
+        if len(view) != end - start:
+            raise OSError(f"{self.path}: {key} takes {end - start} bytes in the file, "
+                          f"{len(view)} as a {dtype} tensor of shape {list(shape)}")
+        while done < len(view):  # pread may return less than asked
             got = os.preadv(fd, [view[done:]], start + done)
             if got <= 0:
                 raise OSError(f"{self.path}: the spilled reply ends early (at {start + done})")
             done += got
-        return torch.frombuffer(buffer, dtype=TORCH[dtype]).reshape(shape)
+        return tensor
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._modules)
