@@ -88,7 +88,7 @@ from fedlora.train.accuracy import (
 )
 from fedlora.train.choices import multiple_choice
 from fedlora.train.distributed import node_devices, refusal, train_parallel
-from fedlora.train.dp_sgd import DpSgdPlan, plan_dp_sgd
+from fedlora.train.dp_sgd import DpSgdPlan, noise_warning, plan_dp_sgd
 from fedlora.train.loop import RoundPlan
 from fedlora.train.preference import dpo_training, evaluate_pairs, figures_metrics
 
@@ -204,10 +204,12 @@ def node_settings(context: Context, task: str = MessageType.TRAIN) -> tuple[Sett
     return settings, method
 
 
-def dp_sgd_plan(settings: Settings, examples: list[dict]) -> DpSgdPlan | None:
-    """This node's DP-SGD plan for the run (None without dp-sgd), logged; raises Refused
-    (a SettingsError the server is told as it is) naming the epsilon the run would spend
-    and the budget when it would spend more."""
+def dp_sgd_plan(settings: Settings, examples: list[dict], entries: int = 0,
+                server_round: int = 1) -> DpSgdPlan | None:
+    """This node's DP-SGD plan for the run (None without dp-sgd), logged, with a warning in
+    round 1 when its noise swamps what a step of `entries` trained entries learns; raises
+    Refused (a SettingsError the server is told as it is) naming the epsilon the run would
+    spend and the budget when it would spend more."""
     train = settings.train
     if not train.dp_sgd:
         return None
@@ -219,6 +221,9 @@ def dp_sgd_plan(settings: Settings, examples: list[dict]) -> DpSgdPlan | None:
              "epsilon %.4g of the budget %g at delta %g", plan.noise_multiplier, plan.clip,
              plan.sample_rate, plan.steps, plan.planned_epsilon, plan.target_epsilon,
              plan.delta)
+    warning = noise_warning(plan, entries) if server_round == 1 else None
+    if warning:
+        log.warning("%s", warning)
     return plan
 
 
@@ -433,7 +438,9 @@ def train(msg: Message, context: Context) -> Message:
         if is_dpo(settings):  # the reference: the adapter this round starts from
             hooks = dpo_training(slot.model, hooks, train_set, slot.tokenizer.pad_token_id,
                                  settings.train, plan.seed)
-        private = dp_sgd_plan(settings, hooks.examples or train_set)  # refused over budget
+        entries = sum(p.numel() for p in slot.model.parameters() if p.requires_grad)
+        private = dp_sgd_plan(settings, hooks.examples or train_set,  # refused over budget
+                              entries, job.server_round)
         desc = f"client {pid} round {job.server_round}"
         if len(job.devices) > 1:  # one process per device (fedlora.train.distributed)
             problem = refusal(settings, hooks, len(job.devices))

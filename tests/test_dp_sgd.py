@@ -24,6 +24,7 @@ from fedlora.train.dp_sgd import (
     clip_per_example,
     epsilon_of,
     noise_for,
+    noise_warning,
     plan_dp_sgd,
     private_step,
     secret_generator,
@@ -219,6 +220,24 @@ def test_a_target_epsilon_gives_a_run_within_it():
     assert 7.5 < plan.planned_epsilon <= 8.0  # derived to fit, not far below
     assert plan.noise_multiplier == pytest.approx(noise_for(8.0, 1e-5, 0.02, 50))
     assert plan.epsilon(10) < plan.epsilon(30) < plan.planned_epsilon
+
+
+def test_a_plan_whose_noise_swamps_each_step_is_warned_about():
+    """The default run (batch 4, 30 steps, ~900 examples, the default adapter's 4.9M entries)
+    gets noise of about 230 C per step and a warning naming its figures; a batch of 256 over
+    115k entries (q,v at rank 2) gets about 1.3 C and none."""
+    default = plan_dp_sgd(Settings.from_config({"dp-sgd": True}).train, num_rounds=3,
+                          num_examples=900)
+    assert default.noise_to_signal(4_884_480) == pytest.approx(
+        default.noise_multiplier * math.sqrt(4_884_480) / 4)
+    assert 200 < default.noise_to_signal(4_884_480) < 260
+    warning = noise_warning(default, 4_884_480)
+    assert warning is not None and "4,884,480 trained entries" in warning
+    assert "expected batch 4" in warning and "grad-accum" in warning
+    large = plan_dp_sgd(Settings.from_config({"dp-sgd": True, "batch-size": 64, "grad-accum": 4,
+                                              "local-steps": 4}).train,
+                        num_rounds=3, num_examples=900)
+    assert large.noise_to_signal(115_200) < 2 and noise_warning(large, 115_200) is None
 
 
 def test_a_noise_multiplier_that_spends_more_than_the_target_is_refused():

@@ -103,6 +103,27 @@ class DpSgdPlan:
         """Epsilon spent after `steps` steps of this plan."""
         return epsilon_of(self.noise_multiplier, self.sample_rate, steps, self.delta)
 
+    def noise_to_signal(self, entries: int) -> float:
+        """The norm of one step's noise on the mean gradient, sigma C sqrt(entries) / the
+        expected batch, in units of C: the mean of the clipped gradients has a norm of at
+        most C, so above about 10 the noise swamps what a step learns."""
+        return self.noise_multiplier * math.sqrt(entries) / self.expected_batch
+
+
+NOISY = 10.0  # noise_to_signal above which a node warns that its run will learn little
+
+
+def noise_warning(plan: DpSgdPlan, entries: int) -> str | None:
+    """The warning for a plan whose noise swamps what it learns (None when it does not)."""
+    ratio = plan.noise_to_signal(entries)
+    if ratio <= NOISY:
+        return None
+    return (f"dp-sgd: each step's noise has about {ratio:.0f}x the norm of what the step "
+            f"learns at most (noise multiplier {plan.noise_multiplier:.3g}, expected batch "
+            f"{plan.expected_batch}, {entries:,} trained entries), so this run will learn "
+            f"little; train with larger batches (grad-accum) and fewer trained entries "
+            f"(target-modules, lora-rank): docs/dp-sgd.md, 'Settings that learn'")
+
 
 def plan_dp_sgd(train: TrainSettings, num_rounds: int, num_examples: int) -> DpSgdPlan:
     """The DP-SGD plan of a site with `num_examples` training examples over `num_rounds`
