@@ -163,8 +163,8 @@ def gram_product_norm(b: Tensor, a: Tensor) -> float:
     diagonals give. Where E is above `CANCELLATION` times ||B A||^2 (terms that cancel: factors
     much larger than their product, as a hostile reply may send) or where float32 overflows,
     the norm is computed again from float64 copies (`product_norm`)."""
-    if b.dtype == torch.float64 and a.dtype == torch.float64:
-        return product_norm(b, a)
+    if b.dtype != torch.float32 or a.dtype != torch.float32:  # float64, or a narrower dtype
+        return product_norm(b.double(), a.double())  # whose rounding the bound ignores
     gram_b, gram_a = (b.T @ b).double(), (a @ a.T).double()
     squared = float((gram_b * gram_a).sum())
     scale_b, scale_a = gram_b.diagonal().clamp(min=0).sqrt(), gram_a.diagonal().clamp(min=0).sqrt()
