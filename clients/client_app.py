@@ -204,8 +204,8 @@ def node_settings(context: Context, task: str = MessageType.TRAIN) -> tuple[Sett
     return settings, method
 
 
-def dp_sgd_plan(settings: Settings, examples: list[dict], entries: int = 0,
-                server_round: int = 1) -> DpSgdPlan | None:
+def dp_sgd_plan(settings: Settings, examples: list[dict], entries: int,
+                server_round: int) -> DpSgdPlan | None:
     """This node's DP-SGD plan for the run (None without dp-sgd), logged, with a warning in
     round 1 when its noise swamps what a step of `entries` trained entries learns; raises
     Refused (a SettingsError the server is told as it is) naming the epsilon the run would

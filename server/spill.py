@@ -169,25 +169,22 @@ class RoundSpill:
         spilled, write = layout(factors, path, written)
 
         def run() -> None:
-            if self.failed is not None:  # queued before an earlier write failed: no try
-                spilled.memory = factors
-                written.set_result(None)
-                return
-            try:
-                write()
-            except OSError as err:  # a full disk: this reply, and the round's next, in memory
-                spilled.memory = factors
-                path.unlink(missing_ok=True)
-                self.failed = err  # the one writer thread runs the writes in order
-                log(WARNING, "spill: writing a reply to %s failed (%s); this round keeps its "
-                    "replies in memory from here on (the server's memory now grows with "
-                    "them; free space there, or set spill-above-mb=-1 to hold them in memory "
-                    "from the start)", self.dir, err)
-                written.set_result(None)
-                return
-            except BaseException as err:
-                written.set_exception(err)
-                raise
+            if self.failed is None:  # else queued before an earlier write failed: no try
+                try:
+                    write()
+                    written.set_result(None)
+                    return
+                except OSError as err:  # a full disk: this reply and the round's next in memory
+                    path.unlink(missing_ok=True)
+                    self.failed = err  # the one writer thread runs the writes in order
+                    log(WARNING, "spill: writing a reply to %s failed (%s); this round keeps "
+                        "its replies in memory from here on (the server's memory now grows "
+                        "with them; free space there, or set spill-above-mb=-1 to hold them "
+                        "in memory from the start)", self.dir, err)
+                except BaseException as err:
+                    written.set_exception(err)
+                    raise
+            spilled.memory = factors
             written.set_result(None)
 
         self._written.append(written)
