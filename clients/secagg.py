@@ -23,6 +23,7 @@ round that sampled that many sites and signs no smaller set of survivors.
 
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 from collections.abc import Callable, Collection, Mapping
@@ -52,16 +53,22 @@ class ProtocolRefused(ValueError):
     """A stage message this node will not answer (out of order, stale, or asked twice)."""
 
 
-def ints(record: ConfigRecord, key: str) -> list[int]:
-    """A list of integers of a record (ValueError, naming the key, for anything else)."""
+def ints(record: ConfigRecord, key: str, optional: bool = False) -> list[int]:
+    """A list of integers of a record (ValueError, naming the key, for anything else; with
+    `optional`, [] where the key is absent)."""
+    if optional and key not in record:
+        return []
     value = record.get(key)
     if not isinstance(value, list) or not all(type(v) is int for v in value):
         raise ValueError(f"secure aggregation: {key!r} should be a list of integers")
     return [int(v) for v in value]
 
 
-def blobs(record: ConfigRecord, key: str) -> list[bytes]:
-    """A list of byte strings of a record (ValueError, naming the key, for anything else)."""
+def blobs(record: ConfigRecord, key: str, optional: bool = False) -> list[bytes]:
+    """A list of byte strings of a record (ValueError, naming the key, for anything else;
+    with `optional`, [] where the key is absent)."""
+    if optional and key not in record:
+        return []
     value = record.get(key)
     if not isinstance(value, list) or not all(isinstance(v, bytes) for v in value):
         raise ValueError(f"secure aggregation: {key!r} should be a list of byte strings")
@@ -82,6 +89,21 @@ def integer(record: ConfigRecord, key: str) -> int:
     if type(value) is not int:
         raise ValueError(f"secure aggregation: {key!r} should be an integer, got {value!r}")
     return int(value)
+
+
+def node_key(path: str) -> signing.SigningKey:
+    """The key this node signs with (`secagg-signing-key`), read from its file once while
+    the file is unchanged (a resident node signs twice a round)."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return signing.load_signing_key(path)  # which names what is wrong with the file
+    return _node_key(path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _node_key(path: str, mtime_ns: int, size: int) -> signing.SigningKey:
+    return signing.load_signing_key(path)
 
 
 def settings_of(msg: Message) -> ConfigRecord | None:
@@ -172,7 +194,7 @@ def train_reply(context: Context, config: ConfigRecord, server_round: int,
                               wire.SECAGG_COMMITMENT: protocol.commitment(seed)}
     if (path := context.node_config.get(SIGNING_KEY)) is not None:  # fedlora client --auth-key
         public[wire.SECAGG_SIGNER], public[wire.SECAGG_SIGNATURE] = signing.sign(
-            signing.load_signing_key(str(path)),
+            node_key(str(path)),
             signing.statement(context.run_id, server_round, context.node_id,
                               public[wire.SECAGG_C_KEY], public[wire.SECAGG_S_KEY]))
     context.state[STATE] = ConfigRecord({
@@ -233,9 +255,8 @@ def share_keys(config: ConfigRecord, state: ConfigRecord, context: Context) -> R
                               f"{len(nodes) + 1} (more than half, or a server could collect "
                               f"both secrets of one site): refused")
     if (peers := context.node_config.get(PEERS)) is not None:  # fedlora client --secagg-peers
-        signers = blobs(config, wire.SECAGG_SIGNER) if wire.SECAGG_SIGNER in config else []
-        signatures = blobs(config, wire.SECAGG_SIGNATURE) \
-            if wire.SECAGG_SIGNATURE in config else []
+        signers = blobs(config, wire.SECAGG_SIGNER, optional=True)
+        signatures = blobs(config, wire.SECAGG_SIGNATURE, optional=True)
         if not len(signers) == len(signatures) == len(nodes):
             signers = signatures = [b""] * len(nodes)
         try:
@@ -300,7 +321,7 @@ def consistency(config: ConfigRecord, state: ConfigRecord, context: Context) -> 
         raise ProtocolRefused("secure aggregation: consistency asks this node to sign the "
                               "survivors, but it has no key to sign with (fedlora client "
                               "--auth-key)")
-    _, signature = signing.sign(signing.load_signing_key(str(path)), signing.survivors_statement(
+    _, signature = signing.sign(node_key(str(path)), signing.survivors_statement(
         context.run_id, integer(state, wire.SERVER_ROUND), survivors))
     state["signed"] = sorted(survivors)
     return RecordDict({wire.SECAGG: ConfigRecord({wire.SECAGG_SIGNATURE: signature})})
@@ -315,8 +336,8 @@ def consistent_refusal(config: ConfigRecord, state: ConfigRecord, context: Conte
         return ("this node has a peers list and unmasks only after it signed the survivors "
                 "(the consistency stage), which the server skipped")
     signed = ints(state, "signed")
-    claimed = ints(config, wire.SECAGG_SIGNED) if wire.SECAGG_SIGNED in config else []
-    sigs = blobs(config, wire.SECAGG_SIGNATURE) if wire.SECAGG_SIGNATURE in config else []
+    claimed = ints(config, wire.SECAGG_SIGNED, optional=True)
+    sigs = blobs(config, wire.SECAGG_SIGNATURE, optional=True)
     holders = {context.node_id, *ints(state, "nodes")}
     if sorted(claimed) != signed or len(sigs) != len(claimed) or \
             set(survivors) != set(signed) & holders or set(dropped) & set(signed):

@@ -143,9 +143,10 @@ class SecureRound:
         sites = self.train(nodes, ranks, rank if padded else None)
         graph = self.share_keys(sites)
         total = self.collect_masked(sites, graph, layout.size)
-        signed = self.consistency(sites)
-        plain = self.unmask(sites, graph, total, signed)
-        survivors = [s for s in sites.values() if s.masked is not None]
+        survivors = [s for s in sites.values() if s.masked is not None]  # in the sum
+        survived = sorted(s.node for s in survivors)
+        signed = self.consistency(sites, survived)
+        plain = self.unmask(sites, graph, total, survived, signed)
         if self.rules.noised and len(survivors) < len(nodes) - self.rules.dropout:
             raise SecAggFailed(f"{len(survivors)} of {len(nodes)} sampled sites are in the sum; "
                                f"each site's DP noise was sized for at least {len(nodes)} - "
@@ -319,11 +320,12 @@ class SecureRound:
             total += y
         return total
 
-    def consistency(self, sites: dict[int, Site]) -> dict[int, bytes] | None:
-        """Stage 3b, when every survivor signed its keys: each survivor signs the set of
-        survivors (one set for all: Bell et al.'s consistency check); their signatures
-        (None: a site signs nothing, and the stage is skipped)."""
-        survived = sorted(n for n, s in sites.items() if s.masked is not None)
+    def consistency(self, sites: dict[int, Site], survived: list[int]
+                    ) -> dict[int, bytes] | None:
+        """Stage 3b, when every survivor (`survived`: the sites whose masked vector arrived,
+        sorted) signed its keys: each survivor signs the set of survivors (one set for all:
+        Bell et al.'s consistency check); their signatures (None: a site signs nothing, and
+        the stage is skipped)."""
         if not survived or not all(sites[n].signer for n in survived):
             return None
         messages = {n: RecordDict({wire.SECAGG: self.config(
@@ -336,19 +338,19 @@ class SecureRound:
                 signatures[node] = signature
         return signatures
 
-    def unmask(self, sites: dict[int, Site], graph: dict[int, list[int]],
-               total: np.ndarray, signed: dict[int, bytes] | None = None) -> np.ndarray:
-        """Stage 4: the shares that rebuild the survivors' seeds and the dropped sites' mask
-        keys (with `signed`, each site also gets the survivors' signatures of their set);
-        the sum of the survivors' quantised vectors."""
-        survived = {n for n, s in sites.items() if s.masked is not None}
+    def unmask(self, sites: dict[int, Site], graph: dict[int, list[int]], total: np.ndarray,
+               survived: list[int], signed: dict[int, bytes] | None = None) -> np.ndarray:
+        """Stage 4: the shares that rebuild the survivors' seeds (`survived`, sorted) and the
+        dropped sites' mask keys (with `signed`, each site also gets the survivors'
+        signatures of their set); the sum of the survivors' quantised vectors."""
         self.enough(survived, "sent their masked vectors")
-        dropped = set(sites) - survived
+        alive = set(survived)
+        dropped = set(sites) - alive
         proof = {} if signed is None else {
-            wire.SECAGG_SIGNED: sorted(survived),
-            wire.SECAGG_SIGNATURE: [signed.get(n, b"") for n in sorted(survived)]}
+            wire.SECAGG_SIGNED: survived,
+            wire.SECAGG_SIGNATURE: [signed.get(n, b"") for n in survived]}
         messages = {n: RecordDict({wire.SECAGG: self.config("unmask", **{
-            wire.SECAGG_SURVIVORS: [p for p in [*graph[n], n] if p in survived],
+            wire.SECAGG_SURVIVORS: [p for p in [*graph[n], n] if p in alive],
             wire.SECAGG_DROPPED: [p for p in graph[n] if p in dropped], **proof})})
             for n in survived}
         seeds: dict[int, list[bytes]] = {n: [] for n in survived}
@@ -369,7 +371,7 @@ class SecureRound:
                         into[about].append(share)
         rebuilt = {n: self.rebuild(n, s, len(graph[n]) + 1, "seed") for n, s in seeds.items()}
         lost = {n: self.rebuild(n, k, len(graph[n]) + 1, "key") for n, k in keys.items()
-                if any(p in survived for p in graph[n])}
+                if any(p in alive for p in graph[n])}
         for node, secret in rebuilt.items():
             if protocol.commitment(secret) != sites[node].commitment:
                 raise SecAggFailed(f"the seed rebuilt for node {node} does not match its "

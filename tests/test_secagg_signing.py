@@ -11,6 +11,7 @@ Deployment across hosts with `--secagg-peers`: tests/test_multihost.py."""
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import numpy as np
@@ -222,7 +223,7 @@ def test_peers_and_keys_load_from_what_fedlora_certs_writes_and_bad_files_say_wh
 
 
 def test_fedlora_client_passes_its_auth_key_and_peers_to_the_node(keys, tmp_path):
-    from fedlora.cli.client import add_arguments, node_config
+    from fedlora.cli.client import add_arguments, node_config, supernode_flags
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
@@ -240,6 +241,28 @@ def test_fedlora_client_passes_its_auth_key_and_peers_to_the_node(keys, tmp_path
     with pytest.raises(FileNotFoundError, match="--secagg-peers: .*missing does not exist"):
         node_config(parser.parse_args([*base, "--auth-key", str(keys / "site11"),
                                        "--secagg-peers", str(tmp_path / "missing")]))
+    with pytest.raises(FileNotFoundError, match="--auth-key: .*missing does not exist"):
+        node_config(parser.parse_args([*base, "--auth-key", str(tmp_path / "missing")]))
+    with pytest.raises(FileNotFoundError, match="--root-certificates: .*ca.crt does not exist"):
+        supernode_flags(parser.parse_args(["--server", "127.0.0.1:1", "--root-certificates",
+                                           str(tmp_path / "ca.crt")]), {})
+
+
+def test_a_node_reads_its_signing_key_once_until_the_file_changes(keys, tmp_path):
+    path = tmp_path / "site"
+    path.write_bytes((keys / "site11").read_bytes())
+    first = secagg.node_key(str(path))
+    assert secagg.node_key(str(path)) is first  # the same object: not read again
+    stamp = path.stat().st_mtime_ns
+    path.write_bytes((keys / "site12").read_bytes())  # another key in its place, later
+    os.utime(path, ns=(stamp + 10**9, stamp + 10**9))
+    again = secagg.node_key(str(path))
+    assert signing.public_line(again.public_key()) == signing.public_line(
+        signing.load_signing_key(keys / "site12").public_key())
+    assert signing.public_line(again.public_key()) != signing.public_line(first.public_key())
+    path.unlink()
+    with pytest.raises(ValueError, match="cannot read the node's key"):
+        secagg.node_key(str(path))
 
 
 def test_a_server_that_names_different_survivors_to_different_sites_is_refused(keys):

@@ -251,9 +251,9 @@ def supernode_flags(args: argparse.Namespace, config: dict) -> list[str]:
     if args.root_certificates is None and not args.insecure:
         raise ValueError("pass --root-certificates CA_CRT to connect over TLS (the server's "
                          "ca.crt), or --insecure for a server started without TLS")
-    for path in (args.root_certificates, args.auth_key):
-        if path is not None and not path.is_file():
-            raise FileNotFoundError(f"{path} does not exist")
+    # --auth-key was checked (and loaded) with the node config: `secagg_keys`
+    if args.root_certificates is not None and not args.root_certificates.is_file():
+        raise FileNotFoundError(f"--root-certificates: {args.root_certificates} does not exist")
     security = (["--insecure"] if args.root_certificates is None
                 else ["--root-certificates", str(args.root_certificates)])
     if args.auth_key is not None:
