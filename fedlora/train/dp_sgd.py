@@ -22,12 +22,13 @@ With dp-sgd on, one optimizer step of `fedlora.train.train_local` is:
 The optimizer (AdamW) only post-processes that noisy gradient. FedProx's proximal term does
 not depend on the data: its gradient is added after the noise.
 
-The accountant is the site's own (`DpSgdPlan`): Opacus' RDP accountant of the Poisson
-subsampled Gaussian mechanism at rate q and noise multiplier sigma, composed over every step
-the site trains in the run (local-steps x num-server-rounds), under add-or-remove-one-record
-neighbouring datasets. Given no dp-sgd-noise-multiplier, sigma is the smallest one whose whole
-run fits dp-sgd-epsilon at dp-sgd-delta (Opacus' `get_noise_multiplier`); given one, a run
-whose planned epsilon is above dp-sgd-epsilon is refused (`plan_dp_sgd`).
+The accountant is the site's own (`DpSgdPlan`): the Poisson subsampled Gaussian mechanism at
+rate q and noise multiplier sigma, composed over every step the site trains in the run
+(local-steps x num-server-rounds), under add-or-remove-one-record neighbouring datasets; its
+epsilon is the smaller of Opacus' PRV and RDP bounds (`epsilon_of`). Given no
+dp-sgd-noise-multiplier, sigma is the smallest one whose whole run fits dp-sgd-epsilon at
+dp-sgd-delta (`noise_for`); given one, a run whose planned epsilon is above dp-sgd-epsilon is
+refused (`plan_dp_sgd`).
 
 Which PEFT methods it covers is each method's `dp_sgd` (`fedlora.adapters.base`); see
 docs/dp-sgd.md.
@@ -52,33 +53,77 @@ from fedlora.config import SettingsError, TrainSettings
 from fedlora.data import IGNORE, collate
 from fedlora.train.loss import CHUNK_TOKENS, decoder_and_head
 
-ACCOUNTANT = "rdp"  # Opacus' RDP accountant (Mironov 2017; Mironov, Talwar, Zhang 2019)
+SIGMA_TOLERANCE = 1e-3  # relative width at which the noise search stops
 
 
 @functools.cache
 def epsilon_of(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
-    """Epsilon at `delta` of `steps` Poisson-subsampled Gaussian steps (Opacus' RDP
-    accountant); infinite without noise, 0 for no steps."""
+    """Epsilon at `delta` of `steps` Poisson-subsampled Gaussian steps: the smaller of two
+    upper bounds, Opacus' PRV accountant's (Gopi, Lee, Wutschitz 2021: the privacy curve
+    composed numerically, its upper estimate) and its RDP accountant's (Mironov 2017;
+    Mironov, Talwar, Zhang 2019), which stands alone where the PRV computation fails;
+    infinite without noise, 0 for no steps."""
     if steps <= 0:
         return 0.0
     if noise_multiplier <= 0:
         return math.inf
+    return min(prv_epsilon(noise_multiplier, sample_rate, steps, delta),
+               rdp_epsilon(noise_multiplier, sample_rate, steps, delta))
+
+
+def rdp_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float
+                ) -> float:
+    """Opacus' RDP bound: an upper bound that always computes, looser than PRV's."""
     from opacus.accountants import RDPAccountant
 
     accountant = RDPAccountant()
     accountant.history = [(noise_multiplier, sample_rate, steps)]
-    return float(accountant.get_epsilon(delta))
+    with warnings.catch_warnings():  # "optimal order is the smallest alpha": still a bound
+        warnings.simplefilter("ignore")
+        return float(accountant.get_epsilon(delta))
 
 
-@functools.cache  # a search over the accountant: a second or more, once per run and node
+def prv_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float
+                ) -> float:
+    """Opacus' PRV bound (the upper end of its estimate, at its default error of 0.01);
+    infinite where its discretisation fails or gives what no bound can be (a negative or
+    non-finite epsilon), as it does far from the usual regime (opacus #601, #585)."""
+    import numpy as np
+    from opacus.accountants import PRVAccountant
+
+    accountant = PRVAccountant()
+    accountant.history = [(noise_multiplier, sample_rate, steps)]
+    try:
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore")
+            epsilon = float(accountant.get_epsilon(delta))
+    except (RuntimeError, ValueError, ArithmeticError):
+        return math.inf
+    return epsilon if 0 <= epsilon < math.inf else math.inf
+
+
+@functools.cache  # a search over the accountant: seconds, once per run and node
 def noise_for(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
-    """The noise multiplier whose `steps` steps at `sample_rate` spend at most
-    `target_epsilon` at `delta` (Opacus' `get_noise_multiplier`, RDP)."""
+    """The smallest noise multiplier (to SIGMA_TOLERANCE) whose `steps` steps at
+    `sample_rate` spend at most `target_epsilon` at `delta` by `epsilon_of`: a bisection
+    below the RDP accountant's own multiplier (Opacus' `get_noise_multiplier`), which fits."""
     from opacus.accountants.utils import get_noise_multiplier
 
-    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
-                                      sample_rate=sample_rate, steps=steps,
-                                      accountant=ACCOUNTANT))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        high = float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
+                                          sample_rate=sample_rate, steps=steps,
+                                          accountant="rdp"))
+    low = high / 2
+    while low > 1e-3 and epsilon_of(low, sample_rate, steps, delta) <= target_epsilon:
+        high, low = low, low / 2
+    while high - low > SIGMA_TOLERANCE * high:
+        middle = (low + high) / 2
+        if epsilon_of(middle, sample_rate, steps, delta) <= target_epsilon:
+            high = middle
+        else:
+            low = middle
+    return high
 
 
 @dataclass(frozen=True)
