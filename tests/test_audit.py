@@ -67,9 +67,12 @@ def test_an_arm_whose_settings_do_not_load_is_refused_naming_it(tmp_path):
 
 
 @pytest.mark.slow
-def test_audit_on_tiny_llama_reads_the_secret_from_the_reply_the_server_received(tmp_path):
+def test_audit_on_tiny_llama_reads_the_secret_from_the_reply_the_server_received(tmp_path,
+                                                                                 capsys):
     """One site memorises a 1-digit canary (10 candidates); the reply the server received,
-    loaded as an adapter, ranks the secret first, and results.json keeps every score."""
+    loaded as an adapter, ranks the secret first, and results.json keeps every score. Each
+    view's scoring is reported as it ends; one round's final adapter is its sum, scored
+    once."""
     out = tmp_path / "audit"
     code = main(["audit", "--model", "tiny-llama", "--arms", "default", "--sites", "2",
                  "--records-per-site", "1", "--copies", "16", "--digits", "1",
@@ -84,6 +87,12 @@ def test_audit_on_tiny_llama_reads_the_secret_from_the_reply_the_server_received
     assert reply["rank"] == 1 and reply["exposure"] == pytest.approx(math.log2(10))
     assert arm["views"]["reply"][0]["scores"] != arm["views"]["base"][0]["scores"]
     assert (out / "summary.md").read_text().startswith("| arm | base | reply | sum | final |")
+    assert arm["views"]["final"] == arm["views"]["sum"]
+    err = capsys.readouterr().err
+    assert "scoring 1 canary(ies) x 10 candidates" in err
+    for view in ("base", "reply", "sum"):
+        assert f"arm default: {view}: " in err
+    assert "arm default: final: " not in err
 
 
 def test_cached_candidate_scores_equal_scoring_each_answer_whole(tiny_slot):
