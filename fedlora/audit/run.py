@@ -233,7 +233,7 @@ def audit_arm(plan: AuditPlan, arm: str, data: Path, held_out: list[dict],
             views[view] = None
             continue
         slot.peft.set_state(model, slot.adapter, state)
-        if view == "final" and views.get("sum") is not None and same_state(state, states["sum"]):
+        if view == "final" and same_state(state, states["sum"]):
             views[view] = views["sum"]  # one round: the final adapter is the round-1 sum
         else:
             views[view] = scored(view)
@@ -247,7 +247,7 @@ def audit_arm(plan: AuditPlan, arm: str, data: Path, held_out: list[dict],
 
 
 def same_state(a: dict, b: dict | None) -> bool:
-    """Whether two adapter states hold the same tensors, bit for bit."""
+    """Whether two adapter states hold the same tensors, bit for bit (None: no state)."""
     import torch
 
     return b is not None and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
