@@ -213,7 +213,8 @@ def clip(updates: Sequence[ClientUpdate], received: Sequence[Factors], dense: De
     out, norms = [], []
     for u, reference in zip(updates, received):  # replace keeps lora-moe's experts
         factors, plain, norm, _ = clip_all(u.factors, u.dense, reference, dense, clip_norm)
-        out.append(replace(u, factors=factors, dense=plain, weight=1.0 if equal else u.weight))
+        out.append(replace(u, factors=factors, dense=plain, weight=1.0 if equal else u.weight,
+                           norms=None))  # the clipped factors' norms are not the reply's
         norms.append(norm)
     return out, {M.CLIP_NORM: clip_norm, M.UPDATE_NORMS: norms,
                  M.CLIENTS_CLIPPED: sum(n > clip_norm for n in norms)}

@@ -35,9 +35,14 @@ from fedlora.aggregation.exactness import (
     truncation_losses,
 )
 from fedlora.aggregation.linalg import (
-    change_norm_squared,
+    ChangeFigures,
+    block_figures,
+    change_blocks,
+    change_figures,
     difference_norm,
+    gram_product_norm,
     product_norm,
+    reference_grams,
     squared_norm,
 )
 from fedlora.aggregation.privacy import factor_distance
@@ -91,7 +96,8 @@ class GlobalAdapter:
     # The payload at each rank, built once per version of `factors` (cleared when it changes)
     _received: dict[int, Factors] = field(default_factory=dict, repr=False)  # delta-W scale
     _peft: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
-    _grams: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
+    _grams: dict[int, tuple[dict[str, int], torch.Tensor, torch.Tensor]] = field(
+        default_factory=dict, repr=False)
 
     def __setattr__(self, name: str, value: object) -> None:
         if name in ("factors", "dense"):  # a new global adapter: payloads rebuilt on demand
@@ -130,11 +136,17 @@ class GlobalAdapter:
             self._received[rank] = self.method.payload(self.factors, rank)
         return self._received[rank]
 
-    def received_grams(self, rank: int) -> dict[str, torch.Tensor]:
-        """B_ref^T B_ref of every module a rank-`rank` client receives (r x r), computed
-        once per version of `factors`: each reply's `figures` reuses them."""
+    def received_grams(self, rank: int) -> tuple[dict[str, int], torch.Tensor, torch.Tensor]:
+        """(B_ref^T B_ref, A_ref A_ref^T) of every module a rank-`rank` client receives
+        (float64, stacked: each (modules, r, r)) and each module's index in them, computed once
+        per version of `factors`: each reply's `figures` reuses them."""
         if rank not in self._grams:
-            self._grams[rank] = {m: b.T @ b for m, (b, _) in self.received(rank).items()}
+            received = self.received(rank)
+            grams = [reference_grams(b, a) for b, a in received.values()]
+            index = {m: i for i, m in enumerate(received)}
+            empty = torch.zeros(0, rank, rank, dtype=torch.float64)
+            self._grams[rank] = (index, torch.stack([g[0] for g in grams]) if grams else empty,
+                                 torch.stack([g[1] for g in grams]) if grams else empty)
         return self._grams[rank]
 
     def payload(self, rank: int) -> dict[str, torch.Tensor]:
@@ -166,34 +178,58 @@ class GlobalAdapter:
                                       self.merged_part(self.received(update.rank))),
                           dense_distance(update.dense, self.dense))
 
-    def figures(self, update: ClientUpdate) -> tuple[float, float]:
-        """(`moved`, `distance`) of an update, theirs to 1e-5, in one pass over its layers:
-        each layer's change in float32 (`change_norm_squared`; float64 where float32's range
-        or mixed dtypes call for it)."""
+    def figures(self, update: ClientUpdate) -> tuple[float, float, dict[str, float] | None]:
+        """(`moved`, `distance`, norms) of an update, theirs to 1e-5, in one pass over its
+        layers: each float32 layer's four change blocks (`change_blocks`), combined for all
+        layers at once (`block_figures`); float64 where float32's range or mixed dtypes call
+        for it. norms: ||B A||_F of each layer where the method weighs by it
+        (`Method.weighs_by_norm`: hetlora), from the same blocks, for `ClientUpdate.norms`;
+        else None."""
         if self.method.shares == "A":
-            return self.moved(update), self.distance(update)
-        received, grams = self.received(update.rank), self.received_grams(update.rank)
+            return self.moved(update), self.distance(update), None
+        received = self.received(update.rank)
+        index, gram_b, gram_a = self.received_grams(update.rank)
+        wants = self.method.weighs_by_norm
+        blocked = [m for m, (b, a) in update.factors.items() if m in received and
+                   {b.dtype, a.dtype, *(t.dtype for t in received[m])} == {torch.float32}]
+        blocks = torch.empty(len(blocked), 4, update.rank, update.rank)
+        for i, module in enumerate(blocked):
+            change_blocks(*update.factors[module], *received[module], out=blocks[i])
+        where = torch.tensor([index[m] for m in blocked], dtype=torch.long)
+        batch = block_figures(blocks, gram_b[where], gram_a[where], wants)
+        products = ([None] * len(blocked) if batch.product is None else
+                    torch.where(batch.recheck, math.nan, batch.product).tolist())
+        terms = {m: ChangeFigures(c, o, None if p is not None and math.isnan(p) else p)
+                 for m, c, o, p, direct in zip(blocked, batch.change.tolist(),
+                                               batch.moved.tolist(), products,
+                                               batch.direct.tolist()) if not direct}
+        norms: dict[str, float] = {}
         change = moved = 0.0
         for module, (b, a) in update.factors.items():
             if module in received:
                 b_ref, a_ref = received[module]
-                terms = None
-                if len({b.dtype, a.dtype, b_ref.dtype, a_ref.dtype}) == 1:
-                    db, da = b - b_ref, a - a_ref  # exact in float32 where the change is small
-                    terms = (change_norm_squared(db, a, b_ref, da, grams[module]),
-                             squared_norm(db) + squared_norm(da))
-                if terms is None or not all(map(math.isfinite, terms)):  # mixed dtypes, or
-                    # a change beyond float32's range: measured in float64, as `moved` does
-                    b, a, b_ref, a_ref = (t.double() for t in (b, a, b_ref, a_ref))
-                    terms = (difference_norm(b, a, b_ref, a_ref) ** 2,
-                             squared_norm(b - b_ref) + squared_norm(a - a_ref))
-                change, moved = change + terms[0], moved + terms[1]
+                figures = terms.get(module)
+                if figures is None and len({b.dtype, a.dtype, b_ref.dtype, a_ref.dtype}) == 1:
+                    i = index[module]
+                    figures = change_figures(b, a, b_ref, a_ref, (gram_b[i], gram_a[i]), wants)
+                if figures is None or not all(map(math.isfinite, figures[:2])):  # mixed
+                    # dtypes, or a change beyond float32's range: in float64, as `moved` does
+                    b64, a64, b_ref, a_ref = (t.double() for t in (b, a, b_ref, a_ref))
+                    figures = ChangeFigures(difference_norm(b64, a64, b_ref, a_ref) ** 2,
+                                            squared_norm(b64 - b_ref) + squared_norm(a64 - a_ref),
+                                            None)
+                change, moved = change + figures.change, moved + figures.moved
+                if wants:
+                    norms[module] = (gram_product_norm(b, a) if figures.product is None
+                                     else math.sqrt(max(figures.product, 0.0)))
             else:
                 b, a = b.double(), a.double()
-                change += product_norm(b, a) ** 2
+                norms[module] = product_norm(b, a)
+                change += norms[module] ** 2
                 moved += squared_norm(b) + squared_norm(a)
         plain = dense_distance(update.dense, self.dense)
-        return math.hypot(math.sqrt(change), plain), math.hypot(math.sqrt(moved), plain)
+        return (math.hypot(math.sqrt(change), plain), math.hypot(math.sqrt(moved), plain),
+                norms if wants else None)
 
     def merged_part(self, factors: Factors) -> Factors:
         """What the merge reads of a set of factors, as factors whose product the screens

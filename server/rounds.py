@@ -309,8 +309,10 @@ class RoundLoop:
         uses the sum when the screens keep every folded reply at that weight; otherwise it
         reads the kept replies again); then its factors go to disk when this round spills
         (`server.spill`)."""
+        reply.moved, reply.distance, norms = self.state.figures(reply.update)
+        if norms is not None:  # hetlora's norm weights, measured with the figures
+            reply.update = replace(reply.update, norms=norms)
         update = reply.update
-        reply.moved, reply.distance = self.state.figures(update)
         reply.groups = self.state.group_changes(update)
         if self.sketching:
             reply.sketch = sketch_sides(update.factors)

@@ -8,11 +8,12 @@ import torch
 from fedlora.aggregation import SERVER_OPTIMIZERS, ClientUpdate
 from fedlora.aggregation.exactness import compress, exactness, truncation_loss
 from fedlora.aggregation.linalg import (
-    change_norm_squared,
+    change_figures,
     difference_norm,
     gram_product_norm,
     pad_rank,
     product_norm,
+    reference_grams,
     stack,
     truncate_rank,
     truncate_svd,
@@ -311,19 +312,44 @@ def test_the_change_norm_from_the_factor_changes_equals_the_dense_one(step):
     """float32 factors of a 300 x 200 layer at rank 6, moved by `step`: the difference form
     gives the float64 dense ||B A - B_ref A_ref||^2 to 1e-5 relative even when the change is
     10^4 times smaller than the product (the direct float32 form loses it to cancellation),
-    and exactly 0 for a reply that did not move."""
+    ||dB||^2 + ||dA||^2 and ||B A||^2 to 1e-6, and exactly 0 for a reply that did not move."""
     gen = torch.Generator().manual_seed(0)
     b_ref, a_ref = torch.randn(300, 6, generator=gen), torch.randn(6, 200, generator=gen)
     b = b_ref + step * torch.randn(300, 6, generator=gen)
     a = a_ref + step * torch.randn(6, 200, generator=gen)
-    dense = float((b.double() @ a.double() - b_ref.double() @ a_ref.double()).square().sum())
-    got = change_norm_squared(b - b_ref, a, b_ref, a - a_ref)
-    assert got == pytest.approx(dense, rel=1e-5)
-    assert change_norm_squared(b - b_ref, a, b_ref, a - a_ref, b_ref.T @ b_ref) == got
+    b64, a64, b_ref64, a_ref64 = (t.double() for t in (b, a, b_ref, a_ref))
+    dense = float((b64 @ a64 - b_ref64 @ a_ref64).square().sum())
+    got = change_figures(b, a, b_ref, a_ref, product=True)
+    assert got.change == pytest.approx(dense, rel=1e-5)
+    moved = float((b64 - b_ref64).square().sum() + (a64 - a_ref64).square().sum())
+    assert got.moved == pytest.approx(moved, rel=1e-6)
+    assert got.product == pytest.approx(float((b64 @ a64).square().sum()), rel=1e-6)
+    assert change_figures(b, a, b_ref, a_ref, reference_grams(b_ref, a_ref), True) == got
+    assert change_figures(b, a, b_ref, a_ref).product is None  # not asked for
     direct = difference_norm(b, a, b_ref, a_ref) ** 2  # the same inputs, float32 Gram blocks
     if step < 1e-3:
-        assert abs(direct - dense) > 100 * abs(got - dense)
-    assert change_norm_squared(torch.zeros_like(b), a_ref, b_ref, torch.zeros_like(a)) == 0.0
+        assert abs(direct - dense) > 100 * abs(got.change - dense)
+    assert change_figures(b_ref, a_ref, b_ref, a_ref, product=True)[:2] == (0.0, 0.0)
+
+
+def test_the_change_norm_where_a_cancels_its_reference_uses_the_direct_blocks():
+    """A reply whose A nearly cancels the A it received (A = 1e-4 x noise, A_ref of norm 1,
+    B_ref = 0 as LoRA starts): A A^T derived from A_ref's Gram and the changes would lose it
+    (float32 rounding of |A_ref|^2 against |A|^2 = 1e-8 of it); the figures take A A^T
+    directly there and give the dense float64 ||B A||^2, as the change and as the product."""
+    gen = torch.Generator().manual_seed(3)
+    a_ref = torch.randn(6, 200, generator=gen) / 200 ** 0.5
+    b_ref = torch.zeros(300, 6)
+    b = torch.randn(300, 6, generator=gen)
+    a = 1e-4 * torch.randn(6, 200, generator=gen) / 200 ** 0.5
+    want = float((b.double() @ a.double()).square().sum())
+    got = change_figures(b, a, b_ref, a_ref, product=True)
+    assert got.change == pytest.approx(want, rel=1e-5)
+    assert got.product == pytest.approx(want, rel=1e-5)
+    da = a - a_ref  # what the derived form would have given
+    gram_a, z, d = (a_ref @ a_ref.T).double(), (a_ref @ da.T).double(), (da @ da.T).double()
+    derived = float(((b.T @ b).double() * (gram_a + z + z.T + d)).sum())
+    assert abs(derived - want) > 1e-3 * want
 
 
 def test_all_finite_is_isfinite_all_also_where_the_sum_overflows():

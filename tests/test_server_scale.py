@@ -469,24 +469,35 @@ def test_flexlora_of_a_large_round_keeps_the_exact_svd_to_float32_rounding(monke
     assert 0 < fast.info["dropped"] <= exact.info["dropped"] * (1 + 1e-6)
 
 
-@pytest.mark.parametrize("strategy", ["fedavg", "fedsa-lora", "flora"])
+@pytest.mark.parametrize("strategy", ["fedavg", "fedsa-lora", "flora", "hetlora"])
 def test_a_replys_figures_in_one_pass_equal_the_screens_own(strategy):
+    """`figures` gives the screens' `moved` and `distance` to 1e-5 (in float64 where float32
+    overflows or the dtypes differ) and, where the merge weighs by them (hetlora), each
+    module's ||B A||_F to 1e-6 of the float64 figure; None for the other strategies."""
     state = GlobalAdapter(method=get_method(strategy), lora=LoraSettings(rank=4),
                           factors=random_factors(SHAPES, 4, seed=5), global_rank=4)
     update = ClientUpdate(random_factors(SHAPES, 4, seed=6), 10.0)
-    assert state.figures(update) == pytest.approx((state.moved(update), state.distance(update)),
-                                                  rel=1e-5)
+
+    def check(update: ClientUpdate, rel: float) -> None:
+        moved, distance, norms = state.figures(update)
+        assert (moved, distance) == pytest.approx((state.moved(update), state.distance(update)),
+                                                  rel=rel)
+        if strategy != "hetlora":
+            assert norms is None
+            return
+        assert norms is not None and set(norms) == set(update.factors)
+        for module, (b, a) in update.factors.items():
+            want = float((b.double() @ a.double()).norm())
+            assert math.isfinite(norms[module]) and norms[module] == pytest.approx(want, rel=1e-6)
+
+    check(update, 1e-5)
     # a change beyond float32's range (B - B_ref and the Gram blocks overflow) is measured in
     # float64, as the screens' own figures measure it
     huge = {m: (b.sign() * 3e38, a * 1e19) for m, (b, a) in update.factors.items()}
-    huge_update = ClientUpdate(huge, 10.0)
-    assert all(math.isfinite(f) for f in state.figures(huge_update))
-    assert state.figures(huge_update) == pytest.approx(
-        (state.moved(huge_update), state.distance(huge_update)), rel=1e-5)
+    check(ClientUpdate(huge, 10.0), 1e-5)
     wide = ClientUpdate({m: (b.double(), a.double()) for m, (b, a) in update.factors.items()},
                         10.0)  # float64 factors against float32 received ones
-    assert state.figures(wide) == pytest.approx((state.moved(wide), state.distance(wide)),
-                                                rel=1e-5)
+    check(wide, 1e-5)
 
 
 @pytest.mark.slow

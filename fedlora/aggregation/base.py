@@ -11,7 +11,7 @@ Conventions (every module of `fedlora.aggregation` and every merge follows them)
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +31,10 @@ class ClientUpdate:
     dense: Dense = field(default_factory=dict)
     # lora-moe: the experts this client trained (None: all of them; `fedlora.methods.lora_moe`)
     experts: frozenset[int] | None = None
+    # ||B A||_F of each module as the server measured it when the reply arrived (hetlora's
+    # norm weights read it; `GlobalAdapter.figures`), or None. It describes these factors:
+    # whatever changes their values (clipping) must drop it (`replace(..., norms=None)`).
+    norms: Mapping[str, float] | None = None
 
     def __post_init__(self) -> None:
         if not self.weight > 0:
@@ -157,14 +161,16 @@ class RunningSum:
     is an empty tensor.
 
     `module_weight` (hetlora's norm weighting): each update's weight of each module, from that
-    module's (B, A), instead of its one weight. The server folds each reply into one as it arrives
-    (`server.rounds`), so a round whose decisions keep every reply with the weight it was
-    folded with needs no second pass over the replies (on disk when the round spilled); the
-    merge over a list folds the list in the same order, so both give the same bits. Memory:
+    update and module's (B, A), instead of its one weight. The server folds each reply into
+    one as it arrives (`server.rounds`), so a round whose decisions keep every reply with the
+    weight it was folded with needs no second pass over the replies (on disk when the round
+    spilled); the merge over a list folds the list in the same order, so both give the same
+    bits. Memory:
     one float64 copy of one update."""
 
     def __init__(self, rank: int | None = None,
-                 module_weight: Callable[[Tensor, Tensor], float] | None = None,
+                 module_weight: Callable[[ClientUpdate, str, Tensor, Tensor], float] | None
+                 = None,
                  shares: str = "both") -> None:
         self.rank = rank
         self.module_weight = module_weight
@@ -204,7 +210,7 @@ class RunningSum:
                 self.factors[module] = tuple(  # type: ignore[assignment]
                     torch.zeros(shapes[i] if i in parts else (0,), dtype=torch.float64)
                     for i in (0, 1))
-            w = weight if self.module_weight is None else self.module_weight(b, a)
+            w = weight if self.module_weight is None else self.module_weight(update, module, b, a)
             try:
                 add_padded(self.factors[module], (b, a), w, parts)
             except ValueError as err:

@@ -191,24 +191,125 @@ def squared_norm(t: Tensor) -> float:
     return float(torch.dot(flat, flat))
 
 
-def change_norm_squared(db: Tensor, a: Tensor, b_ref: Tensor, da: Tensor,
-                        ref_gram: Tensor | None = None) -> float:
-    """||B A - B_ref A_ref||_F^2 from the changes of the factors, dB = B - B_ref and
-    dA = A - A_ref: B A - B_ref A_ref = dB A + B_ref dA, so
+class ChangeFigures(NamedTuple):
+    """What `change_figures` measures of one layer's reply against what it received."""
 
-        ||.||^2 = <dB^T dB, A A^T> + <B_ref^T B_ref, dA dA^T> + 2 <dB^T B_ref, A dA^T>
+    change: float  # ||B A - B_ref A_ref||_F^2
+    moved: float  # ||B - B_ref||_F^2 + ||A - A_ref||_F^2
+    product: float | None  # ||B A||_F^2 where asked for, else None
 
-    (r x r Gram blocks; `ref_gram` = B_ref^T B_ref when the caller has it). Every term is
-    of the size of the change, not of the factors, so there is no cancellation between
-    large terms and the factors' own dtype (float32) is precise enough: a reply that did
-    not move gives exactly 0. The blocks are summed in float64; factors whose blocks
-    overflow their dtype (float32 entries near 1e19 and above) give inf or NaN, and the
-    caller measures them again in float64."""
-    gram = b_ref.T @ b_ref if ref_gram is None else ref_gram
-    terms = float(((db.T @ db).double() * (a @ a.T).double()).sum()
-                  + (gram.double() * (da @ da.T).double()).sum()
-                  + 2 * ((db.T @ b_ref).double() * (a @ da.T).double()).sum())
-    return max(terms, 0.0)  # the cross term can leave a tiny negative (inf or NaN: kept)
+
+class BlockFigures(NamedTuple):
+    """`block_figures` of n layers: float64 tensors of shape (n,) and two masks."""
+
+    change: Tensor
+    moved: Tensor
+    product: Tensor | None
+    direct: Tensor  # True: A nearly cancels A_ref; measure this layer with `direct` blocks
+    recheck: Tensor  # True: the product norm's terms cancel; `gram_product_norm` instead
+
+
+def reference_grams(b_ref: Tensor, a_ref: Tensor) -> tuple[Tensor, Tensor]:
+    """(B_ref^T B_ref, A_ref A_ref^T) in float64 (r x r, from the factors' own dtype): what
+    `change_figures` needs of the reference, computed once per reference."""
+    return (b_ref.T @ b_ref).double(), (a_ref @ a_ref.T).double()
+
+
+def change_blocks(b: Tensor, a: Tensor, b_ref: Tensor, a_ref: Tensor,
+                  out: Tensor | None = None) -> Tensor:
+    """(P, Q, D, Z) = (dB^T dB, dB^T B_ref, dA dA^T, A_ref dA^T) of one layer, with
+    dB = B - B_ref and dA = A - A_ref: shape (4, r, r), in the factors' dtype (into `out`)."""
+    r = b.shape[1]
+    out = torch.empty(4, r, r, dtype=b.dtype) if out is None else out
+    db, da = b - b_ref, a - a_ref
+    torch.mm(db.T, db, out=out[0])
+    torch.mm(db.T, b_ref, out=out[1])
+    torch.mm(da, da.T, out=out[2])
+    torch.mm(a_ref, da.T, out=out[3])
+    return out
+
+
+def block_figures(blocks: Tensor, gram_b: Tensor, gram_a: Tensor, product: bool = False,
+                  direct: tuple[Tensor, Tensor] | None = None) -> BlockFigures:
+    """`change_figures` of n layers at once from their `change_blocks` (n, 4, r, r) and their
+    references' Gram blocks (n, r, r) each: the r x r arithmetic in float64, batched over the
+    layers. `direct`: (A A^T, A dA^T) computed from A itself, for layers whose A nearly
+    cancels A_ref (then no layer is marked `direct`)."""
+    def diagonal(t: Tensor) -> Tensor:
+        return t.diagonal(dim1=1, dim2=2)
+
+    def outer(x: Tensor, y: Tensor) -> Tensor:
+        return x[:, :, None] * y[:, None, :]
+
+    p, q, d, z = blocks.double().unbind(1)
+    if direct is None:
+        a_at, a_da = gram_a + z + z.transpose(1, 2) + d, z + d
+        rows_a = diagonal(gram_a).clamp(min=0).sqrt() + diagonal(d).clamp(min=0).sqrt()
+        cancels = ~(rows_a.square() <= 4 * diagonal(a_at)).all(dim=1)  # also on NaN
+    else:
+        a_at, a_da = direct
+        rows_a = diagonal(a_at).clamp(min=0).sqrt()
+        cancels = torch.zeros(len(p), dtype=torch.bool)
+    change = ((p * a_at).sum(dim=(1, 2)) + (gram_b * d).sum(dim=(1, 2))
+              + 2 * (q * a_da).sum(dim=(1, 2)))
+    change = torch.where(change < 0, 0.0, change)  # a tiny negative of the cross term
+    moved = diagonal(p).sum(dim=1) + diagonal(d).sum(dim=1)
+    if not product:
+        return BlockFigures(change, moved, None, cancels, torch.zeros_like(cancels))
+    b_bt = gram_b + q + q.transpose(1, 2) + p
+    squared = (b_bt * a_at).sum(dim=(1, 2))
+    rows_b = diagonal(gram_b).clamp(min=0).sqrt() + diagonal(p).clamp(min=0).sqrt()
+    bound = ((outer(rows_b, rows_b) * a_at.abs()).sum(dim=(1, 2))
+             + (b_bt.abs() * outer(rows_a, rows_a)).sum(dim=(1, 2)))
+    recheck = ~(squared.isfinite() & bound.isfinite() & (bound <= CANCELLATION * squared))
+    return BlockFigures(change, moved, squared, cancels, recheck)
+
+
+def change_figures(b: Tensor, a: Tensor, b_ref: Tensor, a_ref: Tensor,
+                   ref_grams: tuple[Tensor, Tensor] | None = None,
+                   product: bool = False) -> ChangeFigures:
+    """||B A - B_ref A_ref||_F^2, ||dB||^2 + ||dA||^2 and (with `product`) ||B A||_F^2 of one
+    layer from four r x r blocks of the changes dB = B - B_ref and dA = A - A_ref, computed in
+    the factors' dtype (`change_blocks`):
+
+        P = dB^T dB,  Q = dB^T B_ref,  D = dA dA^T,  Z = A_ref dA^T
+
+    and the reference's Gram blocks G_B, G_A (`reference_grams`), combined in float64
+    (`block_figures`, which does it for many layers at once):
+
+        A dA^T = Z + D,   A A^T = G_A + Z + Z^T + D,   B^T B = G_B + Q + Q^T + P
+        ||B A - B_ref A_ref||^2 = <P, A A^T> + <G_B, D> + 2 <Q, A dA^T>
+        ||B A||^2 = <B^T B, A A^T>
+
+    (B A - B_ref A_ref = dB A + B_ref dA.) Every term of the change is of the size of the
+    change, so float32 blocks are precise enough, and a reply that did not move gives exactly
+    0. Four products of d x r or r x k by their transposes, where measuring the change and the
+    product directly takes seven.
+
+    Rounding: a derived block's entry (j, k) errs by about gamma s_j s_k (s_j the sum of the
+    two terms' row norms, |a_ref_j| + |dA_j| for A) where the direct product errs by about
+    gamma |a_j| |a_k|. Where a row of A is less than half its s_j (A nearly cancels A_ref, as a
+    hostile reply may send), A A^T and A dA^T are computed directly instead. The product norm
+    is checked as `gram_product_norm` checks its own (with the larger s_j) and computed there
+    where its terms cancel. Non-finite results (float32 overflow) are returned as they are:
+    the caller measures again in float64."""
+    gram_b, gram_a = reference_grams(b_ref, a_ref) if ref_grams is None else ref_grams
+    blocks = change_blocks(b, a, b_ref, a_ref)[None]
+    figures = block_figures(blocks, gram_b[None], gram_a[None], product)
+    if figures.direct[0]:
+        figures = block_figures(blocks, gram_b[None], gram_a[None], product,
+                                direct=direct_blocks(a, a_ref))
+    squared = None
+    if figures.product is not None:
+        squared = (gram_product_norm(b, a) ** 2 if figures.recheck[0]
+                   else float(figures.product[0]))
+    return ChangeFigures(float(figures.change[0]), float(figures.moved[0]), squared)
+
+
+def direct_blocks(a: Tensor, a_ref: Tensor) -> tuple[Tensor, Tensor]:
+    """(A A^T, A dA^T) of one layer from A itself, float64, shape (1, r, r) each: what
+    `block_figures` uses where A nearly cancels A_ref."""
+    return (a @ a.T).double()[None], (a @ (a - a_ref).T).double()[None]
 
 
 def stack(factors: Sequence[tuple[Tensor, Tensor]], weights: Sequence[float],

@@ -113,6 +113,13 @@ class Method:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.options})"
 
+    @property
+    def weighs_by_norm(self) -> bool:
+        """Does the merge weigh each module of an update by its ||B A||_F (hetlora's norm
+        weighting)? Then the server measures the norms as each reply arrives, from the blocks
+        of its screen figures (`ClientUpdate.norms`), and the merge reads them."""
+        return False
+
     # ---- settings -------------------------------------------------------------------------
     def check_settings(self, settings: Settings) -> None:
         """Raise a SettingsError for settings this method cannot run (subclasses extend)."""

@@ -58,9 +58,13 @@ def padded_sum(factors: list[tuple[Tensor, Tensor]], weights: list[float], rank:
     return total[0].float(), total[1].float()
 
 
-def module_norm(b: Tensor, a: Tensor) -> float:
-    """||B A||_F of one module: the paper's weight of a client's update of that module, from
-    Gram blocks in the factors' dtype (float64 where their terms cancel: `gram_product_norm`)."""
+def module_norm(update: ClientUpdate, module: str, b: Tensor, a: Tensor) -> float:
+    """||B A||_F of one module: the paper's weight of a client's update of that module. The
+    server's figure where it measured one as the reply arrived (`ClientUpdate.norms`), else
+    from Gram blocks in the factors' dtype (float64 where their terms cancel:
+    `gram_product_norm`)."""
+    if update.norms is not None and module in update.norms:
+        return update.norms[module]
     return gram_product_norm(b, a)
 
 
@@ -134,9 +138,14 @@ class HetLoRA(Method):
                                 "(hetlora-prune) changes the update after clipping; use "
                                 "dp-clipping=server or hetlora-prune=0")
 
+    @property
+    def weighs_by_norm(self) -> bool:
+        """With norm weighting each module weighs ||B_i A_i||_F."""
+        return self.options.weighting == "norm"
+
     def running_sum(self, rank: int) -> RunningSum:
         """Zero-padded to `rank`; with norm weighting each module weighs ||B_i A_i||_F."""
-        return RunningSum(rank, module_norm if self.options.weighting == "norm" else None)
+        return RunningSum(rank, module_norm if self.weighs_by_norm else None)
 
     def combine(self, updates: list[ClientUpdate], previous: Factors, *, export_rank: int
                 ) -> MergeResult:
