@@ -197,12 +197,11 @@ class GlobalAdapter:
             change_blocks(*update.factors[module], *received[module], out=blocks[i])
         where = torch.tensor([index[m] for m in blocked], dtype=torch.long)
         batch = block_figures(blocks, gram_b[where], gram_a[where], wants)
-        products = ([None] * len(blocked) if batch.product is None else
-                    torch.where(batch.recheck, math.nan, batch.product).tolist())
-        terms = {m: ChangeFigures(c, o, None if p is not None and math.isnan(p) else p)
-                 for m, c, o, p, direct in zip(blocked, batch.change.tolist(),
-                                               batch.moved.tolist(), products,
-                                               batch.direct.tolist()) if not direct}
+        products = [None] * len(blocked) if batch.product is None else batch.product.tolist()
+        terms = {m: ChangeFigures(c, o, None if recheck else p)
+                 for m, c, o, p, recheck, direct in zip(
+                     blocked, batch.change.tolist(), batch.moved.tolist(), products,
+                     batch.recheck.tolist(), batch.direct.tolist()) if not direct}
         norms: dict[str, float] = {}
         change = moved = 0.0
         for module, (b, a) in update.factors.items():

@@ -3,6 +3,8 @@ the update-norm screen, the weight cap, Krum, clipping and the DP noise."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -92,6 +94,9 @@ def test_clipping_scales_the_change_to_the_clip_norm_around_what_was_received():
     assert figures["clients-clipped"] == 1 and figures["clip-norm"] == 1.0
     dp, _ = defences.clip([big, small], [zero, zero], {}, clip_norm=1.0, equal=True)
     assert [u.weight for u in dp] == [1.0, 1.0]
+    # hetlora's norms measured on arrival describe the reply's factors, not the clipped ones
+    measured = replace(big, norms={"m": 12.0})
+    assert defences.clip([measured], [zero], {}, clip_norm=1.0, equal=False)[0][0].norms is None
 
 
 def test_noise_has_std_z_c_over_the_clients_merged_into_each_tensor():

@@ -480,6 +480,7 @@ def test_a_replys_figures_in_one_pass_equal_the_screens_own(strategy):
 
     def check(update: ClientUpdate, rel: float) -> None:
         moved, distance, norms = state.figures(update)
+        assert math.isfinite(moved) and math.isfinite(distance)
         assert (moved, distance) == pytest.approx((state.moved(update), state.distance(update)),
                                                   rel=rel)
         if strategy != "hetlora":
