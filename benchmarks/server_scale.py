@@ -68,10 +68,27 @@ class Replies:
     """Makes site i's reply to a training message on demand: what it received (PEFT scale,
     wire keys) plus c_i x a fixed noise vector rolled by i, so every site differs."""
 
-    def __init__(self, seed: int = 0) -> None:
+    def __init__(self, layer_shapes: dict[str, tuple[int, int]], seed: int = 0) -> None:
         self.noise: dict[int, object] = {}  # rank -> flat noise (one per rank)
         self.seconds = 0.0  # time spent making replies (subtracted from the server's)
         self.seed = seed
+        self.shapes = layer_shapes  # a fresh adapter's layers (flora sends no payload)
+        self.fresh: dict[int, dict] = {}  # rank -> a fresh adapter's wire state
+
+    def start(self, rank: int) -> dict:
+        """What a site of `rank` starts from when the server sends no factors (flora's fresh
+        adapters): shared random A, small random B (not zero: the round must move)."""
+        if rank not in self.fresh:
+            import torch
+
+            from fedlora.adapters.lora import shared_init
+            from fedlora.factors import flatten
+
+            factors = shared_init(self.shapes, rank, seed=self.seed + rank)
+            gen = torch.Generator().manual_seed(self.seed + rank)
+            self.fresh[rank] = flatten({m: (torch.randn(b.shape, generator=gen) * 1e-3, a)
+                                        for m, (b, a) in factors.items()})
+        return {k: v.clone() for k, v in self.fresh[rank].items()}
 
     def make(self, message, site: int):
         import torch
@@ -84,7 +101,7 @@ class Replies:
         start = time.perf_counter()
         content = message.content
         rank = int(content[wire.CONFIG][wire.RANK])
-        received = from_array_record(content[wire.ARRAYS])
+        received = from_array_record(content[wire.ARRAYS]) or self.start(rank)
         keys = sorted(received)
         flat = torch.cat([received[k].reshape(-1) for k in keys])
         if rank not in self.noise:
@@ -150,7 +167,7 @@ def run_server(strategy: str, shape: str, sites: int, spill_mb: float = 1024.0,
                                                 spill_above_mb=spill_mb), writer=None)
     nodes = list(range(1, sites + 1))
     loop.nodes = {n: Node(n, rank=r) for n, r in zip(nodes, ranks)}
-    replies = Replies()
+    replies = Replies(layer_shapes)
     grid = SyntheticGrid(nodes, replies)
     # what a ServerApp process has imported before its first round (its grid is Flower's
     # HttpGrid; the round loop asks whether the grid is one): not a cost of the round
@@ -183,7 +200,7 @@ def run_baseline(strategy: str, shape: str, sites: int) -> dict:
         init = shared_init(layer_shapes, rank, seed=0)
         init = {m: (torch.randn(b.shape) * 1e-3, a) for m, (b, a) in init.items()}
         payloads[rank] = to_array_record(flatten(init))
-    replies = Replies()
+    replies = Replies(layer_shapes)
     before = common.rss_mib()
     start = time.perf_counter()
     total: dict[str, torch.Tensor] = {}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 
@@ -20,6 +21,7 @@ from fedlora.adapters.lora_moe import expert_of
 from fedlora.aggregation import ClientUpdate, Factors
 from fedlora.aggregation.base import (
     Dense,
+    LazyFactors,
     MergeResult,
     RunningSum,
     dense_distance,
@@ -58,12 +60,17 @@ from server.defences import Robust
 
 
 def concat(parts: list[Factors]) -> Factors:
-    """Factors whose product is the sum of the parts' products (stacked along the rank)."""
+    """Factors whose product is the sum of the parts' products (stacked along the rank), each
+    module made when read (`LazyFactors`: a part may be a merge's large stack)."""
     parts = [p for p in parts if p]
     if not parts:
         return {}
-    return {m: (torch.cat([p[m][0] for p in parts], dim=1), torch.cat([p[m][1] for p in parts]))
-            for m in parts[0]}
+
+    def joined(module: str) -> tuple[torch.Tensor, torch.Tensor]:
+        pairs = [p[module] for p in parts]
+        return torch.cat([b for b, _ in pairs], dim=1), torch.cat([a for _, a in pairs])
+
+    return cast(Factors, LazyFactors(list(parts[0]), joined))
 
 
 def short_name(module: str) -> str:

@@ -232,7 +232,7 @@ def test_flora_stacks_into_the_residual_and_has_no_global_adapter():
     assert torch.equal(b, t([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]))  # [B_1, B_2]
     assert torch.allclose(a, t([[2 / 3, 0.0], [0.0, 2.0], [2.0, 0.0]]))  # [A_1/3; 2 A_2/3]
     assert torch.allclose(b @ a, t([[2 / 3 + 2.0, 0.0], [0.0, 2.0]]))  # sum p_i B_i A_i
-    assert result.applied["m"][0] is b
+    assert torch.equal(result.applied["m"][0], b) and torch.equal(result.applied["m"][1], a)
 
 
 def test_fedex_residual_makes_the_fedavg_adapter_exact():

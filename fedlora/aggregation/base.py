@@ -11,7 +11,7 @@ Conventions (every module of `fedlora.aggregation` and every merge follows them)
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,6 +58,31 @@ def factor_shapes(factors: Factors) -> dict[str, tuple[tuple[int, ...], tuple[in
     if callable(shapes):
         return shapes()
     return {m: (tuple(b.shape), tuple(a.shape)) for m, (b, a) in factors.items()}
+
+
+class LazyFactors(Mapping[str, tuple[Tensor, Tensor]]):
+    """Factors made module by module when read, and not kept: a merge's stacked factors (flora's
+    and fedex-lora's residual, of rank sum_i r_i), which a large round could not hold for every
+    module at once (32 sites of a 7B shape: 5 GB in float32). Each read makes the module again;
+    read each module once where it is dear. Pass it where `Factors` is expected
+    (`cast(Factors, ...)`): every reader of a merge's factors reads them by module."""
+
+    def __init__(self, modules: list[str], make: Callable[[str], tuple[Tensor, Tensor]]) -> None:
+        self._modules, self._make = list(modules), make
+
+    def __getitem__(self, module: str) -> tuple[Tensor, Tensor]:
+        if module not in self._modules:
+            raise KeyError(module)
+        return self._make(module)
+
+    def __contains__(self, module: object) -> bool:  # without making the module
+        return module in self._modules
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._modules)
+
+    def __len__(self) -> int:
+        return len(self._modules)
 
 
 @dataclass

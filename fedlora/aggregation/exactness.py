@@ -22,15 +22,25 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
+from typing import cast
 
 import torch
 from torch import Tensor
 
-from fedlora.aggregation.base import ClientUpdate, Factors, normalised_weights, raw_pairs, to32
+from fedlora.aggregation.base import (
+    ClientUpdate,
+    Factors,
+    LazyFactors,
+    normalised_weights,
+    raw_pairs,
+    to32,
+)
 from fedlora.aggregation.linalg import (
+    balanced_factors,
     difference_norm,
     product_inner,
     product_norm,
+    randomized_svd,
     stack,
     truncate_svd,
 )
@@ -40,6 +50,9 @@ ZERO = 1e-12  # a numerator at most this large over a zero denominator counts as
 EXACT_BUDGET = 2e9  # (d + k) R^2 summed over the layers above which the figure is estimated
 SKETCH = 64  # rows and columns of a layer's CountSketch
 SKETCH_SEED = 0x5EED  # the sketch maps are the same in every run and on every machine
+COMPRESS_SEED = 0xC0DE  # the randomised compression's test matrices, the same in every run
+RANDOMIZED_LAYER = 2e8  # (d + k) R^2 of one layer above which `compress` may go randomised
+RANDOMIZED_OVERSAMPLE = 10  # components the randomised compression computes beyond the budget
 
 
 def ratio(num: float, den: float) -> float:
@@ -112,20 +125,42 @@ def leading(pb: Tensor, pa: Tensor, b: Tensor, a: Tensor) -> bool:
 def compress(factors: Factors, budget: int) -> tuple[Factors, float]:
     """Cut every module to rank <= `budget` by factored SVD; (factors, relative norm dropped).
 
-    A module already within the budget is returned as it is.
+    A module already within the budget is returned as it is. A module whose stack is large
+    (`randomized_compress`) is cut by the randomised SVD instead, linear in its rank; there the
+    norm dropped counts only the `RANDOMIZED_OVERSAMPLE` components computed beyond the
+    budget (a lower bound, as flexlora's). Modules are read one at a time (`factors` may make
+    each when read: `LazyFactors`), so only one module's stack is held.
     """
     out: Factors = {}
     dropped = total = 0.0
     for module, (b, a) in factors.items():
-        b64, a64 = b.double(), a.double()
-        total += product_norm(b64, a64) ** 2
         if b.shape[1] <= budget:
             out[module] = (b, a)
-            continue
-        b_r, a_r, lost = truncate_svd(b64, a64, budget)
-        out[module] = to32(b_r, a_r)
-        dropped += lost**2
+            total += product_norm(b.double(), a.double()) ** 2
+        elif randomized_compress(b.shape[0], a.shape[1], b.shape[1], budget):
+            u, s, vh, _ = randomized_svd(b.float(), a.float(), budget,
+                                         derive_seed(COMPRESS_SEED, module),
+                                         oversample=RANDOMIZED_OVERSAMPLE)
+            out[module] = to32(*balanced_factors(u, s, vh, budget))
+            total += float(s.square().sum())
+            dropped += float(s[budget:].square().sum())
+        else:
+            b64, a64 = b.double(), a.double()
+            total += product_norm(b64, a64) ** 2
+            b_r, a_r, lost = truncate_svd(b64, a64, budget)
+            out[module] = to32(b_r, a_r)
+            dropped += lost**2
     return out, ratio(math.sqrt(dropped), math.sqrt(total))
+
+
+def randomized_compress(d: int, k: int, stacked: int, budget: int) -> bool:
+    """Whether `compress` cuts a d x k layer stacked to rank `stacked` by the randomised SVD:
+    its factored SVD (O((d + k) stacked^2), quadratic in the sites of a residual method's
+    round: 0.7 s a layer of the 7B shape at 32 sites) would cost more than `RANDOMIZED_LAYER`,
+    and the stack is at least twice the components the randomised one computes (below that
+    its four passes cost as much)."""
+    components = budget + RANDOMIZED_OVERSAMPLE
+    return (d + k) * stacked**2 > RANDOMIZED_LAYER and stacked >= 2 * components
 
 
 # ---------------------------------------------------------------- the estimate, for large rounds
@@ -170,7 +205,9 @@ def estimated_exactness(applied: Factors, modules: list[str],
                 for w, (left, right) in zip(weights, sides))
     assert isinstance(ideal, Tensor)
     width = ideal.shape[1]
-    present = {m: applied[m] for m in modules if m in applied}
+    # read module by module: `applied` may make each when read (`LazyFactors`)
+    present = cast(Factors, LazyFactors([m for m in modules if m in applied],
+                                        applied.__getitem__))
     got = torch.zeros_like(ideal)
     if present:
         left, right = sketch_sides(present, width)

@@ -3,16 +3,21 @@
 Singhal et al. (ACL 2025). The residual is kept in factored form,
 stack([B_1 .. B_N, -B̄], [p_1 A_1; ..; p_N A_N; Ā]) of rank (N + 1) r, and folded into the
 frozen base; clients continue from (B̄, Ā). Then B̄ Ā + residual = sum_i p_i B_i A_i exactly.
-Same rank on every client.
+Same rank on every client. The residual and the applied stack are made module by module when
+read (`LazyFactors`): at 32 sites of a 7B shape all modules at once would be 11 GB.
 """
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
+from torch import Tensor
 
 from fedlora.aggregation.base import (
     ClientUpdate,
     Factors,
+    LazyFactors,
     MergeResult,
     factors32,
     normalised_weights,
@@ -40,12 +45,17 @@ class FedExLoRA(ResidualMethod):
         """FedIT average, plus the factored residual that makes it exact."""
         p = normalised_weights(updates)
         average = average_factors(updates, p)
-        residual: Factors = {}
-        applied: Factors = {}
-        for module, (b_bar, a_bar) in average.items():
-            res = stack(raw_pairs(updates, module) + [(-b_bar, a_bar)], p + [1.0],
-                        torch.float64)
-            residual[module] = to32(*res)
-            applied[module] = to32(*stack([(b_bar, a_bar), res], [1.0, 1.0]))
-        return MergeResult(global_factors=factors32(average), residual=residual,
-                           applied=applied, info={"weights": p})
+
+        def residual(module: str) -> tuple[Tensor, Tensor]:
+            b_bar, a_bar = average[module]
+            return to32(*stack(raw_pairs(updates, module) + [(-b_bar, a_bar)], p + [1.0],
+                               torch.float64))
+
+        def applied(module: str) -> tuple[Tensor, Tensor]:
+            return to32(*stack([average[module], residual(module)], [1.0, 1.0]))
+
+        modules = list(average)
+        return MergeResult(global_factors=factors32(average),
+                           residual=cast(Factors, LazyFactors(modules, residual)),
+                           applied=cast(Factors, LazyFactors(modules, applied)),
+                           info={"weights": p})

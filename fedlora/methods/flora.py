@@ -3,15 +3,20 @@
 Wang et al. (NeurIPS 2024). Exact for any mix of ranks. The stacked update is folded into the
 frozen base (returned as the round's `residual`) and every client starts a fresh adapter next
 round, so there is no global adapter: `global_factors` is {} and the payload is empty.
+The stack (rank sum_i r_i) is made module by module when read (`LazyFactors`): the server
+compresses each module into its residual before making the next.
 """
 
 from __future__ import annotations
+
+from typing import cast
 
 import torch
 
 from fedlora.aggregation.base import (
     ClientUpdate,
     Factors,
+    LazyFactors,
     MergeResult,
     normalised_weights,
     raw_pairs,
@@ -37,7 +42,8 @@ class FLoRA(ResidualMethod):
                 ) -> MergeResult:
         """The stack of every module is both the residual and the applied update."""
         p = normalised_weights(updates)
-        stacked = {m: to32(*stack(raw_pairs(updates, m), p, torch.float64))
-                   for m in updates[0].factors}
+        stacked = cast(Factors, LazyFactors(
+            list(updates[0].factors),
+            lambda m: to32(*stack(raw_pairs(updates, m), p, torch.float64))))
         return MergeResult(global_factors={}, residual=stacked, applied=stacked,
                            info={"weights": p})
