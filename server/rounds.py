@@ -242,7 +242,7 @@ class RoundLoop:
             else:
                 replies, record.bytes_down = self.send_streaming(grid, ready, ranks,
                                                                  server_round, MessageType.TRAIN)
-                self.prepare(record, [ranks[n] for n in ready])
+                self.prepare(record, {n: ranks[n] for n in ready})
                 replied = set()
                 for node, msg in replies:  # each read (and maybe spilled) before the next
                     replied.add(node)
@@ -284,18 +284,22 @@ class RoundLoop:
             self.release()
 
     # ---- a round's replies as they arrive -----------------------------------------------------
-    def prepare(self, record: RoundRecord, ranks: list[int]) -> None:
-        """Before a round's replies are read: whether the exactness figure will be estimated
-        (then each reply is sketched as it arrives), whether each reply is folded into the
-        method's running sum as it arrives (a merge that is its mean, with no clipping or
-        robust rule in between), and whether replies go to disk (the replies expected, at
-        what was sent to each node, exceed spill-above-mb)."""
+    def prepare(self, record: RoundRecord, ranks: dict[int, int]) -> None:
+        """Before a round's replies are read (`ranks`: each node's): whether the exactness
+        figure will be estimated (then each reply is sketched as it arrives), whether each
+        reply is folded into the method's running sum as it arrives (a merge that is its
+        mean, with no clipping or robust rule in between), and whether replies go to disk
+        (the replies expected exceed spill-above-mb: each the size of what was sent to its
+        node, or of a float32 adapter at its rank where nothing was, as flora's fresh
+        adapters)."""
         self.sketching = (self.method.exactness_defined and bool(self.shapes) and
-                          exact_cost(self.shapes, ranks, self.state.rank) > EXACT_BUDGET)
+                          exact_cost(self.shapes, list(ranks.values()), self.state.rank)
+                          > EXACT_BUDGET)
         robust = self.state.robust
         if not (self.state.clip_norm or robust.krum or robust.replaces_merge):
             self.fold, self.folded = self.method.folds(self.state.rank), []
-        expected = sum(record.bytes_down.values())
+        per_rank = 4 * sum(d + k for d, k in self.shapes.values())  # float32 bytes a rank
+        expected = sum(record.bytes_down.get(n) or per_rank * r for n, r in ranks.items())
         if self.rules.spill_above_mb >= 0 and expected > self.rules.spill_above_mb * 2**20:
             parent = None if self.writer is None else Path(self.writer.out_dir) / SPILL_DIR
             self.spill = RoundSpill(parent, record.round)

@@ -432,6 +432,33 @@ def _reply_to(message: Message, seed: int, scale: float = 0.01, strategy: str = 
     return reply
 
 
+@pytest.mark.parametrize("strategy", ["fedavg", "flora"])
+def test_a_round_spills_by_the_replies_it_expects_even_when_it_sends_nothing(
+        tmp_path, strategy, monkeypatch):
+    """The spill decision counts each reply at what was sent to its node or, where nothing
+    was (flora's fresh adapters: an empty payload), at a float32 adapter of the node's rank:
+    flora's 32-site round of the 7B shape held every reply in memory (9.9 GB) before."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    import server.rounds as rounds
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    opened: list = []
+
+    class Watched(rounds.RoundSpill):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            opened.append(self)
+
+    monkeypatch.setattr(rounds, "RoundSpill", Watched)
+    per_reply = 4 * 4 * sum(d + k for d, k in SHAPES.values())  # rank 4, float32
+    loop = _loop(strategy, nodes=5, spill_above_mb=4.5 * per_reply / 2**20,
+                 writer_dir=tmp_path)
+    record = loop.train_round(_Grid(lambda i, m: _reply_to(m, seed=i, strategy=strategy)), 1)
+    assert len(record.replies) == 5 and len(opened) == 1
+    assert (sum(record.bytes_down.values()) == 0) == (strategy == "flora")
+
+
 def test_spill_above_mb_is_a_setting_with_a_clear_error():
     from fedlora.config import Settings, SettingsError, all_keys
 
