@@ -68,7 +68,7 @@ class LazyFactors(Mapping[str, tuple[Tensor, Tensor]]):
     (`cast(Factors, ...)`): every reader of a merge's factors reads them by module."""
 
     def __init__(self, modules: list[str], make: Callable[[str], tuple[Tensor, Tensor]]) -> None:
-        self._modules, self._make = list(modules), make
+        self._modules, self._make = dict.fromkeys(modules), make  # ordered, O(1) lookups
 
     def __getitem__(self, module: str) -> tuple[Tensor, Tensor]:
         if module not in self._modules:
