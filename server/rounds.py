@@ -114,6 +114,14 @@ def number(metrics: Any, key: str) -> float:
     return float(value) if ok else math.nan
 
 
+def epsilon_field(metrics: Any) -> dict[str, Any]:
+    """A reply row's dp-sgd-epsilon: what a node with record-level DP says it has spent so far
+    in this run (with or without secure aggregation); nothing where it says nothing."""
+    if wire.DP_SGD_EPSILON not in metrics:
+        return {}
+    return {M.DP_SGD_EPSILON: number(metrics, wire.DP_SGD_EPSILON)}
+
+
 def step_fields(metrics: Any) -> dict[str, Any]:
     """A reply row's train-steps and per-step loss (`fedlora.tracking.checked_steps`): what a
     node reported, or nothing where it reported none or something malformed (the figures are
@@ -697,9 +705,8 @@ class RoundLoop:
             M.TRAIN_LOSS: number(metrics, wire.TRAIN_LOSS),
             # the node's own throughput figures (what it says; never used for the merge)
             M.TRAIN_TOKENS: number(metrics, wire.TRAIN_TOKENS),
-            M.TRAIN_SECONDS: number(metrics, wire.TRAIN_SECONDS), **step_fields(metrics)}
-        if wire.DP_SGD_EPSILON in metrics:  # record-level DP: what the node says it spent
-            row[M.DP_SGD_EPSILON] = number(metrics, wire.DP_SGD_EPSILON)
+            M.TRAIN_SECONDS: number(metrics, wire.TRAIN_SECONDS), **step_fields(metrics),
+            **epsilon_field(metrics)}
         if (name := self.label(node)) is not None:
             row[M.NODE_NAME] = name
         if (said := self.known(node).name) is not None and said != name:

@@ -241,7 +241,11 @@ class SecureRound:
                 if wire.SECAGG_SIGNER in keys else (b"", b"")
         except ValueError as err:
             return f"secure aggregation: unreadable public keys ({err})", None
-        from server.rounds import number, step_fields  # (server.rounds imports this module)
+        from server.rounds import (  # (server.rounds imports this module)
+            epsilon_field,
+            number,
+            step_fields,
+        )
 
         rank = self.loop.known(node).rank
         if metrics.get(wire.LORA_RANK) != rank:
@@ -254,6 +258,7 @@ class SecureRound:
             M.TRAIN_LOSS: number(metrics, wire.TRAIN_LOSS),
             M.TRAIN_TOKENS: number(metrics, wire.TRAIN_TOKENS),
             M.TRAIN_SECONDS: number(metrics, wire.TRAIN_SECONDS), **step_fields(metrics),
+            **epsilon_field(metrics),
             wire.SECAGG_CLIPPED: int(metrics.get(wire.SECAGG_CLIPPED, 0))}
         if (name := self.loop.label(node)) is not None:
             row[M.NODE_NAME] = name

@@ -312,10 +312,13 @@ BASE = {"model": "tiny-llama", "device": "cpu", "local-steps": 2, "lr": 0.01,
         "min-available-nodes": 2, "dp-sgd": True}
 
 
-def test_a_federation_writes_each_clients_epsilon_per_round(tmp_path, caplog):
+@pytest.mark.parametrize("secure", [False, True])
+def test_a_federation_writes_each_clients_epsilon_per_round(tmp_path, caplog, secure):
+    """Each site's epsilon spent, per round, in metrics.jsonl: with secure aggregation too
+    (the audit's secure-aggregation+dp-sgd arm had none before)."""
     with caplog.at_level("WARNING", logger="fedlora.client"):
         run_inprocess({**BASE, "num-server-rounds": 2, "dp-sgd-epsilon": 4.0,
-                       "output-dir": str(tmp_path)}, 2)
+                       "secure-aggregation": secure, "output-dir": str(tmp_path)}, 2)
     # batch 4 over tiny-llama's adapter: each node warns once (round 1) that noise swamps it
     noisy = [r.getMessage() for r in caplog.records if "noise has about" in r.getMessage()]
     assert len(noisy) == 2 and all("expected batch 4" in m for m in noisy)
