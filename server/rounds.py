@@ -114,12 +114,17 @@ def number(metrics: Any, key: str) -> float:
     return float(value) if ok else math.nan
 
 
-def epsilon_field(metrics: Any) -> dict[str, Any]:
-    """A reply row's dp-sgd-epsilon: what a node with record-level DP says it has spent so far
-    in this run (with or without secure aggregation); nothing where it says nothing."""
-    if wire.DP_SGD_EPSILON not in metrics:
-        return {}
-    return {M.DP_SGD_EPSILON: number(metrics, wire.DP_SGD_EPSILON)}
+def said_fields(metrics: Any) -> dict[str, Any]:
+    """What a node says of its own training, for its reply row with or without secure
+    aggregation (one place, so neither path drops a figure): train loss, its throughput
+    figures, steps (`step_fields`) and, under record-level DP, the epsilon it has spent so
+    far in this run. Never used for the merge."""
+    said = {M.TRAIN_LOSS: number(metrics, wire.TRAIN_LOSS),
+            M.TRAIN_TOKENS: number(metrics, wire.TRAIN_TOKENS),
+            M.TRAIN_SECONDS: number(metrics, wire.TRAIN_SECONDS), **step_fields(metrics)}
+    if wire.DP_SGD_EPSILON in metrics:
+        said[M.DP_SGD_EPSILON] = number(metrics, wire.DP_SGD_EPSILON)
+    return said
 
 
 def step_fields(metrics: Any) -> dict[str, Any]:
@@ -702,11 +707,7 @@ class RoundLoop:
         row: dict[str, Any] = {
             M.NODE_ID: node, M.PARTITION_ID: partition_id,
             M.LORA_RANK: rank, M.NUM_EXAMPLES: num_examples, M.BYTES_UP: factor_bytes(record),
-            M.TRAIN_LOSS: number(metrics, wire.TRAIN_LOSS),
-            # the node's own throughput figures (what it says; never used for the merge)
-            M.TRAIN_TOKENS: number(metrics, wire.TRAIN_TOKENS),
-            M.TRAIN_SECONDS: number(metrics, wire.TRAIN_SECONDS), **step_fields(metrics),
-            **epsilon_field(metrics)}
+            **said_fields(metrics)}
         if (name := self.label(node)) is not None:
             row[M.NODE_NAME] = name
         if (said := self.known(node).name) is not None and said != name:

@@ -241,11 +241,7 @@ class SecureRound:
                 if wire.SECAGG_SIGNER in keys else (b"", b"")
         except ValueError as err:
             return f"secure aggregation: unreadable public keys ({err})", None
-        from server.rounds import (  # (server.rounds imports this module)
-            epsilon_field,
-            number,
-            step_fields,
-        )
+        from server.rounds import said_fields  # (server.rounds imports this module)
 
         rank = self.loop.known(node).rank
         if metrics.get(wire.LORA_RANK) != rank:
@@ -255,10 +251,7 @@ class SecureRound:
             M.NODE_ID: node, M.PARTITION_ID: int(metrics.get(wire.PARTITION_ID, -1)),
             M.LORA_RANK: rank,
             M.NUM_EXAMPLES: 1,  # hidden in the secure sum: train-loss is a plain mean
-            M.TRAIN_LOSS: number(metrics, wire.TRAIN_LOSS),
-            M.TRAIN_TOKENS: number(metrics, wire.TRAIN_TOKENS),
-            M.TRAIN_SECONDS: number(metrics, wire.TRAIN_SECONDS), **step_fields(metrics),
-            **epsilon_field(metrics),
+            **said_fields(metrics),
             wire.SECAGG_CLIPPED: int(metrics.get(wire.SECAGG_CLIPPED, 0))}
         if (name := self.loop.label(node)) is not None:
             row[M.NODE_NAME] = name
