@@ -12,7 +12,7 @@ for filling the factors a reply does not carry, for clipping and for the truncat
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import cast
 
 import torch
@@ -24,6 +24,7 @@ from fedlora.aggregation.base import (
     LazyFactors,
     MergeResult,
     RunningSum,
+    Watched,
     dense_distance,
     factor_shapes,
 )
@@ -33,6 +34,7 @@ from fedlora.aggregation.exactness import (
     estimated_exactness,
     exact_cost,
     exactness,
+    sketch_product,
     sketch_sides,
     truncation_losses,
 )
@@ -79,7 +81,9 @@ def short_name(module: str) -> str:
 
 
 def rank_of(factors: Factors) -> int:
-    """Rank of a set of factors (0 when empty)."""
+    """Rank of a set of factors (0 when empty); of a merge's stack without making a module."""
+    if isinstance(factors, LazyFactors) and factors.rank is not None:
+        return factors.rank
     return next(iter(factors.values()))[0].shape[1] if factors else 0
 
 
@@ -300,9 +304,23 @@ class GlobalAdapter:
         if problem := defences.merge_problem(merged, dense):
             raise defences.MergeFailed(problem)  # before anything of the state changes
         self.step(merged, dense)
-        info.update(self.merge_figures(result, updates, sketches))
-        info.update(self.add_residual(result))
+        made: dict[str, torch.Tensor] = {}
+        if self.reuses_stack(result, updates):  # sketched as the compression makes each
+            result = replace(result, residual=cast(Factors, Watched(
+                result.residual, lambda m, pair: made.__setitem__(m, sketch_product(m, *pair)))))
+        kept = self.add_residual(result)
+        info.update(self.merge_figures(result, updates, sketches, made))
+        info.update(kept)
         return info
+
+    def reuses_stack(self, result: MergeResult, updates: list[ClientUpdate]) -> bool:
+        """Whether the exactness estimate takes the sketch of the round's residual from the
+        modules the residual's compression makes (each module of a residual method's stack
+        is then made once a round, not twice: at 32 sites of the 7B shape a module's stack
+        is d x 528)."""
+        return (result.applied_is_stack and bool(result.residual) and
+                self.method.exactness_defined and
+                self.sketched(updates, rank_of(result.applied)))
 
     def combine(self, updates: list[ClientUpdate], server_round: int,
                 folded: RunningSum | None = None) -> MergeResult:
@@ -338,19 +356,25 @@ class GlobalAdapter:
         self.factors, self.dense = merged, {**self.dense, **dense}
 
     def merge_figures(self, result: MergeResult, updates: list[ClientUpdate],
-                      sketches: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict:
+                      sketches: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                      made: dict[str, torch.Tensor] | None = None) -> dict:
         """How exactly the merge applied the updates (estimated from sketches when the exact
         figure would cost more than the merge: `sketched`), and what truncating to each
         client rank loses (fedsa-lora has no global delta W to compare; a method without
-        factors none)."""
+        factors none). `made`: the sketch of the round's residual, module by module, taken
+        as its compression made it (`reuses_stack`); the applied update's sketch is then
+        that plus the global factors'."""
         info: dict = {}
         if self.method.exactness_defined and result.applied:
             if self.sketched(updates, rank_of(result.applied)):
                 if sketches is None or len(sketches) != len(updates):
                     sketches = [sketch_sides(u.factors) for u in updates]
+                if made:  # applied = the stack of the global factors and the residual
+                    made = {m: made[m] + sketch_product(m, *result.global_factors[m])
+                            if m in result.global_factors else made[m] for m in made}
                 overall, per_module = estimated_exactness(
                     result.applied, list(updates[0].factors), sketches,
-                    [u.weight for u in updates])
+                    [u.weight for u in updates], made)
                 info[M.EXACTNESS_ESTIMATE] = f"sketch-{SKETCH}"
             else:
                 overall, per_module = exactness(result.applied, updates)

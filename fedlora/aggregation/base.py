@@ -67,8 +67,10 @@ class LazyFactors(Mapping[str, tuple[Tensor, Tensor]]):
     read each module once where it is dear. Pass it where `Factors` is expected
     (`cast(Factors, ...)`): every reader of a merge's factors reads them by module."""
 
-    def __init__(self, modules: list[str], make: Callable[[str], tuple[Tensor, Tensor]]) -> None:
+    def __init__(self, modules: list[str], make: Callable[[str], tuple[Tensor, Tensor]],
+                 rank: int | None = None) -> None:
         self._modules, self._make = dict.fromkeys(modules), make  # ordered, O(1) lookups
+        self.rank = rank  # every module's rank, when known without making one
 
     def __getitem__(self, module: str) -> tuple[Tensor, Tensor]:
         if module not in self._modules:
@@ -85,6 +87,30 @@ class LazyFactors(Mapping[str, tuple[Tensor, Tensor]]):
         return len(self._modules)
 
 
+class Watched(Mapping[str, tuple[Tensor, Tensor]]):
+    """`factors` that call `seen(module, pair)` with each module read from them: where one
+    reader makes each module of a `LazyFactors` (the residual's compression), another figure
+    of the same modules (the exactness sketch) is taken from it instead of making them again."""
+
+    def __init__(self, factors: Factors, seen: Callable[[str, tuple[Tensor, Tensor]], None]
+                 ) -> None:
+        self._factors, self._seen = factors, seen
+
+    def __getitem__(self, module: str) -> tuple[Tensor, Tensor]:
+        pair = self._factors[module]
+        self._seen(module, pair)
+        return pair
+
+    def __contains__(self, module: object) -> bool:
+        return module in self._factors
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._factors)
+
+    def __len__(self) -> int:
+        return len(self._factors)
+
+
 @dataclass
 class MergeResult:
     """What one round's merge produced (all factors delta-W scaled, float32)."""
@@ -94,6 +120,9 @@ class MergeResult:
     applied: Factors  # product = the delta W the global model moved to (adapter + residual)
     info: dict[str, Any] = field(default_factory=dict)  # strategy-specific figures
     dense: Dense = field(default_factory=dict)  # the new global plain tensors ({} if none)
+    # applied is the stack of global_factors and residual, in that order (flora, fedex-lora):
+    # the sketch of its product is the sum of theirs
+    applied_is_stack: bool = False
 
 
 # ---------------------------------------------------------------- checks

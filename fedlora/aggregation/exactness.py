@@ -21,6 +21,7 @@ that of one layer's figure up to about 25% when its difference is of rank one.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from functools import lru_cache
 from typing import cast
 
@@ -195,24 +196,39 @@ def sketch_sides(factors: Factors, width: int = SKETCH) -> tuple[Tensor, Tensor]
     return torch.stack(left), torch.stack(right)
 
 
+def sketch_product(module: str, b: Tensor, a: Tensor, width: int = SKETCH) -> Tensor:
+    """S(B A) = (Psi^T B)(A Omega) of one layer's factors (float64, width x width): its part
+    of `estimated_exactness`'s sketch of a merge, from factors made for something else (the
+    server sketches a residual method's stack while it compresses it, `GlobalAdapter.update`)."""
+    left, right = sketch_sides({module: (b, a)}, width)
+    return left[0].double() @ right[0].double()
+
+
 def estimated_exactness(applied: Factors, modules: list[str],
-                        sides: list[tuple[Tensor, Tensor]], weights: list[float]
+                        sides: list[tuple[Tensor, Tensor]], weights: list[float],
+                        made: Mapping[str, Tensor] | None = None
                         ) -> tuple[float, dict[str, float]]:
     """`exactness` estimated from the clients' sketches (`sketch_sides` of each update's
-    factors, in `modules`' order) and their weights (normalised here)."""
+    factors, in `modules`' order) and their weights (normalised here). `made`: the applied
+    update's sketch S(B A) of modules already sketched (`sketch_product`); the others are
+    read from `applied`."""
     total = sum(weights)
     ideal = sum((w / total) * torch.bmm(left.double(), right.double())
                 for w, (left, right) in zip(weights, sides))
     assert isinstance(ideal, Tensor)
     width = ideal.shape[1]
     # read module by module: `applied` may make each when read (`LazyFactors`)
-    present = cast(Factors, LazyFactors([m for m in modules if m in applied],
+    made = made or {}
+    present = cast(Factors, LazyFactors([m for m in modules if m in applied and m not in made],
                                         applied.__getitem__))
     got = torch.zeros_like(ideal)
     if present:
         left, right = sketch_sides(present, width)
         index = [i for i, m in enumerate(modules) if m in present]
         got[index] = torch.bmm(left.double(), right.double())
+    for i, module in enumerate(modules):
+        if module in made:
+            got[i] = made[module]
     nums = (got - ideal).square().sum(dim=(1, 2))
     dens = ideal.square().sum(dim=(1, 2))
     per_module = {m: ratio(math.sqrt(float(n)), math.sqrt(float(d)))

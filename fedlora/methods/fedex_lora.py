@@ -54,8 +54,9 @@ class FedExLoRA(ResidualMethod):
         def applied(module: str) -> tuple[Tensor, Tensor]:
             return to32(*stack([average[module], residual(module)], [1.0, 1.0]))
 
-        modules = list(average)
+        modules, rank = list(average), updates[0].rank
+        stacked = sum(u.rank for u in updates) + rank  # [B_1 .. B_N, -B̄]
         return MergeResult(global_factors=factors32(average),
-                           residual=cast(Factors, LazyFactors(modules, residual)),
-                           applied=cast(Factors, LazyFactors(modules, applied)),
-                           info={"weights": p})
+                           residual=cast(Factors, LazyFactors(modules, residual, stacked)),
+                           applied=cast(Factors, LazyFactors(modules, applied, stacked + rank)),
+                           info={"weights": p}, applied_is_stack=True)

@@ -44,6 +44,7 @@ class FLoRA(ResidualMethod):
         p = normalised_weights(updates)
         stacked = cast(Factors, LazyFactors(
             list(updates[0].factors),
-            lambda m: to32(*stack(raw_pairs(updates, m), p, torch.float64))))
+            lambda m: to32(*stack(raw_pairs(updates, m), p, torch.float64)),
+            rank=sum(u.rank for u in updates)))
         return MergeResult(global_factors={}, residual=stacked, applied=stacked,
-                           info={"weights": p})
+                           info={"weights": p}, applied_is_stack=True)
