@@ -45,6 +45,7 @@ from fedlora.aggregation.linalg import (
     change_figures,
     difference_norm,
     gram_product_norm,
+    own_blocks,
     product_norm,
     reference_grams,
     squared_norm,
@@ -142,7 +143,11 @@ class GlobalAdapter:
     # ---- what goes to clients ----------------------------------------------------------------
     def received(self, rank: int) -> Factors:
         """What a rank-`rank` client receives (delta-W scale): the reference its update is
-        measured and clipped around, and what the truncation loss compares with."""
+        measured and clipped around, and what the truncation loss compares with. Nothing
+        where every client starts a fresh adapter (flora: B = 0, so its change is its B A),
+        in the first round too, whatever the global factors were initialised to."""
+        if self.method.fresh_adapter:
+            return {}
         if rank not in self._received:
             self._received[rank] = self.method.payload(self.factors, rank)
         return self._received[rank]
@@ -191,23 +196,29 @@ class GlobalAdapter:
 
     def figures(self, update: ClientUpdate) -> tuple[float, float, dict[str, float] | None]:
         """(`moved`, `distance`, norms) of an update, theirs to 1e-5, in one pass over its
-        layers: each float32 layer's four change blocks (`change_blocks`), combined for all
-        layers at once (`block_figures`); float64 where float32's range or mixed dtypes call
-        for it. norms: ||B A||_F of each layer where the method weighs by it
-        (`Method.weighs_by_norm`: hetlora), from the same blocks, for `ClientUpdate.norms`;
-        else None."""
+        layers: each float32 layer's four change blocks (`change_blocks`; against zero
+        factors where the client received none, as flora's fresh adapters: then the change is
+        B A itself, `own_blocks`), combined for all layers at once (`block_figures`); float64
+        where float32's range or mixed dtypes call for it. norms: ||B A||_F of each layer
+        where the method weighs by it (`Method.weighs_by_norm`: hetlora), from the same
+        blocks, for `ClientUpdate.norms`; else None."""
         if self.method.shares == "A":
             return self.moved(update), self.distance(update), None
         received = self.received(update.rank)
         index, gram_b, gram_a = self.received_grams(update.rank)
         wants = self.method.weighs_by_norm
-        blocked = [m for m, (b, a) in update.factors.items() if m in received and
-                   {b.dtype, a.dtype, *(t.dtype for t in received[m])} == {torch.float32}]
-        blocks = torch.empty(len(blocked), 4, update.rank, update.rank)
+        blocked = [m for m, (b, a) in update.factors.items() if
+                   {b.dtype, a.dtype, *(t.dtype for t in received.get(m, ()))} == {torch.float32}]
+        r = update.rank
+        blocks = torch.empty(len(blocked), 4, r, r)
+        ref_b, ref_a = (torch.zeros(len(blocked), r, r, dtype=torch.float64) for _ in range(2))
         for i, module in enumerate(blocked):
-            change_blocks(*update.factors[module], *received[module], out=blocks[i])
-        where = torch.tensor([index[m] for m in blocked], dtype=torch.long)
-        batch = block_figures(blocks, gram_b[where], gram_a[where], wants)
+            if module in received:
+                change_blocks(*update.factors[module], *received[module], out=blocks[i])
+                ref_b[i], ref_a[i] = gram_b[index[module]], gram_a[index[module]]
+            else:
+                own_blocks(*update.factors[module], out=blocks[i])
+        batch = block_figures(blocks, ref_b, ref_a, wants)
         products = [None] * len(blocked) if batch.product is None else batch.product.tolist()
         terms = {m: ChangeFigures(c, o, None if recheck else p)
                  for m, c, o, p, recheck, direct in zip(
@@ -216,27 +227,27 @@ class GlobalAdapter:
         norms: dict[str, float] = {}
         change = moved = 0.0
         for module, (b, a) in update.factors.items():
-            if module in received:
-                b_ref, a_ref = received[module]
-                figures = terms.get(module)
-                if figures is None and len({b.dtype, a.dtype, b_ref.dtype, a_ref.dtype}) == 1:
-                    i = index[module]
-                    figures = change_figures(b, a, b_ref, a_ref, (gram_b[i], gram_a[i]), wants)
-                if figures is None or not all(map(math.isfinite, figures[:2])):  # mixed
-                    # dtypes, or a change beyond float32's range: in float64, as `moved` does
-                    b64, a64, b_ref, a_ref = (t.double() for t in (b, a, b_ref, a_ref))
+            reference = received.get(module)  # None: the change is B A itself
+            figures = terms.get(module)
+            if figures is None and reference is not None and \
+                    len({b.dtype, a.dtype, *(t.dtype for t in reference)}) == 1:
+                i = index[module]
+                figures = change_figures(b, a, *reference, (gram_b[i], gram_a[i]), wants)
+            if figures is None or not all(map(math.isfinite, figures[:2])):  # mixed
+                # dtypes, or a change beyond float32's range: in float64, as `moved` does
+                b64, a64 = b.double(), a.double()
+                if reference is None:
+                    own = product_norm(b64, a64) ** 2
+                    figures = ChangeFigures(own, squared_norm(b64) + squared_norm(a64), own)
+                else:
+                    b_ref, a_ref = (t.double() for t in reference)
                     figures = ChangeFigures(difference_norm(b64, a64, b_ref, a_ref) ** 2,
                                             squared_norm(b64 - b_ref) + squared_norm(a64 - a_ref),
                                             None)
-                change, moved = change + figures.change, moved + figures.moved
-                if wants:
-                    norms[module] = (gram_product_norm(b, a) if figures.product is None
-                                     else math.sqrt(max(figures.product, 0.0)))
-            else:
-                b, a = b.double(), a.double()
-                norms[module] = product_norm(b, a)
-                change += norms[module] ** 2
-                moved += squared_norm(b) + squared_norm(a)
+            change, moved = change + figures.change, moved + figures.moved
+            if wants:
+                norms[module] = (gram_product_norm(b, a) if figures.product is None
+                                 else math.sqrt(max(figures.product, 0.0)))
         plain = dense_distance(update.dense, self.dense)
         return (math.hypot(math.sqrt(change), plain), math.hypot(math.sqrt(moved), plain),
                 norms if wants else None)

@@ -510,6 +510,12 @@ def test_a_replys_figures_in_one_pass_equal_the_screens_own(strategy):
         assert math.isfinite(moved) and math.isfinite(distance)
         assert (moved, distance) == pytest.approx((state.moved(update), state.distance(update)),
                                                   rel=rel)
+        if strategy == "flora":  # fresh adapters: measured from zero factors (B A itself)
+            factors = [(b.double(), a.double()) for b, a in update.factors.values()]
+            assert moved == pytest.approx(math.sqrt(sum(
+                float((b @ a).square().sum()) for b, a in factors)), rel=rel)
+            assert distance == pytest.approx(math.sqrt(sum(
+                float(b.square().sum() + a.square().sum()) for b, a in factors)), rel=rel)
         if strategy != "hetlora":
             assert norms is None
             return

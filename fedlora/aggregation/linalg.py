@@ -229,6 +229,18 @@ def change_blocks(b: Tensor, a: Tensor, b_ref: Tensor, a_ref: Tensor,
     return out
 
 
+def own_blocks(b: Tensor, a: Tensor, out: Tensor | None = None) -> Tensor:
+    """`change_blocks` against zero factors (a client that received none: flora's fresh
+    adapters): (B^T B, 0, A A^T, 0), two products instead of four."""
+    r = b.shape[1]
+    out = torch.empty(4, r, r, dtype=b.dtype) if out is None else out
+    torch.mm(b.T, b, out=out[0])
+    torch.mm(a, a.T, out=out[2])
+    out[1].zero_()
+    out[3].zero_()
+    return out
+
+
 def block_figures(blocks: Tensor, gram_b: Tensor, gram_a: Tensor, product: bool = False,
                   direct: tuple[Tensor, Tensor] | None = None) -> BlockFigures:
     """`change_figures` of n layers at once from their `change_blocks` (n, 4, r, r) and their
