@@ -49,10 +49,10 @@ class FedExLoRA(ResidualMethod):
         def residual(module: str) -> tuple[Tensor, Tensor]:
             b_bar, a_bar = average[module]
             return to32(*stack(raw_pairs(updates, module) + [(-b_bar, a_bar)], p + [1.0],
-                               torch.float64))
+                               torch.float32))
 
         def applied(module: str) -> tuple[Tensor, Tensor]:
-            return to32(*stack([average[module], residual(module)], [1.0, 1.0]))
+            return to32(*stack([average[module], residual(module)], [1.0, 1.0], torch.float32))
 
         modules, rank = list(average), updates[0].rank
         stacked = sum(u.rank for u in updates) + rank  # [B_1 .. B_N, -B̄]
