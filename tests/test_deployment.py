@@ -29,11 +29,23 @@ RUN = ["--model", "tiny-llama", "--rounds", "2", "--local-steps", "3", "--run-co
 
 
 def free_port() -> int:
+    """A local port free now, below the kernel's ephemeral range: the nodes a test starts
+    pick their own ports by binding port 0, which hands out ports of that range, and could
+    be handed the one chosen here before the server binds it (a CI run failed so: the
+    SuperLink's "address already in use")."""
+    import random
     import socket
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(200):
+        port = random.randrange(min(20000, low // 2), low)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port found below {low}")
 
 
 def start(args: list[str], log: Path) -> subprocess.Popen:
